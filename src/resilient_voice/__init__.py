@@ -1,0 +1,55 @@
+"""resilient_voice: keep calling telephony APIs (Twilio, Vapi) safely when they misbehave.
+
+The core (breaker, limiter, retry policy, policy composition, correlation context) depends only
+on anyio. Adapters (httpx transport, typed clients, ASGI middleware, metrics, Redis) load their
+third-party packages on first use, so ``import resilient_voice`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from resilient_voice.errors import (
+    CircuitOpenError,
+    OutcomeUnknownError,
+    ProviderError,
+    RateLimitedError,
+    RejectedError,
+    ResilientVoiceError,
+    WebhookVerificationError,
+)
+from resilient_voice.failure import FailureKind
+
+__all__ = [
+    "CircuitOpenError",
+    "FailureKind",
+    "OutcomeUnknownError",
+    "ProviderError",
+    "RateLimitedError",
+    "RejectedError",
+    "ResilientVoiceError",
+    "WebhookVerificationError",
+]
+
+# Names served on first access so that importing the package does not import their modules'
+# optional dependencies (httpx for the transport).
+_LAZY: dict[str, str] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from resilient_voice._version import __version__
+
+        return __version__
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'resilient_voice' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])

@@ -1,0 +1,214 @@
+"""The exception tree of resilient_voice.
+
+Every error this library raises derives from :class:`ResilientVoiceError`::
+
+    ResilientVoiceError
+      RejectedError(retry_after)            not attempted: nothing was sent
+        CircuitOpenError                    .breaker, .retry_after
+        RateLimitedError                    .limiter, .retry_after
+      OutcomeUnknownError(attempt_id)       sent, may have been processed, not retried
+      ProviderError(status, code, message, kind)   the upstream answered with an error
+        TwilioAPIError
+          TwilioAuthenticationError
+        VapiAPIError
+          VapiAuthenticationError
+      WebhookVerificationError
+
+Rejections are raised *instead of* making a request, so they are always ``NOT_SENT``: retrying
+them is safe, and a circuit breaker never counts them as the upstream's failure.
+:class:`OutcomeUnknownError` is the one a caller must handle with care: the request may have been
+acted on (a call may be ringing) and was deliberately not re-sent. Adapters chain the original
+exception with ``raise ... from``.
+
+Invalid configuration raises :class:`ValueError` or :class:`TypeError` at construction, never
+later; those are not part of this tree.
+"""
+
+from __future__ import annotations
+
+from resilient_voice.failure import FailureKind
+
+__all__ = [
+    "CircuitOpenError",
+    "OutcomeUnknownError",
+    "ProviderError",
+    "RateLimitedError",
+    "RejectedError",
+    "ResilientVoiceError",
+    "TwilioAPIError",
+    "TwilioAuthenticationError",
+    "VapiAPIError",
+    "VapiAuthenticationError",
+    "WebhookVerificationError",
+]
+
+
+class ResilientVoiceError(Exception):
+    """Base class of every exception raised by resilient_voice."""
+
+
+class RejectedError(ResilientVoiceError):
+    """A local primitive refused the operation before anything was sent.
+
+    Attributes:
+        retry_after: Seconds until trying again could succeed, or ``None`` if unknown.
+    """
+
+    failure_kind = FailureKind.NOT_SENT
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CircuitOpenError(RejectedError):
+    """The circuit breaker is open (or half-open with every probe slot taken).
+
+    Attributes:
+        breaker: The breaker's name.
+        retry_after: Seconds until the breaker will admit a probe call.
+    """
+
+    def __init__(self, breaker: str, retry_after: float) -> None:
+        super().__init__(
+            f"circuit breaker {breaker!r} is open; retry after {retry_after:.3f}s",
+            retry_after=retry_after,
+        )
+        self.breaker = breaker
+
+    def __reduce__(self) -> tuple[type[CircuitOpenError], tuple[str, float]]:
+        return (type(self), (self.breaker, self.retry_after or 0.0))
+
+
+class RateLimitedError(RejectedError):
+    """The rate limiter cannot grant the tokens in time.
+
+    Attributes:
+        limiter: The limiter's name.
+        retry_after: Seconds until the request could be granted, or ``None`` if it never can
+            under the current load (for example every keyed bucket is busy).
+    """
+
+    def __init__(self, limiter: str, retry_after: float | None, *, reason: str = "") -> None:
+        wait = "unknown" if retry_after is None else f"{retry_after:.3f}s"
+        detail = f": {reason}" if reason else ""
+        super().__init__(
+            f"rate limiter {limiter!r} refused{detail}; retry after {wait}",
+            retry_after=retry_after,
+        )
+        self.limiter = limiter
+        self.reason = reason
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[RateLimitedError], tuple[str, float | None], dict[str, str]]:
+        return (type(self), (self.limiter, self.retry_after), {"reason": self.reason})
+
+
+class OutcomeUnknownError(ResilientVoiceError):
+    """A non-idempotent request may have been processed; it was not re-sent.
+
+    Raised when an attempt of an operation such as "create call" failed in a way that leaves open
+    whether the upstream acted on it (a read timeout, a connection dropped after the request was
+    written, a 5xx). Retrying could ring a customer twice, so the library stops and tells you.
+    Reconcile by looking the operation up upstream (for example list recent calls and match
+    ``attempt_id``). The original exception is chained as ``__cause__``.
+
+    Attributes:
+        attempt_id: The id shared by every attempt of this logical operation.
+        attempts: How many attempts were made.
+    """
+
+    failure_kind = FailureKind.MAYBE_PROCESSED
+    retry_after: float | None = None
+
+    def __init__(self, attempt_id: str, *, attempts: int = 1, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or (
+                f"outcome of operation {attempt_id} is unknown after {attempts} attempt(s): "
+                "it may have been processed and was not retried"
+            )
+        )
+        self.attempt_id = attempt_id
+        self.attempts = attempts
+
+
+class ProviderError(ResilientVoiceError):
+    """The upstream answered with an error.
+
+    Attributes:
+        status: HTTP status code.
+        code: The provider's own error code, if it gave one (Twilio's 20429, 21211, ...).
+        message: The provider's error message.
+        kind: The :class:`FailureKind` the status maps to for this host and operation.
+        retry_after: Seconds the provider asked us to wait, if it said.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: int | str | None,
+        message: str,
+        kind: FailureKind,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(
+            f"HTTP {status}" + (f" (code {code})" if code is not None else "") + f": {message}"
+        )
+        self.status = status
+        self.code = code
+        self.message = message
+        self.kind = kind
+        self.retry_after = retry_after
+
+    @property
+    def failure_kind(self) -> FailureKind:
+        return self.kind
+
+
+class TwilioAPIError(ProviderError):
+    """Twilio answered with an error; ``more_info`` links Twilio's page for ``code``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: int | str | None,
+        message: str,
+        kind: FailureKind,
+        *,
+        more_info: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(status, code, message, kind, retry_after=retry_after)
+        self.more_info = more_info
+
+
+class TwilioAuthenticationError(TwilioAPIError):
+    """Twilio rejected the credentials (401, or 403 for a permission problem)."""
+
+
+class VapiAPIError(ProviderError):
+    """Vapi answered with an error; ``body`` is the parsed error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: FailureKind,
+        *,
+        body: object = None,
+        code: int | str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(status, code, message, kind, retry_after=retry_after)
+        self.body = body
+
+
+class VapiAuthenticationError(VapiAPIError):
+    """Vapi rejected the API key (401 or 403)."""
+
+
+class WebhookVerificationError(ResilientVoiceError):
+    """An incoming webhook's signature or credential is missing, forged or stale."""

@@ -1,0 +1,102 @@
+"""Listener protocols: how metrics, logs and tests observe the primitives.
+
+Every primitive accepts ``listeners=[...]`` and ``add_listener()``. A listener subclasses the
+matching base class below and overrides only the callbacks it cares about; the others are no-ops.
+Primitives keep their listeners in a tuple and test it before building any event argument, so when
+nothing listens, nothing is built or called on the hot path.
+
+Callbacks run synchronously in the task that caused the event, so they must be cheap and must not
+raise: an exception from a listener is logged and swallowed by the primitive, because observing a
+call must never change its outcome. Arguments are names (bounded strings chosen by the user), never
+request data, so they are safe as metric labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+from resilient_voice.failure import FailureKind
+
+if TYPE_CHECKING:
+    from resilient_voice.breaker import BreakerState
+
+__all__ = ["BreakerListener", "LimiterListener", "RetryListener", "TransportListener"]
+
+
+class BreakerListener:
+    """Observes a :class:`~resilient_voice.CircuitBreaker`."""
+
+    def on_success(self, breaker: str, duration: float | None) -> None:
+        """A call succeeded; ``duration`` is ``None`` when the breaker did not time it."""
+
+    def on_failure(self, breaker: str, error: BaseException | None, duration: float | None) -> None:
+        """A call counted as a failure; ``error`` is ``None`` when a result predicate decided."""
+
+    def on_ignored(self, breaker: str, error: BaseException) -> None:
+        """A call raised an exception that the breaker does not count (and re-raised it)."""
+
+    def on_rejected(self, breaker: str, retry_after: float) -> None:
+        """A call was refused without running because the breaker is open or probing."""
+
+    def on_state_change(self, breaker: str, old: BreakerState, new: BreakerState) -> None:
+        """The breaker moved from ``old`` to ``new``."""
+
+
+class LimiterListener:
+    """Observes a :class:`~resilient_voice.TokenBucket` or :class:`~resilient_voice.KeyedLimiter`.
+
+    ``key`` is ``None`` for a plain bucket. Metric exporters must not use it as a label: keys are
+    unbounded (client addresses, phone numbers).
+    """
+
+    def on_granted(self, limiter: str, key: Hashable | None, tokens: float, waited: float) -> None:
+        """Tokens were granted after waiting ``waited`` seconds (0.0 when uncontended)."""
+
+    def on_rejected(
+        self, limiter: str, key: Hashable | None, tokens: float, retry_after: float | None
+    ) -> None:
+        """A request for tokens was refused."""
+
+    def on_evicted(self, limiter: str, key: Hashable, lossy: bool) -> None:
+        """A keyed bucket was dropped; ``lossy`` is True when it was not full (fail-open)."""
+
+
+class RetryListener:
+    """Observes a :class:`~resilient_voice.RetryPolicy`."""
+
+    def on_attempt(self, policy: str, attempt: int, attempt_id: str) -> None:
+        """Attempt number ``attempt`` (1-based) of operation ``attempt_id`` is starting."""
+
+    def on_retry(
+        self, policy: str, attempt: int, delay: float, kind: FailureKind, error: BaseException
+    ) -> None:
+        """Attempt ``attempt`` failed with ``kind``; the next starts after ``delay`` seconds."""
+
+    def on_give_up(
+        self, policy: str, attempt: int, kind: FailureKind | None, error: BaseException
+    ) -> None:
+        """The operation failed for good after ``attempt`` attempts."""
+
+    def on_outcome_unknown(self, policy: str, attempt_id: str, error: BaseException) -> None:
+        """A non-idempotent operation may have been processed and was not retried."""
+
+
+class TransportListener:
+    """Observes :class:`~resilient_voice.ResilientTransport` requests."""
+
+    def on_request(
+        self,
+        transport: str,
+        host: str,
+        method: str,
+        route: str,
+        status_class: str,
+        duration: float,
+        attempts: int,
+    ) -> None:
+        """A logical request finished.
+
+        ``route`` is the configured route's name (never a raw path); ``status_class`` is ``"2xx"``
+        ... ``"5xx"``, or the name of the error kind when no response arrived.
+        """

@@ -1,0 +1,80 @@
+"""What a failed attempt tells us about whether the upstream acted on it.
+
+Retrying a phone call is not like retrying a GET: if ``POST .../Calls.json`` reached Twilio and
+only the response was lost, sending it again rings the customer twice. Every failure this library
+handles is therefore sorted into one of four kinds, and the retry rules are written in terms of
+the kind, never in terms of exception types:
+
+``NOT_SENT``
+    The request certainly never reached the upstream (connection refused, connect or pool
+    timeout, DNS failure, a local breaker or rate-limit rejection). Always safe to retry.
+``UNPROCESSED``
+    The upstream answered and its documentation says it did not act on the request (Twilio's
+    429 / error 20429). Safe to retry, after any ``Retry-After``.
+``MAYBE_PROCESSED``
+    The request may have been acted on (read timeout, connection dropped after the request was
+    written, a 5xx). Retried only for idempotent operations; otherwise the caller gets
+    :class:`~resilient_voice.OutcomeUnknownError` and must reconcile.
+``PERMANENT``
+    The caller's own error (other 4xx). Never retried.
+
+Exceptions (and response wrappers) expose their kind through the small :class:`Classified`
+protocol: an attribute ``failure_kind`` and an optional ``retry_after`` in seconds. Adapters
+implement it; the core only reads it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Classified", "FailureKind", "failure_kind_of", "retry_after_of"]
+
+
+class FailureKind(enum.Enum):
+    """How much of a failed request the upstream may have processed."""
+
+    NOT_SENT = "not_sent"
+    UNPROCESSED = "unprocessed"
+    MAYBE_PROCESSED = "maybe_processed"
+    PERMANENT = "permanent"
+
+    def __repr__(self) -> str:
+        return f"FailureKind.{self.name}"
+
+
+@runtime_checkable
+class Classified(Protocol):
+    """An exception or result that knows its :class:`FailureKind`.
+
+    ``retry_after`` is the number of seconds the upstream (or a local primitive) asked the caller
+    to wait before trying again, or ``None`` when it gave no hint.
+    """
+
+    @property
+    def failure_kind(self) -> FailureKind: ...
+
+    @property
+    def retry_after(self) -> float | None: ...
+
+
+def failure_kind_of(obj: object) -> FailureKind | None:
+    """Return ``obj.failure_kind`` when it is a :class:`FailureKind`, else ``None``.
+
+    ``None`` means "unclassified": the retry policy then treats the failure as
+    ``MAYBE_PROCESSED``, the only assumption that can never cause a duplicate side effect.
+    """
+    kind = getattr(obj, "failure_kind", None)
+    return kind if isinstance(kind, FailureKind) else None
+
+
+def retry_after_of(obj: object) -> float | None:
+    """Return a non-negative ``obj.retry_after`` in seconds, or ``None`` when absent or invalid."""
+    value = getattr(obj, "retry_after", None)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    if math.isnan(value) or value < 0.0:  # ignore rather than trust
+        return None
+    return value

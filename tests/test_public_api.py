@@ -1,0 +1,61 @@
+"""The public surface is a contract: these tests pin it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import resilient_voice
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+EXPECTED = [
+    "CircuitOpenError",
+    "FailureKind",
+    "OutcomeUnknownError",
+    "ProviderError",
+    "RateLimitedError",
+    "RejectedError",
+    "ResilientVoiceError",
+    "WebhookVerificationError",
+]
+
+
+def test_all_is_sorted_and_pinned() -> None:
+    assert resilient_voice.__all__ == sorted(resilient_voice.__all__)
+    assert resilient_voice.__all__ == EXPECTED
+
+
+def test_every_public_name_resolves() -> None:
+    for name in resilient_voice.__all__:
+        assert getattr(resilient_voice, name) is not None
+
+
+def test_version_is_lazy_and_a_string() -> None:
+    assert isinstance(resilient_voice.__version__, str)
+
+
+def test_unknown_attribute_raises_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="does_not_exist"):
+        resilient_voice.does_not_exist  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_import_keeps_the_core_light() -> None:
+    """`import resilient_voice` must not load any adapter's third-party package."""
+    code = (
+        "import sys, json, resilient_voice, resilient_voice.testing;"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'httpx','pydantic','prometheus_client','twilio','redis','uvicorn','starlette','trio'})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": SRC},
+    ).stdout
+    assert json.loads(out) == []
