@@ -13,6 +13,7 @@ request data, so they are safe as metric labels.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,22 @@ from resilient_voice.failure import FailureKind
 if TYPE_CHECKING:
     from resilient_voice.breaker import BreakerState
 
-__all__ = ["BreakerListener", "LimiterListener", "RetryListener", "TransportListener"]
+__all__ = ["BreakerListener", "LimiterListener", "RetryListener", "TransportListener", "emit"]
+
+_log = logging.getLogger("resilient_voice.events")
+
+
+def emit(listeners: tuple[object, ...], callback: str, *args: object) -> None:
+    """Call ``callback`` on every listener, logging and swallowing what a listener raises.
+
+    Primitives call this only after checking ``if self._listeners:`` so that the argument tuple is
+    never built when nothing listens.
+    """
+    for listener in listeners:
+        try:
+            getattr(listener, callback)(*args)
+        except Exception:  # noqa: BLE001  (a listener bug must not change the call's outcome)
+            _log.exception("listener %r raised in %s", listener, callback)
 
 
 class BreakerListener:
