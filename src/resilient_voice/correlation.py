@@ -82,6 +82,18 @@ def new_attempt_id() -> str:
 
 
 _DEFAULT_PATTERN = re.compile(r"[A-Za-z0-9._:-]+")
+_fullmatch_default = _DEFAULT_PATTERN.fullmatch
+
+
+def _is_valid_default(value: object) -> bool:
+    # Length first (a 10 kB header costs nothing), then the pure-alphanumeric fast path that
+    # generated ids take; isascii() keeps non-ASCII letters and digits out of it.
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 128
+        and value.isascii()
+        and (value.isalnum() or _fullmatch_default(value) is not None)
+    )
 
 
 class CorrelationIdValidator:
@@ -101,7 +113,7 @@ class CorrelationIdValidator:
         ValueError: ``max_length`` is less than 1.
     """
 
-    __slots__ = ("_max_length", "_pattern")
+    __slots__ = ("_default", "_max_length", "_pattern")
 
     def __init__(
         self, pattern: str | re.Pattern[str] | None = None, *, max_length: int = 128
@@ -120,6 +132,7 @@ class CorrelationIdValidator:
             raise TypeError(f"pattern must be a str or re.Pattern, got {pattern!r}")
         self._pattern = compiled
         self._max_length = max_length
+        self._default = compiled is None and max_length == 128
 
     @property
     def max_length(self) -> int:
@@ -128,6 +141,8 @@ class CorrelationIdValidator:
 
     def is_valid(self, value: object) -> bool:
         """Return True when ``value`` is a string this validator accepts."""
+        if self._default:
+            return _is_valid_default(value)
         if not isinstance(value, str) or not 0 < len(value) <= self._max_length:
             return False
         if self._pattern is None:
@@ -158,14 +173,18 @@ def is_valid_correlation_id(
         value: The candidate, usually a header value.
         validator: The rules; :data:`DEFAULT_CORRELATION_ID_VALIDATOR` when omitted.
     """
-    return (validator or DEFAULT_CORRELATION_ID_VALIDATOR).is_valid(value)
+    if validator is None:
+        return _is_valid_default(value)
+    return validator.is_valid(value)
 
 
 def validate_correlation_id(
     value: object, *, validator: CorrelationIdValidator | None = None
 ) -> str | None:
     """Return ``value`` when it is an acceptable correlation id, else ``None``."""
-    return (validator or DEFAULT_CORRELATION_ID_VALIDATOR)(value)
+    if validator is None:
+        return value if _is_valid_default(value) else None  # type: ignore[return-value]
+    return validator(value)
 
 
 def get_correlation_id() -> str | None:
@@ -205,10 +224,13 @@ class correlation_scope:  # noqa: N801  (used like a function: ``with correlatio
         *,
         validator: CorrelationIdValidator | None = None,
     ) -> None:
-        valid = None
-        if correlation_id is not None:
-            valid = (validator or DEFAULT_CORRELATION_ID_VALIDATOR)(correlation_id)
-        self._id = valid if valid is not None else new_correlation_id()
+        if correlation_id is None or not (
+            _is_valid_default(correlation_id)
+            if validator is None
+            else validator.is_valid(correlation_id)
+        ):
+            correlation_id = new_correlation_id()
+        self._id = correlation_id
         self._token: Token[str | None] | None = None
 
     def __enter__(self) -> str:
