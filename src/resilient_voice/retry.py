@@ -25,7 +25,6 @@ This module imports nothing from httpx: :func:`parse_retry_after` and
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import inspect
 import math
@@ -628,8 +627,11 @@ def parse_retry_after(value: str | None, *, now_wall: float | None = None) -> fl
     seconds = _parse_decimal(value)
     if seconds is not None:
         return seconds
+    # Imported here: email.utils is slow to import and HTTP-dates are rare.
+    from email.utils import parsedate_to_datetime
+
     try:
-        when = email.utils.parsedate_to_datetime(value)
+        when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
