@@ -12,8 +12,11 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        function = getattr(item, "function", None)
-        if function is not None and inspect.iscoroutinefunction(function):
-            item.add_marker(pytest.mark.anyio)
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
+    # Mark coroutine tests before pytest parametrizes them, so the backend becomes one more
+    # parameter; marked later, the anyio plugin re-creates the items and drops their parameters.
+    inner = getattr(getattr(obj, "hypothesis", None), "inner_test", obj)
+    if collector.istestfunction(obj, name) and inspect.iscoroutinefunction(inner):  # type: ignore[attr-defined]
+        pytest.mark.usefixtures("anyio_backend")(obj)
+        pytest.mark.anyio(obj)

@@ -14,14 +14,22 @@ import resilient_voice
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 EXPECTED = [
+    "AttemptInfo",
     "CircuitOpenError",
+    "CorrelationIdFilter",
     "FailureKind",
     "OutcomeUnknownError",
     "ProviderError",
     "RateLimitedError",
     "RejectedError",
     "ResilientVoiceError",
+    "RetryBudget",
+    "RetryPolicy",
     "WebhookVerificationError",
+    "correlation_scope",
+    "current_attempt",
+    "get_correlation_id",
+    "new_correlation_id",
 ]
 
 

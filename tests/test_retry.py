@@ -89,7 +89,6 @@ class Script:
 
 # Parametrized async tests request the backend fixture themselves: the anyio plugin otherwise
 # re-creates them per backend after collection and drops their parameters.
-both_backends = pytest.mark.usefixtures("anyio_backend")
 
 
 def policy(clock: ManualClock, **kwargs: Any) -> RetryPolicy:
@@ -169,7 +168,6 @@ def test_defaults_and_repr() -> None:
     ],
     ids=["NOT_SENT", "UNPROCESSED", "MAYBE_PROCESSED", "unclassified", "PERMANENT"],
 )
-@both_backends
 async def test_classification_table(
     kind: FailureKind | None, expected: dict[bool, str], idempotent: bool
 ) -> None:
@@ -198,7 +196,6 @@ async def test_classification_table(
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
-@both_backends
 async def test_5xx_of_a_create_call_is_outcome_unknown(status: int) -> None:
     clock = ManualClock(autojump=True)
     error = ProviderError(status, 20500, "internal error", MAYBE)
@@ -369,7 +366,6 @@ async def test_open_breaker_is_retried_when_it_reopens_in_time() -> None:
     [CircuitOpenError("twilio", 60.0), RateLimitedError("cps", None), RateLimitedError("cps", 9)],
     ids=["beyond-max-delay", "unknown-retry-after", "beyond-time-left"],
 )
-@both_backends
 async def test_local_rejections_that_cannot_fit_are_raised(error: Exception) -> None:
     clock = ManualClock(autojump=True)
     attempt = Script(error)

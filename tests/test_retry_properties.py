@@ -8,7 +8,6 @@ import random
 from typing import Any
 
 import anyio.lowlevel
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +18,6 @@ from resilient_voice.retry import RetryPolicy, parse_retry_after, parse_retry_af
 from resilient_voice.testing import ManualClock
 
 # Async property tests request the backend fixture themselves so that both backends run them.
-both_backends = pytest.mark.usefixtures("anyio_backend")
 
 KINDS = [*FailureKind, None]
 SAFE = (FailureKind.NOT_SENT, FailureKind.UNPROCESSED)
@@ -70,7 +68,6 @@ def test_backoff_stays_within_its_bounds(config: dict[str, Any], retry: int, dra
     assert delay <= config["max_delay"]
 
 
-@both_backends
 @settings(max_examples=60, deadline=None)
 @given(
     config=configs(),
@@ -114,7 +111,6 @@ def steps(draw: st.DrawFn) -> tuple[float, FailureKind | None, float | None]:
     return duration, kind, retry_after
 
 
-@both_backends
 @settings(max_examples=80, deadline=None)
 @given(
     config=configs(),
@@ -165,7 +161,6 @@ async def test_total_timeout_is_never_overrun_and_no_unsafe_resend(
         assert all(kind in SAFE for kind in failed[: len(started) - 1])
 
 
-@both_backends
 @settings(max_examples=80, deadline=None)
 @given(
     script=st.lists(st.sampled_from(KINDS), min_size=1, max_size=6), max_attempts=st.integers(1, 6)

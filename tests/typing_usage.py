@@ -21,3 +21,17 @@ now: float = clock.now()
 error = RateLimitedError("twilio-cps", 0.5)
 wait: float | None = error.retry_after
 version: str = resilient_voice.__version__
+
+
+retry = resilient_voice.RetryPolicy(max_attempts=4, total_timeout=20.0, name="twilio")
+
+
+@retry
+async def create_call(to: str, *, timeout: float = 5.0) -> int:
+    return len(to)
+
+
+async def use_retry() -> int:
+    with resilient_voice.correlation_scope() as cid:
+        assert isinstance(cid, str)
+        return await create_call("+15550100", timeout=2.0) + await retry.call(create_call, "x")

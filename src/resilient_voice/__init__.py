@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from resilient_voice.correlation import (
+    CorrelationIdFilter,
+    correlation_scope,
+    get_correlation_id,
+    new_correlation_id,
+)
 from resilient_voice.errors import (
     CircuitOpenError,
     OutcomeUnknownError,
@@ -19,16 +25,25 @@ from resilient_voice.errors import (
     WebhookVerificationError,
 )
 from resilient_voice.failure import FailureKind
+from resilient_voice.retry import AttemptInfo, RetryBudget, RetryPolicy, current_attempt
 
 __all__ = [
+    "AttemptInfo",
     "CircuitOpenError",
+    "CorrelationIdFilter",
     "FailureKind",
     "OutcomeUnknownError",
     "ProviderError",
     "RateLimitedError",
     "RejectedError",
     "ResilientVoiceError",
+    "RetryBudget",
+    "RetryPolicy",
     "WebhookVerificationError",
+    "correlation_scope",
+    "current_attempt",
+    "get_correlation_id",
+    "new_correlation_id",
 ]
 
 # Names served on first access so that importing the package does not import their modules'
