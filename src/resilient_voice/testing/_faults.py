@@ -240,9 +240,10 @@ class CallbackFaults:
     Args:
         loss: Probability that a callback is never sent.
         duplicate: Probability that it is sent twice (same body, same Twilio idempotency token).
-        reorder: Probability that it is held back ``reorder_delay`` seconds, so that callbacks
-            sent after it can arrive first.
-        reorder_delay: How long a reordered callback is held back.
+        reorder: Probability that it is held back a random time, so that callbacks sent after
+            it can arrive first.
+        reorder_delay: The longest a reordered callback is held back, in seconds (the hold is
+            uniform between 0 and this).
     """
 
     loss: float = 0.0
