@@ -1,0 +1,566 @@
+"""FakeTelephony: a fault-injecting Twilio and Vapi upstream, as an ASGI 3 app.
+
+Serve it with :func:`resilient_voice.testing.serve` and point a client at the URL: it answers
+the Twilio Calls/Messages and Vapi call/assistant/phone-number endpoints this library uses,
+keeps their state, records every request, injects the faults of its script, paces Twilio calls
+like Twilio does and sends signed webhooks when calls progress. Everything runs on real time in
+the server's thread, so fast tests use high rates and short durations rather than a
+``ManualClock``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qs
+
+import anyio
+
+from resilient_voice.testing._fake_common import (
+    Core,
+    Receive,
+    Request,
+    Response,
+    Scope,
+    Send,
+    frozen_multi,
+)
+from resilient_voice.testing._fake_twilio import (
+    TwilioApi,
+    twilio_error,
+    twilio_fault_response,
+)
+from resilient_voice.testing._fake_vapi import VapiApi, vapi_fault_response
+from resilient_voice.testing._faults import CallbackFaults, Fault, FaultScript
+from resilient_voice.testing._records import (
+    CallbackRecord,
+    CreatedCall,
+    CreatedMessage,
+    Provider,
+    RecordedRequest,
+)
+from resilient_voice.testing._serve import DropConnectionError
+from resilient_voice.testing._webhooks import WebhookSender
+
+__all__ = ["ENDPOINTS", "FakeTelephony"]
+
+_ACCOUNT = r"(?P<account>[^/]+)"
+_ROUTES: tuple[tuple[re.Pattern[str], dict[str, str]], ...] = (
+    (
+        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Calls\.json"),
+        {"POST": "twilio.calls.create", "GET": "twilio.calls.list"},
+    ),
+    (
+        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Calls/(?P<sid>[^/]+)\.json"),
+        {"GET": "twilio.calls.fetch", "POST": "twilio.calls.update"},
+    ),
+    (
+        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Messages\.json"),
+        {"POST": "twilio.messages.create"},
+    ),
+    (
+        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Messages/(?P<sid>[^/]+)\.json"),
+        {"GET": "twilio.messages.fetch"},
+    ),
+    (re.compile(r"/call"), {"POST": "vapi.calls.create", "GET": "vapi.calls.list"}),
+    (re.compile(r"/call/(?P<id>[^/]+)"), {"GET": "vapi.calls.get"}),
+    (re.compile(r"/assistant"), {"GET": "vapi.assistants.list"}),
+    (
+        re.compile(r"/assistant/(?P<id>[^/]+)"),
+        {"GET": "vapi.assistants.get", "PATCH": "vapi.assistants.update"},
+    ),
+    (re.compile(r"/phone-number"), {"GET": "vapi.phone_numbers.list"}),
+)
+
+ENDPOINTS: tuple[str, ...] = tuple(name for _, names in _ROUTES for name in names.values())
+"""Every endpoint name the fake answers; fault rules match these with glob patterns."""
+
+_MAX_BODY = 1 << 20
+_NOT_FOUND = "not_found"
+_NOT_ALLOWED = "not_allowed"
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def _retry_after(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    if float(seconds).is_integer():
+        return str(int(seconds))
+    return format(seconds, "f").rstrip("0").rstrip(".")
+
+
+class FakeTelephony:
+    """A fault-injecting fake of the Twilio and Vapi REST APIs, as an ASGI 3 application.
+
+    Twilio: ``POST/GET /2010-04-01/Accounts/{AccountSid}/Calls.json`` (create, list),
+    ``GET/POST .../Calls/{CallSid}.json`` (fetch, update), ``POST .../Messages.json``,
+    ``GET .../Messages/{MessageSid}.json``; form-encoded bodies; HTTP Basic auth with the
+    Account SID and auth token or an API key SID and secret; Twilio's JSON bodies and error
+    codes (20003, 20404, 20429, 20500, 20503, 21211...). Vapi: ``POST/GET /call``,
+    ``GET /call/{id}``, ``GET /assistant``, ``GET/PATCH /assistant/{id}``,
+    ``GET /phone-number``; Bearer auth; camelCase JSON and NestJS-style errors.
+
+    Twilio pacing: each account dials at most ``calls_per_second``. Faster creations are
+    accepted as ``queued`` (with a ``queue_time``), as Twilio does, and counted as CPS
+    violations: a creation at time ``t`` violates when ``t < TAT - cps_tolerance``, where
+    ``TAT`` (theoretical arrival time) is the conforming schedule of a token bucket with burst 1
+    and rate ``cps`` (the GCRA). A violating call does not move ``TAT``, so one early call counts
+    once and does not make the calls after it late. The tolerance absorbs scheduler and loopback
+    jitter (a request that reaches the fake late, then one on time, look like a burst); 50 ms
+    by default, so a client that paces at the same rate sees zero violations even on a loaded
+    CI machine, while an unpaced burst of more than ``1 + cps_tolerance * cps`` calls is
+    always caught.
+
+    Calls move through queued, ringing (``ring_duration``), in-progress (``call_duration``) and
+    completed (Vapi: ended). With ``status_callbacks`` the fake POSTs Twilio status callbacks
+    (events from ``StatusCallbackEvent``, ``completed`` by default) to the call's
+    ``StatusCallback`` URL, query string kept, signed with the account's auth token through
+    ``twilio.request_validator.RequestValidator``; and Vapi ``status-update`` and
+    ``end-of-call-report`` messages to the server URL (``assistantOverrides.server.url``, the
+    assistant's ``server.url``, else ``vapi_server_url``) with the credential in
+    ``vapi_credential_header``. Webhooks need the ASGI lifespan (``serve`` runs it).
+
+    State is shared between the server's thread and the test's; every helper returns a
+    snapshot taken under a lock. Time is seconds since the server started the app (lifespan
+    startup), or since construction.
+
+    Args:
+        seed: Seeds every random choice (ids, faults, webhook misbehaviour).
+        twilio_accounts: Account SID (``AC...``) to auth token.
+        twilio_api_keys: API key SID (``SK...``) to ``(account_sid, secret)``.
+        vapi_api_keys: Accepted Vapi private keys.
+        calls_per_second: Twilio CPS for every account, or per Account SID (others get 1).
+        cps_tolerance: Seconds of earliness forgiven before a call counts as a CPS violation.
+        call_duration: Seconds a call stays in progress.
+        ring_duration: Seconds a call rings before it is answered.
+        status_callbacks: Send webhooks at all.
+        callback_faults: Loss, duplication and reordering of webhooks.
+        callback_timeout: Timeout of each webhook request, in seconds.
+        twilio_concurrency_limit: Concurrent requests per account above which Twilio answers
+            429 (20429); None for no limit.
+        vapi_server_url: The org-level Vapi server URL.
+        vapi_credential: The secret sent with Vapi server messages.
+        vapi_credential_header: The header that carries it (``Authorization`` gets ``Bearer``).
+        vapi_assistants: Assistants to create, each a mapping of fields over the defaults.
+        vapi_phone_numbers: Numbers of the Vapi phone numbers to create.
+        vapi_concurrency_limit: Org call concurrency reported in ``subscriptionLimits``.
+        faults: The fault script (see :class:`Fault`); settable later via :attr:`faults`.
+
+    Raises:
+        ValueError, TypeError: Invalid configuration.
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        twilio_accounts: Mapping[str, str] | None = None,
+        twilio_api_keys: Mapping[str, tuple[str, str]] | None = None,
+        vapi_api_keys: Iterable[str] = (),
+        calls_per_second: float | Mapping[str, float] = 1.0,
+        cps_tolerance: float = 0.05,
+        call_duration: float = 0.1,
+        ring_duration: float = 0.0,
+        status_callbacks: bool = True,
+        callback_faults: CallbackFaults | None = None,
+        callback_timeout: float = 2.0,
+        twilio_concurrency_limit: int | None = None,
+        vapi_server_url: str | None = None,
+        vapi_credential: str | None = None,
+        vapi_credential_header: str = "X-Vapi-Secret",
+        vapi_assistants: Sequence[Mapping[str, Any]] = ({},),
+        vapi_phone_numbers: Sequence[str] = ("+15005550006",),
+        vapi_concurrency_limit: int = 10,
+        faults: Sequence[Fault] = (),
+    ) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        accounts = dict(twilio_accounts or {})
+        for sid, token in accounts.items():
+            if not (isinstance(sid, str) and sid.startswith("AC")):
+                raise ValueError(f"Twilio Account SIDs start with 'AC', got {sid!r}")
+            if not (isinstance(token, str) and token):
+                raise ValueError(f"the auth token of {sid} must be a non-empty string")
+        api_keys = dict(twilio_api_keys or {})
+        for key_sid, pair in api_keys.items():
+            if not (isinstance(key_sid, str) and key_sid.startswith("SK")):
+                raise ValueError(f"Twilio API key SIDs start with 'SK', got {key_sid!r}")
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise TypeError(f"API key {key_sid} must map to (account_sid, secret)")
+            if pair[0] not in accounts:
+                raise ValueError(f"API key {key_sid} names an unknown account {pair[0]!r}")
+            if not (isinstance(pair[1], str) and pair[1]):
+                raise ValueError(f"the secret of API key {key_sid} must be a non-empty string")
+        if isinstance(vapi_api_keys, str):
+            raise TypeError("vapi_api_keys must be an iterable of keys, not one string")
+        vapi_keys = tuple(vapi_api_keys)
+        if not all(isinstance(key, str) and key for key in vapi_keys):
+            raise ValueError("Vapi API keys must be non-empty strings")
+        if isinstance(calls_per_second, Mapping):
+            cps = {sid: _positive("calls_per_second", v) for sid, v in calls_per_second.items()}
+            default_cps = 1.0
+        else:
+            cps, default_cps = {}, _positive("calls_per_second", calls_per_second)
+        tolerance = _positive("cps_tolerance", cps_tolerance, allow_zero=True)
+        duration = _positive("call_duration", call_duration, allow_zero=True)
+        ring = _positive("ring_duration", ring_duration, allow_zero=True)
+        timeout = _positive("callback_timeout", callback_timeout)
+        if twilio_concurrency_limit is not None and twilio_concurrency_limit < 1:
+            raise ValueError("twilio_concurrency_limit must be None or >= 1")
+        if vapi_concurrency_limit < 1:
+            raise ValueError("vapi_concurrency_limit must be >= 1")
+        if vapi_server_url is not None and not vapi_server_url.startswith(("http://", "https://")):
+            raise ValueError(f"vapi_server_url must be an http(s) URL, got {vapi_server_url!r}")
+        if not vapi_credential_header:
+            raise ValueError("vapi_credential_header must be a header name")
+        callback_faults = callback_faults if callback_faults is not None else CallbackFaults()
+        if not isinstance(callback_faults, CallbackFaults):
+            raise TypeError("callback_faults must be a CallbackFaults")
+
+        self._core = Core(seed)
+        self._script = FaultScript(faults, self._core.faults)
+        self._sender = WebhookSender(self._core, callback_faults, timeout)
+        self._twilio = TwilioApi(
+            self._core,
+            self._sender,
+            accounts=accounts,
+            api_keys=api_keys,
+            calls_per_second=cps,
+            default_cps=default_cps,
+            cps_tolerance=tolerance,
+            call_duration=duration,
+            ring_duration=ring,
+            status_callbacks=status_callbacks,
+            concurrency_limit=twilio_concurrency_limit,
+        )
+        self._vapi = VapiApi(
+            self._core,
+            self._sender,
+            api_keys=vapi_keys,
+            server_url=vapi_server_url,
+            credential=vapi_credential,
+            credential_header=vapi_credential_header,
+            call_duration=duration,
+            ring_duration=ring,
+            status_callbacks=status_callbacks,
+            assistants=vapi_assistants,
+            phone_numbers=vapi_phone_numbers,
+            concurrency_limit=vapi_concurrency_limit,
+        )
+        self._requests: list[RecordedRequest] = []
+        self._next_index = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"FakeTelephony(twilio_accounts={list(self._twilio.account_sids())}, "
+            f"faults={len(self._script.faults)})"
+        )
+
+    @property
+    def faults(self) -> tuple[Fault, ...]:
+        """The fault script. Assigning a new one starts its counts afresh."""
+        return self._script.faults
+
+    @faults.setter
+    def faults(self, faults: Sequence[Fault]) -> None:
+        self._script = FaultScript(faults, self._core.faults)
+
+    @property
+    def vapi_org_id(self) -> str:
+        """The id of the fake Vapi org."""
+        return self._vapi.org_id
+
+    def elapsed(self) -> float:
+        """Seconds since the fake started (the time fault windows refer to)."""
+        return self._core.elapsed()
+
+    def requests(self, endpoint: str | None = None) -> list[RecordedRequest]:
+        """Recorded requests in arrival order, optionally only endpoints matching a glob."""
+        with self._core.lock:
+            rows = sorted(self._requests, key=lambda r: r.index)
+        if endpoint is None:
+            return rows
+        return [r for r in rows if r.endpoint and fnmatch.fnmatchcase(r.endpoint, endpoint)]
+
+    def calls(
+        self, provider: Provider | None = None, *, to: str | None = None
+    ) -> list[CreatedCall]:
+        """Calls really created, in creation order (whatever the clients were told)."""
+        with self._core.lock:
+            rows = [*self._twilio.created_calls, *self._vapi.created_calls]
+        rows.sort(key=lambda c: (c.time, c.request_index))
+        return [
+            c
+            for c in rows
+            if (provider is None or c.provider == provider) and (to is None or c.to == to)
+        ]
+
+    def messages(self) -> list[CreatedMessage]:
+        """Twilio messages really created, in creation order."""
+        with self._core.lock:
+            return list(self._twilio.created_messages)
+
+    def duplicate_destinations(self, provider: Provider | None = None) -> dict[str, int]:
+        """Destination numbers called more than once, with how many calls each got."""
+        counts: dict[str, int] = {}
+        for call in self.calls(provider):
+            counts[call.to] = counts.get(call.to, 0) + 1
+        return {number: count for number, count in counts.items() if count > 1}
+
+    def cps_violations(self, account_sid: str | None = None) -> int:
+        """Twilio calls created faster than the account's CPS (see the class docstring)."""
+        with self._core.lock:
+            if account_sid is not None:
+                return self._twilio.violations.get(account_sid, 0)
+            return sum(self._twilio.violations.values())
+
+    def callbacks(self, kind: str | None = None) -> list[CallbackRecord]:
+        """Webhook delivery attempts, in the order they finished."""
+        with self._core.lock:
+            rows = list(self._sender.records)
+        return [r for r in rows if kind is None or r.kind == kind]
+
+    def twilio_call(self, sid: str) -> dict[str, Any] | None:
+        """The Twilio call resource as a fetch would return it now, or None."""
+        with self._core.lock:
+            call = self._twilio.calls.get(sid)
+            return None if call is None else self._twilio.call_json(call, self._core.elapsed())
+
+    def vapi_call(self, call_id: str) -> dict[str, Any] | None:
+        """The Vapi call object as ``GET /call/{id}`` would return it now, or None."""
+        with self._core.lock:
+            call = self._vapi.calls.get(call_id)
+            return None if call is None else self._vapi.call_json(call, self._core.elapsed())
+
+    def vapi_assistants(self) -> list[dict[str, Any]]:
+        """The Vapi assistants, in creation order (ids for ``assistantId``)."""
+        with self._core.lock:
+            return json.loads(json.dumps(list(self._vapi.assistants.values())))  # type: ignore[no-any-return]
+
+    def vapi_phone_numbers(self) -> list[dict[str, Any]]:
+        """The Vapi phone numbers, in creation order (ids for ``phoneNumberId``)."""
+        with self._core.lock:
+            return json.loads(json.dumps(list(self._vapi.phone_numbers.values())))  # type: ignore[no-any-return]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()
+        try:
+            async with anyio.create_task_group() as group:
+                self._core.task_group = group
+                self._core.restart()
+                await send({"type": "lifespan.startup.complete"})
+                await receive()
+                self._core.task_group = None
+                group.cancel_scope.cancel()
+        finally:
+            self._core.task_group = None
+            with anyio.CancelScope(shield=True):
+                await self._sender.aclose()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive)
+        arrival = self._core.elapsed()
+        with self._core.lock:
+            index = self._next_index
+            self._next_index += 1
+        method: str = scope["method"]
+        path: str = scope["path"]
+        request = _parse(scope, body or b"")
+        twilio = path.startswith("/2010-04-01/")
+        endpoint = self._route(method, path, request)
+        account = request.params.get("account") if twilio else None
+        inflight = self._twilio.enter(account) if account is not None else 0
+        auth_user: str | None = None
+        fault: Fault | None = None
+        delay = 0.0
+        try:
+            if body is None:
+                response = (
+                    twilio_error(413, 20001, "Request body too large") if twilio else _too_large()
+                )
+            elif endpoint == _NOT_FOUND:
+                response = self._twilio.not_found(path) if twilio else self._vapi_missing(request)
+            elif endpoint == _NOT_ALLOWED:
+                response = (
+                    twilio_error(405, 20004, "Method not allowed")
+                    if twilio
+                    else self._vapi_missing(request)
+                )
+            else:
+                decision = self._script.decide(endpoint, arrival)
+                fault, delay = decision.fault, decision.delay
+                if delay:
+                    await anyio.sleep(delay)
+                if fault is not None and fault.kind in ("error", "rate_limit"):
+                    status = 429 if fault.kind == "rate_limit" else fault.status
+                    header = _retry_after(fault.retry_after) if status == 429 else None
+                    response = (
+                        twilio_fault_response(status, header)
+                        if twilio
+                        else vapi_fault_response(status, header)
+                    )
+                elif fault is not None and fault.kind == "drop_before":
+                    response = None
+                else:
+                    response, auth_user = self._process(endpoint, request, index, inflight)
+            fault_name: str | None = fault.kind if fault is not None else None
+            if response is not None and response.status == 429 and fault is None:
+                fault_name = "concurrency"
+            drop = fault if fault is not None and fault.kind.startswith("drop") else None
+            self._record(
+                index,
+                arrival,
+                request,
+                endpoint,
+                auth_user,
+                None if drop is not None or response is None else response.status,
+                fault_name,
+                delay,
+                response.created if response is not None else None,
+            )
+            if drop is not None:
+                raise DropConnectionError(reset=drop.reset)
+            if response is None:  # pragma: no cover  # only drop_before leaves it unset
+                raise DropConnectionError
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": response.headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": response.body})
+        finally:
+            if account is not None:
+                self._twilio.leave(account)
+
+    def _route(self, method: str, path: str, request: Request) -> str:
+        for pattern, names in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            request.params = match.groupdict()
+            return names.get(method, _NOT_ALLOWED)
+        return _NOT_FOUND
+
+    def _process(
+        self, endpoint: str, request: Request, index: int, inflight: int
+    ) -> tuple[Response, str | None]:
+        if endpoint.startswith("twilio."):
+            user, ok = self._twilio.authenticate(request, request.params["account"])
+            if not ok:
+                return self._twilio.unauthorized(), user
+            if self._twilio.over_concurrency(inflight):
+                return twilio_error(429, 20429, "Too Many Requests"), user
+            return self._twilio.handle(endpoint, request, index, inflight), user
+        if not self._vapi.authenticate(request):
+            return self._vapi.unauthorized(), None
+        return self._vapi.handle(endpoint, request, index), None
+
+    def _vapi_missing(self, request: Request) -> Response:
+        return self._vapi.not_found(request.method, request.path)
+
+    def _record(
+        self,
+        index: int,
+        arrival: float,
+        request: Request,
+        endpoint: str,
+        auth_user: str | None,
+        status: int | None,
+        fault: str | None,
+        delay: float,
+        created: str | None,
+    ) -> None:
+        headers = dict(request.headers)
+        if "authorization" in headers:
+            scheme = headers["authorization"].partition(" ")[0]
+            headers["authorization"] = f"{scheme} <redacted>"
+        record = RecordedRequest(
+            index=index,
+            time=arrival,
+            method=request.method,
+            path=request.path,
+            endpoint=None if endpoint in (_NOT_FOUND, _NOT_ALLOWED) else endpoint,
+            query=frozen_multi(request.query),
+            form=frozen_multi(request.form),
+            json=request.json,
+            body=request.body,
+            headers=headers,
+            auth_user=auth_user,
+            status=status,
+            fault=fault,
+            delay=delay,
+            created=created,
+        )
+        with self._core.lock:
+            self._requests.append(record)
+
+
+def _too_large() -> Response:
+    from resilient_voice.testing._fake_vapi import vapi_error
+
+    return vapi_error(413, "request entity too large")
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None when it exceeds the limit (the rest is drained)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= _MAX_BODY:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks) if size <= _MAX_BODY else None
+
+
+def _parse(scope: Scope, body: bytes) -> Request:
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", []):
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    content_type = headers.get("content-type", "")
+    form: dict[str, list[str]] = {}
+    payload: Any = None
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    elif body and "json" in content_type:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+    return Request(
+        method=scope["method"],
+        path=scope["path"],
+        query=query,
+        form=form,
+        json=payload,
+        body=body,
+        headers=headers,
+    )
