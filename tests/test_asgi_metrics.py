@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from _apps import FRAMEWORKS, STREAM_GATE, build
-from _uvicorn import serve
+from _uvicorn import http_client, serve
 from resilient_voice.asgi import MetricsMiddleware, make_metrics_app
 
 REQUESTS = "resilient_voice_http_server_requests_total"
@@ -81,7 +80,7 @@ TEMPLATES = {
 async def test_requests_are_counted_by_route_template_not_raw_path(served: Served) -> None:
     item, thing = TEMPLATES[served.framework]
     before = served.count("GET", item, "2xx"), served.count("GET", thing, "2xx")
-    async with httpx.AsyncClient(base_url=served.url) as client:
+    async with http_client(base_url=served.url) as client:
         for n in range(3):
             assert (await client.get(f"/items/{n}")).status_code == 200
         assert (await client.get("/api/things/555-0100")).status_code == 200
@@ -99,7 +98,7 @@ async def test_unmatched_paths_and_odd_methods_collapse(served: Served) -> None:
         served.count("OTHER", route, "4xx")
         for route in ("__unmatched__", *TEMPLATES[served.framework])
     )
-    async with httpx.AsyncClient(base_url=served.url) as client:
+    async with http_client(base_url=served.url) as client:
         for n in range(4):
             assert (await client.get(f"/no/such/{n}")).status_code == 404
         response = await client.request("BREW", "/items/1")
@@ -118,7 +117,7 @@ async def test_unmatched_paths_and_odd_methods_collapse(served: Served) -> None:
 
 async def test_app_errors_count_as_5xx(served: Served) -> None:
     before = served.count("GET", "/boom", "5xx")
-    async with httpx.AsyncClient(base_url=served.url) as client:
+    async with http_client(base_url=served.url) as client:
         assert (await client.get("/boom")).status_code == 500
     await eventually(lambda: served.count("GET", "/boom", "5xx") == before + 1)
     await eventually(
@@ -131,7 +130,7 @@ async def test_streaming_responses_stay_streamed(served: Served) -> None:
     before = served.count("GET", "/stream", "2xx")
     in_progress_during = None
     async with (
-        httpx.AsyncClient(base_url=served.url, timeout=2.0) as client,
+        http_client(base_url=served.url, timeout=2.0) as client,
         client.stream("GET", "/stream") as response,
     ):
         chunks = response.aiter_raw()
@@ -281,7 +280,7 @@ async def test_metrics_app_serves_the_exposition_on_starlette_route() -> None:
     Counter("rv_test_things", "things", registry=registry).inc(3)
     app = Starlette(routes=[Route("/metrics", make_metrics_app(registry))])
     with serve(app) as url:
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with http_client(base_url=url) as client:
             text = await client.get("/metrics")
             openmetrics = await client.get(
                 "/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"}
@@ -303,7 +302,7 @@ async def test_metrics_app_serves_standalone_with_lifespan() -> None:
     registry = CollectorRegistry()
     Counter("rv_standalone", "x", registry=registry).inc()
     with serve(make_metrics_app(registry)) as url:
-        async with httpx.AsyncClient(base_url=url) as client:
+        async with http_client(base_url=url) as client:
             response = await client.get("/anything")
     assert "rv_standalone_total 1.0" in response.text
 
