@@ -231,7 +231,7 @@ async def test_route_cardinality_is_capped() -> None:
     )
 
 
-async def test_route_template_callable_overrides() -> None:
+async def test_route_template_callable_is_the_fallback() -> None:
     registry = CollectorRegistry()
     app = MetricsMiddleware(
         _noop,
@@ -273,6 +273,14 @@ async def test_cancelled_request_is_not_counted_and_gauge_returns_to_zero() -> N
         await _call(middleware, "/slow")
     assert registry.get_sample_value(IN_PROGRESS, {"method": "GET"}) == 0.0
     assert not [s for m in registry.collect() for s in m.samples if s.name == REQUESTS]
+
+
+async def test_framework_route_wins_over_the_callable() -> None:
+    registry = CollectorRegistry()
+    app = MetricsMiddleware(_routed, registry=registry, route_template=lambda scope: "/fallback")
+    await _call(app, "/calls/CA1")
+    labels = {"method": "GET", "route": "/calls/CA1", "status_class": "2xx"}
+    assert registry.get_sample_value(REQUESTS, labels) == 1.0
 
 
 async def test_metrics_app_serves_the_exposition_on_starlette_route() -> None:

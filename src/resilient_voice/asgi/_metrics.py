@@ -54,8 +54,10 @@ class MetricsMiddleware:
     ``route`` is the framework's route template, read from the scope after the app ran:
     Starlette and FastAPI put the matched route object in ``scope["route"]`` (its
     ``path_format``, prefixed by the path of any ``Mount`` it sits under); Litestar puts the
-    template in ``scope["path_template"]``. Requests no route matched get ``__unmatched__``. For
-    other frameworks pass ``route_template=callable(scope) -> str | None``. A hard cap
+    template in ``scope["path_template"]``. When the scope has neither (Django, Quart, routes
+    FastAPI does not expose such as a plain Starlette ``Route`` added to a FastAPI app),
+    ``route_template=callable(scope) -> str | None`` is asked; otherwise, or when it returns
+    ``None``, the request counts as ``__unmatched__``. A hard cap
     (``max_routes``) on distinct templates guards against a router that exposes raw paths: later
     templates collapse into ``__overflow__``.
 
@@ -69,8 +71,9 @@ class MetricsMiddleware:
         app: The ASGI app to wrap.
         registry: Where to register; default ``prometheus_client.REGISTRY``. Any number of
             instances may share one registry (the collectors are get-or-create).
-        route_template: Optional ``callable(scope) -> str | None`` that overrides the framework
-            lookup; ``None`` means unmatched. It is called after the app ran.
+        route_template: Optional ``callable(scope) -> str | None`` used when the framework
+            left no route information; ``None`` means unmatched. It is called after the app
+            ran, and must return a template (bounded), never the raw path.
         buckets: Latency histogram buckets (used only when this creates the histogram).
         max_routes: Distinct route templates recorded before collapsing into ``__overflow__``.
     """
@@ -159,17 +162,16 @@ class MetricsMiddleware:
         if not 1 <= status_class <= 5:
             status_class = 0
         key: tuple[Any, ...]
-        route = None
-        if self._route_template is not None:
-            key = (method, status_class, self._route_template(scope))
+        route = scope.get("route")
+        if route is not None:
+            added = scope.get("root_path", "")
+            mount = added[len(root_path) :] if added.startswith(root_path) else ""
+            key = (method, status_class, getattr(route, "path_format", None), mount)
         else:
-            route = scope.get("route")
-            if route is not None:
-                added = scope.get("root_path", "")
-                mount = added[len(root_path) :] if added.startswith(root_path) else ""
-                key = (method, status_class, getattr(route, "path_format", None), mount)
-            else:
-                key = (method, status_class, scope.get("path_template"))
+            template = scope.get("path_template")
+            if template is None and self._route_template is not None:
+                template = self._route_template(scope)
+            key = (method, status_class, template)
         children = self._children.get(key)
         if children is None:
             children = self._new_children(key, route)
