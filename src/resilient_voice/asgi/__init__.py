@@ -1,0 +1,44 @@
+"""Pure ASGI 3 middleware for any framework (FastAPI, Starlette, Litestar, Quart, Django).
+
+Every component is an ``async def __call__(self, scope, receive, send)`` class or app: it passes
+through the scopes it does not handle and never buffers a body it does not need. Names are loaded
+on first access, so importing one middleware does not import the others' dependencies
+(prometheus-client for metrics, twilio for signature checks).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from resilient_voice.asgi._metrics import MetricsMiddleware, make_metrics_app
+    from resilient_voice.asgi._twilio import TwilioSignatureMiddleware
+    from resilient_voice.asgi._vapi import VapiWebhookMiddleware
+
+__all__ = [
+    "MetricsMiddleware",
+    "TwilioSignatureMiddleware",
+    "VapiWebhookMiddleware",
+    "make_metrics_app",
+]
+
+_LAZY = {
+    "MetricsMiddleware": "resilient_voice.asgi._metrics",
+    "make_metrics_app": "resilient_voice.asgi._metrics",
+    "TwilioSignatureMiddleware": "resilient_voice.asgi._twilio",
+    "VapiWebhookMiddleware": "resilient_voice.asgi._vapi",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'resilient_voice.asgi' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

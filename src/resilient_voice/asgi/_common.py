@@ -1,0 +1,142 @@
+"""Small pieces shared by the ASGI middleware: types, path matching, body buffering, replies."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+__all__ = [
+    "ASGIApp",
+    "BodyTooLargeError",
+    "DisconnectedError",
+    "Message",
+    "PathMatcher",
+    "Receive",
+    "Scope",
+    "Send",
+    "get_header",
+    "read_body",
+    "replay",
+    "respond",
+]
+
+
+class PathMatcher:
+    """Decides whether a request path is one a middleware guards.
+
+    ``None`` guards every path. Otherwise each entry is an exact path, or a prefix when it ends
+    with ``*`` (``"/twilio/*"`` guards ``/twilio/voice`` and ``/twilio/``).
+    """
+
+    __slots__ = ("_all", "_exact", "_prefixes")
+
+    def __init__(self, paths: Iterable[str] | None) -> None:
+        self._all = paths is None
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        if paths is not None:
+            if isinstance(paths, str):
+                raise TypeError("paths must be a collection of paths, not a single string")
+            for path in paths:
+                if not isinstance(path, str) or not path.startswith("/"):
+                    raise ValueError(f"paths entries must start with '/': {path!r}")
+                if path.endswith("*"):
+                    prefixes.append(path[:-1])
+                else:
+                    exact.add(path)
+            if not exact and not prefixes:
+                raise ValueError("paths is empty: pass None to guard every path")
+        self._exact = frozenset(exact)
+        self._prefixes = tuple(prefixes)
+
+    def __call__(self, path: str) -> bool:
+        if self._all or path in self._exact:
+            return True
+        return bool(self._prefixes) and path.startswith(self._prefixes)
+
+
+def get_header(scope: Scope, name: bytes) -> bytes | None:
+    """Return the first value of header ``name`` (lowercase bytes), or ``None``."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class BodyTooLargeError(Exception):
+    """The request body exceeds the configured limit."""
+
+
+class DisconnectedError(Exception):
+    """The client went away before sending the whole body."""
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """Buffer the request body, refusing more than ``limit`` bytes.
+
+    A declared ``Content-Length`` over the limit is refused before anything is read.
+
+    Raises:
+        BodyTooLargeError: the body (declared or received) is larger than ``limit``.
+        DisconnectedError: the client disconnected first.
+    """
+    declared = get_header(scope, b"content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BodyTooLargeError  # unparseable framing is not worth a second opinion
+        if int(declared) > limit:
+            raise BodyTooLargeError
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise DisconnectedError
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLargeError
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """Return a ``receive`` that yields ``body`` once, then defers to the real ``receive``.
+
+    The app downstream reads the verified body exactly as the client sent it; later calls
+    (waiting for ``http.disconnect``) reach the server.
+    """
+    pending = True
+
+    async def receive_replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_replayed
+
+
+async def respond(send: Send, status: int, text: bytes, extra: Iterable[Any] = ()) -> None:
+    """Send a short plain-text response."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(text)).encode("ascii")),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": text})

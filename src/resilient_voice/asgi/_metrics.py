@@ -1,0 +1,286 @@
+"""Request metrics middleware and the ``/metrics`` exposition app."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio.to_thread
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from resilient_voice.asgi._common import ASGIApp, Message, Receive, Scope, Send, get_header, respond
+from resilient_voice.metrics import PREFIX, _get_or_create, _registry
+
+__all__ = ["UNMATCHED", "MetricsMiddleware", "make_metrics_app"]
+
+UNMATCHED = "__unmatched__"
+"""The ``route`` label of requests that matched no route (404s, redirects, unknown paths)."""
+
+OVERFLOW = "__overflow__"
+"""The ``route`` label once ``max_routes`` distinct templates have been seen."""
+
+SERVER_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+_STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware that counts and times HTTP requests by route template.
+
+    Metrics (``method`` is the request method, or ``OTHER`` for a method outside the standard
+    nine, so clients cannot mint label values):
+
+    - ``resilient_voice_http_server_requests_total{method,route,status_class}``
+    - ``resilient_voice_http_server_request_duration_seconds{method,route,status_class}``: from
+      the request's arrival until the app returned, i.e. including a streamed body.
+    - ``resilient_voice_http_server_requests_in_progress{method}``
+
+    ``route`` is the framework's route template, read from the scope after the app ran:
+    Starlette and FastAPI put the matched route object in ``scope["route"]`` (its
+    ``path_format``, prefixed by the path of any ``Mount`` it sits under); Litestar puts the
+    template in ``scope["path_template"]``. When the scope has neither (Django, Quart, routes
+    FastAPI does not expose such as a plain Starlette ``Route`` added to a FastAPI app),
+    ``route_template=callable(scope) -> str | None`` is asked; otherwise, or when it returns
+    ``None``, the request counts as ``__unmatched__``. A hard cap
+    (``max_routes``) on distinct templates guards against a router that exposes raw paths: later
+    templates collapse into ``__overflow__``.
+
+    The body is never buffered: messages pass straight through, and only the status of
+    ``http.response.start`` is read. ``status_class`` is ``2xx`` ... ``5xx``; an app that raised
+    before starting a response is counted as ``5xx`` (that is what the server sends); a request
+    cancelled before a response started (client gone) is not counted. Non-HTTP scopes
+    (websocket, lifespan) pass through untouched.
+
+    Args:
+        app: The ASGI app to wrap.
+        registry: Where to register; default ``prometheus_client.REGISTRY``. Any number of
+            instances may share one registry (the collectors are get-or-create).
+        route_template: Optional ``callable(scope) -> str | None`` used when the framework
+            left no route information; ``None`` means unmatched. It is called after the app
+            ran, and must return a template (bounded), never the raw path.
+        buckets: Latency histogram buckets (used only when this creates the histogram).
+        max_routes: Distinct route templates recorded before collapsing into ``__overflow__``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        registry: CollectorRegistry | None = None,
+        route_template: Callable[[Scope], str | None] | None = None,
+        buckets: Sequence[float] = SERVER_BUCKETS,
+        max_routes: int = 500,
+    ) -> None:
+        if route_template is not None and not callable(route_template):
+            raise TypeError("route_template must be a callable(scope) -> str | None")
+        if isinstance(max_routes, bool) or not isinstance(max_routes, int) or max_routes < 1:
+            raise ValueError(f"max_routes must be a positive int, got {max_routes!r}")
+        reg = _registry(registry)
+        self.app = app
+        self._route_template = route_template
+        self._max_routes = max_routes
+        self._max_children = max_routes * 64
+        labels = ("method", "route", "status_class")
+        self._requests = _get_or_create(
+            Counter,
+            PREFIX + "http_server_requests",
+            "HTTP requests served, by method, route template and status class.",
+            labels,
+            reg,
+        )
+        self._duration = _get_or_create(
+            Histogram,
+            PREFIX + "http_server_request_duration_seconds",
+            "Time to serve an HTTP request (including a streamed body), by route template.",
+            labels,
+            reg,
+            buckets=tuple(buckets),
+        )
+        in_progress = _get_or_create(
+            Gauge,
+            PREFIX + "http_server_requests_in_progress",
+            "HTTP requests being served.",
+            ("method",),
+            reg,
+            multiprocess_mode="livesum",
+        )
+        self._in_progress: dict[str, Any] = {m: in_progress.labels(m) for m in _METHODS}
+        self._in_progress_other = in_progress.labels("OTHER")
+        self._method_names: dict[str, str] = {m: m for m in _METHODS}
+        self._templates: set[str] = set()
+        # (method, status class index, route key...) -> (counter child, histogram child)
+        self._children: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = self._method_names.get(scope["method"], "OTHER")
+        gauge = self._in_progress.get(method, self._in_progress_other)
+        root_path = scope.get("root_path", "")
+        status = 0
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        gauge.inc()
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_observed)
+        except Exception:
+            if not status:
+                status = 500
+            raise
+        finally:
+            gauge.dec()
+            if status:
+                self._observe(scope, method, root_path, status, time.perf_counter() - start)
+
+    def _observe(
+        self, scope: Scope, method: str, root_path: str, status: int, elapsed: float
+    ) -> None:
+        status_class = status // 100
+        if not 1 <= status_class <= 5:
+            status_class = 0
+        key: tuple[Any, ...]
+        route = scope.get("route")
+        if route is not None:
+            added = scope.get("root_path", "")
+            mount = added[len(root_path) :] if added.startswith(root_path) else ""
+            key = (method, status_class, getattr(route, "path_format", None), mount)
+        else:
+            template = scope.get("path_template")
+            if template is None and self._route_template is not None:
+                template = self._route_template(scope)
+            key = (method, status_class, template)
+        children = self._children.get(key)
+        if children is None:
+            children = self._new_children(key, route)
+        children[0].inc()
+        children[1].observe(elapsed)
+
+    def _new_children(self, key: tuple[Any, ...], route: object) -> tuple[Any, Any]:
+        method, status_class, template = key[0], key[1], key[2]
+        if len(key) == 4 and isinstance(template, str):
+            mount = key[3]
+            # A Mount matched as the final route already carries its own path in path_format.
+            own = getattr(route, "path", None)
+            if mount and hasattr(route, "routes") and isinstance(own, str) and mount.endswith(own):
+                mount = mount[: len(mount) - len(own)]
+            template = mount + template
+        if not isinstance(template, str) or not template:
+            template = UNMATCHED
+        elif template not in self._templates:
+            if len(self._templates) >= self._max_routes:
+                template = OVERFLOW
+            else:
+                self._templates.add(template)
+        labels = (method, template, _STATUS_CLASSES[status_class])
+        children = (self._requests.labels(*labels), self._duration.labels(*labels))
+        if len(self._children) < self._max_children:  # bounded even if keys are not
+            self._children[key] = children
+        return children
+
+    def __repr__(self) -> str:
+        return f"MetricsMiddleware(app={self.app!r})"
+
+
+def make_metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
+    """Return an ASGI app serving the Prometheus exposition of ``registry``.
+
+    Mount it at ``/metrics`` (``app.mount("/metrics", make_metrics_app())`` in Starlette/FastAPI,
+    ``make_asgi_app`` handlers in Litestar, or route to it in Django's ASGI application). It
+    answers ``GET`` and ``HEAD`` with the text format, or OpenMetrics when the scraper asks for it
+    in ``Accept``; other methods get 405. Generating the exposition runs in a worker thread so a
+    large registry does not stall the event loop. Lifespan scopes are acknowledged, so the app
+    can also be served on its own.
+
+    Multiprocess mode: when ``registry`` is ``None`` and ``PROMETHEUS_MULTIPROC_DIR`` is set, it
+    serves a registry with prometheus-client's ``MultiProcessCollector`` that aggregates every
+    worker's files (see prometheus-client's multiprocess documentation for the worker setup).
+    An explicit ``registry`` is served as given.
+
+    Args:
+        registry: The registry to expose; default as described above.
+    """
+    if registry is None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:
+            registry = REGISTRY
+    return _MetricsApp(_registry(registry))
+
+
+class _MetricsApp:
+    """The ASGI app :func:`make_metrics_app` returns.
+
+    An instance rather than a function, so that routers which wrap plain functions as
+    request/response endpoints (Starlette's ``Route``) treat it as an ASGI app.
+    """
+
+    __slots__ = ("registry",)
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1000})
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await respond(send, 405, b"Method Not Allowed\n", [(b"allow", b"GET, HEAD")])
+            return
+        accept = get_header(scope, b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        output: bytes = await anyio.to_thread.run_sync(encoder, self.registry)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", content_type.encode("latin-1")),
+                    (b"content-length", str(len(output)).encode("ascii")),
+                ],
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else output}
+        )
+
+    def __repr__(self) -> str:
+        return f"make_metrics_app(registry={self.registry!r})"
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

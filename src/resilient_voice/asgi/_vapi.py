@@ -1,0 +1,229 @@
+"""Verify the credentials Vapi sends with its server-URL webhooks."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from resilient_voice.asgi._common import (
+    ASGIApp,
+    BodyTooLargeError,
+    DisconnectedError,
+    PathMatcher,
+    Receive,
+    Scope,
+    Send,
+    get_header,
+    read_body,
+    replay,
+    respond,
+)
+
+__all__ = ["VapiWebhookMiddleware"]
+
+_log = logging.getLogger("resilient_voice.asgi")
+
+_ALGORITHMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
+_TIMESTAMP = re.compile(rb"[0-9]{1,16}(?:\.[0-9]{1,9})?")
+_MILLISECONDS_ABOVE = 1e11  # 1e11 s is the year 5138; 1e11 ms is 1973
+_MAX_CREDENTIAL = 4096
+_FORBIDDEN = b"Forbidden\n"
+_TOO_LARGE = b"Request body too large\n"
+
+
+def _secret_bytes(name: str, value: str | bytes | None) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if not isinstance(value, bytes) or not value:
+        raise ValueError(f"{name} must be a non-empty str or bytes")
+    return value
+
+
+def _header_name(name: str, value: str) -> bytes:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
+        raise ValueError(f"{name} must be an HTTP header name, got {value!r}")
+    return value.lower().encode("ascii")
+
+
+class VapiWebhookMiddleware:
+    """Pure ASGI middleware that rejects Vapi webhooks without a valid credential.
+
+    Vapi authenticates server-URL requests with one of its credential types; configure the one(s)
+    your assistant or org uses. A request is accepted when any configured credential checks out:
+
+    - ``secret``: the legacy shared secret, sent verbatim in ``X-Vapi-Secret`` (``secret_header``;
+      some 2025 docs named it ``X-Vapi-Signature``).
+    - ``bearer_token``: Vapi's Bearer Token credential, ``Authorization: Bearer <token>`` by
+      default; with a custom ``bearer_header`` Vapi usually turns the prefix off, so set
+      ``bearer_prefix=False`` to expect the bare token.
+    - ``hmac_secret``: Vapi's HMAC credential. The signature header holds the digest of
+      ``{timestamp}.{raw body}`` (``algorithm`` sha256, sha512 or sha1), hex by default
+      (``signature_encoding="base64"`` for the other setting), optionally prefixed by
+      ``<algorithm>=``. The timestamp header must be within ``tolerance`` seconds of the wall
+      clock, which bounds replays. Vapi does not document the timestamp unit, so values above
+      1e11 are read as milliseconds and smaller ones as seconds: either way the signed string
+      denotes one instant, so the ambiguity cannot widen the window.
+
+    The body of guarded requests is buffered (up to ``max_body``, else 413) and replayed to the
+    app unchanged. Missing, forged or stale credentials get 403 without calling the app; every
+    comparison is constant-time. Vapi does not retry failed deliveries by default, so a 403 here
+    is final: check configuration before deploying. Non-HTTP scopes and unguarded paths pass
+    through unread.
+
+    Args:
+        app: The ASGI app to wrap.
+        secret: Shared secret expected in ``secret_header``.
+        secret_header: Header carrying ``secret``.
+        bearer_token: Token expected in ``bearer_header``.
+        bearer_header: Header carrying the bearer token.
+        bearer_prefix: Whether the header value is ``Bearer <token>`` (case-insensitive scheme).
+        hmac_secret: Key of the HMAC credential (the raw secret; decode a base64 one yourself).
+        signature_header: Header carrying the HMAC.
+        timestamp_header: Header carrying the signed timestamp.
+        algorithm: ``"sha256"`` (default), ``"sha512"`` or ``"sha1"``.
+        signature_encoding: ``"hex"`` (default) or ``"base64"``.
+        tolerance: Largest accepted distance between the timestamp and now, in seconds.
+        max_body: Largest body accepted, in bytes (end-of-call reports with transcripts are big).
+        paths: Paths to guard: exact paths, or prefixes ending in ``*``; ``None`` guards every
+            HTTP request.
+        clock: Wall clock returning UNIX seconds (default :func:`time.time`); tests inject one.
+
+    Raises:
+        ValueError: no credential configured, or an invalid option.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        secret: str | bytes | None = None,
+        secret_header: str = "X-Vapi-Secret",  # noqa: S107  (a header name)
+        bearer_token: str | bytes | None = None,
+        bearer_header: str = "Authorization",
+        bearer_prefix: bool = True,
+        hmac_secret: str | bytes | None = None,
+        signature_header: str = "x-signature",
+        timestamp_header: str = "x-timestamp",
+        algorithm: str = "sha256",
+        signature_encoding: str = "hex",
+        tolerance: float = 300.0,
+        max_body: int = 2 * 1024 * 1024,
+        paths: Iterable[str] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.app = app
+        self._secret = _secret_bytes("secret", secret)
+        self._bearer = _secret_bytes("bearer_token", bearer_token)
+        key = _secret_bytes("hmac_secret", hmac_secret)
+        if self._secret is None and self._bearer is None and key is None:
+            raise ValueError("configure at least one of secret, bearer_token or hmac_secret")
+        self._secret_header = _header_name("secret_header", secret_header)
+        self._bearer_header = _header_name("bearer_header", bearer_header)
+        self._bearer_prefix = bool(bearer_prefix)
+        self._signature_header = _header_name("signature_header", signature_header)
+        self._timestamp_header = _header_name("timestamp_header", timestamp_header)
+        if algorithm not in _ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {sorted(_ALGORITHMS)}, got {algorithm!r}")
+        if signature_encoding not in ("hex", "base64"):
+            raise ValueError(
+                f"signature_encoding must be 'hex' or 'base64', not {signature_encoding!r}"
+            )
+        self._hex = signature_encoding == "hex"
+        self._algorithm_prefix = algorithm.encode("ascii") + b"="
+        # A keyed HMAC prepared once; each request copies it.
+        self._mac: Any = None if key is None else hmac.new(key, digestmod=_ALGORITHMS[algorithm])
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
+            raise TypeError(f"tolerance must be a number of seconds, got {tolerance!r}")
+        if not math.isfinite(tolerance) or tolerance <= 0:
+            raise ValueError(f"tolerance must be a positive finite number, got {tolerance!r}")
+        self._tolerance = float(tolerance)
+        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
+            raise ValueError(f"max_body must be a positive int, got {max_body!r}")
+        self._max_body = max_body
+        self._match = PathMatcher(paths)
+        if clock is not None and not callable(clock):
+            raise TypeError("clock must be a callable returning UNIX seconds")
+        self._clock = clock or time.time
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._match(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        verified = self._check_headers(scope)
+        signature = timestamp = None
+        if not verified and self._mac is not None:
+            signature = get_header(scope, self._signature_header)
+            timestamp = get_header(scope, self._timestamp_header)
+        if not verified and (signature is None or timestamp is None):
+            await self._reject(send, "no valid credential header")
+            return
+        try:
+            body = await read_body(scope, receive, self._max_body)
+        except BodyTooLargeError:
+            await respond(send, 413, _TOO_LARGE)
+            return
+        except DisconnectedError:
+            return
+        if not verified and not self._check_hmac(body, signature, timestamp):
+            await self._reject(send, "HMAC signature missing, wrong or stale")
+            return
+        await self._call_verified(scope, replay(body, receive), send, body)
+
+    async def _call_verified(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        """Run the app for a request whose credentials checked out.
+
+        EXTENSION POINT (correlation): once ``resilient_voice.correlation`` lands, this is where
+        the correlation id the Vapi client planted in the call's ``assistantOverrides.metadata``
+        is recovered from ``body`` (already buffered and verified; parse it lazily and tolerate
+        anything) and the app is run inside ``correlation_scope(id)``.
+        """
+        await self.app(scope, receive, send)
+
+    def _check_headers(self, scope: Scope) -> bool:
+        if self._secret is not None:
+            value = get_header(scope, self._secret_header)
+            if value is not None and hmac.compare_digest(value, self._secret):
+                return True
+        if self._bearer is not None:
+            value = get_header(scope, self._bearer_header)
+            if value is not None and self._bearer_prefix:
+                value = value[7:] if value[:7].lower() == b"bearer " else None
+            if value is not None and hmac.compare_digest(value, self._bearer):
+                return True
+        return False
+
+    def _check_hmac(self, body: bytes, signature: bytes | None, timestamp: bytes | None) -> bool:
+        if signature is None or timestamp is None or len(signature) > _MAX_CREDENTIAL:
+            return False
+        if not _TIMESTAMP.fullmatch(timestamp):
+            return False
+        instant = float(timestamp)
+        if instant > _MILLISECONDS_ABOVE:
+            instant /= 1000.0
+        if abs(self._clock() - instant) > self._tolerance:
+            return False
+        mac = self._mac.copy()
+        mac.update(timestamp)
+        mac.update(b".")
+        mac.update(body)
+        if signature.startswith(self._algorithm_prefix):
+            signature = signature[len(self._algorithm_prefix) :]
+        if self._hex:
+            return hmac.compare_digest(mac.hexdigest().encode("ascii"), signature.lower())
+        return hmac.compare_digest(base64.b64encode(mac.digest()), signature)
+
+    async def _reject(self, send: Send, reason: str) -> None:
+        _log.info("rejected Vapi webhook: %s", reason)
+        await respond(send, 403, _FORBIDDEN)
+
+    def __repr__(self) -> str:
+        return f"VapiWebhookMiddleware(app={self.app!r})"

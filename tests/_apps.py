@@ -1,0 +1,157 @@
+"""The same small app in Starlette, FastAPI and Litestar, with one middleware installed.
+
+Routes (identical in all three):
+
+- ``POST /hook/form``: the form as the framework parsed it, ``[[name, value], ...]`` as JSON;
+- ``POST /hook/raw`` and ``POST /open``: the raw body echoed;
+- ``GET /hook/get``, ``GET /items/{item_id}``, ``GET /api/things/{thing_id}``: plain text;
+- ``GET /stream``: two chunks, the second only after ``STREAM_GATE`` is set;
+- ``GET /boom``: raises.
+
+Starlette and FastAPI install the middleware through their own ``middleware`` mechanism; Litestar
+is wrapped at the ASGI level (its ``middleware=`` runs after routing, so 404s would not be seen).
+"""
+
+import json
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio.to_thread
+from fastapi import APIRouter, FastAPI
+from fastapi import Request as FastAPIRequest
+from litestar import Litestar, Router, get, post
+from litestar import Request as LitestarRequest
+from litestar import Response as LitestarResponse
+from litestar.response import Stream
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+
+FRAMEWORKS = ("starlette", "fastapi", "litestar")
+STREAM_GATE = threading.Event()
+
+
+async def _chunks() -> AsyncIterator[bytes]:
+    yield b"first\n"
+    # Bounded: a buffering middleware makes the client time out first, and the test fails.
+    await anyio.to_thread.run_sync(STREAM_GATE.wait, 3.0)
+    yield b"second\n"
+
+
+async def _form(request: Request) -> Response:
+    form = await request.form()
+    return JSONResponse([[k, v] for k, v in form.multi_items()])
+
+
+async def _raw(request: Request) -> Response:
+    return Response(await request.body(), media_type="application/octet-stream")
+
+
+async def _text(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def _stream(request: Request) -> Response:
+    return StreamingResponse(_chunks(), media_type="text/plain")
+
+
+async def _boom(request: Request) -> Response:
+    raise RuntimeError("boom")
+
+
+def starlette_app(middleware: type[Any], extra_routes: list[Any], **options: Any) -> Any:
+    routes = [
+        Route("/hook/form", _form, methods=["POST"]),
+        Route("/hook/raw", _raw, methods=["POST"]),
+        Route("/open", _raw, methods=["POST"]),
+        Route("/hook/get", _text),
+        Route("/items/{item_id}", _text),
+        Mount("/api", routes=[Route("/things/{thing_id}", _text)]),
+        Route("/stream", _stream),
+        Route("/boom", _boom),
+        *extra_routes,
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(middleware, **options)])
+
+
+def fastapi_app(middleware: type[Any], extra_routes: list[Any], **options: Any) -> Any:
+    app = FastAPI()
+    app.add_api_route("/hook/form", _form, methods=["POST"])
+    app.add_api_route("/hook/raw", _raw, methods=["POST"])
+    app.add_api_route("/open", _raw, methods=["POST"])
+    app.add_api_route("/hook/get", _text)
+    app.add_api_route("/items/{item_id}", _text)
+    api = APIRouter(prefix="/api")
+
+    @api.get("/things/{thing_id}")
+    async def thing(request: FastAPIRequest) -> Response:
+        return PlainTextResponse("ok")
+
+    app.include_router(api)
+    app.add_api_route("/stream", _stream)
+    app.add_api_route("/boom", _boom)
+    for route in extra_routes:
+        app.router.routes.append(route)
+    app.add_middleware(middleware, **options)
+    return app
+
+
+@post("/hook/form", status_code=200)
+async def _ls_form(request: LitestarRequest[Any, Any, Any]) -> LitestarResponse[bytes]:
+    form = await request.form()
+    body = json.dumps([[k, v] for k, v in form.multi_items()]).encode()
+    return LitestarResponse(body, media_type="application/json")
+
+
+@post(["/hook/raw", "/open"], status_code=200)
+async def _ls_raw(request: LitestarRequest[Any, Any, Any]) -> LitestarResponse[bytes]:
+    return LitestarResponse(await request.body(), media_type="application/octet-stream")
+
+
+@get(["/hook/get", "/items/{item_id:str}"], media_type="text/plain")
+async def _ls_text() -> str:
+    return "ok"
+
+
+@get("/things/{thing_id:str}", media_type="text/plain")
+async def _ls_thing() -> str:
+    return "ok"
+
+
+@get("/stream")
+async def _ls_stream() -> Stream:
+    return Stream(_chunks(), media_type="text/plain")
+
+
+@get("/boom")
+async def _ls_boom() -> None:
+    raise RuntimeError("boom")
+
+
+def litestar_app(middleware: type[Any], extra_routes: list[Any], **options: Any) -> Any:
+    app = Litestar(
+        route_handlers=[
+            _ls_form,
+            _ls_raw,
+            _ls_text,
+            Router("/api", route_handlers=[_ls_thing]),
+            _ls_stream,
+            _ls_boom,
+            *extra_routes,
+        ],
+        debug=False,
+        logging_config=None,
+    )
+    return middleware(app, **options)
+
+
+BUILDERS = {"starlette": starlette_app, "fastapi": fastapi_app, "litestar": litestar_app}
+
+
+def build(
+    framework: str, middleware: type[Any], extra_routes: list[Any] = (), **options: Any
+) -> Any:  # type: ignore[assignment]
+    return BUILDERS[framework](middleware, list(extra_routes), **options)

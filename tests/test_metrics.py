@@ -1,0 +1,204 @@
+"""Prometheus listeners: exact names and labels, get-or-create, cached children."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
+
+from resilient_voice.breaker import BreakerState
+from resilient_voice.events import (
+    BreakerListener,
+    LimiterListener,
+    RetryListener,
+    TransportListener,
+    emit,
+)
+from resilient_voice.failure import FailureKind
+from resilient_voice.metrics import (
+    BreakerMetrics,
+    LimiterMetrics,
+    PrometheusMetrics,
+    RetryMetrics,
+    TransportMetrics,
+)
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_listeners_implement_the_protocols() -> None:
+    metrics = PrometheusMetrics(CollectorRegistry())
+    assert isinstance(metrics.breaker, BreakerListener)
+    assert isinstance(metrics.limiter, LimiterListener)
+    assert isinstance(metrics.retry, RetryListener)
+    assert isinstance(metrics.transport, TransportListener)
+
+
+def test_breaker_state_transitions_and_outcomes() -> None:
+    registry = CollectorRegistry()
+    listener = BreakerMetrics(registry)
+    listeners = (listener,)
+    emit(listeners, "on_success", "twilio", 0.1)
+    emit(listeners, "on_failure", "twilio", RuntimeError("x"), 0.2)
+    emit(listeners, "on_failure", "twilio", None, None)
+    emit(listeners, "on_ignored", "twilio", ValueError("x"))
+    state = "resilient_voice_breaker_state"
+    assert value(registry, state, breaker="twilio", state="closed") == 1.0
+    assert value(registry, state, breaker="twilio", state="open") == 0.0
+    emit(listeners, "on_state_change", "twilio", BreakerState.CLOSED, BreakerState.OPEN)
+    emit(listeners, "on_rejected", "twilio", 4.5)
+    emit(listeners, "on_rejected", "twilio", 3.5)
+    assert value(registry, state, breaker="twilio", state="closed") == 0.0
+    assert value(registry, state, breaker="twilio", state="open") == 1.0
+    assert value(registry, state, breaker="twilio", state="half_open") == 0.0
+    emit(listeners, "on_state_change", "twilio", BreakerState.OPEN, BreakerState.HALF_OPEN)
+    emit(listeners, "on_state_change", "twilio", BreakerState.HALF_OPEN, BreakerState.OPEN)
+    emit(listeners, "on_state_change", "twilio", BreakerState.OPEN, BreakerState.HALF_OPEN)
+    assert value(registry, state, breaker="twilio", state="half_open") == 1.0
+    assert value(registry, state, breaker="twilio", state="open") == 0.0
+    transitions = "resilient_voice_breaker_transitions_total"
+    assert (
+        value(registry, transitions, breaker="twilio", from_state="open", to_state="half_open") == 2
+    )
+    assert value(registry, transitions, breaker="twilio", from_state="closed", to_state="open") == 1
+    calls = "resilient_voice_breaker_calls_total"
+    assert value(registry, calls, breaker="twilio", outcome="success") == 1
+    assert value(registry, calls, breaker="twilio", outcome="failure") == 2
+    assert value(registry, calls, breaker="twilio", outcome="ignored") == 1
+    assert value(registry, calls, breaker="twilio", outcome="rejected") == 2
+
+
+def test_rejection_first_does_not_guess_a_state() -> None:
+    registry = CollectorRegistry()
+    emit((BreakerMetrics(registry),), "on_rejected", "vapi", 1.0)
+    assert value(registry, "resilient_voice_breaker_state", breaker="vapi", state="closed") is None
+
+
+def test_breakers_are_separate_series() -> None:
+    registry = CollectorRegistry()
+    listener = BreakerMetrics(registry)
+    listener.on_state_change("a", BreakerState.CLOSED, BreakerState.OPEN)
+    listener.on_success("b", None)
+    assert value(registry, "resilient_voice_breaker_state", breaker="a", state="open") == 1
+    assert value(registry, "resilient_voice_breaker_state", breaker="b", state="closed") == 1
+    assert value(registry, "resilient_voice_breaker_state", breaker="b", state="open") == 0
+
+
+def test_limiter_metrics_never_label_keys() -> None:
+    registry = CollectorRegistry()
+    listener = LimiterMetrics(registry)
+    listener.on_granted("inbound", "+15550100", 1.0, 0.0)
+    listener.on_granted("inbound", "+15550101", 1.0, 0.3)
+    listener.on_granted("cps", None, 1.0, 0.002)
+    listener.on_rejected("inbound", "+15550100", 1.0, 2.0)
+    listener.on_rejected("inbound", "+15550100", 1.0, None)
+    listener.on_evicted("inbound", "+15550100", False)
+    listener.on_evicted("inbound", "+15550101", True)
+    assert value(registry, "resilient_voice_limiter_granted_total", limiter="inbound") == 2
+    assert value(registry, "resilient_voice_limiter_granted_total", limiter="cps") == 1
+    assert value(registry, "resilient_voice_limiter_rejected_total", limiter="inbound") == 2
+    evicted = "resilient_voice_limiter_evicted_total"
+    assert value(registry, evicted, limiter="inbound", lossy="false") == 1
+    assert value(registry, evicted, limiter="inbound", lossy="true") == 1
+    wait = "resilient_voice_limiter_wait_seconds"
+    assert value(registry, wait + "_count", limiter="inbound") == 2
+    assert value(registry, wait + "_sum", limiter="inbound") == pytest.approx(0.3)
+    assert value(registry, wait + "_bucket", limiter="inbound", le="0.0") == 1
+    labels = {k for m in registry.collect() for s in m.samples for k in s.labels.values()}
+    assert not any("+1555" in label for label in labels)
+
+
+def test_retry_metrics_by_reason() -> None:
+    registry = CollectorRegistry()
+    listener = RetryMetrics(registry)
+    error = RuntimeError("x")
+    for attempt in (1, 2, 3):
+        listener.on_attempt("create_call", attempt, "op-1")
+    listener.on_retry("create_call", 1, 0.5, FailureKind.NOT_SENT, error)
+    listener.on_retry("create_call", 2, 1.0, FailureKind.UNPROCESSED, error)
+    listener.on_retry("create_call", 3, 1.0, FailureKind.UNPROCESSED, error)
+    listener.on_give_up("create_call", 3, FailureKind.PERMANENT, error)
+    listener.on_give_up("create_call", 1, None, error)
+    listener.on_outcome_unknown("create_call", "op-1", error)
+    assert value(registry, "resilient_voice_retry_attempts_total", policy="create_call") == 3
+    retries = "resilient_voice_retry_retries_total"
+    assert value(registry, retries, policy="create_call", reason="not_sent") == 1
+    assert value(registry, retries, policy="create_call", reason="unprocessed") == 2
+    give_ups = "resilient_voice_retry_give_ups_total"
+    assert value(registry, give_ups, policy="create_call", reason="permanent") == 1
+    assert value(registry, give_ups, policy="create_call", reason="unclassified") == 1
+    unknown = "resilient_voice_retry_outcome_unknown_total"
+    assert value(registry, unknown, policy="create_call") == 1
+
+
+def test_transport_metrics() -> None:
+    registry = CollectorRegistry()
+    listener = TransportMetrics(registry)
+    listener.on_request("twilio", "api.twilio.com", "POST", "create_call", "2xx", 0.2, 1)
+    listener.on_request("twilio", "api.twilio.com", "POST", "create_call", "2xx", 0.4, 3)
+    listener.on_request("twilio", "api.twilio.com", "POST", "create_call", "not_sent", 0.1, 1)
+    labels = {
+        "transport": "twilio",
+        "host": "api.twilio.com",
+        "method": "POST",
+        "route": "create_call",
+        "status_class": "2xx",
+    }
+    assert registry.get_sample_value("resilient_voice_http_client_requests_total", labels) == 2
+    assert registry.get_sample_value("resilient_voice_http_client_attempts_total", labels) == 4
+    duration = "resilient_voice_http_client_request_duration_seconds"
+    assert registry.get_sample_value(duration + "_sum", labels) == pytest.approx(0.6)
+    assert registry.get_sample_value(duration + "_count", labels) == 2
+    labels["status_class"] = "not_sent"
+    assert registry.get_sample_value("resilient_voice_http_client_requests_total", labels) == 1
+
+
+def test_many_listeners_share_collectors_without_duplicate_errors() -> None:
+    registry = CollectorRegistry()
+    first = PrometheusMetrics(registry)
+    others = [PrometheusMetrics(registry) for _ in range(5)]
+    assert all(o.breaker.calls is first.breaker.calls for o in others)
+    assert all(o.transport.duration is first.transport.duration for o in others)
+    first.breaker.on_success("x", None)
+    others[-1].breaker.on_success("x", None)
+    calls = "resilient_voice_breaker_calls_total"
+    assert value(registry, calls, breaker="x", outcome="success") == 2
+
+
+def test_default_registry_twice_is_fine() -> None:
+    from prometheus_client import REGISTRY
+
+    PrometheusMetrics()
+    metrics = PrometheusMetrics()
+    assert metrics.registry is REGISTRY
+
+
+def test_children_are_cached() -> None:
+    registry = CollectorRegistry()
+    listener = BreakerMetrics(registry)
+    listener.on_success("x", None)
+    calls: list[tuple[str, ...]] = []
+    original = listener.calls.labels
+
+    def counting(*labels: str) -> object:
+        calls.append(labels)
+        return original(*labels)
+
+    listener.calls.labels = counting  # type: ignore[method-assign]
+    for _ in range(10):
+        listener.on_success("x", None)
+        listener.on_rejected("x", 1.0)
+    assert calls == []
+
+
+def test_incompatible_existing_metric_is_a_clear_error() -> None:
+    registry = CollectorRegistry()
+    Gauge("resilient_voice_breaker_calls", "someone else's", ["name"], registry=registry)
+    with pytest.raises(ValueError, match="resilient_voice_breaker_calls"):
+        BreakerMetrics(registry)
+
+
+def test_registry_type_is_checked() -> None:
+    with pytest.raises(TypeError, match="CollectorRegistry"):
+        PrometheusMetrics(registry="default")  # type: ignore[arg-type]
