@@ -613,6 +613,18 @@ async def test_decorator_counts_and_passes_arguments() -> None:
     assert breaker.state is CLOSED
 
 
+async def test_decorator_success_resets_the_consecutive_count() -> None:
+    breaker = make()
+    decorated_ok, decorated_fail = breaker(ok), breaker(fail)
+    for _ in range(3):
+        for _ in range(2):
+            with pytest.raises(UpstreamError):
+                await decorated_fail()
+        assert await decorated_ok(2) == 2
+    assert breaker.state is CLOSED
+    assert breaker.statistics().consecutive_failures == 0
+
+
 async def test_callable_object_with_async_call_can_be_decorated() -> None:
     class Endpoint:
         async def __call__(self, value: int) -> int:
