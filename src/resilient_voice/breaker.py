@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from resilient_voice import events
+from resilient_voice._breaker_windows import CountWindow, TimeWindow
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.errors import CircuitOpenError, RejectedError
 from resilient_voice.failure import FailureKind, failure_kind_of
@@ -56,9 +57,6 @@ ExceptionMatcher = (
 Classification = Literal["failure", "ignored", "cancelled"]
 """How the breaker treats an exception: count it, let it pass uncounted, or treat it as
 cancellation (neither success nor failure; a probe slot is released)."""
-
-_TIME_BUCKETS: Final = 10
-"""A time-based window is kept as this many buckets, so it slides in steps of a tenth."""
 
 
 class BreakerState(enum.Enum):
@@ -272,80 +270,6 @@ class BreakerStatistics:
     trips: int
 
 
-class _CountWindow:
-    """The outcomes of the last ``size`` calls, with running totals."""
-
-    __slots__ = ("calls", "failures", "index", "ring", "size", "slow")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.ring = [0] * size  # 0: empty slot; bit 1: call; bit 2: failure; bit 4: slow
-        self.index = 0
-        self.calls = 0
-        self.failures = 0
-        self.slow = 0
-
-    def add(self, now: float, failed: bool, slow: bool) -> None:
-        del now
-        old = self.ring[self.index]
-        if old:
-            self.calls -= 1
-            self.failures -= (old >> 1) & 1
-            self.slow -= (old >> 2) & 1
-        self.ring[self.index] = 1 | (2 if failed else 0) | (4 if slow else 0)
-        self.index = (self.index + 1) % self.size
-        self.calls += 1
-        self.failures += failed
-        self.slow += slow
-
-    def expire(self, now: float) -> None:
-        del now
-
-    def clear(self) -> None:
-        self.ring = [0] * self.size
-        self.index = self.calls = self.failures = self.slow = 0
-
-
-class _TimeWindow:
-    """The outcomes of the last ``duration`` seconds, in ``_TIME_BUCKETS`` buckets."""
-
-    __slots__ = ("buckets", "calls", "failures", "slow", "width")
-
-    def __init__(self, duration: float) -> None:
-        self.width = duration / _TIME_BUCKETS
-        self.buckets: list[list[int]] = []  # [bucket number, calls, failures, slow]
-        self.calls = 0
-        self.failures = 0
-        self.slow = 0
-
-    def expire(self, now: float) -> None:
-        oldest = math.floor(now / self.width) - _TIME_BUCKETS + 1
-        buckets = self.buckets
-        while buckets and buckets[0][0] < oldest:
-            _, calls, failures, slow = buckets.pop(0)
-            self.calls -= calls
-            self.failures -= failures
-            self.slow -= slow
-
-    def add(self, now: float, failed: bool, slow: bool) -> None:
-        self.expire(now)
-        number = math.floor(now / self.width)
-        buckets = self.buckets
-        if not buckets or buckets[-1][0] != number:
-            buckets.append([number, 0, 0, 0])
-        bucket = buckets[-1]
-        bucket[1] += 1
-        bucket[2] += failed
-        bucket[3] += slow
-        self.calls += 1
-        self.failures += failed
-        self.slow += slow
-
-    def clear(self) -> None:
-        self.buckets.clear()
-        self.calls = self.failures = self.slow = 0
-
-
 class BreakerRecord:
     """The mutable state of one breaker: what a :class:`BreakerStore` keeps.
 
@@ -379,7 +303,7 @@ class BreakerRecord:
         self.open_until = 0.0
         self.probes: list[float] = []  # grant times of the running probes, oldest first
         self.probe_successes = 0
-        self.window: _CountWindow | _TimeWindow | None = None
+        self.window: CountWindow | TimeWindow | None = None
 
 
 @runtime_checkable
@@ -623,9 +547,9 @@ class CircuitBreaker:
         self._failure_result = config.failure_result
         self._slow_after = config.slow_call_duration
         if config.window_size is not None:
-            self._record.window = _CountWindow(config.window_size)
+            self._record.window = CountWindow(config.window_size)
         elif config.window_duration is not None:
-            self._record.window = _TimeWindow(config.window_duration)
+            self._record.window = TimeWindow(config.window_duration)
         self._fast_eligible = False
         self._timed = False
         self._refresh()
@@ -971,7 +895,7 @@ class CircuitBreaker:
         with contextlib.suppress(ValueError):
             record.probes.remove(permit.granted_at)  # type: ignore[arg-type]
 
-    def _judge(self, record: BreakerRecord, window: _CountWindow | _TimeWindow, now: float) -> None:
+    def _judge(self, record: BreakerRecord, window: CountWindow | TimeWindow, now: float) -> None:
         window.expire(now)
         config = self._config
         calls = window.calls
