@@ -22,7 +22,7 @@ import enum
 import functools
 import inspect
 import math
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
@@ -506,7 +506,7 @@ class CircuitBreaker:
         failure_result: Callable[[Any], bool] | None = None,
         config: BreakerConfig | None = None,
         clock: Clock | None = None,
-        listeners: tuple[events.BreakerListener, ...] | list[events.BreakerListener] = (),
+        listeners: Iterable[events.BreakerListener] = (),
         store: BreakerStore | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
