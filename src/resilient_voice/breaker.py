@@ -1,10 +1,62 @@
-"""Circuit breaker: stop calling an upstream that is failing, and probe it to recover."""
+"""Circuit breaker: stop calling an upstream that is failing, and probe it to recover.
+
+A breaker is built once per upstream at startup and shared by every task that calls it. It is a
+three-state machine (CLOSED, OPEN, HALF_OPEN) whose counters live in a :class:`BreakerRecord`
+held by a :class:`BreakerStore`; the in-memory store is the default, and a shared store (Redis)
+can replace it without touching the state machine.
+
+Every admitted call holds a :class:`BreakerPermit` stamped with the breaker's *epoch*, a number
+bumped on every state change. An outcome reported with a stale epoch (a call that started before
+the breaker opened and finished after) is dropped, so a slow straggler can never flip the state.
+
+The decorator's CLOSED path in the default (consecutive-failures) mode is tuned to cost tens of
+nanoseconds: it reads one flag, captures the epoch and awaits the call; it reads no clock, takes
+no lock and allocates nothing. The other modes and forms pay only for what they use.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
+import functools
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["BreakerState"]
+from resilient_voice import events
+from resilient_voice._breaker_windows import CountWindow, TimeWindow
+from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice.errors import CircuitOpenError, RejectedError
+from resilient_voice.failure import FailureKind, failure_kind_of
+
+__all__ = [
+    "BreakerConfig",
+    "BreakerPermit",
+    "BreakerRecord",
+    "BreakerState",
+    "BreakerStatistics",
+    "BreakerStore",
+    "CircuitBreaker",
+    "Classification",
+    "ExceptionMatcher",
+    "InMemoryBreakerStore",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ExceptionMatcher = (
+    type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
+)
+"""An exception type, a tuple of types, or a predicate on the exception."""
+
+Classification = Literal["failure", "ignored", "cancelled"]
+"""How the breaker treats an exception: count it, let it pass uncounted, or treat it as
+cancellation (neither success nor failure; a probe slot is released)."""
 
 
 class BreakerState(enum.Enum):
@@ -13,3 +65,896 @@ class BreakerState(enum.Enum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+_CLOSED: Final = BreakerState.CLOSED
+_OPEN: Final = BreakerState.OPEN
+_HALF_OPEN: Final = BreakerState.HALF_OPEN
+_IGNORED_KINDS: Final = frozenset({FailureKind.UNPROCESSED, FailureKind.PERMANENT})
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+
+def _positive_float(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _rate(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def _check_matcher(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, type):
+        if not issubclass(value, BaseException):
+            raise TypeError(f"{name}: {value.__name__} is not an exception type")
+        return
+    if isinstance(value, tuple):
+        for item in value:
+            if not (isinstance(item, type) and issubclass(item, BaseException)):
+                raise TypeError(f"{name}: {item!r} is not an exception type")
+        return
+    if not callable(value):
+        raise TypeError(f"{name} must be an exception type, a tuple of them or a predicate")
+
+
+def _compile_matcher(matcher: ExceptionMatcher | None) -> Callable[[BaseException], bool] | None:
+    if matcher is None:
+        return None
+    if isinstance(matcher, type | tuple):
+        types = matcher
+        return lambda exc: isinstance(exc, types)
+    return matcher
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerConfig:
+    """A breaker's configuration, validated when it is built.
+
+    The trip mode follows from the window options: with neither ``window_size`` nor
+    ``window_duration`` the breaker opens after ``failure_threshold`` consecutive failures; with
+    one of them it opens when, over the last ``window_size`` calls or the last
+    ``window_duration`` seconds and once at least ``minimum_calls`` were seen, the failure rate
+    reaches ``failure_rate_threshold`` or the slow-call rate reaches
+    ``slow_call_rate_threshold``.
+
+    Args:
+        failure_threshold: Consecutive failures that open the breaker (consecutive mode).
+        recovery_timeout: Seconds the breaker stays open before admitting a probe.
+        window_size: Count-based window: judge the last this-many calls.
+        window_duration: Time-based window: judge the calls of the last this-many seconds (kept
+            in ten buckets, so the window slides in steps of a tenth of it).
+        failure_rate_threshold: Failure rate in (0, 1] that opens the breaker (window modes).
+        minimum_calls: Calls the window must hold before rates are judged. Defaults to
+            ``window_size`` for a count window and 10 for a time window.
+        slow_call_duration: Calls lasting at least this many seconds are slow (window modes).
+        slow_call_rate_threshold: Slow-call rate in (0, 1] that opens the breaker.
+        half_open_max_calls: Probes allowed to run at once while half-open.
+        success_threshold: Successful probes needed to close the breaker again.
+        max_wait_in_half_open: A probe running longer than this re-opens the breaker (judged on
+            the next ``acquire``; no background task). ``None`` waits forever.
+        backoff_multiplier: Each trip that follows a failed recovery multiplies the open
+            duration by this (1.0: no growth).
+        max_recovery_timeout: Cap on the grown open duration; defaults to ten times
+            ``recovery_timeout``.
+        failure_on: When set, only matching exceptions count as failures; the others are ignored.
+        ignore_on: Matching exceptions never count (this wins over ``failure_on``).
+        failure_result: Predicate on a returned value that makes it count as a failure (for
+            example an HTTP 503 response object).
+
+    Raises:
+        TypeError: An option has the wrong type.
+        ValueError: An option is out of range or options contradict each other.
+    """
+
+    failure_threshold: int = 3
+    recovery_timeout: float = 30.0
+    window_size: int | None = None
+    window_duration: float | None = None
+    failure_rate_threshold: float = 0.5
+    minimum_calls: int | None = None
+    slow_call_duration: float | None = None
+    slow_call_rate_threshold: float = 1.0
+    half_open_max_calls: int = 1
+    success_threshold: int = 1
+    max_wait_in_half_open: float | None = None
+    backoff_multiplier: float = 1.0
+    max_recovery_timeout: float | None = None
+    failure_on: ExceptionMatcher | None = None
+    ignore_on: ExceptionMatcher | None = None
+    failure_result: Callable[[Any], bool] | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("failure_threshold", self.failure_threshold)
+        _positive_float("recovery_timeout", self.recovery_timeout)
+        if self.window_size is not None:
+            _positive_int("window_size", self.window_size)
+        _positive_float("window_duration", self.window_duration, optional=True)
+        if self.window_size is not None and self.window_duration is not None:
+            raise ValueError("set window_size (count window) or window_duration, not both")
+        _rate("failure_rate_threshold", self.failure_rate_threshold)
+        _rate("slow_call_rate_threshold", self.slow_call_rate_threshold)
+        windowed = self.window_size is not None or self.window_duration is not None
+        if self.minimum_calls is not None:
+            _positive_int("minimum_calls", self.minimum_calls)
+            if not windowed:
+                raise ValueError("minimum_calls needs a window (window_size or window_duration)")
+            if self.window_size is not None and self.minimum_calls > self.window_size:
+                raise ValueError(
+                    f"minimum_calls ({self.minimum_calls}) must not exceed "
+                    f"window_size ({self.window_size})"
+                )
+        elif windowed:
+            object.__setattr__(
+                self, "minimum_calls", self.window_size if self.window_size is not None else 10
+            )
+        _positive_float("slow_call_duration", self.slow_call_duration, optional=True)
+        if self.slow_call_duration is not None and not windowed:
+            raise ValueError(
+                "slow_call_duration needs a window (window_size or window_duration) to judge "
+                "the slow-call rate"
+            )
+        _positive_int("half_open_max_calls", self.half_open_max_calls)
+        _positive_int("success_threshold", self.success_threshold)
+        _positive_float("max_wait_in_half_open", self.max_wait_in_half_open, optional=True)
+        multiplier = self.backoff_multiplier
+        if isinstance(multiplier, bool) or not isinstance(multiplier, int | float):
+            raise TypeError("backoff_multiplier must be a number")
+        if not math.isfinite(multiplier) or multiplier < 1.0:
+            raise ValueError(f"backoff_multiplier must be a finite number >= 1, got {multiplier!r}")
+        if self.max_recovery_timeout is None:
+            object.__setattr__(self, "max_recovery_timeout", 10.0 * self.recovery_timeout)
+        else:
+            _positive_float("max_recovery_timeout", self.max_recovery_timeout)
+            if self.max_recovery_timeout < self.recovery_timeout:
+                raise ValueError("max_recovery_timeout must be >= recovery_timeout")
+        _check_matcher("failure_on", self.failure_on)
+        _check_matcher("ignore_on", self.ignore_on)
+        if self.failure_result is not None and not callable(self.failure_result):
+            raise TypeError("failure_result must be a predicate on the returned value")
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the breaker judges a failure rate over a sliding window."""
+        return self.window_size is not None or self.window_duration is not None
+
+
+_DEFAULT_CONFIG: Final = BreakerConfig()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerStatistics:
+    """A snapshot of a breaker, for tests and dashboards.
+
+    Window counts and rates are ``None`` in consecutive mode, which keeps no window.
+
+    Attributes:
+        name: The breaker's name.
+        state: The state now (an OPEN breaker whose timeout ran out is still OPEN until the
+            next call arrives; ``retry_after`` is then 0.0).
+        calls: Calls (successes and failures) in the window.
+        failures: Failures in the window.
+        slow_calls: Slow calls in the window.
+        failure_rate: ``failures / calls`` (0.0 with no calls).
+        slow_call_rate: ``slow_calls / calls`` (0.0 with no calls).
+        consecutive_failures: Failures since the last success in the CLOSED state.
+        half_open_calls: Probes running now.
+        retry_after: Seconds until the breaker admits a probe (0.0 when not OPEN).
+        trips: How many times the breaker opened since it was built.
+    """
+
+    name: str
+    state: BreakerState
+    calls: int | None
+    failures: int | None
+    slow_calls: int | None
+    failure_rate: float | None
+    slow_call_rate: float | None
+    consecutive_failures: int
+    half_open_calls: int
+    retry_after: float
+    trips: int
+
+
+class BreakerRecord:
+    """The mutable state of one breaker: what a :class:`BreakerStore` keeps.
+
+    The state machine reads and changes it synchronously, between awaits, so with the in-memory
+    store no lock is needed. ``fast`` is derived by the breaker (CLOSED and nothing to observe
+    or time) and read by the decorator's fast path.
+    """
+
+    __slots__ = (
+        "consecutive_failures",
+        "consecutive_trips",
+        "epoch",
+        "fast",
+        "open_duration",
+        "open_until",
+        "probe_successes",
+        "probes",
+        "state",
+        "trips",
+        "window",
+    )
+
+    def __init__(self) -> None:
+        self.state = _CLOSED
+        self.epoch = 0
+        self.fast = False
+        self.consecutive_failures = 0
+        self.consecutive_trips = 0
+        self.trips = 0
+        self.open_duration = 0.0
+        self.open_until = 0.0
+        self.probes: list[float] = []  # grant times of the running probes, oldest first
+        self.probe_successes = 0
+        self.window: CountWindow | TimeWindow | None = None
+
+
+@runtime_checkable
+class BreakerStore(Protocol):
+    """Where a breaker's :class:`BreakerRecord` lives.
+
+    The state machine never awaits while it changes the record. ``await load()`` runs before each
+    admission decision so that a shared store can refresh its local copy; ``changed()`` runs
+    after every change so that it can queue the write. The in-memory store does neither, and the
+    breaker skips both calls for it.
+    """
+
+    @property
+    def record(self) -> BreakerRecord:
+        """The record the state machine reads and changes (always the same object)."""
+        ...
+
+    async def load(self) -> None:
+        """Refresh :attr:`record` before an admission decision."""
+        ...
+
+    def changed(self) -> None:
+        """The state machine changed :attr:`record`."""
+        ...
+
+
+class InMemoryBreakerStore:
+    """The default store: the record lives in this process only."""
+
+    __slots__ = ("_record",)
+
+    def __init__(self) -> None:
+        self._record = BreakerRecord()
+
+    @property
+    def record(self) -> BreakerRecord:
+        return self._record
+
+    async def load(self) -> None:
+        return None
+
+    def changed(self) -> None:
+        return None
+
+
+class BreakerPermit:
+    """Admission to make one call, granted by :meth:`CircuitBreaker.acquire`.
+
+    Report exactly one outcome: :meth:`success`, :meth:`failure`, :meth:`ignore` or
+    :meth:`release`. Only the first report counts, so reporting twice (or from a ``finally``
+    after an ``except``) is harmless. Outcomes of a permit granted before the breaker last
+    changed state are dropped.
+
+    Attributes:
+        epoch: The breaker state generation this permit was granted in.
+        probe: Whether this call is a half-open probe.
+    """
+
+    __slots__ = ("_breaker", "_done", "_token", "epoch", "granted_at", "probe", "started")
+
+    def __init__(
+        self, breaker: CircuitBreaker, epoch: int, probe: bool, granted_at: float | None
+    ) -> None:
+        self._breaker = breaker
+        self._done = False
+        self.epoch = epoch
+        self.probe = probe
+        self.granted_at = granted_at
+        self.started = granted_at
+        self._token: contextvars.Token[BreakerPermit | None] | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether an outcome was already reported."""
+        return self._done
+
+    def mark_started(self) -> None:
+        """Start timing the call now (after waiting for a rate limiter, say)."""
+        if self.started is not None:
+            self.started = self._breaker._clock.now()
+
+    def success(self) -> None:
+        """The call succeeded."""
+        if not self._done:
+            self._done = True
+            self._breaker._record_success(self)
+
+    def failure(self, error: BaseException | None = None) -> None:
+        """The call failed; ``error`` is ``None`` when a result predicate decided."""
+        if not self._done:
+            self._done = True
+            self._breaker._record_failure(self, error)
+
+    def ignore(self, error: BaseException) -> None:
+        """The call raised an exception that does not count; frees a probe slot."""
+        if not self._done:
+            self._done = True
+            self._breaker._record_ignored(self, error)
+
+    def release(self) -> None:
+        """The call was cancelled or never made: frees a probe slot, counts nothing."""
+        if not self._done:
+            self._done = True
+            self._breaker._release(self)
+
+    def settle(self, error: BaseException) -> None:
+        """Report ``error`` as the breaker classifies it (failure, ignored or cancelled)."""
+        kind = self._breaker.classify(error)
+        if kind == "failure":
+            self.failure(error)
+        elif kind == "ignored":
+            self.ignore(error)
+        else:
+            self.release()
+
+    def __repr__(self) -> str:
+        return (
+            f"<BreakerPermit breaker={self._breaker.name!r} epoch={self.epoch} "
+            f"probe={self.probe} done={self._done}>"
+        )
+
+
+# The permit held by the innermost ``async with breaker:`` block of the current task. One
+# module-level variable serves every breaker: a permit knows its breaker, and nested blocks
+# restore the outer permit through the token.
+_ACTIVE: contextvars.ContextVar[BreakerPermit | None] = contextvars.ContextVar(
+    "resilient_voice_breaker_permit", default=None
+)
+
+
+class CircuitBreaker:
+    """Stop calling a failing upstream; probe it after a while; close when it recovers.
+
+    Build one per upstream at startup and share it; never build one per call (it would never
+    see more than one failure). Use it as a decorator on async functions, as ``async with
+    breaker:``, or as ``await breaker.call(fn, *args, **kwargs)``; composed code (a policy, a
+    transport) uses :meth:`acquire` and the returned :class:`BreakerPermit`.
+
+    While OPEN every call is refused with :class:`~resilient_voice.CircuitOpenError` (``.breaker``
+    and ``.retry_after``) without running. Once ``recovery_timeout`` has passed, the next call
+    moves the breaker to HALF_OPEN and runs as a probe; at most ``half_open_max_calls`` probes
+    run at once and the others are refused. ``success_threshold`` successful probes close it; a
+    failed (or, with a slow-call rule, slow) probe opens it again, for longer when
+    ``backoff_multiplier`` > 1.
+
+    Exceptions propagate unchanged. By default every exception counts as a failure except
+    :class:`~resilient_voice.RejectedError` (a local rejection) and errors whose
+    :class:`~resilient_voice.FailureKind` is ``UNPROCESSED`` or ``PERMANENT``. Cancellation
+    (and any other ``BaseException`` that is not an ``Exception``) is neither success nor
+    failure and frees a probe slot.
+
+    Args:
+        name: Names the breaker in errors, statistics and listener events.
+        failure_threshold, recovery_timeout, ...: The options of :class:`BreakerConfig`.
+        config: A ready :class:`BreakerConfig` instead of the individual options.
+        clock: Time source (default: the system's monotonic clock).
+        listeners: :class:`~resilient_voice.events.BreakerListener` objects.
+        store: Where the state lives (default: :class:`InMemoryBreakerStore`).
+
+    Raises:
+        TypeError, ValueError: Invalid configuration (see :class:`BreakerConfig`).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_config",
+        "_failure_on",
+        "_failure_result",
+        "_fast_eligible",
+        "_ignore_on",
+        "_listeners",
+        "_local",
+        "_name",
+        "_record",
+        "_slow_after",
+        "_store",
+        "_timed",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 3,
+        recovery_timeout: float = 30.0,
+        window_size: int | None = None,
+        window_duration: float | None = None,
+        failure_rate_threshold: float = 0.5,
+        minimum_calls: int | None = None,
+        slow_call_duration: float | None = None,
+        slow_call_rate_threshold: float = 1.0,
+        half_open_max_calls: int = 1,
+        success_threshold: int = 1,
+        max_wait_in_half_open: float | None = None,
+        backoff_multiplier: float = 1.0,
+        max_recovery_timeout: float | None = None,
+        failure_on: ExceptionMatcher | None = None,
+        ignore_on: ExceptionMatcher | None = None,
+        failure_result: Callable[[Any], bool] | None = None,
+        config: BreakerConfig | None = None,
+        clock: Clock | None = None,
+        listeners: Iterable[events.BreakerListener] = (),
+        store: BreakerStore | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError("name must be a non-empty str")
+        options = BreakerConfig(
+            failure_threshold=failure_threshold,
+            recovery_timeout=recovery_timeout,
+            window_size=window_size,
+            window_duration=window_duration,
+            failure_rate_threshold=failure_rate_threshold,
+            minimum_calls=minimum_calls,
+            slow_call_duration=slow_call_duration,
+            slow_call_rate_threshold=slow_call_rate_threshold,
+            half_open_max_calls=half_open_max_calls,
+            success_threshold=success_threshold,
+            max_wait_in_half_open=max_wait_in_half_open,
+            backoff_multiplier=backoff_multiplier,
+            max_recovery_timeout=max_recovery_timeout,
+            failure_on=failure_on,
+            ignore_on=ignore_on,
+            failure_result=failure_result,
+        )
+        if config is None:
+            config = options
+        elif not isinstance(config, BreakerConfig):
+            raise TypeError("config must be a BreakerConfig")
+        elif options != _DEFAULT_CONFIG:
+            raise TypeError("pass either config= or individual options, not both")
+        self._name = name
+        self._config = config
+        self._clock: Clock = SYSTEM_CLOCK if clock is None else clock
+        self._listeners: tuple[events.BreakerListener, ...] = tuple(listeners)
+        self._store: BreakerStore = InMemoryBreakerStore() if store is None else store
+        self._local = type(self._store) is InMemoryBreakerStore
+        self._record = self._store.record
+        self._failure_on = _compile_matcher(config.failure_on)
+        self._ignore_on = _compile_matcher(config.ignore_on)
+        self._failure_result = config.failure_result
+        self._slow_after = config.slow_call_duration
+        if config.window_size is not None:
+            self._record.window = CountWindow(config.window_size)
+        elif config.window_duration is not None:
+            self._record.window = TimeWindow(config.window_duration)
+        self._fast_eligible = False
+        self._timed = False
+        self._refresh()
+
+    @property
+    def name(self) -> str:
+        """The breaker's name."""
+        return self._name
+
+    @property
+    def config(self) -> BreakerConfig:
+        """The validated configuration."""
+        return self._config
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state (OPEN stays OPEN until a call arrives after the timeout)."""
+        return self._record.state
+
+    def add_listener(self, listener: events.BreakerListener) -> None:
+        """Attach a listener; it sees every event from now on."""
+        self._listeners = (*self._listeners, listener)
+        self._refresh()
+
+    def on_state_change(
+        self, callback: Callable[[str, BreakerState, BreakerState], object]
+    ) -> Callable[[str, BreakerState, BreakerState], object]:
+        """Call ``callback(name, old, new)`` on every state change; usable as a decorator."""
+        self.add_listener(_StateChangeListener(callback))
+        return callback
+
+    def classify(self, error: BaseException) -> Classification:
+        """Say how this breaker treats ``error``.
+
+        Order: a ``BaseException`` that is not an ``Exception`` (cancellation, interrupts) is
+        ``"cancelled"``; ``ignore_on`` matches are ``"ignored"``; so is every
+        :class:`~resilient_voice.RejectedError`; when ``failure_on`` is set its matches are
+        ``"failure"`` and everything else ``"ignored"``; otherwise errors of kind
+        ``UNPROCESSED`` or ``PERMANENT`` are ``"ignored"`` and the rest ``"failure"``.
+        """
+        if not isinstance(error, Exception):
+            return "cancelled"
+        if self._ignore_on is not None and self._ignore_on(error):
+            return "ignored"
+        if isinstance(error, RejectedError):
+            return "ignored"
+        if self._failure_on is not None:
+            return "failure" if self._failure_on(error) else "ignored"
+        if failure_kind_of(error) in _IGNORED_KINDS:
+            return "ignored"
+        return "failure"
+
+    async def acquire(self) -> BreakerPermit:
+        """Ask to make one call; report its outcome on the returned permit.
+
+        With the in-memory store this does not yield to the event loop.
+
+        Raises:
+            CircuitOpenError: The breaker is open, or half-open with every probe slot taken.
+        """
+        if not self._local:
+            await self._store.load()
+        return self._admit()
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an async function so that every call goes through the breaker.
+
+        Raises:
+            TypeError: ``fn`` is not an async function.
+        """
+        if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)):
+            raise TypeError(f"{fn!r} is not an async function")
+        record = self._record
+        fast_error = self._fast_error
+        admit = self._admit
+        acquire = self.acquire
+        run = self._run
+        local = self._local
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            if record.fast:
+                epoch = record.epoch
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    fast_error(exc, epoch)
+                    raise
+                if record.consecutive_failures and record.epoch == epoch:
+                    record.consecutive_failures = 0
+                return result
+            permit = admit() if local else await acquire()
+            return await run(permit, fn, args, kwargs)
+
+        return wrapper
+
+    async def call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await fn(*args, **kwargs)`` through the breaker and return its result.
+
+        Raises:
+            CircuitOpenError: The breaker refused the call; ``fn`` was not called.
+        """
+        record = self._record
+        if record.fast:
+            epoch = record.epoch
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                self._fast_error(exc, epoch)
+                raise
+            if record.consecutive_failures and record.epoch == epoch:
+                record.consecutive_failures = 0
+            return result
+        permit = self._admit() if self._local else await self.acquire()
+        return await self._run(permit, fn, args, kwargs)
+
+    async def __aenter__(self) -> CircuitBreaker:
+        permit = self._admit() if self._local else await self.acquire()
+        permit._token = _ACTIVE.set(permit)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        permit = _ACTIVE.get()
+        if permit is None or permit._token is None:
+            raise RuntimeError("CircuitBreaker.__aexit__ without a matching __aenter__")
+        _ACTIVE.reset(permit._token)
+        permit._token = None
+        if exc is None:
+            permit.success()
+        else:
+            permit.settle(exc)
+
+    def reset(self) -> None:
+        """Close the breaker and forget its counters (the trip count is kept)."""
+        record = self._record
+        old = record.state
+        self._clear_closed(record)
+        self._enter(record, _CLOSED, old)
+
+    def force_open(self, duration: float | None = None) -> None:
+        """Open the breaker now, for ``duration`` seconds or the configured open duration.
+
+        It then recovers like after any trip: the next call after the open period is a probe.
+        """
+        if duration is not None:
+            _positive_float("duration", duration)
+        self._trip(self._clock.now(), duration)
+
+    def statistics(self) -> BreakerStatistics:
+        """A frozen snapshot of the state and counters."""
+        record = self._record
+        window = record.window
+        now = self._clock.now()
+        calls = failures = slow = None
+        failure_rate = slow_rate = None
+        if window is not None:
+            window.expire(now)
+            calls, failures, slow = window.calls, window.failures, window.slow
+            failure_rate = failures / calls if calls else 0.0
+            slow_rate = slow / calls if calls else 0.0
+        retry_after = max(0.0, record.open_until - now) if record.state is _OPEN else 0.0
+        return BreakerStatistics(
+            name=self._name,
+            state=record.state,
+            calls=calls,
+            failures=failures,
+            slow_calls=slow,
+            failure_rate=failure_rate,
+            slow_call_rate=slow_rate,
+            consecutive_failures=record.consecutive_failures,
+            half_open_calls=len(record.probes),
+            retry_after=retry_after,
+            trips=record.trips,
+        )
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self._name!r}, state={self._record.state.value})"
+
+    # The state machine. Nothing below awaits, so with the in-memory store it needs no lock.
+
+    def _refresh(self) -> None:
+        config = self._config
+        self._timed = bool(self._listeners) or config.slow_call_duration is not None
+        self._fast_eligible = (
+            self._local
+            and not self._listeners
+            and not config.windowed
+            and config.failure_result is None
+        )
+        self._record.fast = self._fast_eligible and self._record.state is _CLOSED
+
+    def _admit(self) -> BreakerPermit:
+        record = self._record
+        state = record.state
+        if state is _CLOSED:
+            return BreakerPermit(
+                self, record.epoch, False, self._clock.now() if self._timed else None
+            )
+        now = self._clock.now()
+        if state is _OPEN:
+            if now < record.open_until:
+                raise self._reject(record.open_until - now)
+            record.probes.clear()
+            record.probe_successes = 0
+            self._enter(record, _HALF_OPEN, _OPEN)
+        probes = record.probes
+        max_wait = self._config.max_wait_in_half_open
+        if max_wait is not None and probes and now - probes[0] >= max_wait:
+            self._trip(now)
+            raise self._reject(record.open_until - now)
+        if len(probes) >= self._config.half_open_max_calls:
+            if max_wait is not None:
+                retry_after = max(0.0, probes[0] + max_wait - now)
+            else:
+                retry_after = self._config.recovery_timeout
+            raise self._reject(retry_after)
+        probes.append(now)
+        if not self._local:
+            self._store.changed()
+        return BreakerPermit(self, record.epoch, True, now)
+
+    def _reject(self, retry_after: float) -> CircuitOpenError:
+        if self._listeners:
+            events.emit(self._listeners, "on_rejected", self._name, retry_after)
+        return CircuitOpenError(self._name, retry_after)
+
+    async def _run(
+        self, permit: BreakerPermit, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any
+    ) -> T:
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            permit.settle(exc)
+            raise
+        predicate = self._failure_result
+        if predicate is not None:
+            try:
+                failed = predicate(result)
+            except BaseException:
+                permit.release()
+                raise
+            if failed:
+                permit.failure(None)
+                return result
+        permit.success()
+        return result
+
+    def _fast_error(self, error: BaseException, epoch: int) -> None:
+        # The fast path runs only CLOSED, in consecutive mode, with nothing listening.
+        if self.classify(error) != "failure":
+            return
+        record = self._record
+        if record.epoch != epoch:
+            return
+        record.consecutive_failures += 1
+        if record.consecutive_failures >= self._config.failure_threshold:
+            self._trip(self._clock.now())
+
+    def _duration(self, permit: BreakerPermit, now: float | None) -> float | None:
+        if now is None or permit.started is None:
+            return None
+        return now - permit.started
+
+    def _is_slow(self, duration: float | None) -> bool:
+        return (
+            self._slow_after is not None and duration is not None and duration >= self._slow_after
+        )
+
+    def _record_success(self, permit: BreakerPermit) -> None:
+        record = self._record
+        if permit.epoch != record.epoch:
+            return
+        needs_now = self._timed or record.window is not None
+        now = self._clock.now() if needs_now else None
+        duration = self._duration(permit, now)
+        if self._listeners:
+            events.emit(self._listeners, "on_success", self._name, duration)
+        slow = self._is_slow(duration)
+        if permit.probe:
+            self._remove_probe(record, permit)
+            if slow:
+                self._trip(now if now is not None else self._clock.now())
+                return
+            record.probe_successes += 1
+            if record.probe_successes >= self._config.success_threshold:
+                self._clear_closed(record)
+                self._enter(record, _CLOSED, _HALF_OPEN)
+            elif not self._local:
+                self._store.changed()
+            return
+        record.consecutive_failures = 0
+        window = record.window
+        if window is not None and now is not None:
+            window.add(now, False, slow)
+            self._judge(record, window, now)
+        elif not self._local:
+            self._store.changed()
+
+    def _record_failure(self, permit: BreakerPermit, error: BaseException | None) -> None:
+        record = self._record
+        if permit.epoch != record.epoch:
+            return
+        now = self._clock.now()
+        duration = self._duration(permit, now)
+        if self._listeners:
+            events.emit(self._listeners, "on_failure", self._name, error, duration)
+        if permit.probe:
+            self._remove_probe(record, permit)
+            self._trip(now)
+            return
+        record.consecutive_failures += 1
+        window = record.window
+        if window is not None:
+            window.add(now, True, self._is_slow(duration))
+            self._judge(record, window, now)
+        elif record.consecutive_failures >= self._config.failure_threshold:
+            self._trip(now)
+        elif not self._local:
+            self._store.changed()
+
+    def _record_ignored(self, permit: BreakerPermit, error: BaseException) -> None:
+        if permit.epoch != self._record.epoch:
+            return
+        if self._listeners:
+            events.emit(self._listeners, "on_ignored", self._name, error)
+        self._release(permit)
+
+    def _release(self, permit: BreakerPermit) -> None:
+        record = self._record
+        if permit.probe and permit.epoch == record.epoch:
+            self._remove_probe(record, permit)
+            if not self._local:
+                self._store.changed()
+
+    @staticmethod
+    def _remove_probe(record: BreakerRecord, permit: BreakerPermit) -> None:
+        # A foreign store may have lost the slot already; freeing it twice must not fail.
+        with contextlib.suppress(ValueError):
+            record.probes.remove(permit.granted_at)  # type: ignore[arg-type]
+
+    def _judge(self, record: BreakerRecord, window: CountWindow | TimeWindow, now: float) -> None:
+        window.expire(now)
+        config = self._config
+        calls = window.calls
+        minimum = config.minimum_calls or 1
+        if calls >= minimum and (
+            window.failures / calls >= config.failure_rate_threshold
+            or (
+                self._slow_after is not None
+                and window.slow / calls >= config.slow_call_rate_threshold
+            )
+        ):
+            self._trip(now)
+        elif not self._local:
+            self._store.changed()
+
+    def _trip(self, now: float, duration: float | None = None) -> None:
+        record = self._record
+        old = record.state
+        record.trips += 1
+        record.consecutive_trips += 1
+        if duration is None:
+            config = self._config
+            if record.consecutive_trips == 1 or record.open_duration <= 0.0:
+                duration = config.recovery_timeout
+            else:
+                cap = config.max_recovery_timeout or config.recovery_timeout
+                duration = min(record.open_duration * config.backoff_multiplier, cap)
+        record.open_duration = duration
+        record.open_until = now + duration
+        record.probes.clear()
+        record.probe_successes = 0
+        self._enter(record, _OPEN, old)
+
+    @staticmethod
+    def _clear_closed(record: BreakerRecord) -> None:
+        record.consecutive_failures = 0
+        record.consecutive_trips = 0
+        record.open_duration = 0.0
+        record.open_until = 0.0
+        record.probes.clear()
+        record.probe_successes = 0
+        if record.window is not None:
+            record.window.clear()
+
+    def _enter(self, record: BreakerRecord, new: BreakerState, old: BreakerState) -> None:
+        record.state = new
+        record.epoch += 1
+        record.fast = self._fast_eligible and new is _CLOSED
+        if not self._local:
+            self._store.changed()
+        if self._listeners and new is not old:
+            events.emit(self._listeners, "on_state_change", self._name, old, new)
+
+
+class _StateChangeListener(events.BreakerListener):
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[str, BreakerState, BreakerState], object]) -> None:
+        self._callback = callback
+
+    def on_state_change(self, breaker: str, old: BreakerState, new: BreakerState) -> None:
+        self._callback(breaker, old, new)
