@@ -920,3 +920,32 @@ async def test_a_custom_store_is_loaded_before_decisions_and_told_of_changes() -
         pass
     assert store.record.state is CLOSED
     assert store.writes > writes
+
+
+class _TooManyRequests(Exception):
+    backpressure = True
+
+
+async def test_backpressure_errors_never_trip_the_breaker() -> None:
+    breaker = CircuitBreaker("bp", failure_threshold=1, clock=ManualClock())
+
+    async def busy() -> None:
+        raise _TooManyRequests
+
+    for _ in range(5):
+        with pytest.raises(_TooManyRequests):
+            await breaker.call(busy)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.classify(_TooManyRequests()) == "ignored"
+
+
+async def test_permit_record_result_applies_the_result_predicate() -> None:
+    breaker = CircuitBreaker(
+        "results", failure_threshold=1, failure_result=lambda r: r == 503, clock=ManualClock()
+    )
+    permit = await breaker.acquire()
+    permit.record_result(200)
+    assert breaker.state is BreakerState.CLOSED
+    permit = await breaker.acquire()
+    permit.record_result(503)
+    assert breaker.state is BreakerState.OPEN

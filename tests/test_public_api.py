@@ -15,6 +15,9 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 EXPECTED = [
     "AttemptInfo",
+    "BreakerConfig",
+    "BreakerState",
+    "CircuitBreaker",
     "CircuitOpenError",
     "CorrelationIdFilter",
     "FailureKind",

@@ -35,3 +35,25 @@ async def use_retry() -> int:
     with resilient_voice.correlation_scope() as cid:
         assert isinstance(cid, str)
         return await create_call("+15550100", timeout=2.0) + await retry.call(create_call, "x")
+
+
+breaker = resilient_voice.CircuitBreaker(
+    "twilio", failure_threshold=3, recovery_timeout=30.0, clock=clock
+)
+
+
+@breaker
+async def dial(to: str, *, from_: str) -> dict[str, str]:
+    return {"to": to, "from": from_}
+
+
+async def use_breaker() -> None:
+    call: dict[str, str] = await dial("+15551234567", from_="+15557654321")
+    same: dict[str, str] = await breaker.call(dial, "+1555", from_="+1666")
+    async with breaker:
+        pass
+    permit = await breaker.acquire()
+    permit.mark_started()
+    permit.success()
+    state: resilient_voice.BreakerState = breaker.state
+    del call, same, state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from resilient_voice.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from resilient_voice.correlation import (
     CorrelationIdFilter,
     correlation_scope,
@@ -29,6 +30,9 @@ from resilient_voice.retry import AttemptInfo, RetryBudget, RetryPolicy, current
 
 __all__ = [
     "AttemptInfo",
+    "BreakerConfig",
+    "BreakerState",
+    "CircuitBreaker",
     "CircuitOpenError",
     "CorrelationIdFilter",
     "FailureKind",

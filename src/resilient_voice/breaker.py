@@ -31,7 +31,7 @@ from resilient_voice import events
 from resilient_voice._breaker_windows import CountWindow, TimeWindow
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.errors import CircuitOpenError, RejectedError
-from resilient_voice.failure import FailureKind, failure_kind_of
+from resilient_voice.failure import FailureKind, failure_kind_of, is_backpressure
 
 __all__ = [
     "BreakerConfig",
@@ -409,6 +409,24 @@ class BreakerPermit:
             self._done = True
             self._breaker._release(self)
 
+    def record_result(self, result: object) -> None:
+        """Report a returned value: a failure when the breaker's ``failure_result`` says so.
+
+        Used by compositions (:class:`~resilient_voice.Policy`) that run the call themselves.
+        If the predicate raises, the permit is released and the exception propagates.
+        """
+        predicate = self._breaker._failure_result
+        if predicate is not None:
+            try:
+                failed = predicate(result)
+            except BaseException:
+                self.release()
+                raise
+            if failed:
+                self.failure(None)
+                return
+        self.success()
+
     def settle(self, error: BaseException) -> None:
         """Report ``error`` as the breaker classifies it (failure, ignored or cancelled)."""
         kind = self._breaker.classify(error)
@@ -588,7 +606,8 @@ class CircuitBreaker:
         ``"cancelled"``; ``ignore_on`` matches are ``"ignored"``; so is every
         :class:`~resilient_voice.RejectedError`; when ``failure_on`` is set its matches are
         ``"failure"`` and everything else ``"ignored"``; otherwise errors of kind
-        ``UNPROCESSED`` or ``PERMANENT`` are ``"ignored"`` and the rest ``"failure"``.
+        ``UNPROCESSED`` or ``PERMANENT``, and back-pressure answers (an HTTP 429: the upstream
+        is busy, not sick), are ``"ignored"`` and the rest ``"failure"``.
         """
         if not isinstance(error, Exception):
             return "cancelled"
@@ -598,7 +617,7 @@ class CircuitBreaker:
             return "ignored"
         if self._failure_on is not None:
             return "failure" if self._failure_on(error) else "ignored"
-        if failure_kind_of(error) in _IGNORED_KINDS:
+        if failure_kind_of(error) in _IGNORED_KINDS or is_backpressure(error):
             return "ignored"
         return "failure"
 

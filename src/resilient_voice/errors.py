@@ -70,11 +70,16 @@ class CircuitOpenError(RejectedError):
     """
 
     def __init__(self, breaker: str, retry_after: float) -> None:
-        super().__init__(
-            f"circuit breaker {breaker!r} is open; retry after {retry_after:.3f}s",
-            retry_after=retry_after,
-        )
+        # The message is built only when shown: an open breaker may refuse thousands of calls a
+        # second, and formatting it costs more than the rest of the rejection.
+        Exception.__init__(self, breaker, retry_after)
         self.breaker = breaker
+        self.retry_after: float | None = retry_after
+
+    def __str__(self) -> str:
+        return (
+            f"circuit breaker {self.breaker!r} is open; retry after {self.retry_after or 0.0:.3f}s"
+        )
 
     def __reduce__(self) -> tuple[type[CircuitOpenError], tuple[str, float]]:
         return (type(self), (self.breaker, self.retry_after or 0.0))

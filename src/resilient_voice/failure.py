@@ -29,7 +29,7 @@ import enum
 import math
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Classified", "FailureKind", "failure_kind_of", "retry_after_of"]
+__all__ = ["Classified", "FailureKind", "failure_kind_of", "is_backpressure", "retry_after_of"]
 
 
 class FailureKind(enum.Enum):
@@ -78,3 +78,13 @@ def retry_after_of(obj: object) -> float | None:
     if math.isnan(value) or value < 0.0:  # ignore rather than trust
         return None
     return value
+
+
+def is_backpressure(obj: object) -> bool:
+    """Whether ``obj`` says the upstream pushed back (``obj.backpressure is True``).
+
+    An HTTP 429 means "too many requests from you", not "I am failing": circuit breakers ignore
+    such errors so that pacing problems are handled by limiters and backoff, not by cutting off
+    a healthy upstream.
+    """
+    return getattr(obj, "backpressure", False) is True
