@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 import time
 from collections.abc import Hashable
 
@@ -429,11 +428,6 @@ async def test_system_clock_smoke() -> None:
     for _ in range(5):
         await bucket.acquire()
     assert 0.015 < time.monotonic() - start < 1
-
-
-def test_rate_limited_error_pickles() -> None:
-    error = pickle.loads(pickle.dumps(RateLimitedError("x", 1.5, reason="busy")))
-    assert (error.limiter, error.retry_after, error.reason) == ("x", 1.5, "busy")
 
 
 async def test_buckets_sharing_a_store_share_one_capacity() -> None:

@@ -54,6 +54,12 @@ _GONE = 3
 
 _NEG_INF = -math.inf
 
+# Shared, never-mutated stand-ins for the queue of a bucket nobody waits on: buckets (one per key
+# in a KeyedLimiter) allocate their queue only when someone first has to wait.
+_NO_CLASSES: dict[int, deque[_Waiter]] = {}
+_NO_COSTS: dict[int, float] = {}
+_NO_ORDER: list[int] = []
+
 
 @runtime_checkable
 class BucketStore(Protocol):
@@ -286,15 +292,39 @@ class TokenBucket:
         self._listeners = listeners
         self._key = key
         self._store = store
-        self._store_key = name if key is None else f"{name}:{key!r}"
+        self._store_key = "" if store is None else name if key is None else f"{name}:{key!r}"
         self._full_at = _NEG_INF
         self._waiting = 0
         self._deadlines = 0
         self._granted = 0
         self._rejected = 0
-        self._classes: dict[int, deque[_Waiter]] = {}
-        self._class_cost: dict[int, float] = {}
-        self._order: list[int] = []  # priorities present, ascending (walked in reverse)
+        self._classes = _NO_CLASSES
+        self._class_cost = _NO_COSTS
+        self._order = _NO_ORDER  # priorities present, ascending (walked in reverse)
+
+    def _spawn(self, key: Hashable, listeners: tuple[LimiterListener, ...]) -> TokenBucket:
+        """A fresh in-memory bucket with this one's settings, for ``key`` of a KeyedLimiter."""
+        bucket = TokenBucket.__new__(TokenBucket)
+        bucket._rate = self._rate
+        bucket._burst = self._burst
+        bucket._interval = self._interval
+        bucket._tau = self._tau
+        bucket._clock = self._clock
+        bucket._now = self._now
+        bucket._name = self._name
+        bucket._listeners = listeners
+        bucket._key = key
+        bucket._store = None
+        bucket._store_key = ""
+        bucket._full_at = _NEG_INF
+        bucket._waiting = 0
+        bucket._deadlines = 0
+        bucket._granted = 0
+        bucket._rejected = 0
+        bucket._classes = _NO_CLASSES
+        bucket._class_cost = _NO_COSTS
+        bucket._order = _NO_ORDER
+        return bucket
 
     @property
     def name(self) -> str:
@@ -481,6 +511,10 @@ class TokenBucket:
         return None
 
     def _insert(self, waiter: _Waiter) -> None:
+        if not self._waiting:
+            self._classes = {}
+            self._class_cost = {}
+            self._order = []
         priority = waiter.priority
         queue = self._classes.get(priority)
         if queue is None:
@@ -501,10 +535,10 @@ class TokenBucket:
         if self._waiting:
             self._class_cost[waiter.priority] -= waiter.cost
         else:
-            # Nobody is queued: reset the bookkeeping so float residue cannot accumulate.
-            self._classes.clear()
-            self._class_cost.clear()
-            self._order.clear()
+            # Nobody is queued: drop the bookkeeping so float residue cannot accumulate.
+            self._classes = _NO_CLASSES
+            self._class_cost = _NO_COSTS
+            self._order = _NO_ORDER
 
     def _wake_front(self) -> None:
         front = self._front()
@@ -723,6 +757,12 @@ class KeyedLimiter:
         bucket = buckets.get(key)
         if bucket is None:
             bucket = self._admit(key, tokens)
+            if bucket is None:
+                raise RateLimitedError(
+                    self._name,
+                    max(0.0, self._next_full - self._clock.now()),
+                    reason=f"all {self._max_keys} keyed buckets are busy",
+                )
         else:
             buckets.move_to_end(key)
         await bucket.acquire(tokens, timeout=timeout, deadline=deadline, priority=priority)
@@ -736,9 +776,8 @@ class KeyedLimiter:
         buckets = self._buckets
         bucket = buckets.get(key)
         if bucket is None:
-            try:
-                bucket = self._admit(key, tokens)
-            except RateLimitedError:
+            bucket = self._admit(key, tokens)
+            if bucket is None:
                 return False
         else:
             buckets.move_to_end(key)
@@ -767,40 +806,29 @@ class KeyedLimiter:
             f"keys={len(self._buckets)}, max_keys={self._max_keys})"
         )
 
-    def _admit(self, key: Hashable, tokens: float) -> TokenBucket:
+    def _admit(self, key: Hashable, tokens: float) -> TokenBucket | None:
+        """Make a bucket for a new key, or return ``None`` if it is refused (fail closed)."""
         buckets = self._buckets
-        if len(buckets) >= self._max_keys and not self._evict_full():
+        now = self._clock.now()
+        if len(buckets) >= self._max_keys and not self._evict_full(now):
             if self._on_full == "reject":
-                retry_after = max(0.0, self._next_full - self._clock.now())
                 self._retired_rejected += 1
                 if self._listeners:
+                    retry_after = max(0.0, self._next_full - now)
                     emit(self._listeners, "on_rejected", self._name, key, tokens, retry_after)
-                raise RateLimitedError(
-                    self._name, retry_after, reason=f"all {self._max_keys} keyed buckets are busy"
-                )
+                return None
             old_key, old = buckets.popitem(last=False)
             self._retire(old_key, old, lossy=True)
-        template = self._template
-        bucket = TokenBucket.__new__(TokenBucket)
-        bucket._setup(
-            template._rate,
-            template._burst,
-            template._clock,
-            self._name,
-            self._listeners,
-            key,
-            None,
-        )
+        bucket = self._template._spawn(key, self._listeners)
         buckets[key] = bucket
         # The newcomer may be full again sooner than the buckets seen by the last sweep.
-        soonest = self._clock.now() + template._tau
+        soonest = now + self._template._tau
         self._next_full = min(self._next_full, soonest)
         return bucket
 
-    def _evict_full(self) -> bool:
+    def _evict_full(self, now: float) -> bool:
         """Drop full buckets, oldest first; return whether any room was made."""
         buckets = self._buckets
-        now = self._clock.now()
         oldest_key = next(iter(buckets))
         oldest = buckets[oldest_key]
         if oldest._is_full(now):
