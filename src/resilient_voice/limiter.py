@@ -380,10 +380,10 @@ class TokenBucket:
             ValueError: ``tokens`` out of range, or ``timeout`` negative or NaN.
         """
         cost = self._interval if tokens == 1 else self._cost_of(tokens)
+        now = self._now()
         if timeout is not None or deadline is not None:
-            deadline = self._effective_deadline(timeout, deadline)
+            deadline = self._effective_deadline(timeout, deadline, now)
         if self._store is None and not self._waiting:
-            now = self._now()
             full = self._full_at
             if full + cost - self._tau <= now:
                 self._full_at = (full if full > now else now) + cost
@@ -391,7 +391,7 @@ class TokenBucket:
                 if self._listeners:
                     emit(self._listeners, "on_granted", self._name, self._key, tokens, 0.0)
                 return
-        await self._queue(tokens, cost, deadline, priority)
+        await self._queue(tokens, cost, deadline, priority, now)
 
     async def try_acquire(self, tokens: float = 1) -> bool:
         """Take ``tokens`` if they are available now and nobody is queued; never waits.
@@ -465,11 +465,13 @@ class TokenBucket:
             f"waiters={self._waiting})"
         )
 
-    def _effective_deadline(self, timeout: float | None, deadline: float | None) -> float | None:
+    def _effective_deadline(
+        self, timeout: float | None, deadline: float | None, now: float
+    ) -> float | None:
         if timeout is not None:
             if not timeout >= 0:
                 raise ValueError(f"timeout must be >= 0, got {timeout!r}")
-            by_timeout = self._now() + timeout
+            by_timeout = now + timeout
             if deadline is None or by_timeout < deadline:
                 return by_timeout
         elif deadline is not None and math.isnan(deadline):
@@ -552,11 +554,10 @@ class TokenBucket:
         return RateLimitedError(self._name, retry_after, reason=reason)
 
     async def _queue(
-        self, tokens: float, cost: float, deadline: float | None, priority: int
+        self, tokens: float, cost: float, deadline: float | None, priority: int, arrived: float
     ) -> None:
         if not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {type(priority).__name__}")
-        arrived = self._now()
         if deadline is not None:
             wait = await self._projected_wait(cost, priority)
             if arrived + wait > deadline:
