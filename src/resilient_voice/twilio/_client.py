@@ -543,11 +543,11 @@ class TwilioClient:
         has no such call (yet: a call may take a moment to appear). Twilio's dates have
         one-second precision and its clock is not yours: take ``since`` a few seconds early.
         """
+        if since is not None and since.tzinfo is None:
+            raise check.TwilioValidationError("since", "must be timezone-aware (UTC)")
         calls = await self.list_calls(to=to, from_=from_, limit=limit)
         if since is None:
             return calls
-        if since.tzinfo is None:
-            raise check.TwilioValidationError("since", "must be timezone-aware (UTC)")
         floor = since.replace(microsecond=0)
         return [c for c in calls if c.date_created is None or c.date_created >= floor]
 
