@@ -333,6 +333,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
 
 async def _read_raw(response: httpx.Response) -> bytes:
+    if response.is_stream_consumed:  # an inner transport that already read the body
+        return response.content
     try:
         return b"".join([chunk async for chunk in response.aiter_raw()])
     finally:
