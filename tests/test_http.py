@@ -336,3 +336,23 @@ async def test_attempt_id_and_limiter_key_come_from_request_extensions(
             await http.send(request)
     assert info.value.attempt_id == "attempt-42"
     assert limiter.statistics().keys == 1
+
+
+async def test_without_retry_policy_a_maybe_processed_post_still_raises_outcome_unknown(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    transport = ResilientTransport(Policy())  # no retry policy at all
+    async with client(url, transport) as http:
+        app.faults = [Fault.burst(1, status=502, endpoints="twilio.calls.create")]
+        with pytest.raises(OutcomeUnknownError) as info:
+            await http.post(CALLS, data=CALL_FORM)
+        assert isinstance(info.value.__cause__, UpstreamStatusError)
+        app.faults = [Fault.drop_after(1.0, count=1, endpoints="twilio.calls.create")]
+        with pytest.raises(OutcomeUnknownError) as info:
+            await http.post(CALLS, data=CALL_FORM)
+        assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
+        # Idempotent requests keep the real answer.
+        app.faults = [Fault.burst(1, status=502, endpoints="twilio.calls.list")]
+        assert (await http.get(CALLS)).status_code == 502
+    assert len(app.requests("twilio.calls.create")) == 2

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from resilient_voice.correlation import get_correlation_id
-from resilient_voice.errors import ProviderError
+from resilient_voice.correlation import get_correlation_id, new_attempt_id
+from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.events import TransportListener, emit
-from resilient_voice.failure import FailureKind
+from resilient_voice.failure import FailureKind, failure_kind_of
 from resilient_voice.policy import Policy
 from resilient_voice.retry import parse_retry_after, parse_retry_after_ms
 
@@ -292,21 +292,40 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         listeners = self._listeners
         started = time.perf_counter() if listeners else 0.0
         status_class = "error"
+        attempt_id = request.extensions.get(ATTEMPT_ID_EXTENSION)
+        if not isinstance(attempt_id, str):
+            attempt_id = None
         try:
-            extensions = request.extensions
             response = await policy.run(
                 attempt,
                 idempotent=idempotent,
-                attempt_id=extensions.get(ATTEMPT_ID_EXTENSION),
-                key=extensions.get(LIMITER_KEY_EXTENSION),
+                attempt_id=attempt_id,
+                key=request.extensions.get(LIMITER_KEY_EXTENSION),
             )
         except UpstreamStatusError as exc:
-            # Not retried further and safe to hand back: the client sees the real answer.
             status_class = f"{exc.status // 100}xx"
+            if not idempotent and exc.kind is FailureKind.MAYBE_PROCESSED:
+                # Only reachable without a retry policy (which raises this itself): a 5xx to a
+                # non-idempotent request must not reach an SDK that would re-send it.
+                raise OutcomeUnknownError(
+                    attempt_id or new_attempt_id(), attempts=attempts
+                ) from exc
+            # Not retried further and safe to hand back: the client sees the real answer.
             return exc.response
-        except BaseException as exc:
-            kind = getattr(exc, "failure_kind", None)
-            status_class = kind.value if isinstance(kind, FailureKind) else type(exc).__name__
+        except Exception as exc:
+            kind = failure_kind_of(exc)
+            status_class = kind.value if kind is not None else type(exc).__name__
+            if (
+                not idempotent
+                and kind in (None, FailureKind.MAYBE_PROCESSED)
+                and not isinstance(exc, OutcomeUnknownError)
+            ):
+                raise OutcomeUnknownError(
+                    attempt_id or new_attempt_id(), attempts=attempts
+                ) from exc
+            raise
+        except BaseException:
+            status_class = "cancelled"
             raise
         else:
             status_class = f"{response.status_code // 100}xx"

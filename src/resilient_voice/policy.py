@@ -28,6 +28,7 @@ from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.breaker import BreakerPermit, CircuitBreaker
 from resilient_voice.correlation import new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError
+from resilient_voice.failure import FailureKind
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.retry import RetryPolicy
 
@@ -239,7 +240,10 @@ class Policy:
         if not scope.cancelled_caught:
             return result
         timeout = TimeoutError("operation did not finish within its total timeout")
-        if state.in_flight and not safe:
+        if not state.in_flight:
+            # Cut while waiting (for a token, a bulkhead slot): nothing was sent.
+            timeout.failure_kind = FailureKind.NOT_SENT  # type: ignore[attr-defined]
+        elif not safe:
             raise OutcomeUnknownError(
                 attempt_id or new_attempt_id(),
                 attempts=state.attempts,
