@@ -331,7 +331,10 @@ class VapiClient:
         except OutcomeUnknownError as exc:
             # Re-raised with our attempt id (the one planted in the body) and Vapi's parsed
             # error as the cause; the transport's own error stays as __context__.
-            unknown = self._unknown(attempt_id, exc.attempts, exc.__cause__ or exc)
+            cause = exc.__cause__ or exc
+            if isinstance(cause, UpstreamStatusError):
+                await cause.response.aread()  # in memory already: the transport buffered it
+            unknown = self._unknown(attempt_id, exc.attempts, cause)
             raise unknown from unknown.__cause__
         except httpx.TransportError as exc:
             # Without a retry policy the transport hands a transport error back as is.
