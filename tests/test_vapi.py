@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilient_voice import (
     BreakerState,
@@ -35,6 +38,7 @@ from resilient_voice.vapi import (
     VapiConcurrencyLimitError,
     VapiListener,
     VapiValidationError,
+    attempt_overrides,
     default_policies,
 )
 
@@ -657,3 +661,35 @@ async def test_transport_listeners_are_attached(upstream: Upstream) -> None:
         await vapi.get_assistant(upstream.assistant_id)
         await create(upstream, vapi)
     assert routes == ["vapi.phone_numbers.list", "vapi.assistants.get", "vapi.calls.create"]
+
+
+async def test_default_policies_never_resend_a_lost_create(upstream: Upstream) -> None:
+    upstream.app.faults = [Fault.drop_after(1.0, count=1, reset=True, endpoints="vapi.calls.*")]
+    async with VapiClient(KEY, base_url=upstream.url) as vapi:
+        with pytest.raises(OutcomeUnknownError) as info:
+            await create(upstream, vapi)
+        assert info.value.attempts == 1
+        found = await vapi.reconcile_call(info.value.attempt_id)
+    assert isinstance(info.value.__cause__, httpx.ReadError)
+    assert len(upstream.app.calls("vapi")) == 1
+    assert found is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    user=st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=5), max_size=5),
+    cid=st.none() | st.text("abc123-", min_size=1, max_size=10),
+)
+def test_planting_keeps_every_user_key_but_ours(user: dict[str, Any], cid: str | None) -> None:
+    overrides = {"metadata": user, "variableValues": {"a": 1}}
+    with correlation_scope(cid) if cid else contextlib.nullcontext():
+        attempt, planted = attempt_overrides(overrides, attempt_id="att-1")
+    metadata = planted["metadata"]
+    assert attempt == "att-1"
+    assert metadata["rv_attempt_id"] == "att-1"
+    assert metadata.get("rv_cid") == cid
+    for key, value in user.items():
+        if key not in ("rv_attempt_id", "rv_cid"):
+            assert metadata[key] == value
+    assert planted["variableValues"] == {"a": 1}
+    assert overrides["metadata"] is user
