@@ -693,3 +693,14 @@ def test_planting_keeps_every_user_key_but_ours(user: dict[str, Any], cid: str |
             assert metadata[key] == value
     assert planted["variableValues"] == {"a": 1}
     assert overrides["metadata"] is user
+
+
+def test_public_surface_is_pinned() -> None:
+    import resilient_voice.vapi as module
+
+    assert len(set(module.__all__)) == len(module.__all__) == 26
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if isinstance(obj, type) and name.startswith("Vapi") and "Error" not in name:
+            assert obj.__module__ == "resilient_voice.vapi", name
+    assert module.VapiAPIError is VapiAPIError
