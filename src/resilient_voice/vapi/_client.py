@@ -20,6 +20,7 @@ from resilient_voice.errors import OutcomeUnknownError, VapiAPIError
 from resilient_voice.events import TransportListener, emit
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
+    ATTEMPT_ID_EXTENSION,
     ResilientTransport,
     UpstreamStatusError,
     classify_exception,
@@ -42,7 +43,6 @@ __all__ = ["ATTEMPT_ID_EXTENSION", "DEFAULT_BASE_URL", "VapiClient", "VapiListen
 
 DEFAULT_BASE_URL: Final = "https://api.vapi.ai"
 
-ATTEMPT_ID_EXTENSION: Final = "resilient_voice.attempt_id"
 """``request.extensions`` key carrying the attempt id the client planted in the request body."""
 
 _log = logging.getLogger("resilient_voice.vapi")
