@@ -10,14 +10,21 @@ Routes (identical in all three):
 
 Starlette and FastAPI install the middleware through their own ``middleware`` mechanism; Litestar
 is wrapped at the ASGI level (its ``middleware=`` runs after routing, so 404s would not be seen).
+
+``serve_sync`` runs ``resilient_voice.testing.serve`` from synchronous code (module-scoped
+fixtures shared by both anyio backends), through a blocking portal.
 """
 
 import json
+import ssl
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio.to_thread
+import httpx
+from anyio.from_thread import start_blocking_portal
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as FastAPIRequest
 from litestar import Litestar, Router, get, post
@@ -29,6 +36,8 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
+
+from resilient_voice.testing import serve
 
 FRAMEWORKS = ("starlette", "fastapi", "litestar")
 STREAM_GATE = threading.Event()
@@ -155,3 +164,22 @@ def build(
     framework: str, middleware: type[Any], extra_routes: list[Any] = (), **options: Any
 ) -> Any:  # type: ignore[assignment]
     return BUILDERS[framework](middleware, list(extra_routes), **options)
+
+
+@contextmanager
+def serve_sync(app: Any) -> Iterator[str]:
+    """``resilient_voice.testing.serve`` for synchronous callers: yield the base URL."""
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(serve(app)) as url,
+    ):
+        yield url
+
+
+_SSL = ssl.create_default_context()  # building one per client costs ~0.1 s
+
+
+def http_client(**options: Any) -> httpx.AsyncClient:
+    """An httpx client for loopback servers that reuses one SSL context."""
+    options.setdefault("timeout", 5.0)
+    return httpx.AsyncClient(verify=_SSL, trust_env=False, **options)

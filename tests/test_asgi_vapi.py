@@ -12,11 +12,8 @@ from typing import Any
 
 import pytest
 
-from _apps import FRAMEWORKS, build
-from _uvicorn import http_client, serve
+from _apps import FRAMEWORKS, build, http_client, serve_sync
 from resilient_voice.asgi import VapiWebhookMiddleware
-
-pytestmark = pytest.mark.anyio  # see test_asgi_metrics.py for why this is module-level
 
 SECRET = "vapi-shared-secret"
 BEARER = "vapi-bearer-token"
@@ -50,7 +47,7 @@ def servers() -> Iterator[dict[str, str]]:
                     max_body=4096,
                     clock=lambda: NOW,
                 )
-                self[framework] = stack.enter_context(serve(app))
+                self[framework] = stack.enter_context(serve_sync(app))
                 return self[framework]
 
         yield Lazy()

@@ -12,11 +12,13 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from resilient_voice.asgi._correlation import CorrelationIdMiddleware
     from resilient_voice.asgi._metrics import MetricsMiddleware, make_metrics_app
     from resilient_voice.asgi._twilio import TwilioSignatureMiddleware
     from resilient_voice.asgi._vapi import VapiWebhookMiddleware
 
 __all__ = [
+    "CorrelationIdMiddleware",
     "MetricsMiddleware",
     "TwilioSignatureMiddleware",
     "VapiWebhookMiddleware",
@@ -24,6 +26,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "CorrelationIdMiddleware": "resilient_voice.asgi._correlation",
     "MetricsMiddleware": "resilient_voice.asgi._metrics",
     "make_metrics_app": "resilient_voice.asgi._metrics",
     "TwilioSignatureMiddleware": "resilient_voice.asgi._twilio",
