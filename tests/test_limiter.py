@@ -1,0 +1,546 @@
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Hashable
+
+import anyio
+import pytest
+
+from resilient_voice import RateLimitedError
+from resilient_voice.events import LimiterListener
+from resilient_voice.limiter import (
+    BucketStore,
+    KeyedLimiter,
+    LimiterStatistics,
+    MemoryBucketStore,
+    TokenBucket,
+)
+from resilient_voice.testing import ManualClock
+from resilient_voice.testing._manual_clock import _wait_all_tasks_blocked as settle
+
+
+class Recorder(LimiterListener):
+    def __init__(self) -> None:
+        self.granted: list[tuple[str, Hashable | None, float, float]] = []
+        self.rejected: list[tuple[str, Hashable | None, float, float | None]] = []
+        self.evicted: list[tuple[str, Hashable, bool]] = []
+
+    def on_granted(self, limiter: str, key: Hashable | None, tokens: float, waited: float) -> None:
+        self.granted.append((limiter, key, tokens, waited))
+
+    def on_rejected(
+        self, limiter: str, key: Hashable | None, tokens: float, retry_after: float | None
+    ) -> None:
+        self.rejected.append((limiter, key, tokens, retry_after))
+
+    def on_evicted(self, limiter: str, key: Hashable, lossy: bool) -> None:
+        self.evicted.append((limiter, key, lossy))
+
+
+class CountingClock(ManualClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def now(self) -> float:
+        self.reads += 1
+        return super().now()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"rate": 0}, ValueError),
+        ({"rate": -1}, ValueError),
+        ({"rate": math.nan}, ValueError),
+        ({"rate": math.inf}, ValueError),
+        ({"rate": 1, "burst": 0.5}, ValueError),
+        ({"rate": 1, "burst": math.inf}, ValueError),
+        ({"rate": 1, "burst": math.nan}, ValueError),
+        ({"rate": "10"}, TypeError),
+        ({"rate": True}, TypeError),
+    ],
+)
+def test_bad_configuration_raises_at_construction(
+    kwargs: dict[str, object], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        TokenBucket(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        KeyedLimiter(**kwargs)  # type: ignore[arg-type]
+
+
+def test_keyed_limiter_validates_its_own_options() -> None:
+    with pytest.raises(ValueError, match="max_keys"):
+        KeyedLimiter(1, max_keys=0)
+    with pytest.raises(TypeError, match="max_keys"):
+        KeyedLimiter(1, max_keys=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="on_full"):
+        KeyedLimiter(1, on_full="drop")  # type: ignore[arg-type]
+
+
+# The shared conftest does not combine pytest.mark.parametrize with the backend parameter on
+# async tests, so these loop over their cases.
+async def test_bad_token_counts_raise_instead_of_hanging() -> None:
+    for tokens in [0, -1, math.nan, math.inf, 3.5]:
+        bucket = TokenBucket(1, burst=3, clock=ManualClock())
+        with pytest.raises(ValueError, match="tokens"):
+            await bucket.acquire(tokens)
+        with pytest.raises(ValueError, match="tokens"):
+            await bucket.try_acquire(tokens)
+        keyed = KeyedLimiter(1, burst=3, clock=ManualClock())
+        with pytest.raises(ValueError, match="tokens"):
+            await keyed.acquire("k", tokens)
+
+
+async def test_bad_timeout_raises() -> None:
+    for timeout in [-0.1, math.nan]:
+        bucket = TokenBucket(1, clock=ManualClock())
+        with pytest.raises(ValueError, match="timeout"):
+            await bucket.acquire(timeout=timeout)
+        assert bucket.statistics().granted == 0
+
+
+async def test_burst_then_paced_at_rate() -> None:
+    clock = ManualClock(autojump=True)
+    bucket = TokenBucket(2, burst=3, clock=clock)
+    granted_at = []
+    for _ in range(7):
+        await bucket.acquire()
+        granted_at.append(clock.now())
+    assert granted_at == pytest.approx([0, 0, 0, 0.5, 1.0, 1.5, 2.0])
+
+
+async def test_tokens_refill_exactly_on_the_boundary() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(10, clock=clock)
+    for _ in range(50):
+        assert await bucket.try_acquire()
+        assert not await bucket.try_acquire()
+        clock.advance(0.1)
+
+
+async def test_waiters_are_served_first_come_first_served() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(1, clock=clock)
+    order: list[tuple[int, float]] = []
+
+    async def caller(i: int) -> None:
+        await bucket.acquire()
+        order.append((i, clock.now()))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(6):
+            tg.start_soon(caller, i)
+            await settle()
+        for _ in range(5):
+            clock.advance(1)
+            await settle()
+    assert order == [(i, float(i)) for i in range(6)]
+
+
+async def test_higher_priority_overtakes_queued_work_fifo_within_priority() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(1, clock=clock)
+    await bucket.acquire()
+    order: list[str] = []
+
+    async def caller(label: str, priority: int) -> None:
+        await bucket.acquire(priority=priority)
+        order.append(label)
+
+    async with anyio.create_task_group() as tg:
+        for label, priority in [("bulk1", 0), ("bulk2", 0), ("urgent1", 5), ("mid", 1)]:
+            tg.start_soon(caller, label, priority)
+            await settle()
+        tg.start_soon(caller, "urgent2", 5)
+        await settle()
+        for _ in range(5):
+            clock.advance(1)
+            await settle()
+    assert order == ["urgent1", "urgent2", "mid", "bulk1", "bulk2"]
+
+
+async def test_timeout_refused_at_arrival_without_sleeping() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(1, clock=clock, name="twilio-cps")
+    await bucket.acquire()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(bucket.acquire)  # queued: due at t=1
+        await settle()
+        with anyio.fail_after(5), pytest.raises(RateLimitedError) as info:
+            await bucket.acquire(timeout=1.5)  # would be due at t=2
+        assert info.value.limiter == "twilio-cps"
+        assert info.value.retry_after == pytest.approx(2.0)
+        assert clock.now() == 0.0
+        # Exactly enough time is accepted.
+        tg.start_soon(lambda: bucket.acquire(timeout=2.0))
+        await settle()
+        assert bucket.statistics().waiters == 2
+        clock.advance(1)
+        await settle()
+        clock.advance(1)
+    assert bucket.statistics().rejected == 1
+    assert bucket.statistics().granted == 3
+
+
+async def test_deadline_refused_at_arrival() -> None:
+    clock = ManualClock(10.0)
+    bucket = TokenBucket(4, clock=clock)
+    await bucket.acquire()
+    with pytest.raises(RateLimitedError) as info:
+        await bucket.acquire(deadline=10.2)
+    assert info.value.retry_after == pytest.approx(0.25)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: bucket.acquire(deadline=10.25))
+        await settle()
+        clock.advance(0.25)
+    assert bucket.statistics().granted == 2
+
+
+async def test_pushed_back_waiter_fails_as_soon_as_its_deadline_is_lost() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(1, clock=clock)
+    await bucket.acquire()
+    outcome: list[object] = []
+
+    async def bulk() -> None:
+        try:
+            await bucket.acquire(deadline=2.0)  # due at t=1 on arrival
+        except RateLimitedError as exc:
+            outcome.append(("refused", clock.now(), exc.retry_after))
+        else:
+            outcome.append(("granted", clock.now()))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(bulk)
+        await settle()
+        tg.start_soon(lambda: bucket.acquire(priority=1))  # bulk now due at t=2: still fine
+        await settle()
+        assert outcome == []
+        tg.start_soon(lambda: bucket.acquire(priority=1))  # bulk now due at t=3: lost
+        await settle()
+        # Refused at once, at t=0, not when the deadline passes.
+        assert outcome == [("refused", 0.0, pytest.approx(3.0))]
+        clock.advance(1)
+        await settle()
+        clock.advance(1)
+    assert bucket.statistics().granted == 3
+
+
+async def test_sleeping_front_pushed_back_is_woken_and_refused() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(1, clock=clock)
+    await bucket.acquire()
+    errors: list[RateLimitedError] = []
+
+    async def front() -> None:
+        try:
+            await bucket.acquire(timeout=1.0)
+        except RateLimitedError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(front)
+        await settle()
+        tg.start_soon(lambda: bucket.acquire(priority=3))
+        await settle()
+        assert len(errors) == 1
+        assert clock.now() == 0.0
+        clock.advance(1)
+
+
+async def test_cancelled_waiter_gives_back_its_place_and_others_move_up() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(1, clock=clock)
+    await bucket.acquire()  # t=0
+    granted: dict[str, float] = {}
+
+    async def caller(label: str) -> None:
+        await bucket.acquire()
+        granted[label] = clock.now()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(caller, "front")  # due t=1
+        await settle()
+        with anyio.CancelScope() as doomed:
+            pass
+        middle_scope = anyio.CancelScope()
+
+        async def middle() -> None:
+            with middle_scope:
+                await caller("middle")  # due t=2
+
+        tg.start_soon(middle)
+        await settle()
+        tg.start_soon(caller, "last")  # due t=3
+        await settle()
+        clock.advance(0.5)
+        middle_scope.cancel()
+        await settle()
+        for _ in range(4):
+            clock.advance(0.5)
+            await settle()
+    assert doomed.cancel_called is False
+    assert "middle" not in granted
+    # Without the cancelled waiter, "last" gets the t=2 slot, not t=3.
+    assert granted == {"front": 1.0, "last": 2.0}
+    assert bucket.statistics().waiters == 0
+
+
+async def test_cancelling_the_sleeping_front_moves_the_next_up() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(1, burst=2, clock=clock)
+    await bucket.acquire(2)
+    granted: list[float] = []
+    scope = anyio.CancelScope()
+
+    async def front() -> None:
+        with scope:
+            await bucket.acquire(2)  # due t=2
+
+    async def small() -> None:
+        await bucket.acquire(1)  # behind it: due t=3
+        granted.append(clock.now())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(front)
+        await settle()
+        tg.start_soon(small)
+        await settle()
+        clock.advance(0.5)
+        scope.cancel()
+        await settle()
+        clock.advance(0.5)
+        await settle()
+        assert granted == [1.0]
+    # The cancelled waiter took nothing: the bucket refills as if it never asked.
+    assert bucket.statistics().tokens_available == pytest.approx(0.0)
+    clock.advance(2)
+    assert bucket.statistics().tokens_available == pytest.approx(2.0)
+
+
+async def test_try_acquire_never_waits_and_never_jumps_the_queue() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(1, burst=2, clock=clock)
+    assert await bucket.try_acquire(2)
+    assert not await bucket.try_acquire()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: bucket.acquire(2))  # due t=2
+        await settle()
+        clock.advance(1)
+        await settle()
+        # One token is there, but taking it would delay the queued caller.
+        assert not await bucket.try_acquire()
+        clock.advance(1)
+    stats = bucket.statistics()
+    assert (stats.granted, stats.rejected, stats.waiters) == (2, 2, 0)
+
+
+async def test_decorator_takes_one_token_per_call_and_keeps_the_signature() -> None:
+    clock = ManualClock(autojump=True)
+    bucket = TokenBucket(10, clock=clock)
+
+    @bucket
+    async def send(to: str, *, body: str) -> str:
+        return f"{to}:{body}"
+
+    results = [await send("+15550100", body=str(i)) for i in range(3)]
+    assert results == ["+15550100:0", "+15550100:1", "+15550100:2"]
+    assert send.__name__ == "send"
+    assert clock.now() == pytest.approx(0.2)
+    assert bucket.statistics().granted == 3
+
+
+def test_decorator_refuses_sync_functions() -> None:
+    bucket = TokenBucket(1)
+    with pytest.raises(TypeError, match="async"):
+        bucket(lambda: None)  # type: ignore[arg-type]
+
+
+async def test_statistics_are_a_frozen_snapshot() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(2, burst=4, clock=clock, name="sms")
+    await bucket.acquire(3)
+    stats = bucket.statistics()
+    assert stats == LimiterStatistics("sms", 2.0, 4.0, 1.0, 0, 1, 0)
+    with pytest.raises(AttributeError):
+        stats.granted = 5  # type: ignore[misc]
+    clock.advance(0.75)
+    assert bucket.statistics().tokens_available == pytest.approx(2.5)
+    assert "sms" in repr(bucket)
+
+
+async def test_listeners_see_grants_with_wait_and_rejections() -> None:
+    clock = ManualClock(autojump=True)
+    recorder = Recorder()
+    bucket = TokenBucket(1, clock=clock, name="calls", listeners=[recorder])
+    await bucket.acquire()
+    await bucket.acquire()
+    assert not await bucket.try_acquire()
+    with pytest.raises(RateLimitedError):
+        await bucket.acquire(timeout=0.5)
+    assert recorder.granted == [("calls", None, 1, 0.0), ("calls", None, 1, pytest.approx(1.0))]
+    assert recorder.rejected == [
+        ("calls", None, 1, pytest.approx(1.0)),
+        ("calls", None, 1, pytest.approx(1.0)),
+    ]
+    late = Recorder()
+    bucket.add_listener(late)
+    clock.advance(1)
+    await bucket.acquire()
+    assert len(late.granted) == 1
+
+
+async def test_uncontended_acquire_reads_the_clock_once_and_allocates_no_waiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import resilient_voice.limiter as limiter_module
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("the fast path must not create a waiter, event or scope")
+
+    clock = CountingClock()
+    bucket = TokenBucket(1000, burst=10, clock=clock)
+    monkeypatch.setattr(limiter_module, "_Waiter", forbidden)
+    monkeypatch.setattr(limiter_module.anyio, "Event", forbidden)
+    monkeypatch.setattr(limiter_module.anyio, "CancelScope", forbidden)
+    for _ in range(10):
+        await bucket.acquire()
+    assert clock.reads == 10
+
+
+async def test_waiting_uses_the_injected_clock_only() -> None:
+    clock = ManualClock(autojump=True)
+    bucket = TokenBucket(1 / 3600, clock=clock)  # one per hour
+    start = time.monotonic()
+    await bucket.acquire()
+    await bucket.acquire()
+    assert clock.now() == pytest.approx(3600)
+    assert time.monotonic() - start < 1
+
+
+async def test_system_clock_smoke() -> None:
+    bucket = TokenBucket(200)
+    start = time.monotonic()
+    for _ in range(5):
+        await bucket.acquire()
+    assert 0.015 < time.monotonic() - start < 1
+
+
+async def test_buckets_sharing_a_store_share_one_capacity() -> None:
+    clock = ManualClock(autojump=True)
+    store = MemoryBucketStore(clock=clock)
+    assert isinstance(store, BucketStore)
+    first = TokenBucket(1, clock=clock, name="acct", store=store)
+    second = TokenBucket(1, clock=clock, name="acct", store=store)
+    granted: list[float] = []
+
+    async def caller(bucket: TokenBucket) -> None:
+        await bucket.acquire()
+        granted.append(clock.now())
+
+    assert await first.try_acquire()
+    assert not await second.try_acquire()
+    async with anyio.create_task_group() as tg:
+        for bucket in (first, second, first, second):
+            tg.start_soon(caller, bucket)
+    assert sorted(granted) == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(RateLimitedError):
+        await first.acquire(timeout=0.5)
+
+
+def test_store_must_implement_the_protocol() -> None:
+    with pytest.raises(TypeError, match="BucketStore"):
+        TokenBucket(1, store=object())  # type: ignore[arg-type]
+
+
+async def test_keyed_buckets_are_independent() -> None:
+    clock = ManualClock()
+    limiter = KeyedLimiter(1, burst=2, clock=clock, name="per-sender")
+    assert await limiter.try_acquire("+1555", 2)
+    assert not await limiter.try_acquire("+1555")
+    assert await limiter.try_acquire("+1666")
+    await limiter.acquire("+1666")
+    with pytest.raises(RateLimitedError):
+        await limiter.acquire("+1666", timeout=0.5)
+    stats = limiter.statistics()
+    assert (stats.keys, stats.granted, stats.rejected) == (2, 3, 2)
+
+
+async def test_keyed_limiter_fails_closed_when_every_bucket_is_busy() -> None:
+    clock = ManualClock()
+    recorder = Recorder()
+    limiter = KeyedLimiter(1, clock=clock, max_keys=2, listeners=[recorder], name="ips")
+    await limiter.acquire("a")
+    clock.advance(0.25)
+    await limiter.acquire("b")
+    with pytest.raises(RateLimitedError) as info:
+        await limiter.acquire("c")
+    # "a" is full again at t=1.
+    assert info.value.retry_after == pytest.approx(0.75)
+    assert not await limiter.try_acquire("d")
+    assert len(limiter) == 2
+    clock.advance(0.75)
+    await limiter.acquire("c")  # "a" is full again: dropped losslessly
+    assert limiter.bucket("a") is None
+    assert recorder.evicted == [("ips", "a", False)]
+    stats = limiter.statistics()
+    assert (stats.evicted, stats.evicted_lossy, stats.rejected) == (1, 0, 2)
+
+
+async def test_keyed_limiter_fails_open_when_configured() -> None:
+    clock = ManualClock()
+    recorder = Recorder()
+    limiter = KeyedLimiter(1, clock=clock, max_keys=2, on_full="evict", listeners=[recorder])
+    await limiter.acquire("a")
+    await limiter.acquire("b")
+    assert await limiter.try_acquire("c")
+    assert recorder.evicted == [("keyed_limiter", "a", True)]
+    assert limiter.statistics().evicted_lossy == 1
+    assert len(limiter) == 2
+
+
+async def test_keyed_limiter_evicts_least_recently_used_full_bucket_first() -> None:
+    clock = ManualClock()
+    limiter = KeyedLimiter(1, clock=clock, max_keys=3)
+    for key in "abc":
+        await limiter.acquire(key)
+    clock.advance(5)
+    assert await limiter.try_acquire("a")  # "a" is used again: "b" is now the oldest
+    assert await limiter.try_acquire("d")
+    assert limiter.bucket("b") is None
+    assert limiter.bucket("a") is not None
+
+
+def test_a_million_keys_keep_memory_bounded() -> None:
+    async def main() -> None:
+        clock = ManualClock()
+        limiter = KeyedLimiter(1, max_keys=10_000, clock=clock)
+        peak = 0
+        # Keys arrive every 0.11 ms; a bucket is full again 1 s (~9 100 keys) after its use.
+        for i in range(1_000_000):
+            assert await limiter.try_acquire(i)
+            if i % 1000 == 0:
+                peak = max(peak, len(limiter))
+                clock.advance(0.11)
+        stats = limiter.statistics()
+        assert peak <= 10_000
+        assert stats.keys <= 10_000
+        assert stats.granted == 1_000_000
+        assert stats.evicted_lossy == 0
+        assert stats.evicted >= 990_000
+
+        # A frozen clock: every bucket stays busy, so new keys are refused, cheaply.
+        frozen = KeyedLimiter(1, max_keys=1000, clock=ManualClock())
+        refused = 0
+        for i in range(200_000):
+            refused += not await frozen.try_acquire(i)
+        assert len(frozen) == 1000
+        assert refused == 199_000
+
+    start = time.perf_counter()
+    anyio.run(main)
+    assert time.perf_counter() - start < 20
