@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import time
@@ -11,6 +12,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _apps import FRAMEWORKS, STREAM_GATE, build, http_client, serve_sync
 from resilient_voice.asgi import RateLimitMiddleware, VapiWebhookMiddleware
@@ -413,3 +416,45 @@ async def test_custom_policy_name_in_both_fields() -> None:
 def test_recommended_stack_builds_on_every_framework() -> None:
     for framework in FRAMEWORKS:
         assert build(framework, recommended_stack, rate=1) is not None
+
+
+_HOP = st.one_of(
+    st.ip_addresses().map(str),
+    st.sampled_from(["10.0.0.1", "10.0.0.7", "unknown", "", " ", "1.2.3.4:80", "[::1]"]),
+    st.text(alphabet="0123456789abcdef.:, \t-x", max_size=50),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(hops=st.lists(_HOP, max_size=40), repeated=st.booleans())
+async def test_any_forwarded_for_yields_the_peer_or_an_address_from_the_header(
+    hops: list[str], repeated: bool
+) -> None:
+    middleware = RateLimitMiddleware(
+        ok_app, rate=1000, burst=1000, trusted_proxies=["10.0.0.1", "10.0.0.0/24"]
+    )
+    values = [hop.encode() for hop in hops] if repeated else [", ".join(hops).encode()]
+    headers = [(b"x-forwarded-for", value) for value in values]
+    status, _ = await run(middleware, scope(client=("10.0.0.1", 1), headers=headers))
+    assert status == 200
+    limiter = middleware.limiters["*"]
+    entries = [part for value in values for part in value.decode().split(",")]
+    assert len(limiter) == 1
+    assert any(limiter.bucket(key) is not None for key in {"10.0.0.1", *map(_norm, entries)})
+    if entries and _is_untrusted_address(_norm(entries[-1])):
+        assert limiter.bucket(_norm(entries[-1])) is not None  # what the trusted proxy saw
+
+
+def _is_untrusted_address(text: str) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return address not in ipaddress.ip_network("10.0.0.0/24")
+
+
+def _norm(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip(" \t")))
+    except ValueError:
+        return text
