@@ -57,3 +57,28 @@ async def use_breaker() -> None:
     permit.success()
     state: resilient_voice.BreakerState = breaker.state
     del call, same, state
+
+
+bucket = resilient_voice.TokenBucket(10, burst=2, clock=clock, name="twilio-cps")
+keyed = resilient_voice.KeyedLimiter(1, burst=3, max_keys=1000, on_full="evict")
+
+
+@bucket
+async def send(to: str, *, body: str) -> int:
+    return len(body)
+
+
+policy = resilient_voice.Policy(
+    breaker=breaker, limiter=bucket, retry=retry, timeout=5.0, total_timeout=20.0
+)
+
+
+@policy
+async def place(to: str) -> str:
+    return to
+
+
+async def use_policy() -> str:
+    sent: int = await send("+15550100", body="hi")
+    del sent
+    return await place("+15550100") + await policy.call(place, "+15550101")

@@ -7,7 +7,7 @@ third-party packages on first use, so ``import resilient_voice`` stays light.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resilient_voice.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from resilient_voice.correlation import (
@@ -26,7 +26,12 @@ from resilient_voice.errors import (
     WebhookVerificationError,
 )
 from resilient_voice.failure import FailureKind
+from resilient_voice.limiter import KeyedLimiter, TokenBucket
+from resilient_voice.policy import Policy
 from resilient_voice.retry import AttemptInfo, RetryBudget, RetryPolicy, current_attempt
+
+if TYPE_CHECKING:
+    from resilient_voice.http import ResilientTransport
 
 __all__ = [
     "AttemptInfo",
@@ -36,13 +41,17 @@ __all__ = [
     "CircuitOpenError",
     "CorrelationIdFilter",
     "FailureKind",
+    "KeyedLimiter",
     "OutcomeUnknownError",
+    "Policy",
     "ProviderError",
     "RateLimitedError",
     "RejectedError",
+    "ResilientTransport",
     "ResilientVoiceError",
     "RetryBudget",
     "RetryPolicy",
+    "TokenBucket",
     "WebhookVerificationError",
     "correlation_scope",
     "current_attempt",
@@ -52,7 +61,7 @@ __all__ = [
 
 # Names served on first access so that importing the package does not import their modules'
 # optional dependencies (httpx for the transport).
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {"ResilientTransport": "resilient_voice.http"}
 
 
 def __getattr__(name: str) -> Any:

@@ -587,6 +587,12 @@ class CircuitBreaker:
         """The current state (OPEN stays OPEN until a call arrives after the timeout)."""
         return self._record.state
 
+    def _adopt_clock(self, clock: Clock) -> None:
+        """Use ``clock`` when this breaker was built without one (a :class:`Policy` passes its
+        clock down so that every part of a composition measures time the same way)."""
+        if self._clock is SYSTEM_CLOCK:
+            self._clock = clock
+
     def add_listener(self, listener: events.BreakerListener) -> None:
         """Attach a listener; it sees every event from now on."""
         self._listeners = (*self._listeners, listener)

@@ -302,6 +302,15 @@ class TokenBucket:
         self._class_cost = _NO_COSTS
         self._order = _NO_ORDER  # priorities present, ascending (walked in reverse)
 
+    def _adopt_clock(self, clock: Clock) -> None:
+        """Use ``clock`` when this bucket was built without one (see :class:`Policy`)."""
+        if self._clock is SYSTEM_CLOCK:
+            self._clock = clock
+            self._now = clock.now
+            store = self._store
+            if isinstance(store, MemoryBucketStore) and store._clock is SYSTEM_CLOCK:
+                store._clock = clock
+
     def _spawn(self, key: Hashable, listeners: tuple[LimiterListener, ...]) -> TokenBucket:
         """A fresh in-memory bucket with this one's settings, for ``key`` of a KeyedLimiter."""
         bucket = TokenBucket.__new__(TokenBucket)
@@ -725,6 +734,14 @@ class KeyedLimiter:
     def name(self) -> str:
         """The limiter's name."""
         return self._name
+
+    def _adopt_clock(self, clock: Clock) -> None:
+        """Use ``clock`` when this limiter was built without one (see :class:`Policy`)."""
+        if self._clock is SYSTEM_CLOCK:
+            self._clock = clock
+            self._template._adopt_clock(clock)
+            for bucket in self._buckets.values():
+                bucket._adopt_clock(clock)
 
     def add_listener(self, listener: LimiterListener) -> None:
         """Attach a listener to the limiter and every bucket it holds."""

@@ -366,6 +366,11 @@ class RetryPolicy:
         """The clock this policy measures and sleeps on."""
         return self._clock
 
+    def _adopt_clock(self, clock: Clock) -> None:
+        """Use ``clock`` when this policy was built without one (see :class:`Policy`)."""
+        if self._clock is SYSTEM_CLOCK:
+            self._clock = clock
+
     def add_listener(self, listener: RetryListener) -> None:
         """Attach a :class:`~resilient_voice.events.RetryListener`."""
         if not isinstance(listener, RetryListener):

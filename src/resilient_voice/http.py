@@ -1,0 +1,373 @@
+"""ResilientTransport: any httpx-based client gains breaker, limiter, safe retries, correlation.
+
+``httpx.AsyncClient(transport=ResilientTransport(policy))`` is the whole integration; official
+SDKs that accept an httpx client (Vapi's) or an HTTP client class built on httpx (our Twilio
+adapter) get the same protection.
+
+How a result maps onto :class:`~resilient_voice.FailureKind` (the table is tested row by row):
+
+=====================================================  =================
+httpx exception or response                            kind
+=====================================================  =================
+``ConnectError``, ``ConnectTimeout``, ``PoolTimeout``  NOT_SENT
+``ProxyError``, ``LocalProtocolError``                 NOT_SENT
+``UnsupportedProtocol``, ``TooManyRedirects``          PERMANENT
+``ReadTimeout``, ``WriteTimeout``, ``ReadError``       MAYBE_PROCESSED
+``WriteError``, ``CloseError``, ``RemoteProtocolError``  MAYBE_PROCESSED
+``DecodingError``, any other ``TransportError``        MAYBE_PROCESSED
+1xx, 2xx, 3xx                                          success
+a status in the route's ``unprocessed_statuses``       UNPROCESSED
+429 elsewhere, 408, 5xx                                MAYBE_PROCESSED
+other 4xx                                              PERMANENT
+=====================================================  =================
+
+A write error is ``MAYBE_PROCESSED`` because part of the request may have been delivered and the
+client cannot tell how much; only failures that provably happen before the first byte leaves
+(connecting, waiting for a pooled connection) are ``NOT_SENT``. 429 is ``UNPROCESSED`` only where
+the provider documents it (Twilio's REST API); elsewhere the safe assumption is that it may have
+been processed.
+
+For the circuit breaker, 5xx answers and transport errors are failures; 429 is back-pressure,
+not sickness, and never trips it; other 4xx are the caller's errors and are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+from resilient_voice.correlation import get_correlation_id, new_attempt_id
+from resilient_voice.errors import OutcomeUnknownError, ProviderError
+from resilient_voice.events import TransportListener, emit
+from resilient_voice.failure import FailureKind, failure_kind_of
+from resilient_voice.policy import Policy
+from resilient_voice.retry import parse_retry_after, parse_retry_after_ms
+
+__all__ = [
+    "ATTEMPT_ID_EXTENSION",
+    "IDEMPOTENT_EXTENSION",
+    "IDEMPOTENT_METHODS",
+    "LIMITER_KEY_EXTENSION",
+    "ResilientTransport",
+    "Route",
+    "UpstreamStatusError",
+    "classify_exception",
+    "classify_status",
+]
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+"""Methods that RFC 9110 defines as idempotent: repeating them has no further effect."""
+
+IDEMPOTENT_EXTENSION = "resilient_voice.idempotent"
+"""``request.extensions`` key: set it to True to declare one request safe to repeat."""
+
+ATTEMPT_ID_EXTENSION = "resilient_voice.attempt_id"
+"""``request.extensions`` key: the operation's attempt id (shared by its retries).
+
+A typed client that plants the id in the request body (for later reconciliation) sets it here
+too, so an :class:`~resilient_voice.OutcomeUnknownError` carries the same id.
+"""
+
+LIMITER_KEY_EXTENSION = "resilient_voice.limiter_key"
+"""``request.extensions`` key: the bucket key when the route's policy has a KeyedLimiter."""
+
+_NOT_SENT_ERRORS: tuple[type[Exception], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+    httpx.LocalProtocolError,
+)
+_PERMANENT_ERRORS: tuple[type[Exception], ...] = (httpx.UnsupportedProtocol, httpx.TooManyRedirects)
+
+
+def classify_exception(exc: BaseException) -> FailureKind:
+    """Map an httpx exception onto a :class:`FailureKind` (see the module table)."""
+    if isinstance(exc, _NOT_SENT_ERRORS):
+        return FailureKind.NOT_SENT
+    if isinstance(exc, _PERMANENT_ERRORS):
+        return FailureKind.PERMANENT
+    return FailureKind.MAYBE_PROCESSED
+
+
+def classify_status(status: int, unprocessed: frozenset[int] = frozenset()) -> FailureKind | None:
+    """Map an HTTP status onto a :class:`FailureKind`; ``None`` means success."""
+    if status < 400:
+        return None
+    if status in unprocessed:
+        return FailureKind.UNPROCESSED
+    if status >= 500 or status in (408, 429):
+        return FailureKind.MAYBE_PROCESSED
+    return FailureKind.PERMANENT
+
+
+class UpstreamStatusError(ProviderError):
+    """An error status seen by the transport; carries the (fully read) response.
+
+    Raised between attempts so the retry policy can judge it. When the operation is not retried
+    further, the transport returns ``response`` to the client unchanged, except for a
+    non-idempotent request that may have been processed: then the client gets
+    :class:`~resilient_voice.OutcomeUnknownError` chained to this error.
+    """
+
+    def __init__(self, response: httpx.Response, kind: FailureKind, retry_after: float | None):
+        request = response.request
+        super().__init__(
+            response.status_code,
+            None,
+            f"{request.method} {request.url.host}{request.url.path} answered "
+            f"{response.status_code} {response.reason_phrase}",
+            kind,
+            retry_after=retry_after,
+        )
+        self.response = response
+        # 429 means "slow down", not "I am broken": the breaker must not trip on it.
+        self.backpressure = response.status_code == 429
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Settings for the requests that match a host, method and path pattern.
+
+    Args:
+        name: A short, bounded label used in metrics and logs (never the raw path).
+        path: A regular expression matched (``fullmatch``) against the URL path, or ``None``
+            for any path.
+        methods: Upper-case methods this route applies to; empty for any.
+        host: Exact host name, or ``None`` for any.
+        policy: The policy for these requests; ``None`` uses the transport's default.
+        unprocessed_statuses: Statuses the provider documents as "not processed" on this
+            route (Twilio's 429), so that even non-idempotent requests retry them.
+        honours_idempotency_key: Whether the upstream deduplicates requests that carry the
+            transport's idempotency-key header on this route. Twilio's Calls/Messages and
+            Vapi's ``POST /call`` do not: a key header there changes nothing.
+        idempotent: Force the idempotency decision for this route (``None``: decide from the
+            method, the key header and the request extension).
+    """
+
+    name: str
+    path: str | None = None
+    methods: frozenset[str] = frozenset()
+    host: str | None = None
+    policy: Policy | None = None
+    unprocessed_statuses: frozenset[int] = frozenset()
+    honours_idempotency_key: bool = False
+    idempotent: bool | None = None
+    _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError("a route needs a non-empty name")
+        object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
+        object.__setattr__(self, "unprocessed_statuses", frozenset(self.unprocessed_statuses))
+        for status in self.unprocessed_statuses:
+            if not 400 <= status <= 599:
+                raise ValueError(f"unprocessed status must be an HTTP error status, got {status}")
+        if self.path is not None:
+            try:
+                object.__setattr__(self, "_pattern", re.compile(self.path))
+            except re.error as exc:
+                raise ValueError(f"route {self.name!r}: invalid path pattern: {exc}") from exc
+
+    def matches(self, method: str, host: str, path: str) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if self.host is not None and host != self.host:
+            return False
+        return self._pattern is None or self._pattern.fullmatch(path) is not None
+
+
+class ResilientTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that applies a :class:`Policy` to every request.
+
+    Args:
+        policy: The default policy for requests no route claims.
+        transport: The transport that really sends (default ``httpx.AsyncHTTPTransport()``).
+        routes: Per (host, method, path) settings, first match wins.
+        name: A label for listeners and metrics.
+        idempotency_key_header: The header that makes a request idempotent on routes that
+            honour it.
+        correlation_header: Header set from the current correlation id when absent; ``None``
+            to disable.
+        listeners: :class:`~resilient_voice.events.TransportListener` instances.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        routes: Iterable[Route] = (),
+        name: str = "http",
+        idempotency_key_header: str = "Idempotency-Key",
+        correlation_header: str | None = "X-Correlation-ID",
+        listeners: Iterable[TransportListener] = (),
+    ) -> None:
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
+        self._policy = policy
+        self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+        self._routes: tuple[Route, ...] = tuple(routes)
+        for route in self._routes:
+            if not isinstance(route, Route):
+                raise TypeError(f"routes must be Route instances, got {type(route).__name__}")
+        self._default_route = Route(name="default")
+        self._name = name
+        self._key_header = idempotency_key_header.lower()
+        self._correlation_header = correlation_header
+        self._listeners: tuple[TransportListener, ...] = tuple(listeners)
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def routes(self) -> Sequence[Route]:
+        return self._routes
+
+    def add_listener(self, listener: TransportListener) -> None:
+        self._listeners = (*self._listeners, listener)
+
+    def route_for(self, request: httpx.Request) -> Route:
+        """The first route matching ``request``, or the default route."""
+        url = request.url
+        method = request.method
+        for route in self._routes:
+            if route.matches(method, url.host, url.path):
+                return route
+        return self._default_route
+
+    def _is_idempotent(self, request: httpx.Request, route: Route) -> bool:
+        flag = request.extensions.get(IDEMPOTENT_EXTENSION)
+        if isinstance(flag, bool):
+            return flag
+        if route.idempotent is not None:
+            return route.idempotent
+        if request.method in IDEMPOTENT_METHODS:
+            return True
+        return route.honours_idempotency_key and self._key_header in request.headers
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        route = self.route_for(request)
+        policy = route.policy if route.policy is not None else self._policy
+        idempotent = self._is_idempotent(request, route)
+        header = self._correlation_header
+        if header is not None and header not in request.headers:
+            cid = get_correlation_id()
+            if cid is not None:
+                request.headers[header] = cid
+        if not isinstance(request.stream, httpx.ByteStream):
+            # A retry must be able to send the body again.
+            await request.aread()
+        unprocessed = route.unprocessed_statuses
+        inner = self._transport
+        attempts = 0
+
+        async def attempt() -> httpx.Response:
+            nonlocal attempts
+            attempts += 1
+            try:
+                response = await inner.handle_async_request(request)
+            except httpx.TransportError as exc:
+                exc.failure_kind = classify_exception(exc)  # type: ignore[attr-defined]
+                raise
+            kind = classify_status(response.status_code, unprocessed)
+            if kind is None:
+                return response
+            raw = await _read_raw(response)
+            failed = httpx.Response(
+                response.status_code,
+                headers=response.headers,
+                stream=httpx.ByteStream(raw),
+                extensions=response.extensions,
+                request=request,
+            )
+            raise UpstreamStatusError(failed, kind, _retry_after(failed.headers))
+
+        listeners = self._listeners
+        started = time.perf_counter() if listeners else 0.0
+        status_class = "error"
+        attempt_id = request.extensions.get(ATTEMPT_ID_EXTENSION)
+        if not isinstance(attempt_id, str):
+            attempt_id = None
+        try:
+            response = await policy.run(
+                attempt,
+                idempotent=idempotent,
+                attempt_id=attempt_id,
+                key=request.extensions.get(LIMITER_KEY_EXTENSION),
+            )
+        except UpstreamStatusError as exc:
+            status_class = f"{exc.status // 100}xx"
+            if not idempotent and exc.kind is FailureKind.MAYBE_PROCESSED:
+                # Only reachable without a retry policy (which raises this itself): a 5xx to a
+                # non-idempotent request must not reach an SDK that would re-send it.
+                raise OutcomeUnknownError(
+                    attempt_id or new_attempt_id(), attempts=attempts
+                ) from exc
+            # Not retried further and safe to hand back: the client sees the real answer.
+            return exc.response
+        except Exception as exc:
+            kind = failure_kind_of(exc)
+            status_class = kind.value if kind is not None else type(exc).__name__
+            if (
+                not idempotent
+                and kind in (None, FailureKind.MAYBE_PROCESSED)
+                and not isinstance(exc, OutcomeUnknownError)
+            ):
+                raise OutcomeUnknownError(
+                    attempt_id or new_attempt_id(), attempts=attempts
+                ) from exc
+            raise
+        except BaseException:
+            status_class = "cancelled"
+            raise
+        else:
+            status_class = f"{response.status_code // 100}xx"
+            return response
+        finally:
+            if listeners:
+                emit(
+                    listeners,
+                    "on_request",
+                    self._name,
+                    request.url.host,
+                    request.method,
+                    route.name,
+                    status_class,
+                    time.perf_counter() - started,
+                    attempts,
+                )
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    def __repr__(self) -> str:
+        return f"ResilientTransport(name={self._name!r}, routes={len(self._routes)})"
+
+
+async def _read_raw(response: httpx.Response) -> bytes:
+    if response.is_stream_consumed:  # an inner transport that already read the body
+        return response.content
+    try:
+        return b"".join([chunk async for chunk in response.aiter_raw()])
+    finally:
+        await response.aclose()
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        parsed = parse_retry_after_ms(value)
+        if parsed is not None:
+            return parsed
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    parsed = parse_retry_after(value)
+    return parsed if parsed is not None and math.isfinite(parsed) else None

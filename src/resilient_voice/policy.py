@@ -1,0 +1,349 @@
+"""Policy: the one documented way to compose the primitives around a call.
+
+Order, outermost first (see docs/policy.md for the reasons)::
+
+    total timeout > retry > breaker > limiter > bulkhead > per-attempt timeout > the call
+
+- The total timeout bounds everything, sleeps between attempts included.
+- Each retry attempt takes a breaker permit first, so an open breaker rejects before a token is
+  spent: a token stands for a request the upstream will count, and a rejected attempt sends none.
+- Then the attempt pays a token: the upstream counts every attempt, retries included, so pacing
+  must too.
+- The bulkhead (a concurrency cap) sits inside the limiter so that waiting for a slot never holds a
+  token's time window hostage, and the breaker's timer starts only after both waits: the breaker
+  judges the upstream, not our own queues.
+- The per-attempt timeout is innermost, around the call alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Awaitable, Callable, Hashable
+from typing import ParamSpec, TypeVar
+
+import anyio
+
+from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice.breaker import BreakerPermit, CircuitBreaker
+from resilient_voice.correlation import new_attempt_id
+from resilient_voice.errors import OutcomeUnknownError
+from resilient_voice.failure import FailureKind
+from resilient_voice.limiter import KeyedLimiter, TokenBucket
+from resilient_voice.retry import RetryPolicy
+
+__all__ = ["Policy"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+KeyFunction = Callable[..., Hashable]
+
+
+def _check_timeout(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+class Policy:
+    """Compose a breaker, a limiter, retries, timeouts and a bulkhead around async calls.
+
+    Build one per upstream operation at startup and share it; every part is optional::
+
+        twilio_calls = Policy(
+            breaker=CircuitBreaker("twilio"),
+            limiter=TokenBucket(rate=1.0),          # the account's calls per second
+            retry=RetryPolicy(max_attempts=3),
+            timeout=10.0,                           # per attempt
+            total_timeout=30.0,                     # whole operation, sleeps included
+        )
+
+        @twilio_calls
+        async def place_call(to: str) -> str: ...
+
+    Args:
+        breaker: Circuit breaker consulted before every attempt.
+        limiter: A :class:`TokenBucket`, or a :class:`KeyedLimiter` together with ``key``.
+        key: For a keyed limiter: a function of the call's arguments returning the bucket key
+            (for example the sender number). Without it, every :meth:`run` must pass ``key=``
+            (the httpx transport takes it from the request's extensions).
+        retry: Retry policy; without one the operation is attempted once.
+        timeout: Seconds allowed for each attempt (the call only, not the waits before it).
+        total_timeout: Seconds allowed for the whole operation; when the retry policy sets one
+            too, the smaller wins.
+        max_concurrency: Cap on attempts in flight at once (a bulkhead).
+        idempotent: Whether the wrapped operation may safely run twice. Decides whether a
+            failure that may have been processed is retried or raised as
+            :class:`OutcomeUnknownError`.
+        clock: Clock on which timeouts are measured; defaults to the system clock.
+
+    Raises:
+        TypeError, ValueError: Invalid configuration, at construction.
+    """
+
+    __slots__ = (
+        "_breaker",
+        "_bulkhead",
+        "_clock",
+        "_idempotent",
+        "_key",
+        "_keyed",
+        "_limiter",
+        "_retry",
+        "_timeout",
+        "_total_timeout",
+    )
+
+    def __init__(
+        self,
+        *,
+        breaker: CircuitBreaker | None = None,
+        limiter: TokenBucket | KeyedLimiter | None = None,
+        key: KeyFunction | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        total_timeout: float | None = None,
+        max_concurrency: int | None = None,
+        idempotent: bool = False,
+        clock: Clock | None = None,
+    ) -> None:
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise TypeError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
+        if limiter is not None and not isinstance(limiter, TokenBucket | KeyedLimiter):
+            raise TypeError(
+                f"limiter must be a TokenBucket or KeyedLimiter, got {type(limiter).__name__}"
+            )
+        if key is not None and not isinstance(limiter, KeyedLimiter):
+            raise ValueError("key= only applies to a KeyedLimiter")
+        if key is not None and not callable(key):
+            raise TypeError("key must be callable")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool)
+            or not isinstance(max_concurrency, int)
+            or max_concurrency < 1
+        ):
+            raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
+        if not isinstance(idempotent, bool):
+            raise TypeError("idempotent must be a bool")
+        self._breaker = breaker
+        self._limiter = limiter
+        self._keyed = isinstance(limiter, KeyedLimiter)
+        self._key = key
+        self._retry = retry
+        self._timeout = _check_timeout("timeout", timeout)
+        self._total_timeout = _check_timeout("total_timeout", total_timeout)
+        self._bulkhead = (
+            anyio.CapacityLimiter(max_concurrency) if max_concurrency is not None else None
+        )
+        self._idempotent = idempotent
+        self._clock: Clock = _resolve_clock(clock, breaker, limiter, retry)
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        return self._breaker
+
+    @property
+    def limiter(self) -> TokenBucket | KeyedLimiter | None:
+        return self._limiter
+
+    @property
+    def retry(self) -> RetryPolicy | None:
+        return self._retry
+
+    @property
+    def idempotent(self) -> bool:
+        return self._idempotent
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        """Decorate an async function so every call goes through this policy."""
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await self.call(fn, *args, **kwargs)
+
+        return wrapper
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await fn(*args, **kwargs)`` under this policy."""
+        key = self._key(*args, **kwargs) if self._key is not None else None
+
+        async def attempt() -> T:
+            return await fn(*args, **kwargs)
+
+        return await self.run(attempt, key=key)
+
+    async def run(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        idempotent: bool | None = None,
+        attempt_id: str | None = None,
+        key: Hashable | None = None,
+        deadline: float | None = None,
+        priority: int = 0,
+    ) -> T:
+        """Run a zero-argument async callable under this policy; the engine behind ``call``.
+
+        Args:
+            attempt: Called once per attempt.
+            idempotent: Overrides the policy's ``idempotent`` for this operation (the httpx
+                transport decides it per request).
+            attempt_id: The id shared by every attempt of this operation; generated if omitted.
+            key: The keyed limiter's bucket key.
+            deadline: An absolute time on the policy's clock by which the operation must end;
+                combined with ``total_timeout`` (the earlier wins).
+            priority: Passed to the limiter: higher overtakes queued lower-priority work.
+
+        Raises:
+            TimeoutError: The total time ran out.
+            OutcomeUnknownError: A non-idempotent attempt may have been processed.
+            Whatever the last attempt raised, when retries are exhausted.
+        """
+        if self._keyed and key is None:
+            raise ValueError(
+                "this policy's KeyedLimiter needs a key for every call: give the Policy key=, "
+                "or pass run(key=...)"
+            )
+        safe = self._idempotent if idempotent is None else idempotent
+        if attempt_id is None and self._retry is None:
+            attempt_id = new_attempt_id()
+        clock = self._clock
+        if self._total_timeout is not None:
+            own = clock.now() + self._total_timeout
+            deadline = own if deadline is None else min(deadline, own)
+        state = _RunState()
+
+        async def one_attempt() -> T:
+            return await self._attempt(attempt, key, deadline, priority, state)
+
+        if self._retry is not None:
+            # The retry policy enforces the deadline (and its own total_timeout) itself,
+            # including the unknown outcome of a non-idempotent attempt it cuts short.
+            return await self._retry.run(
+                one_attempt, idempotent=safe, attempt_id=attempt_id, deadline=deadline
+            )
+        if deadline is None:
+            return await one_attempt()
+        with clock.deadline_scope(deadline) as scope:
+            result = await one_attempt()
+        if not scope.cancelled_caught:
+            return result
+        timeout = TimeoutError("operation did not finish within its total timeout")
+        if not state.in_flight:
+            # Cut while waiting (for a token, a bulkhead slot): nothing was sent.
+            timeout.failure_kind = FailureKind.NOT_SENT  # type: ignore[attr-defined]
+        elif not safe:
+            raise OutcomeUnknownError(
+                attempt_id or new_attempt_id(),
+                attempts=state.attempts,
+                message="the total timeout cancelled an attempt that may have been processed",
+            ) from timeout
+        raise timeout
+
+    async def _attempt(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        key: Hashable | None,
+        deadline: float | None,
+        priority: int,
+        state: _RunState,
+    ) -> T:
+        breaker = self._breaker
+        permit = await breaker.acquire() if breaker is not None else None
+        limiter = self._limiter
+        if limiter is not None:
+            try:
+                if isinstance(limiter, KeyedLimiter):
+                    await limiter.acquire(key, deadline=deadline, priority=priority)
+                else:
+                    await limiter.acquire(deadline=deadline, priority=priority)
+            except BaseException:
+                # Nothing was sent: give the permit (a probe slot, perhaps) back uncounted.
+                if permit is not None:
+                    permit.release()
+                raise
+        try:
+            if self._bulkhead is not None:
+                async with self._bulkhead:
+                    return await self._timed_call(attempt, permit, state)
+            return await self._timed_call(attempt, permit, state)
+        except BaseException as exc:
+            if permit is not None:
+                # A no-op when the attempt already reported; otherwise (cancelled while waiting
+                # for the bulkhead, say) the breaker's classification decides.
+                permit.settle(exc)
+            raise
+
+    async def _timed_call(
+        self, attempt: Callable[[], Awaitable[T]], permit: BreakerPermit | None, state: _RunState
+    ) -> T:
+        if permit is not None:
+            permit.mark_started()
+        state.attempts += 1
+        # in_flight stays True if the attempt is cancelled from outside (the total timeout):
+        # that is exactly when the request may have reached the upstream unanswered.
+        state.in_flight = True
+        timed_out = False
+        try:
+            if self._timeout is None:
+                result = await attempt()
+            else:
+                with self._clock.deadline_scope(self._clock.now() + self._timeout) as scope:
+                    result = await attempt()
+                timed_out = scope.cancelled_caught
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException:
+            state.in_flight = False
+            raise
+        state.in_flight = False
+        if timed_out:
+            raise TimeoutError(f"attempt did not finish within {self._timeout} s")
+        if permit is not None:
+            permit.record_result(result)
+        return result
+
+
+class _RunState:
+    """Per-operation bookkeeping shared by its attempts."""
+
+    __slots__ = ("attempts", "in_flight")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.in_flight = False
+
+
+def _resolve_clock(clock: Clock | None, *parts: object) -> Clock:
+    """Pick the composition's clock and pass it down to the parts built without one.
+
+    Without ``clock=``, the policy adopts the clock of its parts (they must agree). A part on
+    the system clock is given the policy's clock, so that one ``ManualClock`` passed to the
+    policy drives every timeout, token wait and backoff sleep of the composition.
+    """
+    present = [part for part in parts if part is not None]
+    own = {id(c): c for c in (getattr(p, "_clock", SYSTEM_CLOCK) for p in present)}
+    custom = [c for c in own.values() if c is not SYSTEM_CLOCK]
+    if clock is None:
+        if len(custom) > 1:
+            raise ValueError("the policy's parts were built with different clocks")
+        clock = custom[0] if custom else SYSTEM_CLOCK
+    elif any(c is not clock for c in custom):
+        raise ValueError("the policy's clock differs from the clock its parts were built with")
+    if clock is not SYSTEM_CLOCK:
+        for part in present:
+            adopt = getattr(part, "_adopt_clock", None)
+            if adopt is not None:
+                adopt(clock)
+    return clock

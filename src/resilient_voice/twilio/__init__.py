@@ -1,0 +1,57 @@
+"""The typed Twilio client and the official SDK adapter.
+
+``TwilioClient`` speaks Twilio's Calls and Messages API over httpx with a
+:class:`~resilient_voice.http.ResilientTransport`; it needs pydantic and httpx only.
+``ResilientTwilioHttpClient`` plugs the same protection into the official ``twilio`` package
+(``pip install 'resilient-voice[twilio]'``); it is loaded on first use, so importing this
+package never imports ``twilio``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from resilient_voice.errors import TwilioAPIError, TwilioAuthenticationError
+from resilient_voice.twilio._client import TwilioClient
+from resilient_voice.twilio._models import (
+    Call,
+    CallDirection,
+    CallStatus,
+    Message,
+    MessageDirection,
+    MessageStatus,
+)
+from resilient_voice.twilio._policies import OPERATIONS, default_policies
+from resilient_voice.twilio._validation import TwilioValidationError
+
+if TYPE_CHECKING:
+    from resilient_voice.twilio.sdk import ResilientTwilioHttpClient
+
+__all__ = [
+    "OPERATIONS",
+    "Call",
+    "CallDirection",
+    "CallStatus",
+    "Message",
+    "MessageDirection",
+    "MessageStatus",
+    "ResilientTwilioHttpClient",
+    "TwilioAPIError",
+    "TwilioAuthenticationError",
+    "TwilioClient",
+    "TwilioValidationError",
+    "default_policies",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ResilientTwilioHttpClient":
+        from resilient_voice.twilio.sdk import ResilientTwilioHttpClient
+
+        globals()[name] = ResilientTwilioHttpClient
+        return ResilientTwilioHttpClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

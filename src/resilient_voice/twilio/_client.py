@@ -1,0 +1,607 @@
+"""TwilioClient: the typed, resilient client of Twilio's Calls and Messages API."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+
+from resilient_voice._clock import Clock
+from resilient_voice.breaker import CircuitBreaker
+from resilient_voice.correlation import (
+    correlation_scope,
+    get_correlation_id,
+    new_attempt_id,
+    new_correlation_id,
+)
+from resilient_voice.errors import OutcomeUnknownError
+from resilient_voice.events import TransportListener
+from resilient_voice.http import (
+    ATTEMPT_ID_EXTENSION,
+    IDEMPOTENT_EXTENSION,
+    LIMITER_KEY_EXTENSION,
+    ResilientTransport,
+)
+from resilient_voice.policy import Policy
+from resilient_voice.retry import RetryPolicy
+from resilient_voice.twilio import _validation as check
+from resilient_voice.twilio._errors import api_error
+from resilient_voice.twilio._models import Call, Message
+from resilient_voice.twilio._policies import (
+    default_policies,
+    resolve_policies,
+    twilio_routes,
+)
+
+__all__ = ["TwilioClient"]
+
+API = "/2010-04-01/Accounts"
+_CALL_PARAMS = (
+    "To",
+    "From",
+    "Url",
+    "Twiml",
+    "ApplicationSid",
+    "Method",
+    "StatusCallback",
+    "StatusCallbackEvent",
+    "StatusCallbackMethod",
+)
+_UPDATE_PARAMS = ("Status", "Url", "Twiml", "Method", "StatusCallback")
+_MESSAGE_PARAMS = (
+    "To",
+    "From",
+    "MessagingServiceSid",
+    "Body",
+    "MediaUrl",
+    "ContentSid",
+    "StatusCallback",
+)
+_RECONCILE_NOTE = (
+    "resilient_voice: the request may have reached Twilio. Before trying again, reconcile: "
+    "await client.reconcile_call(to=..., from_=..., since=...) lists recent calls to that "
+    "number, and status callbacks carrying rv_attempt={attempt_id} belong to this attempt."
+)
+_MESSAGE_NOTE = (
+    "resilient_voice: the message may have been accepted by Twilio. Before sending again, "
+    "check recent messages to that number (Messages list, or your status callbacks)."
+)
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _query_param(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or quote(name, safe="_-.") != name:
+        raise ValueError(f"query parameter names must be plain URL-safe words, got {name!r}")
+    return name
+
+
+class TwilioClient:
+    """A typed client of Twilio's Calls and Messages API, resilient by default.
+
+    Build one per account at startup and share it: it owns the connection pool, the account's
+    circuit breaker and its pacing. Every operation runs under its own policy (see
+    ``docs/twilio.md`` for the defaults); bad input raises
+    :class:`~resilient_voice.twilio.TwilioValidationError` before anything is sent::
+
+        async with TwilioClient(account_sid, auth_token, calls_per_second=5) as twilio:
+            call = await twilio.create_call(
+                to="+15551234567", from_="+15557654321", url="https://example.com/twiml",
+                status_callback="https://example.com/status",
+            )
+
+    Args:
+        account_sid: The account (``AC`` + 32 hex digits); always in the URL path.
+        auth_token: The account's auth token, or ``None`` with ``api_key``/``api_secret``.
+        api_key: An API key SID (``SK...``), used with ``api_secret`` instead of the token.
+        api_secret: The API key's secret.
+        base_url: Twilio's API host (a regional edge such as
+            ``https://api.sydney.au1.twilio.com``, a proxy, or a fake in tests).
+        policy: One policy for every operation (replaces all the defaults).
+        policies: Policies by operation (``create_call``, ``send_message``, ``read``,
+            ``update_call``), each replacing its default.
+        breaker: The breaker the default policies share (default
+            ``CircuitBreaker("twilio:<account_sid>")``).
+        retry: The retry policy the default policies share (default 3 attempts).
+        transport: The httpx transport that really sends (default
+            ``httpx.AsyncHTTPTransport()``); the client wraps it in a
+            :class:`~resilient_voice.http.ResilientTransport`.
+        calls_per_second: The account's calls per second, paced by ``create_call``.
+        messages_per_second: Messages per second per sender, paced by ``send_message``.
+        timeout: Seconds for each attempt (the policies' and httpx's timeout).
+        clock: Clock of the default primitives.
+        correlation_param: Query parameter that carries the correlation id on the ``Url`` and
+            ``StatusCallback`` sent to Twilio; ``None`` to leave the URLs alone.
+        attempt_param: Query parameter that carries the attempt id there; ``None`` to disable.
+        name: Label of the transport in listener events and metrics.
+        listeners: :class:`~resilient_voice.events.TransportListener` instances.
+
+    Raises:
+        TypeError, ValueError: Invalid configuration, at construction.
+    """
+
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str | None = None,
+        *,
+        api_key: str | None = None,
+        api_secret: str | None = None,
+        base_url: str = "https://api.twilio.com",
+        policy: Policy | None = None,
+        policies: Mapping[str, Policy] | None = None,
+        breaker: CircuitBreaker | None = None,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        calls_per_second: float = 1.0,
+        messages_per_second: float = 1.0,
+        timeout: float = 10.0,
+        clock: Clock | None = None,
+        correlation_param: str | None = "rv_cid",
+        attempt_param: str | None = "rv_attempt",
+        name: str = "twilio",
+        listeners: Iterable[TransportListener] = (),
+    ) -> None:
+        try:
+            account = check.sid("account_sid", account_sid, "AC")
+        except check.TwilioValidationError as exc:
+            raise ValueError(str(exc)) from None
+        if auth_token is not None:
+            if api_key is not None or api_secret is not None:
+                raise ValueError("authenticate with auth_token or with api_key + api_secret")
+            if not isinstance(auth_token, str) or not auth_token:
+                raise ValueError("auth_token must be a non-empty str")
+            user, secret = account, auth_token
+        else:
+            if api_key is None or api_secret is None:
+                raise ValueError("give auth_token, or api_key and api_secret")
+            try:
+                user = check.sid("api_key", api_key, "SK")
+            except check.TwilioValidationError as exc:
+                raise ValueError(str(exc)) from None
+            if not isinstance(api_secret, str) or not api_secret:
+                raise ValueError("api_secret must be a non-empty str")
+            secret = api_secret
+        parts = urlsplit(base_url) if isinstance(base_url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("base_url is the scheme and host only (no path, query or fragment)")
+        cps = _positive("calls_per_second", calls_per_second)
+        mps = _positive("messages_per_second", messages_per_second)
+        seconds = _positive("timeout", timeout)
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise TypeError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        self._policies = resolve_policies(
+            policy,
+            policies,
+            lambda: default_policies(
+                account,
+                calls_per_second=cps,
+                messages_per_second=mps,
+                timeout=seconds,
+                breaker=breaker,
+                retry=retry,
+                clock=clock,
+            ),
+            tuned=breaker is not None or retry is not None,
+        )
+        self._correlation_param = _query_param(correlation_param)
+        self._attempt_param = _query_param(attempt_param)
+        self._account = account
+        self._auth_kind = "auth_token" if auth_token is not None else "api_key"
+        self._base_url = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        self._transport = ResilientTransport(
+            self._policies["read"],
+            transport=transport,
+            routes=twilio_routes(self._policies),
+            name=name,
+            listeners=listeners,
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self._base_url,
+            auth=httpx.BasicAuth(user, secret),
+            transport=self._transport,
+            timeout=httpx.Timeout(seconds),
+            headers={"Accept": "application/json", "User-Agent": "resilient-voice"},
+            follow_redirects=False,
+        )
+        self._calls_path = f"{API}/{account}/Calls"
+        self._messages_path = f"{API}/{account}/Messages"
+
+    @property
+    def account_sid(self) -> str:
+        """The account this client acts on."""
+        return self._account
+
+    @property
+    def policies(self) -> Mapping[str, Policy]:
+        """The policy of each operation (read-only view; keys as for ``policies=``)."""
+        return dict(self._policies)
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        """The breaker of ``create_call`` (the one shared by the default policies)."""
+        return self._policies["create_call"].breaker
+
+    @property
+    def transport(self) -> ResilientTransport:
+        """The transport: attach :class:`~resilient_voice.events.TransportListener` here."""
+        return self._transport
+
+    def __repr__(self) -> str:
+        return (
+            f"TwilioClient(account_sid={self._account!r}, auth={self._auth_kind}, "
+            f"base_url={self._base_url!r})"
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool. The client cannot be used afterwards."""
+        await self._http.aclose()
+
+    async def create_call(
+        self,
+        *,
+        to: str,
+        from_: str,
+        url: str | None = None,
+        twiml: str | None = None,
+        application_sid: str | None = None,
+        method: str | None = None,
+        status_callback: str | None = None,
+        status_callback_event: Iterable[str] | None = None,
+        status_callback_method: str | None = None,
+        **more: Any,
+    ) -> Call:
+        """Place an outbound call (``POST .../Calls.json``). Never sent twice.
+
+        Args:
+            to: E.164 number, or a ``client:``, ``sip:`` or ``sim:`` address.
+            from_: A Twilio number or verified caller id (E.164), or ``client:``/``sip:``.
+            url: Where Twilio fetches the call's TwiML. Exactly one of ``url``, ``twiml``,
+                ``application_sid``.
+            twiml: The call's TwiML itself (at most 4000 characters).
+            application_sid: A TwiML App (``AP...``).
+            method: ``GET`` or ``POST`` for ``url``.
+            status_callback: Where Twilio reports call progress.
+            status_callback_event: Events to report: ``initiated``, ``ringing``, ``answered``,
+                ``completed`` (Twilio's default: ``completed`` only).
+            status_callback_method: ``GET`` or ``POST``.
+            **more: Further Twilio parameters under their own names (``Timeout=20``,
+                ``MachineDetection="Enable"``), forwarded untouched.
+
+        Returns:
+            The call as Twilio created it (usually ``queued``), with ``correlation_id`` and
+            ``attempt_id`` set.
+
+        Raises:
+            TwilioValidationError: Bad input; nothing was sent.
+            OutcomeUnknownError: The request may have reached Twilio and was not re-sent;
+                reconcile (see :meth:`reconcile_call`) before trying again.
+            TwilioAPIError: Twilio refused the call (for example 21211, invalid number).
+            CircuitOpenError, RateLimitedError: Refused locally; nothing was sent.
+        """
+        form: dict[str, str | list[str]] = {
+            "To": check.call_to(to),
+            "From": check.call_from(from_),
+        }
+        source = check.one_of(url=url, twiml=twiml, application_sid=application_sid)
+        cid = get_correlation_id() or new_correlation_id()
+        attempt_id = new_attempt_id()
+        if source == "url":
+            form["Url"] = self._tag(check.url("url", url), cid, attempt_id)
+        elif source == "twiml":
+            form["Twiml"] = check.twiml(twiml)
+        else:
+            form["ApplicationSid"] = check.sid("application_sid", application_sid, "AP")
+        if method is not None:
+            form["Method"] = _http_method("method", method)
+        if status_callback is not None:
+            form["StatusCallback"] = self._tag(
+                check.url("status_callback", status_callback), cid, attempt_id
+            )
+        if status_callback_event is not None:
+            form["StatusCallbackEvent"] = check.call_events(status_callback_event)
+        if status_callback_method is not None:
+            form["StatusCallbackMethod"] = _http_method(
+                "status_callback_method", status_callback_method
+            )
+        form.update(check.more_params(more, _CALL_PARAMS))
+        try:
+            response = await self._send(
+                "POST", f"{self._calls_path}.json", form, cid=cid, attempt_id=attempt_id
+            )
+        except OutcomeUnknownError as exc:
+            exc.add_note(_RECONCILE_NOTE.format(attempt_id=exc.attempt_id))
+            raise
+        call = Call.model_validate_json(response.content)
+        call._correlation_id = cid
+        call._attempt_id = attempt_id
+        return call
+
+    async def get_call(self, sid: str) -> Call:
+        """Fetch a call (``GET .../Calls/{sid}.json``)."""
+        call_sid = check.sid("sid", sid, "CA")
+        response = await self._send("GET", f"{self._calls_path}/{call_sid}.json")
+        return Call.model_validate_json(response.content)
+
+    async def list_calls(
+        self,
+        *,
+        to: str | None = None,
+        from_: str | None = None,
+        status: str | None = None,
+        page_size: int = 50,
+        limit: int | None = 50,
+    ) -> list[Call]:
+        """List calls, newest first, following Twilio's pages up to ``limit`` calls.
+
+        Args:
+            to: Only calls to this address.
+            from_: Only calls from this address.
+            status: Only calls in this status (``queued``, ``completed``...).
+            page_size: Calls per request, 1..1000.
+            limit: Stop after this many calls; ``None`` reads every page.
+        """
+        if isinstance(page_size, bool) or not isinstance(page_size, int):
+            raise check.TwilioValidationError("page_size", "must be an int")
+        if not 1 <= page_size <= 1000:
+            raise check.TwilioValidationError("page_size", "must be within 1..1000")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise check.TwilioValidationError("limit", "must be None or an int >= 1")
+        params: dict[str, str] = {}
+        if to is not None:
+            params["To"] = check.call_to(to)
+        if from_ is not None:
+            params["From"] = check.call_from(from_)
+        if status is not None:
+            params["Status"] = check.text_value("status", status)
+        if limit is not None:
+            page_size = min(page_size, limit)
+        params["PageSize"] = str(page_size)
+        calls: list[Call] = []
+        path: str | None = f"{self._calls_path}.json"
+        query: dict[str, str] | None = params
+        while path is not None:
+            response = await self._send("GET", path, params=query)
+            page = response.json()
+            for row in page.get("calls") or ():
+                calls.append(Call.model_validate(row))
+                if limit is not None and len(calls) >= limit:
+                    return calls
+            next_uri = page.get("next_page_uri")
+            path = next_uri if isinstance(next_uri, str) and next_uri.startswith(API) else None
+            query = None
+        return calls
+
+    async def update_call(
+        self,
+        sid: str,
+        *,
+        status: str | None = None,
+        url: str | None = None,
+        twiml: str | None = None,
+        method: str | None = None,
+        status_callback: str | None = None,
+        **more: Any,
+    ) -> Call:
+        """Change a live call: end it (``status="completed"``/``"canceled"``) or redirect it.
+
+        Ending a call is idempotent (ending it twice is the same as once), so it is retried
+        like a read. Redirecting (``url`` or ``twiml``) restarts the call's instructions; a
+        repeated redirect would restart them twice, so it is not retried once it may have
+        arrived, and may raise :class:`~resilient_voice.OutcomeUnknownError`.
+
+        Raises:
+            TwilioValidationError: Bad input (including nothing to change); nothing was sent.
+        """
+        call_sid = check.sid("sid", sid, "CA")
+        form: dict[str, str | list[str]] = {}
+        if status is not None:
+            if status not in check.UPDATE_STATUSES:
+                raise check.TwilioValidationError(
+                    "status", f"must be 'completed' or 'canceled', got {status!r}"
+                )
+            form["Status"] = status
+        if url is not None and twiml is not None:
+            raise check.TwilioValidationError("url", "give url= or twiml=, not both")
+        if url is not None:
+            form["Url"] = check.url("url", url)
+        if twiml is not None:
+            form["Twiml"] = check.twiml(twiml)
+        if method is not None:
+            form["Method"] = _http_method("method", method)
+        if status_callback is not None:
+            form["StatusCallback"] = check.url("status_callback", status_callback)
+        form.update(check.more_params(more, _UPDATE_PARAMS))
+        if not form:
+            raise check.TwilioValidationError("status", "nothing to update")
+        redirect = "Url" in form or "Twiml" in form
+        response = await self._send(
+            "POST", f"{self._calls_path}/{call_sid}.json", form, idempotent=not redirect
+        )
+        return Call.model_validate_json(response.content)
+
+    async def send_message(
+        self,
+        *,
+        to: str,
+        from_: str | None = None,
+        messaging_service_sid: str | None = None,
+        body: str | None = None,
+        media_url: Iterable[str] | None = None,
+        content_sid: str | None = None,
+        status_callback: str | None = None,
+        **more: Any,
+    ) -> Message:
+        """Send an SMS, MMS or channel message (``POST .../Messages.json``). Never sent twice.
+
+        Paced per sender (``from_``, else ``messaging_service_sid``).
+
+        Args:
+            to: E.164 number or channel address (``whatsapp:+1...``).
+            from_: The sender: E.164, short code, alphanumeric id or channel address.
+            messaging_service_sid: A Messaging Service (``MG...``) instead of, or with, ``from_``.
+            body: The text, at most 1600 characters.
+            media_url: Up to 10 media URLs.
+            content_sid: A content template (``HX...``).
+            status_callback: Where Twilio reports delivery.
+            **more: Further Twilio parameters under their own names, forwarded untouched.
+
+        Raises:
+            TwilioValidationError: Bad input; nothing was sent.
+            OutcomeUnknownError: The request may have reached Twilio and was not re-sent.
+            TwilioAPIError: Twilio refused the message.
+        """
+        form: dict[str, str | list[str]] = {"To": check.message_to(to)}
+        if from_ is None and messaging_service_sid is None:
+            raise check.TwilioValidationError("from_", "give from_= or messaging_service_sid=")
+        if from_ is not None:
+            form["From"] = check.message_from(from_)
+        if messaging_service_sid is not None:
+            form["MessagingServiceSid"] = check.sid(
+                "messaging_service_sid", messaging_service_sid, "MG"
+            )
+        if body is None and media_url is None and content_sid is None:
+            raise check.TwilioValidationError(
+                "body", "a message needs body=, media_url= or content_sid="
+            )
+        if body is not None:
+            form["Body"] = check.body(body)
+        if media_url is not None:
+            form["MediaUrl"] = check.media_urls(media_url)
+        if content_sid is not None:
+            form["ContentSid"] = check.sid("content_sid", content_sid, "HX")
+        cid = get_correlation_id() or new_correlation_id()
+        attempt_id = new_attempt_id()
+        if status_callback is not None:
+            form["StatusCallback"] = self._tag(
+                check.url("status_callback", status_callback), cid, attempt_id
+            )
+        form.update(check.more_params(more, _MESSAGE_PARAMS))
+        sender = str(form.get("From") or form["MessagingServiceSid"])
+        try:
+            response = await self._send(
+                "POST",
+                f"{self._messages_path}.json",
+                form,
+                cid=cid,
+                attempt_id=attempt_id,
+                key=sender,
+            )
+        except OutcomeUnknownError as exc:
+            exc.add_note(_MESSAGE_NOTE)
+            raise
+        return Message.model_validate_json(response.content)
+
+    async def get_message(self, sid: str) -> Message:
+        """Fetch a message (``GET .../Messages/{sid}.json``)."""
+        message_sid = check.sid("sid", sid, "SM", "MM")
+        response = await self._send("GET", f"{self._messages_path}/{message_sid}.json")
+        return Message.model_validate_json(response.content)
+
+    async def reconcile_call(
+        self,
+        *,
+        to: str,
+        from_: str | None = None,
+        since: datetime | None = None,
+        limit: int = 20,
+    ) -> list[Call]:
+        """Calls to ``to`` created at or after ``since``: did an unknown-outcome call happen?
+
+        After :class:`~resilient_voice.OutcomeUnknownError` from :meth:`create_call`, note the
+        time before the call (``datetime.now(UTC)``) and ask here; an empty list means Twilio
+        has no such call (yet: a call may take a moment to appear). Twilio's dates have
+        one-second precision and its clock is not yours: take ``since`` a few seconds early.
+        """
+        if since is not None and since.tzinfo is None:
+            raise check.TwilioValidationError("since", "must be timezone-aware (UTC)")
+        calls = await self.list_calls(to=to, from_=from_, limit=limit)
+        if since is None:
+            return calls
+        floor = since.replace(microsecond=0)
+        return [c for c in calls if c.date_created is None or c.date_created >= floor]
+
+    def _tag(self, url: str, cid: str, attempt_id: str) -> str:
+        """Add the correlation and attempt ids to a URL's query, keeping everything else.
+
+        The query is appended to, not re-encoded, so the URL Twilio requests (and signs) is
+        the caller's URL plus our parameters. A parameter already present is left as it is.
+        The fragment (Twilio's connection overrides, ``#rc=3``) is kept.
+        """
+        extra = []
+        parts = urlsplit(url)
+        present = {pair.partition("=")[0] for pair in parts.query.split("&") if pair}
+        if self._correlation_param is not None and self._correlation_param not in present:
+            extra.append(f"{self._correlation_param}={quote(cid, safe='')}")
+        if self._attempt_param is not None and self._attempt_param not in present:
+            extra.append(f"{self._attempt_param}={quote(attempt_id, safe='')}")
+        if not extra:
+            return url
+        query = "&".join([parts.query, *extra] if parts.query else extra)
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        form: Mapping[str, str | list[str]] | None = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        cid: str | None = None,
+        attempt_id: str | None = None,
+        key: str | None = None,
+        idempotent: bool | None = None,
+    ) -> httpx.Response:
+        request = self._http.build_request(method, path, data=form, params=params)
+        if idempotent is not None:
+            request.extensions[IDEMPOTENT_EXTENSION] = idempotent
+        if key is not None:
+            request.extensions[LIMITER_KEY_EXTENSION] = key
+        if attempt_id is not None:
+            request.extensions[ATTEMPT_ID_EXTENSION] = attempt_id
+        if cid is not None and get_correlation_id() is None:
+            # The id generated for this call: its request header and its webhooks share it.
+            with correlation_scope(cid):
+                response = await self._http.send(request)
+        else:
+            response = await self._http.send(request)
+        if response.status_code >= 400:
+            raise api_error(response)
+        return response
+
+
+def _http_method(field: str, value: object) -> str:
+    text = check.text_value(field, value).upper()
+    if text not in ("GET", "POST"):
+        raise check.TwilioValidationError(field, "must be GET or POST")
+    return text

@@ -1,0 +1,82 @@
+"""Turning Twilio's error answers into :class:`~resilient_voice.errors.TwilioAPIError`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+
+from resilient_voice.errors import TwilioAPIError, TwilioAuthenticationError
+from resilient_voice.failure import FailureKind
+from resilient_voice.http import classify_status
+from resilient_voice.retry import parse_retry_after, parse_retry_after_ms
+
+__all__ = ["api_error"]
+
+_UNPROCESSED = frozenset({429})
+_PROBLEM_KEYS = ("type", "title", "status")
+
+
+def _code(value: object, default: int) -> int | str:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value:
+        return int(value) if value.isdigit() else value
+    return default
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        parsed = parse_retry_after_ms(value)
+        if parsed is not None:
+            return parsed
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    parsed = parse_retry_after(value)
+    return parsed if parsed is not None and math.isfinite(parsed) else None
+
+
+def api_error(response: httpx.Response) -> TwilioAPIError:
+    """Build the error for a 4xx/5xx answer from Twilio's REST API.
+
+    Reads the legacy body (``{"code", "message", "more_info", "status"}``) and RFC 9457
+    problem details (``{"type", "title", "status", "code", "detail"}``); a body that is not JSON
+    (an edge proxy's HTML page) gives ``code = status``. 401 and 403 raise
+    :class:`~resilient_voice.errors.TwilioAuthenticationError`. The kind follows the transport's
+    table with Twilio's documented rule that a 429 (20429) was never processed.
+    """
+    status = response.status_code
+    code: int | str = status
+    message = response.reason_phrase or f"HTTP {status}"
+    more_info: str | None = None
+    try:
+        payload = json.loads(response.content) if response.content else None
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        code = _code(payload.get("code"), status)
+        if all(key in payload for key in _PROBLEM_KEYS):
+            text = payload.get("detail") or payload.get("title")
+            link = payload.get("type")
+        else:
+            text = payload.get("message")
+            link = payload.get("more_info")
+        if isinstance(text, str) and text:
+            message = text
+        if isinstance(link, str) and link:
+            more_info = link
+    kind = classify_status(status, _UNPROCESSED) or FailureKind.PERMANENT
+    error_type = TwilioAuthenticationError if status in (401, 403) else TwilioAPIError
+    return error_type(
+        status,
+        code,
+        message,
+        kind,
+        more_info=more_info,
+        retry_after=_retry_after(response.headers),
+    )

@@ -1,0 +1,156 @@
+"""The default policy of every Twilio operation, and the transport routes that apply them.
+
+One policy per operation, built once per client. They share one circuit breaker per account
+(an outage of ``api.twilio.com`` is one outage, whatever the operation) and one retry policy;
+``create_call`` is paced at the account's calls per second, ``send_message`` per sender.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, TypeVar
+
+from resilient_voice._clock import Clock
+from resilient_voice.breaker import CircuitBreaker
+from resilient_voice.http import Route
+from resilient_voice.limiter import KeyedLimiter, TokenBucket
+from resilient_voice.policy import Policy
+from resilient_voice.retry import RetryPolicy
+
+__all__ = ["OPERATIONS", "default_policies", "resolve_policies", "twilio_routes"]
+
+T = TypeVar("T")
+
+OPERATIONS = ("create_call", "send_message", "read", "update_call")
+"""The keys of ``policies=``: one policy per kind of Twilio request."""
+
+_ACCOUNT_PATH = r"/2010-04-01/Accounts/[^/]+"
+# Twilio documents 429 (20429) as "never processed, always safe to retry", for every request of
+# the account; no Twilio REST endpoint honours an idempotency key.
+_UNPROCESSED = frozenset({429})
+
+
+def _no_key(*args: Any, **kwargs: Any) -> Hashable:
+    raise TypeError(
+        "the send_message policy is keyed by sender: TwilioClient passes the key itself; "
+        "call it through the client, not as a decorator"
+    )
+
+
+def default_policies(
+    account: str,
+    *,
+    calls_per_second: float = 1.0,
+    messages_per_second: float = 1.0,
+    timeout: float | None = 10.0,
+    breaker: CircuitBreaker | None = None,
+    retry: RetryPolicy | None = None,
+    clock: Clock | None = None,
+) -> dict[str, Policy]:
+    """Build the default policy of every operation (see the table in ``docs/twilio.md``).
+
+    Args:
+        account: Names the shared breaker (``twilio:<account>``) and the limiters.
+        calls_per_second: Pace of ``create_call`` (Twilio's default CPS is 1).
+        messages_per_second: Pace of ``send_message`` per sender (``From`` or
+            ``MessagingServiceSid``).
+        timeout: Seconds allowed for each attempt.
+        breaker: The breaker shared by every operation; ``CircuitBreaker("twilio:<account>")``
+            (3 consecutive failures, 30 s open) when omitted.
+        retry: The retry policy shared by every operation; 3 attempts when omitted.
+        clock: The clock of everything built here.
+
+    Returns:
+        A dict with the keys of :data:`OPERATIONS`.
+    """
+    name = f"twilio:{account}"
+    shared_breaker = breaker if breaker is not None else CircuitBreaker(name, clock=clock)
+    shared_retry = (
+        retry if retry is not None else RetryPolicy(max_attempts=3, clock=clock, name=name)
+    )
+    calls = TokenBucket(calls_per_second, 1, clock=clock, name=f"{name}:calls")
+    senders = KeyedLimiter(messages_per_second, 1, clock=clock, name=f"{name}:messages")
+    common: dict[str, Any] = {
+        "breaker": shared_breaker,
+        "retry": shared_retry,
+        "timeout": timeout,
+        "clock": clock,
+    }
+    return {
+        "create_call": Policy(limiter=calls, **common),
+        "send_message": Policy(limiter=senders, key=_no_key, **common),
+        "read": Policy(idempotent=True, **common),
+        "update_call": Policy(**common),
+    }
+
+
+def resolve_policies(
+    policy: Policy | None,
+    policies: Mapping[str, Policy] | None,
+    defaults: Callable[[], dict[str, Policy]],
+    *,
+    tuned: bool,
+) -> dict[str, Policy]:
+    """Apply ``policy=`` (every operation) or ``policies=`` (one by one) over the defaults."""
+    if policy is not None:
+        if policies is not None:
+            raise ValueError("give policy= (every operation) or policies= (some), not both")
+        if tuned:
+            raise ValueError(
+                "breaker= and retry= configure the default policies; with policy= they would "
+                "be ignored"
+            )
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
+        return dict.fromkeys(OPERATIONS, policy)
+    result = defaults()
+    if policies is None:
+        return result
+    if not isinstance(policies, Mapping):
+        raise TypeError("policies must be a mapping of operation name to Policy")
+    unknown = sorted(set(policies) - set(OPERATIONS))
+    if unknown:
+        raise ValueError(f"unknown operation(s) {unknown}; the operations are {list(OPERATIONS)}")
+    for operation, value in policies.items():
+        if not isinstance(value, Policy):
+            raise TypeError(f"policies[{operation!r}] must be a Policy, got {type(value).__name__}")
+        result[operation] = value
+    return result
+
+
+def twilio_routes(policies: Mapping[str, Policy]) -> list[Route]:
+    """The transport routes of Twilio's 2010-04-01 API, one policy per operation.
+
+    Paths only (any host), so that a ``base_url`` pointing at a regional edge, a proxy or a
+    fake applies the same rules.
+    """
+    return [
+        Route(
+            name="twilio.calls.create",
+            path=rf"{_ACCOUNT_PATH}/Calls\.json",
+            methods=frozenset({"POST"}),
+            policy=policies["create_call"],
+            unprocessed_statuses=_UNPROCESSED,
+        ),
+        Route(
+            name="twilio.messages.create",
+            path=rf"{_ACCOUNT_PATH}/Messages\.json",
+            methods=frozenset({"POST"}),
+            policy=policies["send_message"],
+            unprocessed_statuses=_UNPROCESSED,
+        ),
+        Route(
+            name="twilio.calls.update",
+            path=rf"{_ACCOUNT_PATH}/Calls/[^/]+\.json",
+            methods=frozenset({"POST"}),
+            policy=policies["update_call"],
+            unprocessed_statuses=_UNPROCESSED,
+        ),
+        Route(
+            name="twilio.read",
+            path=rf"{_ACCOUNT_PATH}(/.*)?",
+            methods=frozenset({"GET"}),
+            policy=policies["read"],
+            unprocessed_statuses=_UNPROCESSED,
+        ),
+    ]

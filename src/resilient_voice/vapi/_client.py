@@ -1,0 +1,546 @@
+"""VapiClient: typed Vapi calls, assistants and phone numbers over httpx + ResilientTransport."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Generator, Iterable, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from resilient_voice._clock import Clock
+from resilient_voice.breaker import CircuitBreaker
+from resilient_voice.correlation import get_correlation_id, new_attempt_id
+from resilient_voice.errors import OutcomeUnknownError, VapiAPIError
+from resilient_voice.events import TransportListener, emit
+from resilient_voice.failure import FailureKind
+from resilient_voice.http import (
+    ResilientTransport,
+    UpstreamStatusError,
+    classify_exception,
+    classify_status,
+)
+from resilient_voice.policy import Policy
+from resilient_voice.vapi._errors import VapiConcurrencyLimitError, error_from_response
+from resilient_voice.vapi._models import VapiAssistant, VapiCall, VapiPhoneNumber
+from resilient_voice.vapi._policies import resolve_policies, vapi_routes
+from resilient_voice.vapi._validation import (
+    check_id,
+    check_limit,
+    create_call_body,
+    format_datetime,
+    plant_metadata,
+    update_assistant_body,
+)
+
+__all__ = ["ATTEMPT_ID_EXTENSION", "DEFAULT_BASE_URL", "VapiClient", "VapiListener"]
+
+DEFAULT_BASE_URL: Final = "https://api.vapi.ai"
+
+ATTEMPT_ID_EXTENSION: Final = "resilient_voice.attempt_id"
+"""``request.extensions`` key carrying the attempt id the client planted in the request body."""
+
+_log = logging.getLogger("resilient_voice.vapi")
+
+M = TypeVar("M", bound=BaseModel)
+
+_MAYBE = FailureKind.MAYBE_PROCESSED
+_NO_STATUSES: frozenset[int] = frozenset()
+
+
+class VapiListener:
+    """Observes Vapi-specific events of a :class:`VapiClient`; override what you need.
+
+    Like every listener, callbacks run synchronously, must be cheap and must not raise.
+    """
+
+    def on_concurrency(self, client: str, outcome: str) -> None:
+        """The org's call concurrency was exhausted.
+
+        ``outcome`` is ``"blocked"`` when Vapi created the call but said
+        ``subscriptionLimits.concurrencyBlocked`` (the call was returned to the caller), or
+        ``"refused"`` when Vapi answered with an over-concurrency error.
+        """
+
+
+class _BearerAuth(httpx.Auth):
+    """Adds ``Authorization: Bearer <key>``; keeps the key out of the client's default headers."""
+
+    def __init__(self, api_key: str) -> None:
+        self._header = f"Bearer {api_key}"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._header
+        yield request
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(<redacted>)"
+
+
+def _check_api_key(api_key: object) -> str:
+    if not isinstance(api_key, str) or not api_key:
+        raise ValueError("api_key must be a non-empty string (your Vapi private key)")
+    if not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+        # Not echoed: the value is a secret.
+        raise ValueError("api_key contains whitespace or non-printable characters")
+    return api_key
+
+
+def _check_base_url(base_url: object) -> tuple[str, str, str]:
+    if not isinstance(base_url, str):
+        raise TypeError(f"base_url must be a string, got {type(base_url).__name__}")
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("base_url must not carry credentials, a query or a fragment")
+    return base_url.rstrip("/"), parts.hostname, parts.path.rstrip("/")
+
+
+class VapiClient:
+    """A typed, resilient client for Vapi's calls, assistants and phone numbers.
+
+    Build one per Vapi org at startup and share it; it holds a connection pool, a circuit
+    breaker and the operation policies::
+
+        async with VapiClient(api_key) as vapi:
+            call = await vapi.create_call(
+                assistant_id="...", phone_number_id="...", customer_number="+14155550100"
+            )
+
+    Every request goes through a :class:`~resilient_voice.http.ResilientTransport` whose routes
+    give each operation its policy (see :func:`~resilient_voice.vapi.default_policies`):
+    ``create_call`` is never idempotent, so a failure that may have placed the call raises
+    :class:`~resilient_voice.OutcomeUnknownError` instead of dialling twice; reads and
+    ``update_assistant`` are retried. The client plants its attempt id and the current
+    correlation id in the created call's ``assistantOverrides.metadata`` so that
+    :meth:`reconcile_call` can find a call whose outcome was unknown, and so that
+    ``VapiWebhookMiddleware`` can restore the correlation id when Vapi's webhooks arrive.
+
+    Args:
+        api_key: The org's private API key. Never shown in reprs or logs.
+        base_url: The API root (``https://api.vapi.ai``; ``https://api.eu.vapi.ai`` for EU orgs).
+        policy: One policy for every operation, replacing the defaults.
+        policies: Policies by operation name (``"create_call"``, ``"read"``,
+            ``"update_assistant"``), replacing the defaults one by one (after ``policy``).
+        http_client: Send through this ``httpx.AsyncClient`` instead of building one. The client
+            is used as is (its transport decides what resilience applies) and is not closed by
+            :meth:`aclose`; ``policy``, ``policies`` and ``transport`` must then be omitted.
+        transport: The httpx transport that really sends (default
+            ``httpx.AsyncHTTPTransport()``); for proxies, TLS settings or tests.
+        timeout: Seconds for httpx's connect, read, write and pool timeouts of each attempt.
+        unprocessed_429: Treat a 429 on ``POST /call`` as "not processed" and retry it. Vapi
+            does not document that; leave it False unless you accept a possible duplicate call.
+        clock: The clock of the default policies (tests inject a ``ManualClock``).
+        name: A bounded label for listeners and metrics.
+        listeners: :class:`VapiListener` and
+            :class:`~resilient_voice.events.TransportListener` instances (the latter are
+            attached to the transport).
+
+    Raises:
+        TypeError, ValueError: Invalid configuration.
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        policy: Policy | None = None,
+        policies: Mapping[str, Policy] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 10.0,
+        unprocessed_429: bool = False,
+        clock: Clock | None = None,
+        name: str = "vapi",
+        listeners: Iterable[VapiListener | TransportListener] = (),
+    ) -> None:
+        self._auth = _BearerAuth(_check_api_key(api_key))
+        self._base_url, host, prefix = _check_base_url(base_url)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        if not isinstance(unprocessed_429, bool):
+            raise TypeError("unprocessed_429 must be a bool")
+        if not isinstance(name, str) or not name:
+            raise ValueError("name must be a non-empty string")
+        self._name = name
+        vapi_listeners: list[VapiListener] = []
+        transport_listeners: list[TransportListener] = []
+        for listener in listeners:
+            if isinstance(listener, VapiListener):
+                vapi_listeners.append(listener)
+            elif isinstance(listener, TransportListener):
+                transport_listeners.append(listener)
+            else:
+                raise TypeError(
+                    f"listeners must be VapiListener or TransportListener, got {listener!r}"
+                )
+        self._listeners: tuple[VapiListener, ...] = tuple(vapi_listeners)
+        self._create_unprocessed = frozenset({429}) if unprocessed_429 else _NO_STATUSES
+        self._transport: ResilientTransport | None
+        if http_client is not None:
+            if not isinstance(http_client, httpx.AsyncClient):
+                raise TypeError("http_client must be an httpx.AsyncClient")
+            if policy is not None or policies is not None or transport is not None:
+                raise ValueError(
+                    "with http_client=, install the resilience in that client's transport; "
+                    "policy=, policies= and transport= do not apply"
+                )
+            if transport_listeners:
+                raise ValueError("transport listeners need the client's own transport")
+            self._policies: dict[str, Policy] = {}
+            self._transport = None
+            self._http = http_client
+            self._owns_http = False
+        else:
+            self._policies = resolve_policies(policy, policies, clock)
+            self._transport = ResilientTransport(
+                self._policies["read"],
+                transport=transport,
+                routes=vapi_routes(host, prefix, self._policies, unprocessed_429=unprocessed_429),
+                name=name,
+                listeners=transport_listeners,
+            )
+            self._http = httpx.AsyncClient(
+                transport=self._transport, timeout=httpx.Timeout(float(timeout))
+            )
+            self._owns_http = True
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    @property
+    def policies(self) -> Mapping[str, Policy]:
+        """The policy of each operation (empty when ``http_client=`` was given)."""
+        return dict(self._policies)
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        """The breaker of ``create_call`` (shared by every operation by default)."""
+        policy = self._policies.get("create_call")
+        return policy.breaker if policy is not None else None
+
+    @property
+    def transport(self) -> ResilientTransport | None:
+        """The resilient transport (``None`` when ``http_client=`` was given)."""
+        return self._transport
+
+    def add_listener(self, listener: VapiListener | TransportListener) -> None:
+        """Attach a :class:`VapiListener` or a transport listener."""
+        if isinstance(listener, VapiListener):
+            self._listeners = (*self._listeners, listener)
+        elif isinstance(listener, TransportListener) and self._transport is not None:
+            self._transport.add_listener(listener)
+        else:
+            raise TypeError(f"cannot attach {listener!r} to this client")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool (not a caller-provided ``http_client``)."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    def __repr__(self) -> str:
+        return f"VapiClient(base_url={self._base_url!r}, name={self._name!r})"
+
+    async def create_call(
+        self,
+        *,
+        assistant_id: str | None = None,
+        assistant: Mapping[str, Any] | BaseModel | None = None,
+        phone_number_id: str | None = None,
+        customer_number: str,
+        assistant_overrides: Mapping[str, Any] | BaseModel | None = None,
+        name: str | None = None,
+        **more: Any,
+    ) -> VapiCall:
+        """Place an outbound call (``POST /call``); never sent twice.
+
+        The body is built once, with a fresh attempt id and the current correlation id merged
+        into ``assistantOverrides.metadata`` (``rv_attempt_id``, ``rv_cid``; your own metadata
+        keys are kept). Every retry sends the same body.
+
+        A 201 whose ``subscriptionLimits.concurrencyBlocked`` is true is a created call: it is
+        returned (check :attr:`VapiCall.concurrency_blocked`), logged and reported to
+        listeners, never raised.
+
+        Args:
+            assistant_id: A saved assistant; or give ``assistant``.
+            assistant: A transient assistant (mapping or pydantic model).
+            phone_number_id: The Vapi phone number to call from.
+            customer_number: The destination, E.164 (``+14155550100``).
+            assistant_overrides: Overrides for this call (``variableValues``, ``metadata``...).
+            name: Your label for the call (at most 40 characters; left untouched).
+            **more: Other ``CreateCallDTO`` fields, snake_case or camelCase
+                (``schedule_plan=...``, ``squadId=...``).
+
+        Returns:
+            The created call.
+
+        Raises:
+            VapiValidationError: Bad arguments; nothing was sent.
+            OutcomeUnknownError: The request may have created the call (dropped connection,
+                timeout, 5xx, 429); its ``attempt_id`` is the ``rv_attempt_id`` planted in the
+                call, for :meth:`reconcile_call`.
+            VapiAPIError: Vapi refused (400, 404...); ``VapiConcurrencyLimitError`` when it
+                said the org is over its call concurrency; ``VapiAuthenticationError`` on
+                401/403.
+            CircuitOpenError, RateLimitedError: Refused locally; nothing was sent.
+        """
+        body = create_call_body(
+            assistant_id=assistant_id,
+            assistant=assistant,
+            phone_number_id=phone_number_id,
+            customer_number=customer_number,
+            assistant_overrides=assistant_overrides,
+            name=name,
+            more=more,
+        )
+        attempt_id = new_attempt_id()
+        body["assistantOverrides"] = plant_metadata(
+            body.get("assistantOverrides"), attempt_id, get_correlation_id()
+        )
+        request = self._http.build_request(
+            "POST", self._url("/call"), json=body, extensions={ATTEMPT_ID_EXTENSION: attempt_id}
+        )
+        try:
+            response = await self._http.send(request, auth=self._auth)
+        except OutcomeUnknownError as exc:
+            # Re-raised with our attempt id (the one planted in the body) and Vapi's parsed
+            # error as the cause; the transport's own error stays as __context__.
+            cause = exc.__cause__ or exc
+            if isinstance(cause, UpstreamStatusError):
+                await cause.response.aread()  # in memory already: the transport buffered it
+            unknown = self._unknown(attempt_id, exc.attempts, cause)
+            raise unknown from unknown.__cause__
+        except httpx.TransportError as exc:
+            # Without a retry policy the transport hands a transport error back as is.
+            if classify_exception(exc) is _MAYBE:
+                unknown = self._unknown(attempt_id, 1, exc)
+                raise unknown from exc
+            raise
+        status = response.status_code
+        if status >= 400:
+            kind = classify_status(status, self._create_unprocessed) or FailureKind.PERMANENT
+            error = error_from_response(response, kind)
+            if kind is _MAYBE:
+                unknown = self._unknown(attempt_id, 1, error)
+                raise unknown from error
+            if isinstance(error, VapiConcurrencyLimitError):
+                self._concurrency("refused", None, error)
+            raise error
+        try:
+            call = VapiCall.model_validate(response.json())
+        except (ValueError, ValidationError) as exc:
+            # A 2xx we cannot read: the call was most likely created.
+            error = VapiAPIError(
+                status,
+                f"unreadable create-call response: {type(exc).__name__}",
+                _MAYBE,
+                body=response.text[:500],
+            )
+            unknown = self._unknown(attempt_id, 1, error)
+            raise unknown from error
+        if call.concurrency_blocked:
+            self._concurrency("blocked", call, None)
+        return call
+
+    async def reconcile_call(
+        self,
+        attempt_id: str,
+        *,
+        created_after: datetime | None = None,
+        limit: int = 100,
+        assistant_id: str | None = None,
+    ) -> VapiCall | None:
+        """Find the call that a ``create_call`` with this attempt id created, if any.
+
+        Lists recent calls (newest first, at most ``limit``) and matches the ``rv_attempt_id``
+        planted in ``assistantOverrides.metadata``. Use it after an
+        :class:`~resilient_voice.OutcomeUnknownError`: ``None`` means no call with that id
+        among the calls listed (widen ``created_after``/``limit`` if you created many since).
+
+        Args:
+            attempt_id: ``OutcomeUnknownError.attempt_id``.
+            created_after: Only calls created after this (timezone-aware) time; note the time
+                just before ``create_call`` (minus some clock skew) and pass it.
+            limit: How many calls to list, 1..1000.
+            assistant_id: Narrow the listing to calls of this assistant.
+        """
+        check_id("attempt_id", attempt_id)
+        calls = await self.list_calls(
+            assistant_id=assistant_id, created_at_gt=created_after, limit=limit
+        )
+        for call in calls:
+            if call.attempt_id == attempt_id:
+                return call
+        return None
+
+    async def get_call(self, call_id: str) -> VapiCall:
+        """Fetch one call (``GET /call/{id}``)."""
+        path = "/call/" + check_id("call_id", call_id)
+        return self._model(VapiCall, await self._get(path, None))
+
+    async def list_calls(
+        self,
+        *,
+        assistant_id: str | None = None,
+        phone_number_id: str | None = None,
+        id: str | None = None,  # noqa: A002  (Vapi's filter name)
+        created_at_gt: datetime | None = None,
+        created_at_lt: datetime | None = None,
+        created_at_ge: datetime | None = None,
+        created_at_le: datetime | None = None,
+        updated_at_gt: datetime | None = None,
+        updated_at_lt: datetime | None = None,
+        updated_at_ge: datetime | None = None,
+        updated_at_le: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[VapiCall]:
+        """List calls (``GET /call``), newest first, with Vapi's filters.
+
+        Datetimes must be timezone-aware; ``limit`` is 1..1000 (Vapi's default is 100).
+        """
+        params: dict[str, str] = {}
+        for key, value in (
+            ("assistantId", assistant_id),
+            ("phoneNumberId", phone_number_id),
+            ("id", id),
+        ):
+            if value is not None:
+                params[key] = check_id(key, value)
+        for key, moment in (
+            ("createdAtGt", created_at_gt),
+            ("createdAtLt", created_at_lt),
+            ("createdAtGe", created_at_ge),
+            ("createdAtLe", created_at_le),
+            ("updatedAtGt", updated_at_gt),
+            ("updatedAtLt", updated_at_lt),
+            ("updatedAtGe", updated_at_ge),
+            ("updatedAtLe", updated_at_le),
+        ):
+            if moment is not None:
+                params[key] = format_datetime(key, moment)
+        checked = check_limit(limit)
+        if checked is not None:
+            params["limit"] = str(checked)
+        return self._models(VapiCall, await self._get("/call", params))
+
+    async def get_assistant(self, assistant_id: str) -> VapiAssistant:
+        """Fetch one assistant (``GET /assistant/{id}``)."""
+        path = "/assistant/" + check_id("assistant_id", assistant_id)
+        return self._model(VapiAssistant, await self._get(path, None))
+
+    async def list_assistants(self, *, limit: int | None = None) -> list[VapiAssistant]:
+        """List assistants (``GET /assistant``)."""
+        checked = check_limit(limit)
+        params = {"limit": str(checked)} if checked is not None else None
+        return self._models(VapiAssistant, await self._get("/assistant", params))
+
+    async def update_assistant(self, assistant_id: str, **changes: Any) -> VapiAssistant:
+        """Change an assistant's settings (``PATCH /assistant/{id}``) and return it.
+
+        Keys may be snake_case (``first_message=``) or camelCase. Retried like a read: sending
+        the same PATCH body twice leaves the assistant as sending it once would. (A concurrent
+        writer's change made between two attempts can be overwritten, as with any PATCH.)
+        """
+        path = "/assistant/" + check_id("assistant_id", assistant_id)
+        body = update_assistant_body(changes)
+        response = await self._http.request("PATCH", self._url(path), json=body, auth=self._auth)
+        return self._model(VapiAssistant, self._checked_json(response))
+
+    async def list_phone_numbers(self) -> list[VapiPhoneNumber]:
+        """List the org's phone numbers (``GET /phone-number``)."""
+        return self._models(VapiPhoneNumber, await self._get("/phone-number", None))
+
+    def _url(self, path: str) -> str:
+        return self._base_url + path
+
+    async def _get(self, path: str, params: Mapping[str, str] | None) -> Any:
+        response = await self._http.get(self._url(path), params=params, auth=self._auth)
+        return self._checked_json(response)
+
+    def _checked_json(self, response: httpx.Response) -> Any:
+        status = response.status_code
+        if status >= 400:
+            kind = classify_status(status) or FailureKind.PERMANENT
+            error = error_from_response(response, kind)
+            if isinstance(error, VapiConcurrencyLimitError):
+                self._concurrency("refused", None, error)
+            raise error
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise VapiAPIError(
+                status, "response is not valid JSON", _MAYBE, body=response.text[:500]
+            ) from exc
+
+    def _model(self, model: type[M], data: Any) -> M:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise VapiAPIError(
+                200,
+                f"unexpected {model.__name__} shape: {exc.error_count()} error(s)",
+                _MAYBE,
+                body=data,
+            ) from exc
+
+    def _models(self, model: type[M], data: Any) -> list[M]:
+        if isinstance(data, Mapping) and isinstance(data.get("results"), list):
+            data = data["results"]  # a paginated answer
+        if not isinstance(data, list):
+            raise VapiAPIError(200, f"expected a list of {model.__name__}", _MAYBE, body=data)
+        return [self._model(model, item) for item in data]
+
+    def _unknown(self, attempt_id: str, attempts: int, cause: BaseException) -> OutcomeUnknownError:
+        if isinstance(cause, UpstreamStatusError):
+            cause = error_from_response(cause.response, cause.kind)
+        _log.warning(
+            "vapi create_call outcome unknown (attempt %s, %s): reconcile before retrying",
+            attempt_id,
+            type(cause).__name__,
+        )
+        error = OutcomeUnknownError(attempt_id, attempts=attempts)
+        error.__cause__ = cause
+        return error
+
+    def _concurrency(self, outcome: str, call: VapiCall | None, error: VapiAPIError | None) -> None:
+        if call is not None:
+            limits = call.subscription_limits
+            _log.warning(
+                "vapi call %s created while concurrency-blocked (limit %s, remaining %s)",
+                call.id,
+                limits.concurrency_limit if limits is not None else None,
+                limits.remaining_concurrent_calls if limits is not None else None,
+            )
+        else:
+            _log.warning(
+                "vapi refused: org over its call concurrency (HTTP %s)",
+                error.status if error is not None else None,
+            )
+        if self._listeners:
+            emit(self._listeners, "on_concurrency", self._name, outcome)

@@ -1,0 +1,190 @@
+"""The default policies of the Vapi client and the transport routes that apply them.
+
+Shared by :class:`~resilient_voice.vapi.VapiClient` and the official-SDK recipe, so that both
+treat ``POST /call`` the same way: never idempotent, no idempotency key honoured, and a 429 on
+it ``MAYBE_PROCESSED`` unless the caller accepts the risk (Vapi does not document that a 429
+there was not acted on).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Final
+
+from resilient_voice._clock import Clock
+from resilient_voice.breaker import CircuitBreaker
+from resilient_voice.http import Route
+from resilient_voice.policy import Policy
+from resilient_voice.retry import RetryPolicy
+
+__all__ = ["OPERATIONS", "default_policies", "resolve_policies", "vapi_routes"]
+
+OPERATIONS: Final = ("create_call", "read", "update_assistant")
+"""The operation names ``policies=`` accepts."""
+
+
+def default_policies(
+    *, breaker: CircuitBreaker | None = None, clock: Clock | None = None
+) -> dict[str, Policy]:
+    """Build the documented default policy of each operation, sharing one breaker.
+
+    - ``create_call``: the breaker and a :class:`RetryPolicy` of 3 attempts (0.5 s base
+      delay, 10 s cap, 30 s in total), non-idempotent: only failures that provably sent
+      nothing are retried; anything that may have placed the call raises
+      :class:`~resilient_voice.OutcomeUnknownError`. No rate limiter: Vapi does not publish its
+      API rate limit; add a ``TokenBucket`` through ``policies=`` when you know yours.
+    - ``read`` (every GET): the breaker and 4 attempts (0.2 s base, 10 s cap, 30 s in total),
+      idempotent; 429 and 5xx are retried, honouring ``Retry-After`` / ``retry-after-ms``.
+    - ``update_assistant`` (PATCH): the breaker and 3 attempts (0.5 s base, 10 s cap, 30 s in
+      total), idempotent: a PATCH sets fields to the values in its body, so sending the same
+      body twice leaves the assistant as sending it once would.
+
+    Args:
+        breaker: The breaker to share; a new ``CircuitBreaker("vapi")`` (5 consecutive
+            failures open it for 30 s) when omitted.
+        clock: The clock of the breaker and retry policies built here.
+
+    Returns:
+        A new dict ``{"create_call": ..., "read": ..., "update_assistant": ...}``.
+    """
+    if breaker is None:
+        breaker = CircuitBreaker("vapi", failure_threshold=5, recovery_timeout=30.0, clock=clock)
+    return {
+        "create_call": Policy(
+            breaker=breaker,
+            retry=RetryPolicy(
+                max_attempts=3,
+                base_delay=0.5,
+                max_delay=10.0,
+                total_timeout=30.0,
+                clock=clock,
+                name="vapi.create_call",
+            ),
+            clock=clock,
+        ),
+        "read": Policy(
+            breaker=breaker,
+            retry=RetryPolicy(
+                max_attempts=4,
+                base_delay=0.2,
+                max_delay=10.0,
+                total_timeout=30.0,
+                clock=clock,
+                name="vapi.read",
+            ),
+            idempotent=True,
+            clock=clock,
+        ),
+        "update_assistant": Policy(
+            breaker=breaker,
+            retry=RetryPolicy(
+                max_attempts=3,
+                base_delay=0.5,
+                max_delay=10.0,
+                total_timeout=30.0,
+                clock=clock,
+                name="vapi.update_assistant",
+            ),
+            idempotent=True,
+            clock=clock,
+        ),
+    }
+
+
+def resolve_policies(
+    policy: Policy | None,
+    policies: Mapping[str, Policy] | None,
+    clock: Clock | None,
+) -> dict[str, Policy]:
+    """Apply ``policy=`` (replaces all) and ``policies=`` (one by one) to the defaults.
+
+    Raises:
+        TypeError: A value is not a :class:`Policy`.
+        ValueError: An unknown operation name.
+    """
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
+    if policy is not None:
+        resolved = dict.fromkeys(OPERATIONS, policy)
+    else:
+        resolved = default_policies(clock=clock)
+    if policies is not None:
+        if not isinstance(policies, Mapping):
+            raise TypeError("policies must be a mapping of operation name to Policy")
+        unknown = sorted(set(policies) - set(OPERATIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown operation(s) in policies: {unknown}; known: {list(OPERATIONS)}"
+            )
+        for name, value in policies.items():
+            if not isinstance(value, Policy):
+                raise TypeError(f"policies[{name!r}] must be a Policy, got {type(value).__name__}")
+            resolved[name] = value
+    return resolved
+
+
+def vapi_routes(
+    host: str,
+    prefix: str,
+    policies: Mapping[str, Policy],
+    *,
+    unprocessed_429: bool = False,
+) -> list[Route]:
+    """The transport routes for one Vapi host.
+
+    Args:
+        host: The API host (``api.vapi.ai``).
+        prefix: A path prefix before Vapi's paths (``""`` normally).
+        policies: One policy per name in :data:`OPERATIONS`.
+        unprocessed_429: Treat a 429 on ``POST /call`` as not processed, so it is retried.
+            Vapi does not document this; enable it only if you accept a possible duplicate.
+    """
+    base = re.escape(prefix)
+    read = policies["read"]
+    get = frozenset({"GET"})
+    return [
+        Route(
+            name="vapi.calls.create",
+            path=f"{base}/call/?",
+            methods=frozenset({"POST"}),
+            host=host,
+            policy=policies["create_call"],
+            unprocessed_statuses=frozenset({429}) if unprocessed_429 else frozenset(),
+            honours_idempotency_key=False,
+            idempotent=False,
+        ),
+        Route(
+            name="vapi.assistants.update",
+            path=f"{base}/assistant/[^/]+",
+            methods=frozenset({"PATCH"}),
+            host=host,
+            policy=policies["update_assistant"],
+            idempotent=True,
+        ),
+        Route(name="vapi.calls.list", path=f"{base}/call/?", methods=get, host=host, policy=read),
+        Route(
+            name="vapi.calls.get", path=f"{base}/call/[^/]+", methods=get, host=host, policy=read
+        ),
+        Route(
+            name="vapi.assistants.list",
+            path=f"{base}/assistant/?",
+            methods=get,
+            host=host,
+            policy=read,
+        ),
+        Route(
+            name="vapi.assistants.get",
+            path=f"{base}/assistant/[^/]+",
+            methods=get,
+            host=host,
+            policy=read,
+        ),
+        Route(
+            name="vapi.phone_numbers.list",
+            path=f"{base}/phone-number/?",
+            methods=get,
+            host=host,
+            policy=read,
+        ),
+    ]

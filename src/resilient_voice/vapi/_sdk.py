@@ -1,0 +1,138 @@
+"""The official Vapi SDK (``vapi-server-sdk``) made resilient: a recipe, not a wrapper.
+
+``AsyncVapi(token=..., httpx_client=...)`` accepts an httpx client, so handing it one whose
+transport is a :class:`~resilient_voice.http.ResilientTransport` gives every SDK method the
+breaker, the limiter, the safe retries and the correlation header::
+
+    from vapi import AsyncVapi
+    from resilient_voice.vapi import no_sdk_retries, sdk_http_client
+
+    vapi = AsyncVapi(token=api_key, httpx_client=sdk_http_client())
+    call = await vapi.calls.create(
+        assistant_id=..., phone_number_id=..., customer={"number": "+14155550100"},
+        request_options=no_sdk_retries(),
+    )
+
+The SDK also retries by itself: 408, 409, 429, every 5xx, ``ConnectError`` and
+``RemoteProtocolError``, on every method, ``POST /call`` included, twice by default, and its
+constructor cannot turn that off. A re-sent ``POST /call`` can ring a customer twice, so pass
+``request_options=no_sdk_retries()`` on every call and let the transport, which knows what is
+safe, decide. (The SDK's retry sleeps also call ``asyncio.sleep``, which fails under trio.)
+
+This module does not import the SDK.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, TypedDict
+
+import httpx
+
+from resilient_voice._clock import Clock
+from resilient_voice.correlation import get_correlation_id, new_attempt_id
+from resilient_voice.events import TransportListener
+from resilient_voice.http import ResilientTransport
+from resilient_voice.policy import Policy
+from resilient_voice.vapi._client import DEFAULT_BASE_URL, _check_base_url
+from resilient_voice.vapi._policies import resolve_policies, vapi_routes
+from resilient_voice.vapi._validation import check_id, plant_metadata
+
+__all__ = ["SdkRequestOptions", "attempt_overrides", "no_sdk_retries", "sdk_http_client"]
+
+
+class SdkRequestOptions(TypedDict, total=False):
+    """The SDK's ``RequestOptions`` (``vapi.core.request_options``), mirrored key for key."""
+
+    timeout_in_seconds: int
+    max_retries: int
+    additional_headers: typing.Dict[str, typing.Any]  # noqa: UP006  (as the SDK spells it)
+    additional_query_parameters: typing.Dict[str, typing.Any]  # noqa: UP006
+    additional_body_parameters: typing.Dict[str, typing.Any]  # noqa: UP006
+    chunk_size: int
+
+
+def no_sdk_retries(
+    *,
+    timeout_in_seconds: int | None = None,
+    additional_headers: Mapping[str, Any] | None = None,
+) -> SdkRequestOptions:
+    """Return ``request_options`` that switch the SDK's own retries off (``max_retries=0``).
+
+    Pass the result on every SDK call: ``await vapi.calls.create(..., request_options=
+    no_sdk_retries())``. A new dict is returned each time, so changing it is harmless.
+
+    Args:
+        timeout_in_seconds: The SDK's per-request timeout (it overrides the httpx client's).
+        additional_headers: Extra headers for this request.
+    """
+    options: SdkRequestOptions = {"max_retries": 0}
+    if timeout_in_seconds is not None:
+        options["timeout_in_seconds"] = timeout_in_seconds
+    if additional_headers is not None:
+        options["additional_headers"] = dict(additional_headers)
+    return options
+
+
+def sdk_http_client(
+    *,
+    policy: Policy | None = None,
+    policies: Mapping[str, Policy] | None = None,
+    base_url: str = DEFAULT_BASE_URL,
+    transport: httpx.AsyncBaseTransport | None = None,
+    timeout: float = 10.0,
+    unprocessed_429: bool = False,
+    clock: Clock | None = None,
+    name: str = "vapi-sdk",
+    listeners: Iterable[TransportListener] = (),
+) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for ``AsyncVapi(httpx_client=...)`` with Vapi's routes.
+
+    Its :class:`~resilient_voice.http.ResilientTransport` applies the same per-operation
+    policies as :class:`~resilient_voice.vapi.VapiClient` (``policy=``/``policies=`` work the
+    same way; every other request, such as ``POST /assistant``, gets the ``read`` policy and is
+    retried only if its method is idempotent). A ``POST /call`` that may have been processed
+    raises :class:`~resilient_voice.OutcomeUnknownError` out of the SDK call, unwrapped.
+
+    Give the SDK the same ``base_url``. Close the client yourself (``await client.aclose()``);
+    the SDK does not.
+
+    Raises:
+        TypeError, ValueError: Invalid configuration.
+    """
+    _, host, prefix = _check_base_url(base_url)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    resolved = resolve_policies(policy, policies, clock)
+    resilient = ResilientTransport(
+        resolved["read"],
+        transport=transport,
+        routes=vapi_routes(host, prefix, resolved, unprocessed_429=unprocessed_429),
+        name=name,
+        listeners=listeners,
+    )
+    return httpx.AsyncClient(transport=resilient, timeout=httpx.Timeout(float(timeout)))
+
+
+def attempt_overrides(
+    assistant_overrides: Mapping[str, Any] | None = None,
+    *,
+    attempt_id: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Plant an attempt id and the current correlation id in ``assistantOverrides.metadata``.
+
+    For SDK users: the SDK builds its own body, so pass the returned overrides to
+    ``calls.create(assistant_overrides=...)`` and keep the attempt id; after an
+    :class:`~resilient_voice.OutcomeUnknownError`, ``VapiClient.reconcile_call(attempt_id)``
+    finds the call. (The error's own ``attempt_id`` is the transport's, not this one.)
+
+    Returns:
+        ``(attempt_id, overrides)``; ``attempt_id`` is generated when omitted. The input is
+        not mutated and its other metadata keys are kept.
+    """
+    attempt = new_attempt_id() if attempt_id is None else check_id("attempt_id", attempt_id)
+    return attempt, plant_metadata(assistant_overrides, attempt, get_correlation_id())

@@ -1,0 +1,358 @@
+"""ResilientTransport against a real loopback upstream (FakeTelephony served by uvicorn)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from resilient_voice import (
+    BreakerState,
+    CircuitBreaker,
+    FailureKind,
+    OutcomeUnknownError,
+    RetryPolicy,
+    correlation_scope,
+)
+from resilient_voice.events import TransportListener
+from resilient_voice.http import (
+    IDEMPOTENT_EXTENSION,
+    ResilientTransport,
+    Route,
+    UpstreamStatusError,
+    classify_exception,
+    classify_status,
+)
+from resilient_voice.policy import Policy
+from resilient_voice.testing import FakeTelephony, Fault, serve
+
+SID = "AC" + "1" * 32
+TOKEN = "secret-token-value"
+CALLS = f"/2010-04-01/Accounts/{SID}/Calls.json"
+TWILIO_CALLS_ROUTE = Route(
+    name="twilio.calls.create",
+    methods=frozenset({"POST"}),
+    path=r"/2010-04-01/Accounts/[^/]+/Calls\.json",
+    unprocessed_statuses=frozenset({429}),
+)
+CALL_FORM = {"To": "+15550100001", "From": "+15005550006", "Url": "https://example.com/twiml"}
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (httpx.ConnectError("refused"), FailureKind.NOT_SENT),
+        (httpx.ConnectTimeout("slow connect"), FailureKind.NOT_SENT),
+        (httpx.PoolTimeout("pool"), FailureKind.NOT_SENT),
+        (httpx.ProxyError("proxy"), FailureKind.NOT_SENT),
+        (httpx.LocalProtocolError("bad request"), FailureKind.NOT_SENT),
+        (httpx.UnsupportedProtocol("ftp"), FailureKind.PERMANENT),
+        (httpx.TooManyRedirects("loop"), FailureKind.PERMANENT),
+        (httpx.ReadTimeout("read"), FailureKind.MAYBE_PROCESSED),
+        (httpx.WriteTimeout("write"), FailureKind.MAYBE_PROCESSED),
+        (httpx.ReadError("reset"), FailureKind.MAYBE_PROCESSED),
+        (httpx.WriteError("broken pipe"), FailureKind.MAYBE_PROCESSED),
+        (httpx.CloseError("close"), FailureKind.MAYBE_PROCESSED),
+        (httpx.RemoteProtocolError("disconnected"), FailureKind.MAYBE_PROCESSED),
+        (httpx.DecodingError("gzip"), FailureKind.MAYBE_PROCESSED),
+    ],
+)
+def test_exception_table(exc: Exception, kind: FailureKind) -> None:
+    assert classify_exception(exc) is kind
+
+
+@pytest.mark.parametrize(
+    ("status", "unprocessed", "kind"),
+    [
+        (200, frozenset(), None),
+        (201, frozenset(), None),
+        (302, frozenset(), None),
+        (400, frozenset(), FailureKind.PERMANENT),
+        (401, frozenset(), FailureKind.PERMANENT),
+        (404, frozenset(), FailureKind.PERMANENT),
+        (408, frozenset(), FailureKind.MAYBE_PROCESSED),
+        (429, frozenset(), FailureKind.MAYBE_PROCESSED),
+        (429, frozenset({429}), FailureKind.UNPROCESSED),
+        (500, frozenset(), FailureKind.MAYBE_PROCESSED),
+        (503, frozenset(), FailureKind.MAYBE_PROCESSED),
+        (504, frozenset(), FailureKind.MAYBE_PROCESSED),
+    ],
+)
+def test_status_table(status: int, unprocessed: frozenset[int], kind: FailureKind | None) -> None:
+    assert classify_status(status, unprocessed) is kind
+
+
+def test_route_validation() -> None:
+    with pytest.raises(ValueError, match="name"):
+        Route(name="")
+    with pytest.raises(ValueError, match="pattern"):
+        Route(name="bad", path="([")
+    with pytest.raises(ValueError, match="unprocessed"):
+        Route(name="bad", unprocessed_statuses=frozenset({200}))
+    with pytest.raises(TypeError, match="Policy"):
+        ResilientTransport("nope")  # type: ignore[arg-type]
+
+
+def fast_retry(**options: object) -> RetryPolicy:
+    return RetryPolicy(base_delay=0.001, max_delay=0.01, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeTelephony, str]]:
+    app = FakeTelephony(
+        twilio_accounts={SID: TOKEN}, calls_per_second=1000.0, status_callbacks=False
+    )
+    async with serve(app) as url:
+        yield app, url
+
+
+def client(url: str, transport: ResilientTransport) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=url, transport=transport, auth=(SID, TOKEN))
+
+
+async def test_get_is_retried_after_5xx_and_returns_the_answer(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    app.faults = [Fault.burst(2, status=503, endpoints="twilio.calls.list")]
+    transport = ResilientTransport(Policy(retry=fast_retry(max_attempts=3)))
+    async with client(url, transport) as http:
+        response = await http.get(CALLS)
+    assert response.status_code == 200
+    assert len(app.requests("twilio.calls.list")) == 3
+
+
+async def test_idempotent_request_that_exhausts_retries_returns_the_last_response(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    app.faults = [Fault.error_rate(1.0, status=503, endpoints="twilio.calls.list")]
+    transport = ResilientTransport(Policy(retry=fast_retry(max_attempts=2)))
+    async with client(url, transport) as http:
+        response = await http.get(CALLS)
+    assert response.status_code == 503
+    assert response.json()["code"] == 20503
+    assert len(app.requests("twilio.calls.list")) == 2
+
+
+async def test_post_5xx_is_not_resent_and_raises_outcome_unknown(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    app.faults = [Fault.burst(1, status=500, endpoints="twilio.calls.create")]
+    transport = ResilientTransport(Policy(retry=fast_retry(max_attempts=3)))
+    async with client(url, transport) as http:
+        with pytest.raises(OutcomeUnknownError) as info:
+            await http.post(CALLS, data=CALL_FORM)
+    assert isinstance(info.value.__cause__, UpstreamStatusError)
+    assert info.value.__cause__.status == 500
+    assert len(app.requests("twilio.calls.create")) == 1
+
+
+async def test_processed_then_dropped_create_is_never_resent(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    app.faults = [Fault.drop_after(1.0, count=1, endpoints="twilio.calls.create")]
+    transport = ResilientTransport(
+        Policy(retry=fast_retry(max_attempts=5)), routes=[TWILIO_CALLS_ROUTE]
+    )
+    async with client(url, transport) as http:
+        with pytest.raises(OutcomeUnknownError) as info:
+            await http.post(CALLS, data=CALL_FORM)
+    assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
+    assert len(app.calls("twilio")) == 1
+    assert app.duplicate_destinations() == {}
+
+
+async def test_documented_unprocessed_429_is_retried_even_for_create(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    app.faults = [
+        Fault.rate_limited(1.0, retry_after=0.01, count=2, endpoints="twilio.calls.create")
+    ]
+    breaker = CircuitBreaker("twilio", failure_threshold=1)
+    transport = ResilientTransport(
+        Policy(breaker=breaker, retry=fast_retry(max_attempts=3)), routes=[TWILIO_CALLS_ROUTE]
+    )
+    async with client(url, transport) as http:
+        response = await http.post(CALLS, data=CALL_FORM)
+    assert response.status_code == 201
+    assert len(app.calls("twilio")) == 1
+    assert breaker.state is BreakerState.CLOSED  # 429 is back-pressure, not sickness
+
+
+async def test_undocumented_429_on_a_post_is_an_unknown_outcome(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    app.faults = [
+        Fault.rate_limited(1.0, retry_after=0.01, count=1, endpoints="twilio.calls.create")
+    ]
+    transport = ResilientTransport(Policy(retry=fast_retry(max_attempts=3)))  # no route for it
+    async with client(url, transport) as http:
+        with pytest.raises(OutcomeUnknownError):
+            await http.post(CALLS, data=CALL_FORM)
+    assert len(app.requests("twilio.calls.create")) == 1
+
+
+async def test_client_errors_are_returned_unchanged_and_not_retried(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    breaker = CircuitBreaker("twilio", failure_threshold=1)
+    transport = ResilientTransport(Policy(breaker=breaker, retry=fast_retry(max_attempts=3)))
+    async with client(url, transport) as http:
+        response = await http.post(CALLS, data={"To": "not-a-number", "From": "+1", "Url": "x"})
+    assert response.status_code == 400
+    assert len(app.requests("twilio.calls.create")) == 1
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_connection_refused_is_not_sent_and_retried_then_raised() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    transport = ResilientTransport(Policy(retry=fast_retry(max_attempts=3)))
+    attempts: list[int] = []
+
+    class Count(TransportListener):
+        def on_request(self, *args: object) -> None:
+            attempts.append(int(args[-1]))  # type: ignore[call-overload]
+
+    transport.add_listener(Count())
+    async with httpx.AsyncClient(transport=transport) as http:
+        with pytest.raises(httpx.ConnectError) as info:
+            await http.post(f"http://127.0.0.1:{port}/call", json={})
+    assert any("3 attempt" in note for note in info.value.__notes__)
+    assert attempts == [3]
+
+
+async def test_breaker_opens_on_5xx_and_then_fails_fast(fake: tuple[FakeTelephony, str]) -> None:
+    app, url = fake
+    app.faults = [Fault.error_rate(1.0, status=503, endpoints="twilio.calls.list")]
+    breaker = CircuitBreaker("twilio", failure_threshold=2, recovery_timeout=60.0)
+    transport = ResilientTransport(Policy(breaker=breaker))
+    async with client(url, transport) as http:
+        for _ in range(2):
+            assert (await http.get(CALLS)).status_code == 503
+        assert breaker.state is BreakerState.OPEN
+        from resilient_voice import CircuitOpenError
+
+        with pytest.raises(CircuitOpenError):
+            await http.get(CALLS)
+    assert len(app.requests("twilio.calls.list")) == 2
+
+
+async def test_extension_flag_and_honoured_key_make_a_post_retryable(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    app.faults = [Fault.burst(1, status=503, endpoints="twilio.messages.create")]
+    transport = ResilientTransport(Policy(retry=fast_retry(max_attempts=3)))
+    path = f"/2010-04-01/Accounts/{SID}/Messages.json"
+    form = {"To": "+15550100002", "From": "+15005550006", "Body": "hi"}
+    async with client(url, transport) as http:
+        request = http.build_request("POST", path, data=form)
+        request.extensions[IDEMPOTENT_EXTENSION] = True
+        response = await http.send(request)
+    assert response.status_code == 201
+    assert len(app.requests("twilio.messages.create")) == 2
+
+    keyed = ResilientTransport(
+        Policy(retry=fast_retry(max_attempts=3)),
+        routes=[Route(name="messages", path=r".*/Messages\.json", honours_idempotency_key=True)],
+    )
+    assert keyed._is_idempotent(
+        httpx.Request("POST", url + path, headers={"Idempotency-Key": "k1"}), keyed.routes[0]
+    )
+    assert not keyed._is_idempotent(httpx.Request("POST", url + path), keyed.routes[0])
+    assert not transport._is_idempotent(
+        httpx.Request("POST", url + path, headers={"Idempotency-Key": "k1"}),
+        Route(name="calls"),
+    )
+
+
+async def test_correlation_header_is_added_from_the_context(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    transport = ResilientTransport(Policy())
+    async with client(url, transport) as http:
+        with correlation_scope("call-abc.123"):
+            await http.get(CALLS)
+        await http.get(CALLS, headers={"X-Correlation-ID": "explicit"})
+    seen = [r.headers.get("x-correlation-id") for r in app.requests("twilio.calls.list")]
+    assert seen == ["call-abc.123", "explicit"]
+
+
+async def test_listener_gets_route_and_status_class(fake: tuple[FakeTelephony, str]) -> None:
+    _app, url = fake
+    events: list[tuple[object, ...]] = []
+
+    class Record(TransportListener):
+        def on_request(self, *args: object) -> None:
+            events.append(args)
+
+    transport = ResilientTransport(
+        Policy(), routes=[TWILIO_CALLS_ROUTE], name="twilio", listeners=[Record()]
+    )
+    async with client(url, transport) as http:
+        await http.post(CALLS, data=CALL_FORM)
+    (name, host, method, route, status_class, duration, attempts) = events[0]
+    assert (name, host, method, route, status_class, attempts) == (
+        "twilio",
+        "127.0.0.1",
+        "POST",
+        "twilio.calls.create",
+        "2xx",
+        1,
+    )
+    assert isinstance(duration, float)
+    assert duration >= 0
+
+
+async def test_attempt_id_and_limiter_key_come_from_request_extensions(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    from resilient_voice.http import ATTEMPT_ID_EXTENSION, LIMITER_KEY_EXTENSION
+    from resilient_voice.limiter import KeyedLimiter
+
+    app, url = fake
+    app.faults = [Fault.drop_after(1.0, count=1, endpoints="twilio.messages.create")]
+    limiter = KeyedLimiter(rate=1000.0, burst=1)
+    policy = Policy(limiter=limiter, retry=fast_retry(max_attempts=3))
+    transport = ResilientTransport(policy)
+    path = f"/2010-04-01/Accounts/{SID}/Messages.json"
+    form = {"To": "+15550100003", "From": "+15005550006", "Body": "hi"}
+    async with client(url, transport) as http:
+        request = http.build_request("POST", path, data=form)
+        request.extensions[ATTEMPT_ID_EXTENSION] = "attempt-42"
+        request.extensions[LIMITER_KEY_EXTENSION] = "+15005550006"
+        with pytest.raises(OutcomeUnknownError) as info:
+            await http.send(request)
+    assert info.value.attempt_id == "attempt-42"
+    assert limiter.statistics().keys == 1
+
+
+async def test_without_retry_policy_a_maybe_processed_post_still_raises_outcome_unknown(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    app, url = fake
+    transport = ResilientTransport(Policy())  # no retry policy at all
+    async with client(url, transport) as http:
+        app.faults = [Fault.burst(1, status=502, endpoints="twilio.calls.create")]
+        with pytest.raises(OutcomeUnknownError) as info:
+            await http.post(CALLS, data=CALL_FORM)
+        assert isinstance(info.value.__cause__, UpstreamStatusError)
+        app.faults = [Fault.drop_after(1.0, count=1, endpoints="twilio.calls.create")]
+        with pytest.raises(OutcomeUnknownError) as info:
+            await http.post(CALLS, data=CALL_FORM)
+        assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
+        # Idempotent requests keep the real answer.
+        app.faults = [Fault.burst(1, status=502, endpoints="twilio.calls.list")]
+        assert (await http.get(CALLS)).status_code == 502
+    assert len(app.requests("twilio.calls.create")) == 2

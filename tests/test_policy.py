@@ -1,0 +1,327 @@
+"""Policy composes the primitives in the documented order; these tests pin that order."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from resilient_voice import (
+    BreakerState,
+    CircuitBreaker,
+    CircuitOpenError,
+    FailureKind,
+    OutcomeUnknownError,
+    RateLimitedError,
+    RetryPolicy,
+)
+from resilient_voice.limiter import KeyedLimiter, TokenBucket
+from resilient_voice.policy import Policy
+from resilient_voice.testing import ManualClock
+
+
+class NotSent(Exception):
+    failure_kind = FailureKind.NOT_SENT
+    retry_after = None
+
+
+class Maybe(Exception):
+    failure_kind = FailureKind.MAYBE_PROCESSED
+    retry_after = None
+
+
+def no_jitter_retry(clock: ManualClock, **options: object) -> RetryPolicy:
+    return RetryPolicy(clock=clock, jitter="none", base_delay=0.1, **options)  # type: ignore[arg-type]
+
+
+async def test_open_breaker_rejects_before_a_token_is_spent() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker("up", failure_threshold=1, recovery_timeout=30.0, clock=clock)
+    bucket = TokenBucket(rate=1.0, burst=5, clock=clock)
+    policy = Policy(breaker=breaker, limiter=bucket, clock=clock)
+
+    async def fail() -> None:
+        raise Maybe
+
+    with pytest.raises(Maybe):
+        await policy.call(fail)
+    assert breaker.state is BreakerState.OPEN
+    granted = bucket.statistics().granted
+    for _ in range(3):
+        with pytest.raises(CircuitOpenError):
+            await policy.call(fail)
+    assert bucket.statistics().granted == granted
+
+
+async def test_every_attempt_pays_a_token() -> None:
+    clock = ManualClock(autojump=True)
+    bucket = TokenBucket(rate=10.0, burst=10, clock=clock)
+    policy = Policy(limiter=bucket, retry=no_jitter_retry(clock, max_attempts=3), clock=clock)
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise NotSent
+        return "ok"
+
+    assert await policy.call(flaky) == "ok"
+    assert calls == 3
+    assert bucket.statistics().granted == 3
+
+
+async def test_breaker_times_only_the_attempt_not_the_token_wait() -> None:
+    clock = ManualClock(autojump=True)
+    breaker = CircuitBreaker(
+        "slow",
+        failure_rate_threshold=0.5,
+        window_size=2,
+        minimum_calls=1,
+        slow_call_duration=0.5,
+        slow_call_rate_threshold=0.5,
+        clock=clock,
+    )
+    bucket = TokenBucket(rate=0.5, burst=1, clock=clock)  # a token every 2 s
+    policy = Policy(breaker=breaker, limiter=bucket, clock=clock)
+
+    async def quick() -> None:
+        await clock.sleep(0.1)
+
+    for _ in range(4):  # every call after the first waits ~2 s for its token
+        await policy.call(quick)
+    assert clock.now() >= 6.0
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.statistics().slow_calls == 0
+
+
+async def test_attempt_timeout_counts_as_failure_and_is_not_retried_when_not_idempotent() -> None:
+    clock = ManualClock(autojump=True)
+    breaker = CircuitBreaker("t", failure_threshold=5, clock=clock)
+    policy = Policy(
+        breaker=breaker, retry=no_jitter_retry(clock, max_attempts=3), timeout=1.0, clock=clock
+    )
+    calls = 0
+
+    async def hang() -> None:
+        nonlocal calls
+        calls += 1
+        await clock.sleep(10)
+
+    with pytest.raises(OutcomeUnknownError) as info:
+        await policy.call(hang)
+    assert isinstance(info.value.__cause__, TimeoutError)
+    assert calls == 1
+    assert breaker.statistics().consecutive_failures == 1
+    assert clock.now() == pytest.approx(1.0)
+
+
+async def test_attempt_timeout_is_retried_when_idempotent() -> None:
+    clock = ManualClock(autojump=True)
+    policy = Policy(
+        retry=no_jitter_retry(clock, max_attempts=3), timeout=1.0, idempotent=True, clock=clock
+    )
+    calls = 0
+
+    async def hang_then_answer() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            await clock.sleep(10)
+        return "ok"
+
+    assert await policy.call(hang_then_answer) == "ok"
+    assert calls == 3
+
+
+async def test_total_timeout_bounds_everything_and_the_smaller_wins() -> None:
+    clock = ManualClock(autojump=True)
+    retry = no_jitter_retry(clock, max_attempts=100, total_timeout=50.0)
+    policy = Policy(retry=retry, total_timeout=2.5, idempotent=True, clock=clock)
+
+    async def always_fails() -> None:
+        await clock.sleep(0.3)
+        raise NotSent
+
+    with pytest.raises((NotSent, TimeoutError)):
+        await policy.call(always_fails)
+    assert clock.now() <= 2.5
+
+
+async def test_total_timeout_without_retry_cancels_and_reports_unknown_outcome() -> None:
+    clock = ManualClock(autojump=True)
+    policy = Policy(total_timeout=2.0, clock=clock)
+
+    async def hang() -> None:
+        await clock.sleep(10)
+
+    with pytest.raises(OutcomeUnknownError) as info:
+        await policy.call(hang)
+    assert isinstance(info.value.__cause__, TimeoutError)
+
+    idempotent = Policy(total_timeout=2.0, idempotent=True, clock=clock)
+    with pytest.raises(TimeoutError):
+        await idempotent.call(hang)
+
+
+async def test_limiter_refuses_at_once_when_the_deadline_cannot_be_met() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker("d", failure_threshold=1, half_open_max_calls=1, clock=clock)
+    bucket = TokenBucket(rate=0.1, burst=1, clock=clock)  # one token per 10 s
+    policy = Policy(breaker=breaker, limiter=bucket, total_timeout=5.0, clock=clock)
+
+    async def ok() -> str:
+        return "ok"
+
+    assert await policy.call(ok) == "ok"
+    with pytest.raises(RateLimitedError):
+        await policy.call(ok)
+    assert clock.now() == 0.0  # refused without sleeping
+    # The refused attempt released its breaker permit without counting anything.
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.statistics().consecutive_failures == 0
+
+
+async def test_keyed_limiter_uses_the_key_function() -> None:
+    clock = ManualClock()
+    limiter = KeyedLimiter(rate=1.0, burst=1, clock=clock)
+    policy = Policy(limiter=limiter, key=lambda sender, body: sender, clock=clock)
+    sent: list[str] = []
+
+    async def send(sender: str, body: str) -> None:
+        sent.append(f"{sender}:{body}")
+
+    await policy.call(send, "+15550001", "a")
+    await policy.call(send, "+15550002", "b")  # another sender: its own bucket
+    assert sent == ["+15550001:a", "+15550002:b"]
+    assert clock.now() == 0.0
+
+
+async def test_keyed_limiter_without_key_function_needs_a_key_per_run() -> None:
+    clock = ManualClock()
+    policy = Policy(limiter=KeyedLimiter(rate=1.0, clock=clock), clock=clock)
+
+    async def ok() -> str:
+        return "ok"
+
+    with pytest.raises(ValueError, match="key"):
+        await policy.call(ok)
+    assert await policy.run(ok, key="sender") == "ok"
+
+
+async def test_bulkhead_caps_attempts_in_flight() -> None:
+    policy = Policy(max_concurrency=2)
+    in_flight = peak = 0
+
+    async def work() -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await anyio.sleep(0.01)
+        in_flight -= 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(6):
+            tg.start_soon(policy.call, work)
+    assert peak == 2
+
+
+async def test_cancellation_propagates_and_frees_the_probe_slot() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker("c", failure_threshold=1, recovery_timeout=1.0, clock=clock)
+    policy = Policy(breaker=breaker, retry=no_jitter_retry(clock), clock=clock)
+
+    async def fail() -> None:
+        raise Maybe
+
+    with pytest.raises(OutcomeUnknownError):
+        await policy.call(fail)
+    clock.advance(1.0)
+    with anyio.move_on_after(0.05):
+        await policy.call(anyio.sleep_forever)  # the probe, cancelled
+    assert breaker.state is BreakerState.HALF_OPEN
+
+    async def ok() -> str:
+        return "ok"
+
+    assert await policy.call(ok) == "ok"  # the slot was freed: a new probe runs
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_decorator_runs_through_the_policy() -> None:
+    clock = ManualClock(autojump=True)
+    policy = Policy(retry=no_jitter_retry(clock, max_attempts=2), clock=clock)
+    calls = 0
+
+    @policy
+    async def place(to: str, *, tries: int = 2) -> str:
+        nonlocal calls
+        calls += 1
+        if calls < tries:
+            raise NotSent
+        return to
+
+    assert await place("+15550100") == "+15550100"
+    assert calls == 2
+
+
+def test_invalid_configuration_is_rejected_at_construction() -> None:
+    clock = ManualClock()
+    with pytest.raises(ValueError, match="timeout"):
+        Policy(timeout=0)
+    with pytest.raises(ValueError, match="total_timeout"):
+        Policy(total_timeout=-1)
+    with pytest.raises(TypeError):
+        Policy(timeout="3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_concurrency"):
+        Policy(max_concurrency=0)
+    with pytest.raises(ValueError, match="key"):
+        Policy(limiter=TokenBucket(rate=1.0, clock=clock), key=lambda: "x")
+    with pytest.raises(TypeError, match="breaker"):
+        Policy(breaker="twilio")  # type: ignore[arg-type]
+
+
+async def test_policy_clock_is_passed_down_to_parts_built_without_one() -> None:
+    clock = ManualClock(autojump=True)
+    breaker = CircuitBreaker("adopt", failure_threshold=3, recovery_timeout=5.0)
+    retry = RetryPolicy(jitter="none", base_delay=1.0, max_attempts=2)
+    policy = Policy(breaker=breaker, retry=retry, timeout=2.0, clock=clock)
+    calls = 0
+
+    async def fail_once() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise NotSent
+        return "ok"
+
+    assert await policy.call(fail_once) == "ok"
+    assert clock.now() == pytest.approx(1.0)  # the backoff slept on the manual clock
+    assert policy.clock is clock
+
+
+def test_parts_on_different_clocks_are_refused() -> None:
+    with pytest.raises(ValueError, match="clock"):
+        Policy(
+            breaker=CircuitBreaker("a", clock=ManualClock()),
+            retry=RetryPolicy(clock=ManualClock()),
+        )
+    with pytest.raises(ValueError, match="clock"):
+        Policy(breaker=CircuitBreaker("b", clock=ManualClock()), clock=ManualClock())
+    shared = ManualClock()
+    assert Policy(breaker=CircuitBreaker("c", clock=shared)).clock is shared
+
+
+async def test_policy_clock_reaches_a_limiter_built_without_one() -> None:
+    clock = ManualClock(autojump=True)
+    bucket = TokenBucket(rate=1.0, burst=1)
+    keyed = KeyedLimiter(rate=1.0, burst=1)
+    policy = Policy(limiter=bucket, clock=clock)
+    keyed_policy = Policy(limiter=keyed, key=lambda: "k", clock=clock)
+
+    async def ok() -> None:
+        return None
+
+    for _ in range(3):
+        await policy.call(ok)
+        await keyed_policy.call(ok)
+    assert clock.now() == pytest.approx(2.0, abs=1e-6)  # both paced on the manual clock
