@@ -299,3 +299,17 @@ def test_repr_hides_secrets() -> None:
     text = repr(VapiWebhookMiddleware(_unused, secret=SECRET, bearer_token=BEARER))
     assert SECRET not in text
     assert BEARER not in text
+
+
+def test_correlation_key_matches_the_vapi_client() -> None:
+    from resilient_voice.asgi._vapi import CORRELATION_KEY
+    from resilient_voice.vapi._models import CORRELATION_ID_KEY
+
+    assert CORRELATION_KEY == CORRELATION_ID_KEY
+    from resilient_voice.vapi._validation import plant_metadata
+
+    overrides = plant_metadata({"metadata": {"mine": 1}}, "a" * 32, "cid-from-vapi-client")
+    message = {"type": "end-of-call-report", "call": {"id": "c", "assistantOverrides": overrides}}
+    assert planted_correlation_id(json.dumps({"message": message}).encode()) == (
+        "cid-from-vapi-client"
+    )
