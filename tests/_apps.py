@@ -6,21 +6,34 @@ Routes (identical in all three):
 - ``POST /hook/raw`` and ``POST /open``: the raw body echoed;
 - ``GET /hook/get``, ``GET /items/{item_id}``, ``GET /api/things/{thing_id}``: plain text;
 - ``GET /stream``: two chunks, the second only after ``STREAM_GATE`` is set;
-- ``GET /boom``: raises.
+- ``GET /boom``: raises;
+- ``GET|POST /cid`` and ``POST /hook/cid``: the current correlation id (``-`` when none), after
+  logging one record on ``LOG``;
+- ``GET /dup``: sets ``X-Correlation-ID: app-set`` itself;
+- ``GET /outgoing?to=URL``: GETs ``URL`` with httpx (an event hook adds the current correlation
+  id as ``X-Correlation-ID``, as ``ResilientTransport`` does) and returns the answer's body.
 
 Starlette and FastAPI install the middleware through their own ``middleware`` mechanism; Litestar
 is wrapped at the ASGI level (its ``middleware=`` runs after routing, so 404s would not be seen).
+
+``serve_sync`` runs ``resilient_voice.testing.serve`` from synchronous code (module-scoped
+fixtures shared by both anyio backends), through a blocking portal.
 """
 
 import json
+import logging
+import ssl
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio.to_thread
+import httpx
+from anyio.from_thread import start_blocking_portal
 from fastapi import APIRouter, FastAPI
 from fastapi import Request as FastAPIRequest
-from litestar import Litestar, Router, get, post
+from litestar import Litestar, Router, get, post, route
 from litestar import Request as LitestarRequest
 from litestar import Response as LitestarResponse
 from litestar.response import Stream
@@ -29,6 +42,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
+
+from resilient_voice.correlation import get_correlation_id
+from resilient_voice.testing import serve
 
 FRAMEWORKS = ("starlette", "fastapi", "litestar")
 STREAM_GATE = threading.Event()
@@ -62,6 +78,46 @@ async def _boom(request: Request) -> Response:
     raise RuntimeError("boom")
 
 
+LOG = logging.getLogger("resilient_voice.tests.app")
+
+
+async def _cid_text() -> str:
+    LOG.info("handled")
+    return get_correlation_id() or "-"
+
+
+async def _outgoing_text(to: str) -> str:
+    async def add_correlation_id(request: httpx.Request) -> None:
+        cid = get_correlation_id()
+        if cid is not None:
+            request.headers["x-correlation-id"] = cid
+
+    hooks = {"request": [add_correlation_id]}
+    async with httpx.AsyncClient(event_hooks=hooks, trust_env=False, timeout=5.0) as client:
+        return (await client.get(to)).text
+
+
+async def _cid(request: Request) -> Response:
+    return PlainTextResponse(await _cid_text())
+
+
+async def _dup(request: Request) -> Response:
+    return PlainTextResponse("dup", headers={"X-Correlation-ID": "app-set"})
+
+
+async def _outgoing(request: Request) -> Response:
+    return PlainTextResponse(await _outgoing_text(request.query_params["to"]))
+
+
+def _starlette_routes() -> list[Any]:
+    return [
+        Route("/cid", _cid, methods=["GET", "POST"]),
+        Route("/hook/cid", _cid, methods=["POST"]),
+        Route("/dup", _dup),
+        Route("/outgoing", _outgoing),
+    ]
+
+
 def starlette_app(middleware: type[Any], extra_routes: list[Any], **options: Any) -> Any:
     routes = [
         Route("/hook/form", _form, methods=["POST"]),
@@ -72,6 +128,7 @@ def starlette_app(middleware: type[Any], extra_routes: list[Any], **options: Any
         Mount("/api", routes=[Route("/things/{thing_id}", _text)]),
         Route("/stream", _stream),
         Route("/boom", _boom),
+        *_starlette_routes(),
         *extra_routes,
     ]
     return Starlette(routes=routes, middleware=[Middleware(middleware, **options)])
@@ -93,8 +150,12 @@ def fastapi_app(middleware: type[Any], extra_routes: list[Any], **options: Any) 
     app.include_router(api)
     app.add_api_route("/stream", _stream)
     app.add_api_route("/boom", _boom)
-    for route in extra_routes:
-        app.router.routes.append(route)
+    app.add_api_route("/cid", _cid, methods=["GET", "POST"])
+    app.add_api_route("/hook/cid", _cid, methods=["POST"])
+    app.add_api_route("/dup", _dup)
+    app.add_api_route("/outgoing", _outgoing)
+    for extra in extra_routes:
+        app.router.routes.append(extra)
     app.add_middleware(middleware, **options)
     return app
 
@@ -131,6 +192,26 @@ async def _ls_boom() -> None:
     raise RuntimeError("boom")
 
 
+@route(["/cid"], http_method=["GET", "POST"], media_type="text/plain", status_code=200)
+async def _ls_cid() -> str:
+    return await _cid_text()
+
+
+@post("/hook/cid", media_type="text/plain", status_code=200)
+async def _ls_hook_cid() -> str:
+    return await _cid_text()
+
+
+@get("/dup", media_type="text/plain")
+async def _ls_dup() -> LitestarResponse[str]:
+    return LitestarResponse("dup", headers={"X-Correlation-ID": "app-set"})
+
+
+@get("/outgoing", media_type="text/plain")
+async def _ls_outgoing(request: LitestarRequest[Any, Any, Any]) -> str:
+    return await _outgoing_text(request.query_params["to"])
+
+
 def litestar_app(middleware: type[Any], extra_routes: list[Any], **options: Any) -> Any:
     app = Litestar(
         route_handlers=[
@@ -140,6 +221,10 @@ def litestar_app(middleware: type[Any], extra_routes: list[Any], **options: Any)
             Router("/api", route_handlers=[_ls_thing]),
             _ls_stream,
             _ls_boom,
+            _ls_cid,
+            _ls_hook_cid,
+            _ls_dup,
+            _ls_outgoing,
             *extra_routes,
         ],
         debug=False,
@@ -155,3 +240,22 @@ def build(
     framework: str, middleware: type[Any], extra_routes: list[Any] = (), **options: Any
 ) -> Any:  # type: ignore[assignment]
     return BUILDERS[framework](middleware, list(extra_routes), **options)
+
+
+@contextmanager
+def serve_sync(app: Any) -> Iterator[str]:
+    """``resilient_voice.testing.serve`` for synchronous callers: yield the base URL."""
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(serve(app)) as url,
+    ):
+        yield url
+
+
+_SSL = ssl.create_default_context()  # building one per client costs ~0.1 s
+
+
+def http_client(**options: Any) -> httpx.AsyncClient:
+    """An httpx client for loopback servers that reuses one SSL context."""
+    options.setdefault("timeout", 5.0)
+    return httpx.AsyncClient(verify=_SSL, trust_env=False, **options)

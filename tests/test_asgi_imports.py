@@ -56,3 +56,8 @@ def test_all_and_dir() -> None:
     assert dir(resilient_voice.asgi) == sorted(resilient_voice.asgi.__all__)
     with pytest.raises(AttributeError, match="Nope"):
         resilient_voice.asgi.Nope  # noqa: B018
+
+
+def test_correlation_and_rate_limit_middleware_need_no_extra() -> None:
+    statement = "from resilient_voice.asgi import CorrelationIdMiddleware, RateLimitMiddleware"
+    assert loaded_after(statement) == []

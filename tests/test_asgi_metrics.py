@@ -16,16 +16,13 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from _apps import FRAMEWORKS, STREAM_GATE, build
-from _uvicorn import http_client, serve
+from _apps import FRAMEWORKS, STREAM_GATE, build, http_client, serve_sync
 from resilient_voice.asgi import MetricsMiddleware, make_metrics_app
+from resilient_voice.testing import serve
 
 REQUESTS = "resilient_voice_http_server_requests_total"
 DURATION = "resilient_voice_http_server_request_duration_seconds_count"
 IN_PROGRESS = "resilient_voice_http_server_requests_in_progress"
-# Marked at module level so anyio parametrizes the backend at collection time; marking later (as
-# conftest does) makes anyio's collection_finish rebuild items and drop their other parameters.
-pytestmark = pytest.mark.anyio
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -51,7 +48,7 @@ def servers() -> Iterator[dict[str, Served]]:
             def __missing__(self, framework: str) -> Served:
                 registry = CollectorRegistry()
                 app = build(framework, MetricsMiddleware, registry=registry)
-                url = stack.enter_context(serve(app))
+                url = stack.enter_context(serve_sync(app))
                 self[framework] = Served(url, registry, framework)
                 return self[framework]
 
@@ -287,14 +284,13 @@ async def test_metrics_app_serves_the_exposition_on_starlette_route() -> None:
     registry = CollectorRegistry()
     Counter("rv_test_things", "things", registry=registry).inc(3)
     app = Starlette(routes=[Route("/metrics", make_metrics_app(registry))])
-    with serve(app) as url:
-        async with http_client(base_url=url) as client:
-            text = await client.get("/metrics")
-            openmetrics = await client.get(
-                "/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"}
-            )
-            head = await client.head("/metrics")
-            post = await client.post("/metrics")
+    async with serve(app) as url, http_client(base_url=url) as client:
+        text = await client.get("/metrics")
+        openmetrics = await client.get(
+            "/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        head = await client.head("/metrics")
+        post = await client.post("/metrics")
     assert text.status_code == 200
     assert text.headers["content-type"].startswith("text/plain; version=")
     assert "rv_test_things_total 3.0" in text.text
@@ -309,9 +305,8 @@ async def test_metrics_app_serves_the_exposition_on_starlette_route() -> None:
 async def test_metrics_app_serves_standalone_with_lifespan() -> None:
     registry = CollectorRegistry()
     Counter("rv_standalone", "x", registry=registry).inc()
-    with serve(make_metrics_app(registry)) as url:
-        async with http_client(base_url=url) as client:
-            response = await client.get("/anything")
+    async with serve(make_metrics_app(registry)) as url, http_client(base_url=url) as client:
+        response = await client.get("/anything")
     assert "rv_standalone_total 1.0" in response.text
 
 

@@ -13,11 +13,8 @@ import httpx
 import pytest
 from twilio.request_validator import RequestValidator
 
-from _apps import FRAMEWORKS, build
-from _uvicorn import http_client, serve
+from _apps import FRAMEWORKS, build, http_client, serve_sync
 from resilient_voice.asgi import TwilioSignatureMiddleware
-
-pytestmark = pytest.mark.anyio  # see test_asgi_metrics.py for why this is module-level
 
 TOKEN = "12345678901234567890123456789012"
 SHARED_ID = "webhooks_sharedkey_1"
@@ -75,7 +72,7 @@ def servers() -> Iterator[dict[tuple[str, str], str]]:
                     max_body=4096,
                     **VARIANTS[variant],
                 )
-                self[key] = stack.enter_context(serve(app))
+                self[key] = stack.enter_context(serve_sync(app))
                 return self[key]
 
         yield Lazy()

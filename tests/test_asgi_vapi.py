@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-from _apps import FRAMEWORKS, build
-from _uvicorn import http_client, serve
-from resilient_voice.asgi import VapiWebhookMiddleware
-
-pytestmark = pytest.mark.anyio  # see test_asgi_metrics.py for why this is module-level
+from _apps import FRAMEWORKS, build, http_client, serve_sync
+from resilient_voice.asgi import CorrelationIdMiddleware, VapiWebhookMiddleware
+from resilient_voice.asgi._vapi import planted_correlation_id
+from resilient_voice.correlation import get_correlation_id
 
 SECRET = "vapi-shared-secret"
 BEARER = "vapi-bearer-token"
@@ -50,7 +49,7 @@ def servers() -> Iterator[dict[str, str]]:
                     max_body=4096,
                     clock=lambda: NOW,
                 )
-                self[framework] = stack.enter_context(serve(app))
+                self[framework] = stack.enter_context(serve_sync(app))
                 return self[framework]
 
         yield Lazy()
@@ -130,6 +129,75 @@ async def test_body_over_limit_is_413(url: str) -> None:
 async def test_unguarded_paths_pass_through(url: str) -> None:
     response = await post(url, b"hello", {}, path="/open")
     assert (response.status_code, response.content) == (200, b"hello")
+
+
+def call_message(metadata: Any) -> bytes:
+    """A tool-calls message whose call carries ``metadata`` in its assistantOverrides."""
+    call = {"id": "call-1", "assistantOverrides": {"metadata": metadata}}
+    return json.dumps({"message": {"type": "tool-calls", "call": call}}).encode()
+
+
+async def test_planted_correlation_id_is_recovered(url: str) -> None:
+    body = call_message({"rv_cid": "cid-from-client", "rv_attempt_id": "a" * 32})
+    response = await post(url, body, {"x-vapi-secret": SECRET}, path="/hook/cid")
+    assert response.status_code == 200
+    assert response.text == "cid-from-client"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        call_message({"rv_cid": "bad id\r\n"}),
+        call_message({"rv_cid": "x" * 129}),
+        call_message({"rv_cid": 42}),
+        call_message({"other": "rv_cid"}),
+        call_message(["rv_cid"]),
+        json.dumps({"message": {"call": {"assistantOverrides": "rv_cid"}}}).encode(),
+        json.dumps({"message": ["rv_cid"]}).encode(),
+        json.dumps(["rv_cid"]).encode(),
+        b'{"rv_cid": not json',
+        b'\xff\xfe"rv_cid"',
+        BODY,
+    ],
+)
+async def test_missing_or_malformed_planted_id_passes_through_unscoped(
+    url: str, body: bytes
+) -> None:
+    response = await post(url, body, {"x-vapi-secret": SECRET}, path="/hook/cid")
+    assert response.status_code == 200  # the app decides what a malformed body means
+    assert response.text == "-"
+
+
+def test_planted_correlation_id_tolerates_anything() -> None:
+    assert planted_correlation_id(b"[" * 100_000 + b'"rv_cid"') is None  # RecursionError
+    assert planted_correlation_id(b"{}" * 10) is None
+    assert planted_correlation_id(call_message({"rv_cid": "ok-1"})) == "ok-1"
+
+
+async def test_planted_id_beats_the_outer_correlation_id() -> None:
+    seen: list[str | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(get_correlation_id())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent: list[Any] = []
+    body = call_message({"rv_cid": "call-scope"})
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": body}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    stack = CorrelationIdMiddleware(VapiWebhookMiddleware(app, secret=SECRET))
+    headers = [(b"x-vapi-secret", SECRET.encode()), (b"x-correlation-id", b"outer")]
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": headers}
+    await stack(scope, receive, send)
+    assert seen == ["call-scope"]
+    assert sent[0]["headers"] == [(b"x-correlation-id", b"call-scope")]
+    assert get_correlation_id() is None
 
 
 # Direct ASGI calls.
@@ -231,3 +299,17 @@ def test_repr_hides_secrets() -> None:
     text = repr(VapiWebhookMiddleware(_unused, secret=SECRET, bearer_token=BEARER))
     assert SECRET not in text
     assert BEARER not in text
+
+
+def test_correlation_key_matches_the_vapi_client() -> None:
+    from resilient_voice.asgi._vapi import CORRELATION_KEY
+    from resilient_voice.vapi._models import CORRELATION_ID_KEY
+
+    assert CORRELATION_KEY == CORRELATION_ID_KEY
+    from resilient_voice.vapi._validation import plant_metadata
+
+    overrides = plant_metadata({"metadata": {"mine": 1}}, "a" * 32, "cid-from-vapi-client")
+    message = {"type": "end-of-call-report", "call": {"id": "c", "assistantOverrides": overrides}}
+    assert planted_correlation_id(json.dumps({"message": message}).encode()) == (
+        "cid-from-vapi-client"
+    )

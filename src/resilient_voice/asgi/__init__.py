@@ -12,20 +12,26 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from resilient_voice.asgi._correlation import CorrelationIdMiddleware
     from resilient_voice.asgi._metrics import MetricsMiddleware, make_metrics_app
+    from resilient_voice.asgi._ratelimit import RateLimitMiddleware
     from resilient_voice.asgi._twilio import TwilioSignatureMiddleware
     from resilient_voice.asgi._vapi import VapiWebhookMiddleware
 
 __all__ = [
+    "CorrelationIdMiddleware",
     "MetricsMiddleware",
+    "RateLimitMiddleware",
     "TwilioSignatureMiddleware",
     "VapiWebhookMiddleware",
     "make_metrics_app",
 ]
 
 _LAZY = {
+    "CorrelationIdMiddleware": "resilient_voice.asgi._correlation",
     "MetricsMiddleware": "resilient_voice.asgi._metrics",
     "make_metrics_app": "resilient_voice.asgi._metrics",
+    "RateLimitMiddleware": "resilient_voice.asgi._ratelimit",
     "TwilioSignatureMiddleware": "resilient_voice.asgi._twilio",
     "VapiWebhookMiddleware": "resilient_voice.asgi._vapi",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "Scope",
     "Send",
     "get_header",
+    "header_name",
     "read_body",
     "replay",
     "respond",
@@ -67,6 +69,20 @@ def get_header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+
+def header_name(name: str, value: str) -> bytes:
+    """Validate an HTTP header name option; return it lowercased, as ASGI bytes.
+
+    Raises:
+        ValueError: ``value`` is not an HTTP token.
+    """
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ValueError(f"{name} must be an HTTP header name, got {value!r}")
+    return value.lower().encode("ascii")
 
 
 class BodyTooLargeError(Exception):

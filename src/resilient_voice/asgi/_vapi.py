@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import logging
 import math
 import re
@@ -21,12 +22,41 @@ from resilient_voice.asgi._common import (
     Scope,
     Send,
     get_header,
+    header_name,
     read_body,
     replay,
     respond,
 )
+from resilient_voice.correlation import correlation_scope, validate_correlation_id
 
-__all__ = ["VapiWebhookMiddleware"]
+__all__ = ["CORRELATION_KEY", "VapiWebhookMiddleware", "planted_correlation_id"]
+
+CORRELATION_KEY = "rv_cid"
+"""The ``assistantOverrides.metadata`` key under which the Vapi client plants the correlation id."""
+_CORRELATION_NEEDLE = b'"' + CORRELATION_KEY.encode("ascii") + b'"'
+
+
+def planted_correlation_id(body: bytes) -> str | None:
+    """Return the valid correlation id planted in a Vapi server message, or ``None``.
+
+    The id sits at ``message.call.assistantOverrides.metadata.rv_cid``. A body without the key
+    is not parsed at all; anything unexpected (not JSON, other shapes, an invalid id) yields
+    ``None`` and never raises.
+    """
+    if _CORRELATION_NEEDLE not in body:
+        return None
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    for key in ("message", "call", "assistantOverrides", "metadata"):
+        if not isinstance(document, dict):
+            return None
+        document = document.get(key)
+    if not isinstance(document, dict):
+        return None
+    return validate_correlation_id(document.get(CORRELATION_KEY))
+
 
 _log = logging.getLogger("resilient_voice.asgi")
 
@@ -46,12 +76,6 @@ def _secret_bytes(name: str, value: str | bytes | None) -> bytes | None:
     if not isinstance(value, bytes) or not value:
         raise ValueError(f"{name} must be a non-empty str or bytes")
     return value
-
-
-def _header_name(name: str, value: str) -> bytes:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
-        raise ValueError(f"{name} must be an HTTP header name, got {value!r}")
-    return value.lower().encode("ascii")
 
 
 class VapiWebhookMiddleware:
@@ -126,11 +150,11 @@ class VapiWebhookMiddleware:
         key = _secret_bytes("hmac_secret", hmac_secret)
         if self._secret is None and self._bearer is None and key is None:
             raise ValueError("configure at least one of secret, bearer_token or hmac_secret")
-        self._secret_header = _header_name("secret_header", secret_header)
-        self._bearer_header = _header_name("bearer_header", bearer_header)
+        self._secret_header = header_name("secret_header", secret_header)
+        self._bearer_header = header_name("bearer_header", bearer_header)
         self._bearer_prefix = bool(bearer_prefix)
-        self._signature_header = _header_name("signature_header", signature_header)
-        self._timestamp_header = _header_name("timestamp_header", timestamp_header)
+        self._signature_header = header_name("signature_header", signature_header)
+        self._timestamp_header = header_name("timestamp_header", timestamp_header)
         if algorithm not in _ALGORITHMS:
             raise ValueError(f"algorithm must be one of {sorted(_ALGORITHMS)}, got {algorithm!r}")
         if signature_encoding not in ("hex", "base64"):
@@ -181,12 +205,19 @@ class VapiWebhookMiddleware:
     async def _call_verified(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         """Run the app for a request whose credentials checked out.
 
-        EXTENSION POINT (correlation): once ``resilient_voice.correlation`` lands, this is where
-        the correlation id the Vapi client planted in the call's ``assistantOverrides.metadata``
-        is recovered from ``body`` (already buffered and verified; parse it lazily and tolerate
-        anything) and the app is run inside ``correlation_scope(id)``.
+        When the verified body carries the correlation id that the Vapi client planted in the
+        call's ``assistantOverrides.metadata`` (key ``rv_cid``), the app runs inside
+        ``correlation_scope(that id)``, so every webhook of one call shares the id of the
+        request that placed it. Otherwise (no id, an invalid one, a body that is not JSON) the
+        app runs in the current context unchanged: deciding what a malformed body means is the
+        app's job.
         """
-        await self.app(scope, receive, send)
+        cid = planted_correlation_id(body)
+        if cid is None:
+            await self.app(scope, receive, send)
+            return
+        with correlation_scope(cid):
+            await self.app(scope, receive, send)
 
     def _check_headers(self, scope: Scope) -> bool:
         if self._secret is not None:

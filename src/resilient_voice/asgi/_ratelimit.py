@@ -1,0 +1,413 @@
+"""Per-client rate limiting for inbound HTTP, with the IETF RateLimit header fields."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from resilient_voice._clock import Clock
+from resilient_voice.asgi._common import ASGIApp, Message, Receive, Scope, Send
+from resilient_voice.events import LimiterListener
+from resilient_voice.limiter import KeyedLimiter, TokenBucket
+
+__all__ = ["RateLimitMiddleware", "RouteMatcher"]
+
+_FORWARDED_FOR = b"x-forwarded-for"
+_POLICY = b"ratelimit-policy"
+_RATELIMIT = b"ratelimit"
+_JSON = (b"content-type", b"application/json")
+# Characters of a bare IPv4 or IPv6 address as proxies write them into X-Forwarded-For.
+_ADDRESS_CHARACTERS = b"0123456789abcdefABCDEF.:"
+_MAX_ADDRESS = 45  # the longest textual IPv6 address (with an embedded IPv4 part)
+_PARAMETER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(?::[A-Za-z_]+)?\}")
+_HEADER_CACHE = 4096
+_POLICY_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _tokens_available(bucket: TokenBucket) -> float:
+    """``bucket.statistics().tokens_available`` without building the statistics record.
+
+    The record costs about 2.5 µs, most of this middleware's budget. This reads the bucket's GCRA
+    state (the time at which it is full again) the same way; a test pins the two together.
+    """
+    behind = bucket._full_at - bucket._now()
+    if behind <= 0:
+        return bucket._burst
+    available = bucket._burst - behind * bucket._rate
+    return available if available > 0.0 else 0.0
+
+
+class RouteMatcher:
+    """Decides whether a request path matches one rule: exact, prefix or template.
+
+    - ``"/metrics"`` matches that path only;
+    - ``"/vapi/*"`` matches every path that starts with ``/vapi/``;
+    - ``"/calls/{call_sid}/status"`` matches one segment (no ``/``) per ``{parameter}``; a
+      ``{name:path}`` parameter matches the rest of the path, slashes included.
+
+    Templates are compiled once, here.
+    """
+
+    __slots__ = ("_exact", "_prefix", "_regex", "pattern")
+
+    def __init__(self, pattern: str) -> None:
+        if not isinstance(pattern, str) or not pattern.startswith("/"):
+            raise ValueError(f"route patterns must start with '/': {pattern!r}")
+        self.pattern = pattern
+        self._exact: str | None = None
+        self._prefix: str | None = None
+        self._regex: re.Pattern[str] | None = None
+        if "{" in pattern:
+            parts: list[str] = []
+            position = 0
+            for match in _PARAMETER.finditer(pattern):
+                parts.append(re.escape(pattern[position : match.start()]))
+                parts.append(".+" if match.group().endswith(":path}") else "[^/]+")
+                position = match.end()
+            tail = pattern[position:]
+            if "{" in tail or "}" in tail:
+                raise ValueError(f"malformed route template: {pattern!r}")
+            parts.append(re.escape(tail))
+            self._regex = re.compile("".join(parts))
+        elif pattern.endswith("*"):
+            self._prefix = pattern[:-1]
+        else:
+            self._exact = pattern
+
+    def __call__(self, path: str) -> bool:
+        if self._exact is not None:
+            return path == self._exact
+        if self._prefix is not None:
+            return path.startswith(self._prefix)
+        return self._regex.fullmatch(path) is not None  # type: ignore[union-attr]
+
+    def __repr__(self) -> str:
+        return f"RouteMatcher({self.pattern!r})"
+
+
+class _Policy:
+    """One limit: its keyed limiter and the header values that do not change per request."""
+
+    __slots__ = ("_cache", "burst", "interval", "label", "limiter", "policy_header", "rate")
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        label: bytes,
+        *,
+        name: str,
+        max_keys: int,
+        clock: Clock | None,
+        listeners: tuple[LimiterListener, ...],
+    ) -> None:
+        self.limiter = KeyedLimiter(
+            rate, burst, max_keys=max_keys, clock=clock, name=name, listeners=listeners
+        )
+        self.rate = float(rate)
+        self.interval = 1.0 / self.rate
+        self.burst = float(burst)
+        self.label = label
+        quota = int(burst)
+        # A token bucket has no fixed window; advertise the time to refill the whole quota, so
+        # that q / w never overstates the sustained rate.
+        window = max(1, math.ceil(quota / self.rate))
+        self.policy_header = (_POLICY, b"%s;q=%d;w=%d" % (label, quota, window))
+        self._cache: dict[tuple[int, int], tuple[tuple[bytes, bytes], ...]] = {}
+
+    def headers(self, remaining: int, wait: int) -> tuple[tuple[bytes, bytes], ...]:
+        """The two header fields of an allowed response (cached: few distinct values occur)."""
+        cache_key = (remaining, wait)
+        found = self._cache.get(cache_key)
+        if found is None:
+            found = (
+                self.policy_header,
+                (_RATELIMIT, b"%s;r=%d;t=%d" % (self.label, remaining, wait)),
+            )
+            if len(self._cache) < _HEADER_CACHE:
+                self._cache[cache_key] = found
+        return found
+
+
+def _rule(pattern: str, limit: Any) -> tuple[str, float, float]:
+    if isinstance(limit, int | float) and not isinstance(limit, bool):
+        return pattern, float(limit), 1.0
+    if isinstance(limit, tuple | list) and len(limit) == 2:
+        return pattern, limit[0], limit[1]
+    raise TypeError(f"route {pattern!r}: the limit must be rate or (rate, burst), got {limit!r}")
+
+
+def _trusted_sets(proxies: Iterable[str]) -> tuple[frozenset[str], tuple[Any, ...]]:
+    if isinstance(proxies, str):
+        proxies = [proxies]
+    exact: set[str] = set()
+    networks: list[Any] = []
+    for entry in proxies:
+        if entry == "*":
+            raise ValueError(
+                "trusted_proxies=['*'] would let any client choose its own key through "
+                "X-Forwarded-For: list your proxies' addresses or networks"
+            )
+        network = ipaddress.ip_network(entry, strict=False)
+        if network.num_addresses == 1:
+            exact.add(str(network.network_address))
+        else:
+            networks.append(network)
+    return frozenset(exact), tuple(networks)
+
+
+class RateLimitMiddleware:
+    """Pure ASGI middleware that limits how fast each client may call the app.
+
+    Each client (by default its address) gets a token bucket of ``burst`` tokens refilled at
+    ``rate`` per second (a :class:`~resilient_voice.limiter.KeyedLimiter`, so memory is bounded by
+    ``max_keys``). A request takes one token; a request that finds none is answered at once with
+    429, a ``Retry-After`` in whole seconds (rounded up), a small JSON body
+    ``{"error":"rate_limited","retry_after":N}``, and the IETF ``RateLimit-Policy`` and
+    ``RateLimit`` fields (draft-ietf-httpapi-ratelimit-headers-10 and -11)::
+
+        RateLimit-Policy: "default";q=<burst>;w=<seconds to refill the burst>
+        RateLimit: "default";r=<tokens left>;t=<seconds until the next token>
+
+    Allowed responses carry the same two fields (added to ``http.response.start``), never a
+    ``Retry-After``. Nothing is buffered: bodies pass through untouched. Non-HTTP scopes pass
+    through, unlimited.
+
+    **Keys.** By default the client address from the ASGI scope (``scope["client"]``; requests
+    without one share the key ``""``). ``X-Forwarded-For`` is read only when the connecting peer
+    is one of ``trusted_proxies``: the header is walked from the right, skipping addresses of
+    trusted proxies, and the first other address is the client. At most ``forwarded_hops``
+    entries are examined, whatever the header's size; a malformed entry (anything that is not an
+    IP address) stops the walk and the peer address is used. Or pass ``key=callable(scope)``
+    returning the key (an API key, an account id) or ``None`` to exempt the request.
+
+    **Exemptions.** ``exempt`` is a list of route patterns (see :class:`RouteMatcher`) or a
+    callable ``(scope) -> bool``; matching requests are never limited. Vapi's
+    ``assistant-request`` and ``tool-calls`` webhooks must never get a 429 (Vapi waits 7.5 s and
+    never retries), and their type is in the body, which this middleware does not read: exempt
+    the whole Vapi webhook path, which ``VapiWebhookMiddleware`` authenticates.
+
+    **Per-route limits.** ``routes`` maps patterns to ``rate`` or ``(rate, burst)``, or is a list
+    of ``(pattern, rate, burst)``; the first matching rule applies instead of the default limit,
+    with its own buckets. ``rate=None`` leaves paths outside ``routes`` unlimited.
+
+    Args:
+        app: The ASGI app to wrap.
+        rate: Requests per second per client, or ``None`` for no default limit.
+        burst: Requests a client may make at once (the bucket size).
+        key: ``callable(scope) -> str | None`` choosing the client key; ``None`` exempts.
+        exempt: Route patterns, or ``callable(scope) -> bool``, never limited.
+        trusted_proxies: Addresses or networks of your proxies, whose ``X-Forwarded-For`` is
+            believed (only with the default key).
+        routes: Per-route limits, see above.
+        max_keys: Buckets retained per limit (see ``KeyedLimiter``).
+        clock: Clock of the limiters; inject a ``ManualClock`` in tests.
+        listeners: ``LimiterListener`` objects for every limit (metrics, logs).
+        policy_name: The policy name in the RateLimit fields.
+        forwarded_hops: The most ``X-Forwarded-For`` entries examined.
+        name: Name of the limiters (route limits add ``:<pattern>``); used in listeners.
+
+    Raises:
+        ValueError: an invalid rate, burst, pattern, proxy or name; ``key`` together with
+            ``trusted_proxies``; no limit at all.
+        TypeError: a value of the wrong type.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        rate: float | None,
+        burst: float = 1,
+        key: Callable[[Scope], str | None] | None = None,
+        exempt: Iterable[str] | Callable[[Scope], bool] | None = None,
+        trusted_proxies: Iterable[str] = (),
+        routes: Mapping[str, Any] | Iterable[tuple[str, float, float]] | None = None,
+        max_keys: int = 10_000,
+        clock: Clock | None = None,
+        listeners: Iterable[LimiterListener] = (),
+        policy_name: str = "default",
+        forwarded_hops: int = 16,
+        name: str = "http_server",
+    ) -> None:
+        self.app = app
+        if key is not None and not callable(key):
+            raise TypeError("key must be a callable(scope) -> str | None")
+        if not isinstance(policy_name, str) or not _POLICY_NAME.fullmatch(policy_name):
+            raise ValueError(f"policy_name must be 1..64 of [A-Za-z0-9_.:-], got {policy_name!r}")
+        if isinstance(forwarded_hops, bool) or not isinstance(forwarded_hops, int):
+            raise TypeError(f"forwarded_hops must be an int, got {forwarded_hops!r}")
+        if not 1 <= forwarded_hops <= 64:
+            raise ValueError(f"forwarded_hops must be in 1..64, got {forwarded_hops!r}")
+        self._exact_proxies, self._proxy_networks = _trusted_sets(trusted_proxies)
+        self._use_forwarded = bool(self._exact_proxies or self._proxy_networks)
+        if key is not None and self._use_forwarded:
+            raise ValueError("trusted_proxies applies to the default key only; not with key=")
+        self._key = key
+        self._hops = forwarded_hops
+        label = b'"' + policy_name.encode("ascii") + b'"'
+        listener_tuple = tuple(listeners)
+
+        def policy(rate: float, burst: float, limiter_name: str) -> _Policy:
+            return _Policy(
+                rate,
+                burst,
+                label,
+                name=limiter_name,
+                max_keys=max_keys,
+                clock=clock,
+                listeners=listener_tuple,
+            )
+
+        self._default = None if rate is None else policy(rate, burst, name)
+        rules: list[tuple[str, float, float]] = []
+        if routes is not None:
+            if isinstance(routes, Mapping):
+                rules = [_rule(pattern, limit) for pattern, limit in routes.items()]
+            else:
+                for rule in routes:
+                    if not isinstance(rule, tuple | list) or len(rule) != 3:
+                        raise TypeError(f"route rules are (pattern, rate, burst), got {rule!r}")
+                    rules.append((rule[0], rule[1], rule[2]))
+        self._routes: tuple[tuple[RouteMatcher, _Policy], ...] = tuple(
+            (RouteMatcher(pattern), policy(r, b, f"{name}:{pattern}")) for pattern, r, b in rules
+        )
+        # The common configuration takes a shorter path per request.
+        self._plain_key = key is None and not self._use_forwarded
+        self._plain = not self._routes and exempt is None and self._default is not None
+        if self._default is None and not self._routes:
+            raise ValueError("rate=None needs routes: there would be nothing to limit")
+        self._exempt_call: Callable[[Scope], bool] | None = None
+        self._exempt_routes: tuple[RouteMatcher, ...] = ()
+        if callable(exempt):
+            self._exempt_call = exempt
+        elif exempt is not None:
+            if isinstance(exempt, str):
+                raise TypeError("exempt must be a list of patterns, not a single string")
+            self._exempt_routes = tuple(RouteMatcher(pattern) for pattern in exempt)
+
+    @property
+    def limiters(self) -> dict[str, KeyedLimiter]:
+        """The limiters by pattern (``"*"`` for the default limit), for statistics and tests."""
+        found = {pattern.pattern: policy.limiter for pattern, policy in self._routes}
+        if self._default is not None:
+            found["*"] = self._default.limiter
+        return found
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        policy = self._default if self._plain else self._policy(scope)
+        if policy is None:
+            await self.app(scope, receive, send)
+            return
+        if self._plain_key:
+            client = scope.get("client")
+            key: str | None = client[0] if client else ""
+        else:
+            key = self._client_key(scope)
+            if key is None:
+                await self.app(scope, receive, send)
+                return
+        limiter = policy.limiter
+        allowed = await limiter.try_acquire(key)
+        bucket = limiter.bucket(key)
+        available = 0.0 if bucket is None else _tokens_available(bucket)
+        if not allowed:
+            await self._reject(send, policy, available)
+            return
+        remaining = int(available)
+        wait = math.ceil((remaining + 1 - available) * policy.interval)
+        headers = policy.headers(remaining, wait if wait > 1 else 1)
+
+        async def send_with_quota(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_quota)
+
+    def _policy(self, scope: Scope) -> _Policy | None:
+        path = scope["path"]
+        for matches in self._exempt_routes:
+            if matches(path):
+                return None
+        if self._exempt_call is not None and self._exempt_call(scope):
+            return None
+        for matches, policy in self._routes:
+            if matches(path):
+                return policy
+        return self._default
+
+    def _client_key(self, scope: Scope) -> str | None:
+        if self._key is not None:
+            return self._key(scope)
+        client = scope.get("client")
+        if not client:
+            return ""
+        peer: str = client[0]
+        if self._use_forwarded and self._is_trusted(peer):
+            return self._forwarded_client(scope, peer)
+        return peer
+
+    def _is_trusted(self, address: str) -> bool:
+        if address in self._exact_proxies:
+            return True
+        if not self._proxy_networks:
+            return False
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in network for network in self._proxy_networks)
+
+    def _forwarded_client(self, scope: Scope, peer: str) -> str:
+        """The right-most address in X-Forwarded-For that is not a trusted proxy."""
+        values = [value for name, value in scope["headers"] if name == _FORWARDED_FOR]
+        if not values:
+            return peer
+        header = values[0] if len(values) == 1 else b",".join(values)
+        # At most `hops` splits from the right: a 60 kB header costs one scan, not 60 kB of work.
+        hops = header.rsplit(b",", self._hops)
+        candidate = peer
+        for examined, raw in enumerate(reversed(hops)):
+            if examined == self._hops:
+                break  # the unsplit remainder, beyond the bound
+            hop = raw.strip(b" \t")
+            if not hop or len(hop) > _MAX_ADDRESS or hop.translate(None, _ADDRESS_CHARACTERS):
+                return peer  # junk where a trusted proxy should have written an address
+            text = hop.decode("ascii")
+            try:
+                text = str(ipaddress.ip_address(text))
+            except ValueError:
+                return peer
+            candidate = text
+            if not self._is_trusted(text):
+                return text
+        return candidate
+
+    async def _reject(self, send: Send, policy: _Policy, available: float) -> None:
+        retry_after = max(1, math.ceil((1.0 - available) / policy.rate))
+        body = b'{"error":"rate_limited","retry_after":%d}' % retry_after
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 429,
+                "headers": [
+                    _JSON,
+                    (b"content-length", b"%d" % len(body)),
+                    (b"retry-after", b"%d" % retry_after),
+                    policy.policy_header,
+                    (_RATELIMIT, b"%s;r=0;t=%d" % (policy.label, retry_after)),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def __repr__(self) -> str:
+        rate = None if self._default is None else self._default.rate
+        return f"RateLimitMiddleware(app={self.app!r}, rate={rate!r}, routes={len(self._routes)})"
