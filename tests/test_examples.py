@@ -8,8 +8,11 @@ included (sent and signed by the fake, or signed here with the twilio package's
 from __future__ import annotations
 
 import importlib.util
+import signal
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
@@ -104,6 +107,9 @@ async def run_app(framework: str, **settings: Any) -> AsyncIterator[Running]:
 
 
 FRAMEWORKS = ("fastapi", "starlette", "litestar")
+# The apps run under uvicorn's asyncio loop in their own thread; the test's backend would only
+# change the HTTP client driving them, so these tests run once.
+ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
 
 @pytest.fixture(params=FRAMEWORKS)
@@ -116,6 +122,7 @@ async def place(app: Running, to: str) -> httpx.Response:
     return await app.http.post("/calls", json={"to": to})
 
 
+@ASYNCIO_ONLY
 async def test_app_places_a_call_and_takes_its_signed_callbacks(
     voice_app: Running,
 ) -> None:
@@ -142,6 +149,7 @@ async def test_app_places_a_call_and_takes_its_signed_callbacks(
     assert request.headers["x-correlation-id"] == cid
 
 
+@ASYNCIO_ONLY
 async def test_app_twilio_callbacks_need_twilio_signature(voice_app: Running) -> None:
     app = voice_app
     form = {"CallSid": "CA" + "1" * 32, "CallStatus": "ringing"}
@@ -158,6 +166,7 @@ async def test_app_twilio_callbacks_need_twilio_signature(voice_app: Running) ->
     assert state["status"] == "ringing"
 
 
+@ASYNCIO_ONLY
 async def test_app_lost_response_is_202_with_the_attempt_id_and_never_resent(
     voice_app: Running,
 ) -> None:
@@ -182,6 +191,7 @@ def _json_with_sid(app: Running, attempt_id: str) -> Callable[[], Any]:
     return check
 
 
+@ASYNCIO_ONLY
 async def test_app_open_breaker_is_503_with_retry_after(voice_app: Running) -> None:
     app = voice_app
     app.fake.faults = [Fault.outage(0.0, 3600.0, endpoints="twilio.calls.create")]
@@ -194,6 +204,7 @@ async def test_app_open_breaker_is_503_with_retry_after(voice_app: Running) -> N
     assert len(app.fake.requests("twilio.calls.create")) == 3  # the 4th never left
 
 
+@ASYNCIO_ONLY
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 async def test_app_pacing_beyond_the_budget_is_429_with_retry_after(framework: str) -> None:
     async for app in run_app(framework, calls_per_second=0.05, call_budget=1.0):
@@ -204,6 +215,7 @@ async def test_app_pacing_beyond_the_budget_is_429_with_retry_after(framework: s
         assert len(app.fake.requests("twilio.calls.create")) == 1
 
 
+@ASYNCIO_ONLY
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 async def test_app_inbound_limit_spares_the_webhooks(framework: str) -> None:
     async for app in run_app(framework, inbound_rate=0.01, inbound_burst=2):
@@ -220,6 +232,7 @@ async def test_app_inbound_limit_spares_the_webhooks(framework: str) -> None:
             assert hook.status_code == 204
 
 
+@ASYNCIO_ONLY
 async def test_fastapi_vapi_webhooks_need_the_secret_and_are_never_limited() -> None:
     async for app in run_app("fastapi", inbound_rate=0.01, inbound_burst=1):
         event = {"message": {"type": "status-update"}}
@@ -232,6 +245,7 @@ async def test_fastapi_vapi_webhooks_need_the_secret_and_are_never_limited() -> 
         assert forged.status_code == 403
 
 
+@ASYNCIO_ONLY
 async def test_app_metrics(voice_app: Running) -> None:
     app = voice_app
     assert (await place(app, "+15550100401")).status_code == 201
@@ -239,3 +253,72 @@ async def test_app_metrics(voice_app: Running) -> None:
     assert 'resilient_voice_http_server_requests_total{method="POST",route="/calls"' in text
     assert f'resilient_voice_breaker_state{{breaker="twilio:{SID}",state="closed"}} 1.0' in text
     assert "resilient_voice_http_client_requests_total" in text
+
+
+async def test_twilio_sdk_example_never_resends_a_lost_create() -> None:
+    outcome = await load("twilio_sdk").main(calls_per_second=1000.0, retry_after=0.05)
+    assert outcome.calls == {"+15550100001": 1, "+15550100002": 1, "+15550100003": 1}
+    # The 429 was retried (never processed); the lost response was not re-sent.
+    assert outcome.requests == {"+15550100001": 1, "+15550100002": 2, "+15550100003": 1}
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+async def test_paced_worker_example_keeps_the_pace_and_calls_nobody_twice(seed: int) -> None:
+    summary = await load("paced_worker").main(calls=40, cps=200.0, concurrency=6, seed=seed)
+    assert summary.duplicates == {}
+    assert summary.cps_violations == 0
+    assert summary.placed + len(summary.failed) + len(summary.unknown) == 40
+    assert summary.unknown  # the fault script loses some responses
+    assert summary.reconciled_placed + len(summary.to_retry) == len(summary.unknown)
+    assert summary.upstream_calls == summary.placed + summary.reconciled_placed
+    assert summary.seconds >= 39 / 200.0  # paced, not a burst
+
+
+def test_vapi_sdk_example_never_resends_a_lost_create() -> None:
+    """One test, one backend: the SDK spends seconds building its models on first use."""
+    posts, created = anyio.run(load("vapi_sdk").main)
+    assert posts == 2
+    assert created == {"+14155550100": 1, "+14155550101": 1}
+
+
+def test_scripts_run_from_a_checkout() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "paced_worker.py"), "--calls", "20", "--cps", "200"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "duplicates:              none" in result.stdout
+    assert "CPS violations:          0" in result.stdout
+
+
+def test_fastapi_example_serves_from_the_command_line() -> None:
+    """``python examples/fastapi_app.py --port N``: a fake Twilio and the app, ready to curl."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "fastapi_app.py"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
+            deadline = time.monotonic() + 30.0
+            while True:
+                try:
+                    http.get("/metrics")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the example did not start"
+                    assert process.poll() is None, process.communicate()[0]
+                    time.sleep(0.05)
+            response = http.post("/calls", json={"to": "+15550100001"})
+            # The example's fake loses one response in ten: 202 with the attempt id then.
+            assert response.status_code in (201, 202), response.text
+            assert response.json()["attempt_id"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=15)[0]
+    assert "fake Twilio at http://127.0.0.1:" in output
