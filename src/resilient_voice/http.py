@@ -58,6 +58,7 @@ __all__ = [
     "UpstreamStatusError",
     "classify_exception",
     "classify_status",
+    "retry_after_from_headers",
 ]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
@@ -287,7 +288,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 extensions=response.extensions,
                 request=request,
             )
-            raise UpstreamStatusError(failed, kind, _retry_after(failed.headers))
+            raise UpstreamStatusError(failed, kind, retry_after_from_headers(failed.headers))
 
         listeners = self._listeners
         started = time.perf_counter() if listeners else 0.0
@@ -360,7 +361,8 @@ async def _read_raw(response: httpx.Response) -> bytes:
         await response.aclose()
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def retry_after_from_headers(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` (Vapi) or ``Retry-After`` (seconds or a date)."""
     value = headers.get("retry-after-ms")
     if value is not None:
         parsed = parse_retry_after_ms(value)
