@@ -258,9 +258,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         policy = route.policy if route.policy is not None else self._policy
         idempotent = self._is_idempotent(request, route)
         header = self._correlation_header
-        if header is not None and header not in request.headers:
+        if header is not None:
+            # The context variable first: it is cheaper than httpx's header lookup.
             cid = get_correlation_id()
-            if cid is not None:
+            if cid is not None and header not in request.headers:
                 request.headers[header] = cid
         if not isinstance(request.stream, httpx.ByteStream):
             # A retry must be able to send the body again.
