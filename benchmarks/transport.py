@@ -85,8 +85,24 @@ async def measure(
     return best
 
 
+async def direct(n: int, rounds: int) -> dict[str, float]:
+    """The transport's own cost: ``handle_async_request`` called directly, no client."""
+    transports = variants(Canned)
+    request = httpx.Request("GET", "http://bench/x")
+    best = dict.fromkeys(transports, float("inf"))
+    for _ in range(rounds):
+        for name, transport in transports.items():
+            handle = transport.handle_async_request
+            start = time.perf_counter()
+            for _ in range(n):
+                await handle(request)
+            best[name] = min(best[name], (time.perf_counter() - start) / n)
+    return best
+
+
 async def main(quick: bool) -> None:
     rounds = 3 if quick else 9
+    isolated = await direct(2000 if quick else 20000, rounds)
     rows: list[tuple[str, dict[str, float]]] = []
     rows.append(
         (
@@ -102,6 +118,16 @@ async def main(quick: bool) -> None:
             )
         )
     print(f"Python {sys.version.split()[0]}, httpx {httpx.__version__}, asyncio, best of {rounds}")
+    print()
+    raw = isolated["raw"]
+    print("Transport alone (``handle_async_request`` on a prebuilt request, canned inner):")
+    print()
+    print("| transport | µs/request | overhead over raw |")
+    print("| --- | ---: | ---: |")
+    for name, value in isolated.items():
+        print(f"| {name} | {value * 1e6:.2f} | {(value - raw) * 1e6:+.2f} |")
+    print()
+    print("Through ``httpx.AsyncClient``:")
     print()
     print(
         "| inner transport | raw (µs/request) | Policy() | overhead | breaker + retry | overhead |"

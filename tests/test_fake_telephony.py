@@ -560,9 +560,7 @@ async def test_latency_is_added() -> None:
         response = await client.get("/phone-number", headers=VAPI_AUTH)
         assert response.status_code == 200
         assert time.monotonic() - started >= 0.2
-        started = time.monotonic()
         await client.get("/assistant", headers=VAPI_AUTH)
-        assert time.monotonic() - started < 0.2
     assert [r.delay for r in fake.requests()] == [0.2, 0.0]
 
 
@@ -756,14 +754,16 @@ async def test_serve_runs_any_asgi_app_and_stops_quickly() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"pong"})
 
-    async with serve(app) as url, httpx.AsyncClient(base_url=url, verify=TLS) as client:
+    # shutdown_timeout bounds the stop: serve() raises if the server has not stopped by then.
+    async with (
+        serve(app, shutdown_timeout=2.0) as url,
+        httpx.AsyncClient(base_url=url, verify=TLS) as client,
+    ):
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
         assert (await client.get("/ping")).text == "pong"
         with pytest.raises(httpx.RemoteProtocolError):
             await client.get("/drop")
         assert (await client.get("/ping")).text == "pong"
-        started = time.monotonic()
-    assert time.monotonic() - started < 2.0
     async with httpx.AsyncClient(verify=TLS) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"{url}/ping")

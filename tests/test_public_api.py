@@ -74,3 +74,35 @@ def test_import_keeps_the_core_light() -> None:
         env={"PYTHONPATH": SRC},
     ).stdout
     assert json.loads(out) == []
+
+
+PUBLIC_MODULES = [
+    "resilient_voice",
+    "resilient_voice.asgi",
+    "resilient_voice.breaker",
+    "resilient_voice.correlation",
+    "resilient_voice.errors",
+    "resilient_voice.events",
+    "resilient_voice.failure",
+    "resilient_voice.http",
+    "resilient_voice.limiter",
+    "resilient_voice.metrics",
+    "resilient_voice.policy",
+    "resilient_voice.retry",
+    "resilient_voice.testing",
+    "resilient_voice.twilio",
+    "resilient_voice.vapi",
+]
+
+
+@pytest.mark.parametrize("module_name", PUBLIC_MODULES)
+def test_public_objects_show_their_public_module(module_name: str) -> None:
+    import importlib
+    import inspect
+
+    module = importlib.import_module(module_name)
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            owner = obj.__module__
+            assert not any(part.startswith("_") for part in owner.split(".")), (name, owner)

@@ -82,3 +82,39 @@ async def use_policy() -> str:
     sent: int = await send("+15550100", body="hi")
     del sent
     return await place("+15550100") + await policy.call(place, "+15550101")
+
+
+async def use_clients() -> None:
+    from resilient_voice.asgi import (
+        CorrelationIdMiddleware,
+        MetricsMiddleware,
+        RateLimitMiddleware,
+        make_metrics_app,
+    )
+    from resilient_voice.metrics import PrometheusMetrics
+    from resilient_voice.testing import FakeTelephony, Fault, serve
+    from resilient_voice.twilio import Call, TwilioClient
+    from resilient_voice.vapi import VapiCall, VapiClient
+
+    sid = "AC" + "0" * 32
+    fake = FakeTelephony(twilio_accounts={sid: "token"}, faults=[Fault.drop_after(0.1)])
+    metrics = PrometheusMetrics()
+    async with serve(fake) as url, TwilioClient(sid, "token", base_url=url) as twilio:
+        twilio.transport.add_listener(metrics.transport)
+        call: Call = await twilio.create_call(
+            to="+15550100001", from_="+15005550006", url="https://example.com/twiml"
+        )
+        calls: list[Call] = await twilio.reconcile_call(to=call.to or "")
+        del calls
+    async with VapiClient("key", base_url="http://127.0.0.1:1") as vapi:
+        found: VapiCall | None = await vapi.reconcile_call("attempt-1")
+        del found
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        return None
+
+    stack = MetricsMiddleware(
+        CorrelationIdMiddleware(RateLimitMiddleware(app, rate=10.0, burst=20))
+    )
+    metrics_app = make_metrics_app()
+    del stack, metrics_app

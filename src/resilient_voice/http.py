@@ -58,6 +58,7 @@ __all__ = [
     "UpstreamStatusError",
     "classify_exception",
     "classify_status",
+    "retry_after_from_headers",
 ]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
@@ -257,9 +258,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         policy = route.policy if route.policy is not None else self._policy
         idempotent = self._is_idempotent(request, route)
         header = self._correlation_header
-        if header is not None and header not in request.headers:
+        if header is not None:
+            # The context variable first: it is cheaper than httpx's header lookup.
             cid = get_correlation_id()
-            if cid is not None:
+            if cid is not None and header not in request.headers:
                 request.headers[header] = cid
         if not isinstance(request.stream, httpx.ByteStream):
             # A retry must be able to send the body again.
@@ -287,7 +289,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 extensions=response.extensions,
                 request=request,
             )
-            raise UpstreamStatusError(failed, kind, _retry_after(failed.headers))
+            raise UpstreamStatusError(failed, kind, retry_after_from_headers(failed.headers))
 
         listeners = self._listeners
         started = time.perf_counter() if listeners else 0.0
@@ -360,7 +362,8 @@ async def _read_raw(response: httpx.Response) -> bytes:
         await response.aclose()
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def retry_after_from_headers(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` (Vapi) or ``Retry-After`` (seconds or a date)."""
     value = headers.get("retry-after-ms")
     if value is not None:
         parsed = parse_retry_after_ms(value)

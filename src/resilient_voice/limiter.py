@@ -453,16 +453,24 @@ class TokenBucket:
 
         return limited
 
+    def tokens_available(self) -> float:
+        """Tokens that could be taken now (in-memory level; a shared store is not queried).
+
+        The cheap read behind ``statistics().tokens_available``, for per-request quota headers.
+        """
+        behind = self._full_at - self._now()
+        if behind <= 0:
+            return self._burst
+        available = self._burst - behind * self._rate
+        return available if available > 0.0 else 0.0
+
     def statistics(self) -> LimiterStatistics:
         """Return a snapshot of the bucket (in-memory level; a shared store is not queried)."""
-        now = self._now()
-        behind = self._full_at - now
-        available = self._burst if behind <= 0 else max(0.0, self._burst - behind * self._rate)
         return LimiterStatistics(
             name=self._name,
             rate=self._rate,
             burst=self._burst,
-            tokens_available=available,
+            tokens_available=self.tokens_available(),
             waiters=self._waiting,
             granted=self._granted,
             rejected=self._rejected,

@@ -216,27 +216,26 @@ class Policy:
                 "or pass run(key=...)"
             )
         safe = self._idempotent if idempotent is None else idempotent
-        if attempt_id is None and self._retry is None:
-            attempt_id = new_attempt_id()
         clock = self._clock
         if self._total_timeout is not None:
             own = clock.now() + self._total_timeout
             deadline = own if deadline is None else min(deadline, own)
         state = _RunState()
+        retry = self._retry
+        if retry is not None:
 
-        async def one_attempt() -> T:
-            return await self._attempt(attempt, key, deadline, priority, state)
+            async def one_attempt() -> T:
+                return await self._attempt(attempt, key, deadline, priority, state)
 
-        if self._retry is not None:
             # The retry policy enforces the deadline (and its own total_timeout) itself,
             # including the unknown outcome of a non-idempotent attempt it cuts short.
-            return await self._retry.run(
+            return await retry.run(
                 one_attempt, idempotent=safe, attempt_id=attempt_id, deadline=deadline
             )
         if deadline is None:
-            return await one_attempt()
+            return await self._attempt(attempt, key, None, priority, state)
         with clock.deadline_scope(deadline) as scope:
-            result = await one_attempt()
+            result = await self._attempt(attempt, key, deadline, priority, state)
         if not scope.cancelled_caught:
             return result
         timeout = TimeoutError("operation did not finish within its total timeout")

@@ -42,6 +42,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'resilient_voice.asgi' has no attribute {name!r}")
     value = getattr(import_module(module), name)
+    value.__module__ = __name__  # show the public path in reprs and docs
     globals()[name] = value
     return value
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from resilient_voice.testing._manual_clock import ManualClock
 
+ManualClock.__module__ = __name__
+
 if TYPE_CHECKING:
     from resilient_voice.testing._fake import ENDPOINTS, FakeTelephony
     from resilient_voice.testing._faults import CallbackFaults, Fault, FaultKind
@@ -59,6 +61,8 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    if isinstance(value, type) or callable(value):
+        value.__module__ = __name__  # show the public path in reprs and docs
     globals()[name] = value
     return value
 

@@ -44,6 +44,13 @@ __all__ = [
 ]
 
 
+for _name in __all__:
+    _obj = globals().get(_name)
+    if getattr(_obj, "__module__", "").startswith(f"{__name__}._"):
+        _obj.__module__ = __name__  # the public path in reprs and docs
+del _name, _obj
+
+
 def __getattr__(name: str) -> Any:
     if name == "ResilientTwilioHttpClient":
         from resilient_voice.twilio.sdk import ResilientTwilioHttpClient

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 
 import httpx
 
 from resilient_voice.errors import TwilioAPIError, TwilioAuthenticationError
 from resilient_voice.failure import FailureKind
-from resilient_voice.http import classify_status
-from resilient_voice.retry import parse_retry_after, parse_retry_after_ms
+from resilient_voice.http import classify_status, retry_after_from_headers
 
 __all__ = ["api_error"]
 
@@ -26,19 +24,6 @@ def _code(value: object, default: int) -> int | str:
     if isinstance(value, str) and value:
         return int(value) if value.isdigit() else value
     return default
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        parsed = parse_retry_after_ms(value)
-        if parsed is not None:
-            return parsed
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    parsed = parse_retry_after(value)
-    return parsed if parsed is not None and math.isfinite(parsed) else None
 
 
 def api_error(response: httpx.Response) -> TwilioAPIError:
@@ -78,5 +63,5 @@ def api_error(response: httpx.Response) -> TwilioAPIError:
         message,
         kind,
         more_info=more_info,
-        retry_after=_retry_after(response.headers),
+        retry_after=retry_after_from_headers(response.headers),
     )

@@ -10,7 +10,6 @@ caller can read.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +17,7 @@ import httpx
 
 from resilient_voice.errors import VapiAPIError, VapiAuthenticationError
 from resilient_voice.failure import FailureKind
-from resilient_voice.retry import parse_retry_after, parse_retry_after_ms
+from resilient_voice.http import retry_after_from_headers
 
 __all__ = [
     "VapiConcurrencyLimitError",
@@ -84,13 +83,6 @@ def is_concurrency_answer(body: object) -> bool:
     return False
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
-    value = parse_retry_after_ms(headers.get("retry-after-ms"))
-    if value is None:
-        value = parse_retry_after(headers.get("retry-after"))
-    return value if value is not None and math.isfinite(value) else None
-
-
 def _parse_body(content: bytes) -> Any:
     if not content:
         return None
@@ -109,7 +101,7 @@ def error_from_response(response: httpx.Response, kind: FailureKind) -> VapiAPIE
         message = body.strip() if isinstance(body, str) and body.strip() else None
     if message is None:
         message = response.reason_phrase or f"HTTP {status}"
-    retry_after = _retry_after(response.headers)
+    retry_after = retry_after_from_headers(response.headers)
     cls: type[VapiAPIError]
     if status in (401, 403):
         cls = VapiAuthenticationError
