@@ -192,6 +192,15 @@ def _json_with_sid(app: Running, attempt_id: str) -> Callable[[], Any]:
 
 
 @ASYNCIO_ONLY
+async def test_app_invalid_number_is_422_and_nothing_is_sent(voice_app: Running) -> None:
+    app = voice_app
+    response = await place(app, "555-0100")
+    assert response.status_code == 422
+    assert response.json()["field"] == "to"
+    assert app.fake.requests("twilio.calls.create") == []
+
+
+@ASYNCIO_ONLY
 async def test_app_open_breaker_is_503_with_retry_after(voice_app: Running) -> None:
     app = voice_app
     app.fake.faults = [Fault.outage(0.0, 3600.0, endpoints="twilio.calls.create")]
