@@ -325,3 +325,19 @@ async def test_policy_clock_reaches_a_limiter_built_without_one() -> None:
         await policy.call(ok)
         await keyed_policy.call(ok)
     assert clock.now() == pytest.approx(2.0, abs=1e-6)  # both paced on the manual clock
+
+
+async def test_retry_total_timeout_makes_the_limiter_refuse_instead_of_an_unknown_outcome() -> None:
+    clock = ManualClock(autojump=True)
+    bucket = TokenBucket(rate=0.05, burst=1, clock=clock)  # one token per 20 s
+    policy = Policy(
+        limiter=bucket, retry=RetryPolicy(max_attempts=3, total_timeout=1.0), clock=clock
+    )
+
+    async def place() -> str:
+        return "placed"
+
+    assert await policy.call(place) == "placed"
+    with pytest.raises(RateLimitedError):  # nothing was sent: not an unknown outcome
+        await policy.call(place)
+    assert clock.now() == 0.0

@@ -223,6 +223,12 @@ class Policy:
         state = _RunState()
         retry = self._retry
         if retry is not None:
+            if retry.total_timeout is not None:
+                # The limiter must know the retry policy's budget too, so that it refuses a
+                # token that would come too late instead of letting the deadline cut the wait
+                # (a cut the retry policy could not tell from a request in flight).
+                own = clock.now() + retry.total_timeout
+                deadline = own if deadline is None else min(deadline, own)
 
             async def one_attempt() -> T:
                 return await self._attempt(attempt, key, deadline, priority, state)

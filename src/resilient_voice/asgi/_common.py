@@ -10,7 +10,9 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# Any for the arguments so that apps typed with other frameworks' scope types (Litestar's
+# TypedDicts, asgiref's) can be wrapped without casts.
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 __all__ = [
     "ASGIApp",
