@@ -345,15 +345,21 @@ class _View:
             "unknown": sum(1 for o in done if o == "unknown"),
         }
 
-    def _line(self) -> str:
+    def _parts(self) -> tuple[str, str]:
         c = self._counts()
         elapsed = max(1e-9, time.monotonic() - self._tally.started)
-        return (
+        progress = (
             f"{elapsed:5.1f}s  {c['done']}/{self._options.calls} done  "
-            f"{c['done'] / elapsed:5.1f} calls/s  breaker={self._tally.state.value:<9}  "
+            f"{c['done'] / elapsed:5.1f} calls/s  breaker={self._tally.state.value}"
+        )
+        counts = (
             f"placed={c['placed']} retries={self._tally.retries} "
             f"failed_fast={c['failed_fast']} failed={c['failed']} unknown={c['unknown']}"
         )
+        return progress, counts
+
+    def _line(self) -> str:
+        return "  ".join(self._parts())
 
     def _renderable(self) -> Any:
         from rich.progress_bar import ProgressBar
@@ -362,7 +368,8 @@ class _View:
         c = self._counts()
         table = Table.grid(padding=(0, 2))
         table.add_row(ProgressBar(total=self._options.calls, completed=c["done"], width=50))
-        table.add_row(self._line())
+        for part in self._parts():
+            table.add_row(part)
         return table
 
     async def run(self) -> None:
