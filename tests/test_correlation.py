@@ -4,8 +4,10 @@ import io
 import logging
 import os
 import re
-import threading
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -35,24 +37,40 @@ def test_generated_ids_are_32_lowercase_hex_and_unique() -> None:
     assert all(is_valid_correlation_id(value) for value in ids[:10])
 
 
+FORK_CHECK = """
+import os, sys
+from resilient_voice.correlation import new_correlation_id
+new_correlation_id()  # the pool now holds ids
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.write(write, new_correlation_id().encode())
+    finally:
+        os._exit(0)
+os.close(write)
+with os.fdopen(read, "rb") as pipe:
+    child = pipe.read().decode()
+os.waitpid(pid, 0)
+print(child, new_correlation_id())
+"""
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_does_not_reuse_the_parents_pooled_ids() -> None:
-    if threading.active_count() > 1:
-        pytest.skip("forking with threads running is unsafe")
-    new_correlation_id()  # make sure the pool holds ids
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover  (the child)
-        try:
-            os.write(write, new_correlation_id().encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        child = pipe.read().decode()
-    os.waitpid(pid, 0)
-    parent = new_correlation_id()
+    # In a fresh interpreter: the test process runs server threads, and forking with threads
+    # running is unsafe.
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_CHECK],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    ).stdout
+    child, parent = out.split()
     assert HEX32.fullmatch(child)
+    assert HEX32.fullmatch(parent)
     assert child != parent
 
 
