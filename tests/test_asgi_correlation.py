@@ -305,6 +305,17 @@ async def test_custom_header_validator_and_generator() -> None:
     assert cid != "id-" + "1" * 20
 
 
+async def test_a_custom_validator_accepting_latin1_bytes_never_crashes() -> None:
+    lenient = CorrelationIdValidator(r"[^\x00-\x1f]{1,64}")
+
+    def middleware(app: Any) -> CorrelationIdMiddleware:
+        return CorrelationIdMiddleware(app, validator=lenient)
+
+    headers, cid = await call(middleware, http_scope([(b"x-correlation-id", b"caf\xe9")]))
+    assert cid == "caf\xe9"
+    assert headers == [(b"x-correlation-id", b"caf\xe9")]
+
+
 async def test_inner_scope_id_is_the_one_echoed() -> None:
     sent: list[Any] = []
 

@@ -334,3 +334,26 @@ def test_metrics_app_multiprocess_needs_the_directory(
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="directory"):
         make_metrics_app()
+
+
+async def test_parameterised_mount_labels_carry_the_template_not_the_value() -> None:
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount
+
+    async def item(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    registry = CollectorRegistry()
+    inner = Starlette(routes=[Mount("/tenants/{tenant}", routes=[Route("/items/{item}", item)])])
+    app = MetricsMiddleware(inner, registry=registry)
+    for tenant in ("acme", "globex", "initech"):
+        await _call(app, f"/tenants/{tenant}/items/42")
+    routes = {
+        s.labels["route"]
+        for m in registry.collect()
+        if m.name == "resilient_voice_http_server_requests"
+        for s in m.samples
+        if s.name == REQUESTS
+    }
+    assert routes == {"/tenants/{tenant}/items/{item}"}

@@ -474,3 +474,32 @@ def _norm(text: str) -> str:
         return str(ipaddress.ip_address(text.strip(" \t")))
     except ValueError:
         return text
+
+
+async def test_quota_headers_replace_any_the_app_set_and_appear_once() -> None:
+    async def app_sets_its_own(scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"RateLimit", b"app"), (b"x-kept", b"1")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    inner = RateLimitMiddleware(app_sets_its_own, rate=10.0, burst=10)
+    outer = RateLimitMiddleware(inner, rate=5.0, burst=5)  # a global and a per-route limit
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await outer(scope(client=("192.0.2.1", 1)), receive, send)
+    names = [name.lower() for name, _ in sent[0]["headers"]]
+    assert names.count(b"ratelimit") == 1
+    assert names.count(b"ratelimit-policy") == 1
+    assert b"x-kept" in names
+    assert dict(sent[0]["headers"])[b"ratelimit"].startswith(b'"default";r=4;')

@@ -384,3 +384,14 @@ def test_configuration_is_validated(options: dict[str, Any], error: type[Excepti
 
 def test_repr_hides_the_token() -> None:
     assert TOKEN not in repr(TwilioSignatureMiddleware(_unused, TOKEN))
+
+
+async def test_read_body_refuses_a_content_length_too_long_to_parse() -> None:
+    from resilient_voice.asgi._common import BodyTooLargeError, read_body
+
+    async def receive() -> Any:
+        raise AssertionError("nothing may be read")
+
+    scope = {"type": "http", "headers": [(b"content-length", b"9" * 5000)]}
+    with pytest.raises(BodyTooLargeError):
+        await read_body(scope, receive, 1024)

@@ -787,3 +787,32 @@ async def test_fault_windows_follow_the_fake_clock() -> None:
         assert (await client.get("/call", headers=VAPI_AUTH)).status_code == 200
     assert len(fake.faults) == 1
     assert urlsplit(fake.requests()[0].path).path == "/call"
+
+
+async def test_a_body_cut_short_by_a_disconnect_is_not_processed() -> None:
+    fake = make_fake()
+    messages = iter(
+        [
+            {"type": "http.request", "body": b"To=%2B15550100001&Fr", "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return next(messages)
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": f"/2010-04-01/Accounts/{AC}/Calls.json",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/x-www-form-urlencoded")],
+    }
+    await fake(scope, receive, send)
+    assert sent == []
+    assert fake.calls() == []
+    assert fake.requests() == []

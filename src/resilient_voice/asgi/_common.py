@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -28,6 +28,7 @@ __all__ = [
     "read_body",
     "replay",
     "respond",
+    "set_headers",
 ]
 
 
@@ -105,11 +106,12 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         DisconnectedError: the client disconnected first.
     """
     declared = get_header(scope, b"content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BodyTooLargeError  # unparseable framing is not worth a second opinion
-        if int(declared) > limit:
-            raise BodyTooLargeError
+    # Unparseable framing is not worth a second opinion; the length check keeps int() away from
+    # Python's digit limit on hostile values.
+    if declared is not None and (
+        not declared.isdigit() or len(declared) > 18 or int(declared) > limit
+    ):
+        raise BodyTooLargeError
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -158,3 +160,16 @@ async def respond(send: Send, status: int, text: bytes, extra: Iterable[Any] = (
         }
     )
     await send({"type": "http.response.body", "body": text})
+
+
+def set_headers(headers: Iterable[Any], pairs: Sequence[tuple[bytes, bytes]]) -> list[Any]:
+    """Copy ``headers`` without any of the names in ``pairs`` (in any case), then append them.
+
+    A header a middleware sets appears exactly once even when the app (or another instance of
+    the middleware) set it too. A copy, because an app may send the same header list object
+    with every response. Names in ``pairs`` must be lower-case.
+    """
+    names = {name for name, _ in pairs}
+    kept = [h for h in headers if h[0].lower() not in names]
+    kept.extend(pairs)
+    return kept

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
-from resilient_voice.asgi._common import ASGIApp, Message, Receive, Scope, Send, header_name
+from resilient_voice.asgi._common import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header_name,
+    set_headers,
+)
 from resilient_voice.correlation import (
     _CORRELATION_ID,
     CorrelationIdValidator,
@@ -23,7 +30,6 @@ _ZERO_PARENT = b"0" * 16
 _MAX_TRACEPARENT = 512
 _DASH = 0x2D
 _AMPERSAND = 0x26
-_START_TYPES = frozenset({"http.response.start", "websocket.accept"})
 _HANDLED = frozenset({"http", "websocket"})
 _get_id = _CORRELATION_ID.get
 # The default validator's alphabet, to check header bytes before decoding them: bytes.isalnum
@@ -80,17 +86,6 @@ def _encoded(current: str, fallback: bytes) -> bytes:
         return current.encode("latin-1")
     except UnicodeEncodeError:
         return fallback
-
-
-def _with_header(headers: Iterable[Any], name: bytes, value: bytes) -> list[Any]:
-    """Copy ``headers`` without any ``name`` header (in any case), then append ``name: value``.
-
-    A copy, because an app may send the same header list object with every response.
-    """
-    size = len(name)
-    kept = [h for h in headers if len(h[0]) != size or h[0].lower() != name]
-    kept.append((name, value))
-    return kept
 
 
 class CorrelationIdMiddleware:
@@ -187,16 +182,16 @@ class CorrelationIdMiddleware:
         for key, value in scope["headers"]:
             if key == name:
                 # The default rules inlined (a call costs as much as the check); ids are ASCII.
-                if (
-                    (
-                        0 < len(value) <= 128
-                        and (value.isalnum() or not value.translate(None, _ID_ALPHABET))
-                    )
-                    if self._default
-                    else self._valid_custom(value)
-                ):
-                    echoed = value
-                    cid = value.decode()
+                if self._default:
+                    if 0 < len(value) <= 128 and (
+                        value.isalnum() or not value.translate(None, _ID_ALPHABET)
+                    ):
+                        echoed = value
+                        cid = value.decode("ascii")
+                else:
+                    cid = self._valid_custom(value)
+                    if cid is not None:
+                        echoed = value
                 break
         if cid is None:
             cid = self._recover(scope)
@@ -218,7 +213,7 @@ class CorrelationIdMiddleware:
                 headers = message.get("headers", ())
                 for key, _ in headers:
                     if len(key) == size and key.lower() == name:
-                        message["headers"] = _with_header(headers, name, value)
+                        message["headers"] = set_headers(headers, ((name, value),))
                         break
                 else:
                     # A new list: an app may send the same header list with every response.
@@ -231,8 +226,12 @@ class CorrelationIdMiddleware:
         finally:
             _CORRELATION_ID.reset(token)
 
-    def _valid_custom(self, value: bytes) -> bool:
-        return len(value) <= self._max_length and self._is_valid(value.decode("latin-1"))
+    def _valid_custom(self, value: bytes) -> str | None:
+        """The id as text when a custom validator accepts it (decoded once, as latin-1)."""
+        if len(value) > self._max_length:
+            return None
+        text = value.decode("latin-1")
+        return text if self._is_valid(text) else None
 
     def _recover(self, scope: Scope) -> str:
         """The id when the header brought none: query parameter, traceparent, or a new one."""

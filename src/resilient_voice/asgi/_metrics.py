@@ -166,6 +166,8 @@ class MetricsMiddleware:
         if route is not None:
             added = scope.get("root_path", "")
             mount = added[len(root_path) :] if added.startswith(root_path) else ""
+            if mount:
+                mount = _mount_template(mount, scope.get("path_params"))
             key = (method, status_class, getattr(route, "path_format", None), mount)
         else:
             template = scope.get("path_template")
@@ -284,3 +286,15 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def _mount_template(mount: str, params: object) -> str:
+    """Put ``{name}`` back where a mount's path parameters were filled in.
+
+    Starlette records the matched (raw) prefix of a ``Mount("/tenants/{tenant}")`` in
+    ``root_path``; a label must carry the template, never the value.
+    """
+    if not isinstance(params, dict) or not params:
+        return mount
+    names = {str(value): name for name, value in params.items()}
+    return "/".join(f"{{{names[part]}}}" if part in names else part for part in mount.split("/"))

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from resilient_voice._clock import Clock
-from resilient_voice.asgi._common import ASGIApp, Message, Receive, Scope, Send
+from resilient_voice.asgi._common import ASGIApp, Message, Receive, Scope, Send, set_headers
 from resilient_voice.events import LimiterListener
 from resilient_voice.limiter import KeyedLimiter
 
@@ -313,7 +313,7 @@ class RateLimitMiddleware:
 
         async def send_with_quota(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *headers]
+                message["headers"] = set_headers(message.get("headers", ()), headers)
             await send(message)
 
         await self.app(scope, receive, send_with_quota)

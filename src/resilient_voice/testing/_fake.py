@@ -368,7 +368,6 @@ class FakeTelephony:
                 self._core.restart()
                 await send({"type": "lifespan.startup.complete"})
                 await receive()
-                self._core.task_group = None
                 group.cancel_scope.cancel()
         finally:
             self._core.task_group = None
@@ -378,6 +377,8 @@ class FakeTelephony:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await _read_body(receive)
+        if body is _DISCONNECTED:
+            return  # the client left mid-body: a real server processes nothing
         arrival = self._core.elapsed()
         with self._core.lock:
             index = self._next_index
@@ -522,14 +523,20 @@ def _too_large() -> Response:
     return vapi_error(413, "request entity too large")
 
 
+_DISCONNECTED = b"\x00disconnected"  # compared by identity only
+
+
 async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None when it exceeds the limit (the rest is drained)."""
+    """The whole request body, or None when it exceeds the limit (the rest is drained).
+
+    Returns ``_DISCONNECTED`` when the client went away before the body was complete.
+    """
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            return _DISCONNECTED
         chunk = message.get("body", b"")
         size += len(chunk)
         if size <= _MAX_BODY:
