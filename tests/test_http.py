@@ -181,6 +181,7 @@ async def test_documented_unprocessed_429_is_retried_even_for_create(
     async with client(url, transport) as http:
         response = await http.post(CALLS, data=CALL_FORM)
     assert response.status_code == 201
+    assert len(app.requests("twilio.calls.create")) == 3  # two 429s, then the call
     assert len(app.calls("twilio")) == 1
     assert breaker.state is BreakerState.CLOSED  # 429 is back-pressure, not sickness
 
@@ -336,6 +337,7 @@ async def test_attempt_id_and_limiter_key_come_from_request_extensions(
             await http.send(request)
     assert info.value.attempt_id == "attempt-42"
     assert limiter.statistics().keys == 1
+    assert limiter.bucket("+15005550006") is not None
 
 
 async def test_without_retry_policy_a_maybe_processed_post_still_raises_outcome_unknown(
@@ -356,3 +358,37 @@ async def test_without_retry_policy_a_maybe_processed_post_still_raises_outcome_
         app.faults = [Fault.burst(1, status=502, endpoints="twilio.calls.list")]
         assert (await http.get(CALLS)).status_code == 502
     assert len(app.requests("twilio.calls.create")) == 2
+
+
+async def test_a_local_refusal_before_sending_is_not_an_unknown_outcome(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    from resilient_voice.http import ATTEMPT_ID_EXTENSION
+    from resilient_voice.limiter import KeyedLimiter
+
+    app, url = fake
+    keyed = ResilientTransport(Policy(limiter=KeyedLimiter(rate=10.0)))  # no key given
+    async with client(url, keyed) as http:
+        with pytest.raises(ValueError, match="key"):
+            await http.post(CALLS, data=CALL_FORM)
+    plain = ResilientTransport(Policy(retry=fast_retry()))
+    async with client(url, plain) as http:
+        request = http.build_request("POST", CALLS, data=CALL_FORM)
+        request.extensions[ATTEMPT_ID_EXTENSION] = "not valid!"
+        with pytest.raises(ValueError, match="attempt_id"):
+            await http.send(request)
+    assert app.requests("twilio.calls.create") == []
+
+
+async def test_an_error_answer_already_read_by_the_inner_transport_still_decodes() -> None:
+    import gzip
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = gzip.compress(b'{"code": 20404, "message": "not found"}')
+        return httpx.Response(404, headers={"content-encoding": "gzip"}, content=body)
+
+    transport = ResilientTransport(Policy(), transport=httpx.MockTransport(answer))
+    async with httpx.AsyncClient(transport=transport) as http:
+        response = await http.get("http://upstream.test/x")
+    assert response.status_code == 404
+    assert response.json()["code"] == 20404

@@ -293,6 +293,8 @@ def test_configuration_is_checked_at_construction() -> None:
         TwilioClient(SID, TOKEN, calls_per_second=0)
     with pytest.raises(ValueError, match="query parameter"):
         TwilioClient(SID, TOKEN, correlation_param="a b")
+    with pytest.raises(ValueError, match="credentials"):
+        TwilioClient(SID, TOKEN, base_url="https://user:s3cret@api.twilio.com")
 
 
 def test_policies_defaults_and_overrides() -> None:
@@ -686,3 +688,28 @@ def test_unknown_attribute_of_the_package() -> None:
     with pytest.raises(AttributeError):
         package.nothing_here  # type: ignore[attr-defined]  # noqa: B018
     assert "TwilioClient" in dir(package)
+
+
+async def test_the_attempt_parameter_is_reserved_in_callback_urls() -> None:
+    twilio = TwilioClient(SID, TOKEN, base_url="http://127.0.0.1:9")
+    with pytest.raises(TwilioValidationError, match="rv_attempt") as info:
+        await twilio.create_call(to=number(1), from_=FROM, url=TWIML_URL + "?rv_attempt=mine")
+    assert info.value.field == "url"
+    await twilio.aclose()
+
+
+async def test_an_unreadable_created_answer_is_an_unknown_outcome_not_a_failure() -> None:
+    async def html_201(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"<html>created</html>"})
+
+    async with serve(html_201) as url, make_client(url) as twilio:
+        with pytest.raises(OutcomeUnknownError) as call_info:
+            await twilio.create_call(to=number(2), from_=FROM, url=TWIML_URL)
+        with pytest.raises(OutcomeUnknownError):
+            await twilio.send_message(to=number(3), from_=FROM, body="hi")
+    assert isinstance(call_info.value.__cause__, TwilioAPIError)

@@ -269,7 +269,10 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoRepor
     report.cps_violations = fake.cps_violations() if provider == "twilio" else 0
     created_numbers = {call.to for call in created}
     said_placed = {n for n, o in outcomes.items() if o in ("placed", "reconciled_placed")}
-    said_failed = {n for n, o in outcomes.items() if o in ("failed", "failed_fast")}
+    # Reconciled "not placed" is a claim like any failure: the upstream must not have the call.
+    said_failed = {
+        n for n, o in outcomes.items() if o in ("failed", "failed_fast", "reconciled_not_placed")
+    }
     report.lost = sorted((said_failed & created_numbers) | (said_placed - created_numbers))
     return report
 

@@ -41,7 +41,11 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from resilient_voice.correlation import get_correlation_id, new_attempt_id
+from resilient_voice.correlation import (
+    DEFAULT_CORRELATION_ID_VALIDATOR,
+    get_correlation_id,
+    new_attempt_id,
+)
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.events import TransportListener, emit
 from resilient_voice.failure import FailureKind, failure_kind_of
@@ -281,22 +285,31 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             kind = classify_status(response.status_code, unprocessed)
             if kind is None:
                 return response
-            raw = await _read_raw(response)
-            failed = httpx.Response(
-                response.status_code,
-                headers=response.headers,
-                stream=httpx.ByteStream(raw),
-                extensions=response.extensions,
-                request=request,
-            )
+            if response.is_stream_consumed:
+                failed = response  # an inner transport that already read (and decoded) it
+                failed.request = request
+            else:
+                raw = await _read_raw(response)
+                failed = httpx.Response(
+                    response.status_code,
+                    headers=response.headers,
+                    stream=httpx.ByteStream(raw),
+                    extensions=response.extensions,
+                    request=request,
+                )
             raise UpstreamStatusError(failed, kind, retry_after_from_headers(failed.headers))
 
         listeners = self._listeners
         started = time.perf_counter() if listeners else 0.0
         status_class = "error"
         attempt_id = request.extensions.get(ATTEMPT_ID_EXTENSION)
-        if not isinstance(attempt_id, str):
-            attempt_id = None
+        if attempt_id is not None and not (
+            isinstance(attempt_id, str) and DEFAULT_CORRELATION_ID_VALIDATOR.is_valid(attempt_id)
+        ):
+            raise ValueError(
+                f"request.extensions[{ATTEMPT_ID_EXTENSION!r}] must be 1..128 characters of "
+                "[A-Za-z0-9._:-]"
+            )
         try:
             response = await policy.run(
                 attempt,
@@ -306,19 +319,19 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             )
         except UpstreamStatusError as exc:
             status_class = f"{exc.status // 100}xx"
-            if not idempotent and exc.kind is FailureKind.MAYBE_PROCESSED:
-                # Only reachable without a retry policy (which raises this itself): a 5xx to a
-                # non-idempotent request must not reach an SDK that would re-send it.
-                raise OutcomeUnknownError(
-                    attempt_id or new_attempt_id(), attempts=attempts
-                ) from exc
-            # Not retried further and safe to hand back: the client sees the real answer.
-            return exc.response
+            if idempotent or exc.kind is not FailureKind.MAYBE_PROCESSED:
+                # Not retried further and safe to hand back: the client sees the real answer.
+                return exc.response
+            # Only reachable without a retry policy (which raises this itself): a 5xx to a
+            # non-idempotent request must not reach an SDK that would re-send it.
+            raise OutcomeUnknownError(attempt_id or new_attempt_id(), attempts=attempts) from exc
         except Exception as exc:
             kind = failure_kind_of(exc)
             status_class = kind.value if kind is not None else type(exc).__name__
+            # attempts == 0: refused before anything reached the inner transport.
             if (
-                not idempotent
+                attempts
+                and not idempotent
                 and kind in (None, FailureKind.MAYBE_PROCESSED)
                 and not isinstance(exc, OutcomeUnknownError)
             ):
@@ -354,8 +367,6 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
 
 async def _read_raw(response: httpx.Response) -> bytes:
-    if response.is_stream_consumed:  # an inner transport that already read the body
-        return response.content
     try:
         return b"".join([chunk async for chunk in response.aiter_raw()])
     finally:

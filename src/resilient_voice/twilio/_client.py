@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
@@ -19,8 +19,9 @@ from resilient_voice.correlation import (
     new_attempt_id,
     new_correlation_id,
 )
-from resilient_voice.errors import OutcomeUnknownError
+from resilient_voice.errors import OutcomeUnknownError, TwilioAPIError
 from resilient_voice.events import TransportListener
+from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
     ATTEMPT_ID_EXTENSION,
     IDEMPOTENT_EXTENSION,
@@ -65,8 +66,9 @@ _MESSAGE_PARAMS = (
 _RECONCILE_NOTE = (
     "resilient_voice: the request may have reached Twilio. Before trying again, reconcile: "
     "await client.reconcile_call(to=..., from_=..., since=...) lists recent calls to that "
-    "number, and status callbacks carrying rv_attempt={attempt_id} belong to this attempt."
+    "number."
 )
+_CALLBACK_NOTE = " Status callbacks carrying {param}={attempt_id} belong to this attempt."
 _MESSAGE_NOTE = (
     "resilient_voice: the message may have been accepted by Twilio. Before sending again, "
     "check recent messages to that number (Messages list, or your status callbacks)."
@@ -180,6 +182,8 @@ class TwilioClient:
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError("base_url is the scheme and host only (no path, query or fragment)")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("base_url must not carry credentials (they would show in reprs)")
         cps = _positive("calls_per_second", calls_per_second)
         mps = _positive("messages_per_second", messages_per_second)
         seconds = _positive("timeout", timeout)
@@ -338,9 +342,12 @@ class TwilioClient:
                 "POST", f"{self._calls_path}.json", form, cid=cid, attempt_id=attempt_id
             )
         except OutcomeUnknownError as exc:
-            exc.add_note(_RECONCILE_NOTE.format(attempt_id=exc.attempt_id))
+            note = _RECONCILE_NOTE
+            if self._attempt_param is not None and (source == "url" or status_callback):
+                note += _CALLBACK_NOTE.format(param=self._attempt_param, attempt_id=exc.attempt_id)
+            exc.add_note(note)
             raise
-        call = Call.model_validate_json(response.content)
+        call = _created(Call, response, attempt_id)
         call._correlation_id = cid
         call._attempt_id = attempt_id
         return call
@@ -520,7 +527,7 @@ class TwilioClient:
         except OutcomeUnknownError as exc:
             exc.add_note(_MESSAGE_NOTE)
             raise
-        return Message.model_validate_json(response.content)
+        return _created(Message, response, attempt_id)
 
     async def get_message(self, sid: str) -> Message:
         """Fetch a message (``GET .../Messages/{sid}.json``)."""
@@ -555,15 +562,21 @@ class TwilioClient:
         """Add the correlation and attempt ids to a URL's query, keeping everything else.
 
         The query is appended to, not re-encoded, so the URL Twilio requests (and signs) is
-        the caller's URL plus our parameters. A parameter already present is left as it is.
-        The fragment (Twilio's connection overrides, ``#rc=3``) is kept.
+        the caller's URL plus our parameters. A correlation parameter already present is left
+        as it is (the caller's id wins); the attempt parameter is reserved. The fragment
+        (Twilio's connection overrides, ``#rc=3``) is kept.
         """
         extra = []
         parts = urlsplit(url)
         present = {pair.partition("=")[0] for pair in parts.query.split("&") if pair}
         if self._correlation_param is not None and self._correlation_param not in present:
             extra.append(f"{self._correlation_param}={quote(cid, safe='')}")
-        if self._attempt_param is not None and self._attempt_param not in present:
+        if self._attempt_param is not None:
+            if self._attempt_param in present:
+                # Callbacks must carry the id that OutcomeUnknownError reports, not another.
+                raise check.TwilioValidationError(
+                    "url", f"the query parameter {self._attempt_param!r} is reserved"
+                )
             extra.append(f"{self._attempt_param}={quote(attempt_id, safe='')}")
         if not extra:
             return url
@@ -605,3 +618,25 @@ def _http_method(field: str, value: object) -> str:
     if text not in ("GET", "POST"):
         raise check.TwilioValidationError(field, "must be GET or POST")
     return text
+
+
+_Created = TypeVar("_Created", Call, Message)
+
+
+def _created(model: type[_Created], response: httpx.Response, attempt_id: str) -> _Created:
+    """Parse a create answer; an unreadable 2xx still means Twilio created it.
+
+    Raising an ordinary error there would read as a definite failure and invite a second
+    create, so it becomes :class:`OutcomeUnknownError` instead.
+    """
+    try:
+        return model.model_validate_json(response.content)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        error = TwilioAPIError(
+            response.status_code,
+            None,
+            f"unreadable {model.__name__} in a {response.status_code} answer",
+            FailureKind.MAYBE_PROCESSED,
+        )
+        error.__cause__ = exc
+        raise OutcomeUnknownError(attempt_id, attempts=1) from error

@@ -105,6 +105,8 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
             parts = urlsplit(base_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+            if parts.username is not None or parts.password is not None:
+                raise ValueError("base_url must not carry credentials (they would show in reprs)")
             self._origin: tuple[str, str] | None = (parts.scheme, parts.netloc)
         else:
             self._origin = None
@@ -189,7 +191,10 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
             auth=None if auth is None else (auth[0], "<redacted>"),
             params=params,
             data=data,
-            headers=headers,
+            # Credentials stay out of what the adapter keeps (a credential provider's bearer).
+            headers=None
+            if headers is None
+            else {k: v for k, v in headers.items() if k.lower() != "authorization"},
         )
         is_json = any(
             k.lower() == "content-type" and "json" in v.lower() for k, v in (headers or {}).items()
