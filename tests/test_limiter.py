@@ -543,3 +543,19 @@ def test_a_million_keys_keep_memory_bounded() -> None:
 
     # try_acquire never yields, so the event loop does not matter here: one backend suffices.
     anyio.run(main)
+
+
+async def test_a_new_key_is_admitted_as_soon_as_a_retained_bucket_is_full_again() -> None:
+    clock = ManualClock()
+    limiter = KeyedLimiter(1, burst=10, max_keys=2, clock=clock, on_full="evict")
+    assert await limiter.try_acquire("a", 10)  # full again at t=10
+    assert await limiter.try_acquire("b", 10)
+    clock.advance(1)
+    assert await limiter.try_acquire("c")  # no bucket full: "a" is evicted, lossily
+    assert limiter.statistics().evicted_lossy == 1
+    clock.advance(2)  # "c" took one token at t=1: it is full again since t=2
+    assert await limiter.try_acquire("d")
+    stats = limiter.statistics()
+    assert stats.evicted_lossy == 1  # "c" was dropped losslessly, "b" kept its debt
+    assert limiter.bucket("b") is not None
+    assert limiter.bucket("c") is None

@@ -341,3 +341,30 @@ async def test_retry_total_timeout_makes_the_limiter_refuse_instead_of_an_unknow
     with pytest.raises(RateLimitedError):  # nothing was sent: not an unknown outcome
         await policy.call(place)
     assert clock.now() == 0.0
+
+
+async def test_a_deadline_cutting_a_bulkhead_wait_says_nothing_was_sent() -> None:
+    clock = ManualClock(autojump=True)
+    policy = Policy(
+        max_concurrency=1,
+        retry=RetryPolicy(max_attempts=3, total_timeout=1.0, clock=clock),
+        clock=clock,
+    )
+    started = anyio.Event()
+
+    async def slow() -> str:
+        started.set()
+        await clock.sleep(5)
+        return "done"
+
+    async def quick() -> str:
+        return "quick"
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(policy.call, slow)  # holds the only slot for 5 s
+        await started.wait()
+        with pytest.raises(TimeoutError) as info:
+            await policy.call(quick)  # waits for the slot past its 1 s budget
+        assert not isinstance(info.value, OutcomeUnknownError)
+        assert getattr(info.value, "failure_kind", None) is FailureKind.NOT_SENT
+        tg.cancel_scope.cancel()

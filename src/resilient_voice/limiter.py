@@ -847,8 +847,9 @@ class KeyedLimiter:
             self._retire(old_key, old, lossy=True)
         bucket = self._template._spawn(key, self._listeners)
         buckets[key] = bucket
-        # The newcomer may be full again sooner than the buckets seen by the last sweep.
-        soonest = now + self._template._tau
+        # The newcomer may be full again sooner than the buckets seen by the last sweep: as soon
+        # as the tokens it is about to take have refilled.
+        soonest = now + tokens * self._template._interval
         self._next_full = min(self._next_full, soonest)
         return bucket
 

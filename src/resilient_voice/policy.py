@@ -236,7 +236,11 @@ class Policy:
             # The retry policy enforces the deadline (and its own total_timeout) itself,
             # including the unknown outcome of a non-idempotent attempt it cuts short.
             return await retry.run(
-                one_attempt, idempotent=safe, attempt_id=attempt_id, deadline=deadline
+                one_attempt,
+                idempotent=safe,
+                attempt_id=attempt_id,
+                deadline=deadline,
+                in_flight=state.is_in_flight,
             )
         if deadline is None:
             return await self._attempt(attempt, key, None, priority, state)
@@ -244,11 +248,12 @@ class Policy:
             result = await self._attempt(attempt, key, deadline, priority, state)
         if not scope.cancelled_caught:
             return result
-        timeout = TimeoutError("operation did not finish within its total timeout")
+        message = "operation did not finish within its total timeout"
         if not state.in_flight:
             # Cut while waiting (for a token, a bulkhead slot): nothing was sent.
-            timeout.failure_kind = FailureKind.NOT_SENT  # type: ignore[attr-defined]
-        elif not safe:
+            raise _not_sent_timeout(message)
+        timeout = TimeoutError(message)
+        if not safe:
             raise OutcomeUnknownError(
                 attempt_id or new_attempt_id(),
                 attempts=state.attempts,
@@ -266,29 +271,35 @@ class Policy:
     ) -> T:
         breaker = self._breaker
         permit = await breaker.acquire() if breaker is not None else None
-        limiter = self._limiter
-        if limiter is not None:
-            try:
-                if isinstance(limiter, KeyedLimiter):
-                    await limiter.acquire(key, deadline=deadline, priority=priority)
-                else:
-                    await limiter.acquire(deadline=deadline, priority=priority)
-            except BaseException:
-                # Nothing was sent: give the permit (a probe slot, perhaps) back uncounted.
-                if permit is not None:
-                    permit.release()
-                raise
+        bulkhead = self._bulkhead
         try:
-            if self._bulkhead is not None:
-                async with self._bulkhead:
-                    return await self._timed_call(attempt, permit, state)
+            await self._wait_turn(key, deadline, priority)
+        except BaseException:
+            # Nothing was sent: give the permit (a probe slot, perhaps) back uncounted.
+            if permit is not None:
+                permit.release()
+            raise
+        # Here the waits completed: the bulkhead slot (if any) is held until the attempt ends.
+        try:
             return await self._timed_call(attempt, permit, state)
         except BaseException as exc:
             if permit is not None:
-                # A no-op when the attempt already reported; otherwise (cancelled while waiting
-                # for the bulkhead, say) the breaker's classification decides.
-                permit.settle(exc)
+                permit.settle(exc)  # a no-op when the attempt already reported
             raise
+        finally:
+            if bulkhead is not None:
+                bulkhead.release()
+
+    async def _wait_turn(self, key: Hashable | None, deadline: float | None, priority: int) -> None:
+        """Pay a token, then take a bulkhead slot (held until the attempt ends)."""
+        limiter = self._limiter
+        if limiter is not None:
+            if isinstance(limiter, KeyedLimiter):
+                await limiter.acquire(key, deadline=deadline, priority=priority)
+            else:
+                await limiter.acquire(deadline=deadline, priority=priority)
+        if self._bulkhead is not None:
+            await self._bulkhead.acquire()
 
     async def _timed_call(
         self, attempt: Callable[[], Awaitable[T]], permit: BreakerPermit | None, state: _RunState
@@ -329,6 +340,10 @@ class _RunState:
         self.attempts = 0
         self.in_flight = False
 
+    def is_in_flight(self) -> bool:
+        """Whether the current attempt got past its waits and may have sent its request."""
+        return self.in_flight
+
 
 def _resolve_clock(clock: Clock | None, *parts: object) -> Clock:
     """Pick the composition's clock and pass it down to the parts built without one.
@@ -352,3 +367,10 @@ def _resolve_clock(clock: Clock | None, *parts: object) -> Clock:
             if adopt is not None:
                 adopt(clock)
     return clock
+
+
+def _not_sent_timeout(message: str) -> TimeoutError:
+    """A ``TimeoutError`` that says nothing was sent (kind ``NOT_SENT``), so it is safe."""
+    timeout = TimeoutError(message)
+    timeout.failure_kind = FailureKind.NOT_SENT  # type: ignore[attr-defined]
+    return timeout

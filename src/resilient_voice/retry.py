@@ -434,6 +434,7 @@ class RetryPolicy:
         idempotent: bool,
         attempt_id: str | None = None,
         deadline: float | None = None,
+        in_flight: Callable[[], bool] | None = None,
     ) -> T:
         """Call ``attempt()`` until it succeeds or retrying is unsafe, useless or out of time.
 
@@ -448,6 +449,9 @@ class RetryPolicy:
                 generated when omitted.
             deadline: An absolute time on this policy's clock by which the operation must end;
                 the earlier of it and ``total_timeout`` applies.
+            in_flight: For compositions that wait inside an attempt (for a token, a slot):
+                says whether an attempt cut by the deadline had sent its request. Without it a
+                cut attempt is assumed to have been sent.
 
         Returns:
             What the successful attempt returned.
@@ -500,9 +504,16 @@ class RetryPolicy:
             finally:
                 _CURRENT_ATTEMPT.reset(token)
             if delay is None:
-                # The deadline scope cancelled the attempt while it was running: it may have
-                # been sent, so for a non-idempotent operation the outcome is unknown.
-                self._expired(attempt_id, number, idempotent, True, None)
+                # The deadline scope cancelled the attempt while it was running: unless the
+                # caller knows it was still waiting, it may have been sent, so for a
+                # non-idempotent operation the outcome is unknown.
+                self._expired(
+                    attempt_id,
+                    number,
+                    idempotent,
+                    maybe_processed or in_flight is None or in_flight(),
+                    None,
+                )
             await clock.sleep(delay)
 
     def _decide(
@@ -589,6 +600,8 @@ class RetryPolicy:
                 f"retry policy {self._name!r}: operation {attempt_id} ran out of time "
                 f"after {attempts} attempt(s)"
             )
+            if not maybe_processed:
+                error.failure_kind = FailureKind.NOT_SENT  # type: ignore[attr-defined]
         if not idempotent and maybe_processed:
             if self._listeners:
                 events.emit(self._listeners, "on_outcome_unknown", self._name, attempt_id, error)
