@@ -814,17 +814,7 @@ class CircuitBreaker:
         except BaseException as exc:
             permit.settle(exc)
             raise
-        predicate = self._failure_result
-        if predicate is not None:
-            try:
-                failed = predicate(result)
-            except BaseException:
-                permit.release()
-                raise
-            if failed:
-                permit.failure(None)
-                return result
-        permit.success()
+        permit.record_result(result)
         return result
 
     def _fast_error(self, error: BaseException, epoch: int) -> None:

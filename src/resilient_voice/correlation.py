@@ -75,10 +75,7 @@ def new_attempt_id() -> str:
     One attempt id is shared by every attempt of one logical operation, so that the application
     can find out upstream whether a call whose outcome is unknown was placed.
     """
-    try:
-        return _pool.pop()
-    except IndexError:
-        return _refill()
+    return new_correlation_id()
 
 
 _DEFAULT_PATTERN = re.compile(r"[A-Za-z0-9._:-]+")

@@ -54,40 +54,17 @@ __all__ = [
 
 PREFIX = "resilient_voice_"
 
-LIMITER_WAIT_BUCKETS: tuple[float, ...] = (
-    0.0,
-    0.001,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+_LATENCY_LADDER = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+LIMITER_WAIT_BUCKETS: tuple[float, ...] = (0.0, 0.001, 0.005, 0.01, *_LATENCY_LADDER, 30.0)
 """Buckets of ``resilient_voice_limiter_wait_seconds``: most grants wait nothing at all."""
 
-HTTP_CLIENT_BUCKETS: tuple[float, ...] = (
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    20.0,
-    30.0,
-    60.0,
-)
+HTTP_CLIENT_BUCKETS: tuple[float, ...] = (*_LATENCY_LADDER, 20.0, 30.0, 60.0)
 """Buckets of ``resilient_voice_http_client_request_duration_seconds`` (telephony APIs answer
 in tens to hundreds of milliseconds; retried requests take seconds)."""
+
+SERVER_BUCKETS: tuple[float, ...] = (0.005, 0.01, *_LATENCY_LADDER)
+"""Buckets of ``resilient_voice_http_server_request_duration_seconds`` (our own handlers)."""
 
 _C = TypeVar("_C", Counter, Gauge, Histogram)
 _lock = threading.Lock()

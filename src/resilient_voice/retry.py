@@ -89,8 +89,9 @@ _CURRENT_ATTEMPT: ContextVar[AttemptInfo | None] = ContextVar(
 def current_attempt() -> AttemptInfo | None:
     """Return the attempt being run by the innermost :meth:`RetryPolicy.run`, or ``None``.
 
-    The transport reads it to put the attempt id on outgoing requests; an application can put it
-    into a Twilio ``StatusCallback`` URL to reconcile an operation whose outcome is unknown.
+    An application can put it into a request (a Twilio ``StatusCallback`` URL, say) to
+    reconcile an operation whose outcome is unknown. (The httpx transport takes the id the other
+    way round: from ``request.extensions``, set by the typed clients.)
     """
     return _CURRENT_ATTEMPT.get()
 

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import choose_encoder
 
 from resilient_voice.asgi._common import ASGIApp, Message, Receive, Scope, Send, get_header, respond
-from resilient_voice.metrics import PREFIX, _get_or_create, _registry
+from resilient_voice.metrics import PREFIX, SERVER_BUCKETS, _get_or_create, _registry
 
 __all__ = ["UNMATCHED", "MetricsMiddleware", "make_metrics_app"]
 
@@ -22,19 +22,6 @@ UNMATCHED = "__unmatched__"
 OVERFLOW = "__overflow__"
 """The ``route`` label once ``max_routes`` distinct templates have been seen."""
 
-SERVER_BUCKETS: tuple[float, ...] = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 _STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")

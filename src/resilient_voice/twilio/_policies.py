@@ -8,7 +8,7 @@ One policy per operation, built once per client. They share one circuit breaker 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 from resilient_voice._clock import Clock
 from resilient_voice.breaker import CircuitBreaker
@@ -19,7 +19,6 @@ from resilient_voice.retry import RetryPolicy
 
 __all__ = ["OPERATIONS", "default_policies", "resolve_policies", "twilio_routes"]
 
-T = TypeVar("T")
 
 OPERATIONS = ("create_call", "send_message", "read", "update_call")
 """The keys of ``policies=``: one policy per kind of Twilio request."""

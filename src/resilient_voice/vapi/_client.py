@@ -43,8 +43,6 @@ __all__ = ["ATTEMPT_ID_EXTENSION", "DEFAULT_BASE_URL", "VapiClient", "VapiListen
 
 DEFAULT_BASE_URL: Final = "https://api.vapi.ai"
 
-"""``request.extensions`` key carrying the attempt id the client planted in the request body."""
-
 _log = logging.getLogger("resilient_voice.vapi")
 
 M = TypeVar("M", bound=BaseModel)
