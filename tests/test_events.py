@@ -31,4 +31,24 @@ def test_emit_calls_every_listener_and_swallows_listener_errors(
 
 
 def test_base_listener_callbacks_are_no_ops() -> None:
-    emit((BreakerListener(),), "on_success", "twilio", 0.1)
+    # Called directly, not through emit(), which would swallow a raising or missing callback.
+    from resilient_voice.breaker import BreakerState
+    from resilient_voice.events import LimiterListener, RetryListener, TransportListener
+    from resilient_voice.failure import FailureKind
+
+    breaker = BreakerListener()
+    assert breaker.on_success("b", 0.1) is None
+    assert breaker.on_failure("b", None, 0.1) is None
+    assert breaker.on_ignored("b", ValueError()) is None
+    assert breaker.on_rejected("b", 1.0) is None
+    assert breaker.on_state_change("b", BreakerState.CLOSED, BreakerState.OPEN) is None
+    limiter = LimiterListener()
+    assert limiter.on_granted("l", None, 1.0, 0.0) is None
+    assert limiter.on_rejected("l", "k", 1.0, None) is None
+    assert limiter.on_evicted("l", "k", False) is None
+    retry = RetryListener()
+    assert retry.on_attempt("r", 1, "id") is None
+    assert retry.on_retry("r", 1, 0.1, FailureKind.NOT_SENT, ValueError()) is None
+    assert retry.on_give_up("r", 2, None, ValueError()) is None
+    assert retry.on_outcome_unknown("r", "id", ValueError()) is None
+    assert TransportListener().on_request("t", "h", "GET", "r", "2xx", 0.1, 1) is None
