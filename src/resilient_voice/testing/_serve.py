@@ -131,6 +131,12 @@ def _server_class() -> type[uvicorn.Server]:
                 transport = getattr(connection, "transport", None)
                 if transport is not None:
                     transport.abort()
+            # A closed transport releases its socket in a later loop callback: let those run
+            # before the loop stops, or the sockets are left to the garbage collector (and to
+            # pytest's unraisable-warning check).
+            drain_until = loop.time() + 1.0
+            while state.connections and loop.time() < drain_until:  # noqa: ASYNC110
+                await asyncio.sleep(_POLL)
             for server in self.servers:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 1.0)
@@ -219,6 +225,8 @@ async def serve(
             failure.append(exc)
         finally:
             try:
+                # One more pass for close callbacks scheduled during shutdown.
+                loop.run_until_complete(asyncio.sleep(0))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
