@@ -619,3 +619,16 @@ def test_an_unset_auth_token_is_named() -> None:
 def test_unset_vapi_credentials_are_named() -> None:
     with pytest.raises(ValueError, match="all None"):
         VapiWebhookMiddleware(_ok, secret=None, bearer_token=None, hmac_secret=None)
+
+
+async def test_a_429_names_its_correlation_id_without_the_correlation_middleware() -> None:
+    limited = RateLimitMiddleware(_ok, rate=1, burst=1, clock=ManualClock())
+    assert (await _call(limited, _scope([])))[0]["status"] == 200
+    refused = await _call(limited, _scope([]))
+    headers = dict(refused[0]["headers"])
+    assert refused[0]["status"] == 429
+    assert HEX_ID.fullmatch(headers[b"x-correlation-id"].decode())
+    stacked = CorrelationIdMiddleware(limited)
+    refused = await _call(stacked, _scope([(b"x-correlation-id", b"client-1")]))
+    ids = [v for k, v in refused[0]["headers"] if k == b"x-correlation-id"]
+    assert ids == [b"client-1"]
