@@ -20,6 +20,7 @@ TOKEN = "12345678901234567890123456789012"
 SHARED_ID = "webhooks_sharedkey_1"
 SHARED_SECRET = "shared-secret-abcdef"
 FORM = {"content-type": "application/x-www-form-urlencoded"}
+FORBIDDEN_JSON = '{"error":"forbidden"}'
 PAIRS = [
     ("CallSid", "CA1234"),
     ("From", "+15550100"),
@@ -150,7 +151,7 @@ async def test_tampered_requests_are_rejected(url: str) -> None:
             secret = "another-token-000000000000000000"
         headers = {**FORM, "x-twilio-signature": sign(signed_url, PAIRS, secret=secret)}
         response = await post(url, path, urlencode(sent_pairs).encode(), headers)
-        assert (tamper, response.status_code, response.text) == (tamper, 403, "Forbidden\n")
+        assert (tamper, response.status_code, response.text) == (tamper, 403, FORBIDDEN_JSON)
     # The untampered request passes, so the rejections above are about the tampering.
     headers = {**FORM, "x-twilio-signature": sign(f"{url}/hook/form?a=1", PAIRS)}
     response = await post(url, "/hook/form?a=1", urlencode(PAIRS).encode(), headers)
@@ -335,16 +336,25 @@ async def test_unguarded_path_is_not_read() -> None:
     assert (status, events) == (200, ["app"])
 
 
-async def test_non_http_scopes_pass_through() -> None:
+async def test_lifespan_passes_through_and_websockets_are_guarded() -> None:
     seen: list[str] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         seen.append(scope["type"])
 
+    sent: list[Any] = []
+
+    async def connect() -> Any:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
     middleware = TwilioSignatureMiddleware(app, TOKEN)
     await middleware({"type": "lifespan"}, _unused, _unused)
-    await middleware({"type": "websocket", "path": "/hook/x"}, _unused, _unused)
-    assert seen == ["lifespan", "websocket"]
+    await middleware({"type": "websocket", "path": "/hook/x", "headers": []}, connect, send)
+    assert seen == ["lifespan"]  # the unsigned handshake never reached the app
+    assert sent == [{"type": "websocket.close", "code": 1008}]
 
 
 async def test_token_rotation_accepts_either_token() -> None:

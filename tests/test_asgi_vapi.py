@@ -21,6 +21,7 @@ SECRET = "vapi-shared-secret"
 BEARER = "vapi-bearer-token"
 HMAC_KEY = "vapi-hmac-key"
 NOW = 1_800_000_000.0
+FORBIDDEN_JSON = '{"error":"forbidden"}'
 BODY = json.dumps(
     {"message": {"type": "tool-calls", "call": {"id": "call-1"}, "toolCallList": []}}
 ).encode()
@@ -102,7 +103,7 @@ async def test_forged_missing_and_stale_credentials_are_403(url: str) -> None:
     }
     for name, headers in cases.items():
         response = await post(url, BODY, {"content-type": "application/json", **headers})
-        assert (name, response.status_code, response.text) == (name, 403, "Forbidden\n")
+        assert (name, response.status_code, response.text) == (name, 403, FORBIDDEN_JSON)
 
 
 async def test_timestamp_within_tolerance_is_accepted(url: str) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
+
+from resilient_voice.correlation import correlation_scope, get_correlation_id, new_correlation_id
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -15,6 +18,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 __all__ = [
+    "CORRELATION_HEADER",
+    "FORBIDDEN",
     "ASGIApp",
     "BodyTooLargeError",
     "DisconnectedError",
@@ -25,9 +30,13 @@ __all__ = [
     "Send",
     "get_header",
     "header_name",
+    "payload_too_large",
     "read_body",
+    "refuse",
     "replay",
     "respond",
+    "respond_json",
+    "sanitized_id",
     "set_headers",
 ]
 
@@ -160,6 +169,102 @@ async def respond(send: Send, status: int, text: bytes, extra: Iterable[Any] = (
         }
     )
     await send({"type": "http.response.body", "body": text})
+
+
+FORBIDDEN = b'{"error":"forbidden"}'
+"""The body of every 403 the webhook guards send, in the shape of the rate limiter's 429."""
+CORRELATION_HEADER = b"x-correlation-id"
+"""The header a refusal carries its correlation id in (CorrelationIdMiddleware's default)."""
+_JSON = (b"content-type", b"application/json")
+_WEBSOCKET_POLICY_VIOLATION = 1008
+_OFFERED_KEEP = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
+_OFFERED_MAX = 128
+
+
+def payload_too_large(limit: int) -> bytes:
+    """The body of a 413 for ``limit`` bytes (built once, in a middleware's constructor)."""
+    return b'{"error":"payload_too_large","max_bytes":%d}' % limit
+
+
+async def respond_json(
+    send: Send, status: int, body: bytes, extra: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """Send a short JSON response."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [_JSON, (b"content-length", b"%d" % len(body)), *extra],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def sanitized_id(value: str | bytes | None) -> str | None:
+    """A correlation id offered by a client, made safe to log as a separate field.
+
+    At most 128 characters; anything outside the default id alphabet becomes ``?``, so CR/LF,
+    control characters and markup never reach a log line.
+    """
+    if value is None:
+        return None
+    raw = value.encode("latin-1", "replace") if isinstance(value, str) else bytes(value)
+    raw = raw[:_OFFERED_MAX]
+    return "".join(chr(b) if b in _OFFERED_KEEP else "?" for b in raw)
+
+
+async def refuse(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    body: bytes,
+    *,
+    log: logging.Logger,
+    message: str,
+    reason: str,
+) -> None:
+    """Refuse a request or websocket handshake without calling the app, under a fresh id.
+
+    A refused request must not choose the correlation id its refusal is logged and answered
+    under (a forged webhook could otherwise plant its log lines among a real call's): the log
+    record and the response get a fresh id, and the id the request offered (the current id,
+    as an outer :class:`CorrelationIdMiddleware` chose it, else its ``X-Correlation-ID``) is
+    logged only as the sanitised ``offered_correlation_id`` field. An outer
+    CorrelationIdMiddleware echoes the fresh id, because it echoes the id current when the
+    response starts.
+
+    HTTP gets a JSON response with the id in ``X-Correlation-ID``. A websocket handshake is
+    refused before it is accepted: with a 403 denial response when the server supports the
+    ``websocket.http.response`` extension, else ``websocket.close`` (code 1008), which servers
+    answer with a 403 of their own.
+    """
+    offered = get_correlation_id()
+    if offered is None:
+        offered = sanitized_id(get_header(scope, CORRELATION_HEADER))
+    else:
+        offered = sanitized_id(offered)
+    fresh = new_correlation_id()
+    headers = ((CORRELATION_HEADER, fresh.encode("ascii")),)
+    with correlation_scope(fresh):
+        log.info(message, reason, extra={"offered_correlation_id": offered})
+        if scope["type"] == "http":
+            await respond_json(send, status, body, headers)
+            return
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return  # the client left first
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": status,
+                    "headers": [_JSON, (b"content-length", b"%d" % len(body)), *headers],
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": _WEBSOCKET_POLICY_VIOLATION})
 
 
 def set_headers(headers: Iterable[Any], pairs: Sequence[tuple[bytes, bytes]]) -> list[Any]:

@@ -9,7 +9,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from resilient_voice._clock import Clock
-from resilient_voice.asgi._common import ASGIApp, Message, Receive, Scope, Send, set_headers
+from resilient_voice.asgi._common import (
+    CORRELATION_HEADER,
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    set_headers,
+)
+from resilient_voice.correlation import get_correlation_id, new_correlation_id
 from resilient_voice.events import LimiterListener
 from resilient_voice.limiter import KeyedLimiter
 
@@ -380,6 +389,9 @@ class RateLimitMiddleware:
     async def _reject(self, send: Send, policy: _Policy, available: float) -> None:
         retry_after = max(1, math.ceil((1.0 - available) / policy.rate))
         body = b'{"error":"rate_limited","retry_after":%d}' % retry_after
+        # Like the webhook guards' refusals, the 429 names the id it belongs to, also when no
+        # CorrelationIdMiddleware is installed (one outside replaces it with the same id).
+        cid = (get_correlation_id() or new_correlation_id()).encode("latin-1", "replace")
         await send(
             {
                 "type": "http.response.start",
@@ -390,6 +402,7 @@ class RateLimitMiddleware:
                     (b"retry-after", b"%d" % retry_after),
                     policy.policy_header,
                     (_RATELIMIT, b"%s;r=0;t=%d" % (policy.label, retry_after)),
+                    (CORRELATION_HEADER, cid),
                 ],
             }
         )

@@ -9,10 +9,11 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from importlib import import_module
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
 from resilient_voice.asgi._common import (
+    FORBIDDEN,
     ASGIApp,
     BodyTooLargeError,
     DisconnectedError,
@@ -21,9 +22,10 @@ from resilient_voice.asgi._common import (
     Scope,
     Send,
     get_header,
+    payload_too_large,
     read_body,
+    refuse,
     replay,
-    respond,
 )
 
 __all__ = ["TwilioSignatureMiddleware"]
@@ -33,17 +35,17 @@ _log = logging.getLogger("resilient_voice.asgi")
 _HOST = re.compile(
     rb"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
 )
-_MAX_SIGNATURE = 128  # base64 of a SHA-256 HMAC is 44 characters
+# Base64 of an HMAC-SHA1 (20 bytes) or HMAC-SHA256 (32 bytes) digest; nothing else can match.
+_SIGNATURE = re.compile(rb"[A-Za-z0-9+/]{27}=|[A-Za-z0-9+/]{43}=")
+# One name=value segment that every form parser splits and decodes alike: printable ASCII
+# without the separators (& ;), without a second '=', and '%' only in a valid escape.
+_STRICT_SEGMENT = re.compile(r"(?:[!-$'-:<>-~]|%[0-9A-Fa-f]{2})+=(?:[!-$'-:<>-~]|%[0-9A-Fa-f]{2})*")
 _FORM = b"application/x-www-form-urlencoded"
-_FORBIDDEN = b"Forbidden\n"
-_TOO_LARGE = b"Request body too large\n"
-
-
-class _FormParams(dict[str, list[str]]):
-    """The multi-dict shape twilio's validator reads repeated keys from (``getall``)."""
-
-    def getall(self, name: str) -> list[str]:
-        return self[name]
+_GUARDED = frozenset({"http", "websocket"})
+DEFAULT_MAX_BODY = 64 * 1024
+"""Default ``max_body``: a Twilio form webhook is a few KiB (an SMS with ten media URLs < 8 KiB)."""
+DEFAULT_MAX_FIELDS = 100
+"""Default ``max_fields``: Twilio's richest webhooks carry about 50 parameters."""
 
 
 def _import_twilio() -> Any:
@@ -79,23 +81,57 @@ class TwilioSignatureMiddleware:
     when the immediate peer is in ``trusted_proxies`` (the right-most value, the one that proxy
     wrote). As the SDK does, the URL is tried with and without the default port.
 
-    Missing, malformed or wrong signatures get 403, bodies over ``max_body`` get 413, both
-    without calling the app; digests are compared with :func:`hmac.compare_digest`. Requests to
-    other paths and non-HTTP scopes pass through without their body being read.
+    **WebSocket handshakes** on guarded paths (Media Streams, ConversationRelay) are verified
+    too: Twilio signs them like a GET webhook, over the ``wss://`` URL it connected to (the URL
+    rebuilt as above with ``ws``/``wss`` for the scheme) and no parameters. A handshake that
+    fails is refused before it is accepted: a 403 denial response where the server supports the
+    ``websocket.http.response`` extension (uvicorn, hypercorn), else ``websocket.close``.
+
+    **Limits, checked before any work that an unsigned request could make expensive.** The
+    signature header must be well-formed (the base64 of a SHA-1 or SHA-256 HMAC) before the
+    body is read; bodies over ``max_body`` get 413, forms with more than ``max_fields``
+    parameters 403 (the separators are counted before anything is parsed). The parameter
+    string is sorted and joined once per request; only the HMAC runs per URL variant and per
+    secret.
+
+    **Refusals** are JSON, like the rate limiter's 429: 403 ``{"error":"forbidden"}`` and 413
+    ``{"error":"payload_too_large","max_bytes":N}``, each with a fresh ``X-Correlation-ID``
+    under which the refusal is logged (the id the request offered is logged only as the
+    sanitised ``offered_correlation_id`` field: a forged webhook cannot choose the id its
+    refusal is filed under). Digests are compared with :func:`hmac.compare_digest`. Requests to
+    other paths and other scopes pass through without their body being read.
+
+    **What the signature cannot prove.** It does not expire (a captured webhook can be replayed)
+    and it covers the sorted ``name + value`` concatenation without separators, with repeated
+    values de-duplicated, so some altered bodies still verify. ``strict=True`` refuses the
+    ones that can be told from a genuine body: a repeated ``name=value`` pair, and a form that
+    does not re-encode to itself (empty segments, a segment without ``=`` or with a second
+    one, a ``;`` that some parsers split on, a ``%`` outside a valid escape, non-printable
+    bytes). It is off by default because the check reads the raw encoding, which Twilio does
+    not document: genuine Twilio and FakeTelephony bodies pass it (``+`` or ``%20`` for a
+    space, either hex case, any unreserved character escaped or not), but a proxy that
+    re-encodes forms, or a webhook that repeats a pair on purpose, would be refused. Even in
+    strict mode a body can move characters between adjacent names and values, and no mode
+    can detect a field that was left out: handlers de-duplicate on (``CallSid`` or
+    ``MessageSid``, status) and never read meaning into a field's absence.
 
     Args:
         app: The ASGI app to wrap.
         auth_token: The account's primary Auth Token, or several (during a rotation).
         paths: Paths to guard: exact paths, or prefixes ending in ``*``; ``None`` (default)
-            guards every HTTP request.
+            guards every HTTP request and websocket handshake.
         public_base_url: ``https://host[:port][/prefix]`` as configured in Twilio.
         trusted_proxies: IP addresses or networks of proxies whose forwarded headers are
             trusted, or ``["*"]`` for any peer. Ignored when ``public_base_url`` is set.
         shared_keys: SharedKey id to secret, for Webhooks Rules signed with a SharedKey.
-        max_body: Largest body accepted, in bytes.
+        max_body: Largest body accepted, in bytes (default 64 KiB).
+        max_fields: Most form parameters accepted (default 100).
+        strict: Refuse repeated pairs and forms that do not re-encode to themselves (above).
 
     Raises:
         ImportError: the twilio package is not installed.
+        TypeError: ``auth_token`` is ``None`` (an unset environment variable) or not a string.
+        ValueError: an empty token or another invalid option.
     """
 
     def __init__(
@@ -107,17 +143,36 @@ class TwilioSignatureMiddleware:
         public_base_url: str | None = None,
         trusted_proxies: Iterable[str] = (),
         shared_keys: Mapping[str, str] | None = None,
-        max_body: int = 256 * 1024,
+        max_body: int = DEFAULT_MAX_BODY,
+        max_fields: int = DEFAULT_MAX_FIELDS,
+        strict: bool = False,
     ) -> None:
         rv = _import_twilio()
-        tokens = (auth_token,) if isinstance(auth_token, str) else tuple(auth_token)
-        if not tokens or not all(isinstance(t, str) and t for t in tokens):
+        # Typed str, but an unset environment variable gives None.
+        if cast("object", auth_token) is None:
+            raise TypeError(
+                "auth_token is None: pass the account's Auth Token "
+                "(is the environment variable that holds it set?)"
+            )
+        tokens: tuple[object, ...] = (
+            (auth_token,) if isinstance(auth_token, str) else tuple(auth_token)
+        )
+        for token in tokens:
+            if not isinstance(token, str):
+                kind = type(token).__name__
+                raise TypeError(f"auth_token must be a str (or several), got {kind}")
+        if not tokens or not all(tokens):
             raise ValueError("auth_token must be a non-empty string (or several)")
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
             raise ValueError(f"max_body must be a positive int, got {max_body!r}")
+        if isinstance(max_fields, bool) or not isinstance(max_fields, int) or max_fields < 1:
+            raise ValueError(f"max_fields must be a positive int, got {max_fields!r}")
         self.app = app
         self._match = PathMatcher(paths)
         self._max_body = max_body
+        self._too_large = payload_too_large(max_body)
+        self._max_fields = max_fields
+        self._strict = bool(strict)
         self._validators = tuple(rv.RequestValidator(t) for t in tokens)
         self._shared = {}
         for key_id, secret in (shared_keys or {}).items():
@@ -143,36 +198,72 @@ class TwilioSignatureMiddleware:
         self._proxies = tuple(ipaddress.ip_network(p, strict=False) for p in proxies if p != "*")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._match(scope["path"]):
+        if scope["type"] not in _GUARDED or not self._match(scope["path"]):
             await self.app(scope, receive, send)
             return
+        # Everything that needs no body is checked first: a request that cannot verify costs
+        # no read and no parse.
         signature = get_header(scope, b"x-twilio-signature")
-        if signature is None or not signature or len(signature) > _MAX_SIGNATURE:
-            await self._reject(send, "missing or oversized X-Twilio-Signature")
+        if signature is None or not _SIGNATURE.fullmatch(signature):
+            await self._reject(scope, receive, send, "missing or malformed X-Twilio-Signature")
             return
         validators, algorithm = self._validators, self._sha1
         settings = get_header(scope, b"x-twilio-webhooks-signature-settings")
         if settings is not None:
             selected = self._shared_key(settings)
             if selected is None:
-                await self._reject(send, "unknown SharedKey or algorithm")
+                await self._reject(scope, receive, send, "unknown SharedKey or algorithm")
                 return
             validators, algorithm = selected
-        url = self._url(scope)
+        websocket = scope["type"] == "websocket"
+        url = self._socket_url(scope) if websocket else self._url(scope)
         if url is None:
-            await self._reject(send, "cannot rebuild the request URL (bad Host)")
+            await self._reject(scope, receive, send, "cannot rebuild the request URL (bad Host)")
+            return
+        if websocket:
+            # A handshake is signed like a GET webhook: the wss:// URL, no parameters.
+            if not self._matches(url, "", signature, validators, algorithm):
+                await self._reject(scope, receive, send, "websocket handshake signature mismatch")
+                return
+            await self.app(scope, receive, send)
             return
         try:
             body = await read_body(scope, receive, self._max_body)
         except BodyTooLargeError:
-            await respond(send, 413, _TOO_LARGE)
+            await refuse(
+                scope,
+                receive,
+                send,
+                413,
+                self._too_large,
+                log=_log,
+                message="rejected Twilio webhook: %s",
+                reason=f"body over max_body ({self._max_body} bytes)",
+            )
             return
         except DisconnectedError:
             return
-        if not self._verify(scope, url, body, signature, validators, algorithm):
-            await self._reject(send, "signature mismatch")
+        reason = self._verify(scope, url, body, signature, validators, algorithm)
+        if reason is not None:
+            await self._reject(scope, receive, send, reason)
             return
         await self.app(scope, replay(body, receive), send)
+
+    def _socket_url(self, scope: Scope) -> str | None:
+        """The ``ws(s)://`` URL of a handshake: rebuilt as for HTTP, then given its own scheme.
+
+        Twilio signs the ``wss://`` URL it connected to; the default port of ``wss`` is 443,
+        of ``ws`` 80, as for https and http, so the port variants carry over.
+        """
+        secure = scope.get("scheme") == "wss"
+        view = dict(scope)
+        view["scheme"] = "https" if secure else "http"
+        url = self._url(view)
+        if url is None:
+            return None
+        if url.startswith("https://"):
+            return "wss://" + url[8:]
+        return "ws://" + url[7:]
 
     def _shared_key(self, settings: bytes) -> tuple[tuple[Any, ...], str] | None:
         key_id = algorithm = ""
@@ -246,42 +337,83 @@ class TwilioSignatureMiddleware:
         signature: bytes,
         validators: tuple[Any, ...],
         algorithm: str,
-    ) -> bool:
-        params: _FormParams | None = None
+    ) -> str | None:
+        """Check a request's body and signature; return why it fails, or ``None``."""
+        signed_params = ""
         query = urlsplit(url).query
         body_hash = parse_qs(query).get("bodySHA256") if "bodySHA256" in query else None
         if body_hash:
             digest = hashlib.sha256(body).hexdigest().encode("ascii")
             if not hmac.compare_digest(digest, body_hash[0].encode("utf-8", "replace")):
-                return False
+                return "bodySHA256 does not match the body"
         elif body:
             content_type = get_header(scope, b"content-type") or b""
             if content_type.split(b";", 1)[0].strip().lower() != _FORM:
-                return False  # a body nothing signs
+                return "a body that is neither a form nor covered by bodySHA256"
             try:
+                text = body.decode("ascii")
+                # max_num_fields counts separators before anything is parsed.
                 pairs = parse_qsl(
-                    body.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict"
+                    text,
+                    keep_blank_values=True,
+                    encoding="utf-8",
+                    errors="strict",
+                    max_num_fields=self._max_fields,
                 )
             except (UnicodeDecodeError, ValueError):
-                return False
-            params = _FormParams()
-            for name, value in pairs:
-                params.setdefault(name, []).append(value)
-        parsed = urlsplit(url)
+                return "a form that is not ASCII, not UTF-8, or over max_fields"
+            if self._strict:
+                problem = _strict_problem(text, pairs)
+                if problem is not None:
+                    return problem
+            signed_params = _signed_params(pairs)
+        if not self._matches(url, signed_params, signature, validators, algorithm):
+            return "signature mismatch"
+        return None
+
+    def _matches(
+        self,
+        url: str,
+        signed_params: str,
+        signature: bytes,
+        validators: tuple[Any, ...],
+        algorithm: str,
+    ) -> bool:
+        """Whether ``signature`` signs ``url`` (with or without its default port) + params.
+
+        ``signed_params`` is the sorted name+value concatenation, built once per request;
+        only the HMAC runs per URL variant and per secret. It goes to the twilio package's
+        ``compute_signature`` as part of the URI, with no parameters, which signs exactly
+        ``url + signed_params``.
+        """
+        scheme, _, rest = url.partition("://")
+        # The SDK's port helpers know http and https; a websocket URL borrows them.
+        secure = scheme in ("https", "wss")
+        parsed = urlsplit(("https://" if secure else "http://") + rest)
         try:
-            candidates = (self._remove_port(parsed), self._add_port(parsed))
+            candidates = {self._remove_port(parsed), self._add_port(parsed)}
         except ValueError:  # a port out of range
             return False
+        prefix = "https://" if secure else "http://"
         for validator in validators:
             for candidate in candidates:
-                expected = validator.compute_signature(candidate, params, algorithm)
+                signed = scheme + "://" + candidate[len(prefix) :] + signed_params
+                expected = validator.compute_signature(signed, None, algorithm)
                 if hmac.compare_digest(expected.encode("ascii"), signature):
                     return True
         return False
 
-    async def _reject(self, send: Send, reason: str) -> None:
-        _log.info("rejected Twilio webhook: %s", reason)
-        await respond(send, 403, _FORBIDDEN)
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, reason: str) -> None:
+        await refuse(
+            scope,
+            receive,
+            send,
+            403,
+            FORBIDDEN,
+            log=_log,
+            message="rejected Twilio webhook: %s",
+            reason=reason,
+        )
 
     def __repr__(self) -> str:
         return f"TwilioSignatureMiddleware(app={self.app!r})"
@@ -293,3 +425,32 @@ def _last(value: bytes | None) -> bytes | None:
         return None
     item = value.rsplit(b",", 1)[-1].strip()
     return item or None
+
+
+def _signed_params(pairs: list[tuple[str, str]]) -> str:
+    """Twilio's parameter string: names sorted, each name's distinct values sorted, no separators.
+
+    The same string ``RequestValidator.compute_signature`` appends, built once.
+    """
+    grouped: dict[str, set[str]] = {}
+    for name, value in pairs:
+        grouped.setdefault(name, set()).add(value)
+    return "".join(name + value for name in sorted(grouped) for value in sorted(grouped[name]))
+
+
+def _strict_problem(text: str, pairs: list[tuple[str, str]]) -> str | None:
+    """Why a form fails strict mode, or ``None``.
+
+    The body must be exactly ``name=value`` segments joined by ``&`` that every form parser
+    reads the same way, and no (name, value) pair may repeat: the signature cannot tell a
+    repeated pair from a single one.
+    """
+    segments = text.split("&")
+    if len(segments) != len(pairs):
+        return "strict: empty segments in the form"
+    for segment in segments:
+        if not _STRICT_SEGMENT.fullmatch(segment):
+            return "strict: a form segment that does not re-encode to itself"
+    if len(set(pairs)) != len(pairs):
+        return "strict: a repeated name=value pair"
+    return None

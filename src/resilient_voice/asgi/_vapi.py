@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from resilient_voice.asgi._common import (
+    FORBIDDEN,
     ASGIApp,
     BodyTooLargeError,
     DisconnectedError,
@@ -23,9 +24,10 @@ from resilient_voice.asgi._common import (
     Send,
     get_header,
     header_name,
+    payload_too_large,
     read_body,
+    refuse,
     replay,
-    respond,
 )
 from resilient_voice.correlation import correlation_scope, validate_correlation_id
 
@@ -64,8 +66,7 @@ _ALGORITHMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib
 _TIMESTAMP = re.compile(rb"[0-9]{1,16}(?:\.[0-9]{1,9})?")
 _MILLISECONDS_ABOVE = 1e11  # 1e11 s is the year 5138; 1e11 ms is 1973
 _MAX_CREDENTIAL = 4096
-_FORBIDDEN = b"Forbidden\n"
-_TOO_LARGE = b"Request body too large\n"
+_GUARDED = frozenset({"http", "websocket"})
 
 
 def _secret_bytes(name: str, value: str | bytes | None) -> bytes | None:
@@ -99,9 +100,20 @@ class VapiWebhookMiddleware:
 
     The body of guarded requests is buffered (up to ``max_body``, else 413) and replayed to the
     app unchanged. Missing, forged or stale credentials get 403 without calling the app; every
-    comparison is constant-time. Vapi does not retry failed deliveries by default, so a 403 here
-    is final: check configuration before deploying. Non-HTTP scopes and unguarded paths pass
-    through unread.
+    comparison is constant-time. Refusals are JSON, like the rate limiter's 429 (403
+    ``{"error":"forbidden"}``, 413 ``{"error":"payload_too_large","max_bytes":N}``), logged and
+    answered under a fresh ``X-Correlation-ID`` (the offered id is logged only as the sanitised
+    ``offered_correlation_id`` field). Vapi does not retry failed deliveries by default, so a
+    403 here is final: check configuration before deploying. Unguarded paths and scopes other
+    than HTTP and websocket pass through unread.
+
+    **WebSockets.** Vapi opens websockets to servers you host (a custom transcriber, a custom
+    voice) with the server's credential in the handshake headers: ``secret`` and
+    ``bearer_token`` are checked there as for HTTP. The HMAC credential signs a body, which a
+    handshake does not have, and Vapi documents no handshake signature: with only
+    ``hmac_secret`` configured, every websocket on a guarded path is refused. A refused
+    handshake gets a 403 denial response where the server supports it, else
+    ``websocket.close``; the app is never called.
 
     Args:
         app: The ASGI app to wrap.
@@ -118,11 +130,12 @@ class VapiWebhookMiddleware:
         tolerance: Largest accepted distance between the timestamp and now, in seconds.
         max_body: Largest body accepted, in bytes (end-of-call reports with transcripts are big).
         paths: Paths to guard: exact paths, or prefixes ending in ``*``; ``None`` guards every
-            HTTP request.
+            HTTP request and websocket handshake.
         clock: Wall clock returning UNIX seconds (default :func:`time.time`); tests inject one.
 
     Raises:
-        ValueError: no credential configured, or an invalid option.
+        ValueError: no credential configured (every one ``None``, as an unset environment
+            variable gives), an empty one, or an invalid option.
     """
 
     def __init__(
@@ -149,7 +162,10 @@ class VapiWebhookMiddleware:
         self._bearer = _secret_bytes("bearer_token", bearer_token)
         key = _secret_bytes("hmac_secret", hmac_secret)
         if self._secret is None and self._bearer is None and key is None:
-            raise ValueError("configure at least one of secret, bearer_token or hmac_secret")
+            raise ValueError(
+                "no Vapi credential configured: secret, bearer_token and hmac_secret are all "
+                "None (is the environment variable that holds yours set?)"
+            )
         self._secret_header = header_name("secret_header", secret_header)
         self._bearer_header = header_name("bearer_header", bearer_header)
         self._bearer_prefix = bool(bearer_prefix)
@@ -173,32 +189,48 @@ class VapiWebhookMiddleware:
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
             raise ValueError(f"max_body must be a positive int, got {max_body!r}")
         self._max_body = max_body
+        self._too_large = payload_too_large(max_body)
         self._match = PathMatcher(paths)
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning UNIX seconds")
         self._clock = clock or time.time
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._match(scope["path"]):
+        if scope["type"] not in _GUARDED or not self._match(scope["path"]):
             await self.app(scope, receive, send)
             return
         verified = self._check_headers(scope)
+        if scope["type"] == "websocket":
+            if not verified:
+                await self._reject(scope, receive, send, "websocket without a valid credential")
+                return
+            await self.app(scope, receive, send)
+            return
         signature = timestamp = None
         if not verified and self._mac is not None:
             signature = get_header(scope, self._signature_header)
             timestamp = get_header(scope, self._timestamp_header)
         if not verified and (signature is None or timestamp is None):
-            await self._reject(send, "no valid credential header")
+            await self._reject(scope, receive, send, "no valid credential header")
             return
         try:
             body = await read_body(scope, receive, self._max_body)
         except BodyTooLargeError:
-            await respond(send, 413, _TOO_LARGE)
+            await refuse(
+                scope,
+                receive,
+                send,
+                413,
+                self._too_large,
+                log=_log,
+                message="rejected Vapi webhook: %s",
+                reason=f"body over max_body ({self._max_body} bytes)",
+            )
             return
         except DisconnectedError:
             return
         if not verified and not self._check_hmac(body, signature, timestamp):
-            await self._reject(send, "HMAC signature missing, wrong or stale")
+            await self._reject(scope, receive, send, "HMAC signature missing, wrong or stale")
             return
         await self._call_verified(scope, replay(body, receive), send, body)
 
@@ -252,9 +284,17 @@ class VapiWebhookMiddleware:
             return hmac.compare_digest(mac.hexdigest().encode("ascii"), signature.lower())
         return hmac.compare_digest(base64.b64encode(mac.digest()), signature)
 
-    async def _reject(self, send: Send, reason: str) -> None:
-        _log.info("rejected Vapi webhook: %s", reason)
-        await respond(send, 403, _FORBIDDEN)
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, reason: str) -> None:
+        await refuse(
+            scope,
+            receive,
+            send,
+            403,
+            FORBIDDEN,
+            log=_log,
+            message="rejected Vapi webhook: %s",
+            reason=reason,
+        )
 
     def __repr__(self) -> str:
         return f"VapiWebhookMiddleware(app={self.app!r})"
