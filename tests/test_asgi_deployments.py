@@ -397,11 +397,25 @@ async def test_rate_limit_key_in_every_deployment(name: str) -> None:
     assert len(buckets) == 2
 
 
-# uvicorn --workers 2 in a subprocess: real time, bounded (20 s to start, 5 s per request).
+# Servers in a subprocess: uvicorn --workers 2, and hypercorn (whose scope leaves root_path out
+# of path and raw_path). Real time, bounded: 20 s to start, 5 s per request.
 
-WORKER_ROWS = {
-    "proxy rewrites Host, X-Forwarded-Host, uvicorn defaults": [],
-    "prefix stripped, --root-path, base with prefix": ["--root-path", "/hooks"],
+SUBPROCESS_ROWS = {
+    "uvicorn --workers 2, rewritten Host": (
+        "uvicorn",
+        "proxy rewrites Host, X-Forwarded-Host, uvicorn defaults",
+        [],
+    ),
+    "uvicorn --workers 2, --root-path": (
+        "uvicorn",
+        "prefix stripped, --root-path, base with prefix",
+        ["--root-path", "/hooks"],
+    ),
+    "hypercorn --workers 2, --root-path": (
+        "hypercorn",
+        "prefix stripped, --root-path, base with prefix",
+        ["--root-path", "/hooks"],
+    ),
 }
 
 
@@ -411,8 +425,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize("name", WORKER_ROWS)
-def test_twilio_rows_under_uvicorn_workers(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", SUBPROCESS_ROWS)
+def test_twilio_rows_in_a_server_subprocess(case: str, tmp_path: Path) -> None:
+    server, name, flags = SUBPROCESS_ROWS[case]
     row = ROWS[name]
     port = _free_port()
     env = {
@@ -423,21 +438,11 @@ def test_twilio_rows_under_uvicorn_workers(name: str, tmp_path: Path) -> None:
             [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src")]
         ),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "_deploy_app:app",
-        "--workers",
-        "2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        *WORKER_ROWS[name],
-    ]
+    if server == "uvicorn":
+        bind = ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    else:
+        bind = ["--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
+    command = [sys.executable, "-m", server, "_deploy_app:app", "--workers", "2", *bind, *flags]
     log = (tmp_path / "uvicorn.log").open("wb")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
