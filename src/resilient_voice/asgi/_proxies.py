@@ -11,8 +11,6 @@ from resilient_voice.asgi._common import Scope
 
 __all__ = ["Forwarded", "TrustedProxies", "as_trusted_proxies", "parse_address"]
 
-_IPV4_LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
-_IPV6_LOOPBACK = ipaddress.ip_address("::1")
 # One RFC 7239 forwarded-pair: a token, "=", then a token or a quoted string.
 _PAIR = re.compile(rb'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)=("(?:[^"\\]|\\.)*"|[^;,"\s]*)\s*')
 _QUOTED_PAIR = re.compile(rb"\\(.)")
@@ -77,7 +75,7 @@ class TrustedProxies:
         TypeError: ``networks`` is a single string or holds something other than strings.
     """
 
-    __slots__ = ("_exact", "_networks", "_text", "server_applied")
+    __slots__ = ("_exact", "_exact_text", "_networks", "_text", "server_applied")
 
     def __init__(self, networks: Iterable[str] = (), *, server_applied: bool = False) -> None:
         if isinstance(networks, str | bytes):
@@ -100,6 +98,7 @@ class TrustedProxies:
                 "list your proxies in the server's own setting (uvicorn --forwarded-allow-ips)"
             )
         self._exact = frozenset(exact)
+        self._exact_text = frozenset(str(address) for address in exact)
         self._networks = tuple(nets)
         self._text = tuple(text)
         self.server_applied = bool(server_applied)
@@ -140,13 +139,17 @@ class TrustedProxies:
         if not self._text:
             return False
         client = scope.get("client")
-        peer = parse_address(client[0]) if client else None
+        peer: str | None = client[0] if client else None
         server = scope.get("server")
-        local = parse_address(server[0]) if server else None
-        if local is not None and _is_loopback(local) and (peer is None or not _is_loopback(peer)):
+        if server and _is_loopback(server[0]) and (peer is None or not _is_loopback(peer)):
             # The server rewrote scope["client"]: the real peer was on this host, on loopback.
-            peer = local
-        return peer is not None and self.contains_address(peer)
+            peer = server[0]
+        if peer is None:
+            return False
+        if peer in self._exact_text:
+            return True
+        address = parse_address(peer)
+        return address is not None and self.contains_address(address)
 
     def forwarded(self, scope: Scope) -> Forwarded | None:
         """The trusted proxy's view of scheme and host, or ``None`` when none is to be read."""
@@ -262,10 +265,15 @@ def parse_address(text: Any) -> Address | None:
     return address
 
 
-def _is_loopback(address: Address) -> bool:
-    if isinstance(address, ipaddress.IPv4Address):
-        return address in _IPV4_LOOPBACK
-    return address == _IPV6_LOOPBACK
+def _is_loopback(text: Any) -> bool:
+    """Whether an address, as servers write it, is a loopback address (127.0.0.0/8, ::1).
+
+    Text only, no parsing: server addresses come from the server, and a client address that
+    merely looks like loopback is still checked against the trusted networks afterwards.
+    """
+    return isinstance(text, str) and (
+        text.startswith(("127.", "::ffff:127.")) or text in ("::1", "0:0:0:0:0:0:0:1")
+    )
 
 
 def _last(values: list[bytes]) -> bytes | None:

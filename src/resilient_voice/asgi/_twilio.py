@@ -232,8 +232,8 @@ class TwilioSignatureMiddleware:
         if forwarded is not None:
             if forwarded.conflict:
                 _log.debug(
-                    "Twilio webhook: Forwarded and X-Forwarded-* disagree, so the URL cannot "
-                    "be told; strip one of them at the proxy (%s)",
+                    "Twilio webhook: Forwarded is malformed or disagrees with X-Forwarded-*, "
+                    "so the URL cannot be told; set or strip both at the proxy (%s)",
                     _DOCS,
                 )
                 return None
