@@ -108,6 +108,10 @@ def test_the_object_and_its_shorthand_agree() -> None:
     expected = "TrustedProxies(['10.0.0.0/8', '192.0.2.7', '::1'], server_applied=False)"
     assert repr(proxies) == expected
     assert proxies == TrustedProxies(["192.0.2.7", "10.0.0.0/8", "::1"])
+    assert hash(TrustedProxies(["10.0.0.0/8", "192.168.0.0/16"])) == hash(
+        TrustedProxies(["192.168.0.0/16", "10.0.0.0/8"])
+    )
+    assert TrustedProxies(server_applied=True).server_applied
     assert TrustedProxies(server_applied=True) != TrustedProxies()
     assert TrustedProxies.__module__ == "resilient_voice.asgi"
 

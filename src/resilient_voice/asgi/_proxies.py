@@ -75,7 +75,7 @@ class TrustedProxies:
         TypeError: ``networks`` is a single string or holds something other than strings.
     """
 
-    __slots__ = ("_exact", "_exact_text", "_networks", "_text", "server_applied")
+    __slots__ = ("_exact", "_exact_text", "_networks", "_server_applied", "_text")
 
     def __init__(self, networks: Iterable[str] = (), *, server_applied: bool = False) -> None:
         if isinstance(networks, str | bytes):
@@ -87,7 +87,7 @@ class TrustedProxies:
             if not isinstance(entry, str):
                 raise TypeError(f"trusted proxy entries must be strings, got {entry!r}")
             network = _network(entry)
-            text.append(str(network) if network.num_addresses > 1 else entry)
+            text.append(str(network) if network.num_addresses > 1 else entry.strip())
             if network.num_addresses == 1:
                 exact.add(network.network_address)
             else:
@@ -101,7 +101,7 @@ class TrustedProxies:
         self._exact_text = frozenset(str(address) for address in exact)
         self._networks = tuple(nets)
         self._text = tuple(text)
-        self.server_applied = bool(server_applied)
+        self._server_applied = bool(server_applied)
 
     @property
     def networks(self) -> tuple[str, ...]:
@@ -109,7 +109,12 @@ class TrustedProxies:
         return self._text
 
     @property
-    def reads_headers(self) -> bool:
+    def server_applied(self) -> bool:
+        """Whether the server applies forwarded headers itself (none is read here)."""
+        return self._server_applied
+
+    @property
+    def _reads_headers(self) -> bool:
         """Whether forwarded headers are ever read (networks given, not server applied)."""
         return bool(self._text)
 
@@ -119,22 +124,21 @@ class TrustedProxies:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TrustedProxies):
             return NotImplemented
-        return (self._exact, self._networks, self.server_applied) == (
-            other._exact,
-            other._networks,
-            other.server_applied,
-        )
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self._exact, self._networks, self.server_applied))
+        return hash(self._key())
 
-    def contains_address(self, address: Address) -> bool:
+    def _key(self) -> tuple[frozenset[Address], frozenset[Network], bool]:
+        return self._exact, frozenset(self._networks), self._server_applied
+
+    def _contains(self, address: Address) -> bool:
         """Whether ``address`` is one of the trusted proxies."""
         if address in self._exact:
             return True
         return any(address in network for network in self._networks)
 
-    def peer_is_trusted(self, scope: Scope) -> bool:
+    def _peer_is_trusted(self, scope: Scope) -> bool:
         """Whether the connecting peer is a trusted proxy whose forwarded headers count."""
         if not self._text:
             return False
@@ -149,11 +153,11 @@ class TrustedProxies:
         if peer in self._exact_text:
             return True
         address = parse_address(peer)
-        return address is not None and self.contains_address(address)
+        return address is not None and self._contains(address)
 
-    def forwarded(self, scope: Scope) -> Forwarded | None:
+    def _forwarded(self, scope: Scope) -> Forwarded | None:
         """The trusted proxy's view of scheme and host, or ``None`` when none is to be read."""
-        if not self.peer_is_trusted(scope):
+        if not self._peer_is_trusted(scope):
             return None
         x_proto: list[bytes] = []
         x_host: list[bytes] = []
@@ -188,7 +192,7 @@ class TrustedProxies:
                     host = value
         return Forwarded(proto, host, port, conflict)
 
-    def forwarded_for(self, scope: Scope, hops: int) -> list[bytes] | None:
+    def _forwarded_for(self, scope: Scope, hops: int) -> list[bytes] | None:
         """Up to ``hops`` client addresses the proxies recorded, nearest first, or ``None``.
 
         ``X-Forwarded-For`` entries, or ``Forwarded`` ``for=`` values; ``None`` when neither is

@@ -250,7 +250,7 @@ class RateLimitMiddleware:
         if not 1 <= forwarded_hops <= 64:
             raise ValueError(f"forwarded_hops must be in 1..64, got {forwarded_hops!r}")
         self._proxies = as_trusted_proxies(trusted_proxies)
-        self._use_forwarded = self._proxies.reads_headers
+        self._use_forwarded = self._proxies._reads_headers
         if key is not None and (self._use_forwarded or self._proxies.server_applied):
             raise ValueError("trusted_proxies applies to the default key only; not with key=")
         self._client = _ClientKeys(_ipv6_prefix(ipv6_prefix))
@@ -358,7 +358,7 @@ class RateLimitMiddleware:
         if not client:
             return ""
         peer: str = client[0]
-        if self._proxies.peer_is_trusted(scope):
+        if self._proxies._peer_is_trusted(scope):
             return self._client(self._forwarded_client(scope, peer))
         return self._client(peer)
 
@@ -370,7 +370,7 @@ class RateLimitMiddleware:
         left was written by hosts further away, the client included. A malformed entry, or the
         two headers disagreeing on the nearest address, stops the walk at the peer.
         """
-        hops = self._proxies.forwarded_for(scope, self._hops)
+        hops = self._proxies._forwarded_for(scope, self._hops)
         if not hops:
             return peer
         candidate = peer
@@ -381,7 +381,7 @@ class RateLimitMiddleware:
             if address is None:
                 return peer
             candidate = str(address)
-            if not self._proxies.contains_address(address):
+            if not self._proxies._contains(address):
                 return candidate
         return candidate
 

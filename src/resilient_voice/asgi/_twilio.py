@@ -228,7 +228,7 @@ class TwilioSignatureMiddleware:
         tail = root + tail
         scheme = str(scope.get("scheme", "http"))
         host = get_header(scope, b"host")
-        forwarded = self._proxies.forwarded(scope)
+        forwarded = self._proxies._forwarded(scope)
         if forwarded is not None:
             if forwarded.conflict:
                 _log.debug(
