@@ -183,12 +183,16 @@ class RateLimitMiddleware:
     through, unlimited.
 
     **Keys.** By default the client address from the ASGI scope (``scope["client"]``; requests
-    without one share the key ``""``). ``X-Forwarded-For`` is read only when the connecting peer
-    is one of ``trusted_proxies``: the header is walked from the right, skipping addresses of
-    trusted proxies, and the first other address is the client. At most ``forwarded_hops``
-    entries are examined, whatever the header's size; a malformed entry (anything that is not an
-    IP address) stops the walk and the peer address is used. Or pass ``key=callable(scope)``
-    returning the key (an API key, an account id) or ``None`` to exempt the request.
+    without one share the key ``""``). IPv6 clients are keyed by their ``ipv6_prefix`` network
+    (a /64 by default: one host usually holds a whole /64) and IPv4-mapped addresses as IPv4.
+    Forwarded addresses (``X-Forwarded-For``, or ``for=`` of RFC 7239 ``Forwarded``) are read
+    only when the connecting peer is trusted by ``trusted_proxies`` (see
+    :class:`~resilient_voice.asgi.TrustedProxies`): walked from the right, skipping addresses of
+    trusted proxies, the first other address is the client. At most ``forwarded_hops`` entries
+    are examined, whatever the header's size; a malformed entry (anything that is not an IP
+    address), or the two headers disagreeing on the nearest address, means the peer address is
+    used. Or pass ``key=callable(scope)`` returning the key (an API key, an account id) or
+    ``None`` to exempt the request.
 
     **Exemptions.** ``exempt`` is a list of route patterns (see :class:`RouteMatcher`) or a
     callable ``(scope) -> bool``; matching requests are never limited. Vapi's
@@ -206,8 +210,8 @@ class RateLimitMiddleware:
         burst: Requests a client may make at once (the bucket size).
         key: ``callable(scope) -> str | None`` choosing the client key; ``None`` exempts.
         exempt: Route patterns, or ``callable(scope) -> bool``, never limited.
-        trusted_proxies: Addresses or networks of your proxies, whose ``X-Forwarded-For`` is
-            believed (only with the default key).
+        trusted_proxies: A :class:`~resilient_voice.asgi.TrustedProxies`, or a list of your
+            proxies' addresses and networks as shorthand (only with the default key).
         routes: Per-route limits, see above.
         max_keys: Buckets retained per limit (see ``KeyedLimiter``).
         clock: Clock of the limiters; inject a ``ManualClock`` in tests.
@@ -215,6 +219,7 @@ class RateLimitMiddleware:
         policy_name: The policy name in the RateLimit fields.
         forwarded_hops: The most ``X-Forwarded-For`` entries examined.
         name: Name of the limiters (route limits add ``:<pattern>``); used in listeners.
+        ipv6_prefix: Prefix length by which IPv6 clients are keyed (1..128; 128 is per address).
 
     Raises:
         ValueError: an invalid rate, burst, pattern, proxy or name; ``key`` together with
