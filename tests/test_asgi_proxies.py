@@ -404,3 +404,20 @@ async def test_limiter_with_server_applied_keys_by_the_scope_client() -> None:
     assert await call(middleware, headers=xff, client=("198.51.100.7", 0)) == 200
     assert middleware.limiters["*"].bucket("198.51.100.7") is not None
     assert middleware.limiters["*"].bucket("6.6.6.6") is None
+
+
+async def test_ipv6_loopback_server_and_ipv6_server_address() -> None:
+    public = "https://voice.example.com/hook/status"
+    headers = [
+        (b"host", b"[::1]:8000"),
+        (b"x-forwarded-for", b"2001:db8::7"),
+        (b"x-forwarded-proto", b"https"),
+        (b"x-forwarded-host", b"voice.example.com"),
+        (b"x-twilio-signature", sign(public)),
+    ]
+    rewritten = {"client": ("2001:db8::7", 0), "server": ("::1", 8000)}
+    assert await call(twilio(trusted_proxies=["::1"]), headers=headers, **rewritten) == 200
+    assert await call(twilio(trusted_proxies=["127.0.0.1"]), headers=headers, **rewritten) == 403
+    # No Host header: the server's IPv6 address, in brackets.
+    bare = [(b"x-twilio-signature", sign("http://[::1]:8000/hook/status"))]
+    assert await call(twilio(), headers=bare, server=("::1", 8000)) == 200
