@@ -53,6 +53,21 @@ LOOPBACK = ["127.0.0.1", "::1"]
 UNTRUSTED_PEER = "127.0.0.2"
 
 
+def _can_bind(address: str) -> bool:
+    try:
+        with socket.socket() as sock:
+            sock.bind((address, 0))
+    except OSError:
+        return False
+    return True
+
+
+# Linux routes all of 127.0.0.0/8 to loopback; macOS only 127.0.0.1 unless aliased.
+pytestmark = pytest.mark.skipif(
+    not _can_bind(UNTRUSTED_PEER), reason=f"needs {UNTRUSTED_PEER} on the loopback interface"
+)
+
+
 class Multi(dict[str, list[str]]):
     def getall(self, name: str) -> list[str]:
         return self[name]
