@@ -243,11 +243,11 @@ def build(
 
 
 @contextmanager
-def serve_sync(app: Any) -> Iterator[str]:
+def serve_sync(app: Any, **options: Any) -> Iterator[str]:
     """``resilient_voice.testing.serve`` for synchronous callers: yield the base URL."""
     with (
         start_blocking_portal() as portal,
-        portal.wrap_async_context_manager(serve(app)) as url,
+        portal.wrap_async_context_manager(serve(app, **options)) as url,
     ):
         yield url
 

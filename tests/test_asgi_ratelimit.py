@@ -212,7 +212,7 @@ async def test_default_key_is_the_client_address_and_forwarded_for_is_ignored() 
         ([b"6.6.6.6, 198.51.100.7, 10.0.0.2"], "198.51.100.7"),  # forged left part ignored
         ([b"6.6.6.6", b"198.51.100.7"], "198.51.100.7"),  # repeated headers are one list
         ([b"10.0.0.9, 10.0.0.2"], "10.0.0.9"),  # all trusted: the left-most
-        ([b"2001:DB8::1"], "2001:db8::1"),  # normalised
+        ([b"2001:DB8::1"], "2001:db8::/64"),  # normalised, keyed by its /64
         ([b"198.51.100.7, junk"], "10.0.0.1"),  # junk where the proxy wrote: the peer
         ([b"198.51.100.7, 1.2.3.4:80"], "10.0.0.1"),
         ([b"198.51.100.7, "], "10.0.0.1"),
@@ -463,17 +463,23 @@ async def test_any_forwarded_for_yields_the_peer_or_an_address_from_the_header(
 
 def _is_untrusted_address(text: str) -> bool:
     try:
-        address = ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text.split("/", maxsplit=1)[0])
     except ValueError:
         return False
     return address not in ipaddress.ip_network("10.0.0.0/24")
 
 
 def _norm(text: str) -> str:
+    """The bucket key of an address: IPv4 as is, IPv4-mapped as IPv4, other IPv6 by /64."""
     try:
-        return str(ipaddress.ip_address(text.strip(" \t")))
+        address = ipaddress.ip_address(text.strip(" \t"))
     except ValueError:
         return text
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 async def test_quota_headers_replace_any_the_app_set_and_appear_once() -> None:

@@ -322,8 +322,12 @@ async def test_untrusted_peer_forwarded_headers_are_ignored() -> None:
         (b"x-forwarded-host", b"public.example.com"),
         (b"x-twilio-signature", sign(url, []).encode()),
     ]
+    # A server on a private address, as behind a load balancer: the peer is scope["client"].
+    private = {"headers": headers, "server": ("10.9.9.9", 8000)}
+    assert (await _run(middleware, private | {"client": ("192.0.2.1", 1)}))[0] == 403
+    assert (await _run(middleware, private | {"client": ("10.1.2.3", 1)}))[0] == 200
+    # A loopback peer is untrusted too.
     assert (await _run(middleware, {"headers": headers}))[0] == 403
-    assert (await _run(middleware, {"headers": headers, "client": ("10.1.2.3", 1)}))[0] == 200
 
 
 async def test_no_host_header_falls_back_to_server_address() -> None:

@@ -45,6 +45,23 @@ def test_all_is_sorted_and_pinned() -> None:
     assert resilient_voice.__all__ == EXPECTED
 
 
+EXPECTED_ASGI = [
+    "CorrelationIdMiddleware",
+    "MetricsMiddleware",
+    "RateLimitMiddleware",
+    "TrustedProxies",
+    "TwilioSignatureMiddleware",
+    "VapiWebhookMiddleware",
+    "make_metrics_app",
+]
+
+
+def test_asgi_all_is_pinned() -> None:
+    import resilient_voice.asgi
+
+    assert resilient_voice.asgi.__all__ == EXPECTED_ASGI
+
+
 def test_every_public_name_resolves() -> None:
     for name in resilient_voice.__all__:
         assert getattr(resilient_voice, name) is not None

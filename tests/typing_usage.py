@@ -89,6 +89,8 @@ async def use_clients() -> None:
         CorrelationIdMiddleware,
         MetricsMiddleware,
         RateLimitMiddleware,
+        TrustedProxies,
+        TwilioSignatureMiddleware,
         make_metrics_app,
     )
     from resilient_voice.metrics import PrometheusMetrics
@@ -117,4 +119,12 @@ async def use_clients() -> None:
         CorrelationIdMiddleware(RateLimitMiddleware(app, rate=10.0, burst=20))
     )
     metrics_app = make_metrics_app()
-    del stack, metrics_app
+    proxies = TrustedProxies(["10.0.0.0/16", "::1"])
+    behind = TwilioSignatureMiddleware(
+        RateLimitMiddleware(app, rate=10.0, trusted_proxies=proxies, ipv6_prefix=56),
+        "token",
+        trusted_proxies=["127.0.0.1"],
+    )
+    server_applied = TrustedProxies(server_applied=True)
+    applied = RateLimitMiddleware(app, rate=1.0, trusted_proxies=server_applied)
+    del stack, metrics_app, behind, applied

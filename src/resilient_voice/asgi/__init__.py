@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from resilient_voice.asgi._correlation import CorrelationIdMiddleware
     from resilient_voice.asgi._metrics import MetricsMiddleware, make_metrics_app
+    from resilient_voice.asgi._proxies import TrustedProxies
     from resilient_voice.asgi._ratelimit import RateLimitMiddleware
     from resilient_voice.asgi._twilio import TwilioSignatureMiddleware
     from resilient_voice.asgi._vapi import VapiWebhookMiddleware
@@ -22,6 +23,7 @@ __all__ = [
     "CorrelationIdMiddleware",
     "MetricsMiddleware",
     "RateLimitMiddleware",
+    "TrustedProxies",
     "TwilioSignatureMiddleware",
     "VapiWebhookMiddleware",
     "make_metrics_app",
@@ -32,6 +34,7 @@ _LAZY = {
     "MetricsMiddleware": "resilient_voice.asgi._metrics",
     "make_metrics_app": "resilient_voice.asgi._metrics",
     "RateLimitMiddleware": "resilient_voice.asgi._ratelimit",
+    "TrustedProxies": "resilient_voice.asgi._proxies",
     "TwilioSignatureMiddleware": "resilient_voice.asgi._twilio",
     "VapiWebhookMiddleware": "resilient_voice.asgi._vapi",
 }

@@ -18,13 +18,13 @@ from resilient_voice.asgi._common import (
     Send,
     set_headers,
 )
+from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies, parse_address
 from resilient_voice.correlation import get_correlation_id, new_correlation_id
 from resilient_voice.events import LimiterListener
 from resilient_voice.limiter import KeyedLimiter
 
 __all__ = ["RateLimitMiddleware", "RouteMatcher"]
 
-_FORWARDED_FOR = b"x-forwarded-for"
 _POLICY = b"ratelimit-policy"
 _RATELIMIT = b"ratelimit"
 _JSON = (b"content-type", b"application/json")
@@ -136,23 +136,42 @@ def _rule(pattern: str, limit: Any) -> tuple[str, float, float]:
     raise TypeError(f"route {pattern!r}: the limit must be rate or (rate, burst), got {limit!r}")
 
 
-def _trusted_sets(proxies: Iterable[str]) -> tuple[frozenset[str], tuple[Any, ...]]:
-    if isinstance(proxies, str):
-        proxies = [proxies]
-    exact: set[str] = set()
-    networks: list[Any] = []
-    for entry in proxies:
-        if entry == "*":
-            raise ValueError(
-                "trusted_proxies=['*'] would let any client choose its own key through "
-                "X-Forwarded-For: list your proxies' addresses or networks"
-            )
-        network = ipaddress.ip_network(entry, strict=False)
-        if network.num_addresses == 1:
-            exact.add(str(network.network_address))
-        else:
-            networks.append(network)
-    return frozenset(exact), tuple(networks)
+def _ipv6_prefix(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ipv6_prefix must be an int, got {value!r}")
+    if not 1 <= value <= 128:
+        raise ValueError(f"ipv6_prefix must be in 1..128, got {value!r}")
+    return value
+
+
+class _ClientKeys:
+    """Turns a client address into its bucket key: IPv4 as is, IPv6 by network prefix.
+
+    One host usually holds a whole /64, so keying IPv6 clients per address would give it
+    2**64 buckets; an IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, from a dual-stack socket)
+    is the IPv4 client it names. Text that is not an address is kept as it is.
+    """
+
+    __slots__ = ("_shift", "_suffix")
+
+    def __init__(self, prefix: int) -> None:
+        self._shift = 128 - prefix
+        self._suffix = f"/{prefix}"
+
+    def __call__(self, text: str) -> str:
+        if ":" not in text:
+            return text
+        try:
+            address = ipaddress.IPv6Address(text.split("%", 1)[0])
+        except ValueError:
+            return text
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+        if not self._shift:
+            return str(address)
+        network = int(address) >> self._shift << self._shift
+        return str(ipaddress.IPv6Address(network)) + self._suffix
 
 
 class RateLimitMiddleware:
@@ -173,12 +192,16 @@ class RateLimitMiddleware:
     through, unlimited.
 
     **Keys.** By default the client address from the ASGI scope (``scope["client"]``; requests
-    without one share the key ``""``). ``X-Forwarded-For`` is read only when the connecting peer
-    is one of ``trusted_proxies``: the header is walked from the right, skipping addresses of
-    trusted proxies, and the first other address is the client. At most ``forwarded_hops``
-    entries are examined, whatever the header's size; a malformed entry (anything that is not an
-    IP address) stops the walk and the peer address is used. Or pass ``key=callable(scope)``
-    returning the key (an API key, an account id) or ``None`` to exempt the request.
+    without one share the key ``""``). IPv6 clients are keyed by their ``ipv6_prefix`` network
+    (a /64 by default: one host usually holds a whole /64) and IPv4-mapped addresses as IPv4.
+    Forwarded addresses (``X-Forwarded-For``, or ``for=`` of RFC 7239 ``Forwarded``) are read
+    only when the connecting peer is trusted by ``trusted_proxies`` (see
+    :class:`~resilient_voice.asgi.TrustedProxies`): walked from the right, skipping addresses of
+    trusted proxies, the first other address is the client. At most ``forwarded_hops`` entries
+    are examined, whatever the header's size; a malformed entry (anything that is not an IP
+    address), or the two headers disagreeing on the nearest address, means the peer address is
+    used. Or pass ``key=callable(scope)`` returning the key (an API key, an account id) or
+    ``None`` to exempt the request.
 
     **Exemptions.** ``exempt`` is a list of route patterns (see :class:`RouteMatcher`) or a
     callable ``(scope) -> bool``; matching requests are never limited. Vapi's
@@ -196,8 +219,8 @@ class RateLimitMiddleware:
         burst: Requests a client may make at once (the bucket size).
         key: ``callable(scope) -> str | None`` choosing the client key; ``None`` exempts.
         exempt: Route patterns, or ``callable(scope) -> bool``, never limited.
-        trusted_proxies: Addresses or networks of your proxies, whose ``X-Forwarded-For`` is
-            believed (only with the default key).
+        trusted_proxies: A :class:`~resilient_voice.asgi.TrustedProxies`, or a list of your
+            proxies' addresses and networks as shorthand (only with the default key).
         routes: Per-route limits, see above.
         max_keys: Buckets retained per limit (see ``KeyedLimiter``).
         clock: Clock of the limiters; inject a ``ManualClock`` in tests.
@@ -205,6 +228,7 @@ class RateLimitMiddleware:
         policy_name: The policy name in the RateLimit fields.
         forwarded_hops: The most ``X-Forwarded-For`` entries examined.
         name: Name of the limiters (route limits add ``:<pattern>``); used in listeners.
+        ipv6_prefix: Prefix length by which IPv6 clients are keyed (1..128; 128 is per address).
 
     Raises:
         ValueError: an invalid rate, burst, pattern, proxy or name; ``key`` together with
@@ -220,7 +244,7 @@ class RateLimitMiddleware:
         burst: float = 1,
         key: Callable[[Scope], str | None] | None = None,
         exempt: Iterable[str] | Callable[[Scope], bool] | None = None,
-        trusted_proxies: Iterable[str] = (),
+        trusted_proxies: TrustedProxies | Iterable[str] = (),
         routes: Mapping[str, Any] | Iterable[tuple[str, float, float]] | None = None,
         max_keys: int = 10_000,
         clock: Clock | None = None,
@@ -228,6 +252,7 @@ class RateLimitMiddleware:
         policy_name: str = "default",
         forwarded_hops: int = 16,
         name: str = "http_server",
+        ipv6_prefix: int = 64,
     ) -> None:
         self.app = app
         if key is not None and not callable(key):
@@ -238,10 +263,11 @@ class RateLimitMiddleware:
             raise TypeError(f"forwarded_hops must be an int, got {forwarded_hops!r}")
         if not 1 <= forwarded_hops <= 64:
             raise ValueError(f"forwarded_hops must be in 1..64, got {forwarded_hops!r}")
-        self._exact_proxies, self._proxy_networks = _trusted_sets(trusted_proxies)
-        self._use_forwarded = bool(self._exact_proxies or self._proxy_networks)
-        if key is not None and self._use_forwarded:
+        self._proxies = as_trusted_proxies(trusted_proxies)
+        self._use_forwarded = self._proxies._reads_headers
+        if key is not None and (self._use_forwarded or self._proxies.server_applied):
             raise ValueError("trusted_proxies applies to the default key only; not with key=")
+        self._client = _ClientKeys(_ipv6_prefix(ipv6_prefix))
         self._key = key
         self._hops = forwarded_hops
         label = b'"' + policy_name.encode("ascii") + b'"'
@@ -271,7 +297,7 @@ class RateLimitMiddleware:
         self._routes: tuple[tuple[RouteMatcher, _Policy], ...] = tuple(
             (RouteMatcher(pattern), policy(r, b, f"{name}:{pattern}")) for pattern, r, b in rules
         )
-        # The common configuration takes a shorter path per request.
+        # The common configuration takes a shorter path per request (IPv4 keys need no parsing).
         self._plain_key = key is None and not self._use_forwarded
         self._plain = not self._routes and exempt is None and self._default is not None
         if self._default is None and not self._routes:
@@ -303,7 +329,7 @@ class RateLimitMiddleware:
             return
         if self._plain_key:
             client = scope.get("client")
-            key: str | None = client[0] if client else ""
+            key: str | None = self._client(client[0]) if client else ""
         else:
             key = self._client_key(scope)
             if key is None:
@@ -346,44 +372,31 @@ class RateLimitMiddleware:
         if not client:
             return ""
         peer: str = client[0]
-        if self._use_forwarded and self._is_trusted(peer):
-            return self._forwarded_client(scope, peer)
-        return peer
-
-    def _is_trusted(self, address: str) -> bool:
-        if address in self._exact_proxies:
-            return True
-        if not self._proxy_networks:
-            return False
-        try:
-            parsed = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(parsed in network for network in self._proxy_networks)
+        if self._proxies._peer_is_trusted(scope):
+            return self._client(self._forwarded_client(scope, peer))
+        return self._client(peer)
 
     def _forwarded_client(self, scope: Scope, peer: str) -> str:
-        """The right-most address in X-Forwarded-For that is not a trusted proxy."""
-        values = [value for name, value in scope["headers"] if name == _FORWARDED_FOR]
-        if not values:
+        """The nearest address the trusted proxies recorded that is not a trusted proxy.
+
+        ``X-Forwarded-For`` (or RFC 7239 ``Forwarded`` ``for=``) is walked from the right,
+        where the proxy that connected to us appended the address it saw; everything further
+        left was written by hosts further away, the client included. A malformed entry, or the
+        two headers disagreeing on the nearest address, stops the walk at the peer.
+        """
+        hops = self._proxies._forwarded_for(scope, self._hops)
+        if not hops:
             return peer
-        header = values[0] if len(values) == 1 else b",".join(values)
-        # At most `hops` splits from the right: a 60 kB header costs one scan, not 60 kB of work.
-        hops = header.rsplit(b",", self._hops)
         candidate = peer
-        for examined, raw in enumerate(reversed(hops)):
-            if examined == self._hops:
-                break  # the unsplit remainder, beyond the bound
-            hop = raw.strip(b" \t")
+        for hop in hops:
             if not hop or len(hop) > _MAX_ADDRESS or hop.translate(None, _ADDRESS_CHARACTERS):
                 return peer  # junk where a trusted proxy should have written an address
-            text = hop.decode("ascii")
-            try:
-                text = str(ipaddress.ip_address(text))
-            except ValueError:
+            address = parse_address(hop.decode("ascii"))
+            if address is None:
                 return peer
-            candidate = text
-            if not self._is_trusted(text):
-                return text
+            candidate = str(address)
+            if not self._proxies._contains(address):
+                return candidate
         return candidate
 
     async def _reject(self, send: Send, policy: _Policy, available: float) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -27,6 +26,7 @@ from resilient_voice.asgi._common import (
     refuse,
     replay,
 )
+from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies
 
 __all__ = ["TwilioSignatureMiddleware"]
 
@@ -40,6 +40,8 @@ _SIGNATURE = re.compile(rb"[A-Za-z0-9+/]{27}=|[A-Za-z0-9+/]{43}=")
 # One name=value segment that every form parser splits and decodes alike: printable ASCII
 # without the separators (& ;), without a second '=', and '%' only in a valid escape.
 _STRICT_SEGMENT = re.compile(r"(?:[!-$'-:<>-~]|%[0-9A-Fa-f]{2})+=(?:[!-$'-:<>-~]|%[0-9A-Fa-f]{2})*")
+_PATH_SAFE = "/%:@!$&'()*+,;=~"
+_DOCS = "see docs/deployment.md"
 _FORM = b"application/x-www-form-urlencoded"
 _GUARDED = frozenset({"http", "websocket"})
 DEFAULT_MAX_BODY = 64 * 1024
@@ -75,11 +77,14 @@ class TwilioSignatureMiddleware:
       the one announced (HMAC_SHA1 or HMAC_SHA256). An unknown key id is refused.
 
     The URL is rebuilt as Twilio requested it: ``public_base_url`` (scheme, host, port and any
-    path prefix a proxy strips) followed by the raw path and query string exactly as received.
-    Without ``public_base_url`` it uses the ASGI scheme and the ``Host`` header; the
-    ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` / ``X-Forwarded-Port`` headers are used only
-    when the immediate peer is in ``trusted_proxies`` (the right-most value, the one that proxy
-    wrote). As the SDK does, the URL is tried with and without the default port.
+    public path prefix) or else the ASGI scheme and the ``Host`` header, then ``root_path`` (a
+    prefix the proxy stripped, or a mount) unless the base already ends with it, then the raw
+    path and query string exactly as received. Forwarded headers (``X-Forwarded-Proto`` /
+    ``-Host`` / ``-Port`` and RFC 7239 ``Forwarded``) count only as ``trusted_proxies`` allows
+    (see :class:`~resilient_voice.asgi.TrustedProxies`), and then only the value the trusted
+    proxy appended. As the SDK does, the URL is tried with and without the default port. When
+    the signature does not match, one DEBUG line on ``resilient_voice.asgi`` names the URL that
+    was checked (never the token or the signature): docs/deployment.md explains each setup.
 
     **WebSocket handshakes** on guarded paths (Media Streams, ConversationRelay) are verified
     too: Twilio signs them like a GET webhook, over the ``wss://`` URL it connected to (the URL
@@ -121,8 +126,9 @@ class TwilioSignatureMiddleware:
         paths: Paths to guard: exact paths, or prefixes ending in ``*``; ``None`` (default)
             guards every HTTP request and websocket handshake.
         public_base_url: ``https://host[:port][/prefix]`` as configured in Twilio.
-        trusted_proxies: IP addresses or networks of proxies whose forwarded headers are
-            trusted, or ``["*"]`` for any peer. Ignored when ``public_base_url`` is set.
+        trusted_proxies: A :class:`~resilient_voice.asgi.TrustedProxies`, or a list of the
+            addresses and networks of your proxies as shorthand. Not consulted when
+            ``public_base_url`` is set.
         shared_keys: SharedKey id to secret, for Webhooks Rules signed with a SharedKey.
         max_body: Largest body accepted, in bytes (default 64 KiB).
         max_fields: Most form parameters accepted (default 100).
@@ -131,7 +137,8 @@ class TwilioSignatureMiddleware:
     Raises:
         ImportError: the twilio package is not installed.
         TypeError: ``auth_token`` is ``None`` (an unset environment variable) or not a string.
-        ValueError: an empty token or another invalid option.
+        ValueError: an empty token or another invalid option, such as ``"*"`` or
+            ``0.0.0.0/0`` in ``trusted_proxies``.
     """
 
     def __init__(
@@ -141,7 +148,7 @@ class TwilioSignatureMiddleware:
         *,
         paths: Iterable[str] | None = None,
         public_base_url: str | None = None,
-        trusted_proxies: Iterable[str] = (),
+        trusted_proxies: TrustedProxies | Iterable[str] = (),
         shared_keys: Mapping[str, str] | None = None,
         max_body: int = DEFAULT_MAX_BODY,
         max_fields: int = DEFAULT_MAX_FIELDS,
@@ -184,6 +191,7 @@ class TwilioSignatureMiddleware:
         self._add_port = rv.add_port
         self._remove_port = rv.remove_port
         self._base: str | None = None
+        self._base_path = ""
         if public_base_url is not None:
             parts = urlsplit(public_base_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -192,10 +200,9 @@ class TwilioSignatureMiddleware:
                 )
             if parts.query or parts.fragment:
                 raise ValueError("public_base_url must not have a query or fragment")
-            self._base = public_base_url.rstrip("/")
-        proxies = [trusted_proxies] if isinstance(trusted_proxies, str) else list(trusted_proxies)
-        self._trust_any = "*" in proxies
-        self._proxies = tuple(ipaddress.ip_network(p, strict=False) for p in proxies if p != "*")
+            self._base = f"{parts.scheme}://{parts.netloc}"
+            self._base_path = parts.path.rstrip("/")
+        self._proxies = as_trusted_proxies(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in _GUARDED or not self._match(scope["path"]):
@@ -245,6 +252,7 @@ class TwilioSignatureMiddleware:
             return
         reason = self._verify(scope, url, body, signature, validators, algorithm)
         if reason is not None:
+            _log.debug("Twilio signature does not match the URL checked, %s (%s)", url, _DOCS)
             await self._reject(scope, receive, send, reason)
             return
         await self.app(scope, replay(body, receive), send)
@@ -280,54 +288,70 @@ class TwilioSignatureMiddleware:
         return (validator,), algorithm or self._sha1
 
     def _url(self, scope: Scope) -> str | None:
+        """The URL Twilio requested, or ``None`` (logged at DEBUG) when it cannot be told safely.
+
+        The path is the one the client asked for: ``root_path`` (the prefix a proxy stripped,
+        or a mount) followed by the path below it. Servers disagree on whether ``raw_path`` and
+        ``path`` already start with ``root_path`` (uvicorn's do, hypercorn's do not), so the
+        prefix is removed when present and added back once. ``public_base_url`` supplies the
+        scheme and host, and its path is the public prefix: ``root_path`` is added to it unless
+        it already ends with it, so both ``https://example.com/hooks`` and
+        ``https://example.com`` work with ``--root-path /hooks``.
+        """
         raw_path = scope.get("raw_path")
         if raw_path:
             # Some servers and test transports (httpx's ASGITransport) include the query here.
             path: str = bytes(raw_path).split(b"?", 1)[0].decode("latin-1")
         else:
-            path = quote(scope.get("root_path", "") + scope["path"], safe="/%:@!$&'()*+,;=~")
+            path = quote(scope["path"], safe=_PATH_SAFE)
+        root = scope.get("root_path", "")
+        if root:
+            root = quote(root.rstrip("/"), safe=_PATH_SAFE)
+            if path == root or path.startswith(root + "/"):
+                path = path[len(root) :]
         query = bytes(scope.get("query_string", b""))
         tail = path + "?" + query.decode("latin-1") if query else path
         if self._base is not None:
-            return self._base + tail
+            prefix = self._base_path
+            if root and prefix != root and not prefix.endswith(root):
+                prefix += root
+            return self._base + prefix + tail
+        tail = root + tail
         scheme = str(scope.get("scheme", "http"))
         host = get_header(scope, b"host")
-        if self._trusted(scope):
-            proto = _last(get_header(scope, b"x-forwarded-proto"))
-            if proto is not None:
-                scheme = proto.decode("latin-1").lower()
-            forwarded_host = _last(get_header(scope, b"x-forwarded-host"))
-            if forwarded_host is not None:
-                host = forwarded_host
-            port = _last(get_header(scope, b"x-forwarded-port"))
+        forwarded = self._proxies._forwarded(scope)
+        if forwarded is not None:
+            if forwarded.conflict:
+                _log.debug(
+                    "Twilio webhook: Forwarded is malformed or disagrees with X-Forwarded-*, "
+                    "so the URL cannot be told; set or strip both at the proxy (%s)",
+                    _DOCS,
+                )
+                return None
+            if forwarded.proto is not None:
+                scheme = forwarded.proto.decode("latin-1").lower()
+            if forwarded.host is not None:
+                host = forwarded.host
+            port = forwarded.port
             if host is not None and port is not None and b":" not in host.rsplit(b"]", 1)[-1]:
                 if not port.isdigit() or len(port) > 5:
+                    _log.debug("Twilio webhook: bad X-Forwarded-Port (%s)", _DOCS)
                     return None
                 host += b":" + port
         if scheme not in ("http", "https"):
+            _log.debug("Twilio webhook: scheme %r is not http(s) (%s)", scheme[:16], _DOCS)
             return None
         if host is None:
             server = scope.get("server")
             if not server or server[1] is None:
+                _log.debug("Twilio webhook: no Host header and no server address (%s)", _DOCS)
                 return None
-            host = f"{server[0]}:{server[1]}".encode("latin-1")
+            name = f"[{server[0]}]" if ":" in str(server[0]) else str(server[0])
+            host = f"{name}:{server[1]}".encode("latin-1")
         if not _HOST.fullmatch(host):
+            _log.debug("Twilio webhook: the Host is not a valid host[:port] (%s)", _DOCS)
             return None
         return f"{scheme}://{host.decode('ascii')}{tail}"
-
-    def _trusted(self, scope: Scope) -> bool:
-        if self._trust_any:
-            return True
-        if not self._proxies:
-            return False
-        client = scope.get("client")
-        if not client:
-            return False
-        try:
-            address = ipaddress.ip_address(client[0])
-        except ValueError:
-            return False
-        return any(address in network for network in self._proxies)
 
     def _verify(
         self,
@@ -417,14 +441,6 @@ class TwilioSignatureMiddleware:
 
     def __repr__(self) -> str:
         return f"TwilioSignatureMiddleware(app={self.app!r})"
-
-
-def _last(value: bytes | None) -> bytes | None:
-    """The right-most item of a comma-separated header value (the nearest proxy's), stripped."""
-    if value is None:
-        return None
-    item = value.rsplit(b",", 1)[-1].strip()
-    return item or None
 
 
 def _signed_params(pairs: list[tuple[str, str]]) -> str:

@@ -29,6 +29,7 @@ from resilient_voice.asgi._common import (
     refuse,
     replay,
 )
+from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies
 from resilient_voice.correlation import correlation_scope, validate_correlation_id
 
 __all__ = ["CORRELATION_KEY", "VapiWebhookMiddleware", "planted_correlation_id"]
@@ -132,6 +133,11 @@ class VapiWebhookMiddleware:
         paths: Paths to guard: exact paths, or prefixes ending in ``*``; ``None`` guards every
             HTTP request and websocket handshake.
         clock: Wall clock returning UNIX seconds (default :func:`time.time`); tests inject one.
+        trusted_proxies: A :class:`~resilient_voice.asgi.TrustedProxies` or a list of networks,
+            accepted so that one proxy setting serves every middleware. Vapi's credentials
+            (secret, bearer token, HMAC over ``{timestamp}.{body}``) do not cover the URL, the
+            scheme or the client address, so no proxy setup changes what verifies here; the
+            value is validated like everywhere else (``"*"`` and ``0.0.0.0/0`` are refused).
 
     Raises:
         ValueError: no credential configured (every one ``None``, as an unset environment
@@ -156,8 +162,10 @@ class VapiWebhookMiddleware:
         max_body: int = 2 * 1024 * 1024,
         paths: Iterable[str] | None = None,
         clock: Callable[[], float] | None = None,
+        trusted_proxies: TrustedProxies | Iterable[str] = (),
     ) -> None:
         self.app = app
+        self._proxies = as_trusted_proxies(trusted_proxies)
         self._secret = _secret_bytes("secret", secret)
         self._bearer = _secret_bytes("bearer_token", bearer_token)
         key = _secret_bytes("hmac_secret", hmac_secret)

@@ -168,6 +168,9 @@ async def serve(
     port: int = 0,
     startup_timeout: float = 10.0,
     shutdown_timeout: float = 5.0,
+    root_path: str = "",
+    proxy_headers: bool = False,
+    forwarded_allow_ips: str | list[str] | None = None,
 ) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on ``host`` in a background thread; yield its base URL.
 
@@ -184,6 +187,10 @@ async def serve(
         startup_timeout: Seconds to wait for the server to listen.
         shutdown_timeout: Seconds to wait for a clean stop (in-flight requests get this long,
             then are cancelled; then the wait is abandoned with an error).
+        root_path: uvicorn's ``--root-path``, to test apps behind a prefix-stripping proxy.
+        proxy_headers: uvicorn's ``--proxy-headers`` (off here, unlike uvicorn's own default),
+            to test how middleware sees a scope the server already rewrote.
+        forwarded_allow_ips: uvicorn's ``--forwarded-allow-ips`` (its default: loopback).
 
     Yields:
         The base URL, such as ``http://127.0.0.1:53124``.
@@ -207,7 +214,9 @@ async def serve(
         log_config=None,
         log_level=logging.WARNING,
         access_log=False,
-        proxy_headers=False,
+        proxy_headers=proxy_headers,
+        forwarded_allow_ips=forwarded_allow_ips,
+        root_path=root_path,
         server_header=False,
         date_header=True,
         timeout_graceful_shutdown=max(math.ceil(shutdown_timeout) - 1, 1),
