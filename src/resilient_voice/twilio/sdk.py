@@ -29,6 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from resilient_voice._clock import Clock
+from resilient_voice._urls import check_transport_security, redact_url
+from resilient_voice._urls import split as split_url
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.events import TransportListener
 from resilient_voice.http import LIMITER_KEY_EXTENSION, ResilientTransport
@@ -88,6 +90,7 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
         *,
         policies: Mapping[str, Policy] | None = None,
         base_url: str | None = None,
+        allow_insecure_http: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
         calls_per_second: float = 1.0,
         messages_per_second: float = 1.0,
@@ -102,13 +105,21 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
     ) -> None:
         super().__init__(logger, True, timeout)
         if base_url is not None:
-            parts = urlsplit(base_url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+            if not isinstance(base_url, str):
+                raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
+            parts = split_url(base_url)
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"base_url must be an http(s) URL, got {redact_url(base_url)!r}")
             if parts.username is not None or parts.password is not None:
-                raise ValueError("base_url must not carry credentials (they would show in reprs)")
+                raise ValueError(
+                    f"base_url must not carry credentials (got {redact_url(base_url)!r}): "
+                    "the SDK passes them to request()"
+                )
+            check_transport_security(parts, base_url, allow_insecure_http=allow_insecure_http)
             self._origin: tuple[str, str] | None = (parts.scheme, parts.netloc)
         else:
+            if not isinstance(allow_insecure_http, bool):
+                raise TypeError("allow_insecure_http must be a bool")
             self._origin = None
         self._policies = resolve_policies(
             policy,

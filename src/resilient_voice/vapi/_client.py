@@ -8,12 +8,13 @@ from collections.abc import Generator, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from resilient_voice._clock import Clock
+from resilient_voice._urls import check_transport_security, redact_url
+from resilient_voice._urls import split as split_url
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError, VapiAPIError
@@ -89,14 +90,21 @@ def _check_api_key(api_key: object) -> str:
     return api_key
 
 
-def _check_base_url(base_url: object) -> tuple[str, str, str]:
+def _check_base_url(base_url: object, allow_insecure_http: bool) -> tuple[str, str, str]:
+    """Check ``base_url``; messages never echo its credentials (see :mod:`.._urls`)."""
     if not isinstance(base_url, str):
         raise TypeError(f"base_url must be a string, got {type(base_url).__name__}")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("base_url must not carry credentials, a query or a fragment")
+    parts = split_url(base_url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url must be an http(s) URL, got {redact_url(base_url)!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"base_url must not carry credentials (got {redact_url(base_url)!r}): "
+            "pass the key as api_key="
+        )
+    if parts.query or parts.fragment:
+        raise ValueError("base_url must not carry a query or a fragment")
+    check_transport_security(parts, base_url, allow_insecure_http=allow_insecure_http)
     return base_url.rstrip("/"), parts.hostname, parts.path.rstrip("/")
 
 
@@ -123,6 +131,10 @@ class VapiClient:
     Args:
         api_key: The org's private API key. Never shown in reprs or logs.
         base_url: The API root (``https://api.vapi.ai``; ``https://api.eu.vapi.ai`` for EU orgs).
+            Plain ``http://`` is accepted for loopback hosts only (``localhost``, 127.0.0.0/8,
+            ``::1``): anywhere else it would send the API key unencrypted.
+        allow_insecure_http: Accept an ``http://`` ``base_url`` to a non-loopback host (a
+            TLS-terminating sidecar, a test network). Off by default.
         policy: One policy for every operation, replacing the defaults.
         policies: Policies by operation name (``"create_call"``, ``"read"``,
             ``"update_assistant"``), replacing the defaults one by one (after ``policy``).
@@ -149,6 +161,7 @@ class VapiClient:
         api_key: str,
         *,
         base_url: str = DEFAULT_BASE_URL,
+        allow_insecure_http: bool = False,
         policy: Policy | None = None,
         policies: Mapping[str, Policy] | None = None,
         http_client: httpx.AsyncClient | None = None,
@@ -160,7 +173,7 @@ class VapiClient:
         listeners: Iterable[VapiListener | TransportListener] = (),
     ) -> None:
         self._auth = _BearerAuth(_check_api_key(api_key))
-        self._base_url, host, prefix = _check_base_url(base_url)
+        self._base_url, host, prefix = _check_base_url(base_url, allow_insecure_http)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
         if not math.isfinite(timeout) or timeout <= 0:

@@ -81,6 +81,7 @@ def sdk_http_client(
     policy: Policy | None = None,
     policies: Mapping[str, Policy] | None = None,
     base_url: str = DEFAULT_BASE_URL,
+    allow_insecure_http: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
     timeout: float = 10.0,
     unprocessed_429: bool = False,
@@ -96,13 +97,14 @@ def sdk_http_client(
     retried only if its method is idempotent). A ``POST /call`` that may have been processed
     raises :class:`~resilient_voice.OutcomeUnknownError` out of the SDK call, unwrapped.
 
-    Give the SDK the same ``base_url``. Close the client yourself (``await client.aclose()``);
-    the SDK does not.
+    Give the SDK the same ``base_url``. Plain ``http://`` is refused for a non-loopback host
+    unless ``allow_insecure_http=True`` (the SDK's key would cross the network unencrypted).
+    Close the client yourself (``await client.aclose()``); the SDK does not.
 
     Raises:
         TypeError, ValueError: Invalid configuration.
     """
-    _, host, prefix = _check_base_url(base_url)
+    _, host, prefix = _check_base_url(base_url, allow_insecure_http)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
     if not math.isfinite(timeout) or timeout <= 0:
