@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from resilient_voice.errors import _reduce as reduce_exception
+
 if TYPE_CHECKING:
     import uvicorn
 
@@ -58,6 +60,9 @@ class DropConnectionError(Exception):
     def __init__(self, *, reset: bool = False) -> None:
         super().__init__("connection dropped on purpose")
         self.reset = reset
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_exception(self)
 
 
 class _DroppingApp:

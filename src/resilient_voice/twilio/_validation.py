@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
+
+from resilient_voice.errors import _reduce as reduce_exception
 
 __all__ = ["TwilioValidationError"]
 
@@ -42,6 +45,9 @@ class TwilioValidationError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_exception(self)
 
 
 def text_value(field: str, value: object) -> str:
