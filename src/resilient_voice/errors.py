@@ -37,6 +37,8 @@ from typing import Any
 
 from resilient_voice.failure import FailureKind
 
+_NEWOBJ: Any = copyreg.__newobj__  # type: ignore[attr-defined]  # missing from typeshed
+
 
 def _reduce(exc: BaseException) -> tuple[Any, ...]:
     """Pickle ``exc`` by its ``args`` and ``__dict__``, never by calling ``__init__`` again.
@@ -46,7 +48,7 @@ def _reduce(exc: BaseException) -> tuple[Any, ...]:
     works for the rest only by accident. ``copyreg.__newobj__`` sets ``args`` through
     ``BaseException.__new__``; the instance dict (fields and ``__notes__``) is the state.
     """
-    return (copyreg.__newobj__, (type(exc), *exc.args), dict(vars(exc)) or None)
+    return (_NEWOBJ, (type(exc), *exc.args), dict(vars(exc)) or None)
 
 
 __all__ = [

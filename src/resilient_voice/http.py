@@ -34,7 +34,6 @@ not sickness, and never trips it; other 4xx are the caller's errors and are igno
 from __future__ import annotations
 
 import copy
-import copyreg
 import math
 import re
 import time
@@ -50,6 +49,7 @@ from resilient_voice.correlation import (
     new_attempt_id,
 )
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
+from resilient_voice.errors import _reduce as reduce_exception
 from resilient_voice.events import TransportListener, emit
 from resilient_voice.failure import FailureKind, failure_kind_of
 from resilient_voice.policy import Policy
@@ -147,9 +147,9 @@ class UpstreamStatusError(ProviderError):
         response = copy.copy(self.response)  # httpx's own pickling state: no stream
         request = self.response.request
         response.request = httpx.Request(request.method, request.url.copy_with(userinfo=b""))
-        state = dict(vars(self))
+        rebuild, args, state = reduce_exception(self)
         state["response"] = response
-        return (copyreg.__newobj__, (type(self), *self.args), state)
+        return (rebuild, args, state)
 
 
 @dataclass(frozen=True, slots=True)
