@@ -37,20 +37,6 @@ from typing import Any
 
 from resilient_voice.failure import FailureKind
 
-_NEWOBJ: Any = copyreg.__newobj__  # type: ignore[attr-defined]  # missing from typeshed
-
-
-def _reduce(exc: BaseException) -> tuple[Any, ...]:
-    """Pickle ``exc`` by its ``args`` and ``__dict__``, never by calling ``__init__`` again.
-
-    ``BaseException``'s own pickling calls ``cls(*args)``: that breaks for a constructor whose
-    parameters are not its ``args`` (keyword-only fields, a message built from fields), and
-    works for the rest only by accident. ``copyreg.__newobj__`` sets ``args`` through
-    ``BaseException.__new__``; the instance dict (fields and ``__notes__``) is the state.
-    """
-    return (_NEWOBJ, (type(exc), *exc.args), dict(vars(exc)) or None)
-
-
 __all__ = [
     "CircuitOpenError",
     "OutcomeUnknownError",
@@ -64,6 +50,19 @@ __all__ = [
     "VapiAuthenticationError",
     "WebhookVerificationError",
 ]
+
+_NEWOBJ: Any = copyreg.__newobj__  # type: ignore[attr-defined]  # missing from typeshed
+
+
+def _reduce(exc: BaseException) -> tuple[Any, ...]:
+    """Pickle ``exc`` by its ``args`` and ``__dict__``, never by calling ``__init__`` again.
+
+    ``BaseException``'s own pickling calls ``cls(*args)``: that breaks for a constructor whose
+    parameters are not its ``args`` (keyword-only fields, a message built from fields), and
+    works for the rest only by accident. ``copyreg.__newobj__`` sets ``args`` through
+    ``BaseException.__new__``; the instance dict (fields and ``__notes__``) is the state.
+    """
+    return (_NEWOBJ, (type(exc), *exc.args), dict(vars(exc)) or None)
 
 
 class ResilientVoiceError(Exception):
@@ -192,7 +191,13 @@ class ProviderError(ResilientVoiceError):
 
 
 class TwilioAPIError(ProviderError):
-    """Twilio answered with an error; ``more_info`` links Twilio's page for ``code``."""
+    """Twilio answered with an error.
+
+    Attributes:
+        more_info: The link to Twilio's page for ``code``.
+        details: The ``details`` object of Twilio's error body, when it sent one (the
+            official SDK's ``TwilioRestException.details``); ``None`` otherwise.
+    """
 
     def __init__(
         self,
@@ -202,10 +207,12 @@ class TwilioAPIError(ProviderError):
         kind: FailureKind,
         *,
         more_info: str | None = None,
+        details: dict[str, Any] | None = None,
         retry_after: float | None = None,
     ) -> None:
         super().__init__(status, code, message, kind, retry_after=retry_after)
         self.more_info = more_info
+        self.details = details
 
 
 class TwilioAuthenticationError(TwilioAPIError):
