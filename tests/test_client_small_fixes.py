@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -81,3 +82,12 @@ async def test_twilio_api_error_details_is_none_when_absent_or_not_an_object() -
             with pytest.raises(TwilioAPIError) as info:
                 await twilio.get_call("CA" + "0" * 32)
         assert info.value.details is None
+
+
+async def test_serve_without_uvicorn_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes `import uvicorn` fail as if it were not installed; monkeypatch
+    # puts the real module back afterwards.
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'resilient-voice\[testing\]'"):
+        async with serve(answering(200, {})):
+            pass

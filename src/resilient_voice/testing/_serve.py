@@ -92,6 +92,17 @@ class _DroppingApp:
                     pass
 
 
+def _import_uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            "serve() needs the uvicorn package: pip install 'resilient-voice[testing]'",
+            name="uvicorn",
+        ) from exc
+    return uvicorn
+
+
 def _protocol_class() -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -194,11 +205,11 @@ async def serve(
         The base URL, such as ``http://127.0.0.1:53124``.
 
     Raises:
+        ModuleNotFoundError: uvicorn is not installed (the ``testing`` extra).
         RuntimeError: The server failed to start or to stop in time; an exception raised in the
             server thread is chained.
     """
-    import uvicorn
-
+    uvicorn = _import_uvicorn()
     if startup_timeout <= 0 or shutdown_timeout <= 0:
         raise ValueError("startup_timeout and shutdown_timeout must be positive")
     sock = _listening_socket(host, port)
