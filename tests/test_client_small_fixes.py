@@ -13,8 +13,13 @@ from twilio.rest import Client
 
 from resilient_voice import FailureKind, RetryPolicy
 from resilient_voice.policy import Policy
-from resilient_voice.testing import serve
-from resilient_voice.twilio import ResilientTwilioHttpClient, TwilioAPIError, TwilioClient
+from resilient_voice.testing import FakeTelephony, serve
+from resilient_voice.twilio import (
+    ResilientTwilioHttpClient,
+    TwilioAPIError,
+    TwilioClient,
+    TwilioValidationError,
+)
 
 SID = "AC" + "1" * 32
 TOKEN = "secret-token-value"
@@ -91,3 +96,27 @@ async def test_serve_without_uvicorn_names_the_extra(monkeypatch: pytest.MonkeyP
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'resilient-voice\[testing\]'"):
         async with serve(answering(200, {})):
             pass
+
+
+@pytest.mark.parametrize(
+    ("call", "keyword"),
+    [
+        ({"Url": TWIML_URL}, "url"),
+        ({"Twiml": "<Response/>"}, "twiml"),
+        ({"ApplicationSid": "AP" + "0" * 32}, "application_sid"),
+        ({"url": TWIML_URL, "StatusCallback": TWIML_URL}, "status_callback"),
+    ],
+)
+async def test_create_call_names_a_twilio_spelled_argument_before_what_is_missing(
+    call: dict[str, Any], keyword: str
+) -> None:
+    app = FakeTelephony(twilio_accounts={SID: TOKEN}, status_callbacks=False)
+    async with serve(app) as url, TwilioClient(SID, TOKEN, base_url=url) as twilio:
+        with pytest.raises(TwilioValidationError, match=f"pass {keyword}= instead") as info:
+            await twilio.create_call(to="+15550100001", from_=FROM, **call)
+        assert info.value.field == next(name for name in call if name[0].isupper())
+        with pytest.raises(TwilioValidationError, match="pass from_= instead"):
+            await twilio.send_message(to="+15550100001", From=FROM, body="hi")
+        with pytest.raises(TwilioValidationError, match="pass url= instead"):
+            await twilio.update_call("CA" + "0" * 32, Url=TWIML_URL)
+    assert app.requests() == []

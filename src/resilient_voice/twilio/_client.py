@@ -330,6 +330,8 @@ class TwilioClient:
             TwilioAPIError: Twilio refused the call (for example 21211, invalid number).
             CircuitOpenError, RateLimitedError: Refused locally; nothing was sent.
         """
+        # First: a parameter passed under Twilio's name (``Url=``) explains the errors below.
+        extra = check.more_params(more, _CALL_PARAMS)
         form: dict[str, str | list[str]] = {
             "To": check.call_to(to),
             "From": check.call_from(from_),
@@ -355,7 +357,7 @@ class TwilioClient:
             form["StatusCallbackMethod"] = _http_method(
                 "status_callback_method", status_callback_method
             )
-        form.update(check.more_params(more, _CALL_PARAMS))
+        form.update(extra)
         try:
             response = await self._send(
                 "POST", f"{self._calls_path}.json", form, cid=cid, attempt_id=attempt_id
@@ -450,6 +452,7 @@ class TwilioClient:
             TwilioValidationError: Bad input (including nothing to change); nothing was sent.
         """
         call_sid = check.sid("sid", sid, "CA")
+        extra = check.more_params(more, _UPDATE_PARAMS)
         form: dict[str, str | list[str]] = {}
         if status is not None:
             if status not in check.UPDATE_STATUSES:
@@ -467,7 +470,7 @@ class TwilioClient:
             form["Method"] = _http_method("method", method)
         if status_callback is not None:
             form["StatusCallback"] = check.url("status_callback", status_callback)
-        form.update(check.more_params(more, _UPDATE_PARAMS))
+        form.update(extra)
         if not form:
             raise check.TwilioValidationError("status", "nothing to update")
         redirect = "Url" in form or "Twiml" in form
@@ -507,6 +510,7 @@ class TwilioClient:
             OutcomeUnknownError: The request may have reached Twilio and was not re-sent.
             TwilioAPIError: Twilio refused the message.
         """
+        extra = check.more_params(more, _MESSAGE_PARAMS)
         form: dict[str, str | list[str]] = {"To": check.message_to(to)}
         if from_ is None and messaging_service_sid is None:
             raise check.TwilioValidationError("from_", "give from_= or messaging_service_sid=")
@@ -532,7 +536,7 @@ class TwilioClient:
             form["StatusCallback"] = self._tag(
                 check.url("status_callback", status_callback), cid, attempt_id
             )
-        form.update(check.more_params(more, _MESSAGE_PARAMS))
+        form.update(extra)
         sender = str(form.get("From") or form["MessagingServiceSid"])
         try:
             response = await self._send(

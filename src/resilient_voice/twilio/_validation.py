@@ -207,11 +207,19 @@ def more_params(more: Mapping[str, object], taken: Iterable[str]) -> dict[str, F
                 name, "extra parameters use Twilio's own PascalCase names (Timeout, Record...)"
             )
         if name in reserved:
-            raise TwilioValidationError(name, "is set by a named argument; pass it there")
+            raise TwilioValidationError(
+                name, f"is set by a named argument; pass {_keyword(name)}= instead"
+            )
         if value is None:
             continue
         out[name] = _form_value(name, value)
     return out
+
+
+def _keyword(name: str) -> str:
+    """The keyword argument that sets Twilio's parameter ``name`` (``Url`` -> ``url``)."""
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return "from_" if snake == "from" else snake
 
 
 def _form_value(name: str, value: object) -> FormValue:
