@@ -258,9 +258,23 @@ class TwilioClient:
         return dict(self._policies)
 
     @property
-    def breaker(self) -> CircuitBreaker | None:
-        """The breaker of ``create_call`` (the one shared by the default policies)."""
-        return self._policies["create_call"].breaker
+    def breaker(self) -> CircuitBreaker:
+        """The breaker of ``create_call`` (the one shared by the default policies).
+
+        Typed without ``None`` so that ``client.breaker.add_listener(...)`` type-checks; a
+        ``create_call`` policy without a breaker (your own ``policy=``) has nothing to give.
+
+        Raises:
+            AttributeError: The ``create_call`` policy has no breaker
+                (``getattr(client, "breaker", None)`` gives ``None`` then).
+        """
+        breaker = self._policies["create_call"].breaker
+        if breaker is None:
+            raise AttributeError(
+                "this client's create_call policy has no circuit breaker; "
+                "attach listeners to the primitives of the policy you passed"
+            )
+        return breaker
 
     @property
     def transport(self) -> ResilientTransport:

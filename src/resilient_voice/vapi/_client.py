@@ -239,14 +239,35 @@ class VapiClient:
         return dict(self._policies)
 
     @property
-    def breaker(self) -> CircuitBreaker | None:
-        """The breaker of ``create_call`` (shared by every operation by default)."""
+    def breaker(self) -> CircuitBreaker:
+        """The breaker of ``create_call`` (shared by every operation by default).
+
+        Typed without ``None`` so that ``vapi.breaker.add_listener(...)`` type-checks.
+
+        Raises:
+            AttributeError: There is none: ``http_client=`` was given, or the ``create_call``
+                policy has no breaker (``getattr(vapi, "breaker", None)`` gives ``None``).
+        """
         policy = self._policies.get("create_call")
-        return policy.breaker if policy is not None else None
+        if policy is None or policy.breaker is None:
+            why = "http_client= was given" if policy is None else "its create_call policy has none"
+            raise AttributeError(f"this VapiClient has no circuit breaker ({why})")
+        return policy.breaker
 
     @property
-    def transport(self) -> ResilientTransport | None:
-        """The resilient transport (``None`` when ``http_client=`` was given)."""
+    def transport(self) -> ResilientTransport:
+        """The resilient transport: attach transport listeners here.
+
+        Typed without ``None`` so that ``vapi.transport.add_listener(...)`` type-checks.
+
+        Raises:
+            AttributeError: ``http_client=`` was given: that client's transport is yours
+                (``getattr(vapi, "transport", None)`` gives ``None``).
+        """
+        if self._transport is None:
+            raise AttributeError(
+                "this VapiClient sends through the http_client= you gave; its transport is yours"
+            )
         return self._transport
 
     def add_listener(self, listener: VapiListener | TransportListener) -> None:
