@@ -29,7 +29,7 @@ from resilient_voice.http import (
 )
 from resilient_voice.policy import Policy
 from resilient_voice.vapi._errors import VapiConcurrencyLimitError, error_from_response
-from resilient_voice.vapi._models import VapiAssistant, VapiCall, VapiPhoneNumber
+from resilient_voice.vapi._models import VapiAssistant, VapiCall, VapiCustomer, VapiPhoneNumber
 from resilient_voice.vapi._policies import resolve_policies, vapi_routes
 from resilient_voice.vapi._validation import (
     check_id,
@@ -304,7 +304,9 @@ class VapiClient:
         assistant_id: str | None = None,
         assistant: Mapping[str, Any] | BaseModel | None = None,
         phone_number_id: str | None = None,
-        customer_number: str,
+        customer_number: str | None = None,
+        customer: VapiCustomer | Mapping[str, Any] | None = None,
+        customer_id: str | None = None,
         assistant_overrides: Mapping[str, Any] | BaseModel | None = None,
         name: str | None = None,
         **more: Any,
@@ -323,7 +325,16 @@ class VapiClient:
             assistant_id: A saved assistant; or give ``assistant``.
             assistant: A transient assistant (mapping or pydantic model).
             phone_number_id: The Vapi phone number to call from.
-            customer_number: The destination, E.164 (``+14155550100``).
+            customer_number: The destination, E.164 (``+14155550100``): the short form of
+                ``customer={"number": ...}``. Give exactly one of ``customer_number``,
+                ``customer`` and ``customer_id``.
+            customer: The customer as Vapi's ``CreateCustomerDTO`` (a mapping with snake_case
+                or camelCase keys, or a :class:`VapiCustomer`): exactly one of ``number``
+                (E.164 unless ``numberE164CheckEnabled`` is False) and ``sipUri``
+                (``sip:``/``sips:``), plus optional ``extension`` (1..10 digits, dialled after
+                the answer), ``name``, ``email``, ``externalId`` (1..40 characters each).
+                Unknown fields are refused, not forwarded.
+            customer_id: A customer saved in Vapi.
             assistant_overrides: Overrides for this call (``variableValues``, ``metadata``...).
             name: Your label for the call (at most 40 characters; left untouched).
             **more: Other ``CreateCallDTO`` fields, snake_case or camelCase
@@ -347,6 +358,8 @@ class VapiClient:
             assistant=assistant,
             phone_number_id=phone_number_id,
             customer_number=customer_number,
+            customer=customer,
+            customer_id=customer_id,
             assistant_overrides=assistant_overrides,
             name=name,
             more=more,
