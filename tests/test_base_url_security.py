@@ -131,3 +131,14 @@ async def test_a_client_reaches_a_fake_on_localhost_over_plain_http() -> None:
 )
 def test_redact_url(url: object, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_the_twilio_webhook_guard_does_not_echo_credentials_in_public_base_url() -> None:
+    from resilient_voice.asgi import TwilioSignatureMiddleware
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="public_base_url") as info:
+        TwilioSignatureMiddleware(app, TOKEN, public_base_url=f"ftp://user:{SECRET}@hooks.example")
+    assert SECRET not in str(info.value)
