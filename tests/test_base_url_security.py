@@ -6,12 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from twilio.rest import Client
 
 from resilient_voice._urls import redact_url
 from resilient_voice.testing import FakeTelephony, serve
 from resilient_voice.twilio import TwilioClient
 from resilient_voice.twilio.sdk import ResilientTwilioHttpClient
-from resilient_voice.vapi import VapiClient, sdk_http_client
+from resilient_voice.vapi import VapiClient, no_sdk_retries, sdk_http_client
 
 SID = "AC" + "1" * 32
 TOKEN = "secret-token-value"
@@ -142,3 +143,29 @@ def test_the_twilio_webhook_guard_does_not_echo_credentials_in_public_base_url()
     with pytest.raises(ValueError, match="public_base_url") as info:
         TwilioSignatureMiddleware(app, TOKEN, public_base_url=f"ftp://user:{SECRET}@hooks.example")
     assert SECRET not in str(info.value)
+
+
+async def test_the_twilio_sdk_adapter_refuses_a_plaintext_url_the_sdk_built() -> None:
+    app = FakeTelephony(twilio_accounts={SID: TOKEN}, status_callbacks=False)
+    async with serve(app) as url:
+        http_client = ResilientTwilioHttpClient()
+        async with http_client:
+            client = Client(SID, TOKEN, http_client=http_client)
+            client.api.base_url = "http://api.twilio.example"
+            with pytest.raises(ValueError, match="allow_insecure_http=True"):
+                await client.calls.list_async()
+            client.api.base_url = url  # loopback: allowed
+            assert await client.calls.list_async() == []
+    assert len(app.requests()) == 1
+
+
+async def test_the_vapi_sdk_recipe_refuses_a_plaintext_url_the_sdk_was_given() -> None:
+    vapi = pytest.importorskip("vapi")
+    http = sdk_http_client()
+    client = vapi.AsyncVapi(token=VAPI_KEY, base_url="http://api.vapi.example", httpx_client=http)
+    try:
+        with pytest.raises(ValueError, match="allow_insecure_http=True") as info:
+            await client.calls.get("call-1", request_options=no_sdk_retries())
+    finally:
+        await http.aclose()
+    assert VAPI_KEY not in str(info.value)

@@ -13,7 +13,13 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import SplitResult, urlsplit
 
-__all__ = ["check_transport_security", "is_loopback_host", "redact_url", "split"]
+__all__ = [
+    "check_request_security",
+    "check_transport_security",
+    "is_loopback_host",
+    "redact_url",
+    "split",
+]
 
 _REDACTED = "***"
 
@@ -81,6 +87,23 @@ def check_transport_security(
         "would cross the network unencrypted. Use https://, or pass allow_insecure_http=True "
         "if the path to that host is trusted (a TLS-terminating sidecar, a test network)"
     )
+
+
+def check_request_security(scheme: str, host: str, url: str) -> None:
+    """Refuse to send a request over plain ``http://`` to a non-loopback host.
+
+    For adapters whose URLs are built by someone else (an official SDK's own ``base_url``),
+    so that only the request itself can be checked.
+
+    Raises:
+        ValueError: ``scheme`` is ``http`` and ``host`` is not loopback.
+    """
+    if scheme == "http" and not is_loopback_host(host):
+        raise ValueError(
+            f"refusing to send {redact_url(url)!r}: plain http:// to a non-loopback host would "
+            "carry the credentials unencrypted. Use https://, or build the client with "
+            "allow_insecure_http=True if the path to that host is trusted"
+        )
 
 
 def split(url: str) -> SplitResult | None:

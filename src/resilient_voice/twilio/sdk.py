@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from resilient_voice._clock import Clock
-from resilient_voice._urls import check_transport_security, redact_url
+from resilient_voice._urls import check_request_security, check_transport_security, redact_url
 from resilient_voice._urls import split as split_url
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.events import TransportListener
@@ -121,6 +121,7 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
             if not isinstance(allow_insecure_http, bool):
                 raise TypeError("allow_insecure_http must be a bool")
             self._origin = None
+        self._allow_insecure_http = allow_insecure_http
         self._policies = resolve_policies(
             policy,
             policies,
@@ -186,6 +187,8 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
         """Send one SDK request through the policies; returns ``twilio.http.response.Response``.
 
         Raises:
+            ValueError: The SDK's URL is plain ``http://`` to a non-loopback host and the
+                adapter was built without ``allow_insecure_http=True``; nothing was sent.
             OutcomeUnknownError: A create that may have been processed; never re-sent.
             CircuitOpenError, RateLimitedError: Refused locally; nothing was sent.
             httpx.HTTPError: A transport failure that was not retried further.
@@ -219,6 +222,9 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
             headers=headers,
             timeout=httpx.Timeout(timeout) if timeout is not None else httpx.USE_CLIENT_DEFAULT,
         )
+        if self._origin is None and not self._allow_insecure_http:
+            # The SDK built the URL (its own base_url), so only the request can be checked.
+            check_request_security(request.url.scheme, request.url.host, url)
         key = _sender(data) if method == "POST" else None
         if key is not None:
             request.extensions[LIMITER_KEY_EXTENSION] = key

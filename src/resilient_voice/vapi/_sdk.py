@@ -32,6 +32,7 @@ from typing import Any, TypedDict
 import httpx
 
 from resilient_voice._clock import Clock
+from resilient_voice._urls import check_request_security
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.events import TransportListener
 from resilient_voice.http import ResilientTransport
@@ -98,7 +99,9 @@ def sdk_http_client(
     raises :class:`~resilient_voice.OutcomeUnknownError` out of the SDK call, unwrapped.
 
     Give the SDK the same ``base_url``. Plain ``http://`` is refused for a non-loopback host
-    unless ``allow_insecure_http=True`` (the SDK's key would cross the network unencrypted).
+    unless ``allow_insecure_http=True`` (the SDK's key would cross the network unencrypted):
+    here at once, and in every request, since the SDK's own ``base_url`` decides where they go
+    (a request to such a URL raises ``ValueError`` and nothing is sent).
     Close the client yourself (``await client.aclose()``); the SDK does not.
 
     Raises:
@@ -117,7 +120,15 @@ def sdk_http_client(
         name=name,
         listeners=listeners,
     )
-    return httpx.AsyncClient(transport=resilient, timeout=httpx.Timeout(float(timeout)))
+    hooks = {} if allow_insecure_http else {"request": [_refuse_plaintext]}
+    return httpx.AsyncClient(
+        transport=resilient, timeout=httpx.Timeout(float(timeout)), event_hooks=hooks
+    )
+
+
+async def _refuse_plaintext(request: httpx.Request) -> None:
+    """The SDK's own ``base_url`` decides where requests go; refuse it if it is plaintext."""
+    check_request_security(request.url.scheme, request.url.host, str(request.url))
 
 
 def attempt_overrides(
