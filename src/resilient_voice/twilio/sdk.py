@@ -197,6 +197,10 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
             raise ValueError(timeout)
         method = method.upper()
         url = self._rewrite(uri)
+        if self._origin is None and not self._allow_insecure_http:
+            # The SDK built the URL (its own base_url), so only the request can be checked.
+            parts = urlsplit(url)
+            check_request_security(parts.scheme, parts.hostname or "", url)
         self.log_request({"method": method, "url": url, "params": params, "headers": headers or {}})
         self._test_only_last_response = None
         self._test_only_last_request = TwilioRequest(
@@ -222,9 +226,6 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
             headers=headers,
             timeout=httpx.Timeout(timeout) if timeout is not None else httpx.USE_CLIENT_DEFAULT,
         )
-        if self._origin is None and not self._allow_insecure_http:
-            # The SDK built the URL (its own base_url), so only the request can be checked.
-            check_request_security(request.url.scheme, request.url.host, url)
         key = _sender(data) if method == "POST" else None
         if key is not None:
             request.extensions[LIMITER_KEY_EXTENSION] = key
