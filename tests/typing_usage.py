@@ -94,7 +94,7 @@ async def use_clients() -> None:
     from resilient_voice.metrics import PrometheusMetrics
     from resilient_voice.testing import FakeTelephony, Fault, serve
     from resilient_voice.twilio import Call, TwilioClient
-    from resilient_voice.vapi import VapiCall, VapiClient
+    from resilient_voice.vapi import VapiCall, VapiClient, VapiCustomer
 
     sid = "AC" + "0" * 32
     fake = FakeTelephony(twilio_accounts={sid: "token"}, faults=[Fault.drop_after(0.1)])
@@ -111,6 +111,15 @@ async def use_clients() -> None:
         vapi.breaker.add_listener(metrics.breaker)
         vapi.transport.add_listener(metrics.transport)
         found: VapiCall | None = await vapi.reconcile_call("attempt-1")
+        placed: VapiCall = await vapi.create_call(
+            assistant_id="a1",
+            phone_number_id="p1",
+            customer=VapiCustomer(number="+14155550100", name="Ada", extension="12"),
+        )
+        by_id: VapiCall = await vapi.create_call(
+            assistant_id="a1", phone_number_id="p1", customer_id="cust-1"
+        )
+        del placed, by_id
         del found
 
     async def app(scope: object, receive: object, send: object) -> None:
