@@ -318,7 +318,9 @@ def test_policies_defaults_and_overrides() -> None:
     assert replaced.policies["create_call"] is not mine
     everything = TwilioClient(SID, TOKEN, policy=mine)
     assert all(p is mine for p in everything.policies.values())
-    assert everything.breaker is None
+    with pytest.raises(AttributeError, match="no circuit breaker"):
+        everything.breaker  # noqa: B018
+    assert getattr(everything, "breaker", None) is None
 
 
 def test_secrets_stay_out_of_reprs() -> None:

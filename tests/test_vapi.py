@@ -642,8 +642,11 @@ def test_the_api_key_never_appears_in_reprs() -> None:
 async def test_a_caller_provided_http_client_is_used_and_not_closed(upstream: Upstream) -> None:
     http = httpx.AsyncClient()
     async with VapiClient(KEY, base_url=upstream.url, http_client=http) as vapi:
-        assert vapi.transport is None
-        assert vapi.breaker is None
+        with pytest.raises(AttributeError, match="http_client="):
+            vapi.transport  # noqa: B018
+        with pytest.raises(AttributeError, match="http_client="):
+            vapi.breaker  # noqa: B018
+        assert getattr(vapi, "transport", None) is None
         assert len(await vapi.list_phone_numbers()) == 1
     assert not http.is_closed
     await http.aclose()

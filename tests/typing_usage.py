@@ -96,20 +96,32 @@ async def use_clients() -> None:
     from resilient_voice.metrics import PrometheusMetrics
     from resilient_voice.testing import FakeTelephony, Fault, serve
     from resilient_voice.twilio import Call, TwilioClient
-    from resilient_voice.vapi import VapiCall, VapiClient
+    from resilient_voice.vapi import VapiCall, VapiClient, VapiCustomer
 
     sid = "AC" + "0" * 32
     fake = FakeTelephony(twilio_accounts={sid: "token"}, faults=[Fault.drop_after(0.1)])
     metrics = PrometheusMetrics()
     async with serve(fake) as url, TwilioClient(sid, "token", base_url=url) as twilio:
         twilio.transport.add_listener(metrics.transport)
+        twilio.breaker.add_listener(metrics.breaker)  # as docs/metrics.md shows it
         call: Call = await twilio.create_call(
             to="+15550100001", from_="+15005550006", url="https://example.com/twiml"
         )
         calls: list[Call] = await twilio.reconcile_call(to=call.to or "")
         del calls
     async with VapiClient("key", base_url="http://127.0.0.1:1") as vapi:
+        vapi.breaker.add_listener(metrics.breaker)
+        vapi.transport.add_listener(metrics.transport)
         found: VapiCall | None = await vapi.reconcile_call("attempt-1")
+        placed: VapiCall = await vapi.create_call(
+            assistant_id="a1",
+            phone_number_id="p1",
+            customer=VapiCustomer(number="+14155550100", name="Ada", extension="12"),
+        )
+        by_id: VapiCall = await vapi.create_call(
+            assistant_id="a1", phone_number_id="p1", customer_id="cust-1"
+        )
+        del placed, by_id
         del found
 
     async def app(scope: object, receive: object, send: object) -> None:

@@ -22,9 +22,18 @@ exception with ``raise ... from``.
 
 Invalid configuration raises :class:`ValueError` or :class:`TypeError` at construction, never
 later; those are not part of this tree.
+
+Every public exception pickles with its fields (errors cross process boundaries in task
+queues): unpickling rebuilds the instance without calling ``__init__`` again and restores its
+attributes and notes. What names a local object is a name, not the object (``.breaker`` and
+``.limiter`` are the primitives' names), so it survives the trip. As for any Python exception,
+``__cause__``, ``__context__`` and the traceback are not pickled.
 """
 
 from __future__ import annotations
+
+import copyreg
+from typing import Any
 
 from resilient_voice.failure import FailureKind
 
@@ -42,9 +51,25 @@ __all__ = [
     "WebhookVerificationError",
 ]
 
+_NEWOBJ: Any = copyreg.__newobj__  # type: ignore[attr-defined]  # missing from typeshed
+
+
+def _reduce(exc: BaseException) -> tuple[Any, ...]:
+    """Pickle ``exc`` by its ``args`` and ``__dict__``, never by calling ``__init__`` again.
+
+    ``BaseException``'s own pickling calls ``cls(*args)``: that breaks for a constructor whose
+    parameters are not its ``args`` (keyword-only fields, a message built from fields), and
+    works for the rest only by accident. ``copyreg.__newobj__`` sets ``args`` through
+    ``BaseException.__new__``; the instance dict (fields and ``__notes__``) is the state.
+    """
+    return (_NEWOBJ, (type(exc), *exc.args), dict(vars(exc)) or None)
+
 
 class ResilientVoiceError(Exception):
     """Base class of every exception raised by resilient_voice."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self)
 
 
 class RejectedError(ResilientVoiceError):
@@ -81,9 +106,6 @@ class CircuitOpenError(RejectedError):
             f"circuit breaker {self.breaker!r} is open; retry after {self.retry_after or 0.0:.3f}s"
         )
 
-    def __reduce__(self) -> tuple[type[CircuitOpenError], tuple[str, float]]:
-        return (type(self), (self.breaker, self.retry_after or 0.0))
-
 
 class RateLimitedError(RejectedError):
     """The rate limiter cannot grant the tokens in time.
@@ -103,11 +125,6 @@ class RateLimitedError(RejectedError):
         )
         self.limiter = limiter
         self.reason = reason
-
-    def __reduce__(
-        self,
-    ) -> tuple[type[RateLimitedError], tuple[str, float | None], dict[str, str]]:
-        return (type(self), (self.limiter, self.retry_after), {"reason": self.reason})
 
 
 class OutcomeUnknownError(ResilientVoiceError):
@@ -174,7 +191,13 @@ class ProviderError(ResilientVoiceError):
 
 
 class TwilioAPIError(ProviderError):
-    """Twilio answered with an error; ``more_info`` links Twilio's page for ``code``."""
+    """Twilio answered with an error.
+
+    Attributes:
+        more_info: The link to Twilio's page for ``code``.
+        details: The ``details`` object of Twilio's error body, when it sent one (the
+            official SDK's ``TwilioRestException.details``); ``None`` otherwise.
+    """
 
     def __init__(
         self,
@@ -184,10 +207,12 @@ class TwilioAPIError(ProviderError):
         kind: FailureKind,
         *,
         more_info: str | None = None,
+        details: dict[str, Any] | None = None,
         retry_after: float | None = None,
     ) -> None:
         super().__init__(status, code, message, kind, retry_after=retry_after)
         self.more_info = more_info
+        self.details = details
 
 
 class TwilioAuthenticationError(TwilioAPIError):

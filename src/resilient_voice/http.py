@@ -33,11 +33,13 @@ not sickness, and never trips it; other 4xx are the caller's errors and are igno
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -47,6 +49,7 @@ from resilient_voice.correlation import (
     new_attempt_id,
 )
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
+from resilient_voice.errors import _reduce as reduce_exception
 from resilient_voice.events import TransportListener, emit
 from resilient_voice.failure import FailureKind, failure_kind_of
 from resilient_voice.policy import Policy
@@ -133,6 +136,20 @@ class UpstreamStatusError(ProviderError):
         self.response = response
         # 429 means "slow down", not "I am broken": the breaker must not trip on it.
         self.backpressure = response.status_code == 429
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with a copy of ``response`` whose request keeps its method and URL only.
+
+        The request's headers carry the credentials (``Authorization``), and a pickled error
+        lands in task queues and their brokers; the response itself (status, headers, body
+        if it was read) is kept. The URL loses any userinfo.
+        """
+        response = copy.copy(self.response)  # httpx's own pickling state: no stream
+        request = self.response.request
+        response.request = httpx.Request(request.method, request.url.copy_with(userinfo=b""))
+        rebuild, args, state = reduce_exception(self)
+        state["response"] = response
+        return (rebuild, args, state)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from importlib import import_module
 from typing import Any, cast
 from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
+from resilient_voice._urls import redact_url
 from resilient_voice.asgi._common import (
     FORBIDDEN,
     ASGIApp,
@@ -196,7 +197,8 @@ class TwilioSignatureMiddleware:
             parts = urlsplit(public_base_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(
-                    f"public_base_url must be http(s)://host..., not {public_base_url!r}"
+                    "public_base_url must be http(s)://host..., "
+                    f"not {redact_url(public_base_url)!r}"
                 )
             if parts.query or parts.fragment:
                 raise ValueError("public_base_url must not have a query or fragment")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hmac
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ _REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too
 _READ_ONLY = ("id", "orgId", "createdAt", "updatedAt")
 _DATE_FILTERS = ("Gt", "Lt", "Ge", "Le")
 _ENDED_REASON = "customer-ended-call"
+_LOOSE_NUMBER = re.compile(r"\+?[A-Za-z0-9]+")
 
 
 def vapi_error(status: int, message: str | list[str]) -> Response:
@@ -222,14 +224,18 @@ class VapiApi:
             )
         phone_number_id = data.get("phoneNumberId")
         customer = data.get("customer")
-        if not isinstance(customer, dict) or not isinstance(customer.get("number"), str):
+        customer_id = data.get("customerId")
+        if (customer is None) == (customer_id is None):
             return vapi_error(400, "Need Either `customer` Or `customerId`.")
-        number = customer["number"]
-        if customer.get("numberE164CheckEnabled", True) and not E164.fullmatch(number):
-            return vapi_error(
-                400,
-                ["customer.number must be a valid phone number in the E.164 format."],
-            )
+        if customer_id is not None:
+            if not isinstance(customer_id, str) or not customer_id:
+                return vapi_error(400, ["customerId must be a string"])
+            destination = customer_id
+        else:
+            problems = _customer_problems(customer)
+            if problems or not isinstance(customer, dict):
+                return vapi_error(400, problems)
+            destination = str(customer.get("number") or customer["sipUri"])
         with self._core.lock:
             assistant = self.assistants.get(str(assistant_id)) if assistant_id is not None else None
             if assistant_id is not None and assistant is None:
@@ -252,11 +258,11 @@ class VapiApi:
             for key, value in data.items()
             if key in ("assistantId", "assistant", "assistantOverrides", "name", "metadata")
         }
-        fields |= {
-            "phoneNumberId": phone_number_id,
-            "customer": copy.deepcopy(customer),
-            "phoneCallProviderId": provider_sid,
-        }
+        fields |= {"phoneNumberId": phone_number_id, "phoneCallProviderId": provider_sid}
+        if customer_id is not None:
+            fields["customerId"] = customer_id
+        else:
+            fields["customer"] = copy.deepcopy(customer)
         answer_at = now + self._ring_duration
         call = VapiCall(
             id=call_id,
@@ -283,7 +289,7 @@ class VapiApi:
                     provider="vapi",
                     id=call_id,
                     account=self.org_id,
-                    to=number,
+                    to=destination,
                     from_=phone_number["number"],
                     time=now,
                     request_index=request_index,
@@ -381,7 +387,7 @@ class VapiApi:
             "timestamp": int(self._core.wall(now).timestamp() * 1000),
             "type": kind,
             "call": call_body,
-            "customer": call_body["customer"],
+            "customer": call_body.get("customer"),
             "phoneNumber": phone_number,
         }
         if kind == "status-update":
@@ -419,6 +425,36 @@ class VapiApi:
             headers=headers,
             content=json.dumps({"message": message}, separators=(",", ":")).encode(),
         )
+
+
+def _customer_problems(customer: object) -> list[str]:
+    """What Vapi would refuse in a ``customer`` (CreateCustomerDTO); empty when it is valid."""
+    if not isinstance(customer, dict):
+        return ["customer must be an object"]
+    problems = []
+    number, sip_uri = customer.get("number"), customer.get("sipUri")
+    if number is None and sip_uri is None:
+        problems.append("customer.number or customer.sipUri must be provided")
+    if number is not None:
+        if not isinstance(number, str) or not 3 <= len(number) <= 40:
+            problems.append("customer.number must be longer than or equal to 3 characters")
+        elif customer.get("numberE164CheckEnabled", True) is not False:
+            if not E164.fullmatch(number):
+                problems.append("customer.number must be a valid phone number in the E.164 format.")
+        elif not _LOOSE_NUMBER.fullmatch(number):
+            problems.append("customer.number must contain only letters and digits")
+    if sip_uri is not None and not (
+        isinstance(sip_uri, str) and sip_uri.lower().startswith(("sip:", "sips:"))
+    ):
+        problems.append("customer.sipUri must be a valid SIP URI")
+    extension = customer.get("extension")
+    if extension is not None and not (isinstance(extension, str) and len(extension) <= 10):
+        problems.append("customer.extension must be shorter than or equal to 10 characters")
+    for key in ("name", "email", "externalId"):
+        value = customer.get(key)
+        if value is not None and not (isinstance(value, str) and len(value) <= 40):
+            problems.append(f"customer.{key} must be shorter than or equal to 40 characters")
+    return problems
 
 
 def _server_url(*sources: Any) -> str | None:

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from resilient_voice.errors import _reduce as reduce_exception
+
 if TYPE_CHECKING:
     import uvicorn
 
@@ -59,6 +61,9 @@ class DropConnectionError(Exception):
         super().__init__("connection dropped on purpose")
         self.reset = reset
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_exception(self)
+
 
 class _DroppingApp:
     """Per-connection wrapper: turns :class:`DropConnectionError` into a closed socket."""
@@ -85,6 +90,17 @@ class _DroppingApp:
             with anyio.move_on_after(2.0):
                 while (await receive())["type"] != "http.disconnect":
                     pass
+
+
+def _import_uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            "serve() needs the uvicorn package: pip install 'resilient-voice[testing]'",
+            name="uvicorn",
+        ) from exc
+    return uvicorn
 
 
 def _protocol_class() -> type[asyncio.Protocol]:
@@ -196,11 +212,11 @@ async def serve(
         The base URL, such as ``http://127.0.0.1:53124``.
 
     Raises:
+        ModuleNotFoundError: uvicorn is not installed (the ``testing`` extra).
         RuntimeError: The server failed to start or to stop in time; an exception raised in the
             server thread is chained.
     """
-    import uvicorn
-
+    uvicorn = _import_uvicorn()
     if startup_timeout <= 0 or shutdown_timeout <= 0:
         raise ValueError("startup_timeout and shutdown_timeout must be positive")
     sock = _listening_socket(host, port)

@@ -7,11 +7,13 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, urlsplit, urlunsplit
 
 import httpx
 
 from resilient_voice._clock import Clock
+from resilient_voice._urls import check_transport_security, redact_url
+from resilient_voice._urls import split as split_url
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.correlation import (
     correlation_scope,
@@ -83,6 +85,24 @@ def _positive(name: str, value: object) -> float:
     return float(value)
 
 
+def _base_url_parts(base_url: object, allow_insecure_http: bool) -> SplitResult:
+    """Check ``base_url``; messages never echo its credentials (see :mod:`._urls`)."""
+    if not isinstance(base_url, str):
+        raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
+    parts = split_url(base_url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url must be an http(s) URL, got {redact_url(base_url)!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"base_url must not carry credentials (got {redact_url(base_url)!r}): "
+            "pass them as auth_token= or api_key=/api_secret="
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("base_url is the scheme and host only (no path, query or fragment)")
+    check_transport_security(parts, base_url, allow_insecure_http=allow_insecure_http)
+    return parts
+
+
 def _query_param(name: str | None) -> str | None:
     if name is None:
         return None
@@ -111,7 +131,11 @@ class TwilioClient:
         api_key: An API key SID (``SK...``), used with ``api_secret`` instead of the token.
         api_secret: The API key's secret.
         base_url: Twilio's API host (a regional edge such as
-            ``https://api.sydney.au1.twilio.com``, a proxy, or a fake in tests).
+            ``https://api.sydney.au1.twilio.com``, a proxy, or a fake in tests). Plain
+            ``http://`` is accepted for loopback hosts only (``localhost``, 127.0.0.0/8,
+            ``::1``): anywhere else it would send the credentials unencrypted.
+        allow_insecure_http: Accept an ``http://`` ``base_url`` to a non-loopback host (a
+            TLS-terminating sidecar, a test network). Off by default.
         policy: One policy for every operation (replaces all the defaults).
         policies: Policies by operation (``create_call``, ``send_message``, ``read``,
             ``update_call``), each replacing its default.
@@ -143,6 +167,7 @@ class TwilioClient:
         api_key: str | None = None,
         api_secret: str | None = None,
         base_url: str = "https://api.twilio.com",
+        allow_insecure_http: bool = False,
         policy: Policy | None = None,
         policies: Mapping[str, Policy] | None = None,
         breaker: CircuitBreaker | None = None,
@@ -177,13 +202,7 @@ class TwilioClient:
             if not isinstance(api_secret, str) or not api_secret:
                 raise ValueError("api_secret must be a non-empty str")
             secret = api_secret
-        parts = urlsplit(base_url) if isinstance(base_url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError("base_url is the scheme and host only (no path, query or fragment)")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("base_url must not carry credentials (they would show in reprs)")
+        parts = _base_url_parts(base_url, allow_insecure_http)
         cps = _positive("calls_per_second", calls_per_second)
         mps = _positive("messages_per_second", messages_per_second)
         seconds = _positive("timeout", timeout)
@@ -239,9 +258,23 @@ class TwilioClient:
         return dict(self._policies)
 
     @property
-    def breaker(self) -> CircuitBreaker | None:
-        """The breaker of ``create_call`` (the one shared by the default policies)."""
-        return self._policies["create_call"].breaker
+    def breaker(self) -> CircuitBreaker:
+        """The breaker of ``create_call`` (the one shared by the default policies).
+
+        Typed without ``None`` so that ``client.breaker.add_listener(...)`` type-checks; a
+        ``create_call`` policy without a breaker (your own ``policy=``) has nothing to give.
+
+        Raises:
+            AttributeError: The ``create_call`` policy has no breaker
+                (``getattr(client, "breaker", None)`` gives ``None`` then).
+        """
+        breaker = self._policies["create_call"].breaker
+        if breaker is None:
+            raise AttributeError(
+                "this client's create_call policy has no circuit breaker; "
+                "attach listeners to the primitives of the policy you passed"
+            )
+        return breaker
 
     @property
     def transport(self) -> ResilientTransport:
@@ -311,6 +344,8 @@ class TwilioClient:
             TwilioAPIError: Twilio refused the call (for example 21211, invalid number).
             CircuitOpenError, RateLimitedError: Refused locally; nothing was sent.
         """
+        # First: a parameter passed under Twilio's name (``Url=``) explains the errors below.
+        extra = check.more_params(more, _CALL_PARAMS)
         form: dict[str, str | list[str]] = {
             "To": check.call_to(to),
             "From": check.call_from(from_),
@@ -336,7 +371,7 @@ class TwilioClient:
             form["StatusCallbackMethod"] = _http_method(
                 "status_callback_method", status_callback_method
             )
-        form.update(check.more_params(more, _CALL_PARAMS))
+        form.update(extra)
         try:
             response = await self._send(
                 "POST", f"{self._calls_path}.json", form, cid=cid, attempt_id=attempt_id
@@ -431,6 +466,7 @@ class TwilioClient:
             TwilioValidationError: Bad input (including nothing to change); nothing was sent.
         """
         call_sid = check.sid("sid", sid, "CA")
+        extra = check.more_params(more, _UPDATE_PARAMS)
         form: dict[str, str | list[str]] = {}
         if status is not None:
             if status not in check.UPDATE_STATUSES:
@@ -448,7 +484,7 @@ class TwilioClient:
             form["Method"] = _http_method("method", method)
         if status_callback is not None:
             form["StatusCallback"] = check.url("status_callback", status_callback)
-        form.update(check.more_params(more, _UPDATE_PARAMS))
+        form.update(extra)
         if not form:
             raise check.TwilioValidationError("status", "nothing to update")
         redirect = "Url" in form or "Twiml" in form
@@ -488,6 +524,7 @@ class TwilioClient:
             OutcomeUnknownError: The request may have reached Twilio and was not re-sent.
             TwilioAPIError: Twilio refused the message.
         """
+        extra = check.more_params(more, _MESSAGE_PARAMS)
         form: dict[str, str | list[str]] = {"To": check.message_to(to)}
         if from_ is None and messaging_service_sid is None:
             raise check.TwilioValidationError("from_", "give from_= or messaging_service_sid=")
@@ -513,7 +550,7 @@ class TwilioClient:
             form["StatusCallback"] = self._tag(
                 check.url("status_callback", status_callback), cid, attempt_id
             )
-        form.update(check.more_params(more, _MESSAGE_PARAMS))
+        form.update(extra)
         sender = str(form.get("From") or form["MessagingServiceSid"])
         try:
             response = await self._send(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 
@@ -29,7 +30,8 @@ def _code(value: object, default: int) -> int | str:
 def api_error(response: httpx.Response) -> TwilioAPIError:
     """Build the error for a 4xx/5xx answer from Twilio's REST API.
 
-    Reads the legacy body (``{"code", "message", "more_info", "status"}``) and RFC 9457
+    Reads the legacy body (``{"code", "message", "more_info", "status"}``, and ``details``
+    when Twilio adds it, as the SDK's ``TwilioRestException`` does) and RFC 9457
     problem details (``{"type", "title", "status", "code", "detail"}``); a body that is not JSON
     (an edge proxy's HTML page) gives ``code = status``. 401 and 403 raise
     :class:`~resilient_voice.errors.TwilioAuthenticationError`. The kind follows the transport's
@@ -39,6 +41,7 @@ def api_error(response: httpx.Response) -> TwilioAPIError:
     code: int | str = status
     message = response.reason_phrase or f"HTTP {status}"
     more_info: str | None = None
+    details: dict[str, Any] | None = None
     try:
         payload = json.loads(response.content) if response.content else None
     except ValueError:
@@ -55,6 +58,9 @@ def api_error(response: httpx.Response) -> TwilioAPIError:
             message = text
         if isinstance(link, str) and link:
             more_info = link
+        extra = payload.get("details")
+        if isinstance(extra, dict):
+            details = extra
     kind = classify_status(status, _UNPROCESSED) or FailureKind.PERMANENT
     error_type = TwilioAuthenticationError if status in (401, 403) else TwilioAPIError
     return error_type(
@@ -63,5 +69,6 @@ def api_error(response: httpx.Response) -> TwilioAPIError:
         message,
         kind,
         more_info=more_info,
+        details=details,
         retry_after=retry_after_from_headers(response.headers),
     )

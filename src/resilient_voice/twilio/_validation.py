@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
+
+from resilient_voice.errors import _reduce as reduce_exception
 
 __all__ = ["TwilioValidationError"]
 
@@ -42,6 +45,9 @@ class TwilioValidationError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_exception(self)
 
 
 def text_value(field: str, value: object) -> str:
@@ -201,11 +207,19 @@ def more_params(more: Mapping[str, object], taken: Iterable[str]) -> dict[str, F
                 name, "extra parameters use Twilio's own PascalCase names (Timeout, Record...)"
             )
         if name in reserved:
-            raise TwilioValidationError(name, "is set by a named argument; pass it there")
+            raise TwilioValidationError(
+                name, f"is set by a named argument; pass {_keyword(name)}= instead"
+            )
         if value is None:
             continue
         out[name] = _form_value(name, value)
     return out
+
+
+def _keyword(name: str) -> str:
+    """The keyword argument that sets Twilio's parameter ``name`` (``Url`` -> ``url``)."""
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return "from_" if snake == "from" else snake
 
 
 def _form_value(name: str, value: object) -> FormValue:

@@ -29,6 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from resilient_voice._clock import Clock
+from resilient_voice._urls import check_request_security, check_transport_security, redact_url
+from resilient_voice._urls import split as split_url
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.events import TransportListener
 from resilient_voice.http import LIMITER_KEY_EXTENSION, ResilientTransport
@@ -88,6 +90,7 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
         *,
         policies: Mapping[str, Policy] | None = None,
         base_url: str | None = None,
+        allow_insecure_http: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
         calls_per_second: float = 1.0,
         messages_per_second: float = 1.0,
@@ -102,14 +105,23 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
     ) -> None:
         super().__init__(logger, True, timeout)
         if base_url is not None:
-            parts = urlsplit(base_url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+            if not isinstance(base_url, str):
+                raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
+            parts = split_url(base_url)
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"base_url must be an http(s) URL, got {redact_url(base_url)!r}")
             if parts.username is not None or parts.password is not None:
-                raise ValueError("base_url must not carry credentials (they would show in reprs)")
+                raise ValueError(
+                    f"base_url must not carry credentials (got {redact_url(base_url)!r}): "
+                    "the SDK passes them to request()"
+                )
+            check_transport_security(parts, base_url, allow_insecure_http=allow_insecure_http)
             self._origin: tuple[str, str] | None = (parts.scheme, parts.netloc)
         else:
+            if not isinstance(allow_insecure_http, bool):
+                raise TypeError("allow_insecure_http must be a bool")
             self._origin = None
+        self._allow_insecure_http = allow_insecure_http
         self._policies = resolve_policies(
             policy,
             policies,
@@ -175,6 +187,8 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
         """Send one SDK request through the policies; returns ``twilio.http.response.Response``.
 
         Raises:
+            ValueError: The SDK's URL is plain ``http://`` to a non-loopback host and the
+                adapter was built without ``allow_insecure_http=True``; nothing was sent.
             OutcomeUnknownError: A create that may have been processed; never re-sent.
             CircuitOpenError, RateLimitedError: Refused locally; nothing was sent.
             httpx.HTTPError: A transport failure that was not retried further.
@@ -183,6 +197,10 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
             raise ValueError(timeout)
         method = method.upper()
         url = self._rewrite(uri)
+        if self._origin is None and not self._allow_insecure_http:
+            # The SDK built the URL (its own base_url), so only the request can be checked.
+            parts = urlsplit(url)
+            check_request_security(parts.scheme, parts.hostname or "", url)
         self.log_request({"method": method, "url": url, "params": params, "headers": headers or {}})
         self._test_only_last_response = None
         self._test_only_last_request = TwilioRequest(

@@ -8,12 +8,13 @@ from collections.abc import Generator, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from resilient_voice._clock import Clock
+from resilient_voice._urls import check_transport_security, redact_url
+from resilient_voice._urls import split as split_url
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError, VapiAPIError
@@ -28,7 +29,7 @@ from resilient_voice.http import (
 )
 from resilient_voice.policy import Policy
 from resilient_voice.vapi._errors import VapiConcurrencyLimitError, error_from_response
-from resilient_voice.vapi._models import VapiAssistant, VapiCall, VapiPhoneNumber
+from resilient_voice.vapi._models import VapiAssistant, VapiCall, VapiCustomer, VapiPhoneNumber
 from resilient_voice.vapi._policies import resolve_policies, vapi_routes
 from resilient_voice.vapi._validation import (
     check_id,
@@ -89,14 +90,21 @@ def _check_api_key(api_key: object) -> str:
     return api_key
 
 
-def _check_base_url(base_url: object) -> tuple[str, str, str]:
+def _check_base_url(base_url: object, allow_insecure_http: bool) -> tuple[str, str, str]:
+    """Check ``base_url``; messages never echo its credentials (see :mod:`.._urls`)."""
     if not isinstance(base_url, str):
         raise TypeError(f"base_url must be a string, got {type(base_url).__name__}")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("base_url must not carry credentials, a query or a fragment")
+    parts = split_url(base_url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url must be an http(s) URL, got {redact_url(base_url)!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"base_url must not carry credentials (got {redact_url(base_url)!r}): "
+            "pass the key as api_key="
+        )
+    if parts.query or parts.fragment:
+        raise ValueError("base_url must not carry a query or a fragment")
+    check_transport_security(parts, base_url, allow_insecure_http=allow_insecure_http)
     return base_url.rstrip("/"), parts.hostname, parts.path.rstrip("/")
 
 
@@ -123,6 +131,10 @@ class VapiClient:
     Args:
         api_key: The org's private API key. Never shown in reprs or logs.
         base_url: The API root (``https://api.vapi.ai``; ``https://api.eu.vapi.ai`` for EU orgs).
+            Plain ``http://`` is accepted for loopback hosts only (``localhost``, 127.0.0.0/8,
+            ``::1``): anywhere else it would send the API key unencrypted.
+        allow_insecure_http: Accept an ``http://`` ``base_url`` to a non-loopback host (a
+            TLS-terminating sidecar, a test network). Off by default.
         policy: One policy for every operation, replacing the defaults.
         policies: Policies by operation name (``"create_call"``, ``"read"``,
             ``"update_assistant"``), replacing the defaults one by one (after ``policy``).
@@ -149,6 +161,7 @@ class VapiClient:
         api_key: str,
         *,
         base_url: str = DEFAULT_BASE_URL,
+        allow_insecure_http: bool = False,
         policy: Policy | None = None,
         policies: Mapping[str, Policy] | None = None,
         http_client: httpx.AsyncClient | None = None,
@@ -160,7 +173,7 @@ class VapiClient:
         listeners: Iterable[VapiListener | TransportListener] = (),
     ) -> None:
         self._auth = _BearerAuth(_check_api_key(api_key))
-        self._base_url, host, prefix = _check_base_url(base_url)
+        self._base_url, host, prefix = _check_base_url(base_url, allow_insecure_http)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
         if not math.isfinite(timeout) or timeout <= 0:
@@ -226,14 +239,35 @@ class VapiClient:
         return dict(self._policies)
 
     @property
-    def breaker(self) -> CircuitBreaker | None:
-        """The breaker of ``create_call`` (shared by every operation by default)."""
+    def breaker(self) -> CircuitBreaker:
+        """The breaker of ``create_call`` (shared by every operation by default).
+
+        Typed without ``None`` so that ``vapi.breaker.add_listener(...)`` type-checks.
+
+        Raises:
+            AttributeError: There is none: ``http_client=`` was given, or the ``create_call``
+                policy has no breaker (``getattr(vapi, "breaker", None)`` gives ``None``).
+        """
         policy = self._policies.get("create_call")
-        return policy.breaker if policy is not None else None
+        if policy is None or policy.breaker is None:
+            why = "http_client= was given" if policy is None else "its create_call policy has none"
+            raise AttributeError(f"this VapiClient has no circuit breaker ({why})")
+        return policy.breaker
 
     @property
-    def transport(self) -> ResilientTransport | None:
-        """The resilient transport (``None`` when ``http_client=`` was given)."""
+    def transport(self) -> ResilientTransport:
+        """The resilient transport: attach transport listeners here.
+
+        Typed without ``None`` so that ``vapi.transport.add_listener(...)`` type-checks.
+
+        Raises:
+            AttributeError: ``http_client=`` was given: that client's transport is yours
+                (``getattr(vapi, "transport", None)`` gives ``None``).
+        """
+        if self._transport is None:
+            raise AttributeError(
+                "this VapiClient sends through the http_client= you gave; its transport is yours"
+            )
         return self._transport
 
     def add_listener(self, listener: VapiListener | TransportListener) -> None:
@@ -270,7 +304,9 @@ class VapiClient:
         assistant_id: str | None = None,
         assistant: Mapping[str, Any] | BaseModel | None = None,
         phone_number_id: str | None = None,
-        customer_number: str,
+        customer_number: str | None = None,
+        customer: VapiCustomer | Mapping[str, Any] | None = None,
+        customer_id: str | None = None,
         assistant_overrides: Mapping[str, Any] | BaseModel | None = None,
         name: str | None = None,
         **more: Any,
@@ -289,7 +325,16 @@ class VapiClient:
             assistant_id: A saved assistant; or give ``assistant``.
             assistant: A transient assistant (mapping or pydantic model).
             phone_number_id: The Vapi phone number to call from.
-            customer_number: The destination, E.164 (``+14155550100``).
+            customer_number: The destination, E.164 (``+14155550100``): the short form of
+                ``customer={"number": ...}``. Give exactly one of ``customer_number``,
+                ``customer`` and ``customer_id``.
+            customer: The customer as Vapi's ``CreateCustomerDTO`` (a mapping with snake_case
+                or camelCase keys, or a :class:`VapiCustomer`): exactly one of ``number``
+                (E.164 unless ``numberE164CheckEnabled`` is False) and ``sipUri``
+                (``sip:``/``sips:``), plus optional ``extension`` (1..10 digits, dialled after
+                the answer), ``name``, ``email``, ``externalId`` (1..40 characters each).
+                Unknown fields are refused, not forwarded.
+            customer_id: A customer saved in Vapi.
             assistant_overrides: Overrides for this call (``variableValues``, ``metadata``...).
             name: Your label for the call (at most 40 characters; left untouched).
             **more: Other ``CreateCallDTO`` fields, snake_case or camelCase
@@ -313,6 +358,8 @@ class VapiClient:
             assistant=assistant,
             phone_number_id=phone_number_id,
             customer_number=customer_number,
+            customer=customer,
+            customer_id=customer_id,
             assistant_overrides=assistant_overrides,
             name=name,
             more=more,

@@ -109,12 +109,19 @@ class SubscriptionLimits(VapiModel):
 
 
 class VapiCustomer(VapiModel):
-    """The customer of a call (``customer``)."""
+    """The customer of a call (``customer``), as Vapi returns it and as ``create_call`` takes it.
+
+    ``VapiClient.create_call(customer=VapiCustomer(number="+14155550100", name="Ada"))``.
+    Fields this version does not know are kept when reading, but refused by ``create_call``.
+    """
 
     number: str | None = None
+    number_e164_check_enabled: bool | None = None
     name: str | None = None
     extension: str | None = None
     sip_uri: str | None = None
+    email: str | None = None
+    external_id: str | None = None
 
 
 class VapiCall(VapiModel):
@@ -137,6 +144,7 @@ class VapiCall(VapiModel):
     assistant_id: str | None = None
     phone_number_id: str | None = None
     customer: VapiCustomer | None = None
+    customer_id: str | None = None
     assistant_overrides: dict[str, Any] | None = None
     phone_call_provider: str | None = None
     phone_call_provider_id: str | None = None

@@ -32,6 +32,7 @@ from typing import Any, TypedDict
 import httpx
 
 from resilient_voice._clock import Clock
+from resilient_voice._urls import check_request_security
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.events import TransportListener
 from resilient_voice.http import ResilientTransport
@@ -81,6 +82,7 @@ def sdk_http_client(
     policy: Policy | None = None,
     policies: Mapping[str, Policy] | None = None,
     base_url: str = DEFAULT_BASE_URL,
+    allow_insecure_http: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
     timeout: float = 10.0,
     unprocessed_429: bool = False,
@@ -96,13 +98,16 @@ def sdk_http_client(
     retried only if its method is idempotent). A ``POST /call`` that may have been processed
     raises :class:`~resilient_voice.OutcomeUnknownError` out of the SDK call, unwrapped.
 
-    Give the SDK the same ``base_url``. Close the client yourself (``await client.aclose()``);
-    the SDK does not.
+    Give the SDK the same ``base_url``. Plain ``http://`` is refused for a non-loopback host
+    unless ``allow_insecure_http=True`` (the SDK's key would cross the network unencrypted):
+    here at once, and in every request, since the SDK's own ``base_url`` decides where they go
+    (a request to such a URL raises ``ValueError`` and nothing is sent).
+    Close the client yourself (``await client.aclose()``); the SDK does not.
 
     Raises:
         TypeError, ValueError: Invalid configuration.
     """
-    _, host, prefix = _check_base_url(base_url)
+    _, host, prefix = _check_base_url(base_url, allow_insecure_http)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
     if not math.isfinite(timeout) or timeout <= 0:
@@ -115,7 +120,15 @@ def sdk_http_client(
         name=name,
         listeners=listeners,
     )
-    return httpx.AsyncClient(transport=resilient, timeout=httpx.Timeout(float(timeout)))
+    hooks = {} if allow_insecure_http else {"request": [_refuse_plaintext]}
+    return httpx.AsyncClient(
+        transport=resilient, timeout=httpx.Timeout(float(timeout)), event_hooks=hooks
+    )
+
+
+async def _refuse_plaintext(request: httpx.Request) -> None:
+    """The SDK's own ``base_url`` decides where requests go; refuse it if it is plaintext."""
+    check_request_security(request.url.scheme, request.url.host, str(request.url))
 
 
 def attempt_overrides(

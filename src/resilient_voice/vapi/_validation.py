@@ -21,17 +21,31 @@ __all__ = [
     "camel_keys",
     "check_id",
     "check_limit",
+    "create_call_body",
+    "customer_body",
     "format_datetime",
     "plant_metadata",
 ]
 
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Vapi's own rule for a number when its E.164 check is off (CreateCustomerDTO).
+_LOOSE_NUMBER = re.compile(r"\+?[A-Za-z0-9]+")
+_NUMBER_LENGTH = range(3, 41)
+_EXTENSION = re.compile(r"[0-9]{1,10}")
+_SIP_SCHEMES = ("sip:", "sips:")
 MAX_NAME = 40
 MAX_LIMIT = 1000
 
 # Keys of the create-call body that create_call's own parameters own.
-_OWNED = frozenset({"assistantId", "assistant", "phoneNumberId", "customer", "assistantOverrides"})
+_OWNED = frozenset(
+    {"assistantId", "assistant", "phoneNumberId", "customer", "customerId", "assistantOverrides"}
+)
+# CreateCustomerDTO's fields, as Vapi documents them, without assistantOverrides (see below).
+_CUSTOMER_TEXT = {"name": MAX_NAME, "email": MAX_NAME, "externalId": MAX_NAME}
+_CUSTOMER_KEYS = frozenset(
+    {"number", "numberE164CheckEnabled", "extension", "sipUri", *_CUSTOMER_TEXT}
+)
 _OTHER_AGENTS = frozenset({"squadId", "squad", "workflowId", "workflow"})
 _READ_ONLY = frozenset({"id", "orgId", "createdAt", "updatedAt"})
 
@@ -101,12 +115,119 @@ def plant_metadata(
     return planted
 
 
+def customer_body(customer: object) -> dict[str, Any]:
+    """Validate a ``customer=`` (mapping or :class:`VapiCustomer`) and return Vapi's JSON for it.
+
+    Keys may be snake_case or camelCase. Unknown keys are refused rather than forwarded: Vapi
+    ignores a misspelt field, and a dropped ``extension`` dials the wrong person.
+    ``assistantOverrides`` is refused too: Vapi documents it for batch calls, and whether it
+    would replace the top-level overrides (and the attempt id planted there) is not documented;
+    pass ``assistant_overrides=`` instead.
+    """
+    raw = _jsonable(customer)
+    if not isinstance(raw, Mapping):
+        raise VapiValidationError(
+            f"customer must be a mapping or a VapiCustomer, got {type(customer).__name__}"
+        )
+    fields = {key: value for key, value in camel_keys(raw).items() if value is not None}
+    if "assistantOverrides" in fields:
+        raise VapiValidationError(
+            "customer['assistantOverrides'] is for batch calls; pass assistant_overrides= "
+            "to create_call instead"
+        )
+    unknown = sorted(fields.keys() - _CUSTOMER_KEYS)
+    if unknown:
+        raise VapiValidationError(
+            f"customer has unknown field(s) {unknown}; Vapi's are {sorted(_CUSTOMER_KEYS)}"
+        )
+    if ("number" in fields) == ("sipUri" in fields):
+        raise VapiValidationError("customer needs exactly one of 'number' and 'sipUri'")
+    check = fields.get("numberE164CheckEnabled", True)
+    if not isinstance(check, bool):
+        raise VapiValidationError("customer['numberE164CheckEnabled'] must be a bool")
+    number = fields.get("number")
+    if number is not None:
+        if check and not (isinstance(number, str) and _E164.fullmatch(number)):
+            raise VapiValidationError(
+                "customer['number'] must be an E.164 number like +14155550100 "
+                f"(or set numberE164CheckEnabled=False), got {number!r}"
+            )
+        if not check and not (
+            isinstance(number, str)
+            and len(number) in _NUMBER_LENGTH
+            and _LOOSE_NUMBER.fullmatch(number)
+        ):
+            raise VapiValidationError(
+                "customer['number'] must be 3..40 letters or digits, optionally after a '+', "
+                f"got {number!r}"
+            )
+    elif "numberE164CheckEnabled" in fields:
+        raise VapiValidationError("customer['numberE164CheckEnabled'] applies to 'number' only")
+    sip_uri = fields.get("sipUri")
+    if sip_uri is not None and not _is_sip_uri(sip_uri):
+        raise VapiValidationError(
+            f"customer['sipUri'] must be a sip: or sips: URI without spaces, got {sip_uri!r}"
+        )
+    extension = fields.get("extension")
+    if extension is not None and not (
+        isinstance(extension, str) and _EXTENSION.fullmatch(extension)
+    ):
+        raise VapiValidationError(
+            f"customer['extension'] must be 1..10 digits (a str), got {extension!r}"
+        )
+    for key, limit in _CUSTOMER_TEXT.items():
+        value = fields.get(key)
+        if value is not None and not (isinstance(value, str) and 1 <= len(value) <= limit):
+            raise VapiValidationError(f"customer[{key!r}] must be 1..{limit} characters")
+    return fields
+
+
+def _is_sip_uri(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    lowered = value.lower()
+    for scheme in _SIP_SCHEMES:
+        if lowered.startswith(scheme):
+            rest = value[len(scheme) :]
+            return bool(rest) and rest.isprintable() and not any(c.isspace() for c in rest)
+    return False
+
+
+def _customer(customer_number: object, customer: object, customer_id: object) -> tuple[str, Any]:
+    """The body key and value for the one customer argument given (Vapi takes exactly one)."""
+    given = [
+        name
+        for name, value in (
+            ("customer_number", customer_number),
+            ("customer", customer),
+            ("customer_id", customer_id),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        got = ", ".join(f"{name}=" for name in given) or "none"
+        raise VapiValidationError(
+            f"give exactly one of customer_number=, customer= and customer_id= (got {got})"
+        )
+    if customer_id is not None:
+        return "customerId", check_id("customer_id", customer_id)
+    if customer is not None:
+        return "customer", customer_body(customer)
+    if not isinstance(customer_number, str) or not _E164.fullmatch(customer_number):
+        raise VapiValidationError(
+            f"customer_number must be an E.164 number like +14155550100, got {customer_number!r}"
+        )
+    return "customer", {"number": customer_number}
+
+
 def create_call_body(
     *,
     assistant_id: str | None,
     assistant: Mapping[str, Any] | BaseModel | None,
     phone_number_id: str | None,
-    customer_number: str,
+    customer_number: str | None,
+    customer: Mapping[str, Any] | BaseModel | None = None,
+    customer_id: str | None = None,
     assistant_overrides: Mapping[str, Any] | BaseModel | None,
     name: str | None,
     more: Mapping[str, Any],
@@ -142,11 +263,8 @@ def create_call_body(
         body["phoneNumberId"] = check_id("phone_number_id", phone_number_id)
     elif "phoneNumber" not in extra:
         raise VapiValidationError("phone_number_id is required (or a transient phone_number=)")
-    if not isinstance(customer_number, str) or not _E164.fullmatch(customer_number):
-        raise VapiValidationError(
-            f"customer_number must be an E.164 number like +14155550100, got {customer_number!r}"
-        )
-    body["customer"] = {"number": customer_number}
+    key, value = _customer(customer_number, customer, customer_id)
+    body[key] = value
     overrides = _jsonable(assistant_overrides)
     if overrides is not None and not isinstance(overrides, Mapping):
         raise VapiValidationError("assistant_overrides must be a mapping")
