@@ -254,7 +254,9 @@ class TwilioSignatureMiddleware:
             return
         reason = self._verify(scope, url, body, signature, validators, algorithm)
         if reason is not None:
-            _log.debug("Twilio signature does not match the URL checked, %s (%s)", url, _DOCS)
+            _log.debug(
+                "Twilio signature does not match the URL checked, %s (%s)", redact_url(url), _DOCS
+            )
             await self._reject(scope, receive, send, reason)
             return
         await self.app(scope, replay(body, receive), send)
