@@ -168,6 +168,7 @@ async def serve(
     port: int = 0,
     startup_timeout: float = 10.0,
     shutdown_timeout: float = 5.0,
+    root_path: str = "",
 ) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on ``host`` in a background thread; yield its base URL.
 
@@ -184,6 +185,8 @@ async def serve(
         startup_timeout: Seconds to wait for the server to listen.
         shutdown_timeout: Seconds to wait for a clean stop (in-flight requests get this long,
             then are cancelled; then the wait is abandoned with an error).
+        root_path: uvicorn's ``--root-path``: the prefix a proxy in front strips, which uvicorn
+            puts in ``root_path`` and in front of ``path``.
 
     Yields:
         The base URL, such as ``http://127.0.0.1:53124``.
@@ -211,6 +214,7 @@ async def serve(
         server_header=False,
         date_header=True,
         timeout_graceful_shutdown=max(math.ceil(shutdown_timeout) - 1, 1),
+        root_path=root_path,
     )
     server = _server_class()(config)
     loop_box: list[asyncio.AbstractEventLoop] = []
