@@ -121,6 +121,8 @@ class MetricsMiddleware:
         method = self._method_names.get(scope["method"], "OTHER")
         gauge = self._in_progress.get(method, self._in_progress_other)
         root_path = scope.get("root_path", "")
+        # Set by a router outside this app (a Starlette Mount around it): not this app's route.
+        outer = scope.get("route"), scope.get("path_template")
         status = 0
 
         async def send_observed(message: Message) -> None:
@@ -140,24 +142,41 @@ class MetricsMiddleware:
         finally:
             gauge.dec()
             if status:
-                self._observe(scope, method, root_path, status, time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                self._observe(scope, method, root_path, outer, status, elapsed)
 
     def _observe(
-        self, scope: Scope, method: str, root_path: str, status: int, elapsed: float
+        self,
+        scope: Scope,
+        method: str,
+        root_path: Any,
+        outer: tuple[Any, Any],
+        status: int,
+        elapsed: float,
     ) -> None:
         status_class = status // 100
         if not 1 <= status_class <= 5:
             status_class = 0
         key: tuple[Any, ...]
         route = scope.get("route")
+        if route is outer[0]:
+            route = None
         if route is not None:
             added = scope.get("root_path", "")
-            mount = added[len(root_path) :] if added.startswith(root_path) else ""
+            mount = ""
+            if (
+                isinstance(added, str)
+                and isinstance(root_path, str)
+                and added.startswith(root_path)
+            ):
+                mount = added[len(root_path) :]
             if mount:
                 mount = _mount_template(mount, scope.get("path_params"))
             key = (method, status_class, getattr(route, "path_format", None), mount)
         else:
             template = scope.get("path_template")
+            if template is outer[1]:
+                template = None
             if template is None and self._route_template is not None:
                 template = self._route_template(scope)
             key = (method, status_class, template)
