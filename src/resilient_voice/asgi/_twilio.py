@@ -143,7 +143,7 @@ class TwilioSignatureMiddleware:
         self._proxies = tuple(ipaddress.ip_network(p, strict=False) for p in proxies if p != "*")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._match(scope["path"]):
+        if scope["type"] != "http" or not self._match.guards(scope):
             await self.app(scope, receive, send)
             return
         signature = get_header(scope, b"x-twilio-signature")
