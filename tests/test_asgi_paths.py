@@ -9,11 +9,12 @@ a framework still routes to the handler. Servers are real (uvicorn, hypercorn) o
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 from urllib.parse import urlencode
 
+import anyio
 import pytest
 from fastapi import FastAPI
 from hypothesis import given, settings
@@ -76,6 +77,13 @@ def sign(url: str, pairs: list[tuple[str, str]], secret: str = TOKEN) -> str:
             return self[name]
 
     return str(RequestValidator(secret).compute_signature(url, Multi(params)))
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    """The server records metrics after the app returns, which can be after the client read."""
+    with anyio.fail_after(2.0):
+        while not check():
+            await anyio.sleep(0.005)
 
 
 def client_key(scope: Any) -> str:
@@ -236,8 +244,10 @@ async def test_metrics_route_labels_in_every_shape(
             assert (await client.get(f"{url}{prefix}/items/7")).status_code == 200
             if mount:
                 assert (await client.get(f"{url}{prefix}/api/things/9")).status_code == 200
-            after = count("/items/{item_id}"), count("/api/things/{thing_id}")
-            assert (after[0] - before[0], after[1] - before[1]) == (1.0, float(mount))
+            expected = (before[0] + 1, before[1] + mount)
+            await eventually(
+                lambda e=expected: (count("/items/{item_id}"), count("/api/things/{thing_id}")) == e
+            )
 
 
 def litestar_with_define_middleware() -> Any:
@@ -492,3 +502,64 @@ def test_route_matcher_agrees_with_the_regular_expression(
     path = normalise_path(path)
     expected = _reference(pattern).fullmatch(path) is not None
     assert RouteMatcher(pattern)(path) is expected
+
+
+# Refusals before routing are labelled with the route they were aimed at.
+
+
+def refusing_stack(app: Any, *, registry: CollectorRegistry) -> Any:
+    """Metrics outermost, then a rate limit, then the Vapi check: refusals happen before routing."""
+    guarded = VapiWebhookMiddleware(app, secret=SECRET, paths=["/hook/*"])
+    limited = RateLimitMiddleware(
+        guarded, rate=None, routes={"/items/*": (0.5, 1), "/api/*": (0.5, 1)}, key=client_key
+    )
+    return MetricsMiddleware(limited, registry=registry)
+
+
+@pytest.fixture(scope="module")
+def refusing() -> Iterator[dict[str, tuple[str, CollectorRegistry]]]:
+    with ExitStack() as stack:
+
+        class Lazy(dict[str, tuple[str, CollectorRegistry]]):
+            def __missing__(self, framework: str) -> tuple[str, CollectorRegistry]:
+                registry = CollectorRegistry()
+                app = build(framework, refusing_stack, registry=registry)
+                self[framework] = stack.enter_context(serve_sync(app)), registry
+                return self[framework]
+
+        yield Lazy()
+
+
+async def test_refusals_are_labelled_with_the_route_they_were_aimed_at(
+    refusing: dict[str, tuple[str, CollectorRegistry]], framework: str, anyio_backend: str
+) -> None:
+    url, registry = refusing[framework]
+
+    def count(method: str, route: str, status_class: str) -> float:
+        labels = {"method": method, "route": route, "status_class": status_class}
+        value = registry.get_sample_value("resilient_voice_http_server_requests_total", labels)
+        return value or 0.0
+
+    expected = [
+        ("POST", "/hook/raw", "4xx"),
+        ("GET", "/items/{item_id}", "2xx"),
+        ("GET", "/items/{item_id}", "4xx"),
+        ("GET", "/api/things/{thing_id}", "4xx"),
+        ("POST", "__unmatched__", "4xx"),
+    ]
+    before = [count(*labels) for labels in expected]
+    headers = {"x-client": f"refusals-{anyio_backend}"}
+    async with http_client(base_url=url, headers=headers) as client:
+        assert (await client.post("/hook/raw", content=b"{}")).status_code == 403
+        assert (await client.get("/items/1")).status_code == 200
+        assert (await client.get("/items/2")).status_code == 429
+        assert (await client.get("/api/things/1")).status_code == 200
+        assert (await client.get("/api/things/2")).status_code == 429
+        # A refusal aimed at no route stays unmatched: labels remain bounded by the routes.
+        assert (await client.post("/hook/no-such-route", content=b"{}")).status_code == 403
+    await eventually(
+        lambda: (
+            [count(*labels) - b for labels, b in zip(expected, before, strict=True)]
+            == [1.0] * len(expected)
+        )
+    )
