@@ -425,7 +425,7 @@ class RateLimitMiddleware:
         paths = route_paths(scope)
         if paths and self._exempt_routes:
             for path in paths:
-                if not any(matcher.matches(path) for matcher in self._exempt_routes):
+                if not self._exempt(path):
                     break
             else:
                 return None
@@ -436,6 +436,9 @@ class RateLimitMiddleware:
                 if matcher.matches(path):
                     return policy
         return self._default
+
+    def _exempt(self, path: str) -> bool:
+        return any(matcher.matches(path) for matcher in self._exempt_routes)
 
     def _client_key(self, scope: Scope) -> str | None:
         if self._key is not None:
