@@ -418,17 +418,16 @@ class RateLimitMiddleware:
 
         await self.app(scope, receive, send_with_quota)
 
+    def _exempt(self, path: str) -> bool:
+        return any(matcher.matches(path) for matcher in self._exempt_routes)
+
     def _policy(self, scope: Scope) -> _Policy | None:
         # Usually one path; two when frameworks would route the request differently (see
         # route_paths): exempt only if exempt either way, limited by the first rule either
         # way matches. No usable path at all: not exempt, the default limit.
         paths = route_paths(scope)
-        if paths and self._exempt_routes:
-            for path in paths:
-                if not self._exempt(path):
-                    break
-            else:
-                return None
+        if paths and self._exempt_routes and all(self._exempt(path) for path in paths):
+            return None
         if self._exempt_call is not None and self._exempt_call(scope):
             return None
         for matcher, policy in self._routes:
@@ -436,9 +435,6 @@ class RateLimitMiddleware:
                 if matcher.matches(path):
                     return policy
         return self._default
-
-    def _exempt(self, path: str) -> bool:
-        return any(matcher.matches(path) for matcher in self._exempt_routes)
 
     def _client_key(self, scope: Scope) -> str | None:
         if self._key is not None:
