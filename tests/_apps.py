@@ -17,13 +17,17 @@ Starlette and FastAPI install the middleware through their own ``middleware`` me
 is wrapped at the ASGI level (its ``middleware=`` runs after routing, so 404s would not be seen).
 
 ``serve_sync`` runs ``resilient_voice.testing.serve`` from synchronous code (module-scoped
-fixtures shared by both anyio backends), through a blocking portal.
+fixtures shared by both anyio backends), through a blocking portal; ``serve_hypercorn_sync``
+does the same with hypercorn, whose scopes differ (``path`` excludes ``root_path``).
 """
 
+import asyncio
 import json
 import logging
+import socket
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -250,6 +254,49 @@ def serve_sync(app: Any, **options: Any) -> Iterator[str]:
         portal.wrap_async_context_manager(serve(app, **options)) as url,
     ):
         yield url
+
+
+@contextmanager
+def serve_hypercorn_sync(app: Any, *, root_path: str = "") -> Iterator[str]:
+    """Serve ``app`` with hypercorn (asyncio) on loopback in a thread; yield the base URL."""
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+
+    with socket.socket() as probe:  # a free port; hypercorn binds it again right away
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.root_path = root_path
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 1.0
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(hypercorn_serve(app, config, shutdown_trigger=stop.wait))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    thread = threading.Thread(target=run, name=f"hypercorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("hypercorn did not start") from None
+            time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10.0)
 
 
 _SSL = ssl.create_default_context()  # building one per client costs ~0.1 s

@@ -30,22 +30,82 @@ __all__ = [
     "Send",
     "get_header",
     "header_name",
+    "normalise_path",
     "payload_too_large",
     "read_body",
     "refuse",
     "replay",
     "respond",
     "respond_json",
+    "route_paths",
     "sanitized_id",
     "set_headers",
 ]
 
 
+_SLASHES = re.compile(r"//+")
+
+
+def normalise_path(path: str) -> str:
+    """Return ``path`` in the one spelling matchers compare: ``/a/b``.
+
+    Repeated slashes collapse, a trailing slash goes, and a missing leading slash is added:
+    Litestar routes ``//a//b/`` and ``a/b`` to the handler of ``/a/b`` (it normalises the same
+    way before routing), so a path filter that compared spellings could be walked around.
+    Dot segments and case are left alone: no framework routes ``/x/../a`` or ``/A`` to ``/a``.
+    Servers have already percent-decoded ``scope["path"]`` (``%2F`` is a ``/`` here), which is
+    also what the routers see.
+    """
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
+    if not path.startswith("/"):
+        path = "/" + path
+    if len(path) > 1 and path.endswith("/"):
+        return path[:-1]
+    return path
+
+
+def route_paths(scope: Scope) -> tuple[str, ...]:
+    """Return the normalised path(s) the application may route this request on.
+
+    ``scope["path"]`` is not that path when a root path is set: uvicorn includes
+    ``root_path`` in ``path`` (``--root-path /hooks`` gives ``/hooks/twilio/status``), hypercorn
+    does not, and a Starlette ``Mount`` adds its prefix to ``root_path`` while leaving the full
+    path in ``path``. Starlette (>= 0.35, ``get_route_path``) routes on ``path`` minus
+    ``root_path`` when ``path`` starts with it at a segment boundary, else on ``path`` itself;
+    Litestar on whatever follows the first occurrence of ``root_path`` anywhere in ``path``.
+    Usually both readings agree and one path is returned; when they differ (a ``root_path``
+    inside the path, or not followed by ``/``) both are returned, so that a filter can treat
+    the request as aimed at either. After Litestar's router ran (middleware given as
+    ``DefineMiddleware``), ``path`` is already the routed path and is taken as it is.
+
+    Returns:
+        One or two normalised paths (see :func:`normalise_path`), or ``()`` when the scope has
+        no usable ``path`` or ``root_path``: the caller cannot tell where the request goes.
+    """
+    path = scope.get("path")
+    root = scope.get("root_path", "")
+    if not isinstance(path, str) or not isinstance(root, str):
+        return ()
+    if not root or "route_handler" in scope:
+        return (normalise_path(path),)
+    at = path.find(root)
+    if at < 0:
+        return (normalise_path(path),)
+    rest = path[at + len(root) :]
+    if at == 0 and (not rest or rest[0] == "/"):
+        return (normalise_path(rest),)
+    whole, litestar = normalise_path(path), normalise_path(rest)
+    return (whole,) if whole == litestar else (whole, litestar)
+
+
 class PathMatcher:
-    """Decides whether a request path is one a middleware guards.
+    """Decides whether a request is on a path a middleware guards.
 
     ``None`` guards every path. Otherwise each entry is an exact path, or a prefix when it ends
-    with ``*`` (``"/twilio/*"`` guards ``/twilio/voice`` and ``/twilio/``).
+    with ``*`` (``"/twilio/*"`` guards ``/twilio``, ``/twilio/`` and ``/twilio/voice``). Entries
+    and request paths are compared normalised (see :func:`normalise_path`), on the path the
+    application routes on (see :func:`route_paths`).
     """
 
     __slots__ = ("_all", "_exact", "_prefixes")
@@ -61,18 +121,42 @@ class PathMatcher:
                 if not isinstance(path, str) or not path.startswith("/"):
                     raise ValueError(f"paths entries must start with '/': {path!r}")
                 if path.endswith("*"):
-                    prefixes.append(path[:-1])
+                    prefix = _SLASHES.sub("/", path[:-1])
+                    prefixes.append(prefix)
+                    if prefix.endswith("/") and len(prefix) > 1:
+                        exact.add(prefix[:-1])  # "/twilio/" and "/twilio" are one path
                 else:
-                    exact.add(path)
+                    exact.add(normalise_path(path))
             if not exact and not prefixes:
                 raise ValueError("paths is empty: pass None to guard every path")
         self._exact = frozenset(exact)
         self._prefixes = tuple(prefixes)
 
     def __call__(self, path: str) -> bool:
+        """Whether the normalised ``path`` is guarded."""
         if self._all or path in self._exact:
             return True
         return bool(self._prefixes) and path.startswith(self._prefixes)
+
+    def guards(self, scope: Scope) -> bool:
+        """Whether the request of ``scope`` must be verified; ``True`` when it cannot be told.
+
+        Every reading of the path counts (see :func:`route_paths`), and so does ``path`` as
+        the server gave it, for frameworks that ignore ``root_path``: a guard verifies a
+        request that any of them would route to a guarded path. Fail closed: a scope without
+        a usable path is verified.
+        """
+        if self._all:
+            return True
+        paths = route_paths(scope)
+        if not paths:
+            return True
+        for path in paths:
+            if self(path):
+                return True
+        if scope.get("root_path"):
+            return self(normalise_path(scope["path"]))
+        return False
 
 
 def get_header(scope: Scope, name: bytes) -> bytes | None:

@@ -11,7 +11,16 @@ import anyio.to_thread
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
-from resilient_voice.asgi._common import ASGIApp, Message, Receive, Scope, Send, get_header, respond
+from resilient_voice.asgi._common import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    get_header,
+    respond,
+    route_paths,
+)
 from resilient_voice.metrics import PREFIX, SERVER_BUCKETS, _get_or_create, _registry
 
 __all__ = ["UNMATCHED", "MetricsMiddleware", "make_metrics_app"]
@@ -25,6 +34,10 @@ OVERFLOW = "__overflow__"
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 _STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+# Refusals by middleware before any routing (a forged webhook, a rate limit, a body too large):
+# labelled with the route they were aimed at.
+_REFUSALS = frozenset((403, 413, 429))
+_MAX_DEPTH = 64
 
 
 class MetricsMiddleware:
@@ -44,7 +57,11 @@ class MetricsMiddleware:
     template in ``scope["path_template"]``. When the scope has neither (Django, Quart, routes
     FastAPI does not expose such as a plain Starlette ``Route`` added to a FastAPI app),
     ``route_template=callable(scope) -> str | None`` is asked; otherwise, or when it returns
-    ``None``, the request counts as ``__unmatched__``. A hard cap
+    ``None``, the request counts as ``__unmatched__``. A request refused before routing (403, 413
+    or 429 from a middleware such as the webhook checks or the rate limiter, so that the app
+    set no route) is labelled with the template of the route it was aimed at: the router of the
+    wrapped Starlette, FastAPI or Litestar app is found once, here, and asked which route the
+    request matches, without running any endpoint. A hard cap
     (``max_routes``) on distinct templates guards against a router that exposes raw paths: later
     templates collapse into ``__overflow__``.
 
@@ -81,6 +98,7 @@ class MetricsMiddleware:
         reg = _registry(registry)
         self.app = app
         self._route_template = route_template
+        self._router = _find_router(app)
         self._max_routes = max_routes
         self._max_children = max_routes * 64
         labels = ("method", "route", "status_class")
@@ -121,6 +139,8 @@ class MetricsMiddleware:
         method = self._method_names.get(scope["method"], "OTHER")
         gauge = self._in_progress.get(method, self._in_progress_other)
         root_path = scope.get("root_path", "")
+        # Set by a router outside this app (a Starlette Mount around it): not this app's route.
+        outer = scope.get("route"), scope.get("path_template")
         status = 0
 
         async def send_observed(message: Message) -> None:
@@ -140,26 +160,45 @@ class MetricsMiddleware:
         finally:
             gauge.dec()
             if status:
-                self._observe(scope, method, root_path, status, time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                self._observe(scope, method, root_path, outer, status, elapsed)
 
     def _observe(
-        self, scope: Scope, method: str, root_path: str, status: int, elapsed: float
+        self,
+        scope: Scope,
+        method: str,
+        root_path: Any,
+        outer: tuple[Any, Any],
+        status: int,
+        elapsed: float,
     ) -> None:
         status_class = status // 100
         if not 1 <= status_class <= 5:
             status_class = 0
         key: tuple[Any, ...]
         route = scope.get("route")
+        if route is outer[0]:
+            route = None
         if route is not None:
             added = scope.get("root_path", "")
-            mount = added[len(root_path) :] if added.startswith(root_path) else ""
+            mount = ""
+            if (
+                isinstance(added, str)
+                and isinstance(root_path, str)
+                and added.startswith(root_path)
+            ):
+                mount = added[len(root_path) :]
             if mount:
                 mount = _mount_template(mount, scope.get("path_params"))
             key = (method, status_class, getattr(route, "path_format", None), mount)
         else:
             template = scope.get("path_template")
+            if template is outer[1]:
+                template = None
             if template is None and self._route_template is not None:
                 template = self._route_template(scope)
+            if template is None and status in _REFUSALS and self._router is not None:
+                template = _aimed_at(self._router, scope)
             key = (method, status_class, template)
         children = self._children.get(key)
         if children is None:
@@ -285,3 +324,65 @@ def _mount_template(mount: str, params: object) -> str:
         return mount
     names = {str(value): name for name, value in params.items()}
     return "/".join(f"{{{names[part]}}}" if part in names else part for part in mount.split("/"))
+
+
+def _find_router(app: object) -> object:
+    """The router of the wrapped app, through any middleware in between, or ``None``.
+
+    A Litestar application (its ``asgi_router``), or a Starlette/FastAPI ``Router`` (an app's
+    ``router``, or the router itself at the end of a middleware stack); middleware is followed
+    through its ``app`` attribute.
+    """
+    for _ in range(_MAX_DEPTH):
+        if app is None:
+            return None
+        litestar = getattr(app, "asgi_router", None)
+        if litestar is not None and callable(getattr(litestar, "handle_routing", None)):
+            return litestar
+        router = getattr(app, "router", None)
+        if router is not None and isinstance(getattr(router, "routes", None), list):
+            return router
+        if isinstance(getattr(app, "routes", None), list) and hasattr(app, "redirect_slashes"):
+            return app
+        app = getattr(app, "app", None)
+    return None
+
+
+def _aimed_at(router: Any, scope: Scope) -> str | None:
+    """The route template a request refused before routing would have reached, or ``None``."""
+    try:
+        if hasattr(router, "handle_routing"):  # Litestar: routes on its reading of the path
+            paths = route_paths(scope)
+            if not paths:
+                return None
+            template = router.handle_routing(path=paths[-1], method=scope.get("method"))[4]
+            return template if isinstance(template, str) else None
+        return _starlette_template(router.routes, scope, "", 0)
+    except Exception:  # noqa: BLE001  # no route (Litestar raises NotFound) or an odd router
+        return None
+
+
+def _starlette_template(routes: Any, scope: Scope, prefix: str, depth: int) -> str | None:
+    partial: tuple[Any, Any] | None = None
+    for route in routes:
+        match, child = route.matches(scope)
+        name = getattr(match, "name", "NONE")
+        if name == "FULL":
+            return _starlette_label(route, scope, child, prefix, depth)
+        if name == "PARTIAL" and partial is None:
+            partial = route, child
+    if partial is not None:
+        return _starlette_label(partial[0], scope, partial[1], prefix, depth)
+    return None
+
+
+def _starlette_label(route: Any, scope: Scope, child: Any, prefix: str, depth: int) -> str | None:
+    inner = getattr(route, "routes", None)
+    if inner is None:  # FastAPI (0.16x) wraps an included router; its routes hold the prefix
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        child = {}
+    if inner and depth < _MAX_DEPTH:  # a Mount or Host: the route inside it
+        mount = getattr(route, "path", "") if hasattr(route, "path") else ""
+        return _starlette_template(inner, {**scope, **child}, prefix + mount, depth + 1)
+    template = getattr(route, "path_format", None)
+    return prefix + template if isinstance(template, str) else None

@@ -207,7 +207,7 @@ class TwilioSignatureMiddleware:
         self._proxies = as_trusted_proxies(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in _GUARDED or not self._match(scope["path"]):
+        if scope["type"] not in _GUARDED or not self._match.guards(scope):
             await self.app(scope, receive, send)
             return
         # Everything that needs no body is checked first: a request that cannot verify costs
@@ -306,9 +306,13 @@ class TwilioSignatureMiddleware:
         if raw_path:
             # Some servers and test transports (httpx's ASGITransport) include the query here.
             path: str = bytes(raw_path).split(b"?", 1)[0].decode("latin-1")
-        else:
+        elif isinstance(scope.get("path"), str):
             path = quote(scope["path"], safe=_PATH_SAFE)
-        root = scope.get("root_path", "")
+        else:
+            return None
+        root = scope.get("root_path") or ""
+        if not isinstance(root, str):
+            return None  # a scope this guard cannot place: refused, never passed through
         if root:
             root = quote(root.rstrip("/"), safe=_PATH_SAFE)
             if path == root or path.startswith(root + "/"):

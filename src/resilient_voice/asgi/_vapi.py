@@ -204,7 +204,7 @@ class VapiWebhookMiddleware:
         self._clock = clock or time.time
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in _GUARDED or not self._match(scope["path"]):
+        if scope["type"] not in _GUARDED or not self._match.guards(scope):
             await self.app(scope, receive, send)
             return
         verified = self._check_headers(scope)

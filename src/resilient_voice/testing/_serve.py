@@ -203,7 +203,8 @@ async def serve(
         startup_timeout: Seconds to wait for the server to listen.
         shutdown_timeout: Seconds to wait for a clean stop (in-flight requests get this long,
             then are cancelled; then the wait is abandoned with an error).
-        root_path: uvicorn's ``--root-path``, to test apps behind a prefix-stripping proxy.
+        root_path: uvicorn's ``--root-path``: the prefix a proxy in front strips, which uvicorn
+            puts in ``root_path`` and in front of ``path``.
         proxy_headers: uvicorn's ``--proxy-headers`` (off here, unlike uvicorn's own default),
             to test how middleware sees a scope the server already rewrote.
         forwarded_allow_ips: uvicorn's ``--forwarded-allow-ips`` (its default: loopback).
