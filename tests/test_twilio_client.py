@@ -772,3 +772,53 @@ async def test_a_raw_201_cut_mid_body_is_an_unknown_outcome_for_the_typed_client
     (request,) = upstream.requests
     form = {k: tuple(v) for k, v in parse_qs(request.body.decode()).items()}
     assert info.value.attempt_id == planted_attempt(form, "Url")
+
+
+# Hostile JSON from the upstream
+
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+
+
+def answering(status: int, body: bytes) -> Callable[..., Awaitable[None]]:
+    """A tiny upstream that answers every request with ``status`` and ``body``."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body", False):
+            pass
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("status", "operation", "expected"),
+    [
+        (201, "create_call", OutcomeUnknownError),
+        (500, "create_call", OutcomeUnknownError),
+        (400, "create_call", TwilioAPIError),
+        (200, "list_calls", TwilioAPIError),
+        (200, "get_call", TwilioAPIError),
+        (404, "get_call", TwilioAPIError),
+        (503, "get_message", TwilioAPIError),
+    ],
+)
+async def test_deeply_nested_json_is_an_unreadable_body_never_a_recursion_error(
+    status: int, operation: str, expected: type[Exception]
+) -> None:
+    """Nesting deeper than Python's parser goes: an unknown outcome on creates, Twilio's error
+    elsewhere, as for any unreadable body (never a bare RecursionError a caller may retry)."""
+    async with serve(answering(status, DEEP_JSON)) as url, make_client(url) as twilio:
+        calls = {
+            "create_call": lambda: twilio.create_call(to=number(50), from_=FROM, url=TWIML_URL),
+            "list_calls": twilio.list_calls,
+            "get_call": lambda: twilio.get_call("CA" + "0" * 32),
+            "get_message": lambda: twilio.get_message("SM" + "0" * 32),
+        }
+        with pytest.raises(expected) as info:
+            await calls[operation]()
+    if isinstance(info.value, TwilioAPIError):
+        assert info.value.status == status

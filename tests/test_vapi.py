@@ -737,3 +737,48 @@ async def test_a_raw_201_cut_mid_body_is_an_unknown_outcome(mode: Mode) -> None:
     (request,) = raw.requests
     planted = json.loads(request.body)["assistantOverrides"]["metadata"]["rv_attempt_id"]
     assert info.value.attempt_id == planted
+
+
+# Hostile JSON from the upstream
+
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("status", "operation", "expected"),
+    [
+        (201, "create_call", OutcomeUnknownError),
+        (500, "create_call", OutcomeUnknownError),
+        (400, "create_call", VapiAPIError),
+        (200, "get_call", VapiAPIError),
+        (200, "list_calls", VapiAPIError),
+        (404, "get_call", VapiAPIError),
+        (503, "list_assistants", VapiAPIError),
+    ],
+)
+async def test_deeply_nested_json_is_an_unreadable_body_never_a_recursion_error(
+    status: int, operation: str, expected: type[Exception]
+) -> None:
+    """Nesting deeper than Python's parser goes, on a 201 or a 5xx to POST /call: an unknown
+    outcome, as promised (a bare RecursionError invites a second dial); a provider error on
+    every other answer."""
+
+    async def handler(scope: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+        return status, {}, DEEP_JSON
+
+    async with (
+        serve(json_app(handler)) as url,
+        VapiClient(KEY, base_url=url, policy=fast_policy()) as vapi,
+    ):
+        calls = {
+            "create_call": lambda: vapi.create_call(
+                assistant_id="a1", phone_number_id="p1", customer_number=NUMBER
+            ),
+            "get_call": lambda: vapi.get_call("call-1"),
+            "list_calls": vapi.list_calls,
+            "list_assistants": vapi.list_assistants,
+        }
+        with pytest.raises(expected) as info:
+            await calls[operation]()
+    if isinstance(info.value, VapiAPIError):
+        assert info.value.status == status

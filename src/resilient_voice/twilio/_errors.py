@@ -41,7 +41,7 @@ def api_error(response: httpx.Response) -> TwilioAPIError:
     more_info: str | None = None
     try:
         payload = json.loads(response.content) if response.content else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         payload = None
     if isinstance(payload, dict):
         code = _code(payload.get("code"), status)
