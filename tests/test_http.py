@@ -468,6 +468,19 @@ async def test_idempotent_answers_stay_streamed_and_their_body_read_is_bounded_b
     assert len(upstream.requests) == 1
 
 
+async def test_an_idempotent_body_that_stalls_outright_ends_at_the_attempt_timeout() -> None:
+    """Headers, half the body, then silence: httpx's read timeout (30 s here) would wait; the
+    body read ends at the attempt's timeout instead, and the request's own timeout settings
+    are left as they were."""
+    async with raw_upstream(CALL_JSON, mode="stall", status=200) as upstream:
+        transport = ResilientTransport(Policy(timeout=0.3))
+        async with httpx.AsyncClient(base_url=upstream.url, transport=transport, timeout=30) as h:
+            request = h.build_request("GET", CALLS)
+            with pytest.raises(httpx.ReadTimeout):
+                await h.send(request)
+    assert request.extensions["timeout"]["read"] == 30
+
+
 async def test_idempotent_bodies_read_normally_with_and_without_a_timeout(
     fake: tuple[FakeTelephony, str],
 ) -> None:
