@@ -559,3 +559,17 @@ def test_max_response_bytes_is_checked_and_documented() -> None:
             ResilientTransport(Policy(), max_response_bytes=bad)  # type: ignore[arg-type]
     error = ResponseTooLargeError(200, 10, FailureKind.PERMANENT)
     assert pickle.loads(pickle.dumps(error)).limit == 10  # noqa: S301  # our own bytes
+
+
+async def test_a_head_answer_keeps_its_content_encoding_and_length() -> None:
+    """HEAD has no body: its Content-Length describes the resource, so nothing is decoded."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        headers = {"content-encoding": "gzip", "content-length": "1234"}
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(b""))
+
+    transport = ResilientTransport(Policy(timeout=5.0), transport=httpx.MockTransport(answer))
+    async with httpx.AsyncClient(transport=transport) as http:
+        response = await http.head("http://upstream.test/x")
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.headers["content-length"] == "1234"

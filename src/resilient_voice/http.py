@@ -518,11 +518,16 @@ class _Decoder:
 
 
 def _decoder_for(
-    headers: httpx.Headers, limit: int | None, status: int, kind: FailureKind
+    response: httpx.Response, request: httpx.Request, limit: int | None, kind: FailureKind
 ) -> _Decoder | None:
-    """A bounded decoder when the body is gzip or deflate (and not also something else)."""
-    encoding = headers.get("content-encoding")
-    if encoding is None:
+    """A bounded decoder when the body is gzip or deflate (and not also something else).
+
+    None for answers without a body (HEAD, 204, 304), whose ``Content-Length`` describes the
+    resource rather than a body and must stay as it is.
+    """
+    encoding = response.headers.get("content-encoding")
+    status = response.status_code
+    if encoding is None or request.method == "HEAD" or status in (204, 304):
         return None
     names = [name.strip().lower() for name in encoding.split(",")]
     names = [name for name in names if name and name != "identity"]
@@ -547,7 +552,7 @@ async def _buffered(
 ) -> httpx.Response:
     """Read ``response``'s body into memory (decoded when we can, capped); close the stream."""
     status = response.status_code
-    decoder = _decoder_for(response.headers, limit, status, kind)
+    decoder = _decoder_for(response, request, limit, kind)
     chunks: list[bytes] = []
     size = 0
     parts = _async_stream(response).__aiter__()
@@ -614,7 +619,7 @@ def _bounded(
     if limit is None and deadline is None:
         return response
     status = response.status_code
-    decoder = _decoder_for(response.headers, limit, status, FailureKind.PERMANENT)
+    decoder = _decoder_for(response, request, limit, FailureKind.PERMANENT)
     if decoder is not None:
         response.headers = _decoded_headers(response.headers, None)
     response.stream = _BoundedStream(
