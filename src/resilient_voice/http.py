@@ -615,11 +615,20 @@ def _bounded(
     deadline: float | None,
     timeout: float | None,
 ) -> httpx.Response:
-    """Hand a streamed answer back with its body read bounded in time and size."""
-    if limit is None and deadline is None:
-        return response
-    status = response.status_code
+    """Hand a streamed answer back with its body read bounded in time and size.
+
+    Without a deadline, an answer left to httpx to decode whose ``Content-Length`` is within
+    the cap goes back as it came: the HTTP layer (h11, h2) refuses a body longer than it
+    declared, so wrapping it would only cost time.
+    """
     decoder = _decoder_for(response, request, limit, FailureKind.PERMANENT)
+    if decoder is None and deadline is None:
+        if limit is None:
+            return response
+        length = response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) <= limit:
+            return response
+    status = response.status_code
     if decoder is not None:
         response.headers = _decoded_headers(response.headers, None)
     response.stream = _BoundedStream(
