@@ -169,6 +169,9 @@ def test_invalid_configuration_fails_at_construction(
         lambda: Fault.latency(0.0),
         lambda: Fault.rate_limited(retry_after=-1),
         lambda: Fault.drop_after(endpoints=[]),
+        lambda: Fault.drop_mid_body(1.5),
+        lambda: Fault("drop_after", stall=True),
+        lambda: Fault("drop_mid_body", reset=True),
         lambda: CallbackFaults(loss=2.0),
     ],
 )
@@ -472,6 +475,30 @@ async def test_processed_then_dropped_creates_the_call() -> None:
     first = fake.requests()[0]
     assert (first.status, first.fault) == (None, "drop_after")
     assert first.created == fake.calls()[0].id
+
+
+@pytest.mark.parametrize("stall", [False, True])
+async def test_drop_mid_body_creates_the_call_and_cuts_its_201(stall: bool) -> None:
+    """Status line and headers with the full Content-Length arrive, then half the body, then
+    the connection closes (or nothing more comes until the client's read timeout)."""
+    fake = make_fake(
+        faults=[Fault.drop_mid_body(stall=stall, count=1, endpoints="twilio.calls.create")]
+    )
+    async with running(fake) as client:
+        request = client.build_request("POST", CALLS, data=CALL_FORM, timeout=0.3)
+        response = await client.send(request, stream=True, auth=(AC, TOKEN))
+        assert response.status_code == 201
+        declared = int(response.headers["content-length"])
+        expected = httpx.ReadTimeout if stall else httpx.RemoteProtocolError
+        with pytest.raises(expected):
+            await response.aread()
+        await response.aclose()
+        assert (await create_call(client, To="+14155550112")).status_code == 201
+    assert [c.to for c in fake.calls()] == [TO, "+14155550112"]
+    first = fake.requests()[0]
+    assert (first.status, first.fault) == (201, "drop_mid_body")
+    assert first.created == fake.calls()[0].id
+    assert declared > len(fake.calls()[0].id)
 
 
 async def test_vapi_processed_then_dropped() -> None:

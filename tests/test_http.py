@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import pickle
 import socket
+import zlib
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
+from _raw_upstream import Mode, raw_upstream
 from resilient_voice import (
     BreakerState,
     CircuitBreaker,
@@ -18,6 +23,7 @@ from resilient_voice import (
 )
 from resilient_voice.events import TransportListener
 from resilient_voice.http import (
+    ATTEMPT_ID_EXTENSION,
     IDEMPOTENT_EXTENSION,
     ResilientTransport,
     Route,
@@ -392,3 +398,178 @@ async def test_an_error_answer_already_read_by_the_inner_transport_still_decodes
         response = await http.get("http://upstream.test/x")
     assert response.status_code == 404
     assert response.json()["code"] == 20404
+
+
+# The body is part of the attempt
+
+
+CALL_JSON = json.dumps({"sid": "CA" + "0" * 32, "status": "queued", "to": "+15550100001"}).encode()
+
+
+@pytest.mark.parametrize("stall", [False, True])
+async def test_a_create_whose_body_never_arrives_is_an_unknown_outcome_and_a_breaker_failure(
+    fake: tuple[FakeTelephony, str], stall: bool
+) -> None:
+    """201 Created, full headers, then the connection drops (or stalls) mid-body: the call
+    exists, so the caller gets OutcomeUnknownError with its attempt id, never a bare httpx
+    error, and the retry policy does not send it again."""
+    app, url = fake
+    breaker = CircuitBreaker("mid-body", failure_threshold=5)
+    transport = ResilientTransport(Policy(breaker=breaker, retry=fast_retry(), timeout=5.0))
+    app.faults = [Fault.drop_mid_body(stall=stall, count=1, endpoints="twilio.calls.create")]
+    async with httpx.AsyncClient(
+        base_url=url, transport=transport, auth=(SID, TOKEN), timeout=0.3
+    ) as http:
+        request = http.build_request("POST", CALLS, data=CALL_FORM)
+        request.extensions[ATTEMPT_ID_EXTENSION] = "planted-attempt-1"
+        with pytest.raises(OutcomeUnknownError) as info:
+            await http.send(request)
+    assert info.value.attempt_id == "planted-attempt-1"
+    expected = httpx.ReadTimeout if stall else httpx.RemoteProtocolError
+    assert isinstance(info.value.__cause__, expected)
+    ((record,),) = (app.requests("twilio.calls.create"),)
+    assert (record.status, record.fault) == (201, "drop_mid_body")
+    assert len(app.calls()) == 1
+    assert breaker.statistics().consecutive_failures == 1
+
+
+@pytest.mark.parametrize("mode", ["drop", "stall"])
+async def test_a_raw_201_cut_mid_body_is_an_unknown_outcome_within_the_attempt_timeout(
+    mode: Mode,
+) -> None:
+    """Against a plain socket server: the per-attempt timeout bounds the body read too (the
+    httpx read timeout is set far longer here, so only the policy's timeout can end it)."""
+    async with raw_upstream(CALL_JSON, mode=mode) as upstream:
+        transport = ResilientTransport(Policy(retry=fast_retry(), timeout=0.3))
+        async with httpx.AsyncClient(base_url=upstream.url, transport=transport, timeout=30) as h:
+            with pytest.raises(OutcomeUnknownError) as info:
+                await h.post(CALLS, data=CALL_FORM)
+    assert [r.method for r in upstream.requests] == ["POST"]
+    cause = info.value.__cause__
+    assert isinstance(cause, TimeoutError if mode == "stall" else httpx.RemoteProtocolError)
+
+
+async def test_idempotent_answers_stay_streamed_and_their_body_read_is_bounded_by_the_timeout() -> (
+    None
+):
+    """A GET whose body drips one byte at a time: the response comes back at once (streamed),
+    and reading the body ends at the attempt's timeout, not when the upstream finishes."""
+    body = json.dumps({"calls": ["x" * 400]}).encode()
+    async with raw_upstream(body, mode="drip", status=200) as upstream:
+        transport = ResilientTransport(Policy(retry=fast_retry(), timeout=0.3))
+        async with (
+            httpx.AsyncClient(base_url=upstream.url, transport=transport, timeout=30) as h,
+            h.stream("GET", CALLS) as response,
+        ):
+            assert response.status_code == 200
+            assert not response.is_stream_consumed
+            with pytest.raises(httpx.ReadTimeout, match="attempt's timeout"):
+                await response.aread()
+    assert len(upstream.requests) == 1
+
+
+async def test_an_idempotent_body_that_stalls_outright_ends_at_the_attempt_timeout() -> None:
+    """Headers, half the body, then silence: httpx's read timeout (30 s here) would wait; the
+    body read ends at the attempt's timeout instead, and the request's own timeout settings
+    are left as they were."""
+    async with raw_upstream(CALL_JSON, mode="stall", status=200) as upstream:
+        transport = ResilientTransport(Policy(timeout=0.3))
+        async with httpx.AsyncClient(base_url=upstream.url, transport=transport, timeout=30) as h:
+            request = h.build_request("GET", CALLS)
+            with pytest.raises(httpx.ReadTimeout):
+                await h.send(request)
+    assert request.extensions["timeout"]["read"] == 30
+
+
+async def test_idempotent_bodies_read_normally_with_and_without_a_timeout(
+    fake: tuple[FakeTelephony, str],
+) -> None:
+    _app, url = fake
+    for policy in (Policy(), Policy(timeout=5.0)):
+        async with client(url, ResilientTransport(policy)) as http:
+            response = await http.get(CALLS)
+            assert response.status_code == 200
+            assert response.json()["calls"] == []
+
+
+def gzip_bomb(size: int) -> bytes:
+    return gzip.compress(b"\0" * size, compresslevel=9)
+
+
+async def test_a_compressed_bomb_is_refused_at_the_cap_on_reads_and_creates() -> None:
+    from resilient_voice.http import ResponseTooLargeError
+
+    cap = 256 * 1024
+    bomb = gzip_bomb(8 * 1024 * 1024)
+    assert len(bomb) < cap
+    async with raw_upstream(
+        bomb, mode="whole", status=200, headers={"content-encoding": "gzip"}
+    ) as upstream:
+        transport = ResilientTransport(Policy(retry=fast_retry()), max_response_bytes=cap)
+        async with httpx.AsyncClient(base_url=upstream.url, transport=transport) as http:
+            with pytest.raises(ResponseTooLargeError) as read_info:
+                await http.get(CALLS)
+            with pytest.raises(OutcomeUnknownError) as create_info:
+                await http.post(CALLS, data=CALL_FORM)
+    assert read_info.value.kind is FailureKind.PERMANENT
+    assert read_info.value.limit == cap
+    overflow = create_info.value.__cause__
+    assert isinstance(overflow, ResponseTooLargeError)
+    assert overflow.kind is FailureKind.MAYBE_PROCESSED
+    assert [r.method for r in upstream.requests] == ["GET", "POST"]  # neither retried
+
+
+async def test_plain_bodies_over_the_cap_are_refused_too() -> None:
+    from resilient_voice.http import ResponseTooLargeError
+
+    async with raw_upstream(b"x" * 5000, mode="whole", status=200) as upstream:
+        transport = ResilientTransport(Policy(), max_response_bytes=4096)
+        async with httpx.AsyncClient(base_url=upstream.url, transport=transport) as http:
+            with pytest.raises(ResponseTooLargeError):
+                await http.get(CALLS)
+            with pytest.raises(OutcomeUnknownError):
+                await http.post(CALLS, data=CALL_FORM)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_compressed_answers_are_decoded_by_the_transport(encoding: str) -> None:
+    payload = json.dumps({"calls": [{"sid": "CA1"}] * 100}).encode()
+    body = gzip.compress(payload) if encoding == "gzip" else zlib.compress(payload)
+    async with raw_upstream(
+        body, mode="whole", status=200, headers={"content-encoding": encoding}
+    ) as upstream:
+        transport = ResilientTransport(Policy(timeout=5.0))
+        async with httpx.AsyncClient(base_url=upstream.url, transport=transport) as http:
+            read = await http.get(CALLS)
+            created = await http.post(CALLS, data=CALL_FORM)
+    for response in (read, created):
+        assert response.content == payload
+        assert "content-encoding" not in response.headers
+    assert created.headers["content-length"] == str(len(payload))
+
+
+def test_max_response_bytes_is_checked_and_documented() -> None:
+    from resilient_voice.http import DEFAULT_MAX_RESPONSE_BYTES, ResponseTooLargeError
+
+    assert DEFAULT_MAX_RESPONSE_BYTES == 10 * 1024 * 1024
+    assert ResilientTransport(Policy()).max_response_bytes == DEFAULT_MAX_RESPONSE_BYTES
+    assert ResilientTransport(Policy(), max_response_bytes=None).max_response_bytes is None
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_response_bytes"):
+            ResilientTransport(Policy(), max_response_bytes=bad)  # type: ignore[arg-type]
+    error = ResponseTooLargeError(200, 10, FailureKind.PERMANENT)
+    assert pickle.loads(pickle.dumps(error)).limit == 10  # noqa: S301  # our own bytes
+
+
+async def test_a_head_answer_keeps_its_content_encoding_and_length() -> None:
+    """HEAD has no body: its Content-Length describes the resource, so nothing is decoded."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        headers = {"content-encoding": "gzip", "content-length": "1234"}
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(b""))
+
+    transport = ResilientTransport(Policy(timeout=5.0), transport=httpx.MockTransport(answer))
+    async with httpx.AsyncClient(transport=transport) as http:
+        response = await http.head("http://upstream.test/x")
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.headers["content-length"] == "1234"

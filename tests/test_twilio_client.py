@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ import anyio
 import httpx
 import pytest
 
+from _raw_upstream import Mode, raw_upstream
 from resilient_voice import (
     BreakerState,
     CircuitBreaker,
@@ -717,3 +719,108 @@ async def test_an_unreadable_created_answer_is_an_unknown_outcome_not_a_failure(
         with pytest.raises(OutcomeUnknownError):
             await twilio.send_message(to=number(3), from_=FROM, body="hi")
     assert isinstance(call_info.value.__cause__, TwilioAPIError)
+
+
+# A 201 whose body never arrives
+
+
+def planted_attempt(form: dict[str, tuple[str, ...]], field: str) -> str:
+    return parse_qs(urlsplit(form[field][0]).query)["rv_attempt"][0]
+
+
+@pytest.mark.parametrize("stall", [False, True])
+@pytest.mark.parametrize("operation", ["create_call", "send_message"])
+async def test_a_create_whose_201_body_is_lost_is_an_unknown_outcome_never_resent(
+    fake: tuple[FakeTelephony, str], operation: str, stall: bool
+) -> None:
+    """Twilio created the call (or message) and its answer broke off mid-body or stalled:
+    OutcomeUnknownError with the planted attempt id, one request, one resource, even though
+    the default policy retries."""
+    app, url = fake
+    endpoint = "twilio.calls.create" if operation == "create_call" else "twilio.messages.create"
+    app.faults = [Fault.drop_mid_body(stall=stall, endpoints=endpoint)]
+    async with make_client(url, timeout=0.5, retry=fast_retry(max_attempts=5)) as twilio:
+        create = (
+            twilio.create_call(to=number(40), from_=FROM, url=TWIML_URL)
+            if operation == "create_call"
+            else twilio.send_message(
+                to=number(40), from_=FROM, body="hi", status_callback="https://e.com/sms"
+            )
+        )
+        with pytest.raises(OutcomeUnknownError) as info:
+            await create
+    (record,) = app.requests(endpoint)
+    assert (record.status, record.fault) == (201, "drop_mid_body")
+    field = "Url" if operation == "create_call" else "StatusCallback"
+    assert info.value.attempt_id == planted_attempt(record.form, field)
+    created = app.calls() if operation == "create_call" else app.messages()
+    assert len(created) == 1
+    # Whichever bound fires first: httpx's read timeout or the policy's per-attempt timeout.
+    expected = (httpx.ReadTimeout, TimeoutError) if stall else httpx.RemoteProtocolError
+    assert isinstance(info.value.__cause__, expected)
+
+
+@pytest.mark.parametrize("mode", ["drop", "stall"])
+async def test_a_raw_201_cut_mid_body_is_an_unknown_outcome_for_the_typed_client(
+    mode: Mode,
+) -> None:
+    body = json.dumps({"sid": "CA" + "0" * 32, "status": "queued"}).encode()
+    async with (
+        raw_upstream(body, mode=mode) as upstream,
+        make_client(upstream.url, timeout=0.5, retry=fast_retry(max_attempts=5)) as twilio,
+    ):
+        with pytest.raises(OutcomeUnknownError) as info:
+            await twilio.create_call(to=number(41), from_=FROM, url=TWIML_URL)
+    (request,) = upstream.requests
+    form = {k: tuple(v) for k, v in parse_qs(request.body.decode()).items()}
+    assert info.value.attempt_id == planted_attempt(form, "Url")
+
+
+# Hostile JSON from the upstream
+
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+
+
+def answering(status: int, body: bytes) -> Callable[..., Awaitable[None]]:
+    """A tiny upstream that answers every request with ``status`` and ``body``."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body", False):
+            pass
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("status", "operation", "expected"),
+    [
+        (201, "create_call", OutcomeUnknownError),
+        (500, "create_call", OutcomeUnknownError),
+        (400, "create_call", TwilioAPIError),
+        (200, "list_calls", TwilioAPIError),
+        (200, "get_call", TwilioAPIError),
+        (404, "get_call", TwilioAPIError),
+        (503, "get_message", TwilioAPIError),
+    ],
+)
+async def test_deeply_nested_json_is_an_unreadable_body_never_a_recursion_error(
+    status: int, operation: str, expected: type[Exception]
+) -> None:
+    """Nesting deeper than Python's parser goes: an unknown outcome on creates, Twilio's error
+    elsewhere, as for any unreadable body (never a bare RecursionError a caller may retry)."""
+    async with serve(answering(status, DEEP_JSON)) as url, make_client(url) as twilio:
+        calls = {
+            "create_call": lambda: twilio.create_call(to=number(50), from_=FROM, url=TWIML_URL),
+            "list_calls": twilio.list_calls,
+            "get_call": lambda: twilio.get_call("CA" + "0" * 32),
+            "get_message": lambda: twilio.get_message("SM" + "0" * 32),
+        }
+        with pytest.raises(expected) as info:
+            await calls[operation]()
+    if isinstance(info.value, TwilioAPIError):
+        assert info.value.status == status

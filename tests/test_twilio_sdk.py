@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
+from _raw_upstream import Mode, raw_upstream
 from resilient_voice import OutcomeUnknownError, RetryPolicy, correlation_scope
 from resilient_voice.events import TransportListener
 from resilient_voice.policy import Policy
@@ -118,3 +120,33 @@ async def test_sdk_adapter_options_and_logging(
     with pytest.raises(ValueError, match="unknown operation"):
         ResilientTwilioHttpClient(policies={"calls": mine})
     assert repr(http_client).endswith(f"base_url='{url}')")
+
+
+@pytest.mark.parametrize("stall", [False, True])
+async def test_sdk_create_whose_201_body_is_lost_is_an_unknown_outcome(
+    fake: tuple[FakeTelephony, str], stall: bool
+) -> None:
+    """The SDK's calls.create_async: 201 and headers arrive, the body never does. The
+    adapter's transport reads it inside the attempt, so the SDK caller gets
+    OutcomeUnknownError (not a raw httpx error it might retry) and nothing is re-sent."""
+    app, url = fake
+    app.faults = [Fault.drop_mid_body(stall=stall, endpoints="twilio.calls.create")]
+    client, http_client = sdk(url, timeout=0.5)
+    async with http_client:
+        with pytest.raises(OutcomeUnknownError) as info:
+            await client.calls.create_async(to="+15550100007", from_=FROM, url=TWIML_URL)
+    assert info.value.attempt_id
+    (record,) = app.requests("twilio.calls.create")
+    assert (record.status, record.fault) == (201, "drop_mid_body")
+    assert len(app.calls()) == 1
+
+
+@pytest.mark.parametrize("mode", ["drop", "stall"])
+async def test_sdk_create_cut_mid_body_by_a_raw_server_is_an_unknown_outcome(mode: Mode) -> None:
+    body = json.dumps({"sid": "CA" + "0" * 32, "status": "queued"}).encode()
+    async with raw_upstream(body, mode=mode) as upstream:
+        client, http_client = sdk(upstream.url, timeout=0.5)
+        async with http_client:
+            with pytest.raises(OutcomeUnknownError):
+                await client.calls.create_async(to="+15550100008", from_=FROM, url=TWIML_URL)
+    assert [r.method for r in upstream.requests] == ["POST"]

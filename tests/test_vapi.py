@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _raw_upstream import Mode, raw_upstream
 from resilient_voice import (
     BreakerState,
     CircuitBreaker,
@@ -707,3 +708,80 @@ def test_public_surface_is_pinned() -> None:
         if isinstance(obj, type) and name.startswith("Vapi") and "Error" not in name:
             assert obj.__module__ == "resilient_voice.vapi", name
     assert module.VapiAPIError is VapiAPIError
+
+
+# A 201 whose body never arrives
+
+
+@pytest.mark.parametrize("stall", [False, True])
+async def test_create_whose_201_body_is_lost_is_an_unknown_outcome_never_resent(
+    upstream: Upstream, stall: bool
+) -> None:
+    upstream.app.faults = [Fault.drop_mid_body(stall=stall, endpoints="vapi.calls.create")]
+    async with upstream.client(policy=fast_policy(attempts=5), timeout=0.5) as vapi:
+        with pytest.raises(OutcomeUnknownError) as info:
+            await create(upstream, vapi)
+    (sent,) = upstream.create_requests()
+    assert sent["assistantOverrides"]["metadata"]["rv_attempt_id"] == info.value.attempt_id
+    (record,) = upstream.app.requests("vapi.calls.create")
+    assert (record.status, record.fault) == (201, "drop_mid_body")
+    assert len(upstream.app.calls("vapi")) == 1
+
+
+@pytest.mark.parametrize("mode", ["drop", "stall"])
+async def test_a_raw_201_cut_mid_body_is_an_unknown_outcome(mode: Mode) -> None:
+    body = json.dumps({"id": "call-1", "status": "queued"}).encode()
+    async with (
+        raw_upstream(body, mode=mode) as raw,
+        VapiClient(KEY, base_url=raw.url, policy=fast_policy(attempts=5), timeout=0.5) as vapi,
+    ):
+        with pytest.raises(OutcomeUnknownError) as info:
+            await vapi.create_call(assistant_id="a1", phone_number_id="p1", customer_number=NUMBER)
+    (request,) = raw.requests
+    planted = json.loads(request.body)["assistantOverrides"]["metadata"]["rv_attempt_id"]
+    assert info.value.attempt_id == planted
+
+
+# Hostile JSON from the upstream
+
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("status", "operation", "expected"),
+    [
+        (201, "create_call", OutcomeUnknownError),
+        (500, "create_call", OutcomeUnknownError),
+        (400, "create_call", VapiAPIError),
+        (200, "get_call", VapiAPIError),
+        (200, "list_calls", VapiAPIError),
+        (404, "get_call", VapiAPIError),
+        (503, "list_assistants", VapiAPIError),
+    ],
+)
+async def test_deeply_nested_json_is_an_unreadable_body_never_a_recursion_error(
+    status: int, operation: str, expected: type[Exception]
+) -> None:
+    """Nesting deeper than Python's parser goes, on a 201 or a 5xx to POST /call: an unknown
+    outcome, as promised (a bare RecursionError invites a second dial); a provider error on
+    every other answer."""
+
+    async def handler(scope: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+        return status, {}, DEEP_JSON
+
+    async with (
+        serve(json_app(handler)) as url,
+        VapiClient(KEY, base_url=url, policy=fast_policy()) as vapi,
+    ):
+        calls = {
+            "create_call": lambda: vapi.create_call(
+                assistant_id="a1", phone_number_id="p1", customer_number=NUMBER
+            ),
+            "get_call": lambda: vapi.get_call("call-1"),
+            "list_calls": vapi.list_calls,
+            "list_assistants": vapi.list_assistants,
+        }
+        with pytest.raises(expected) as info:
+            await calls[operation]()
+    if isinstance(info.value, VapiAPIError):
+        assert info.value.status == status

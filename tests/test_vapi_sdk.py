@@ -163,3 +163,23 @@ def test_sdk_http_client_validates_its_configuration() -> None:
         sdk_http_client(base_url="api.vapi.ai")
     with pytest.raises(ValueError, match="timeout"):
         sdk_http_client(timeout=-1)
+
+
+@pytest.mark.parametrize("stall", [False, True])
+async def test_create_whose_201_body_is_lost_through_the_sdk_is_an_unknown_outcome(
+    upstream: tuple[FakeTelephony, str], stall: bool
+) -> None:
+    app, url = upstream
+    app.faults = [Fault.drop_mid_body(stall=stall, endpoints="vapi.calls.create")]
+    policy = Policy(retry=RetryPolicy(max_attempts=3, base_delay=0.001), timeout=0.5)
+    http = sdk_http_client(base_url=url, policy=policy)
+    client = vapi.AsyncVapi(token=KEY, base_url=url, httpx_client=http)
+    try:
+        with pytest.raises(OutcomeUnknownError):
+            await client.calls.create(
+                **ids(app), customer={"number": NUMBER}, request_options=no_sdk_retries()
+            )
+    finally:
+        await http.aclose()
+    assert len(app.requests("vapi.calls.create")) == 1
+    assert len(app.calls("vapi")) == 1

@@ -27,6 +27,32 @@ client cannot tell how much; only failures that provably happen before the first
 the provider documents it (Twilio's REST API); elsewhere the safe assumption is that it may have
 been processed.
 
+The body of an answer is part of the attempt too:
+
+=====================================================  =================
+while reading the body                                 kind
+=====================================================  =================
+success answer to a non-idempotent request: cut off,   MAYBE_PROCESSED
+stalled, undecodable, or over ``max_response_bytes``
+success answer to an idempotent request: over          PERMANENT
+``max_response_bytes``
+error answer over ``max_response_bytes``               the status's kind
+=====================================================  =================
+
+A ``201 Created`` whose body never arrives means the call was created and the answer lost, so
+the transport reads the whole body of a success answer to a non-idempotent request inside the
+attempt, under the per-attempt timeout: a failure there reaches the breaker, the retry policy
+and the caller as :class:`~resilient_voice.OutcomeUnknownError` with the attempt id, never as a
+bare httpx error that invites a second create. Answers to idempotent requests stay streamed;
+their body read is bounded by the same per-attempt timeout (``httpx.ReadTimeout`` when it runs
+out): the deadline is checked as each chunk arrives, and httpx's read timeout for the body is
+lowered to the time left, so a normal body costs one clock reading per chunk and no timer.
+
+``max_response_bytes`` caps the decoded size of every body (10 MiB by default, see
+:class:`ResilientTransport`). To measure decoded bytes the transport decodes ``gzip`` and
+``deflate`` itself, with a bounded decompressor, and hands the body on without
+``Content-Encoding``; other encodings are left to httpx and capped on their encoded size.
+
 For the circuit breaker, 5xx answers and transport errors are failures; 429 is back-pressure,
 not sickness, and never trips it; other 4xx are the caller's errors and are ignored.
 """
@@ -37,12 +63,15 @@ import copy
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 
+from resilient_voice._clock import Clock
 from resilient_voice.correlation import (
     DEFAULT_CORRELATION_ID_VALIDATOR,
     get_correlation_id,
@@ -57,10 +86,12 @@ from resilient_voice.retry import parse_retry_after, parse_retry_after_ms
 
 __all__ = [
     "ATTEMPT_ID_EXTENSION",
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "IDEMPOTENT_EXTENSION",
     "IDEMPOTENT_METHODS",
     "LIMITER_KEY_EXTENSION",
     "ResilientTransport",
+    "ResponseTooLargeError",
     "Route",
     "UpstreamStatusError",
     "classify_exception",
@@ -83,6 +114,16 @@ too, so an :class:`~resilient_voice.OutcomeUnknownError` carries the same id.
 
 LIMITER_KEY_EXTENSION = "resilient_voice.limiter_key"
 """``request.extensions`` key: the bucket key when the route's policy has a KeyedLimiter."""
+
+DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024 * 1024
+"""The default cap on a decoded response body: 10 MiB.
+
+Twilio's and Vapi's answers are JSON of a few KiB; the largest legitimate ones (a page of 1,000
+Twilio calls, a Vapi call with a long transcript) stay around 1-2 MB. Ten MiB leaves room for
+those several times over while a compressed bomb (200 KiB of gzip that decodes to 200 MB) is
+refused before it fills memory. Downloads of media (recordings) need a transport of their own
+with a larger cap, or ``max_response_bytes=None``.
+"""
 
 _NOT_SENT_ERRORS: tuple[type[Exception], ...] = (
     httpx.ConnectError,
@@ -152,6 +193,25 @@ class UpstreamStatusError(ProviderError):
         return (rebuild, args, state)
 
 
+class ResponseTooLargeError(ProviderError):
+    """The upstream's answer decodes to more than the transport's ``max_response_bytes``.
+
+    Raised instead of reading further. ``kind`` follows the answer: ``MAYBE_PROCESSED`` for a
+    success answer to a non-idempotent request (which then reaches the caller as
+    :class:`~resilient_voice.OutcomeUnknownError`), ``PERMANENT`` for a success answer to an
+    idempotent one, and the status's own kind for an error answer.
+
+    Attributes:
+        limit: The cap, in bytes.
+    """
+
+    def __init__(self, status: int, limit: int, kind: FailureKind) -> None:
+        super().__init__(
+            status, None, f"response body larger than max_response_bytes={limit}", kind
+        )
+        self.limit = limit
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """Settings for the requests that match a host, method and path pattern.
@@ -217,6 +277,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         correlation_header: Header set from the current correlation id when absent; ``None``
             to disable.
         listeners: :class:`~resilient_voice.events.TransportListener` instances.
+        max_response_bytes: The most bytes a decoded response body may hold
+            (:data:`DEFAULT_MAX_RESPONSE_BYTES`, 10 MiB); ``None`` for no cap. A larger body
+            raises :class:`ResponseTooLargeError` (see the module's table for its kind).
     """
 
     def __init__(
@@ -229,6 +292,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         idempotency_key_header: str = "Idempotency-Key",
         correlation_header: str | None = "X-Correlation-ID",
         listeners: Iterable[TransportListener] = (),
+        max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
@@ -243,6 +307,20 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._key_header = idempotency_key_header.lower()
         self._correlation_header = correlation_header
         self._listeners: tuple[TransportListener, ...] = tuple(listeners)
+        if max_response_bytes is not None and (
+            isinstance(max_response_bytes, bool)
+            or not isinstance(max_response_bytes, int)
+            or max_response_bytes < 1
+        ):
+            raise ValueError(
+                f"max_response_bytes must be None or an int >= 1, got {max_response_bytes!r}"
+            )
+        self._max_bytes = max_response_bytes
+
+    @property
+    def max_response_bytes(self) -> int | None:
+        """The cap on a decoded response body, in bytes (``None``: no cap)."""
+        return self._max_bytes
 
     @property
     def policy(self) -> Policy:
@@ -289,31 +367,45 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             await request.aread()
         unprocessed = route.unprocessed_statuses
         inner = self._transport
+        limit = self._max_bytes
+        timeout = policy.timeout
+        clock = policy.clock
         attempts = 0
 
         async def attempt() -> httpx.Response:
             nonlocal attempts
             attempts += 1
+            # The attempt's own deadline: the policy's timeout scope ends with this function,
+            # so a body streamed to the caller later must carry the bound with it.
+            deadline = clock.now() + timeout if timeout is not None else None
             try:
                 response = await inner.handle_async_request(request)
             except httpx.TransportError as exc:
                 exc.failure_kind = classify_exception(exc)  # type: ignore[attr-defined]
                 raise
-            kind = classify_status(response.status_code, unprocessed)
+            status = response.status_code
+            kind = classify_status(status, unprocessed)
             if kind is None:
-                return response
+                if response.is_stream_consumed:
+                    # An inner transport that already read (and decoded) it: in memory.
+                    if limit is not None and len(response.content) > limit:
+                        raise ResponseTooLargeError(status, limit, _SUCCESS_OVERFLOW[idempotent])
+                    return response
+                if idempotent:
+                    return _bounded(response, request, limit, clock, deadline, timeout)
+                # A non-idempotent success: read it here, inside the attempt and its timeout,
+                # so that a body that never arrives is this attempt's failure (an unknown
+                # outcome), not a bare httpx error after the transport returned.
+                try:
+                    return await _buffered(response, request, limit, _MAYBE)
+                except httpx.RequestError as exc:  # transport and decoding errors
+                    exc.failure_kind = _MAYBE  # type: ignore[attr-defined]
+                    raise
             if response.is_stream_consumed:
                 failed = response  # an inner transport that already read (and decoded) it
                 failed.request = request
             else:
-                raw = await _read_raw(response)
-                failed = httpx.Response(
-                    response.status_code,
-                    headers=response.headers,
-                    stream=httpx.ByteStream(raw),
-                    extensions=response.extensions,
-                    request=request,
-                )
+                failed = await _buffered(response, request, limit, kind)
             raise UpstreamStatusError(failed, kind, retry_after_from_headers(failed.headers))
 
         listeners = self._listeners
@@ -383,11 +475,274 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         return f"ResilientTransport(name={self._name!r}, routes={len(self._routes)})"
 
 
-async def _read_raw(response: httpx.Response) -> bytes:
+_MAYBE = FailureKind.MAYBE_PROCESSED
+_SUCCESS_OVERFLOW = {True: FailureKind.PERMANENT, False: _MAYBE}
+_ZLIB_WBITS = {
+    "gzip": zlib.MAX_WBITS | 16,
+    "x-gzip": zlib.MAX_WBITS | 16,
+    "deflate": zlib.MAX_WBITS,
+}
+
+
+class _Decoder:
+    """A ``gzip``/``deflate`` decoder that never produces more than ``limit`` bytes in all.
+
+    ``zlib``'s ``max_length`` stops a compressed bomb at the cap instead of after it has been
+    expanded in memory, which is why the transport decodes these encodings itself rather than
+    leaving them to httpx.
+    """
+
+    __slots__ = ("_first", "_limit", "_size", "_status", "_wbits", "_zlib", "kind")
+
+    def __init__(self, wbits: int, limit: int | None, status: int, kind: FailureKind) -> None:
+        self._wbits = wbits
+        self._zlib = zlib.decompressobj(wbits)
+        self._first = wbits == zlib.MAX_WBITS
+        self._limit = limit
+        self._size = 0
+        self._status = status
+        self.kind = kind
+
+    def decode(self, data: bytes) -> bytes:
+        # One byte more than the room left shows an overflow without expanding further.
+        room = 0 if self._limit is None else self._limit - self._size + 1
+        try:
+            out = self._zlib.decompress(data, room)
+        except zlib.error as exc:
+            if self._first:
+                # "deflate" is zlib-wrapped by the standard, raw by some servers (as httpx).
+                self._first = False
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                return self.decode(data)
+            raise httpx.DecodingError(str(exc)) from exc
+        self._first = False
+        return self._count(out)
+
+    def flush(self) -> bytes:
+        try:
+            return self._count(self._zlib.flush())
+        except zlib.error as exc:  # pragma: no cover  # flush reports nothing zlib kept
+            raise httpx.DecodingError(str(exc)) from exc
+
+    def _count(self, out: bytes) -> bytes:
+        self._size += len(out)
+        if self._limit is not None and self._size > self._limit:
+            raise ResponseTooLargeError(self._status, self._limit, self.kind)
+        return out
+
+
+def _decoder_for(
+    response: httpx.Response, request: httpx.Request, limit: int | None, kind: FailureKind
+) -> _Decoder | None:
+    """A bounded decoder when the body is gzip or deflate (and not also something else).
+
+    None for answers without a body (HEAD, 204, 304), whose ``Content-Length`` describes the
+    resource rather than a body and must stay as it is.
+    """
+    encoding = response.headers.get("content-encoding")
+    status = response.status_code
+    if encoding is None or request.method == "HEAD" or status in (204, 304):
+        return None
+    names = [name.strip().lower() for name in encoding.split(",")]
+    names = [name for name in names if name and name != "identity"]
+    if len(names) != 1 or names[0] not in _ZLIB_WBITS:
+        return None
+    return _Decoder(_ZLIB_WBITS[names[0]], limit, status, kind)
+
+
+def _decoded_headers(headers: httpx.Headers, size: int | None) -> httpx.Headers:
+    """``headers`` for a body we decoded: no ``Content-Encoding``, a truthful length."""
+    headers = headers.copy()
+    del headers["content-encoding"]
+    if size is None:
+        del headers["content-length"]
+    else:
+        headers["content-length"] = str(size)
+    return headers
+
+
+async def _buffered(
+    response: httpx.Response, request: httpx.Request, limit: int | None, kind: FailureKind
+) -> httpx.Response:
+    """Read ``response``'s body into memory (decoded when we can, capped); close the stream."""
+    status = response.status_code
+    decoder = _decoder_for(response, request, limit, kind)
+    chunks: list[bytes] = []
+    size = 0
+    parts = _async_stream(response).__aiter__()
+    done = False
     try:
-        return b"".join([chunk async for chunk in response.aiter_raw()])
+        async for chunk in parts:
+            if decoder is not None:
+                chunks.append(decoder.decode(chunk))
+                continue
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise ResponseTooLargeError(status, limit, kind)
+            chunks.append(chunk)
+        if decoder is not None:
+            chunks.append(decoder.flush())
+        done = True
     finally:
+        if not done:
+            await _finish(parts)
         await response.aclose()
+    body = b"".join(chunks)
+    headers = response.headers
+    if decoder is not None:
+        headers = _decoded_headers(headers, len(body))
+    return httpx.Response(
+        status,
+        headers=headers,
+        stream=httpx.ByteStream(body),
+        extensions=response.extensions,
+        request=request,
+    )
+
+
+def _async_stream(response: httpx.Response) -> httpx.AsyncByteStream:
+    stream = response.stream
+    if not isinstance(stream, httpx.AsyncByteStream):
+        raise TypeError("the inner transport answered with a synchronous body stream")
+    return stream
+
+
+async def _finish(parts: AsyncIterator[bytes]) -> None:
+    """Finish a body iterator, also when it is left early (an overflow, a decoding error).
+
+    Closing the outermost generator would leave the ones below it (httpx's, httpcore's)
+    suspended, to be collected later (trio warns about it). A read under an already-cancelled
+    scope instead raises through every one of them, and each closes what it holds; an
+    iterator already exhausted or failed just ends.
+    """
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        while await anext(parts, None) is not None:
+            pass
+
+
+def _bounded(
+    response: httpx.Response,
+    request: httpx.Request,
+    limit: int | None,
+    clock: Clock,
+    deadline: float | None,
+    timeout: float | None,
+) -> httpx.Response:
+    """Hand a streamed answer back with its body read bounded in time and size.
+
+    Without a deadline, an answer left to httpx to decode whose ``Content-Length`` is within
+    the cap goes back as it came: the HTTP layer (h11, h2) refuses a body longer than it
+    declared, so wrapping it would only cost time.
+    """
+    decoder = _decoder_for(response, request, limit, FailureKind.PERMANENT)
+    if decoder is None and deadline is None:
+        if limit is None:
+            return response
+        length = response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) <= limit:
+            return response
+    status = response.status_code
+    if decoder is not None:
+        response.headers = _decoded_headers(response.headers, None)
+    response.stream = _BoundedStream(
+        _async_stream(response), request, decoder, limit, status, clock, deadline, timeout
+    )
+    return response
+
+
+class _BoundedStream(httpx.AsyncByteStream):
+    """An idempotent answer's body, cut off at the attempt's deadline and at the size cap.
+
+    Reading a normal body costs one clock reading per chunk, no task, timer or cancel scope:
+    the deadline is checked as each chunk arrives, and before the first read httpx's read
+    timeout for this body is lowered to the time left (httpcore reads it once, when the body
+    read starts), so neither a body dripped a byte at a time nor one that stalls outright
+    holds the caller long past the attempt's timeout.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_deadline",
+        "_decoder",
+        "_inner",
+        "_limit",
+        "_request",
+        "_status",
+        "_timeout",
+    )
+
+    def __init__(
+        self,
+        inner: httpx.AsyncByteStream,
+        request: httpx.Request,
+        decoder: _Decoder | None,
+        limit: int | None,
+        status: int,
+        clock: Clock,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> None:
+        self._inner = inner
+        self._request = request
+        self._decoder = decoder
+        self._limit = limit
+        self._status = status
+        self._clock = clock
+        self._deadline = deadline
+        self._timeout = timeout
+
+    def _late(self) -> httpx.ReadTimeout:
+        return httpx.ReadTimeout(
+            f"the response body was not read within the attempt's timeout ({self._timeout} s)",
+            request=self._request,
+        )
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        decoder = self._decoder
+        limit = self._limit
+        deadline = self._deadline
+        now = self._clock.now
+        timeouts: dict[str, float | None] | None = None
+        read_timeout: float | None = None
+        if deadline is not None:
+            left = deadline - now()
+            if left <= 0:
+                raise self._late()
+            found = self._request.extensions.get("timeout")
+            if isinstance(found, dict):
+                read_timeout = found.get("read")
+                if read_timeout is None or read_timeout > left:
+                    timeouts = found
+                    found["read"] = left
+        chunks = self._inner.__aiter__()
+        size = 0
+        done = False
+        try:
+            async for chunk in chunks:
+                if deadline is not None and now() > deadline:
+                    raise self._late()
+                if decoder is not None:
+                    chunk = decoder.decode(chunk)  # noqa: PLW2901  # the decoded form replaces it
+                else:
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        raise ResponseTooLargeError(self._status, limit, FailureKind.PERMANENT)
+                if chunk:
+                    yield chunk
+            if decoder is not None:
+                tail = decoder.flush()
+                if tail:
+                    yield tail
+            done = True
+        finally:
+            if timeouts is not None:
+                timeouts["read"] = read_timeout  # the request may be sent again
+            if not done:
+                await _finish(chunks)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 def retry_after_from_headers(headers: httpx.Headers) -> float | None:

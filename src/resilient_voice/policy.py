@@ -165,6 +165,11 @@ class Policy:
     def clock(self) -> Clock:
         return self._clock
 
+    @property
+    def timeout(self) -> float | None:
+        """Seconds allowed for each attempt (the transport bounds body reads by it too)."""
+        return self._timeout
+
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """Decorate an async function so every call goes through this policy."""
 

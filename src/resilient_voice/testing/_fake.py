@@ -80,6 +80,8 @@ ENDPOINTS: tuple[str, ...] = tuple(name for _, names in _ROUTES for name in name
 """Every endpoint name the fake answers; fault rules match these with glob patterns."""
 
 _MAX_BODY = 1 << 20
+_DROPS = frozenset(("drop_before", "drop_after"))
+_STALL_LIMIT = 30.0  # a stalled answer gives up eventually, so no test can hang on it
 _NOT_FOUND = "not_found"
 _NOT_ALLOWED = "not_allowed"
 
@@ -426,7 +428,7 @@ class FakeTelephony:
             fault_name: str | None = fault.kind if fault is not None else None
             if response is not None and response.status == 429 and fault is None:
                 fault_name = "concurrency"
-            drop = fault if fault is not None and fault.kind.startswith("drop") else None
+            drop = fault if fault is not None and fault.kind in _DROPS else None
             self._record(
                 index,
                 arrival,
@@ -442,6 +444,8 @@ class FakeTelephony:
                 raise DropConnectionError(reset=drop.reset)
             if response is None:  # pragma: no cover  # only drop_before leaves it unset
                 raise DropConnectionError
+            if fault is not None and fault.kind == "drop_mid_body":
+                await _send_part(response, receive, send, stall=fault.stall)
             await send(
                 {
                     "type": "http.response.start",
@@ -515,6 +519,27 @@ class FakeTelephony:
         )
         with self._core.lock:
             self._requests.append(record)
+
+
+async def _send_part(response: Response, receive: Receive, send: Send, *, stall: bool) -> None:
+    """Send the status, headers and half the body of ``response``, then drop the connection.
+
+    ``Content-Length`` announces the whole body, so the client knows it is cut short. With
+    ``stall``, wait (bounded) for the client to leave first. Raises
+    :class:`DropConnectionError`, which :func:`serve` turns into a closed socket.
+    """
+    body = response.body
+    headers = [
+        *(pair for pair in response.headers if pair[0].lower() != b"content-length"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+    if stall:
+        with anyio.move_on_after(_STALL_LIMIT):
+            while (await receive())["type"] != "http.disconnect":
+                pass
+    raise DropConnectionError
 
 
 def _too_large() -> Response:

@@ -21,8 +21,8 @@ from typing import Literal
 
 __all__ = ["CallbackFaults", "Fault", "FaultKind"]
 
-FaultKind = Literal["error", "rate_limit", "latency", "drop_before", "drop_after"]
-_KINDS = frozenset(("error", "rate_limit", "latency", "drop_before", "drop_after"))
+FaultKind = Literal["error", "rate_limit", "latency", "drop_before", "drop_after", "drop_mid_body"]
+_KINDS = frozenset(("error", "rate_limit", "latency", "drop_before", "drop_after", "drop_mid_body"))
 
 
 def _patterns(endpoints: str | Sequence[str]) -> tuple[str, ...]:
@@ -37,8 +37,8 @@ class Fault:
     """One rule of a fault script.
 
     Prefer the constructors (:meth:`error_rate`, :meth:`burst`, :meth:`outage`,
-    :meth:`rate_limited`, :meth:`latency`, :meth:`drop_before`, :meth:`drop_after`), which
-    read as what they do.
+    :meth:`rate_limited`, :meth:`latency`, :meth:`drop_before`, :meth:`drop_after`,
+    :meth:`drop_mid_body`), which read as what they do.
 
     Kinds:
 
@@ -51,6 +51,10 @@ class Fault:
     - ``drop_before``: close the connection without a response, nothing processed.
     - ``drop_after``: process the request (a call is really created), then close the
       connection without a response. The dangerous one.
+    - ``drop_mid_body``: process the request, send the status line and the headers (with
+      ``Content-Length``) and half of the body, then close the connection; with ``stall``,
+      send nothing more and keep the connection open until the client gives up. The client
+      has seen ``201 Created`` and still has no call. Needs :func:`serve`.
 
     Args:
         kind: What the rule does.
@@ -64,8 +68,10 @@ class Fault:
             number is sent as an integer (standard), a fraction as a decimal (non-standard, but
             it keeps tests fast). None omits the header.
         delay: Seconds added by a ``latency`` rule.
-        reset: For the drop kinds, reset the connection (TCP RST, httpx ``ReadError``) instead
-            of closing it (FIN, httpx ``RemoteProtocolError``).
+        reset: For ``drop_before`` and ``drop_after``, reset the connection (TCP RST, httpx
+            ``ReadError``) instead of closing it (FIN, httpx ``RemoteProtocolError``).
+        stall: For ``drop_mid_body``, stop sending mid-body and wait for the client to leave
+            (its read timeout fires) instead of closing the connection.
     """
 
     kind: FaultKind
@@ -78,6 +84,7 @@ class Fault:
     retry_after: float | None = 1.0
     delay: float = 0.0
     reset: bool = False
+    stall: bool = False
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +111,10 @@ class Fault:
             raise ValueError(f"delay must be a finite number >= 0, got {self.delay!r}")
         if self.kind == "latency" and self.delay == 0:
             raise ValueError("a latency fault needs delay > 0")
+        if self.stall and self.kind != "drop_mid_body":
+            raise ValueError("stall applies to drop_mid_body faults only")
+        if self.reset and self.kind == "drop_mid_body":
+            raise ValueError("reset applies to drop_before and drop_after faults only")
 
     def matches(self, endpoint: str) -> bool:
         """Whether this rule names ``endpoint``."""
@@ -228,6 +239,33 @@ class Fault:
             probability=probability,
             count=count,
             reset=reset,
+        )
+
+    @classmethod
+    def drop_mid_body(
+        cls,
+        probability: float = 1.0,
+        *,
+        stall: bool = False,
+        count: int | None = None,
+        endpoints: str | Sequence[str] = "*",
+        start: float = 0.0,
+        end: float = math.inf,
+    ) -> Fault:
+        """Process the request, send the status and headers and half the body, then close.
+
+        With ``stall=True`` the connection stays open with nothing more sent, so the client's
+        read timeout fires. Either way a create really happened while its answer never
+        arrived whole: the case a client must report as an unknown outcome.
+        """
+        return cls(
+            "drop_mid_body",
+            _patterns(endpoints),
+            start,
+            end,
+            probability=probability,
+            count=count,
+            stall=stall,
         )
 
 

@@ -32,9 +32,11 @@ class RecordedRequest:
         headers: Lower-cased header names; repeated headers joined with ``", "``. The
             ``authorization`` value is reduced to its scheme (``"Basic <redacted>"``).
         auth_user: The Basic-auth user name (an Account SID or API key SID), if any.
-        status: The status answered, or None when the connection was dropped instead.
+        status: The status answered, or None when the connection was dropped instead (a
+            ``drop_mid_body`` fault records the status it sent before cutting the body).
         fault: The kind of the fault applied (``"error"``, ``"rate_limit"``, ``"drop_before"``,
-            ``"drop_after"``), ``"concurrency"`` for a Twilio concurrency 429, else None.
+            ``"drop_after"``, ``"drop_mid_body"``), ``"concurrency"`` for a Twilio concurrency
+            429, else None.
         delay: Seconds of injected latency.
         created: The id of the resource this request created (call or message), if any.
     """

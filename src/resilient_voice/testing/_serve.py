@@ -47,9 +47,12 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 class DropConnectionError(Exception):
     """Raised by an app served by :func:`serve` to drop the connection without a response.
 
-    Raise it before sending ``http.response.start``. The client then sees a transport error
-    (httpx ``RemoteProtocolError`` "Server disconnected without sending a response", or
-    ``ReadError`` for a reset) instead of any HTTP status. Under a server other than
+    Raised before ``http.response.start``, the client sees a transport error (httpx
+    ``RemoteProtocolError`` "Server disconnected without sending a response", or ``ReadError``
+    for a reset) instead of any HTTP status. Raised after the response started (a status and
+    part of a body sent with ``more_body``), the body is cut short: the client has the status
+    and headers, then its body read fails (``RemoteProtocolError``, "peer closed connection
+    without sending complete message body"). Under a server other than
     :func:`serve` it is an ordinary exception (uvicorn answers 500; httpx's ``ASGITransport``
     raises it into the client).
 

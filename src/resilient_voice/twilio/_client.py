@@ -10,6 +10,7 @@ from typing import Any, Self, TypeVar
 from urllib.parse import SplitResult, quote, urlsplit, urlunsplit
 
 import httpx
+from pydantic import BaseModel
 
 from resilient_voice._clock import Clock
 from resilient_voice._urls import check_transport_security, redact_url
@@ -391,7 +392,7 @@ class TwilioClient:
         """Fetch a call (``GET .../Calls/{sid}.json``)."""
         call_sid = check.sid("sid", sid, "CA")
         response = await self._send("GET", f"{self._calls_path}/{call_sid}.json")
-        return Call.model_validate_json(response.content)
+        return _read(Call, response)
 
     async def list_calls(
         self,
@@ -434,12 +435,12 @@ class TwilioClient:
         query: dict[str, str] | None = params
         while path is not None:
             response = await self._send("GET", path, params=query)
-            page = response.json()
-            for row in page.get("calls") or ():
-                calls.append(Call.model_validate(row))
+            page = _read(_CallsPage, response)
+            for call in page.calls or ():
+                calls.append(call)
                 if limit is not None and len(calls) >= limit:
                     return calls
-            next_uri = page.get("next_page_uri")
+            next_uri = page.next_page_uri
             path = next_uri if isinstance(next_uri, str) and next_uri.startswith(API) else None
             query = None
         return calls
@@ -491,7 +492,7 @@ class TwilioClient:
         response = await self._send(
             "POST", f"{self._calls_path}/{call_sid}.json", form, idempotent=not redirect
         )
-        return Call.model_validate_json(response.content)
+        return _read(Call, response)
 
     async def send_message(
         self,
@@ -570,7 +571,7 @@ class TwilioClient:
         """Fetch a message (``GET .../Messages/{sid}.json``)."""
         message_sid = check.sid("sid", sid, "SM", "MM")
         response = await self._send("GET", f"{self._messages_path}/{message_sid}.json")
-        return Message.model_validate_json(response.content)
+        return _read(Message, response)
 
     async def reconcile_call(
         self,
@@ -658,6 +659,32 @@ def _http_method(field: str, value: object) -> str:
 
 
 _Created = TypeVar("_Created", Call, Message)
+_Read = TypeVar("_Read", bound=BaseModel)
+
+
+class _CallsPage(BaseModel):
+    """One page of ``GET .../Calls.json``: only what paging needs (extra keys ignored)."""
+
+    calls: list[Call] | None = None
+    next_page_uri: str | None = None
+
+
+def _read(model: type[_Read], response: httpx.Response) -> _Read:
+    """Parse a read's answer; an unreadable body (not JSON, hostile nesting, the wrong shape)
+    is Twilio's error to report, never a bare parser exception.
+
+    pydantic's JSON parser refuses nesting beyond its recursion limit with a ValidationError,
+    so hostile JSON cannot raise ``RecursionError`` here.
+    """
+    try:
+        return model.model_validate_json(response.content)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise TwilioAPIError(
+            response.status_code,
+            None,
+            f"unreadable {model.__name__.lstrip('_')} in a {response.status_code} answer",
+            FailureKind.MAYBE_PROCESSED,
+        ) from exc
 
 
 def _created(model: type[_Created], response: httpx.Response, attempt_id: str) -> _Created:

@@ -44,7 +44,7 @@ def api_error(response: httpx.Response) -> TwilioAPIError:
     details: dict[str, Any] | None = None
     try:
         payload = json.loads(response.content) if response.content else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         payload = None
     if isinstance(payload, dict):
         code = _code(payload.get("code"), status)

@@ -399,8 +399,8 @@ class VapiClient:
             raise error
         try:
             call = VapiCall.model_validate(response.json())
-        except (ValueError, ValidationError) as exc:
-            # A 2xx we cannot read: the call was most likely created.
+        except (ValueError, ValidationError, RecursionError) as exc:
+            # A 2xx we cannot read (hostile nesting included): the call was most likely created.
             error = VapiAPIError(
                 status,
                 f"unreadable create-call response: {type(exc).__name__}",
@@ -538,7 +538,7 @@ class VapiClient:
             raise error
         try:
             return response.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting
             raise VapiAPIError(
                 status, "response is not valid JSON", _MAYBE, body=response.text[:500]
             ) from exc

@@ -88,7 +88,7 @@ def _parse_body(content: bytes) -> Any:
         return None
     try:
         return json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         return content[:_MAX_TEXT].decode("utf-8", "replace")
 
 
