@@ -239,6 +239,7 @@ class TokenBucket:
         "_classes",
         "_clock",
         "_deadlines",
+        "_fast",
         "_full_at",
         "_granted",
         "_interval",
@@ -309,6 +310,9 @@ class TokenBucket:
         self._store_key = "" if store is None else name if key is None else f"{name}:{key!r}"
         self._full_at = _NEG_INF
         self._waiting = 0
+        # No store and nobody queued: the uncontended path applies. One read on the hot path
+        # instead of two pays for the argument checks there.
+        self._fast = store is None
         self._deadlines = 0
         self._granted = 0
         self._rejected = 0
@@ -341,6 +345,7 @@ class TokenBucket:
         bucket._store_key = ""
         bucket._full_at = _NEG_INF
         bucket._waiting = 0
+        bucket._fast = True
         bucket._deadlines = 0
         bucket._granted = 0
         bucket._rejected = 0
@@ -419,7 +424,7 @@ class TokenBucket:
             if deadline is not None and deadline < now:
                 wait = await self._projected_wait(cost, priority)
                 raise self._refuse(tokens, wait, "its deadline had already passed")
-        if self._store is None and not self._waiting:
+        if self._fast:
             full = self._full_at
             if full + cost - self._tau <= now:
                 self._full_at = (full if full > now else now) + cost
@@ -570,6 +575,7 @@ class TokenBucket:
         queue.append(waiter)
         self._class_cost[priority] += waiter.cost
         self._waiting += 1
+        self._fast = False
         if waiter.deadline is not None:
             self._deadlines += 1
 
@@ -582,6 +588,7 @@ class TokenBucket:
             self._class_cost[waiter.priority] -= waiter.cost
         else:
             # Nobody is queued: drop the bookkeeping so float residue cannot accumulate.
+            self._fast = self._store is None
             self._classes = _NO_CLASSES
             self._class_cost = _NO_COSTS
             self._order = _NO_ORDER
