@@ -562,11 +562,12 @@ async def test_a_new_key_is_admitted_as_soon_as_a_retained_bucket_is_full_again(
 
 
 async def test_a_late_wake_up_keeps_its_slot_so_lateness_never_accumulates() -> None:
-    # Every wake-up lands 40 % of an interval late (4 ms at 100/s), as an event loop's do. The
-    # grants keep the schedule 0, 10, 20, ... ms: 1000 grants end at 9.99 s plus one lateness,
-    # where granting at the late wake-up would push each slot back and end near 13.99 s.
+    # Every wake-up lands late, by 0 to 9 ms (at 100/s, up to 90 % of an interval), as an event
+    # loop's do. The grants keep the schedule 0, 10, 20, ... ms: 1000 grants end at 9.99 s plus
+    # one lateness, where granting at the late wake-up would push each slot back (to ~14 s).
     clock = ManualClock()
-    rate, late, calls = 100.0, 0.004, 1000
+    rate, calls = 100.0, 1000
+    lateness = [0.004, 0.0, 0.009, 0.001, 0.007]
     bucket = TokenBucket(rate, clock=clock)
     granted: list[float] = []
 
@@ -581,13 +582,21 @@ async def test_a_late_wake_up_keeps_its_slot_so_lateness_never_accumulates() -> 
         while len(granted) < calls:
             due = clock.next_deadline()
             assert due is not None
-            clock.advance_to(due + late)
+            clock.advance_to(due + lateness[len(granted) % len(lateness)])
             await settle()
-    slots = [i / rate for i in range(calls)]
+    offsets = [t - i / rate for i, t in enumerate(granted)]
     # No grant precedes its slot, and none is later than its slot by more than one wake-up.
-    assert all(slot <= t + 1e-9 for slot, t in zip(slots, granted, strict=True))
-    assert max(t - slot for slot, t in zip(slots, granted, strict=True)) <= late + 1e-9
+    assert min(offsets) >= -2e-9  # the documented nanosecond of float slack
+    assert max(offsets) <= max(lateness) + 1e-9
     assert (calls - 1) / (granted[-1] - granted[0]) >= 0.99 * rate
+    # FakeTelephony's CPS check (a GCRA with 50 ms of tolerance) counts no violation.
+    tat, violations = -math.inf, 0
+    for t in granted:
+        if t < tat - 0.05:
+            violations += 1
+        else:
+            tat = max(t, tat) + 1 / rate
+    assert violations == 0
 
 
 async def test_lateness_beyond_the_allowance_is_lost_not_caught_up() -> None:
