@@ -1,7 +1,9 @@
 """Token-bucket rate limiting: pace calls to an upstream's cap exactly, fairly and cancel-safely.
 
 A :class:`TokenBucket` holds at most ``burst`` tokens and refills at ``rate`` tokens per second.
-Over any interval of length ``T`` it grants at most ``burst + rate * T`` tokens. Its state is one
+Over any interval of length ``T`` it grants at most ``burst + rate * (T + 0.01)`` tokens: a
+queued grant that the event loop wakes late keeps its slot on the schedule by up to 10 ms, so
+wake-up lateness does not add up into a lower rate (see ``_LATENESS_KEPT``). Its state is one
 number in GCRA form (the clock time at which the bucket would be full again), so an uncontended
 acquire is one clock read, two float operations and a store.
 
@@ -55,9 +57,10 @@ _GONE = 3
 _NEG_INF = -math.inf
 
 # How late a queued waiter may be granted and still keep its scheduled slot (seconds). Event loops
-# wake sleepers late (about 0.6 ms typical, a few ms at the 99th percentile on a loaded machine);
-# granting "now" instead of "at the slot" would push every later slot back by that lateness, and
-# at 1000 grants/s that loses a third of the rate. Keeping the slot turns the bound into
+# wake sleepers late (0.15-0.3 ms at the median, 1-4 ms at the 99th percentile and up to about
+# 15 ms on a shared two-core machine; benchmarks/limiter.py measures it); granting "at the late
+# wake-up" instead of "at the slot" pushed every later slot back by that lateness, which lost
+# 15-20 % of the rate at 1000 grants/s. Keeping the slot turns the bound into
 # ``burst + rate * (T + _LATENESS_KEPT)``; a stall longer than this loses only the excess.
 _LATENESS_KEPT = 0.010
 
