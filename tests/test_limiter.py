@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import enum
 import math
 import time
 from collections.abc import Hashable
@@ -558,3 +559,148 @@ async def test_a_new_key_is_admitted_as_soon_as_a_retained_bucket_is_full_again(
     assert stats.evicted_lossy == 1  # "c" was dropped losslessly, "b" kept its debt
     assert limiter.bucket("b") is not None
     assert limiter.bucket("c") is None
+
+
+async def test_a_late_wake_up_keeps_its_slot_so_lateness_never_accumulates() -> None:
+    # Every wake-up lands late, by 0 to 9 ms (at 100/s, up to 90 % of an interval), as an event
+    # loop's do. The grants keep the schedule 0, 10, 20, ... ms: 1000 grants end at 9.99 s plus
+    # one lateness, where granting at the late wake-up would push each slot back (to ~14 s).
+    clock = ManualClock()
+    rate, calls = 100.0, 1000
+    lateness = [0.004, 0.0, 0.009, 0.001, 0.007]
+    bucket = TokenBucket(rate, clock=clock)
+    granted: list[float] = []
+
+    async def caller() -> None:
+        await bucket.acquire()
+        granted.append(clock.now())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(calls):
+            tg.start_soon(caller)
+        await settle()
+        while len(granted) < calls:
+            due = clock.next_deadline()
+            assert due is not None
+            clock.advance_to(due + lateness[len(granted) % len(lateness)])
+            await settle()
+    offsets = [t - i / rate for i, t in enumerate(granted)]
+    # No grant precedes its slot, and none is later than its slot by more than one wake-up.
+    assert min(offsets) >= -2e-9  # the documented nanosecond of float slack
+    assert max(offsets) <= max(lateness) + 1e-9
+    assert (calls - 1) / (granted[-1] - granted[0]) >= 0.99 * rate
+    # FakeTelephony's CPS check (a GCRA with 50 ms of tolerance) counts no violation.
+    tat, violations = -math.inf, 0
+    for t in granted:
+        if t < tat - 0.05:
+            violations += 1
+        else:
+            tat = max(t, tat) + 1 / rate
+    assert violations == 0
+
+
+async def test_lateness_beyond_the_allowance_is_lost_not_caught_up() -> None:
+    # A stall of 1 s (far beyond the allowance) does not release a burst of the missed grants:
+    # after it, grants resume one interval apart, the first one backdated by the allowance only.
+    clock = ManualClock()
+    bucket = TokenBucket(10, clock=clock)
+    granted: list[float] = []
+
+    async def caller() -> None:
+        await bucket.acquire()
+        granted.append(clock.now())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(caller)
+        await settle()
+        clock.advance(1.0)
+        await settle()
+        while len(granted) < 4:
+            due = clock.next_deadline()
+            assert due is not None
+            clock.advance_to(due)
+            await settle()
+    assert granted[0] == 0.0
+    assert granted[1] == pytest.approx(1.0)
+    # The next slot is 0.1 s after the kept slot (1.0 - 0.01), not after the slot it missed.
+    assert granted[2] == pytest.approx(1.09)
+    assert granted[3] == pytest.approx(1.19)
+
+
+async def test_bad_priority_and_tokens_are_refused_on_an_idle_bucket_too() -> None:
+    for bad in ["high", 1.5, True, None]:
+        bucket = TokenBucket(1, clock=ManualClock())
+        with pytest.raises(TypeError, match="priority"):
+            await bucket.acquire(priority=bad)  # type: ignore[arg-type]
+        keyed = KeyedLimiter(1, clock=ManualClock())
+        with pytest.raises(TypeError, match="priority"):
+            await keyed.acquire("k", priority=bad)  # type: ignore[arg-type]
+        assert bucket.statistics().granted == 0
+        assert len(keyed) == 0
+    bucket = TokenBucket(1, burst=2, clock=ManualClock())
+    with pytest.raises(TypeError, match="tokens"):
+        await bucket.acquire(True)
+    with pytest.raises(TypeError, match="tokens"):
+        await bucket.try_acquire(True)
+    keyed = KeyedLimiter(1, clock=ManualClock())
+    with pytest.raises(TypeError, match="tokens"):
+        await keyed.acquire("k", True)
+    with pytest.raises(TypeError, match="tokens"):
+        await keyed.try_acquire("k", True)
+    assert bucket.statistics().granted == 0
+    assert len(keyed) == 0
+
+
+async def test_an_int_enum_priority_and_float_tokens_are_accepted() -> None:
+    class Priority(enum.IntEnum):
+        BULK = 0
+        URGENT = 10
+
+    bucket = TokenBucket(1, burst=2, clock=ManualClock())
+    await bucket.acquire(priority=Priority.URGENT)
+    await bucket.acquire(1.0, priority=Priority.BULK)
+    assert bucket.statistics().granted == 2
+
+
+async def test_a_deadline_already_past_is_refused_without_spending() -> None:
+    clock = ManualClock(10.0)
+    listener = Recorder()
+    bucket = TokenBucket(1, clock=clock, listeners=[listener])
+    with pytest.raises(RateLimitedError) as caught:
+        await bucket.acquire(deadline=9.5)
+    assert caught.value.retry_after == 0.0
+    stats = bucket.statistics()
+    assert (stats.granted, stats.rejected, stats.tokens_available) == (0, 1, 1.0)
+    assert listener.rejected == [("token_bucket", None, 1, 0.0)]
+    # A deadline of exactly now (timeout=0) takes the tokens if they can be granted at once.
+    await bucket.acquire(timeout=0)
+    with pytest.raises(RateLimitedError):
+        await bucket.acquire(timeout=0)
+    assert bucket.statistics().granted == 1
+
+
+async def test_a_keyed_deadline_already_past_is_refused_without_a_bucket() -> None:
+    clock = ManualClock(10.0)
+    listener = Recorder()
+    keyed = KeyedLimiter(1, max_keys=1, clock=clock, listeners=[listener])
+    await keyed.acquire("busy")
+    # A refused new key neither evicts nor is refused for lack of room: its deadline decides.
+    with pytest.raises(RateLimitedError, match="deadline"):
+        await keyed.acquire("late", deadline=9.0)
+    assert keyed.bucket("late") is None
+    assert keyed.bucket("busy") is not None
+    clock.advance(1.0)
+    with pytest.raises(RateLimitedError, match="deadline"):
+        await keyed.acquire("busy", deadline=10.5)
+    stats = keyed.statistics()
+    assert (stats.granted, stats.rejected, stats.keys) == (1, 2, 1)
+    assert [r[1] for r in listener.rejected] == ["late", "busy"]
+
+
+async def test_an_unhashable_key_is_a_type_error_that_names_the_limiter() -> None:
+    keyed = KeyedLimiter(1, clock=ManualClock(), name="per-sender")
+    with pytest.raises(TypeError, match="'per-sender' must be hashable, got list"):
+        await keyed.acquire(["+15550100"])
+    with pytest.raises(TypeError, match="hashable"):
+        await keyed.try_acquire({"sender": 1})

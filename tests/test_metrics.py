@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
@@ -14,6 +17,8 @@ from resilient_voice.events import (
     emit,
 )
 from resilient_voice.failure import FailureKind
+from resilient_voice.http import LIMITER_KEY_EXTENSION, ResilientTransport, Route
+from resilient_voice.limiter import KeyedLimiter
 from resilient_voice.metrics import (
     BreakerMetrics,
     LimiterMetrics,
@@ -21,6 +26,7 @@ from resilient_voice.metrics import (
     RetryMetrics,
     TransportMetrics,
 )
+from resilient_voice.policy import Policy
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -202,3 +208,59 @@ def test_incompatible_existing_metric_is_a_clear_error() -> None:
 def test_registry_type_is_checked() -> None:
     with pytest.raises(TypeError, match="CollectorRegistry"):
         PrometheusMetrics(registry="default")  # type: ignore[arg-type]
+
+
+def label_values(registry: CollectorRegistry, metric: str, label: str) -> set[str]:
+    return {
+        sample.labels[label]
+        for family in registry.collect()
+        if family.name == metric
+        for sample in family.samples
+    }
+
+
+async def test_transport_metrics_stay_bounded_over_2000_random_hosts() -> None:
+    registry = CollectorRegistry()
+    metrics = TransportMetrics(registry)
+    transport = ResilientTransport(
+        Policy(),
+        transport=httpx.MockTransport(lambda request: httpx.Response(200)),
+        routes=[Route(name="twilio.read", host="api.twilio.com", methods=frozenset({"GET"}))],
+        name="twilio",
+        listeners=[metrics],
+    )
+    rng = random.Random(11)
+    async with httpx.AsyncClient(transport=transport) as http:
+        await http.get("https://api.twilio.com/2010-04-01/Accounts.json")
+        for _ in range(2000):
+            await http.get(f"https://{rng.getrandbits(64):x}.example.com/")
+    requests = "resilient_voice_http_client_requests"
+    assert label_values(registry, requests, "host") == {"api.twilio.com", "other"}
+    assert len(metrics._series) == 2  # the child cache is bounded too
+    labels = {"transport": "twilio", "host": "other", "method": "GET", "route": "default"}
+    assert value(registry, requests + "_total", **labels, status_class="2xx") == 2000
+
+
+async def test_status_class_is_a_status_a_failure_kind_or_cancelled_never_a_class_name() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/boom":
+            raise RuntimeError("an unclassified failure of the inner transport")
+        return httpx.Response(int(request.url.path.strip("/") or 200))
+
+    registry = CollectorRegistry()
+    keyed = Policy(limiter=KeyedLimiter(rate=1000.0, burst=10))
+    transport = ResilientTransport(
+        Policy(),
+        transport=httpx.MockTransport(answer),
+        routes=[Route(name="keyed", path="/keyed", policy=keyed)],
+        listeners=[TransportMetrics(registry)],
+    )
+    async with httpx.AsyncClient(base_url="http://h", transport=transport) as http:
+        await http.get("/204")
+        await http.get("/503")
+        with pytest.raises(RuntimeError):  # sent, and it failed: it may have been processed
+            await http.get("/boom")
+        with pytest.raises(TypeError, match="hashable"):  # refused before anything was sent
+            await http.get("/keyed", extensions={LIMITER_KEY_EXTENSION: ["unhashable"]})
+    classes = label_values(registry, "resilient_voice_http_client_requests", "status_class")
+    assert classes == {"2xx", "5xx", "maybe_processed", "not_sent"}

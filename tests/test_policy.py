@@ -372,3 +372,84 @@ async def test_a_deadline_cutting_a_bulkhead_wait_says_nothing_was_sent() -> Non
             await policy.call(quick)  # waits for the slot past its 1 s budget
         assert not isinstance(info.value, OutcomeUnknownError)
         assert getattr(info.value, "failure_kind", None) is FailureKind.NOT_SENT
+
+
+async def test_a_past_deadline_calls_nothing_and_spends_nothing() -> None:
+    clock = ManualClock(10.0)
+    breaker = CircuitBreaker("up", failure_threshold=1, clock=clock)
+    bucket = TokenBucket(rate=1.0, burst=1, clock=clock)
+    calls = 0
+
+    async def place() -> str:
+        nonlocal calls
+        calls += 1
+        return "placed"
+
+    for retry in (None, RetryPolicy(max_attempts=3, clock=clock)):
+        policy = Policy(breaker=breaker, limiter=bucket, retry=retry, clock=clock)
+        for deadline in (9.0, 10.0):  # already past, and exactly now: no time to do anything
+            with pytest.raises(TimeoutError) as info:
+                await policy.run(place, deadline=deadline)
+            assert not isinstance(info.value, OutcomeUnknownError)
+            assert getattr(info.value, "failure_kind", None) is FailureKind.NOT_SENT
+    assert calls == 0
+    assert bucket.statistics().granted == 0
+    assert breaker.state is BreakerState.CLOSED
+    assert await Policy(limiter=bucket, clock=clock).run(place, deadline=10.5) == "placed"
+
+
+async def test_an_unhashable_key_propagates_unchanged_and_is_not_retried() -> None:
+    clock = ManualClock(autojump=True)
+    calls = 0
+
+    async def place(to: str) -> str:
+        nonlocal calls
+        calls += 1
+        return to
+
+    for idempotent in (False, True):
+        policy = Policy(
+            limiter=KeyedLimiter(rate=1.0, clock=clock),
+            key=lambda to: [to],  # a list: not hashable
+            retry=no_jitter_retry(clock, max_attempts=3),
+            idempotent=idempotent,
+            clock=clock,
+        )
+        with pytest.raises(TypeError, match="hashable"):
+            await policy.call(place, "+15550100")
+    assert calls == 0
+    assert clock.now() == 0.0  # no backoff sleep: the error was not retried
+
+
+async def test_a_reentrant_call_fails_at_once_instead_of_waiting_on_itself() -> None:
+    clock = ManualClock(autojump=True)
+    bucket = TokenBucket(rate=1.0, burst=5, clock=clock)
+    for slots in (1, 2):  # the only slot taken (a deadlock), or a free one (refused too)
+        policy = Policy(
+            limiter=bucket,
+            max_concurrency=slots,
+            retry=no_jitter_retry(clock, max_attempts=3),
+            clock=clock,
+        )
+        inner_calls = 0
+
+        @policy
+        async def inner() -> str:
+            nonlocal inner_calls
+            inner_calls += 1
+            return "inner"
+
+        @policy
+        async def outer() -> str:
+            return await inner()
+
+        granted = bucket.statistics().granted
+        with pytest.raises(RuntimeError, match="would wait on itself") as info:
+            await outer()
+        assert not isinstance(info.value, OutcomeUnknownError)
+        assert getattr(info.value, "failure_kind", None) is FailureKind.NOT_SENT
+        assert inner_calls == 0
+        assert bucket.statistics().granted == granted + 1  # the outer's token only, no retry
+        assert clock.now() == 0.0
+        # The slot was given back: the policy still serves calls, including the inner one.
+        assert await inner() == "inner"

@@ -113,6 +113,8 @@ class TransportListener:
     ) -> None:
         """A logical request finished.
 
-        ``route`` is the configured route's name (never a raw path); ``status_class`` is ``"2xx"``
-        ... ``"5xx"``, or the name of the error kind when no response arrived.
+        ``route`` is the configured route's name (never a raw path); ``host`` is the matched
+        route's host, or ``"other"`` (never the raw request host); ``status_class`` is ``"1xx"``
+        ... ``"5xx"``, the :class:`~resilient_voice.FailureKind` value when no response came
+        back, or ``"cancelled"``. All bounded, so they are safe as metric labels.
         """

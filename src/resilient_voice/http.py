@@ -55,13 +55,19 @@ lowered to the time left, so a normal body costs one clock reading per chunk and
 
 For the circuit breaker, 5xx answers and transport errors are failures; 429 is back-pressure,
 not sickness, and never trips it; other 4xx are the caller's errors and are ignored.
+
+Listeners get bounded labels: ``host`` is the matched route's ``host``, or ``other`` (a route for
+any host, or no route); ``status_class`` is ``1xx`` ... ``5xx``, a :class:`FailureKind` value
+when no response came back, or ``cancelled``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import math
 import re
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -81,7 +87,7 @@ from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.errors import _reduce as reduce_exception
 from resilient_voice.events import TransportListener, emit
 from resilient_voice.failure import FailureKind, failure_kind_of
-from resilient_voice.policy import Policy
+from resilient_voice.policy import Policy, _not_sent
 from resilient_voice.retry import parse_retry_after, parse_retry_after_ms
 
 __all__ = [
@@ -303,6 +309,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if not isinstance(route, Route):
                 raise TypeError(f"routes must be Route instances, got {type(route).__name__}")
         self._default_route = Route(name="default")
+        # The event loop this transport's connections belong to (see _check_loop).
+        self._loop: object = None
         self._name = name
         self._key_header = idempotency_key_header.lower()
         self._correlation_header = correlation_header
@@ -352,7 +360,28 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             return True
         return route.honours_idempotency_key and self._key_header in request.headers
 
+    def _check_loop(self) -> None:
+        """Refuse, before anything is sent, a request on a loop other than a closed one's.
+
+        Pooled connections belong to the event loop that opened them. Once that loop has closed,
+        a request handed to them can still be written to the socket before the closed loop is
+        noticed (``RuntimeError: Event loop is closed``), so the request may have reached the
+        upstream though the caller sees an error: it is refused here instead, as ``NOT_SENT``.
+        """
+        loop = _running_loop()
+        if loop is self._loop:
+            return
+        if self._loop is not None and _has_closed(self._loop):
+            raise _not_sent(
+                RuntimeError(
+                    f"transport {self._name!r}: this client belongs to an event loop that has "
+                    "closed; build one per loop"
+                )
+            )
+        self._loop = loop
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self._check_loop()
         route = self.route_for(request)
         policy = route.policy if route.policy is not None else self._policy
         idempotent = self._is_idempotent(request, route)
@@ -436,12 +465,17 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             raise OutcomeUnknownError(attempt_id or new_attempt_id(), attempts=attempts) from exc
         except Exception as exc:
             kind = failure_kind_of(exc)
-            status_class = kind.value if kind is not None else type(exc).__name__
+            if kind is None:
+                # Unclassified: nothing was sent if no attempt started, else it may have been
+                # processed (as the retry policy assumes). Never the class name: labels stay
+                # bounded.
+                kind = FailureKind.MAYBE_PROCESSED if attempts else FailureKind.NOT_SENT
+            status_class = kind.value
             # attempts == 0: refused before anything reached the inner transport.
             if (
                 attempts
                 and not idempotent
-                and kind in (None, FailureKind.MAYBE_PROCESSED)
+                and kind is FailureKind.MAYBE_PROCESSED
                 and not isinstance(exc, OutcomeUnknownError)
             ):
                 raise OutcomeUnknownError(
@@ -460,7 +494,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                     listeners,
                     "on_request",
                     self._name,
-                    request.url.host,
+                    route.host if route.host is not None else "other",
                     request.method,
                     route.name,
                     status_class,
@@ -473,6 +507,28 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     def __repr__(self) -> str:
         return f"ResilientTransport(name={self._name!r}, routes={len(self._routes)})"
+
+
+def _running_loop() -> object:
+    """The running event loop: the asyncio loop, or the trio run's token."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        return loop
+    trio = sys.modules.get("trio")
+    return None if trio is None else trio.lowlevel.current_trio_token()
+
+
+def _has_closed(loop: object) -> bool:
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return loop.is_closed()
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        loop.run_sync_soon(lambda: None)  # type: ignore[attr-defined]
+    except trio.RunFinishedError:
+        return True
+    return False
 
 
 _MAYBE = FailureKind.MAYBE_PROCESSED

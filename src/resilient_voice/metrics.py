@@ -385,8 +385,9 @@ class TransportMetrics(TransportListener):
     """Records outbound HTTP requests made through ``ResilientTransport``.
 
     Metrics (labels ``transport``, ``host``, ``method``, ``route``, ``status_class``; ``route`` is
-    the transport's configured route name, never a raw path; ``status_class`` is ``2xx`` ...
-    ``5xx`` or the failure kind when no response arrived):
+    the transport's configured route name, never a raw path; ``host`` is the matched route's
+    host or ``other``, never the raw request host; ``status_class`` is ``1xx`` ... ``5xx``, the
+    failure kind when no response arrived, or ``cancelled``):
 
     - ``resilient_voice_http_client_requests_total`` counter of logical requests.
     - ``resilient_voice_http_client_request_duration_seconds`` histogram of their duration,

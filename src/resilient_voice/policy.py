@@ -27,7 +27,7 @@ import anyio
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.breaker import BreakerPermit, CircuitBreaker
 from resilient_voice.correlation import new_attempt_id
-from resilient_voice.errors import OutcomeUnknownError
+from resilient_voice.errors import OutcomeUnknownError, RejectedError
 from resilient_voice.failure import FailureKind
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.retry import RetryPolicy
@@ -95,6 +95,7 @@ class Policy:
         "_keyed",
         "_limiter",
         "_retry",
+        "_slot_holders",
         "_timeout",
         "_total_timeout",
     )
@@ -142,6 +143,9 @@ class Policy:
         self._bulkhead = (
             anyio.CapacityLimiter(max_concurrency) if max_concurrency is not None else None
         )
+        # Tasks holding a bulkhead slot, so that a re-entrant call is refused instead of waiting
+        # on itself (anyio refuses it too, but only after a token was paid).
+        self._slot_holders: set[int] = set()
         self._idempotent = idempotent
         self._clock: Clock = _resolve_clock(clock, breaker, limiter, retry)
 
@@ -211,17 +215,26 @@ class Policy:
             priority: Passed to the limiter: higher overtakes queued lower-priority work.
 
         Raises:
-            TimeoutError: The total time ran out.
+            TimeoutError: The total time ran out, or ``deadline`` had already passed (then
+                nothing is called or spent, and its failure kind is ``NOT_SENT``).
             OutcomeUnknownError: A non-idempotent attempt may have been processed.
-            Whatever the last attempt raised, when retries are exhausted.
+            RuntimeError: A re-entrant call from a task that holds one of this policy's
+                ``max_concurrency`` slots (failure kind ``NOT_SENT``; see docs/policy.md).
+            Whatever the last attempt raised, when retries are exhausted. An error raised
+            before anything was sent (a bad limiter key, a re-entrant call) propagates at once
+            and unchanged, never retried and never as an unknown outcome; only refusals
+            (:class:`~resilient_voice.RejectedError`) are retried.
         """
         if self._keyed and key is None:
             raise ValueError(
                 "this policy's KeyedLimiter needs a key for every call: give the Policy key=, "
                 "or pass run(key=...)"
             )
-        safe = self._idempotent if idempotent is None else idempotent
         clock = self._clock
+        if deadline is not None and deadline <= clock.now():
+            # No attempt can run in no time: refuse before a permit, a token or the call.
+            raise _not_sent(TimeoutError("the operation's deadline had passed before it started"))
+        safe = self._idempotent if idempotent is None else idempotent
         if self._total_timeout is not None:
             own = clock.now() + self._total_timeout
             deadline = own if deadline is None else min(deadline, own)
@@ -236,17 +249,32 @@ class Policy:
                 deadline = own if deadline is None else min(deadline, own)
 
             async def one_attempt() -> T:
-                return await self._attempt(attempt, key, deadline, priority, state)
+                sent = state.attempts
+                try:
+                    return await self._attempt(attempt, key, deadline, priority, state)
+                except RejectedError:
+                    raise  # a refusal (open breaker, no token in time) may be retried later
+                except Exception as exc:
+                    if state.attempts == sent or isinstance(exc, _WaitsOnItselfError):
+                        # Raised before anything was sent (here, or by a re-entrant call in
+                        # the operation): the retry policy would take it for a possibly
+                        # processed failure, or retry what must fail again. Carry it past.
+                        raise _Unsent(exc) from None
+                    raise
 
             # The retry policy enforces the deadline (and its own total_timeout) itself,
             # including the unknown outcome of a non-idempotent attempt it cuts short.
-            return await retry.run(
-                one_attempt,
-                idempotent=safe,
-                attempt_id=attempt_id,
-                deadline=deadline,
-                in_flight=state.is_in_flight,
-            )
+            try:
+                return await retry.run(
+                    one_attempt,
+                    idempotent=safe,
+                    attempt_id=attempt_id,
+                    deadline=deadline,
+                    in_flight=state.is_in_flight,
+                )
+            except _Unsent as unsent:
+                error = unsent.error
+            raise error
         if deadline is None:
             return await self._attempt(attempt, key, None, priority, state)
         with clock.deadline_scope(deadline) as scope:
@@ -256,7 +284,7 @@ class Policy:
         message = "operation did not finish within its total timeout"
         if not state.in_flight:
             # Cut while waiting (for a token, a bulkhead slot): nothing was sent.
-            raise _not_sent_timeout(message)
+            raise _not_sent(TimeoutError(message))
         timeout = TimeoutError(message)
         if not safe:
             raise OutcomeUnknownError(
@@ -278,7 +306,7 @@ class Policy:
         permit = await breaker.acquire() if breaker is not None else None
         bulkhead = self._bulkhead
         try:
-            await self._wait_turn(key, deadline, priority)
+            holder = await self._wait_turn(key, deadline, priority)
         except BaseException:
             # Nothing was sent: give the permit (a probe slot, perhaps) back uncounted.
             if permit is not None:
@@ -293,18 +321,34 @@ class Policy:
             raise
         finally:
             if bulkhead is not None:
-                bulkhead.release()
+                self._slot_holders.discard(holder)
+                bulkhead.release_on_behalf_of(holder)
 
-    async def _wait_turn(self, key: Hashable | None, deadline: float | None, priority: int) -> None:
-        """Pay a token, then take a bulkhead slot (held until the attempt ends)."""
+    async def _wait_turn(self, key: Hashable | None, deadline: float | None, priority: int) -> int:
+        """Pay a token, then take a bulkhead slot (held until the attempt ends).
+
+        Returns the slot's holder (the current task's id), or 0 without a bulkhead.
+        """
+        bulkhead = self._bulkhead
+        holder = 0
+        if bulkhead is not None:
+            holder = anyio.get_current_task().id
+            if holder in self._slot_holders:
+                raise _WaitsOnItselfError(
+                    "re-entrant call: this task already holds one of this policy's "
+                    f"{int(bulkhead.total_tokens)} max_concurrency slots and would wait on "
+                    "itself; call the inner function undecorated, or give it a policy of its own"
+                )
         limiter = self._limiter
         if limiter is not None:
             if isinstance(limiter, KeyedLimiter):
                 await limiter.acquire(key, deadline=deadline, priority=priority)
             else:
                 await limiter.acquire(deadline=deadline, priority=priority)
-        if self._bulkhead is not None:
-            await self._bulkhead.acquire()
+        if bulkhead is not None:
+            await bulkhead.acquire_on_behalf_of(holder)
+            self._slot_holders.add(holder)
+        return holder
 
     async def _timed_call(
         self, attempt: Callable[[], Awaitable[T]], permit: BreakerPermit | None, state: _RunState
@@ -374,8 +418,34 @@ def _resolve_clock(clock: Clock | None, *parts: object) -> Clock:
     return clock
 
 
-def _not_sent_timeout(message: str) -> TimeoutError:
-    """A ``TimeoutError`` that says nothing was sent (kind ``NOT_SENT``), so it is safe."""
-    timeout = TimeoutError(message)
-    timeout.failure_kind = FailureKind.NOT_SENT  # type: ignore[attr-defined]
-    return timeout
+E = TypeVar("E", bound=Exception)
+
+
+def _not_sent(error: E) -> E:
+    """Mark our own new ``error`` as kind ``NOT_SENT``: nothing was sent, so it is safe."""
+    error.failure_kind = FailureKind.NOT_SENT  # type: ignore[attr-defined]
+    return error
+
+
+class _WaitsOnItselfError(RuntimeError):
+    """A re-entrant call into a policy's bulkhead, refused before anything was sent.
+
+    Refused on every re-entry, not only when the slots are taken: a re-entrant call that finds
+    a free slot works in a quiet test and deadlocks under load, when every slot is held by a
+    task waiting for a second one.
+    """
+
+    failure_kind = FailureKind.NOT_SENT
+    retry_after = None
+
+
+class _Unsent(BaseException):
+    """Carries an error raised before anything was sent through the retry policy, unjudged.
+
+    A ``BaseException`` so that the retry policy's ``except Exception`` lets it pass; ``run``
+    unwraps it at once and raises the original.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
