@@ -843,6 +843,16 @@ async def test_open_rejections_do_not_grow_memory() -> None:
         ({"window_size": 10, "failure_rate_threshold": 0.0}, ValueError, r"\(0, 1\]"),
         ({"window_size": 10, "failure_rate_threshold": 1.5}, ValueError, r"\(0, 1\]"),
         ({"slow_call_rate_threshold": -0.1}, ValueError, "slow_call_rate_threshold"),
+        ({"failure_rate_threshold": 0.5}, ValueError, "failure_rate_threshold needs a window"),
+        ({"failure_rate_threshold": 1.0}, ValueError, "failure_rate_threshold needs a window"),
+        (
+            {"window_size": 5, "slow_call_rate_threshold": 0.5},
+            ValueError,
+            "slow_call_rate_threshold needs slow_call_duration",
+        ),
+        ({"slow_call_rate_threshold": 1.0}, ValueError, "slow_call_rate_threshold needs"),
+        ({"minimum_calls": 5}, ValueError, "minimum_calls needs a window"),
+        ({"slow_call_duration": 1.0}, ValueError, "slow_call_duration needs a window"),
         ({"window_size": 5, "minimum_calls": 6}, ValueError, "must not exceed"),
         ({"minimum_calls": 5}, ValueError, "needs a window"),
         ({"slow_call_duration": 1.0}, ValueError, "needs a window"),
@@ -866,6 +876,30 @@ def test_invalid_configuration_fails_at_construction(
         BreakerConfig(**options)
     with pytest.raises(error, match=match):
         CircuitBreaker("x", **options)
+
+
+def test_window_options_take_their_defaults_only_with_a_window() -> None:
+    consecutive = BreakerConfig()
+    assert consecutive.failure_rate_threshold is None
+    assert consecutive.slow_call_rate_threshold is None
+    assert consecutive.minimum_calls is None
+    counted = BreakerConfig(window_size=4)
+    assert (counted.failure_rate_threshold, counted.minimum_calls) == (0.5, 4)
+    assert counted.slow_call_rate_threshold is None
+    timed = CircuitBreaker("x", window_duration=10.0, slow_call_duration=1.0).config
+    assert (timed.failure_rate_threshold, timed.minimum_calls) == (0.5, 10)
+    assert timed.slow_call_rate_threshold == 1.0
+
+
+def test_options_beside_a_config_are_refused_whatever_their_value() -> None:
+    config = BreakerConfig(window_size=10)
+    for option, value in [
+        ("failure_rate_threshold", 0.5),
+        ("slow_call_rate_threshold", 1.0),
+        ("window_size", 10),
+    ]:
+        with pytest.raises(TypeError, match="either config"):
+            CircuitBreaker("x", config=config, **{option: value})
 
 
 def test_config_object_can_be_passed_but_not_mixed_with_options() -> None:

@@ -196,7 +196,9 @@ class BreakerMachine(RuleBasedStateMachine):
             failure_threshold=config["failure_threshold"],
             recovery_timeout=config["recovery_timeout"],
             window_size=config["window_size"],
-            failure_rate_threshold=config["failure_rate_threshold"],
+            failure_rate_threshold=(
+                config["failure_rate_threshold"] if config["window_size"] is not None else None
+            ),
             half_open_max_calls=config["half_open_max_calls"],
             success_threshold=config["success_threshold"],
             max_wait_in_half_open=config["max_wait"],

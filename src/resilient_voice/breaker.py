@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import enum
 import functools
 import inspect
@@ -96,6 +97,10 @@ def _rate(name: str, value: object) -> None:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
+def _needs_window(option: str) -> str:
+    return f"{option} needs a window: set window_size or window_duration too"
+
+
 def _check_matcher(name: str, value: object) -> None:
     if value is None:
         return
@@ -138,11 +143,13 @@ class BreakerConfig:
         window_size: Count-based window: judge the last this-many calls.
         window_duration: Time-based window: judge the calls of the last this-many seconds (kept
             in ten buckets, so the window slides in steps of a tenth of it).
-        failure_rate_threshold: Failure rate in (0, 1] that opens the breaker (window modes).
+        failure_rate_threshold: Failure rate in (0, 1] that opens the breaker (window modes
+            only). Defaults to 0.5 with a window.
         minimum_calls: Calls the window must hold before rates are judged. Defaults to
             ``window_size`` for a count window and 10 for a time window.
         slow_call_duration: Calls lasting at least this many seconds are slow (window modes).
-        slow_call_rate_threshold: Slow-call rate in (0, 1] that opens the breaker.
+        slow_call_rate_threshold: Slow-call rate in (0, 1] that opens the breaker (only with
+            ``slow_call_duration``). Defaults to 1.0 with a slow-call rule.
         half_open_max_calls: Probes allowed to run at once while half-open.
         success_threshold: Successful probes needed to close the breaker again.
         max_wait_in_half_open: A probe running longer than this re-opens the breaker (judged on
@@ -156,19 +163,23 @@ class BreakerConfig:
         failure_result: Predicate on a returned value that makes it count as a failure (for
             example an HTTP 503 response object).
 
+    The window options default to ``None`` so that an option given without the window it needs
+    is told apart from an omitted one and refused, rather than silently ignored.
+
     Raises:
         TypeError: An option has the wrong type.
-        ValueError: An option is out of range or options contradict each other.
+        ValueError: An option is out of range, options contradict each other, or an option is
+            set without the window (or slow-call rule) it needs.
     """
 
     failure_threshold: int = 3
     recovery_timeout: float = 30.0
     window_size: int | None = None
     window_duration: float | None = None
-    failure_rate_threshold: float = 0.5
+    failure_rate_threshold: float | None = None
     minimum_calls: int | None = None
     slow_call_duration: float | None = None
-    slow_call_rate_threshold: float = 1.0
+    slow_call_rate_threshold: float | None = None
     half_open_max_calls: int = 1
     success_threshold: int = 1
     max_wait_in_half_open: float | None = None
@@ -186,13 +197,17 @@ class BreakerConfig:
         _positive_float("window_duration", self.window_duration, optional=True)
         if self.window_size is not None and self.window_duration is not None:
             raise ValueError("set window_size (count window) or window_duration, not both")
-        _rate("failure_rate_threshold", self.failure_rate_threshold)
-        _rate("slow_call_rate_threshold", self.slow_call_rate_threshold)
         windowed = self.window_size is not None or self.window_duration is not None
+        if self.failure_rate_threshold is not None:
+            _rate("failure_rate_threshold", self.failure_rate_threshold)
+            if not windowed:
+                raise ValueError(_needs_window("failure_rate_threshold"))
+        elif windowed:
+            object.__setattr__(self, "failure_rate_threshold", 0.5)
         if self.minimum_calls is not None:
             _positive_int("minimum_calls", self.minimum_calls)
             if not windowed:
-                raise ValueError("minimum_calls needs a window (window_size or window_duration)")
+                raise ValueError(_needs_window("minimum_calls"))
             if self.window_size is not None and self.minimum_calls > self.window_size:
                 raise ValueError(
                     f"minimum_calls ({self.minimum_calls}) must not exceed "
@@ -204,10 +219,16 @@ class BreakerConfig:
             )
         _positive_float("slow_call_duration", self.slow_call_duration, optional=True)
         if self.slow_call_duration is not None and not windowed:
-            raise ValueError(
-                "slow_call_duration needs a window (window_size or window_duration) to judge "
-                "the slow-call rate"
-            )
+            raise ValueError(_needs_window("slow_call_duration"))
+        if self.slow_call_rate_threshold is not None:
+            _rate("slow_call_rate_threshold", self.slow_call_rate_threshold)
+            if self.slow_call_duration is None:
+                raise ValueError(
+                    "slow_call_rate_threshold needs slow_call_duration (and a window: "
+                    "window_size or window_duration) to judge which calls are slow"
+                )
+        elif self.slow_call_duration is not None:
+            object.__setattr__(self, "slow_call_rate_threshold", 1.0)
         _positive_int("half_open_max_calls", self.half_open_max_calls)
         _positive_int("success_threshold", self.success_threshold)
         _positive_float("max_wait_in_half_open", self.max_wait_in_half_open, optional=True)
@@ -233,7 +254,7 @@ class BreakerConfig:
         return self.window_size is not None or self.window_duration is not None
 
 
-_DEFAULT_CONFIG: Final = BreakerConfig()
+_OPTION_DEFAULTS: Final = {field.name: field.default for field in dataclasses.fields(BreakerConfig)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -510,10 +531,10 @@ class CircuitBreaker:
         recovery_timeout: float = 30.0,
         window_size: int | None = None,
         window_duration: float | None = None,
-        failure_rate_threshold: float = 0.5,
+        failure_rate_threshold: float | None = None,
         minimum_calls: int | None = None,
         slow_call_duration: float | None = None,
-        slow_call_rate_threshold: float = 1.0,
+        slow_call_rate_threshold: float | None = None,
         half_open_max_calls: int = 1,
         success_threshold: int = 1,
         max_wait_in_half_open: float | None = None,
@@ -529,29 +550,31 @@ class CircuitBreaker:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError("name must be a non-empty str")
-        options = BreakerConfig(
-            failure_threshold=failure_threshold,
-            recovery_timeout=recovery_timeout,
-            window_size=window_size,
-            window_duration=window_duration,
-            failure_rate_threshold=failure_rate_threshold,
-            minimum_calls=minimum_calls,
-            slow_call_duration=slow_call_duration,
-            slow_call_rate_threshold=slow_call_rate_threshold,
-            half_open_max_calls=half_open_max_calls,
-            success_threshold=success_threshold,
-            max_wait_in_half_open=max_wait_in_half_open,
-            backoff_multiplier=backoff_multiplier,
-            max_recovery_timeout=max_recovery_timeout,
-            failure_on=failure_on,
-            ignore_on=ignore_on,
-            failure_result=failure_result,
-        )
+        options: dict[str, Any] = {
+            "failure_threshold": failure_threshold,
+            "recovery_timeout": recovery_timeout,
+            "window_size": window_size,
+            "window_duration": window_duration,
+            "failure_rate_threshold": failure_rate_threshold,
+            "minimum_calls": minimum_calls,
+            "slow_call_duration": slow_call_duration,
+            "slow_call_rate_threshold": slow_call_rate_threshold,
+            "half_open_max_calls": half_open_max_calls,
+            "success_threshold": success_threshold,
+            "max_wait_in_half_open": max_wait_in_half_open,
+            "backoff_multiplier": backoff_multiplier,
+            "max_recovery_timeout": max_recovery_timeout,
+            "failure_on": failure_on,
+            "ignore_on": ignore_on,
+            "failure_result": failure_result,
+        }
         if config is None:
-            config = options
+            config = BreakerConfig(**options)
         elif not isinstance(config, BreakerConfig):
             raise TypeError("config must be a BreakerConfig")
-        elif options != _DEFAULT_CONFIG:
+        elif any(value != _OPTION_DEFAULTS[option] for option, value in options.items()):
+            # Checked before any option is validated: with config= given, an option is a
+            # mistake whatever its value.
             raise TypeError("pass either config= or individual options, not both")
         self._name = name
         self._config = config
@@ -915,12 +938,11 @@ class CircuitBreaker:
         config = self._config
         calls = window.calls
         minimum = config.minimum_calls or 1
+        failure_rate = config.failure_rate_threshold
+        slow_rate = config.slow_call_rate_threshold
         if calls >= minimum and (
-            window.failures / calls >= config.failure_rate_threshold
-            or (
-                self._slow_after is not None
-                and window.slow / calls >= config.slow_call_rate_threshold
-            )
+            (failure_rate is not None and window.failures / calls >= failure_rate)
+            or (slow_rate is not None and window.slow / calls >= slow_rate)
         ):
             self._trip(now)
         elif not self._local:
