@@ -21,7 +21,6 @@ import contextvars
 import dataclasses
 import enum
 import functools
-import inspect
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, runtime_ch
 
 from resilient_voice import events
 from resilient_voice._breaker_windows import CountWindow, TimeWindow
+from resilient_voice._callables import is_async_callable, require_async_callable
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.errors import CircuitOpenError, RejectedError
 from resilient_voice.failure import FailureKind, failure_kind_of, is_backpressure
@@ -666,10 +666,9 @@ class CircuitBreaker:
         """Decorate an async function so that every call goes through the breaker.
 
         Raises:
-            TypeError: ``fn`` is not an async function.
+            TypeError: ``fn`` is not an async function (checked here, once).
         """
-        if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)):
-            raise TypeError(f"{fn!r} is not an async function")
+        require_async_callable(fn, "the CircuitBreaker decorator")
         record = self._record
         fast_error = self._fast_error
         admit = self._admit
@@ -699,7 +698,10 @@ class CircuitBreaker:
 
         Raises:
             CircuitOpenError: The breaker refused the call; ``fn`` was not called.
+            TypeError: ``fn`` is not an async function; it was not called and nothing counts.
         """
+        if not is_async_callable(fn):
+            require_async_callable(fn, "CircuitBreaker.call()")
         record = self._record
         if record.fast:
             epoch = record.epoch
