@@ -72,6 +72,9 @@ _CLOSED: Final = BreakerState.CLOSED
 _OPEN: Final = BreakerState.OPEN
 _HALF_OPEN: Final = BreakerState.HALF_OPEN
 _IGNORED_KINDS: Final = frozenset({FailureKind.UNPROCESSED, FailureKind.PERMANENT})
+# A caller refused while probes run is told to come back soon (bounded by these, in seconds).
+_PROBE_WAIT_CAP: Final = 1.0
+_PROBE_WAIT_FLOOR: Final = 0.05
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -153,7 +156,9 @@ class BreakerConfig:
         half_open_max_calls: Probes allowed to run at once while half-open.
         success_threshold: Successful probes needed to close the breaker again.
         max_wait_in_half_open: A probe running longer than this re-opens the breaker (judged on
-            the next ``acquire``; no background task). ``None`` waits forever.
+            the next ``acquire``; no background task). A probe runs from when it started (see
+            :meth:`BreakerPermit.mark_started`), not from when it was admitted: time spent in
+            our own queues is not the upstream hanging. ``None`` waits forever.
         backoff_multiplier: Each trip that follows a failed recovery multiplies the open
             duration by this (1.0: no growth).
         max_recovery_timeout: Cap on the grown open duration; defaults to ten times
@@ -273,7 +278,8 @@ class BreakerStatistics:
         failure_rate: ``failures / calls`` (0.0 with no calls).
         slow_call_rate: ``slow_calls / calls`` (0.0 with no calls).
         consecutive_failures: Failures since the last success in the CLOSED state.
-        half_open_calls: Probes running now.
+        half_open_calls: Probes admitted and not finished: running, or admitted with
+            ``acquire(started=False)`` and not yet started.
         retry_after: Seconds until the breaker admits a probe (0.0 when not OPEN).
         trips: How many times the breaker opened since it was built.
     """
@@ -308,6 +314,7 @@ class BreakerRecord:
         "open_until",
         "probe_successes",
         "probes",
+        "probes_waiting",
         "state",
         "trips",
         "window",
@@ -322,7 +329,8 @@ class BreakerRecord:
         self.trips = 0
         self.open_duration = 0.0
         self.open_until = 0.0
-        self.probes: list[float] = []  # grant times of the running probes, oldest first
+        self.probes: list[float] = []  # start times of the running probes, oldest first
+        self.probes_waiting = 0  # probes admitted but not started yet (queued for a token)
         self.probe_successes = 0
         self.window: CountWindow | TimeWindow | None = None
 
@@ -383,10 +391,24 @@ class BreakerPermit:
         probe: Whether this call is a half-open probe.
     """
 
-    __slots__ = ("_breaker", "_done", "_token", "epoch", "granted_at", "probe", "started")
+    __slots__ = (
+        "_breaker",
+        "_done",
+        "_probe_start",
+        "_token",
+        "epoch",
+        "granted_at",
+        "probe",
+        "started",
+    )
 
     def __init__(
-        self, breaker: CircuitBreaker, epoch: int, probe: bool, granted_at: float | None
+        self,
+        breaker: CircuitBreaker,
+        epoch: int,
+        probe: bool,
+        granted_at: float | None,
+        probe_start: float | None = None,
     ) -> None:
         self._breaker = breaker
         self._done = False
@@ -394,6 +416,9 @@ class BreakerPermit:
         self.probe = probe
         self.granted_at = granted_at
         self.started = granted_at
+        # A probe's entry in the record: its start time in ``probes``, or None while it is
+        # counted in ``probes_waiting``.
+        self._probe_start = probe_start
         self._token: contextvars.Token[BreakerPermit | None] | None = None
 
     @property
@@ -402,9 +427,16 @@ class BreakerPermit:
         return self._done
 
     def mark_started(self) -> None:
-        """Start timing the call now (after waiting for a rate limiter, say)."""
+        """Start timing the call now (after waiting for a rate limiter, say).
+
+        Durations are measured from here, and so is a probe's run time: a probe counts as hung
+        only once it has *run* for ``max_wait_in_half_open``.
+        """
         if self.started is not None:
-            self.started = self._breaker._clock.now()
+            now = self._breaker._clock.now()
+            self.started = now
+            if self.probe and not self._done:
+                self._breaker._start_probe(self, now)
 
     def success(self) -> None:
         """The call succeeded."""
@@ -650,17 +682,23 @@ class CircuitBreaker:
             return "ignored"
         return "failure"
 
-    async def acquire(self) -> BreakerPermit:
+    async def acquire(self, *, started: bool = True) -> BreakerPermit:
         """Ask to make one call; report its outcome on the returned permit.
 
         With the in-memory store this does not yield to the event loop.
+
+        Args:
+            started: Whether the call starts now. Pass ``False`` when it first waits in your
+                own queues (a rate limiter, a bulkhead) and call
+                :meth:`BreakerPermit.mark_started` when it is made: until then a probe holds
+                its slot but is not timed, so a long queue never makes it look hung.
 
         Raises:
             CircuitOpenError: The breaker is open, or half-open with every probe slot taken.
         """
         if not self._local:
             await self._store.load()
-        return self._admit()
+        return self._admit(started)
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an async function so that every call goes through the breaker.
@@ -775,7 +813,7 @@ class CircuitBreaker:
             failure_rate=failure_rate,
             slow_call_rate=slow_rate,
             consecutive_failures=record.consecutive_failures,
-            half_open_calls=len(record.probes),
+            half_open_calls=len(record.probes) + record.probes_waiting,
             retry_after=retry_after,
             trips=record.trips,
         )
@@ -796,7 +834,7 @@ class CircuitBreaker:
         )
         self._record.fast = self._fast_eligible and self._record.state is _CLOSED
 
-    def _admit(self) -> BreakerPermit:
+    def _admit(self, started: bool = True) -> BreakerPermit:
         record = self._record
         state = record.state
         if state is _CLOSED:
@@ -808,23 +846,45 @@ class CircuitBreaker:
             if now < record.open_until:
                 raise self._reject(record.open_until - now)
             record.probes.clear()
+            record.probes_waiting = 0
             record.probe_successes = 0
             self._enter(record, _HALF_OPEN, _OPEN)
         probes = record.probes
         max_wait = self._config.max_wait_in_half_open
+        # Only started probes are judged: probes[0] is the oldest start (starts are appended
+        # in clock order), and a probe still queued for a token has sent nothing yet.
         if max_wait is not None and probes and now - probes[0] >= max_wait:
             self._trip(now)
             raise self._reject(record.open_until - now)
-        if len(probes) >= self._config.half_open_max_calls:
-            if max_wait is not None:
-                retry_after = max(0.0, probes[0] + max_wait - now)
-            else:
-                retry_after = self._config.recovery_timeout
-            raise self._reject(retry_after)
-        probes.append(now)
+        if len(probes) + record.probes_waiting >= self._config.half_open_max_calls:
+            raise self._reject(self._probe_wait(record, now))
+        if started:
+            probes.append(now)
+        else:
+            record.probes_waiting += 1
         if not self._local:
             self._store.changed()
-        return BreakerPermit(self, record.epoch, True, now)
+        return BreakerPermit(self, record.epoch, True, now, now if started else None)
+
+    def _probe_wait(self, record: BreakerRecord, now: float) -> float:
+        """The ``retry_after`` for a caller refused while probes run: soon, not a full open
+        period, since a probe usually answers in a moment and then the breaker closes."""
+        max_wait = self._config.max_wait_in_half_open
+        if max_wait is not None and record.probes:
+            wait = record.probes[0] + max_wait - now
+        else:
+            wait = min(self._config.recovery_timeout, _PROBE_WAIT_CAP)
+        return max(wait, _PROBE_WAIT_FLOOR)
+
+    def _start_probe(self, permit: BreakerPermit, now: float) -> None:
+        record = self._record
+        if permit.epoch != record.epoch:
+            return
+        self._remove_probe(record, permit)
+        record.probes.append(now)
+        permit._probe_start = now
+        if not self._local:
+            self._store.changed()
 
     def _reject(self, retry_after: float) -> CircuitOpenError:
         if self._listeners:
@@ -932,8 +992,13 @@ class CircuitBreaker:
     @staticmethod
     def _remove_probe(record: BreakerRecord, permit: BreakerPermit) -> None:
         # A foreign store may have lost the slot already; freeing it twice must not fail.
-        with contextlib.suppress(ValueError):
-            record.probes.remove(permit.granted_at)  # type: ignore[arg-type]
+        start = permit._probe_start
+        if start is None:
+            if record.probes_waiting > 0:
+                record.probes_waiting -= 1
+        else:
+            with contextlib.suppress(ValueError):
+                record.probes.remove(start)
 
     def _judge(self, record: BreakerRecord, window: CountWindow | TimeWindow, now: float) -> None:
         window.expire(now)
@@ -965,6 +1030,7 @@ class CircuitBreaker:
         record.open_duration = duration
         record.open_until = now + duration
         record.probes.clear()
+        record.probes_waiting = 0
         record.probe_successes = 0
         self._enter(record, _OPEN, old)
 
@@ -975,6 +1041,7 @@ class CircuitBreaker:
         record.open_duration = 0.0
         record.open_until = 0.0
         record.probes.clear()
+        record.probes_waiting = 0
         record.probe_successes = 0
         if record.window is not None:
             record.window.clear()

@@ -291,7 +291,9 @@ class Policy:
         state: _RunState,
     ) -> T:
         breaker = self._breaker
-        permit = await breaker.acquire() if breaker is not None else None
+        # Not started until the waits below are over: a probe queued for a token has sent
+        # nothing, so max_wait_in_half_open must not count its queueing.
+        permit = await breaker.acquire(started=False) if breaker is not None else None
         bulkhead = self._bulkhead
         try:
             await self._wait_turn(key, deadline, priority)
