@@ -22,6 +22,7 @@ import dataclasses
 import enum
 import functools
 import math
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -31,6 +32,7 @@ from resilient_voice import events
 from resilient_voice._breaker_windows import CountWindow, TimeWindow
 from resilient_voice._callables import is_async_callable, require_async_callable
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._loops import current_loop, loop_finished
 from resilient_voice.errors import CircuitOpenError, RejectedError
 from resilient_voice.failure import FailureKind, failure_kind_of, is_backpressure
 
@@ -71,6 +73,7 @@ class BreakerState(enum.Enum):
 _CLOSED: Final = BreakerState.CLOSED
 _OPEN: Final = BreakerState.OPEN
 _HALF_OPEN: Final = BreakerState.HALF_OPEN
+get_ident: Final = threading.get_ident
 _IGNORED_KINDS: Final = frozenset({FailureKind.UNPROCESSED, FailureKind.PERMANENT})
 # A caller refused while probes run is told to come back soon (bounded by these, in seconds).
 _PROBE_WAIT_CAP: Final = 1.0
@@ -394,6 +397,7 @@ class BreakerPermit:
     __slots__ = (
         "_breaker",
         "_done",
+        "_owner",
         "_probe_start",
         "_token",
         "epoch",
@@ -409,6 +413,7 @@ class BreakerPermit:
         probe: bool,
         granted_at: float | None,
         probe_start: float | None = None,
+        owner: _Owner | None = None,
     ) -> None:
         self._breaker = breaker
         self._done = False
@@ -419,6 +424,9 @@ class BreakerPermit:
         # A probe's entry in the record: its start time in ``probes``, or None while it is
         # counted in ``probes_waiting``.
         self._probe_start = probe_start
+        # The thread and loop this permit is counted for (see CircuitBreaker._claim); None
+        # for a permit the breaker does not count.
+        self._owner = owner
         self._token: contextvars.Token[BreakerPermit | None] | None = None
 
     @property
@@ -439,28 +447,45 @@ class BreakerPermit:
                 self._breaker._start_probe(self, now)
 
     def success(self) -> None:
-        """The call succeeded."""
+        """The call succeeded.
+
+        Raises:
+            RuntimeError: Reported from another thread or event loop than the one that holds
+                the breaker's permits (the outcome is not counted; a probe slot is freed).
+        """
         if not self._done:
             self._done = True
-            self._breaker._record_success(self)
+            self._report(self._breaker._record_success)
 
     def failure(self, error: BaseException | None = None) -> None:
         """The call failed; ``error`` is ``None`` when a result predicate decided."""
         if not self._done:
             self._done = True
-            self._breaker._record_failure(self, error)
+            self._report(self._breaker._record_failure, error)
 
     def ignore(self, error: BaseException) -> None:
         """The call raised an exception that does not count; frees a probe slot."""
         if not self._done:
             self._done = True
-            self._breaker._record_ignored(self, error)
+            self._report(self._breaker._record_ignored, error)
 
     def release(self) -> None:
         """The call was cancelled or never made: frees a probe slot, counts nothing."""
         if not self._done:
             self._done = True
-            self._breaker._release(self)
+            self._report(self._breaker._release)
+
+    def _report(self, record: Callable[..., None], *args: Any) -> None:
+        # The permit stays counted while its outcome is recorded, so that no other loop can
+        # take the breaker over halfway through the change.
+        owner = self._owner
+        if owner is None:
+            record(self, *args)
+        elif self._breaker._may_record(self, owner):
+            try:
+                record(self, *args)
+            finally:
+                owner.permits -= 1
 
     def record_result(self, result: object) -> None:
         """Report a returned value: a failure when the breaker's ``failure_result`` says so.
@@ -548,7 +573,9 @@ class CircuitBreaker:
         "_ignore_on",
         "_listeners",
         "_local",
+        "_lock",
         "_name",
+        "_owner",
         "_record",
         "_slow_after",
         "_store",
@@ -625,6 +652,10 @@ class CircuitBreaker:
             self._record.window = TimeWindow(config.window_duration)
         self._fast_eligible = False
         self._timed = False
+        # Who holds the outstanding permits (see _claim). The lock is taken only when another
+        # thread or loop arrives; the state machine itself takes no lock.
+        self._lock = threading.Lock()
+        self._owner = _Owner(0, None)
         self._refresh()
 
     @property
@@ -776,20 +807,35 @@ class CircuitBreaker:
             permit.settle(exc)
 
     def reset(self) -> None:
-        """Close the breaker and forget its counters (the trip count is kept)."""
-        record = self._record
-        old = record.state
-        self._clear_closed(record)
-        self._enter(record, _CLOSED, old)
+        """Close the breaker and forget its counters (the trip count is kept).
+
+        Raises:
+            RuntimeError: Another thread or event loop holds permits of this breaker.
+        """
+        owner = self._claim()
+        try:
+            record = self._record
+            old = record.state
+            self._clear_closed(record)
+            self._enter(record, _CLOSED, old)
+        finally:
+            owner.permits -= 1
 
     def force_open(self, duration: float | None = None) -> None:
         """Open the breaker now, for ``duration`` seconds or the configured open duration.
 
         It then recovers like after any trip: the next call after the open period is a probe.
+
+        Raises:
+            RuntimeError: Another thread or event loop holds permits of this breaker.
         """
         if duration is not None:
             _positive_float("duration", duration)
-        self._trip(self._clock.now(), duration)
+        owner = self._claim()
+        try:
+            self._trip(self._clock.now(), duration)
+        finally:
+            owner.permits -= 1
 
     def statistics(self) -> BreakerStatistics:
         """A frozen snapshot of the state and counters."""
@@ -839,12 +885,29 @@ class CircuitBreaker:
         state = record.state
         if state is _CLOSED:
             return BreakerPermit(
-                self, record.epoch, False, self._clock.now() if self._timed else None
+                self,
+                record.epoch,
+                False,
+                self._clock.now() if self._timed else None,
+                None,
+                self._claim(),
             )
         now = self._clock.now()
+        if state is _OPEN and now < record.open_until:
+            raise self._reject(record.open_until - now)
+        # What follows may change the state or grant a probe: claimed first, so not from a
+        # second loop, and given back below if no probe is granted.
+        owner = self._claim()
+        try:
+            return self._admit_probe(record, state, now, started, owner)
+        except BaseException:
+            owner.permits -= 1
+            raise
+
+    def _admit_probe(
+        self, record: BreakerRecord, state: BreakerState, now: float, started: bool, owner: _Owner
+    ) -> BreakerPermit:
         if state is _OPEN:
-            if now < record.open_until:
-                raise self._reject(record.open_until - now)
             record.probes.clear()
             record.probes_waiting = 0
             record.probe_successes = 0
@@ -864,7 +927,7 @@ class CircuitBreaker:
             record.probes_waiting += 1
         if not self._local:
             self._store.changed()
-        return BreakerPermit(self, record.epoch, True, now, now if started else None)
+        return BreakerPermit(self, record.epoch, True, now, now if started else None, owner)
 
     def _probe_wait(self, record: BreakerRecord, now: float) -> float:
         """The ``retry_after`` for a caller refused while probes run: soon, not a full open
@@ -885,6 +948,108 @@ class CircuitBreaker:
         permit._probe_start = now
         if not self._local:
             self._store.changed()
+
+    # Ownership: one thread and event loop at a time. The state machine takes no lock, so two
+    # loops using one breaker at once would corrupt it (a probe slot lost for ever, say). The
+    # loop holding outstanding permits owns the breaker; another loop is refused at admission,
+    # settlement and state changes while that loop still runs. Once it has ended, whatever
+    # permits it left unreported can never be settled, so the next loop takes over: sequential
+    # reuse (asyncio.run per task, one test on asyncio and the next on trio) stays allowed.
+    # Only the owner changes its own count, so the owner's path takes no lock; the closed fast
+    # path holds no permit and checks nothing.
+
+    def _claim(self) -> _Owner:
+        """Count one more outstanding permit (or state change) for the calling loop.
+
+        Raises:
+            RuntimeError: Another loop that is still running holds permits.
+        """
+        thread = get_ident()
+        loop = current_loop()
+        owner = self._owner
+        if owner.thread == thread and owner.loop is loop:
+            # Count first, then look again: a loop taking over sets the owner first, then
+            # looks at the count (in _take_over), so at most one of the two goes ahead.
+            owner.permits += 1
+            if self._owner is owner:
+                return owner
+            owner.permits -= 1
+        return self._take_over(thread, loop)
+
+    def _take_over(self, thread: int, loop: object | None) -> _Owner:
+        with self._lock:
+            owner = self._owner
+            if owner.thread == thread and owner.loop is loop:
+                owner.permits += 1
+                return owner
+            outstanding = owner.permits
+            if outstanding and not loop_finished(owner.loop, owner.thread):
+                raise self._shared_error(owner)
+            new = _Owner(thread, loop)
+            new.permits = 1
+            self._owner = new
+            if owner.permits > outstanding:
+                # The owner claimed again while this was deciding: it is alive, and in use.
+                self._owner = owner
+                raise self._shared_error(owner)
+            if outstanding:
+                # Every outstanding permit belonged to the loop that ended: none can be
+                # reported now. Free their probe slots, so that they cannot hold the breaker
+                # half-open for ever; their late reports (if any) count nothing.
+                record = self._record
+                record.probes.clear()
+                record.probes_waiting = 0
+            return new
+
+    def _may_record(self, permit: BreakerPermit, owner: _Owner) -> bool:
+        """Say whether a settled permit's outcome may be recorded.
+
+        True when it is settled in the thread that admitted it and its loop still owns the
+        breaker (then no loop lookup is needed: a thread runs one loop at a time, and a new
+        loop in that thread would have taken the breaker over at its first admission).
+        """
+        if owner.thread == get_ident() and self._owner is owner:
+            return True
+        return self._settle_elsewhere(permit, owner)
+
+    def _settle_elsewhere(self, permit: BreakerPermit, owner: _Owner) -> bool:
+        """A permit settled outside its owner's thread, or after its owner was replaced.
+
+        False for a permit orphaned by the end of its loop: nothing counts, but its probe slot
+        is freed. A permit settled from another thread or loop while its own loop runs frees
+        its probe slot and raises.
+        """
+        thread = get_ident()
+        loop = current_loop()
+        if owner.thread == thread and owner.loop is loop:
+            # Taken over while this permit was out: its loop looked finished (stopped between
+            # two runs), or another thread raced for it, which this settlement now reveals.
+            owner.permits -= 1
+            current = self._owner
+            self._release(permit)
+            if (
+                current.permits
+                and (current.thread != thread or current.loop is not loop)
+                and not loop_finished(current.loop, current.thread)
+            ):
+                raise self._shared_error(current)
+            return False
+        if loop_finished(owner.loop, owner.thread):
+            self._release(permit)
+            return False
+        # Left counted: its loop keeps the breaker until it ends (only the owner changes its
+        # own count, so the owner's path needs no lock).
+        self._release(permit)
+        raise self._shared_error(owner)
+
+    def _shared_error(self, owner: _Owner) -> RuntimeError:
+        return RuntimeError(
+            f"CircuitBreaker {self._name!r} is used from two threads or event loops at once: "
+            f"an event loop in thread {owner.thread} holds its permits and is still running. "
+            "A breaker belongs to one event loop at a time (it keeps its state without "
+            "locks): build one breaker per event loop or thread, or send every call to one "
+            "loop (anyio.from_thread.run, asyncio.run_coroutine_threadsafe)."
+        )
 
     def _reject(self, retry_after: float) -> CircuitOpenError:
         if self._listeners:
@@ -911,7 +1076,11 @@ class CircuitBreaker:
             return
         record.consecutive_failures += 1
         if record.consecutive_failures >= self._config.failure_threshold:
-            self._trip(self._clock.now())
+            owner = self._claim()
+            try:
+                self._trip(self._clock.now())
+            finally:
+                owner.permits -= 1
 
     def _duration(self, permit: BreakerPermit, now: float | None) -> float | None:
         if now is None or permit.started is None:
@@ -1054,6 +1223,17 @@ class CircuitBreaker:
             self._store.changed()
         if self._listeners and new is not old:
             events.emit(self._listeners, "on_state_change", self._name, old, new)
+
+
+class _Owner:
+    """The thread and event loop that hold a breaker's outstanding permits, and how many."""
+
+    __slots__ = ("loop", "permits", "thread")
+
+    def __init__(self, thread: int, loop: object | None) -> None:
+        self.thread = thread
+        self.loop = loop
+        self.permits = 0
 
 
 class _StateChangeListener(events.BreakerListener):
