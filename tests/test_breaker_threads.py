@@ -17,7 +17,14 @@ import anyio
 import pytest
 import trio
 
-from resilient_voice import BreakerState, CircuitBreaker, CircuitOpenError, Policy
+from resilient_voice import (
+    BreakerState,
+    CircuitBreaker,
+    CircuitOpenError,
+    FailureKind,
+    Policy,
+    RetryPolicy,
+)
 from resilient_voice.testing import ManualClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
@@ -27,6 +34,10 @@ SHARED = r"CircuitBreaker 'shared' is used from two threads or event loops at on
 
 class UpstreamError(Exception):
     pass
+
+
+async def ok() -> str:
+    return "ok"
 
 
 def wait(event: threading.Event) -> None:
@@ -101,6 +112,10 @@ def test_a_second_loop_is_refused_while_the_first_holds_permits(backends: tuple[
             breaker.reset()
         with pytest.raises(RuntimeError, match=SHARED):
             breaker.force_open()
+        retrying = Policy(breaker=breaker, retry=RetryPolicy(max_attempts=3, clock=clock))
+        with pytest.raises(RuntimeError, match=SHARED) as info:
+            await retrying.call(ok)  # neither retried nor an unknown outcome
+        assert info.value.failure_kind is FailureKind.PERMANENT  # type: ignore[attr-defined]
         with pytest.raises(RuntimeError, match=SHARED):
             handed[0].success()  # another loop's permit
         assert handed[0].done

@@ -73,7 +73,7 @@ class BreakerState(enum.Enum):
 _CLOSED: Final = BreakerState.CLOSED
 _OPEN: Final = BreakerState.OPEN
 _HALF_OPEN: Final = BreakerState.HALF_OPEN
-get_ident: Final = threading.get_ident
+_get_ident: Final = threading.get_ident
 _IGNORED_KINDS: Final = frozenset({FailureKind.UNPROCESSED, FailureKind.PERMANENT})
 # A caller refused while probes run is told to come back soon (bounded by these, in seconds).
 _PROBE_WAIT_CAP: Final = 1.0
@@ -726,6 +726,8 @@ class CircuitBreaker:
 
         Raises:
             CircuitOpenError: The breaker is open, or half-open with every probe slot taken.
+            RuntimeError: Another thread or event loop, still running, holds permits of this
+                breaker (see docs/breaker.md, "Threads and event loops").
         """
         if not self._local:
             await self._store.load()
@@ -964,7 +966,7 @@ class CircuitBreaker:
         Raises:
             RuntimeError: Another loop that is still running holds permits.
         """
-        thread = get_ident()
+        thread = _get_ident()
         loop = current_loop()
         owner = self._owner
         if owner.thread == thread and owner.loop is loop:
@@ -1008,7 +1010,7 @@ class CircuitBreaker:
         breaker (then no loop lookup is needed: a thread runs one loop at a time, and a new
         loop in that thread would have taken the breaker over at its first admission).
         """
-        if owner.thread == get_ident() and self._owner is owner:
+        if owner.thread == _get_ident() and self._owner is owner:
             return True
         return self._settle_elsewhere(permit, owner)
 
@@ -1019,7 +1021,7 @@ class CircuitBreaker:
         is freed. A permit settled from another thread or loop while its own loop runs frees
         its probe slot and raises.
         """
-        thread = get_ident()
+        thread = _get_ident()
         loop = current_loop()
         if owner.thread == thread and owner.loop is loop:
             # Taken over while this permit was out: its loop looked finished (stopped between
@@ -1043,13 +1045,17 @@ class CircuitBreaker:
         raise self._shared_error(owner)
 
     def _shared_error(self, owner: _Owner) -> RuntimeError:
-        return RuntimeError(
+        error = RuntimeError(
             f"CircuitBreaker {self._name!r} is used from two threads or event loops at once: "
             f"an event loop in thread {owner.thread} holds its permits and is still running. "
             "A breaker belongs to one event loop at a time (it keeps its state without "
             "locks): build one breaker per event loop or thread, or send every call to one "
             "loop (anyio.from_thread.run, asyncio.run_coroutine_threadsafe)."
         )
+        # A programming error: a retry policy must neither retry it nor call it an unknown
+        # outcome (at admission nothing was sent).
+        error.failure_kind = FailureKind.PERMANENT  # type: ignore[attr-defined]
+        return error
 
     def _reject(self, retry_after: float) -> CircuitOpenError:
         if self._listeners:
