@@ -9,6 +9,7 @@ reuse (one loop after another, on either backend) stays allowed.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -165,10 +166,11 @@ def test_a_probe_held_by_one_loop_is_not_stolen_and_closes_the_breaker() -> None
 
 
 def test_two_loops_hammering_one_breaker_never_leave_it_stuck() -> None:
-    # Both threads run the same bounded mix of calls (successes, failures, probes after clock
-    # advances) through the breaker and a Policy, holding each permit across a checkpoint.
-    # Whatever the interleaving, each call either runs, is refused by the breaker, or raises
-    # the RuntimeError naming it; afterwards the breaker still recovers and closes.
+    # After one forced overlap, both threads run the same bounded mix of calls (successes,
+    # failures, probes after clock advances) through the breaker and a Policy at once, holding
+    # each permit across a checkpoint; a tiny GIL switch interval interleaves them finely.
+    # Whatever the interleaving, each call runs, is refused by the breaker, or raises the
+    # RuntimeError naming it; afterwards the breaker still recovers and closes.
     clock = ManualClock()
     breaker = CircuitBreaker(
         "shared",
@@ -180,6 +182,7 @@ def test_two_loops_hammering_one_breaker_never_leave_it_stuck() -> None:
     )
     policy = Policy(breaker=breaker, clock=clock)
     holding, overlapped = threading.Event(), threading.Event()
+    together = threading.Barrier(2, timeout=SAFETY)
     seen: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -198,14 +201,10 @@ def test_two_loops_hammering_one_breaker_never_leave_it_stuck() -> None:
         await anyio.lowlevel.checkpoint()
         raise UpstreamError
 
-    async def hammer(first: bool) -> None:
-        if first:
-            # One guaranteed overlap: hold a permit until the other thread has been refused.
-            async with breaker:
-                holding.set()
-                wait(overlapped)
-        for i in range(300):
-            fn = fail if i % 3 == 0 else ok
+    async def hammer() -> None:
+        together.wait()
+        for i in range(400):
+            fn = fail if i % 7 == 0 else ok
             try:
                 if i % 2:
                     await breaker.call(fn)
@@ -217,29 +216,33 @@ def test_two_loops_hammering_one_breaker_never_leave_it_stuck() -> None:
                 count("refused")
             except RuntimeError as error:
                 count(detected(error))
-                overlapped.set()
             else:
                 count("ran")
-            if i % 25 == 0:
-                clock.advance(1.0)  # let probes in
+            if i % 4 == 0:
+                clock.advance(0.5)  # let probes in
 
     async def on_asyncio() -> None:
-        await hammer(first=True)
+        # One guaranteed overlap: hold a permit until the other thread has been refused.
+        async with breaker:
+            holding.set()
+            wait(overlapped)
+        await hammer()
 
     async def on_trio() -> None:
         wait(holding)
-        while not overlapped.is_set():
-            try:
-                await breaker.call(ok)
-            except RuntimeError as error:
-                count(detected(error))
-                overlapped.set()
-        await hammer(first=False)
+        with pytest.raises(RuntimeError, match=SHARED):
+            await breaker.call(ok)
+        overlapped.set()
+        await hammer()
 
-    run_pair(on_asyncio, on_trio, backends=("asyncio", "trio"))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        run_pair(on_asyncio, on_trio, backends=("asyncio", "trio"))
+    finally:
+        sys.setswitchinterval(interval)
     assert set(seen) <= {"ran", "failed", "refused", "detected"}, seen
-    assert seen["detected"] >= 1
-    assert sum(seen.values()) >= 600
+    assert sum(seen.values()) == 800
 
     async def recover() -> None:
         for _ in range(10):  # whatever state the hammering left, it must come back
