@@ -481,7 +481,14 @@ class BreakerPermit:
         owner = self._owner
         if owner is None:
             record(self, *args)
-        elif self._breaker._may_record(self, owner):
+            return
+        breaker = self._breaker
+        # Settled in the thread that admitted it, whose loop still owns the breaker: no loop
+        # lookup is needed (a thread runs one loop at a time, and a new loop in this thread
+        # would have taken the breaker over at its first admission).
+        if (owner.thread == _get_ident() and breaker._owner is owner) or (
+            breaker._settle_elsewhere(self, owner)
+        ):
             try:
                 record(self, *args)
             finally:
@@ -1003,19 +1010,9 @@ class CircuitBreaker:
                 record.probes_waiting = 0
             return new
 
-    def _may_record(self, permit: BreakerPermit, owner: _Owner) -> bool:
-        """Say whether a settled permit's outcome may be recorded.
-
-        True when it is settled in the thread that admitted it and its loop still owns the
-        breaker (then no loop lookup is needed: a thread runs one loop at a time, and a new
-        loop in that thread would have taken the breaker over at its first admission).
-        """
-        if owner.thread == _get_ident() and self._owner is owner:
-            return True
-        return self._settle_elsewhere(permit, owner)
-
     def _settle_elsewhere(self, permit: BreakerPermit, owner: _Owner) -> bool:
-        """A permit settled outside its owner's thread, or after its owner was replaced.
+        """Say whether a permit settled outside its owner's thread, or after its owner was
+        replaced, may still record its outcome.
 
         False for a permit orphaned by the end of its loop: nothing counts, but its probe slot
         is freed. A permit settled from another thread or loop while its own loop runs frees
