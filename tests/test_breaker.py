@@ -217,7 +217,7 @@ async def test_probe_slots_limit_concurrent_probes() -> None:
     second = await breaker.acquire()
     with pytest.raises(CircuitOpenError) as info:
         await breaker.acquire()
-    assert info.value.retry_after == 30.0  # no max_wait_in_half_open: the recovery timeout
+    assert info.value.retry_after == 1.0  # no max_wait_in_half_open: min(30 s, 1 s)
     assert breaker.statistics().half_open_calls == 2
     first.success()
     third = await breaker.acquire()
@@ -337,6 +337,100 @@ async def test_a_hung_probe_reopens_on_the_next_call() -> None:
     assert info.value.retry_after == pytest.approx(30.0)
     hung.success()  # finishes at last, in a stale epoch
     assert breaker.state is OPEN
+
+
+async def test_a_probe_is_timed_from_its_start_not_its_admission() -> None:
+    clock = ManualClock()
+    breaker = make(clock, max_wait_in_half_open=5.0)
+    await trip(breaker)
+    clock.advance(30.0)
+    queued = await breaker.acquire(started=False)  # waits for a token before sending
+    clock.advance(60.0)  # a long queue: still not hung, it has sent nothing
+    with pytest.raises(CircuitOpenError) as info:
+        await breaker.acquire()
+    assert info.value.retry_after == 1.0  # no running probe to time: min(30 s, 1 s)
+    assert breaker.state is HALF_OPEN
+    assert breaker.statistics().half_open_calls == 1
+    queued.mark_started()
+    clock.advance(4.0)
+    with pytest.raises(CircuitOpenError) as info:
+        await breaker.acquire()
+    assert info.value.retry_after == pytest.approx(1.0)  # until it has run 5 s
+    assert breaker.state is HALF_OPEN
+    queued.success()
+    assert breaker.state is CLOSED
+    assert breaker.statistics().trips == 1
+
+
+async def test_a_started_probe_that_hangs_still_reopens_the_breaker() -> None:
+    clock = ManualClock()
+    breaker = make(clock, max_wait_in_half_open=5.0, half_open_max_calls=2)
+    await trip(breaker)
+    clock.advance(30.0)
+    queued = await breaker.acquire(started=False)
+    clock.advance(10.0)
+    queued.mark_started()
+    running = await breaker.acquire()
+    clock.advance(5.0)
+    with pytest.raises(CircuitOpenError) as info:
+        await breaker.acquire()
+    assert breaker.state is OPEN
+    assert info.value.retry_after == 30.0
+    running.success()  # stale
+    queued.success()  # stale
+    assert breaker.state is OPEN
+    assert breaker.statistics().half_open_calls == 0
+
+
+async def test_callers_refused_while_a_probe_runs_are_told_a_short_wait() -> None:
+    clock = ManualClock()
+    breaker = make(clock, recovery_timeout=30.0)
+    await trip(breaker)
+    clock.advance(30.0)
+    probe = await breaker.acquire()
+    waits = []
+    for _ in range(59):
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.acquire()
+        waits.append(info.value.retry_after)
+    assert waits == [1.0] * 59  # min(recovery_timeout, 1 s), not the 30 s open period
+    clock.advance(0.1)
+    probe.success()
+    assert breaker.state is CLOSED
+
+    quick = make(clock, recovery_timeout=0.5)
+    await trip(quick)
+    clock.advance(0.5)
+    await quick.acquire()
+    with pytest.raises(CircuitOpenError) as info:
+        await quick.acquire()
+    assert info.value.retry_after == 0.5  # min(recovery_timeout, 1 s)
+
+    tiny = make(clock, recovery_timeout=0.01)
+    await trip(tiny)
+    clock.advance(0.01)
+    await tiny.acquire()
+    with pytest.raises(CircuitOpenError) as info:
+        await tiny.acquire()
+    assert info.value.retry_after == 0.05  # never below 50 ms
+
+
+async def test_with_max_wait_the_refused_wait_is_until_the_oldest_probe_would_be_hung() -> None:
+    clock = ManualClock()
+    breaker = make(clock, max_wait_in_half_open=10.0, half_open_max_calls=2)
+    await trip(breaker)
+    clock.advance(30.0)
+    await breaker.acquire()
+    clock.advance(3.0)
+    await breaker.acquire()
+    clock.advance(1.0)
+    with pytest.raises(CircuitOpenError) as info:
+        await breaker.acquire()
+    assert info.value.retry_after == pytest.approx(6.0)  # the oldest has run 4 s of 10 s
+    clock.advance(5.98)
+    with pytest.raises(CircuitOpenError) as info:
+        await breaker.acquire()
+    assert info.value.retry_after == 0.05  # 20 ms left, told at least 50 ms
 
 
 async def test_a_slow_probe_reopens_when_a_slow_call_rule_is_set() -> None:
@@ -843,6 +937,16 @@ async def test_open_rejections_do_not_grow_memory() -> None:
         ({"window_size": 10, "failure_rate_threshold": 0.0}, ValueError, r"\(0, 1\]"),
         ({"window_size": 10, "failure_rate_threshold": 1.5}, ValueError, r"\(0, 1\]"),
         ({"slow_call_rate_threshold": -0.1}, ValueError, "slow_call_rate_threshold"),
+        ({"failure_rate_threshold": 0.5}, ValueError, "failure_rate_threshold needs a window"),
+        ({"failure_rate_threshold": 1.0}, ValueError, "failure_rate_threshold needs a window"),
+        (
+            {"window_size": 5, "slow_call_rate_threshold": 0.5},
+            ValueError,
+            "slow_call_rate_threshold needs slow_call_duration",
+        ),
+        ({"slow_call_rate_threshold": 1.0}, ValueError, "slow_call_rate_threshold needs"),
+        ({"minimum_calls": 5}, ValueError, "minimum_calls needs a window"),
+        ({"slow_call_duration": 1.0}, ValueError, "slow_call_duration needs a window"),
         ({"window_size": 5, "minimum_calls": 6}, ValueError, "must not exceed"),
         ({"minimum_calls": 5}, ValueError, "needs a window"),
         ({"slow_call_duration": 1.0}, ValueError, "needs a window"),
@@ -866,6 +970,30 @@ def test_invalid_configuration_fails_at_construction(
         BreakerConfig(**options)
     with pytest.raises(error, match=match):
         CircuitBreaker("x", **options)
+
+
+def test_window_options_take_their_defaults_only_with_a_window() -> None:
+    consecutive = BreakerConfig()
+    assert consecutive.failure_rate_threshold is None
+    assert consecutive.slow_call_rate_threshold is None
+    assert consecutive.minimum_calls is None
+    counted = BreakerConfig(window_size=4)
+    assert (counted.failure_rate_threshold, counted.minimum_calls) == (0.5, 4)
+    assert counted.slow_call_rate_threshold is None
+    timed = CircuitBreaker("x", window_duration=10.0, slow_call_duration=1.0).config
+    assert (timed.failure_rate_threshold, timed.minimum_calls) == (0.5, 10)
+    assert timed.slow_call_rate_threshold == 1.0
+
+
+def test_options_beside_a_config_are_refused_whatever_their_value() -> None:
+    config = BreakerConfig(window_size=10)
+    for option, value in [
+        ("failure_rate_threshold", 0.5),
+        ("slow_call_rate_threshold", 1.0),
+        ("window_size", 10),
+    ]:
+        with pytest.raises(TypeError, match="either config"):
+            CircuitBreaker("x", config=config, **{option: value})
 
 
 def test_config_object_can_be_passed_but_not_mixed_with_options() -> None:

@@ -1,7 +1,8 @@
 """The breaker against a plain reference model, driven by random sequences of operations.
 
 Hypothesis picks a configuration, then interleaves permit grants (held permits are concurrent
-calls and concurrent probes), outcomes reported on held permits (success, failure, ignored,
+calls and concurrent probes; some are granted not started, as ``Policy`` does while a call waits
+for a token, and started later), outcomes reported on held permits (success, failure, ignored,
 released), whole calls through each use form (including cancelled ones), and clock advances.
 After every step the breaker's state and statistics must equal the model's. The async code runs
 in a blocking portal, once on asyncio and once on trio.
@@ -9,6 +10,7 @@ in a blocking portal, once on asyncio and once on trio.
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +41,7 @@ class IgnoredError(Exception):
 class ModelPermit:
     epoch: int
     probe: bool
-    granted_at: float
+    started: float | None  # None: granted with started=False and not started yet
 
 
 @dataclass
@@ -64,35 +66,53 @@ class Model:
     open_duration: float = 0.0
     repeated_trips: int = 0
     trips: int = 0
-    probes: list[float] = field(default_factory=list)
+    probes: list[float] = field(default_factory=list)  # start times of running probes
+    waiting: int = 0  # probes granted, not started
     probe_successes: int = 0
 
-    def acquire(self) -> ModelPermit | float:
+    def acquire(self, *, started: bool = True) -> ModelPermit | float:
         """A permit, or the retry_after of the rejection."""
         if self.state is CLOSED:
-            return ModelPermit(self.epoch, False, self.now)
+            return ModelPermit(self.epoch, False, self.now if started else None)
         if self.state is OPEN:
             if self.now < self.open_until:
                 return self.open_until - self.now
             self.state = HALF_OPEN
             self.epoch += 1
             self.probes = []
+            self.waiting = 0
             self.probe_successes = 0
-        if self.max_wait is not None and self.probes and self.now - self.probes[0] >= self.max_wait:
+        running = sorted(self.probes)
+        if self.max_wait is not None and running and self.now - running[0] >= self.max_wait:
             self.trip()
             return self.open_until - self.now
-        if len(self.probes) >= self.half_open_max_calls:
-            if self.max_wait is not None:
-                return max(0.0, self.probes[0] + self.max_wait - self.now)
-            return self.recovery_timeout
-        self.probes.append(self.now)
-        return ModelPermit(self.epoch, True, self.now)
+        if len(self.probes) + self.waiting >= self.half_open_max_calls:
+            if self.max_wait is not None and running:
+                return max(0.05, running[0] + self.max_wait - self.now)
+            return max(0.05, min(self.recovery_timeout, 1.0))
+        if started:
+            self.probes.append(self.now)
+        else:
+            self.waiting += 1
+        return ModelPermit(self.epoch, True, self.now if started else None)
+
+    def start(self, permit: ModelPermit) -> None:
+        if permit.probe and permit.epoch == self.epoch:
+            self.free(permit)
+            self.probes.append(self.now)
+        permit.started = self.now
+
+    def free(self, permit: ModelPermit) -> None:
+        if permit.started is None:
+            self.waiting -= 1
+        else:
+            self.probes.remove(permit.started)
 
     def success(self, permit: ModelPermit) -> None:
         if permit.epoch != self.epoch:
             return
         if permit.probe:
-            self.probes.remove(permit.granted_at)
+            self.free(permit)
             self.probe_successes += 1
             if self.probe_successes >= self.success_threshold:
                 self.close()
@@ -105,7 +125,7 @@ class Model:
         if permit.epoch != self.epoch:
             return
         if permit.probe:
-            self.probes.remove(permit.granted_at)
+            self.free(permit)
             self.trip()
             return
         self.consecutive += 1
@@ -116,7 +136,7 @@ class Model:
 
     def release(self, permit: ModelPermit) -> None:
         if permit.epoch == self.epoch and permit.probe:
-            self.probes.remove(permit.granted_at)
+            self.free(permit)
 
     def add(self, *, failed: bool) -> None:
         assert self.window_size is not None
@@ -138,6 +158,7 @@ class Model:
         self.state = OPEN
         self.epoch += 1
         self.probes = []
+        self.waiting = 0
         self.probe_successes = 0
 
     def close(self) -> None:
@@ -147,6 +168,7 @@ class Model:
         self.repeated_trips = 0
         self.window = []
         self.probes = []
+        self.waiting = 0
         self.probe_successes = 0
 
     @property
@@ -196,7 +218,9 @@ class BreakerMachine(RuleBasedStateMachine):
             failure_threshold=config["failure_threshold"],
             recovery_timeout=config["recovery_timeout"],
             window_size=config["window_size"],
-            failure_rate_threshold=config["failure_rate_threshold"],
+            failure_rate_threshold=(
+                config["failure_rate_threshold"] if config["window_size"] is not None else None
+            ),
             half_open_max_calls=config["half_open_max_calls"],
             success_threshold=config["success_threshold"],
             max_wait_in_half_open=config["max_wait"],
@@ -207,12 +231,12 @@ class BreakerMachine(RuleBasedStateMachine):
         )
 
     @precondition(lambda self: len(self.held) < 6)
-    @rule()
-    def acquire(self) -> None:
+    @rule(started=st.booleans())
+    def acquire(self, started: bool) -> None:
         before = self.model.retry_after
-        expected = self.model.acquire()
+        expected = self.model.acquire(started=started)
         try:
-            permit = self.portal.call(self.breaker.acquire)
+            permit = self.portal.call(functools.partial(self.breaker.acquire, started=started))
         except CircuitOpenError as error:
             rejected = error.retry_after
         else:
@@ -227,6 +251,13 @@ class BreakerMachine(RuleBasedStateMachine):
 
     def breaker_epoch(self) -> int:
         return self.breaker._record.epoch
+
+    @precondition(lambda self: bool(self.held))
+    @rule(index=st.integers(0, 5))
+    def start(self, index: int) -> None:
+        permit, expected = self.held[index % len(self.held)]
+        self.portal.call(permit.mark_started)
+        self.model.start(expected)
 
     @precondition(lambda self: bool(self.held))
     @rule(index=st.integers(0, 5), outcome=st.sampled_from(OUTCOMES), twice=st.booleans())
@@ -316,7 +347,7 @@ class BreakerMachine(RuleBasedStateMachine):
         assert self.breaker.state is model.state
         assert self.breaker_epoch() == model.epoch
         assert stats.consecutive_failures == model.consecutive
-        assert stats.half_open_calls == len(model.probes)
+        assert stats.half_open_calls == len(model.probes) + model.waiting
         assert stats.trips == model.trips
         assert stats.retry_after == pytest.approx(model.retry_after)
         if model.window_size is not None:

@@ -453,3 +453,90 @@ async def test_a_reentrant_call_fails_at_once_instead_of_waiting_on_itself() -> 
         assert clock.now() == 0.0
         # The slot was given back: the policy still serves calls, including the inner one.
         assert await inner() == "inner"
+
+
+async def test_a_probe_queued_for_a_token_is_not_judged_hung() -> None:
+    # A shared CPS limiter whose queue is longer than max_wait_in_half_open: the probe waits
+    # 10 s for its token, sending nothing; the breaker must wait for its answer.
+    clock = ManualClock()
+    breaker = CircuitBreaker(
+        "twilio",
+        failure_threshold=1,
+        recovery_timeout=30.0,
+        max_wait_in_half_open=5.0,
+        clock=clock,
+    )
+    bucket = TokenBucket(rate=0.1, burst=1, clock=clock)  # a token every 10 s
+    policy = Policy(breaker=breaker, limiter=bucket, clock=clock)
+    sent: list[float] = []
+
+    async def fail() -> None:
+        raise Maybe
+
+    async def answer() -> str:
+        sent.append(clock.now())
+        return "CA1"
+
+    with pytest.raises(Maybe):
+        await policy.call(fail)
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(30.0)
+    await bucket.acquire()  # other traffic on the shared limiter takes the token at 30 s
+    results: list[str] = []
+
+    async def probe() -> None:
+        results.append(await policy.call(answer))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(probe)
+        await anyio.wait_all_tasks_blocked()
+        assert breaker.state is BreakerState.HALF_OPEN  # the probe holds its slot, queued
+        clock.advance(6.0)  # queued longer than max_wait_in_half_open
+        with pytest.raises(CircuitOpenError) as info:
+            await policy.call(answer)
+        assert breaker.state is BreakerState.HALF_OPEN  # refused, not re-opened
+        assert info.value.retry_after == 1.0
+        clock.advance(4.0)  # the probe's token comes at 40 s
+    assert results == ["CA1"]
+    assert sent == [40.0]
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.statistics().trips == 1
+
+
+async def test_a_probe_that_hangs_after_its_token_still_reopens_the_breaker() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker(
+        "twilio",
+        failure_threshold=1,
+        recovery_timeout=30.0,
+        max_wait_in_half_open=5.0,
+        clock=clock,
+    )
+    bucket = TokenBucket(rate=0.1, burst=1, clock=clock)
+    policy = Policy(breaker=breaker, limiter=bucket, clock=clock)
+
+    async def fail() -> None:
+        raise Maybe
+
+    async def hang() -> None:
+        await clock.sleep(100.0)
+
+    with pytest.raises(Maybe):
+        await policy.call(fail)
+    clock.advance(30.0)
+    await bucket.acquire()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(policy.call, hang)
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(10.0)  # token at 40 s: the probe is sent and hangs
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(4.0)
+        with pytest.raises(CircuitOpenError) as info:
+            await policy.call(hang)
+        assert breaker.state is BreakerState.HALF_OPEN
+        assert info.value.retry_after == pytest.approx(1.0)  # it has run 4 s of 5 s
+        clock.advance(1.0)
+        with pytest.raises(CircuitOpenError):
+            await policy.call(hang)
+        assert breaker.state is BreakerState.OPEN  # hung for 5 s after it was sent
+        tg.cancel_scope.cancel()

@@ -55,6 +55,9 @@ async def use_breaker() -> None:
     permit = await breaker.acquire()
     permit.mark_started()
     permit.success()
+    queued = await breaker.acquire(started=False)
+    queued.mark_started()
+    queued.release()
     state: resilient_voice.BreakerState = breaker.state
     del call, same, state
 

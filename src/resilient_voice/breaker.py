@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import enum
 import functools
-import inspect
 import math
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -29,7 +30,9 @@ from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, runtime_ch
 
 from resilient_voice import events
 from resilient_voice._breaker_windows import CountWindow, TimeWindow
+from resilient_voice._callables import is_async_callable, require_async_callable
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._loops import current_loop, loop_finished
 from resilient_voice.errors import CircuitOpenError, RejectedError
 from resilient_voice.failure import FailureKind, failure_kind_of, is_backpressure
 
@@ -70,7 +73,11 @@ class BreakerState(enum.Enum):
 _CLOSED: Final = BreakerState.CLOSED
 _OPEN: Final = BreakerState.OPEN
 _HALF_OPEN: Final = BreakerState.HALF_OPEN
+_get_ident: Final = threading.get_ident
 _IGNORED_KINDS: Final = frozenset({FailureKind.UNPROCESSED, FailureKind.PERMANENT})
+# A caller refused while probes run is told to come back soon (bounded by these, in seconds).
+_PROBE_WAIT_CAP: Final = 1.0
+_PROBE_WAIT_FLOOR: Final = 0.05
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -94,6 +101,10 @@ def _rate(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def _needs_window(option: str) -> str:
+    return f"{option} needs a window: set window_size or window_duration too"
 
 
 def _check_matcher(name: str, value: object) -> None:
@@ -138,15 +149,19 @@ class BreakerConfig:
         window_size: Count-based window: judge the last this-many calls.
         window_duration: Time-based window: judge the calls of the last this-many seconds (kept
             in ten buckets, so the window slides in steps of a tenth of it).
-        failure_rate_threshold: Failure rate in (0, 1] that opens the breaker (window modes).
+        failure_rate_threshold: Failure rate in (0, 1] that opens the breaker (window modes
+            only). Defaults to 0.5 with a window.
         minimum_calls: Calls the window must hold before rates are judged. Defaults to
             ``window_size`` for a count window and 10 for a time window.
         slow_call_duration: Calls lasting at least this many seconds are slow (window modes).
-        slow_call_rate_threshold: Slow-call rate in (0, 1] that opens the breaker.
+        slow_call_rate_threshold: Slow-call rate in (0, 1] that opens the breaker (only with
+            ``slow_call_duration``). Defaults to 1.0 with a slow-call rule.
         half_open_max_calls: Probes allowed to run at once while half-open.
         success_threshold: Successful probes needed to close the breaker again.
         max_wait_in_half_open: A probe running longer than this re-opens the breaker (judged on
-            the next ``acquire``; no background task). ``None`` waits forever.
+            the next ``acquire``; no background task). A probe runs from when it started (see
+            :meth:`BreakerPermit.mark_started`), not from when it was admitted: time spent in
+            our own queues is not the upstream hanging. ``None`` waits forever.
         backoff_multiplier: Each trip that follows a failed recovery multiplies the open
             duration by this (1.0: no growth).
         max_recovery_timeout: Cap on the grown open duration; defaults to ten times
@@ -156,19 +171,23 @@ class BreakerConfig:
         failure_result: Predicate on a returned value that makes it count as a failure (for
             example an HTTP 503 response object).
 
+    The window options default to ``None`` so that an option given without the window it needs
+    is told apart from an omitted one and refused, rather than silently ignored.
+
     Raises:
         TypeError: An option has the wrong type.
-        ValueError: An option is out of range or options contradict each other.
+        ValueError: An option is out of range, options contradict each other, or an option is
+            set without the window (or slow-call rule) it needs.
     """
 
     failure_threshold: int = 3
     recovery_timeout: float = 30.0
     window_size: int | None = None
     window_duration: float | None = None
-    failure_rate_threshold: float = 0.5
+    failure_rate_threshold: float | None = None
     minimum_calls: int | None = None
     slow_call_duration: float | None = None
-    slow_call_rate_threshold: float = 1.0
+    slow_call_rate_threshold: float | None = None
     half_open_max_calls: int = 1
     success_threshold: int = 1
     max_wait_in_half_open: float | None = None
@@ -186,13 +205,17 @@ class BreakerConfig:
         _positive_float("window_duration", self.window_duration, optional=True)
         if self.window_size is not None and self.window_duration is not None:
             raise ValueError("set window_size (count window) or window_duration, not both")
-        _rate("failure_rate_threshold", self.failure_rate_threshold)
-        _rate("slow_call_rate_threshold", self.slow_call_rate_threshold)
         windowed = self.window_size is not None or self.window_duration is not None
+        if self.failure_rate_threshold is not None:
+            _rate("failure_rate_threshold", self.failure_rate_threshold)
+            if not windowed:
+                raise ValueError(_needs_window("failure_rate_threshold"))
+        elif windowed:
+            object.__setattr__(self, "failure_rate_threshold", 0.5)
         if self.minimum_calls is not None:
             _positive_int("minimum_calls", self.minimum_calls)
             if not windowed:
-                raise ValueError("minimum_calls needs a window (window_size or window_duration)")
+                raise ValueError(_needs_window("minimum_calls"))
             if self.window_size is not None and self.minimum_calls > self.window_size:
                 raise ValueError(
                     f"minimum_calls ({self.minimum_calls}) must not exceed "
@@ -204,10 +227,16 @@ class BreakerConfig:
             )
         _positive_float("slow_call_duration", self.slow_call_duration, optional=True)
         if self.slow_call_duration is not None and not windowed:
-            raise ValueError(
-                "slow_call_duration needs a window (window_size or window_duration) to judge "
-                "the slow-call rate"
-            )
+            raise ValueError(_needs_window("slow_call_duration"))
+        if self.slow_call_rate_threshold is not None:
+            _rate("slow_call_rate_threshold", self.slow_call_rate_threshold)
+            if self.slow_call_duration is None:
+                raise ValueError(
+                    "slow_call_rate_threshold needs slow_call_duration (and a window: "
+                    "window_size or window_duration) to judge which calls are slow"
+                )
+        elif self.slow_call_duration is not None:
+            object.__setattr__(self, "slow_call_rate_threshold", 1.0)
         _positive_int("half_open_max_calls", self.half_open_max_calls)
         _positive_int("success_threshold", self.success_threshold)
         _positive_float("max_wait_in_half_open", self.max_wait_in_half_open, optional=True)
@@ -233,7 +262,7 @@ class BreakerConfig:
         return self.window_size is not None or self.window_duration is not None
 
 
-_DEFAULT_CONFIG: Final = BreakerConfig()
+_OPTION_DEFAULTS: Final = {field.name: field.default for field in dataclasses.fields(BreakerConfig)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -252,7 +281,8 @@ class BreakerStatistics:
         failure_rate: ``failures / calls`` (0.0 with no calls).
         slow_call_rate: ``slow_calls / calls`` (0.0 with no calls).
         consecutive_failures: Failures since the last success in the CLOSED state.
-        half_open_calls: Probes running now.
+        half_open_calls: Probes admitted and not finished: running, or admitted with
+            ``acquire(started=False)`` and not yet started.
         retry_after: Seconds until the breaker admits a probe (0.0 when not OPEN).
         trips: How many times the breaker opened since it was built.
     """
@@ -287,6 +317,7 @@ class BreakerRecord:
         "open_until",
         "probe_successes",
         "probes",
+        "probes_waiting",
         "state",
         "trips",
         "window",
@@ -301,7 +332,8 @@ class BreakerRecord:
         self.trips = 0
         self.open_duration = 0.0
         self.open_until = 0.0
-        self.probes: list[float] = []  # grant times of the running probes, oldest first
+        self.probes: list[float] = []  # start times of the running probes, oldest first
+        self.probes_waiting = 0  # probes admitted but not started yet (queued for a token)
         self.probe_successes = 0
         self.window: CountWindow | TimeWindow | None = None
 
@@ -362,10 +394,26 @@ class BreakerPermit:
         probe: Whether this call is a half-open probe.
     """
 
-    __slots__ = ("_breaker", "_done", "_token", "epoch", "granted_at", "probe", "started")
+    __slots__ = (
+        "_breaker",
+        "_done",
+        "_owner",
+        "_probe_start",
+        "_token",
+        "epoch",
+        "granted_at",
+        "probe",
+        "started",
+    )
 
     def __init__(
-        self, breaker: CircuitBreaker, epoch: int, probe: bool, granted_at: float | None
+        self,
+        breaker: CircuitBreaker,
+        epoch: int,
+        probe: bool,
+        granted_at: float | None,
+        probe_start: float | None = None,
+        owner: _Owner | None = None,
     ) -> None:
         self._breaker = breaker
         self._done = False
@@ -373,6 +421,12 @@ class BreakerPermit:
         self.probe = probe
         self.granted_at = granted_at
         self.started = granted_at
+        # A probe's entry in the record: its start time in ``probes``, or None while it is
+        # counted in ``probes_waiting``.
+        self._probe_start = probe_start
+        # The thread and loop this permit is counted for (see CircuitBreaker._claim); None
+        # for a permit the breaker does not count.
+        self._owner = owner
         self._token: contextvars.Token[BreakerPermit | None] | None = None
 
     @property
@@ -381,33 +435,64 @@ class BreakerPermit:
         return self._done
 
     def mark_started(self) -> None:
-        """Start timing the call now (after waiting for a rate limiter, say)."""
+        """Start timing the call now (after waiting for a rate limiter, say).
+
+        Durations are measured from here, and so is a probe's run time: a probe counts as hung
+        only once it has *run* for ``max_wait_in_half_open``.
+        """
         if self.started is not None:
-            self.started = self._breaker._clock.now()
+            now = self._breaker._clock.now()
+            self.started = now
+            if self.probe and not self._done:
+                self._breaker._start_probe(self, now)
 
     def success(self) -> None:
-        """The call succeeded."""
+        """The call succeeded.
+
+        Raises:
+            RuntimeError: Reported from another thread or event loop than the one that holds
+                the breaker's permits (the outcome is not counted; a probe slot is freed).
+        """
         if not self._done:
             self._done = True
-            self._breaker._record_success(self)
+            self._report(self._breaker._record_success)
 
     def failure(self, error: BaseException | None = None) -> None:
         """The call failed; ``error`` is ``None`` when a result predicate decided."""
         if not self._done:
             self._done = True
-            self._breaker._record_failure(self, error)
+            self._report(self._breaker._record_failure, error)
 
     def ignore(self, error: BaseException) -> None:
         """The call raised an exception that does not count; frees a probe slot."""
         if not self._done:
             self._done = True
-            self._breaker._record_ignored(self, error)
+            self._report(self._breaker._record_ignored, error)
 
     def release(self) -> None:
         """The call was cancelled or never made: frees a probe slot, counts nothing."""
         if not self._done:
             self._done = True
-            self._breaker._release(self)
+            self._report(self._breaker._release)
+
+    def _report(self, record: Callable[..., None], *args: Any) -> None:
+        # The permit stays counted while its outcome is recorded, so that no other loop can
+        # take the breaker over halfway through the change.
+        owner = self._owner
+        if owner is None:
+            record(self, *args)
+            return
+        breaker = self._breaker
+        # Settled in the thread that admitted it, whose loop still owns the breaker: no loop
+        # lookup is needed (a thread runs one loop at a time, and a new loop in this thread
+        # would have taken the breaker over at its first admission).
+        if (owner.thread == _get_ident() and breaker._owner is owner) or (
+            breaker._settle_elsewhere(self, owner)
+        ):
+            try:
+                record(self, *args)
+            finally:
+                owner.permits -= 1
 
     def record_result(self, result: object) -> None:
         """Report a returned value: a failure when the breaker's ``failure_result`` says so.
@@ -495,7 +580,9 @@ class CircuitBreaker:
         "_ignore_on",
         "_listeners",
         "_local",
+        "_lock",
         "_name",
+        "_owner",
         "_record",
         "_slow_after",
         "_store",
@@ -510,10 +597,10 @@ class CircuitBreaker:
         recovery_timeout: float = 30.0,
         window_size: int | None = None,
         window_duration: float | None = None,
-        failure_rate_threshold: float = 0.5,
+        failure_rate_threshold: float | None = None,
         minimum_calls: int | None = None,
         slow_call_duration: float | None = None,
-        slow_call_rate_threshold: float = 1.0,
+        slow_call_rate_threshold: float | None = None,
         half_open_max_calls: int = 1,
         success_threshold: int = 1,
         max_wait_in_half_open: float | None = None,
@@ -529,29 +616,31 @@ class CircuitBreaker:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError("name must be a non-empty str")
-        options = BreakerConfig(
-            failure_threshold=failure_threshold,
-            recovery_timeout=recovery_timeout,
-            window_size=window_size,
-            window_duration=window_duration,
-            failure_rate_threshold=failure_rate_threshold,
-            minimum_calls=minimum_calls,
-            slow_call_duration=slow_call_duration,
-            slow_call_rate_threshold=slow_call_rate_threshold,
-            half_open_max_calls=half_open_max_calls,
-            success_threshold=success_threshold,
-            max_wait_in_half_open=max_wait_in_half_open,
-            backoff_multiplier=backoff_multiplier,
-            max_recovery_timeout=max_recovery_timeout,
-            failure_on=failure_on,
-            ignore_on=ignore_on,
-            failure_result=failure_result,
-        )
+        options: dict[str, Any] = {
+            "failure_threshold": failure_threshold,
+            "recovery_timeout": recovery_timeout,
+            "window_size": window_size,
+            "window_duration": window_duration,
+            "failure_rate_threshold": failure_rate_threshold,
+            "minimum_calls": minimum_calls,
+            "slow_call_duration": slow_call_duration,
+            "slow_call_rate_threshold": slow_call_rate_threshold,
+            "half_open_max_calls": half_open_max_calls,
+            "success_threshold": success_threshold,
+            "max_wait_in_half_open": max_wait_in_half_open,
+            "backoff_multiplier": backoff_multiplier,
+            "max_recovery_timeout": max_recovery_timeout,
+            "failure_on": failure_on,
+            "ignore_on": ignore_on,
+            "failure_result": failure_result,
+        }
         if config is None:
-            config = options
+            config = BreakerConfig(**options)
         elif not isinstance(config, BreakerConfig):
             raise TypeError("config must be a BreakerConfig")
-        elif options != _DEFAULT_CONFIG:
+        elif any(value != _OPTION_DEFAULTS[option] for option, value in options.items()):
+            # Checked before any option is validated: with config= given, an option is a
+            # mistake whatever its value.
             raise TypeError("pass either config= or individual options, not both")
         self._name = name
         self._config = config
@@ -570,6 +659,10 @@ class CircuitBreaker:
             self._record.window = TimeWindow(config.window_duration)
         self._fast_eligible = False
         self._timed = False
+        # Who holds the outstanding permits (see _claim). The lock is taken only when another
+        # thread or loop arrives; the state machine itself takes no lock.
+        self._lock = threading.Lock()
+        self._owner = _Owner(0, None)
         self._refresh()
 
     @property
@@ -627,26 +720,33 @@ class CircuitBreaker:
             return "ignored"
         return "failure"
 
-    async def acquire(self) -> BreakerPermit:
+    async def acquire(self, *, started: bool = True) -> BreakerPermit:
         """Ask to make one call; report its outcome on the returned permit.
 
         With the in-memory store this does not yield to the event loop.
 
+        Args:
+            started: Whether the call starts now. Pass ``False`` when it first waits in your
+                own queues (a rate limiter, a bulkhead) and call
+                :meth:`BreakerPermit.mark_started` when it is made: until then a probe holds
+                its slot but is not timed, so a long queue never makes it look hung.
+
         Raises:
             CircuitOpenError: The breaker is open, or half-open with every probe slot taken.
+            RuntimeError: Another thread or event loop, still running, holds permits of this
+                breaker (see docs/breaker.md, "Threads and event loops").
         """
         if not self._local:
             await self._store.load()
-        return self._admit()
+        return self._admit(started)
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         """Decorate an async function so that every call goes through the breaker.
 
         Raises:
-            TypeError: ``fn`` is not an async function.
+            TypeError: ``fn`` is not an async function (checked here, once).
         """
-        if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)):
-            raise TypeError(f"{fn!r} is not an async function")
+        require_async_callable(fn, "the CircuitBreaker decorator")
         record = self._record
         fast_error = self._fast_error
         admit = self._admit
@@ -676,7 +776,10 @@ class CircuitBreaker:
 
         Raises:
             CircuitOpenError: The breaker refused the call; ``fn`` was not called.
+            TypeError: ``fn`` is not an async function; it was not called and nothing counts.
         """
+        if not is_async_callable(fn):
+            require_async_callable(fn, "CircuitBreaker.call()")
         record = self._record
         if record.fast:
             epoch = record.epoch
@@ -713,20 +816,35 @@ class CircuitBreaker:
             permit.settle(exc)
 
     def reset(self) -> None:
-        """Close the breaker and forget its counters (the trip count is kept)."""
-        record = self._record
-        old = record.state
-        self._clear_closed(record)
-        self._enter(record, _CLOSED, old)
+        """Close the breaker and forget its counters (the trip count is kept).
+
+        Raises:
+            RuntimeError: Another thread or event loop holds permits of this breaker.
+        """
+        owner = self._claim()
+        try:
+            record = self._record
+            old = record.state
+            self._clear_closed(record)
+            self._enter(record, _CLOSED, old)
+        finally:
+            owner.permits -= 1
 
     def force_open(self, duration: float | None = None) -> None:
         """Open the breaker now, for ``duration`` seconds or the configured open duration.
 
         It then recovers like after any trip: the next call after the open period is a probe.
+
+        Raises:
+            RuntimeError: Another thread or event loop holds permits of this breaker.
         """
         if duration is not None:
             _positive_float("duration", duration)
-        self._trip(self._clock.now(), duration)
+        owner = self._claim()
+        try:
+            self._trip(self._clock.now(), duration)
+        finally:
+            owner.permits -= 1
 
     def statistics(self) -> BreakerStatistics:
         """A frozen snapshot of the state and counters."""
@@ -750,7 +868,7 @@ class CircuitBreaker:
             failure_rate=failure_rate,
             slow_call_rate=slow_rate,
             consecutive_failures=record.consecutive_failures,
-            half_open_calls=len(record.probes),
+            half_open_calls=len(record.probes) + record.probes_waiting,
             retry_after=retry_after,
             trips=record.trips,
         )
@@ -771,35 +889,170 @@ class CircuitBreaker:
         )
         self._record.fast = self._fast_eligible and self._record.state is _CLOSED
 
-    def _admit(self) -> BreakerPermit:
+    def _admit(self, started: bool = True) -> BreakerPermit:
         record = self._record
         state = record.state
         if state is _CLOSED:
             return BreakerPermit(
-                self, record.epoch, False, self._clock.now() if self._timed else None
+                self,
+                record.epoch,
+                False,
+                self._clock.now() if self._timed else None,
+                None,
+                self._claim(),
             )
         now = self._clock.now()
+        if state is _OPEN and now < record.open_until:
+            raise self._reject(record.open_until - now)
+        # What follows may change the state or grant a probe: claimed first, so not from a
+        # second loop, and given back below if no probe is granted.
+        owner = self._claim()
+        try:
+            return self._admit_probe(record, state, now, started, owner)
+        except BaseException:
+            owner.permits -= 1
+            raise
+
+    def _admit_probe(
+        self, record: BreakerRecord, state: BreakerState, now: float, started: bool, owner: _Owner
+    ) -> BreakerPermit:
         if state is _OPEN:
-            if now < record.open_until:
-                raise self._reject(record.open_until - now)
             record.probes.clear()
+            record.probes_waiting = 0
             record.probe_successes = 0
             self._enter(record, _HALF_OPEN, _OPEN)
         probes = record.probes
         max_wait = self._config.max_wait_in_half_open
+        # Only started probes are judged: probes[0] is the oldest start (starts are appended
+        # in clock order), and a probe still queued for a token has sent nothing yet.
         if max_wait is not None and probes and now - probes[0] >= max_wait:
             self._trip(now)
             raise self._reject(record.open_until - now)
-        if len(probes) >= self._config.half_open_max_calls:
-            if max_wait is not None:
-                retry_after = max(0.0, probes[0] + max_wait - now)
-            else:
-                retry_after = self._config.recovery_timeout
-            raise self._reject(retry_after)
-        probes.append(now)
+        if len(probes) + record.probes_waiting >= self._config.half_open_max_calls:
+            raise self._reject(self._probe_wait(record, now))
+        if started:
+            probes.append(now)
+        else:
+            record.probes_waiting += 1
         if not self._local:
             self._store.changed()
-        return BreakerPermit(self, record.epoch, True, now)
+        return BreakerPermit(self, record.epoch, True, now, now if started else None, owner)
+
+    def _probe_wait(self, record: BreakerRecord, now: float) -> float:
+        """The ``retry_after`` for a caller refused while probes run: soon, not a full open
+        period, since a probe usually answers in a moment and then the breaker closes."""
+        max_wait = self._config.max_wait_in_half_open
+        if max_wait is not None and record.probes:
+            wait = record.probes[0] + max_wait - now
+        else:
+            wait = min(self._config.recovery_timeout, _PROBE_WAIT_CAP)
+        return max(wait, _PROBE_WAIT_FLOOR)
+
+    def _start_probe(self, permit: BreakerPermit, now: float) -> None:
+        record = self._record
+        if permit.epoch != record.epoch:
+            return
+        self._remove_probe(record, permit)
+        record.probes.append(now)
+        permit._probe_start = now
+        if not self._local:
+            self._store.changed()
+
+    # Ownership: one thread and event loop at a time. The state machine takes no lock, so two
+    # loops using one breaker at once would corrupt it (a probe slot lost for ever, say). The
+    # loop holding outstanding permits owns the breaker; another loop is refused at admission,
+    # settlement and state changes while that loop still runs. Once it has ended, whatever
+    # permits it left unreported can never be settled, so the next loop takes over: sequential
+    # reuse (asyncio.run per task, one test on asyncio and the next on trio) stays allowed.
+    # Only the owner changes its own count, so the owner's path takes no lock; the closed fast
+    # path holds no permit and checks nothing.
+
+    def _claim(self) -> _Owner:
+        """Count one more outstanding permit (or state change) for the calling loop.
+
+        Raises:
+            RuntimeError: Another loop that is still running holds permits.
+        """
+        thread = _get_ident()
+        loop = current_loop()
+        owner = self._owner
+        if owner.thread == thread and owner.loop is loop:
+            # Count first, then look again: a loop taking over sets the owner first, then
+            # looks at the count (in _take_over), so at most one of the two goes ahead.
+            owner.permits += 1
+            if self._owner is owner:
+                return owner
+            owner.permits -= 1
+        return self._take_over(thread, loop)
+
+    def _take_over(self, thread: int, loop: object | None) -> _Owner:
+        with self._lock:
+            owner = self._owner
+            if owner.thread == thread and owner.loop is loop:
+                owner.permits += 1
+                return owner
+            outstanding = owner.permits
+            if outstanding and not loop_finished(owner.loop, owner.thread):
+                raise self._shared_error(owner)
+            new = _Owner(thread, loop)
+            new.permits = 1
+            self._owner = new
+            if owner.permits > outstanding:
+                # The owner claimed again while this was deciding: it is alive, and in use.
+                self._owner = owner
+                raise self._shared_error(owner)
+            if outstanding:
+                # Every outstanding permit belonged to the loop that ended: none can be
+                # reported now. Free their probe slots, so that they cannot hold the breaker
+                # half-open for ever; their late reports (if any) count nothing.
+                record = self._record
+                record.probes.clear()
+                record.probes_waiting = 0
+            return new
+
+    def _settle_elsewhere(self, permit: BreakerPermit, owner: _Owner) -> bool:
+        """Say whether a permit settled outside its owner's thread, or after its owner was
+        replaced, may still record its outcome.
+
+        False for a permit orphaned by the end of its loop: nothing counts, but its probe slot
+        is freed. A permit settled from another thread or loop while its own loop runs frees
+        its probe slot and raises.
+        """
+        thread = _get_ident()
+        loop = current_loop()
+        if owner.thread == thread and owner.loop is loop:
+            # Taken over while this permit was out: its loop looked finished (stopped between
+            # two runs), or another thread raced for it, which this settlement now reveals.
+            owner.permits -= 1
+            current = self._owner
+            self._release(permit)
+            if (
+                current.permits
+                and (current.thread != thread or current.loop is not loop)
+                and not loop_finished(current.loop, current.thread)
+            ):
+                raise self._shared_error(current)
+            return False
+        if loop_finished(owner.loop, owner.thread):
+            self._release(permit)
+            return False
+        # Left counted: its loop keeps the breaker until it ends (only the owner changes its
+        # own count, so the owner's path needs no lock).
+        self._release(permit)
+        raise self._shared_error(owner)
+
+    def _shared_error(self, owner: _Owner) -> RuntimeError:
+        error = RuntimeError(
+            f"CircuitBreaker {self._name!r} is used from two threads or event loops at once: "
+            f"an event loop in thread {owner.thread} holds its permits and is still running. "
+            "A breaker belongs to one event loop at a time (it keeps its state without "
+            "locks): build one breaker per event loop or thread, or send every call to one "
+            "loop (anyio.from_thread.run, asyncio.run_coroutine_threadsafe)."
+        )
+        # A programming error: a retry policy must neither retry it nor call it an unknown
+        # outcome (at admission nothing was sent).
+        error.failure_kind = FailureKind.PERMANENT  # type: ignore[attr-defined]
+        return error
 
     def _reject(self, retry_after: float) -> CircuitOpenError:
         if self._listeners:
@@ -826,7 +1079,11 @@ class CircuitBreaker:
             return
         record.consecutive_failures += 1
         if record.consecutive_failures >= self._config.failure_threshold:
-            self._trip(self._clock.now())
+            owner = self._claim()
+            try:
+                self._trip(self._clock.now())
+            finally:
+                owner.permits -= 1
 
     def _duration(self, permit: BreakerPermit, now: float | None) -> float | None:
         if now is None or permit.started is None:
@@ -907,20 +1164,24 @@ class CircuitBreaker:
     @staticmethod
     def _remove_probe(record: BreakerRecord, permit: BreakerPermit) -> None:
         # A foreign store may have lost the slot already; freeing it twice must not fail.
-        with contextlib.suppress(ValueError):
-            record.probes.remove(permit.granted_at)  # type: ignore[arg-type]
+        start = permit._probe_start
+        if start is None:
+            if record.probes_waiting > 0:
+                record.probes_waiting -= 1
+        else:
+            with contextlib.suppress(ValueError):
+                record.probes.remove(start)
 
     def _judge(self, record: BreakerRecord, window: CountWindow | TimeWindow, now: float) -> None:
         window.expire(now)
         config = self._config
         calls = window.calls
         minimum = config.minimum_calls or 1
+        failure_rate = config.failure_rate_threshold
+        slow_rate = config.slow_call_rate_threshold
         if calls >= minimum and (
-            window.failures / calls >= config.failure_rate_threshold
-            or (
-                self._slow_after is not None
-                and window.slow / calls >= config.slow_call_rate_threshold
-            )
+            (failure_rate is not None and window.failures / calls >= failure_rate)
+            or (slow_rate is not None and window.slow / calls >= slow_rate)
         ):
             self._trip(now)
         elif not self._local:
@@ -941,6 +1202,7 @@ class CircuitBreaker:
         record.open_duration = duration
         record.open_until = now + duration
         record.probes.clear()
+        record.probes_waiting = 0
         record.probe_successes = 0
         self._enter(record, _OPEN, old)
 
@@ -951,6 +1213,7 @@ class CircuitBreaker:
         record.open_duration = 0.0
         record.open_until = 0.0
         record.probes.clear()
+        record.probes_waiting = 0
         record.probe_successes = 0
         if record.window is not None:
             record.window.clear()
@@ -963,6 +1226,17 @@ class CircuitBreaker:
             self._store.changed()
         if self._listeners and new is not old:
             events.emit(self._listeners, "on_state_change", self._name, old, new)
+
+
+class _Owner:
+    """The thread and event loop that hold a breaker's outstanding permits, and how many."""
+
+    __slots__ = ("loop", "permits", "thread")
+
+    def __init__(self, thread: int, loop: object | None) -> None:
+        self.thread = thread
+        self.loop = loop
+        self.permits = 0
 
 
 class _StateChangeListener(events.BreakerListener):

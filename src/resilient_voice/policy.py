@@ -18,12 +18,14 @@ Order, outermost first (see docs/policy.md for the reasons)::
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Awaitable, Callable, Hashable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 
+from resilient_voice._callables import is_async_callable, require_async_callable
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.breaker import BreakerPermit, CircuitBreaker
 from resilient_voice.correlation import new_attempt_id
@@ -175,16 +177,32 @@ class Policy:
         return self._timeout
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        """Decorate an async function so every call goes through this policy."""
+        """Decorate an async function so every call goes through this policy.
+
+        Raises:
+            TypeError: ``fn`` is not an async function (checked here, once).
+        """
+        require_async_callable(fn, "the Policy decorator")
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return await self.call(fn, *args, **kwargs)
+            return await self._call(fn, args, kwargs)
 
         return wrapper
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``await fn(*args, **kwargs)`` under this policy."""
+        """Run ``await fn(*args, **kwargs)`` under this policy.
+
+        Raises:
+            TypeError: ``fn`` is not an async function; it was not called and nothing counts.
+        """
+        if not is_async_callable(fn):
+            require_async_callable(fn, "Policy.call()")
+        return await self._call(fn, args, kwargs)
+
+    async def _call(
+        self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
         key = self._key(*args, **kwargs) if self._key is not None else None
 
         async def attempt() -> T:
@@ -205,7 +223,8 @@ class Policy:
         """Run a zero-argument async callable under this policy; the engine behind ``call``.
 
         Args:
-            attempt: Called once per attempt.
+            attempt: Called once per attempt; must return an awaitable (an async function, or
+                a lambda returning a coroutine).
             idempotent: Overrides the policy's ``idempotent`` for this operation (the httpx
                 transport decides it per request).
             attempt_id: The id shared by every attempt of this operation; generated if omitted.
@@ -218,6 +237,8 @@ class Policy:
             TimeoutError: The total time ran out, or ``deadline`` had already passed (then
                 nothing is called or spent, and its failure kind is ``NOT_SENT``).
             OutcomeUnknownError: A non-idempotent attempt may have been processed.
+            TypeError: ``attempt()`` returned something that is not awaitable (kind
+                ``PERMANENT``: not retried; the breaker counts nothing).
             RuntimeError: A re-entrant call from a task that holds one of this policy's
                 ``max_concurrency`` slots (failure kind ``NOT_SENT``; see docs/policy.md).
             Whatever the last attempt raised, when retries are exhausted. An error raised
@@ -303,7 +324,9 @@ class Policy:
         state: _RunState,
     ) -> T:
         breaker = self._breaker
-        permit = await breaker.acquire() if breaker is not None else None
+        # Not started until the waits below are over: a probe queued for a token has sent
+        # nothing, so max_wait_in_half_open must not count its queueing.
+        permit = await breaker.acquire(started=False) if breaker is not None else None
         bulkhead = self._bulkhead
         try:
             holder = await self._wait_turn(key, deadline, priority)
@@ -362,10 +385,10 @@ class Policy:
         timed_out = False
         try:
             if self._timeout is None:
-                result = await attempt()
+                result = await _awaitable(attempt(), attempt, permit)
             else:
                 with self._clock.deadline_scope(self._clock.now() + self._timeout) as scope:
-                    result = await attempt()
+                    result = await _awaitable(attempt(), attempt, permit)
                 timed_out = scope.cancelled_caught
         except anyio.get_cancelled_exc_class():
             raise
@@ -449,3 +472,27 @@ class _Unsent(BaseException):
     def __init__(self, error: Exception) -> None:
         super().__init__(error)
         self.error = error
+
+
+def _awaitable(
+    result: object, attempt: Callable[[], Awaitable[T]], permit: BreakerPermit | None
+) -> Awaitable[T]:
+    """Pass ``attempt()``'s result on when it can be awaited; else refuse it, counting nothing.
+
+    ``run`` takes a thunk (a lambda returning a coroutine is its normal use), so it cannot be
+    checked before it runs; a result that cannot be awaited is a programming error, not a
+    failure of the upstream: the breaker permit is released and the error is ``PERMANENT``,
+    so it is not retried.
+    """
+    if inspect.isawaitable(result):
+        return result
+    if permit is not None:
+        permit.release()
+    error = TypeError(
+        f"Policy.run() awaits what attempt() returns, but {attempt!r} returned "
+        f"{type(result).__name__}, which is not awaitable. Pass an async function or a lambda "
+        "returning a coroutine (lambda: client.calls.create_async(...)); a plain function has "
+        "already run by the time its result is seen."
+    )
+    error.failure_kind = FailureKind.PERMANENT  # type: ignore[attr-defined]
+    raise error

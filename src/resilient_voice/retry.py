@@ -26,7 +26,6 @@ This module imports nothing from httpx: :func:`parse_retry_after` and
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import random as _random_module
 import time
@@ -37,6 +36,7 @@ from datetime import UTC
 from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
 
 from resilient_voice import events
+from resilient_voice._callables import is_async_callable, require_async_callable
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.correlation import DEFAULT_CORRELATION_ID_VALIDATOR, new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError, RejectedError
@@ -403,14 +403,9 @@ class RetryPolicy:
             idempotent: True only when running ``fn`` twice has the effect of running it once.
 
         Raises:
-            TypeError: ``fn`` is a plain synchronous function or not callable.
+            TypeError: ``fn`` is not an async function (checked here, once).
         """
-        if (
-            not callable(fn)
-            or (inspect.isfunction(fn) and not inspect.iscoroutinefunction(fn))
-            or inspect.isasyncgenfunction(fn)
-        ):
-            raise TypeError(f"RetryPolicy wraps async functions, got {fn!r}")
+        require_async_callable(fn, "RetryPolicy.wrap()")
         if not isinstance(idempotent, bool):
             raise TypeError(f"idempotent must be a bool, got {idempotent!r}")
 
@@ -425,7 +420,12 @@ class RetryPolicy:
 
         For an idempotent operation use ``await policy.run(partial(fn, ...), idempotent=True)``
         or :meth:`wrap` with ``idempotent=True``.
+
+        Raises:
+            TypeError: ``fn`` is not an async function; it was not called.
         """
+        if not is_async_callable(fn):
+            require_async_callable(fn, "RetryPolicy.call()")
         return await self.run(functools.partial(fn, *args, **kwargs), idempotent=False)
 
     async def run(

@@ -1,0 +1,63 @@
+"""Which event loop is running the calling code, and whether a loop seen earlier has ended.
+
+The breaker keeps its state without locks because one event loop runs one task at a time. Used
+from two threads (or two loops) at once, that state is corrupted silently, so the breaker
+remembers the loop holding its outstanding permits and refuses another one while that loop
+still runs. These two functions are all it needs; they are called on its slow paths only
+(permit admission and settlement, state transitions), never on the closed fast path.
+
+Neither backend is imported here: trio is looked up in ``sys.modules`` (a trio run has imported
+it, and sniffio with it), so ``import resilient_voice`` stays light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+
+__all__ = ["current_loop", "loop_finished"]
+
+
+def current_loop() -> object | None:
+    """The running loop of this thread: the trio run's token or the asyncio loop, else ``None``.
+
+    Trio is checked first because a trio guest run ticks inside an asyncio host loop's thread;
+    trio sets ``sniffio.thread_local.name`` only while it runs.
+    """
+    sniffio = sys.modules.get("sniffio")
+    if sniffio is not None and sniffio.thread_local.name == "trio":
+        token: object = sys.modules["trio"].lowlevel.current_trio_token()
+        return token
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def loop_finished(loop: object | None, thread: int) -> bool:
+    """Whether ``loop`` (found by :func:`current_loop` in ``thread``) can no longer run code.
+
+    An asyncio loop that is not running (closed, or between ``run_until_complete`` calls) and
+    a trio run that has returned count as finished; so does the loop-less context of a thread
+    that has ended. Safe to call from any thread.
+    """
+    if loop is None:
+        return thread == threading.get_ident() or all(
+            other.ident != thread for other in threading.enumerate()
+        )
+    is_running = getattr(loop, "is_running", None)
+    if is_running is not None:
+        return not is_running()
+    trio = sys.modules.get("trio")
+    if trio is None:  # pragma: no cover - a trio token implies trio is imported
+        return True
+    try:
+        loop.run_sync_soon(_nothing)  # type: ignore[attr-defined]
+    except trio.RunFinishedError:
+        return True
+    return False
+
+
+def _nothing() -> None:
+    return None
