@@ -14,7 +14,8 @@ request data, so they are safe as metric labels.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from resilient_voice.failure import FailureKind
@@ -22,9 +23,46 @@ from resilient_voice.failure import FailureKind
 if TYPE_CHECKING:
     from resilient_voice.breaker import BreakerState
 
-__all__ = ["BreakerListener", "LimiterListener", "RetryListener", "TransportListener", "emit"]
+__all__ = [
+    "BreakerListener",
+    "Event",
+    "LimiterListener",
+    "Listener",
+    "RetryListener",
+    "TransportListener",
+    "dispatch",
+    "emit",
+]
 
 _log = logging.getLogger("resilient_voice.events")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of every event record: frozen, slotted, built only when someone listens.
+
+    ``source`` is the name of the primitive that produced it (a bounded string chosen by the
+    user). Listeners tell records apart with ``match``.
+    """
+
+    source: str
+
+
+Listener = Callable[[Event], None]
+"""A listener is any callable taking one event record; it must be cheap and must not raise."""
+
+
+def dispatch(listeners: tuple[Listener, ...], event: Event) -> None:
+    """Hand ``event`` to every listener, logging and swallowing what a listener raises.
+
+    Primitives call this only after checking ``if self._listeners:``, so the record is never
+    built when nothing listens.
+    """
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:  # noqa: BLE001  (a listener bug must not change the call's outcome)
+            _log.exception("listener %r raised on %s", listener, type(event).__name__)
 
 
 def emit(listeners: tuple[object, ...], callback: str, *args: object) -> None:
