@@ -132,7 +132,8 @@ class StateMachine:
         self.fast = eligible and self.state is _CLOSED
 
     def admit_probe(self, now: float, started: bool) -> float | None:
-        """Admit a probe when OPEN has run out or HALF_OPEN has a free slot.
+        """Admit a probe when OPEN has run out or HALF_OPEN has a free slot (never called while
+        CLOSED: the facade admits closed calls itself).
 
         Returns ``None`` when a probe was admitted (its start is recorded at ``now`` when
         ``started``, else it waits uncounted in time), or the ``retry_after`` of the refusal.
