@@ -1,9 +1,12 @@
-"""Listener protocols: how metrics, logs and tests observe the primitives.
+"""Event records and listeners: how metrics, logs and tests observe the primitives.
 
-Every primitive accepts ``listeners=[...]`` and ``add_listener()``. A listener subclasses the
-matching base class below and overrides only the callbacks it cares about; the others are no-ops.
-Primitives keep their listeners in a tuple and test it before building any event argument, so when
-nothing listens, nothing is built or called on the hot path.
+Every primitive accepts ``listeners=[...]`` and ``add_listener()``. The target shape is one
+listener type, :data:`Listener`, a callable taking a frozen :class:`Event` record and telling
+records apart with ``match``; the circuit breaker has moved to it (its records and
+:class:`BreakerState` are defined here), the other primitives still call the named callbacks of
+the listener base classes below through :func:`emit` until they move. Primitives keep their
+listeners in a tuple and test it before building any record or argument, so when nothing
+listens, nothing is built or called on the hot path.
 
 Callbacks run synchronously in the task that caused the event, so they must be cheap and must not
 raise: an exception from a listener is logged and swallowed by the primitive, because observing a

@@ -440,7 +440,8 @@ class CircuitBreaker:
 
     def _admit(self, started: bool = True) -> BreakerPermit:
         machine = self._machine
-        if machine.state is _CLOSED:
+        state = machine.state
+        if state is _CLOSED:
             return BreakerPermit(
                 self,
                 machine.epoch,
@@ -450,7 +451,7 @@ class CircuitBreaker:
                 self._ownership.claim(),
             )
         now = self._clock.now()
-        if machine.state is _OPEN and now < machine.open_until:
+        if state is _OPEN and now < machine.open_until:
             raise self._reject(machine.open_until - now)
         # What follows may change the state or grant a probe: claimed first, so not from a
         # second loop, and given back below if no probe is granted.
