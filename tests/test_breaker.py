@@ -1083,7 +1083,7 @@ async def test_backpressure_errors_never_trip_the_breaker() -> None:
     assert breaker.classify(_TooManyRequests()) == "ignored"
 
 
-async def test_permit_record_result_applies_the_result_predicate() -> None:
+async def test_settling_a_result_applies_the_result_predicate() -> None:
     breaker = CircuitBreaker(
         "results", failure_threshold=1, failure_result=lambda r: r == 503, clock=ManualClock()
     )
@@ -1093,3 +1093,31 @@ async def test_permit_record_result_applies_the_result_predicate() -> None:
     permit = await breaker.acquire()
     permit.settle(result=503)
     assert breaker.state is BreakerState.OPEN
+
+
+async def test_no_event_record_is_built_when_nothing_listens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from resilient_voice.breaker import _facade
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("an event record was built with no listener")
+
+    for record in ("CallSucceeded", "CallFailed", "CallIgnored", "CallRejected", "StateChanged"):
+        monkeypatch.setattr(_facade, record, refuse)
+    clock = ManualClock()
+    breaker = make(clock, window_size=2, slow_call_duration=1.0, ignore_on=KeyError)
+    assert await breaker.call(ok) == 1
+
+    async def missing() -> None:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        await breaker.call(missing)
+    await failures(breaker, 1)  # one success and one failure in a window of two
+    assert breaker.state is OPEN
+    with pytest.raises(CircuitOpenError):
+        await breaker.call(ok)
+    clock.advance(30.0)
+    assert await breaker.call(ok) == 1
+    assert breaker.state is CLOSED
