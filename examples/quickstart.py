@@ -18,8 +18,9 @@ import anyio
 # Lets the script run from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from resilient_voice.breaker import BreakerState, CircuitBreaker
+from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.errors import CircuitOpenError
+from resilient_voice.events import Event, StateChanged
 
 START = time.monotonic()
 
@@ -47,15 +48,17 @@ def log(message: str) -> None:
     print(f"{time.monotonic() - START:5.2f}s  {message}")
 
 
-def on_state_change(name: str, old: BreakerState, new: BreakerState) -> None:
-    log(f"breaker {name!r}: {old.value} -> {new.value}")
+def on_event(event: Event) -> None:
+    if isinstance(event, StateChanged):
+        log(f"breaker {event.source!r}: {event.old.value} -> {event.new.value}")
 
 
 async def main() -> None:
     upstream = FakeUpstream()
     # Built once, at startup, and shared: never build a breaker per call.
-    breaker = CircuitBreaker("twilio", failure_threshold=3, recovery_timeout=0.3)
-    breaker.on_state_change(on_state_change)
+    breaker = CircuitBreaker(
+        "twilio", failure_threshold=3, recovery_timeout=0.3, listeners=[on_event]
+    )
     create_call = breaker(upstream.create_call)
 
     async def attempt(number: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import inspect
 import tracemalloc
@@ -12,9 +13,7 @@ import anyio
 import pytest
 
 from resilient_voice.breaker import (
-    BreakerConfig,
     BreakerPermit,
-    BreakerRecord,
     BreakerState,
     BreakerStatistics,
     BreakerStore,
@@ -22,7 +21,14 @@ from resilient_voice.breaker import (
     InMemoryBreakerStore,
 )
 from resilient_voice.errors import CircuitOpenError, ProviderError, RateLimitedError
-from resilient_voice.events import BreakerListener
+from resilient_voice.events import (
+    CallFailed,
+    CallIgnored,
+    CallRejected,
+    CallSucceeded,
+    Event,
+    StateChanged,
+)
 from resilient_voice.failure import FailureKind
 from resilient_voice.testing import ManualClock
 
@@ -62,24 +68,22 @@ async def trip(breaker: CircuitBreaker) -> None:
     assert breaker.state is OPEN
 
 
-class Recorder(BreakerListener):
+class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def on_success(self, breaker: str, duration: float | None) -> None:
-        self.events.append(("success", breaker, duration))
-
-    def on_failure(self, breaker: str, error: BaseException | None, duration: float | None) -> None:
-        self.events.append(("failure", breaker, type(error).__name__, duration))
-
-    def on_ignored(self, breaker: str, error: BaseException) -> None:
-        self.events.append(("ignored", breaker, type(error).__name__))
-
-    def on_rejected(self, breaker: str, retry_after: float) -> None:
-        self.events.append(("rejected", breaker, retry_after))
-
-    def on_state_change(self, breaker: str, old: BreakerState, new: BreakerState) -> None:
-        self.events.append(("state", breaker, old, new))
+    def __call__(self, event: Event) -> None:
+        match event:
+            case CallSucceeded(source=breaker, duration=duration):
+                self.events.append(("success", breaker, duration))
+            case CallFailed(source=breaker, error=error, duration=duration):
+                self.events.append(("failure", breaker, type(error).__name__, duration))
+            case CallIgnored(source=breaker, error=error):
+                self.events.append(("ignored", breaker, type(error).__name__))
+            case CallRejected(source=breaker, retry_after=retry_after):
+                self.events.append(("rejected", breaker, retry_after))
+            case StateChanged(source=breaker, old=old, new=new):
+                self.events.append(("state", breaker, old, new))
 
 
 # Closed state, consecutive mode
@@ -177,7 +181,7 @@ async def test_after_the_timeout_the_next_call_probes_and_success_closes() -> No
     permit = await breaker.acquire()
     assert permit.probe
     assert breaker.state is HALF_OPEN
-    permit.success()
+    permit.settle()
     assert breaker.state is CLOSED
     stats = breaker.statistics()
     assert stats.consecutive_failures == 0
@@ -219,11 +223,11 @@ async def test_probe_slots_limit_concurrent_probes() -> None:
         await breaker.acquire()
     assert info.value.retry_after == 1.0  # no max_wait_in_half_open: min(30 s, 1 s)
     assert breaker.statistics().half_open_calls == 2
-    first.success()
+    first.settle()
     third = await breaker.acquire()
-    second.success()
+    second.settle()
     assert breaker.state is CLOSED
-    third.success()  # granted in the half-open epoch: now stale, changes nothing
+    third.settle()  # granted in the half-open epoch: now stale, changes nothing
     assert breaker.state is CLOSED
 
 
@@ -335,7 +339,7 @@ async def test_a_hung_probe_reopens_on_the_next_call() -> None:
         await breaker.acquire()
     assert breaker.state is OPEN
     assert info.value.retry_after == pytest.approx(30.0)
-    hung.success()  # finishes at last, in a stale epoch
+    hung.settle()  # finishes at last, in a stale epoch
     assert breaker.state is OPEN
 
 
@@ -357,7 +361,7 @@ async def test_a_probe_is_timed_from_its_start_not_its_admission() -> None:
         await breaker.acquire()
     assert info.value.retry_after == pytest.approx(1.0)  # until it has run 5 s
     assert breaker.state is HALF_OPEN
-    queued.success()
+    queued.settle()
     assert breaker.state is CLOSED
     assert breaker.statistics().trips == 1
 
@@ -376,8 +380,8 @@ async def test_a_started_probe_that_hangs_still_reopens_the_breaker() -> None:
         await breaker.acquire()
     assert breaker.state is OPEN
     assert info.value.retry_after == 30.0
-    running.success()  # stale
-    queued.success()  # stale
+    running.settle()  # stale
+    queued.settle()  # stale
     assert breaker.state is OPEN
     assert breaker.statistics().half_open_calls == 0
 
@@ -395,7 +399,7 @@ async def test_callers_refused_while_a_probe_runs_are_told_a_short_wait() -> Non
         waits.append(info.value.retry_after)
     assert waits == [1.0] * 59  # min(recovery_timeout, 1 s), not the 30 s open period
     clock.advance(0.1)
-    probe.success()
+    probe.settle()
     assert breaker.state is CLOSED
 
     quick = make(clock, recovery_timeout=0.5)
@@ -441,7 +445,7 @@ async def test_a_slow_probe_reopens_when_a_slow_call_rule_is_set() -> None:
     clock.advance(30.0)
     permit = await breaker.acquire()
     clock.advance(1.5)
-    permit.success()
+    permit.settle()
     assert breaker.state is OPEN
 
 
@@ -528,7 +532,7 @@ async def test_mark_started_times_only_the_attempt() -> None:
     clock.advance(5.0)  # waiting for a rate limiter, say
     permit.mark_started()
     clock.advance(0.5)
-    permit.success()
+    permit.settle()
     assert breaker.statistics().slow_calls == 0
 
 
@@ -540,7 +544,7 @@ async def test_a_straggler_from_before_the_trip_cannot_flip_the_state() -> None:
     breaker = make(clock)
     straggler = await breaker.acquire()
     await trip(breaker)
-    straggler.success()
+    straggler.settle()
     assert breaker.state is OPEN
     clock.advance(30.0)
     await breaker.call(ok)
@@ -549,15 +553,15 @@ async def test_a_straggler_from_before_the_trip_cannot_flip_the_state() -> None:
     clock.advance(30.0)
     await breaker.call(ok)
     assert breaker.state is CLOSED
-    late.failure(UpstreamError())
+    late.settle(UpstreamError())
     assert breaker.statistics().consecutive_failures == 0
 
 
 async def test_recording_a_permit_twice_is_harmless() -> None:
     breaker = make(failure_threshold=1)
     permit = await breaker.acquire()
-    permit.success()
-    permit.failure(UpstreamError())
+    permit.settle()
+    permit.settle(UpstreamError())
     permit.release()
     assert permit.done
     assert breaker.state is CLOSED
@@ -762,7 +766,7 @@ async def test_fast_path_breaker_through_the_permit_api() -> None:
     permit = await breaker.acquire()
     assert isinstance(permit, BreakerPermit)
     assert not permit.probe
-    permit.failure()
+    permit.settle(UpstreamError())
     assert breaker.state is OPEN
 
 
@@ -831,29 +835,33 @@ async def test_listeners_see_every_outcome_and_state_change() -> None:
     ]
 
 
-async def test_on_state_change_shortcut_and_add_listener() -> None:
+async def test_add_listener_takes_any_callable_and_refuses_the_rest() -> None:
     breaker = make(failure_threshold=1)
-    changes: list[tuple[str, BreakerState, BreakerState]] = []
+    changes: list[StateChanged] = []
 
-    @breaker.on_state_change
-    def changed(name: str, old: BreakerState, new: BreakerState) -> None:
-        changes.append((name, old, new))
+    def changed(event: Event) -> None:
+        if isinstance(event, StateChanged):
+            changes.append(event)
 
+    breaker.add_listener(changed)
     recorder = Recorder()
     breaker.add_listener(recorder)
     await failures(breaker, 1)
-    assert changes == [("twilio", CLOSED, OPEN)]
+    assert changes == [StateChanged("twilio", CLOSED, OPEN)]
     assert ("state", "twilio", CLOSED, OPEN) in recorder.events
+    with pytest.raises(TypeError, match="callable"):
+        breaker.add_listener(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="callable"):
+        make(listeners=[object()])  # type: ignore[list-item]
 
 
 async def test_a_failing_listener_does_not_change_the_outcome(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    class Broken(BreakerListener):
-        def on_success(self, breaker: str, duration: float | None) -> None:
-            raise RuntimeError("listener bug")
+    def broken(event: Event) -> None:
+        raise RuntimeError("listener bug")
 
-    breaker = make(listeners=[Broken()])
+    breaker = make(listeners=[broken])
     assert await breaker.call(ok, 3) == 3
     assert "listener bug" in caplog.text
 
@@ -967,17 +975,15 @@ def test_invalid_configuration_fails_at_construction(
     options: dict[str, Any], error: type[Exception], match: str
 ) -> None:
     with pytest.raises(error, match=match):
-        BreakerConfig(**options)
-    with pytest.raises(error, match=match):
         CircuitBreaker("x", **options)
 
 
 def test_window_options_take_their_defaults_only_with_a_window() -> None:
-    consecutive = BreakerConfig()
+    consecutive = CircuitBreaker("x").config
     assert consecutive.failure_rate_threshold is None
     assert consecutive.slow_call_rate_threshold is None
     assert consecutive.minimum_calls is None
-    counted = BreakerConfig(window_size=4)
+    counted = CircuitBreaker("x", window_size=4).config
     assert (counted.failure_rate_threshold, counted.minimum_calls) == (0.5, 4)
     assert counted.slow_call_rate_threshold is None
     timed = CircuitBreaker("x", window_duration=10.0, slow_call_duration=1.0).config
@@ -985,26 +991,14 @@ def test_window_options_take_their_defaults_only_with_a_window() -> None:
     assert timed.slow_call_rate_threshold == 1.0
 
 
-def test_options_beside_a_config_are_refused_whatever_their_value() -> None:
-    config = BreakerConfig(window_size=10)
-    for option, value in [
-        ("failure_rate_threshold", 0.5),
-        ("slow_call_rate_threshold", 1.0),
-        ("window_size", 10),
-    ]:
-        with pytest.raises(TypeError, match="either config"):
-            CircuitBreaker("x", config=config, **{option: value})
-
-
-def test_config_object_can_be_passed_but_not_mixed_with_options() -> None:
-    config = BreakerConfig(failure_threshold=5, window_duration=30.0)
+def test_keyword_arguments_are_the_one_configuration_surface() -> None:
+    breaker = CircuitBreaker("x", failure_threshold=5, window_duration=30.0)
+    config = breaker.config
     assert config.minimum_calls == 10
-    breaker = CircuitBreaker("x", config=config)
-    assert breaker.config is config
-    with pytest.raises(TypeError, match="either config"):
-        CircuitBreaker("x", config=config, failure_threshold=2)
-    with pytest.raises(TypeError, match="BreakerConfig"):
-        CircuitBreaker("x", config={"failure_threshold": 2})  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.failure_threshold = 2  # type: ignore[misc]
+    with pytest.raises(TypeError, match="config"):
+        CircuitBreaker("x", config=config)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="name"):
         CircuitBreaker("")
 
@@ -1012,42 +1006,64 @@ def test_config_object_can_be_passed_but_not_mixed_with_options() -> None:
 # The store seam
 
 
-class CountingStore:
-    """A stand-in for a shared store: same record, but counts loads and writes."""
+class FleetStore:
+    """A stand-in for a shared store: records what the breaker publishes and asks."""
 
-    def __init__(self) -> None:
-        self._record = BreakerRecord()
-        self.loads = 0
-        self.writes = 0
+    def __init__(self, answer: bool | None) -> None:
+        self.answer = answer
+        self.attached: list[CircuitBreaker] = []
+        self.changes: list[tuple[str, int, BreakerState, BreakerState]] = []
+        self.asked: list[tuple[str, int]] = []
 
-    @property
-    def record(self) -> BreakerRecord:
-        return self._record
+    def attach(self, breaker: CircuitBreaker) -> None:
+        self.attached.append(breaker)
 
-    async def load(self) -> None:
-        self.loads += 1
+    def state_changed(self, name: str, epoch: int, old: BreakerState, new: BreakerState) -> None:
+        self.changes.append((name, epoch, old, new))
 
-    def changed(self) -> None:
-        self.writes += 1
+    async def probe_permit(self, name: str, epoch: int) -> bool | None:
+        self.asked.append((name, epoch))
+        return self.answer
 
 
-async def test_a_custom_store_is_loaded_before_decisions_and_told_of_changes() -> None:
-    store = CountingStore()
+async def test_a_shared_store_sees_transitions_and_probe_admissions_only() -> None:
+    store = FleetStore(answer=None)
     assert isinstance(store, BreakerStore)
     assert isinstance(InMemoryBreakerStore(), BreakerStore)
     clock = ManualClock()
     breaker = CircuitBreaker("x", failure_threshold=2, clock=clock, store=store)
+    assert store.attached == [breaker]
     assert await breaker.call(ok) == 1
     await failures(breaker, 2)
-    assert store.record.state is OPEN
-    assert store.loads == 3
-    writes = store.writes
-    assert writes >= 2
+    assert store.asked == []  # the closed path makes no round trip
+    assert store.changes == [("x", 1, CLOSED, OPEN)]
+    with pytest.raises(CircuitOpenError):
+        await breaker.call(ok)
+    assert store.asked == []  # nor does a rejection while OPEN
     clock.advance(30.0)
-    async with breaker:
+    async with breaker:  # the store did not answer: the local permit is enough
         pass
-    assert store.record.state is CLOSED
-    assert store.writes > writes
+    assert store.asked == [("x", 1)]
+    assert breaker.state is CLOSED
+    assert [change[2:] for change in store.changes[1:]] == [(OPEN, HALF_OPEN), (HALF_OPEN, CLOSED)]
+
+
+async def test_a_fleet_that_has_its_probes_refuses_the_local_one() -> None:
+    clock = ManualClock()
+    store = FleetStore(answer=False)
+    recorder = Recorder()
+    breaker = CircuitBreaker("x", clock=clock, store=store, listeners=[recorder])
+    breaker.force_open()
+    clock.advance(30.0)
+    with pytest.raises(CircuitOpenError) as info:
+        await breaker.acquire()
+    assert 0.0 < info.value.retry_after <= 1.0
+    assert breaker.state is OPEN
+    store.answer = True
+    permit = await breaker.acquire()
+    assert permit.probe
+    permit.settle()
+    assert breaker.state is CLOSED
 
 
 class _TooManyRequests(Exception):
@@ -1067,13 +1083,41 @@ async def test_backpressure_errors_never_trip_the_breaker() -> None:
     assert breaker.classify(_TooManyRequests()) == "ignored"
 
 
-async def test_permit_record_result_applies_the_result_predicate() -> None:
+async def test_settling_a_result_applies_the_result_predicate() -> None:
     breaker = CircuitBreaker(
         "results", failure_threshold=1, failure_result=lambda r: r == 503, clock=ManualClock()
     )
     permit = await breaker.acquire()
-    permit.record_result(200)
+    permit.settle(result=200)
     assert breaker.state is BreakerState.CLOSED
     permit = await breaker.acquire()
-    permit.record_result(503)
+    permit.settle(result=503)
     assert breaker.state is BreakerState.OPEN
+
+
+async def test_no_event_record_is_built_when_nothing_listens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from resilient_voice.breaker import _facade
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("an event record was built with no listener")
+
+    for record in ("CallSucceeded", "CallFailed", "CallIgnored", "CallRejected", "StateChanged"):
+        monkeypatch.setattr(_facade, record, refuse)
+    clock = ManualClock()
+    breaker = make(clock, window_size=2, slow_call_duration=1.0, ignore_on=KeyError)
+    assert await breaker.call(ok) == 1
+
+    async def missing() -> None:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        await breaker.call(missing)
+    await failures(breaker, 1)  # one success and one failure in a window of two
+    assert breaker.state is OPEN
+    with pytest.raises(CircuitOpenError):
+        await breaker.call(ok)
+    clock.advance(30.0)
+    assert await breaker.call(ok) == 1
+    assert breaker.state is CLOSED

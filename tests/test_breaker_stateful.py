@@ -250,7 +250,7 @@ class BreakerMachine(RuleBasedStateMachine):
         self.held.append((permit, expected))
 
     def breaker_epoch(self) -> int:
-        return self.breaker._record.epoch
+        return self.breaker._machine.epoch
 
     @precondition(lambda self: bool(self.held))
     @rule(index=st.integers(0, 5))
@@ -265,11 +265,11 @@ class BreakerMachine(RuleBasedStateMachine):
         permit, expected = self.held.pop(index % len(self.held))
         for _ in range(2 if twice else 1):
             if outcome == "success":
-                self.portal.call(permit.success)
+                self.portal.call(permit.settle)
             elif outcome == "failure":
-                self.portal.call(permit.failure, UpstreamError())
+                self.portal.call(permit.settle, UpstreamError())
             elif outcome == "ignored":
-                self.portal.call(permit.ignore, IgnoredError())
+                self.portal.call(permit.settle, IgnoredError())
             else:
                 self.portal.call(permit.release)
         if outcome == "success":

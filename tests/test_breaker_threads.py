@@ -99,8 +99,8 @@ def test_a_second_loop_is_refused_while_the_first_holds_permits(backends: tuple[
         handed.append(await breaker.acquire())
         held.set()
         wait(checked)  # blocks this loop on purpose: its permits stay outstanding meanwhile
-        mine.success()
-        handed[0].success()  # already settled (wrongly) by the other thread: a no-op
+        mine.settle()
+        handed[0].settle()  # already settled (wrongly) by the other thread: a no-op
         async with breaker:  # still this loop's breaker
             pass
 
@@ -118,7 +118,7 @@ def test_a_second_loop_is_refused_while_the_first_holds_permits(backends: tuple[
             await retrying.call(ok)  # neither retried nor an unknown outcome
         assert info.value.failure_kind is FailureKind.PERMANENT  # type: ignore[attr-defined]
         with pytest.raises(RuntimeError, match=SHARED):
-            handed[0].success()  # another loop's permit
+            handed[0].settle()  # another loop's permit
         assert handed[0].done
         checked.set()
         wait(workers[0].ended)
@@ -149,7 +149,7 @@ def test_a_probe_held_by_one_loop_is_not_stolen_and_closes_the_breaker() -> None
         assert probe.probe
         probing.set()
         wait(checked)
-        probe.success()
+        probe.settle()
         assert breaker.state is CLOSED
 
     async def intruder() -> None:
@@ -294,7 +294,7 @@ def test_sequential_loops_and_backends_may_reuse_one_breaker() -> None:
 async def test_one_test_after_another_on_both_backends_shares_a_module_breaker() -> None:
     # Runs once per backend (conftest): the module-level breaker below sees both loops in turn.
     permit = await MODULE_BREAKER.acquire()
-    permit.success()
+    permit.settle()
     async with MODULE_BREAKER:
         pass
     assert MODULE_BREAKER.state is CLOSED

@@ -4,19 +4,31 @@ import logging
 
 import pytest
 
-from resilient_voice.events import BreakerListener, emit
+from resilient_voice.events import (
+    BreakerState,
+    CallRejected,
+    Event,
+    LimiterListener,
+    StateChanged,
+    dispatch,
+    emit,
+)
 
 
-class Recording(BreakerListener):
+class Recording(LimiterListener):
     def __init__(self) -> None:
-        self.seen: list[tuple[str, float]] = []
+        self.seen: list[tuple[str, float | None]] = []
 
-    def on_rejected(self, breaker: str, retry_after: float) -> None:
-        self.seen.append((breaker, retry_after))
+    def on_rejected(
+        self, limiter: str, key: object, tokens: float, retry_after: float | None
+    ) -> None:
+        self.seen.append((limiter, retry_after))
 
 
-class Broken(BreakerListener):
-    def on_rejected(self, breaker: str, retry_after: float) -> None:
+class Broken(LimiterListener):
+    def on_rejected(
+        self, limiter: str, key: object, tokens: float, retry_after: float | None
+    ) -> None:
         raise RuntimeError("listener bug")
 
 
@@ -25,23 +37,42 @@ def test_emit_calls_every_listener_and_swallows_listener_errors(
 ) -> None:
     first, last = Recording(), Recording()
     with caplog.at_level(logging.ERROR, logger="resilient_voice.events"):
-        emit((first, Broken(), last), "on_rejected", "twilio", 1.5)
+        emit((first, Broken(), last), "on_rejected", "twilio", None, 1.0, 1.5)
     assert first.seen == last.seen == [("twilio", 1.5)]
     assert "listener bug" in caplog.text
 
 
+def test_dispatch_hands_records_to_every_listener_and_swallows_listener_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first: list[Event] = []
+    last: list[Event] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("listener bug")
+
+    event = StateChanged("twilio", BreakerState.CLOSED, BreakerState.OPEN)
+    with caplog.at_level(logging.ERROR, logger="resilient_voice.events"):
+        dispatch((first.append, broken, last.append), event)
+    assert first == last == [event]
+    assert "listener bug" in caplog.text
+    assert "StateChanged" in caplog.text
+
+
+def test_breaker_records_are_frozen_and_slotted() -> None:
+    event = CallRejected("twilio", 2.5)
+    assert (event.source, event.retry_after) == ("twilio", 2.5)
+    assert not hasattr(event, "__dict__")
+    with pytest.raises(AttributeError):
+        event.retry_after = 1.0  # type: ignore[misc]
+    assert CallRejected("twilio", 2.5) == event
+
+
 def test_base_listener_callbacks_are_no_ops() -> None:
     # Called directly, not through emit(), which would swallow a raising or missing callback.
-    from resilient_voice.breaker import BreakerState
-    from resilient_voice.events import LimiterListener, RetryListener, TransportListener
+    from resilient_voice.events import RetryListener, TransportListener
     from resilient_voice.failure import FailureKind
 
-    breaker = BreakerListener()
-    assert breaker.on_success("b", 0.1) is None
-    assert breaker.on_failure("b", None, 0.1) is None
-    assert breaker.on_ignored("b", ValueError()) is None
-    assert breaker.on_rejected("b", 1.0) is None
-    assert breaker.on_state_change("b", BreakerState.CLOSED, BreakerState.OPEN) is None
     limiter = LimiterListener()
     assert limiter.on_granted("l", None, 1.0, 0.0) is None
     assert limiter.on_rejected("l", "k", 1.0, None) is None

@@ -8,13 +8,17 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from resilient_voice.breaker import BreakerState
 from resilient_voice.events import (
-    BreakerListener,
+    BreakerState,
+    CallFailed,
+    CallIgnored,
+    CallRejected,
+    CallSucceeded,
     LimiterListener,
     RetryListener,
+    StateChanged,
     TransportListener,
-    emit,
+    dispatch,
 )
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import LIMITER_KEY_EXTENSION, ResilientTransport, Route
@@ -35,7 +39,7 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
 
 def test_listeners_implement_the_protocols() -> None:
     metrics = PrometheusMetrics(CollectorRegistry())
-    assert isinstance(metrics.breaker, BreakerListener)
+    assert callable(metrics.breaker)
     assert isinstance(metrics.limiter, LimiterListener)
     assert isinstance(metrics.retry, RetryListener)
     assert isinstance(metrics.transport, TransportListener)
@@ -45,22 +49,22 @@ def test_breaker_state_transitions_and_outcomes() -> None:
     registry = CollectorRegistry()
     listener = BreakerMetrics(registry)
     listeners = (listener,)
-    emit(listeners, "on_success", "twilio", 0.1)
-    emit(listeners, "on_failure", "twilio", RuntimeError("x"), 0.2)
-    emit(listeners, "on_failure", "twilio", None, None)
-    emit(listeners, "on_ignored", "twilio", ValueError("x"))
+    dispatch(listeners, CallSucceeded("twilio", 0.1))
+    dispatch(listeners, CallFailed("twilio", RuntimeError("x"), 0.2))
+    dispatch(listeners, CallFailed("twilio", None, None))
+    dispatch(listeners, CallIgnored("twilio", ValueError("x")))
     state = "resilient_voice_breaker_state"
     assert value(registry, state, breaker="twilio", state="closed") == 1.0
     assert value(registry, state, breaker="twilio", state="open") == 0.0
-    emit(listeners, "on_state_change", "twilio", BreakerState.CLOSED, BreakerState.OPEN)
-    emit(listeners, "on_rejected", "twilio", 4.5)
-    emit(listeners, "on_rejected", "twilio", 3.5)
+    dispatch(listeners, StateChanged("twilio", BreakerState.CLOSED, BreakerState.OPEN))
+    dispatch(listeners, CallRejected("twilio", 4.5))
+    dispatch(listeners, CallRejected("twilio", 3.5))
     assert value(registry, state, breaker="twilio", state="closed") == 0.0
     assert value(registry, state, breaker="twilio", state="open") == 1.0
     assert value(registry, state, breaker="twilio", state="half_open") == 0.0
-    emit(listeners, "on_state_change", "twilio", BreakerState.OPEN, BreakerState.HALF_OPEN)
-    emit(listeners, "on_state_change", "twilio", BreakerState.HALF_OPEN, BreakerState.OPEN)
-    emit(listeners, "on_state_change", "twilio", BreakerState.OPEN, BreakerState.HALF_OPEN)
+    dispatch(listeners, StateChanged("twilio", BreakerState.OPEN, BreakerState.HALF_OPEN))
+    dispatch(listeners, StateChanged("twilio", BreakerState.HALF_OPEN, BreakerState.OPEN))
+    dispatch(listeners, StateChanged("twilio", BreakerState.OPEN, BreakerState.HALF_OPEN))
     assert value(registry, state, breaker="twilio", state="half_open") == 1.0
     assert value(registry, state, breaker="twilio", state="open") == 0.0
     transitions = "resilient_voice_breaker_transitions_total"
@@ -77,15 +81,15 @@ def test_breaker_state_transitions_and_outcomes() -> None:
 
 def test_rejection_first_does_not_guess_a_state() -> None:
     registry = CollectorRegistry()
-    emit((BreakerMetrics(registry),), "on_rejected", "vapi", 1.0)
+    dispatch((BreakerMetrics(registry),), CallRejected("vapi", 1.0))
     assert value(registry, "resilient_voice_breaker_state", breaker="vapi", state="closed") is None
 
 
 def test_breakers_are_separate_series() -> None:
     registry = CollectorRegistry()
     listener = BreakerMetrics(registry)
-    listener.on_state_change("a", BreakerState.CLOSED, BreakerState.OPEN)
-    listener.on_success("b", None)
+    listener(StateChanged("a", BreakerState.CLOSED, BreakerState.OPEN))
+    listener(CallSucceeded("b", None))
     assert value(registry, "resilient_voice_breaker_state", breaker="a", state="open") == 1
     assert value(registry, "resilient_voice_breaker_state", breaker="b", state="closed") == 1
     assert value(registry, "resilient_voice_breaker_state", breaker="b", state="open") == 0
@@ -166,8 +170,8 @@ def test_many_listeners_share_collectors_without_duplicate_errors() -> None:
     others = [PrometheusMetrics(registry) for _ in range(5)]
     assert all(o.breaker.calls is first.breaker.calls for o in others)
     assert all(o.transport.duration is first.transport.duration for o in others)
-    first.breaker.on_success("x", None)
-    others[-1].breaker.on_success("x", None)
+    first.breaker(CallSucceeded("x", None))
+    others[-1].breaker(CallSucceeded("x", None))
     calls = "resilient_voice_breaker_calls_total"
     assert value(registry, calls, breaker="x", outcome="success") == 2
 
@@ -183,7 +187,7 @@ def test_default_registry_twice_is_fine() -> None:
 def test_children_are_cached() -> None:
     registry = CollectorRegistry()
     listener = BreakerMetrics(registry)
-    listener.on_success("x", None)
+    listener(CallSucceeded("x", None))
     calls: list[tuple[str, ...]] = []
     original = listener.calls.labels
 
@@ -193,8 +197,8 @@ def test_children_are_cached() -> None:
 
     listener.calls.labels = counting  # type: ignore[method-assign]
     for _ in range(10):
-        listener.on_success("x", None)
-        listener.on_rejected("x", 1.0)
+        listener(CallSucceeded("x", None))
+        listener(CallRejected("x", 1.0))
     assert calls == []
 
 

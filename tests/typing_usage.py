@@ -54,7 +54,7 @@ async def use_breaker() -> None:
         pass
     permit = await breaker.acquire()
     permit.mark_started()
-    permit.success()
+    permit.settle()
     queued = await breaker.acquire(started=False)
     queued.mark_started()
     queued.release()

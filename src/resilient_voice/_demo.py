@@ -20,9 +20,9 @@ from typing import Any, Literal, TextIO
 
 import anyio
 
-from resilient_voice.breaker import BreakerState, CircuitBreaker
+from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.errors import OutcomeUnknownError, RejectedError
-from resilient_voice.events import BreakerListener, RetryListener
+from resilient_voice.events import BreakerState, Event, RetryListener, StateChanged
 from resilient_voice.failure import FailureKind
 from resilient_voice.limiter import TokenBucket
 from resilient_voice.policy import Policy
@@ -112,8 +112,11 @@ def fault_script(profile: str, duration: float) -> list[Any]:
     return rules
 
 
-class _Tally(BreakerListener, RetryListener):
-    """Counts retries and records breaker transitions for the live view and the summary."""
+class _Tally(RetryListener):
+    """Counts retries and records breaker transitions for the live view and the summary.
+
+    A retry listener, and (called with event records) a breaker listener.
+    """
 
     def __init__(self, started: float) -> None:
         self.started = started
@@ -126,15 +129,16 @@ class _Tally(BreakerListener, RetryListener):
     ) -> None:
         self.retries += 1
 
-    def on_state_change(self, breaker: str, old: BreakerState, new: BreakerState) -> None:
-        self.state = new
-        self.transitions.append(
-            {
-                "at_s": round(time.monotonic() - self.started, 3),
-                "from": old.value,
-                "to": new.value,
-            }
-        )
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StateChanged):
+            self.state = event.new
+            self.transitions.append(
+                {
+                    "at_s": round(time.monotonic() - self.started, 3),
+                    "from": event.old.value,
+                    "to": event.new.value,
+                }
+            )
 
 
 def _percentiles(samples: Sequence[float]) -> dict[str, float]:

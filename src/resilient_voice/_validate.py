@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["number", "optional_number", "whole"]
+__all__ = ["fraction", "number", "optional_number", "optional_whole", "whole"]
 
 
 def number(name: str, value: object, *, minimum: float = 0.0, inclusive: bool = False) -> float:
@@ -47,3 +47,22 @@ def whole(name: str, value: object, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def optional_whole(name: str, value: object, *, minimum: int = 1) -> int | None:
+    """:func:`whole`, with ``None`` passed through (an option that is off or left to default)."""
+    return None if value is None else whole(name, value, minimum=minimum)
+
+
+def fraction(name: str, value: object) -> float:
+    """Return ``value`` as a float in (0, 1]: a rate or a share, where 0 would mean "never".
+
+    Raises:
+        TypeError: ``value`` is not an int or a float (a bool is refused).
+        ValueError: ``value`` is not in (0, 1].
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)

@@ -1,9 +1,12 @@
-"""Listener protocols: how metrics, logs and tests observe the primitives.
+"""Event records and listeners: how metrics, logs and tests observe the primitives.
 
-Every primitive accepts ``listeners=[...]`` and ``add_listener()``. A listener subclasses the
-matching base class below and overrides only the callbacks it cares about; the others are no-ops.
-Primitives keep their listeners in a tuple and test it before building any event argument, so when
-nothing listens, nothing is built or called on the hot path.
+Every primitive accepts ``listeners=[...]`` and ``add_listener()``. The target shape is one
+listener type, :data:`Listener`, a callable taking a frozen :class:`Event` record and telling
+records apart with ``match``; the circuit breaker has moved to it (its records and
+:class:`BreakerState` are defined here), the other primitives still call the named callbacks of
+the listener base classes below through :func:`emit` until they move. Primitives keep their
+listeners in a tuple and test it before building any record or argument, so when nothing
+listens, nothing is built or called on the hot path.
 
 Callbacks run synchronously in the task that caused the event, so they must be cheap and must not
 raise: an exception from a listener is logged and swallowed by the primitive, because observing a
@@ -13,22 +16,24 @@ request data, so they are safe as metric labels.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from resilient_voice.failure import FailureKind
 
-if TYPE_CHECKING:
-    from resilient_voice.breaker import BreakerState
-
 __all__ = [
-    "BreakerListener",
+    "BreakerState",
+    "CallFailed",
+    "CallIgnored",
+    "CallRejected",
+    "CallSucceeded",
     "Event",
     "LimiterListener",
     "Listener",
     "RetryListener",
+    "StateChanged",
     "TransportListener",
     "dispatch",
     "emit",
@@ -65,6 +70,62 @@ def dispatch(listeners: tuple[Listener, ...], event: Event) -> None:
             _log.exception("listener %r raised on %s", listener, type(event).__name__)
 
 
+class BreakerState(enum.Enum):
+    """The three states of a circuit breaker.
+
+    Defined here rather than in the breaker so that event records can name it without the events
+    module importing the breaker (which imports this module to dispatch).
+    """
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, slots=True)
+class CallSucceeded(Event):
+    """A call through a circuit breaker succeeded.
+
+    ``duration`` is ``None`` when the breaker did not time the call (it times calls only when
+    someone listens or a slow-call rule needs it).
+    """
+
+    duration: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallFailed(Event):
+    """A call through a circuit breaker counted as a failure.
+
+    ``error`` is ``None`` when the breaker's ``failure_result`` predicate judged a returned value.
+    """
+
+    error: BaseException | None
+    duration: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallIgnored(Event):
+    """A call through a circuit breaker raised an exception the breaker does not count."""
+
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class CallRejected(Event):
+    """A circuit breaker refused a call without running it (open, or every probe slot taken)."""
+
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanged(Event):
+    """A circuit breaker moved from ``old`` to ``new``."""
+
+    old: BreakerState
+    new: BreakerState
+
+
 def emit(listeners: tuple[object, ...], callback: str, *args: object) -> None:
     """Call ``callback`` on every listener, logging and swallowing what a listener raises.
 
@@ -76,25 +137,6 @@ def emit(listeners: tuple[object, ...], callback: str, *args: object) -> None:
             getattr(listener, callback)(*args)
         except Exception:  # noqa: BLE001  (a listener bug must not change the call's outcome)
             _log.exception("listener %r raised in %s", listener, callback)
-
-
-class BreakerListener:
-    """Observes a :class:`~resilient_voice.CircuitBreaker`."""
-
-    def on_success(self, breaker: str, duration: float | None) -> None:
-        """A call succeeded; ``duration`` is ``None`` when the breaker did not time it."""
-
-    def on_failure(self, breaker: str, error: BaseException | None, duration: float | None) -> None:
-        """A call counted as a failure; ``error`` is ``None`` when a result predicate decided."""
-
-    def on_ignored(self, breaker: str, error: BaseException) -> None:
-        """A call raised an exception that the breaker does not count (and re-raised it)."""
-
-    def on_rejected(self, breaker: str, retry_after: float) -> None:
-        """A call was refused without running because the breaker is open or probing."""
-
-    def on_state_change(self, breaker: str, old: BreakerState, new: BreakerState) -> None:
-        """The breaker moved from ``old`` to ``new``."""
 
 
 class LimiterListener:

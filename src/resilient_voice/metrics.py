@@ -1,6 +1,6 @@
 """Prometheus metrics for the breaker, limiter, retry policy and transport.
 
-Attach with the listener protocols of :mod:`resilient_voice.events`::
+Attach as listeners (see :mod:`resilient_voice.events`)::
 
     metrics = PrometheusMetrics()  # or PrometheusMetrics(registry=my_registry)
     breaker = CircuitBreaker("twilio", listeners=[metrics.breaker])
@@ -10,7 +10,9 @@ There is one listener class per primitive (:class:`BreakerMetrics`, :class:`Limi
 :class:`RetryMetrics`, :class:`TransportMetrics`) because the listener protocols share callback
 names with different signatures (``on_rejected`` exists on both breakers and limiters), so a
 single class cannot implement them all. :class:`PrometheusMetrics` builds the four on one
-registry for convenience.
+registry for convenience. :class:`BreakerMetrics` is a plain callable that takes the breaker's
+event records and tells them apart with ``match``; the other three still implement the callback
+protocols until their primitives move to event records.
 
 Why get-or-create: prometheus-client raises "Duplicated timeseries" when a second collector with
 the same name is registered. Building an app twice in one process (every test suite does) or
@@ -35,11 +37,16 @@ from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from resilient_voice.breaker import BreakerState
 from resilient_voice.events import (
-    BreakerListener,
+    BreakerState,
+    CallFailed,
+    CallIgnored,
+    CallRejected,
+    CallSucceeded,
+    Event,
     LimiterListener,
     RetryListener,
+    StateChanged,
     TransportListener,
 )
 from resilient_voice.failure import FailureKind
@@ -142,8 +149,11 @@ class _BreakerSeries:
             child.set(1.0 if candidate is state else 0.0)
 
 
-class BreakerMetrics(BreakerListener):
+class BreakerMetrics:
     """Records a circuit breaker's state, transitions and call outcomes.
+
+    A listener: pass the instance itself in ``listeners=[...]``; it is called with every event
+    record and ignores those that are not a breaker's.
 
     Metrics (label ``breaker`` is the breaker's name):
 
@@ -198,25 +208,27 @@ class BreakerMetrics(BreakerListener):
             series.set_state(BreakerState.CLOSED)
         return series
 
-    def on_success(self, breaker: str, duration: float | None) -> None:
-        self._ran(breaker).success.inc()
-
-    def on_failure(self, breaker: str, error: BaseException | None, duration: float | None) -> None:
-        self._ran(breaker).failure.inc()
-
-    def on_ignored(self, breaker: str, error: BaseException) -> None:
-        self._ran(breaker).ignored.inc()
-
-    def on_rejected(self, breaker: str, retry_after: float) -> None:
-        self._get(breaker).rejected.inc()
-
-    def on_state_change(self, breaker: str, old: BreakerState, new: BreakerState) -> None:
-        self._get(breaker).set_state(new)
-        key = (breaker, old, new)
-        child = self._transitions.get(key)
-        if child is None:
-            child = self._transitions[key] = self.transitions.labels(breaker, old.value, new.value)
-        child.inc()
+    def __call__(self, event: Event) -> None:
+        match event:
+            case CallSucceeded(source=breaker):
+                self._ran(breaker).success.inc()
+            case CallFailed(source=breaker):
+                self._ran(breaker).failure.inc()
+            case CallIgnored(source=breaker):
+                self._ran(breaker).ignored.inc()
+            case CallRejected(source=breaker):
+                self._get(breaker).rejected.inc()
+            case StateChanged(source=breaker, old=old, new=new):
+                self._get(breaker).set_state(new)
+                key = (breaker, old, new)
+                child = self._transitions.get(key)
+                if child is None:
+                    child = self._transitions[key] = self.transitions.labels(
+                        breaker, old.value, new.value
+                    )
+                child.inc()
+            case _:
+                pass
 
 
 class _LimiterSeries:

@@ -399,7 +399,7 @@ class Policy:
         if timed_out:
             raise TimeoutError(f"attempt did not finish within {self._timeout} s")
         if permit is not None:
-            permit.record_result(result)
+            permit.settle(result=result)
         return result
 
 

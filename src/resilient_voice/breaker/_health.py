@@ -1,4 +1,6 @@
-"""Sliding windows of call outcomes for the circuit breaker's failure-rate modes.
+"""Health metrics: sliding windows of call outcomes for the breaker's failure-rate modes.
+
+Like Polly's health metrics, a window only counts; the trip behaviour in :mod:`._machine` judges.
 
 Both keep running totals so that judging the window costs O(1): a count window is a ring of the
 last ``size`` outcomes; a time window is at most ``TIME_BUCKETS`` buckets, so its memory does not

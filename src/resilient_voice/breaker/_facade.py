@@ -1,0 +1,543 @@
+"""The breaker's facade: admit, time, run and report; every decision is the state machine's.
+
+The decorator's CLOSED path in the default (consecutive-failures) mode is tuned to cost tens of
+nanoseconds: it reads one flag, captures the epoch and awaits the call; it reads no clock, takes
+no lock and allocates nothing. It is written once, in :meth:`CircuitBreaker._guard`, which both the
+decorator and :meth:`CircuitBreaker.call` use. The other modes and forms pay only for what they
+use: a permit, a clock read when something times calls, an event record when someone listens.
+
+The module runs past 400 lines for a reason: the public class carries the reference
+documentation of its sixteen options and every entry point (over a third of the file is
+docstring), and splitting the entry points across modules would hide the one place where the
+admission, timing and reporting paths sit side by side.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, ParamSpec, TypeVar
+
+from resilient_voice._callables import is_async_callable, require_async_callable
+from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._validate import number
+from resilient_voice.breaker._config import (
+    BreakerConfig,
+    Classification,
+    ExceptionMatcher,
+    classifier,
+)
+from resilient_voice.breaker._machine import StateMachine
+from resilient_voice.breaker._owner import Ownership
+from resilient_voice.breaker._permit import BreakerPermit
+from resilient_voice.breaker._store import BreakerStore, InMemoryBreakerStore
+from resilient_voice.errors import CircuitOpenError
+from resilient_voice.events import (
+    BreakerState,
+    CallFailed,
+    CallIgnored,
+    CallRejected,
+    CallSucceeded,
+    Listener,
+    StateChanged,
+    dispatch,
+)
+
+__all__ = ["BreakerStatistics", "CircuitBreaker"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_CLOSED: Final = BreakerState.CLOSED
+_OPEN: Final = BreakerState.OPEN
+
+# The permit held by the innermost ``async with breaker:`` block of the current task. One
+# module-level variable serves every breaker: a permit knows its breaker, and nested blocks
+# restore the outer permit through the token.
+_ACTIVE: contextvars.ContextVar[BreakerPermit | None] = contextvars.ContextVar(
+    "resilient_voice_breaker_permit", default=None
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerStatistics:
+    """A snapshot of a breaker, for tests and dashboards.
+
+    Window counts and rates are ``None`` in consecutive mode, which keeps no window.
+
+    Attributes:
+        name: The breaker's name.
+        state: The state now (an OPEN breaker whose timeout ran out is still OPEN until the
+            next call arrives; ``retry_after`` is then 0.0).
+        calls: Calls (successes and failures) in the window.
+        failures: Failures in the window.
+        slow_calls: Slow calls in the window.
+        failure_rate: ``failures / calls`` (0.0 with no calls).
+        slow_call_rate: ``slow_calls / calls`` (0.0 with no calls).
+        consecutive_failures: Failures since the last success in the CLOSED state.
+        half_open_calls: Probes admitted and not finished: running, or admitted with
+            ``acquire(started=False)`` and not yet started.
+        retry_after: Seconds until the breaker admits a probe (0.0 when not OPEN).
+        trips: How many times the breaker opened since it was built.
+    """
+
+    name: str
+    state: BreakerState
+    calls: int | None
+    failures: int | None
+    slow_calls: int | None
+    failure_rate: float | None
+    slow_call_rate: float | None
+    consecutive_failures: int
+    half_open_calls: int
+    retry_after: float
+    trips: int
+
+
+class CircuitBreaker:
+    """Stop calling a failing upstream; probe it after a while; close when it recovers.
+
+    Build one per upstream at startup and share it; never build one per call (it would never
+    see more than one failure). Use it as a decorator on async functions, as ``async with
+    breaker:``, or as ``await breaker.call(fn, *args, **kwargs)``; composed code (a policy, a
+    transport) uses :meth:`acquire` and the returned :class:`BreakerPermit`.
+
+    While OPEN every call is refused with :class:`~resilient_voice.CircuitOpenError` (``.breaker``
+    and ``.retry_after``) without running. Once ``recovery_timeout`` has passed, the next call
+    moves the breaker to HALF_OPEN and runs as a probe; at most ``half_open_max_calls`` probes
+    run at once and the others are refused. ``success_threshold`` successful probes close it; a
+    failed (or, with a slow-call rule, slow) probe opens it again, for longer when
+    ``backoff_multiplier`` > 1.
+
+    The trip mode follows from the window options: with neither ``window_size`` nor
+    ``window_duration`` the breaker opens after ``failure_threshold`` consecutive failures; with
+    one of them it opens when, over the last ``window_size`` calls or the last
+    ``window_duration`` seconds and once at least ``minimum_calls`` were seen, the failure rate
+    reaches ``failure_rate_threshold`` or the slow-call rate reaches
+    ``slow_call_rate_threshold``.
+
+    Exceptions propagate unchanged; see :meth:`classify` for which count as failures.
+
+    Args:
+        name: Names the breaker in errors, statistics and event records.
+        failure_threshold: Consecutive failures that open the breaker (consecutive mode).
+        recovery_timeout: Seconds the breaker stays open before admitting a probe.
+        window_size: Count-based window: judge the last this-many calls.
+        window_duration: Time-based window: judge the calls of the last this-many seconds (kept
+            in ten buckets, so the window slides in steps of a tenth of it).
+        failure_rate_threshold: Failure rate in (0, 1] that opens the breaker (window modes
+            only). Defaults to 0.5 with a window.
+        minimum_calls: Calls the window must hold before rates are judged. Defaults to
+            ``window_size`` for a count window and 10 for a time window.
+        slow_call_duration: Calls lasting at least this many seconds are slow (window modes).
+        slow_call_rate_threshold: Slow-call rate in (0, 1] that opens the breaker (only with
+            ``slow_call_duration``). Defaults to 1.0 with a slow-call rule.
+        half_open_max_calls: Probes allowed to run at once while half-open.
+        success_threshold: Successful probes needed to close the breaker again.
+        max_wait_in_half_open: A probe running longer than this re-opens the breaker (judged on
+            the next ``acquire``; no background task), timed from when it started (see
+            :meth:`BreakerPermit.mark_started`). ``None`` waits forever.
+        backoff_multiplier: Each trip that follows a failed recovery multiplies the open
+            duration by this (1.0: no growth).
+        max_recovery_timeout: Cap on the grown open duration; defaults to ten times
+            ``recovery_timeout``.
+        failure_on: When set, only matching exceptions count as failures; the others are ignored.
+        ignore_on: Matching exceptions never count (this wins over ``failure_on``).
+        failure_result: Predicate on a returned value that makes it count as a failure (for
+            example an HTTP 503 response object).
+        clock: Time source (default: the system's monotonic clock).
+        listeners: Callables taking each :class:`~resilient_voice.events.Event` record.
+        store: Where state is shared (default: :class:`InMemoryBreakerStore`, not shared).
+
+    The window options default to ``None`` so that an option given without the window it needs
+    is told apart from an omitted one and refused, rather than silently ignored.
+
+    Raises:
+        TypeError, ValueError: Invalid configuration (see :class:`BreakerConfig`).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_classify",
+        "_clock",
+        "_config",
+        "_failure_result",
+        "_listeners",
+        "_local",
+        "_machine",
+        "_name",
+        "_ownership",
+        "_slow_after",
+        "_store",
+        "_timed",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 3,
+        recovery_timeout: float = 30.0,
+        window_size: int | None = None,
+        window_duration: float | None = None,
+        failure_rate_threshold: float | None = None,
+        minimum_calls: int | None = None,
+        slow_call_duration: float | None = None,
+        slow_call_rate_threshold: float | None = None,
+        half_open_max_calls: int = 1,
+        success_threshold: int = 1,
+        max_wait_in_half_open: float | None = None,
+        backoff_multiplier: float = 1.0,
+        max_recovery_timeout: float | None = None,
+        failure_on: ExceptionMatcher | None = None,
+        ignore_on: ExceptionMatcher | None = None,
+        failure_result: Callable[[Any], bool] | None = None,
+        clock: Clock | None = None,
+        listeners: Iterable[Listener] = (),
+        store: BreakerStore | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError("name must be a non-empty str")
+        config = BreakerConfig(
+            failure_threshold=failure_threshold,
+            recovery_timeout=recovery_timeout,
+            window_size=window_size,
+            window_duration=window_duration,
+            failure_rate_threshold=failure_rate_threshold,
+            minimum_calls=minimum_calls,
+            slow_call_duration=slow_call_duration,
+            slow_call_rate_threshold=slow_call_rate_threshold,
+            half_open_max_calls=half_open_max_calls,
+            success_threshold=success_threshold,
+            max_wait_in_half_open=max_wait_in_half_open,
+            backoff_multiplier=backoff_multiplier,
+            max_recovery_timeout=max_recovery_timeout,
+            failure_on=failure_on,
+            ignore_on=ignore_on,
+            failure_result=failure_result,
+        )
+        listeners = tuple(listeners)
+        for listener in listeners:
+            _check_listener(listener)
+        self._name = name
+        self._config = config
+        self._clock: Clock = SYSTEM_CLOCK if clock is None else clock
+        self._listeners: tuple[Listener, ...] = listeners
+        self._store: BreakerStore = InMemoryBreakerStore() if store is None else store
+        self._local = type(self._store) is InMemoryBreakerStore
+        self._classify = classifier(config)
+        self._failure_result = config.failure_result
+        self._slow_after = config.slow_call_duration
+        self._machine = StateMachine(config)
+        self._ownership = Ownership(name, self._machine.forget_probes)
+        self._timed = False
+        self._refresh()
+        if not self._local:
+            self._store.attach(self)
+
+    @property
+    def name(self) -> str:
+        """The breaker's name."""
+        return self._name
+
+    @property
+    def config(self) -> BreakerConfig:
+        """The validated configuration, with the window options' defaults resolved."""
+        return self._config
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state (OPEN stays OPEN until a call arrives after the timeout)."""
+        return self._machine.state
+
+    def _adopt_clock(self, clock: Clock) -> None:
+        """Use ``clock`` when this breaker was built without one (a :class:`Policy` passes its
+        clock down so that every part of a composition measures time the same way)."""
+        if self._clock is SYSTEM_CLOCK:
+            self._clock = clock
+
+    def add_listener(self, listener: Listener) -> None:
+        """Attach a listener (a callable taking each event record); it sees every event from
+        now on."""
+        _check_listener(listener)
+        self._listeners = (*self._listeners, listener)
+        self._refresh()
+
+    def classify(self, error: BaseException) -> Classification:
+        """Say how this breaker treats ``error``.
+
+        Order: a ``BaseException`` that is not an ``Exception`` (cancellation, interrupts) is
+        ``"cancelled"``; ``ignore_on`` matches are ``"ignored"``; so is every
+        :class:`~resilient_voice.RejectedError`; when ``failure_on`` is set its matches are
+        ``"failure"`` and everything else ``"ignored"``; otherwise errors of kind
+        ``UNPROCESSED`` or ``PERMANENT``, and back-pressure answers (an HTTP 429: the upstream
+        is busy, not sick), are ``"ignored"`` and the rest ``"failure"``.
+        """
+        return self._classify(error)
+
+    async def acquire(self, *, started: bool = True) -> BreakerPermit:
+        """Ask to make one call; report its outcome on the returned permit.
+
+        With the in-memory store this does not yield to the event loop. With a shared store, a
+        call that would be admitted as a half-open probe first asks the store for a fleet-wide
+        probe permit (one bounded round trip); the closed path never does.
+
+        Args:
+            started: Whether the call starts now. Pass ``False`` when it first waits in your
+                own queues (a rate limiter, a bulkhead) and call
+                :meth:`BreakerPermit.mark_started` when it is made: until then a probe holds
+                its slot but is not timed, so a long queue never makes it look hung.
+
+        Raises:
+            CircuitOpenError: The breaker is open, or half-open with every probe slot taken.
+            RuntimeError: Another thread or event loop, still running, holds permits of this
+                breaker (see docs/breaker.md, "Threads and event loops").
+        """
+        machine = self._machine
+        if (
+            not self._local
+            and machine.state is not _CLOSED
+            and machine.probe_due(self._clock.now())
+        ):
+            granted = await self._store.probe_permit(self._name, machine.epoch)
+            if granted is False:
+                raise self._reject(machine.probe_wait(self._clock.now()))
+        return self._admit(started)
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """Decorate an async function so that every call goes through the breaker.
+
+        Raises:
+            TypeError: ``fn`` is not an async function (checked here, once).
+        """
+        require_async_callable(fn, "the CircuitBreaker decorator")
+        return functools.wraps(fn)(self._guard(fn))
+
+    async def call(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await fn(*args, **kwargs)`` through the breaker and return its result.
+
+        Raises:
+            CircuitOpenError: The breaker refused the call; ``fn`` was not called.
+            TypeError: ``fn`` is not an async function; it was not called and nothing counts.
+        """
+        if not is_async_callable(fn):
+            require_async_callable(fn, "CircuitBreaker.call()")
+        return await self._guard(fn)(*args, **kwargs)
+
+    def _guard(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """The guarded form of ``fn``: the closed fast path, else a permit around the call."""
+        machine = self._machine
+        failed_fast = self._failed_fast
+        admit = self._admit
+        acquire = self.acquire
+        run = self._run
+        local = self._local
+
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            if machine.fast:
+                epoch = machine.epoch
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    failed_fast(exc, epoch)
+                    raise
+                if machine.consecutive_failures and machine.epoch == epoch:
+                    machine.consecutive_failures = 0
+                return result
+            permit = admit() if local else await acquire()
+            return await run(permit, fn, args, kwargs)
+
+        return guarded
+
+    async def __aenter__(self) -> CircuitBreaker:
+        permit = self._admit() if self._local else await self.acquire()
+        permit._token = _ACTIVE.set(permit)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        permit = _ACTIVE.get()
+        if permit is None or permit._token is None:
+            raise RuntimeError("CircuitBreaker.__aexit__ without a matching __aenter__")
+        _ACTIVE.reset(permit._token)
+        permit._token = None
+        permit.settle(exc)
+
+    def reset(self) -> None:
+        """Close the breaker and forget its counters (the trip count is kept).
+
+        Raises:
+            RuntimeError: Another thread or event loop holds permits of this breaker.
+        """
+        owner = self._ownership.claim()
+        try:
+            self._machine.close()
+        finally:
+            owner.permits -= 1
+
+    def force_open(self, duration: float | None = None) -> None:
+        """Open the breaker now, for ``duration`` seconds or the configured open duration.
+
+        It then recovers like after any trip: the next call after the open period is a probe.
+
+        Raises:
+            RuntimeError: Another thread or event loop holds permits of this breaker.
+        """
+        if duration is not None:
+            number("duration", duration)
+        owner = self._ownership.claim()
+        try:
+            self._machine.trip(self._clock.now(), duration)
+        finally:
+            owner.permits -= 1
+
+    def statistics(self) -> BreakerStatistics:
+        """A frozen snapshot of the state and counters."""
+        machine = self._machine
+        now = self._clock.now()
+        counts = machine.window_counts(now)
+        calls = failures = slow = None
+        failure_rate = slow_rate = None
+        if counts is not None:
+            calls, failures, slow = counts
+            failure_rate = failures / calls if calls else 0.0
+            slow_rate = slow / calls if calls else 0.0
+        return BreakerStatistics(
+            name=self._name,
+            state=machine.state,
+            calls=calls,
+            failures=failures,
+            slow_calls=slow,
+            failure_rate=failure_rate,
+            slow_call_rate=slow_rate,
+            consecutive_failures=machine.consecutive_failures,
+            half_open_calls=len(machine.probes) + machine.probes_waiting,
+            retry_after=machine.retry_after(now),
+            trips=machine.trips,
+        )
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self._name!r}, state={self._machine.state.value})"
+
+    def _refresh(self) -> None:
+        config = self._config
+        self._timed = bool(self._listeners) or config.slow_call_duration is not None
+        machine = self._machine
+        machine.on_transition = self._transitioned if self._listeners or not self._local else None
+        machine.set_fast_eligible(
+            self._local
+            and not self._listeners
+            and not config.windowed
+            and config.failure_result is None
+        )
+
+    def _admit(self, started: bool = True) -> BreakerPermit:
+        machine = self._machine
+        state = machine.state
+        if state is _CLOSED:
+            return BreakerPermit(
+                self,
+                machine.epoch,
+                False,
+                self._clock.now() if self._timed else None,
+                None,
+                self._ownership.claim(),
+            )
+        now = self._clock.now()
+        if state is _OPEN and now < machine.open_until:
+            raise self._reject(machine.open_until - now)
+        # What follows may change the state or grant a probe: claimed first, so not from a
+        # second loop, and given back below if no probe is granted.
+        owner = self._ownership.claim()
+        try:
+            wait = machine.admit_probe(now, started)
+        except BaseException:
+            owner.permits -= 1
+            raise
+        if wait is not None:
+            owner.permits -= 1
+            raise self._reject(wait)
+        return BreakerPermit(self, machine.epoch, True, now, now if started else None, owner)
+
+    def _reject(self, retry_after: float) -> CircuitOpenError:
+        if self._listeners:
+            dispatch(self._listeners, CallRejected(self._name, retry_after))
+        return CircuitOpenError(self._name, retry_after)
+
+    async def _run(
+        self, permit: BreakerPermit, fn: Callable[..., Awaitable[T]], args: Any, kwargs: Any
+    ) -> T:
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            permit.settle(exc)
+            raise
+        permit.settle(result=result)
+        return result
+
+    def _failed_fast(self, error: BaseException, epoch: int) -> None:
+        # The fast path runs only CLOSED, in consecutive mode, with nothing listening.
+        if self._classify(error) == "failure" and self._machine.failed_fast(epoch):
+            owner = self._ownership.claim()
+            try:
+                self._machine.trip(self._clock.now())
+            finally:
+                owner.permits -= 1
+
+    def _timing(self, permit: BreakerPermit, now: float | None) -> tuple[float | None, bool]:
+        if now is None or permit.started is None:
+            return None, False
+        duration = now - permit.started
+        slow_after = self._slow_after
+        return duration, slow_after is not None and duration >= slow_after
+
+    def _succeeded(self, permit: BreakerPermit) -> None:
+        machine = self._machine
+        if permit.epoch != machine.epoch:
+            return
+        now = self._clock.now() if self._timed or machine.window is not None else None
+        duration, slow = self._timing(permit, now)
+        if self._listeners:
+            dispatch(self._listeners, CallSucceeded(self._name, duration))
+        machine.succeeded(permit.epoch, permit.probe, permit._probe_start, now, slow)
+
+    def _failed(self, permit: BreakerPermit, error: BaseException | None) -> None:
+        machine = self._machine
+        if permit.epoch != machine.epoch:
+            return
+        now = self._clock.now()
+        duration, slow = self._timing(permit, now)
+        if self._listeners:
+            dispatch(self._listeners, CallFailed(self._name, error, duration))
+        machine.failed(permit.epoch, permit.probe, permit._probe_start, now, slow)
+
+    def _ignored(self, permit: BreakerPermit, error: BaseException) -> None:
+        if permit.epoch != self._machine.epoch:
+            return
+        if self._listeners:
+            dispatch(self._listeners, CallIgnored(self._name, error))
+        self._released(permit)
+
+    def _released(self, permit: BreakerPermit) -> None:
+        self._machine.released(permit.epoch, permit.probe, permit._probe_start)
+
+    def _transitioned(self, old: BreakerState, new: BreakerState) -> None:
+        if not self._local:
+            self._store.state_changed(self._name, self._machine.epoch, old, new)
+        if self._listeners and new is not old:
+            dispatch(self._listeners, StateChanged(self._name, old, new))
+
+
+def _check_listener(listener: object) -> None:
+    if not callable(listener):
+        raise TypeError(
+            f"a listener must be a callable taking an event record, got {type(listener).__name__}"
+            " (listener classes with on_... methods were replaced by callables)"
+        )
