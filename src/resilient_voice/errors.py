@@ -12,7 +12,8 @@ Every error this library raises derives from :class:`ResilientVoiceError`::
           TwilioAuthenticationError
         VapiAPIError
           VapiAuthenticationError
-      WebhookVerificationError
+      InvalidRequestError(field)            also a ValueError: refused before sending
+      WebhookVerificationError              raised by verifiers; the webhook guard answers 403
 
 Rejections are raised *instead of* making a request, so they are always ``NOT_SENT``: retrying
 them is safe, and a circuit breaker never counts them as the upstream's failure.
@@ -39,6 +40,7 @@ from resilient_voice.failure import FailureKind
 
 __all__ = [
     "CircuitOpenError",
+    "InvalidRequestError",
     "OutcomeUnknownError",
     "ProviderError",
     "RateLimitedError",
@@ -240,5 +242,33 @@ class VapiAuthenticationError(VapiAPIError):
     """Vapi rejected the API key (401 or 403)."""
 
 
+class InvalidRequestError(ResilientVoiceError, ValueError):
+    """An argument of a client call breaks the provider's rules; nothing was sent.
+
+    A request the provider would refuse with a 400 costs a round trip, a breaker permit and a
+    token, and can hide a bug until production, so clients check what the provider documents
+    first. It is also a :class:`ValueError`, the exception Python code expects for a bad
+    argument. (Named so as not to shadow pydantic's ``ValidationError`` in user code.)
+
+    Attributes:
+        field: The argument at fault, by its Python name (``from_`` for Twilio's sender).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 class WebhookVerificationError(ResilientVoiceError):
-    """An incoming webhook's signature or credential is missing, forged or stale."""
+    """An incoming webhook's signature or credential is missing, forged or stale.
+
+    Raised by webhook verifiers; the webhook guard answers 403 and logs ``reason``, and never
+    shows it to the sender (it would tell a forger which check failed).
+
+    Attributes:
+        reason: Why the request did not verify, for the log.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -22,7 +22,7 @@ from resilient_voice.correlation import (
     new_attempt_id,
     new_correlation_id,
 )
-from resilient_voice.errors import OutcomeUnknownError, TwilioAPIError
+from resilient_voice.errors import InvalidRequestError, OutcomeUnknownError, TwilioAPIError
 from resilient_voice.events import TransportListener
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
@@ -118,7 +118,7 @@ class TwilioClient:
     Build one per account at startup and share it: it owns the connection pool, the account's
     circuit breaker and its pacing. Every operation runs under its own policy (see
     ``docs/twilio.md`` for the defaults); bad input raises
-    :class:`~resilient_voice.twilio.TwilioValidationError` before anything is sent::
+    :class:`~resilient_voice.InvalidRequestError` before anything is sent::
 
         async with TwilioClient(account_sid, auth_token, calls_per_second=5) as twilio:
             call = await twilio.create_call(
@@ -185,7 +185,7 @@ class TwilioClient:
     ) -> None:
         try:
             account = check.sid("account_sid", account_sid, "AC")
-        except check.TwilioValidationError as exc:
+        except InvalidRequestError as exc:
             raise ValueError(str(exc)) from None
         if auth_token is not None:
             if api_key is not None or api_secret is not None:
@@ -198,7 +198,7 @@ class TwilioClient:
                 raise ValueError("give auth_token, or api_key and api_secret")
             try:
                 user = check.sid("api_key", api_key, "SK")
-            except check.TwilioValidationError as exc:
+            except InvalidRequestError as exc:
                 raise ValueError(str(exc)) from None
             if not isinstance(api_secret, str) or not api_secret:
                 raise ValueError("api_secret must be a non-empty str")
@@ -339,7 +339,7 @@ class TwilioClient:
             ``attempt_id`` set.
 
         Raises:
-            TwilioValidationError: Bad input; nothing was sent.
+            InvalidRequestError: Bad input; nothing was sent.
             OutcomeUnknownError: The request may have reached Twilio and was not re-sent;
                 reconcile (see :meth:`reconcile_call`) before trying again.
             TwilioAPIError: Twilio refused the call (for example 21211, invalid number).
@@ -413,13 +413,13 @@ class TwilioClient:
             limit: Stop after this many calls; ``None`` reads every page.
         """
         if isinstance(page_size, bool) or not isinstance(page_size, int):
-            raise check.TwilioValidationError("page_size", "must be an int")
+            raise InvalidRequestError("page_size", "must be an int")
         if not 1 <= page_size <= 1000:
-            raise check.TwilioValidationError("page_size", "must be within 1..1000")
+            raise InvalidRequestError("page_size", "must be within 1..1000")
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
         ):
-            raise check.TwilioValidationError("limit", "must be None or an int >= 1")
+            raise InvalidRequestError("limit", "must be None or an int >= 1")
         params: dict[str, str] = {}
         if to is not None:
             params["To"] = check.call_to(to)
@@ -464,19 +464,19 @@ class TwilioClient:
         arrived, and may raise :class:`~resilient_voice.OutcomeUnknownError`.
 
         Raises:
-            TwilioValidationError: Bad input (including nothing to change); nothing was sent.
+            InvalidRequestError: Bad input (including nothing to change); nothing was sent.
         """
         call_sid = check.sid("sid", sid, "CA")
         extra = check.more_params(more, _UPDATE_PARAMS)
         form: dict[str, str | list[str]] = {}
         if status is not None:
             if status not in check.UPDATE_STATUSES:
-                raise check.TwilioValidationError(
+                raise InvalidRequestError(
                     "status", f"must be 'completed' or 'canceled', got {status!r}"
                 )
             form["Status"] = status
         if url is not None and twiml is not None:
-            raise check.TwilioValidationError("url", "give url= or twiml=, not both")
+            raise InvalidRequestError("url", "give url= or twiml=, not both")
         if url is not None:
             form["Url"] = check.url("url", url)
         if twiml is not None:
@@ -487,7 +487,7 @@ class TwilioClient:
             form["StatusCallback"] = check.url("status_callback", status_callback)
         form.update(extra)
         if not form:
-            raise check.TwilioValidationError("status", "nothing to update")
+            raise InvalidRequestError("status", "nothing to update")
         redirect = "Url" in form or "Twiml" in form
         response = await self._send(
             "POST", f"{self._calls_path}/{call_sid}.json", form, idempotent=not redirect
@@ -521,14 +521,14 @@ class TwilioClient:
             **more: Further Twilio parameters under their own names, forwarded untouched.
 
         Raises:
-            TwilioValidationError: Bad input; nothing was sent.
+            InvalidRequestError: Bad input; nothing was sent.
             OutcomeUnknownError: The request may have reached Twilio and was not re-sent.
             TwilioAPIError: Twilio refused the message.
         """
         extra = check.more_params(more, _MESSAGE_PARAMS)
         form: dict[str, str | list[str]] = {"To": check.message_to(to)}
         if from_ is None and messaging_service_sid is None:
-            raise check.TwilioValidationError("from_", "give from_= or messaging_service_sid=")
+            raise InvalidRequestError("from_", "give from_= or messaging_service_sid=")
         if from_ is not None:
             form["From"] = check.message_from(from_)
         if messaging_service_sid is not None:
@@ -536,9 +536,7 @@ class TwilioClient:
                 "messaging_service_sid", messaging_service_sid, "MG"
             )
         if body is None and media_url is None and content_sid is None:
-            raise check.TwilioValidationError(
-                "body", "a message needs body=, media_url= or content_sid="
-            )
+            raise InvalidRequestError("body", "a message needs body=, media_url= or content_sid=")
         if body is not None:
             form["Body"] = check.body(body)
         if media_url is not None:
@@ -589,7 +587,7 @@ class TwilioClient:
         one-second precision and its clock is not yours: take ``since`` a few seconds early.
         """
         if since is not None and since.tzinfo is None:
-            raise check.TwilioValidationError("since", "must be timezone-aware (UTC)")
+            raise InvalidRequestError("since", "must be timezone-aware (UTC)")
         calls = await self.list_calls(to=to, from_=from_, limit=limit)
         if since is None:
             return calls
@@ -612,7 +610,7 @@ class TwilioClient:
         if self._attempt_param is not None:
             if self._attempt_param in present:
                 # Callbacks must carry the id that OutcomeUnknownError reports, not another.
-                raise check.TwilioValidationError(
+                raise InvalidRequestError(
                     "url", f"the query parameter {self._attempt_param!r} is reserved"
                 )
             extra.append(f"{self._attempt_param}={quote(attempt_id, safe='')}")
@@ -654,7 +652,7 @@ class TwilioClient:
 def _http_method(field: str, value: object) -> str:
     text = check.text_value(field, value).upper()
     if text not in ("GET", "POST"):
-        raise check.TwilioValidationError(field, "must be GET or POST")
+        raise InvalidRequestError(field, "must be GET or POST")
     return text
 
 

@@ -21,7 +21,7 @@ from resilient_voice.vapi._client import (
     VapiClient,
     VapiListener,
 )
-from resilient_voice.vapi._errors import VapiConcurrencyLimitError, VapiValidationError
+from resilient_voice.vapi._errors import VapiConcurrencyLimitError
 from resilient_voice.vapi._models import (
     ATTEMPT_ID_KEY,
     CONCURRENCY_ENDED_REASON,
@@ -66,7 +66,6 @@ __all__ = [
     "VapiListener",
     "VapiModel",
     "VapiPhoneNumber",
-    "VapiValidationError",
     "attempt_overrides",
     "default_policies",
     "no_sdk_retries",

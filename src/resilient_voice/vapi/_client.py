@@ -344,7 +344,7 @@ class VapiClient:
             The created call.
 
         Raises:
-            VapiValidationError: Bad arguments; nothing was sent.
+            InvalidRequestError: Bad arguments; nothing was sent.
             OutcomeUnknownError: The request may have created the call (dropped connection,
                 timeout, 5xx, 429); its ``attempt_id`` is the ``rv_attempt_id`` planted in the
                 call, for :meth:`reconcile_call`.

@@ -21,16 +21,11 @@ from resilient_voice.http import retry_after_from_headers
 
 __all__ = [
     "VapiConcurrencyLimitError",
-    "VapiValidationError",
     "error_from_response",
     "is_concurrency_answer",
 ]
 
 _MAX_TEXT = 500
-
-
-class VapiValidationError(ValueError):
-    """An argument of a Vapi client call is invalid; nothing was sent."""
 
 
 class VapiConcurrencyLimitError(VapiAPIError):
