@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Self, TypeVar
-from urllib.parse import SplitResult, quote, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel
 
 from resilient_voice._clock import Clock
-from resilient_voice._urls import check_transport_security, redact_url
-from resilient_voice._urls import split as split_url
+from resilient_voice._provider import (
+    UNREADABLE,
+    ProviderClient,
+    check_base_url,
+    check_timeout,
+)
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.correlation import (
     correlation_scope,
@@ -78,32 +80,6 @@ _MESSAGE_NOTE = (
 )
 
 
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _base_url_parts(base_url: object, allow_insecure_http: bool) -> SplitResult:
-    """Check ``base_url``; messages never echo its credentials (see :mod:`._urls`)."""
-    if not isinstance(base_url, str):
-        raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
-    parts = split_url(base_url)
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must be an http(s) URL, got {redact_url(base_url)!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(
-            f"base_url must not carry credentials (got {redact_url(base_url)!r}): "
-            "pass them as auth_token= or api_key=/api_secret="
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError("base_url is the scheme and host only (no path, query or fragment)")
-    check_transport_security(parts, base_url, allow_insecure_http=allow_insecure_http)
-    return parts
-
-
 def _query_param(name: str | None) -> str | None:
     if name is None:
         return None
@@ -112,7 +88,7 @@ def _query_param(name: str | None) -> str | None:
     return name
 
 
-class TwilioClient:
+class TwilioClient(ProviderClient):
     """A typed client of Twilio's Calls and Messages API, resilient by default.
 
     Build one per account at startup and share it: it owns the connection pool, the account's
@@ -203,15 +179,20 @@ class TwilioClient:
             if not isinstance(api_secret, str) or not api_secret:
                 raise ValueError("api_secret must be a non-empty str")
             secret = api_secret
-        parts = _base_url_parts(base_url, allow_insecure_http)
-        cps = _positive("calls_per_second", calls_per_second)
-        mps = _positive("messages_per_second", messages_per_second)
-        seconds = _positive("timeout", timeout)
+        parts = check_base_url(
+            base_url,
+            allow_insecure_http=allow_insecure_http,
+            allow_path=False,
+            credentials="pass them as auth_token= or api_key=/api_secret=",
+        )
+        cps = check_timeout(calls_per_second, "calls_per_second")
+        mps = check_timeout(messages_per_second, "messages_per_second")
+        seconds = check_timeout(timeout)
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise TypeError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
-        self._policies = resolve_policies(
+        policies_ = resolve_policies(
             policy,
             policies,
             lambda: default_policies(
@@ -230,21 +211,22 @@ class TwilioClient:
         self._account = account
         self._auth_kind = "auth_token" if auth_token is not None else "api_key"
         self._base_url = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
-        self._transport = ResilientTransport(
-            self._policies["read"],
+        resilient = ResilientTransport(
+            policies_["read"],
             transport=transport,
-            routes=twilio_routes(self._policies),
+            routes=twilio_routes(policies_),
             name=name,
             listeners=listeners,
         )
-        self._http = httpx.AsyncClient(
+        http = httpx.AsyncClient(
             base_url=self._base_url,
             auth=httpx.BasicAuth(user, secret),
-            transport=self._transport,
+            transport=resilient,
             timeout=httpx.Timeout(seconds),
             headers={"Accept": "application/json", "User-Agent": "resilient-voice"},
             follow_redirects=False,
         )
+        self._own(http, policies_, resilient)
         self._calls_path = f"{API}/{account}/Calls"
         self._messages_path = f"{API}/{account}/Messages"
 
@@ -253,55 +235,11 @@ class TwilioClient:
         """The account this client acts on."""
         return self._account
 
-    @property
-    def policies(self) -> Mapping[str, Policy]:
-        """The policy of each operation (read-only view; keys as for ``policies=``)."""
-        return dict(self._policies)
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        """The breaker of ``create_call`` (the one shared by the default policies).
-
-        Typed without ``None`` so that ``client.breaker.add_listener(...)`` type-checks; a
-        ``create_call`` policy without a breaker (your own ``policy=``) has nothing to give.
-
-        Raises:
-            AttributeError: The ``create_call`` policy has no breaker
-                (``getattr(client, "breaker", None)`` gives ``None`` then).
-        """
-        breaker = self._policies["create_call"].breaker
-        if breaker is None:
-            raise AttributeError(
-                "this client's create_call policy has no circuit breaker; "
-                "attach listeners to the primitives of the policy you passed"
-            )
-        return breaker
-
-    @property
-    def transport(self) -> ResilientTransport:
-        """The transport: attach :class:`~resilient_voice.events.TransportListener` here."""
-        return self._transport
-
     def __repr__(self) -> str:
         return (
             f"TwilioClient(account_sid={self._account!r}, auth={self._auth_kind}, "
             f"base_url={self._base_url!r})"
         )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the connection pool. The client cannot be used afterwards."""
-        await self._http.aclose()
 
     async def create_call(
         self,
@@ -383,7 +321,7 @@ class TwilioClient:
                 note += _CALLBACK_NOTE.format(param=self._attempt_param, attempt_id=exc.attempt_id)
             exc.add_note(note)
             raise
-        call = _created(Call, response, attempt_id)
+        call = self._created(Call, response, attempt_id)
         call._correlation_id = cid
         call._attempt_id = attempt_id
         return call
@@ -392,7 +330,7 @@ class TwilioClient:
         """Fetch a call (``GET .../Calls/{sid}.json``)."""
         call_sid = check.sid("sid", sid, "CA")
         response = await self._send("GET", f"{self._calls_path}/{call_sid}.json")
-        return _read(Call, response)
+        return self._read(Call, response)
 
     async def list_calls(
         self,
@@ -435,7 +373,7 @@ class TwilioClient:
         query: dict[str, str] | None = params
         while path is not None:
             response = await self._send("GET", path, params=query)
-            page = _read(_CallsPage, response)
+            page = self._read(_CallsPage, response)
             for call in page.calls or ():
                 calls.append(call)
                 if limit is not None and len(calls) >= limit:
@@ -492,7 +430,7 @@ class TwilioClient:
         response = await self._send(
             "POST", f"{self._calls_path}/{call_sid}.json", form, idempotent=not redirect
         )
-        return _read(Call, response)
+        return self._read(Call, response)
 
     async def send_message(
         self,
@@ -563,13 +501,13 @@ class TwilioClient:
         except OutcomeUnknownError as exc:
             exc.add_note(_MESSAGE_NOTE)
             raise
-        return _created(Message, response, attempt_id)
+        return self._created(Message, response, attempt_id)
 
     async def get_message(self, sid: str) -> Message:
         """Fetch a message (``GET .../Messages/{sid}.json``)."""
         message_sid = check.sid("sid", sid, "SM", "MM")
         response = await self._send("GET", f"{self._messages_path}/{message_sid}.json")
-        return _read(Message, response)
+        return self._read(Message, response)
 
     async def reconcile_call(
         self,
@@ -644,9 +582,15 @@ class TwilioClient:
                 response = await self._http.send(request)
         else:
             response = await self._http.send(request)
-        if response.status_code >= 400:
-            raise api_error(response)
-        return response
+        return self._checked(response)
+
+    def _api_error(self, response: httpx.Response) -> TwilioAPIError:
+        return api_error(response)
+
+    def _unreadable_error(
+        self, response: httpx.Response, message: str, kind: FailureKind
+    ) -> TwilioAPIError:
+        return TwilioAPIError(response.status_code, UNREADABLE, message, kind)
 
 
 def _http_method(field: str, value: object) -> str:
@@ -656,49 +600,8 @@ def _http_method(field: str, value: object) -> str:
     return text
 
 
-_Created = TypeVar("_Created", Call, Message)
-_Read = TypeVar("_Read", bound=BaseModel)
-
-
 class _CallsPage(BaseModel):
     """One page of ``GET .../Calls.json``: only what paging needs (extra keys ignored)."""
 
     calls: list[Call] | None = None
     next_page_uri: str | None = None
-
-
-def _read(model: type[_Read], response: httpx.Response) -> _Read:
-    """Parse a read's answer; an unreadable body (not JSON, hostile nesting, the wrong shape)
-    is Twilio's error to report, never a bare parser exception.
-
-    pydantic's JSON parser refuses nesting beyond its recursion limit with a ValidationError,
-    so hostile JSON cannot raise ``RecursionError`` here.
-    """
-    try:
-        return model.model_validate_json(response.content)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise TwilioAPIError(
-            response.status_code,
-            None,
-            f"unreadable {model.__name__.lstrip('_')} in a {response.status_code} answer",
-            FailureKind.MAYBE_PROCESSED,
-        ) from exc
-
-
-def _created(model: type[_Created], response: httpx.Response, attempt_id: str) -> _Created:
-    """Parse a create answer; an unreadable 2xx still means Twilio created it.
-
-    Raising an ordinary error there would read as a definite failure and invite a second
-    create, so it becomes :class:`OutcomeUnknownError` instead.
-    """
-    try:
-        return model.model_validate_json(response.content)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        error = TwilioAPIError(
-            response.status_code,
-            None,
-            f"unreadable {model.__name__} in a {response.status_code} answer",
-            FailureKind.MAYBE_PROCESSED,
-        )
-        error.__cause__ = exc
-        raise OutcomeUnknownError(attempt_id, attempts=1) from error

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
+from resilient_voice import _provider as provider
 from resilient_voice._clock import Clock
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.http import Route
@@ -90,31 +91,16 @@ def resolve_policies(
     *,
     tuned: bool,
 ) -> dict[str, Policy]:
-    """Apply ``policy=`` (every operation) or ``policies=`` (one by one) over the defaults."""
-    if policy is not None:
-        if policies is not None:
-            raise ValueError("give policy= (every operation) or policies= (some), not both")
-        if tuned:
-            raise ValueError(
-                "breaker= and retry= configure the default policies; with policy= they would "
-                "be ignored"
-            )
-        if not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
-        return dict.fromkeys(OPERATIONS, policy)
-    result = defaults()
-    if policies is None:
-        return result
-    if not isinstance(policies, Mapping):
-        raise TypeError("policies must be a mapping of operation name to Policy")
-    unknown = sorted(set(policies) - set(OPERATIONS))
-    if unknown:
-        raise ValueError(f"unknown operation(s) {unknown}; the operations are {list(OPERATIONS)}")
-    for operation, value in policies.items():
-        if not isinstance(value, Policy):
-            raise TypeError(f"policies[{operation!r}] must be a Policy, got {type(value).__name__}")
-        result[operation] = value
-    return result
+    """Apply ``policy=`` (every operation) or ``policies=`` (one by one) over the defaults.
+
+    ``breaker=`` and ``retry=`` (``tuned``) shape the default policies only, so they are refused
+    next to ``policy=``; the rest is the kit's rule.
+    """
+    if policy is not None and tuned:
+        raise ValueError(
+            "breaker= and retry= configure the default policies; with policy= they would be ignored"
+        )
+    return provider.resolve_policies(policy, policies, defaults, OPERATIONS, layered=False)
 
 
 def twilio_routes(policies: Mapping[str, Policy]) -> list[Route]:
