@@ -14,13 +14,9 @@ from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 from resilient_voice._urls import redact_url
 from resilient_voice.asgi._common import (
     FORBIDDEN,
-    ASGIApp,
     BodyTooLargeError,
     DisconnectedError,
     PathMatcher,
-    Receive,
-    Scope,
-    Send,
     get_header,
     payload_too_large,
     read_body,
@@ -28,6 +24,7 @@ from resilient_voice.asgi._common import (
     replay,
 )
 from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies
+from resilient_voice.asgi._types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["TwilioSignatureMiddleware"]
 

@@ -15,13 +15,9 @@ from typing import Any
 
 from resilient_voice.asgi._common import (
     FORBIDDEN,
-    ASGIApp,
     BodyTooLargeError,
     DisconnectedError,
     PathMatcher,
-    Receive,
-    Scope,
-    Send,
     get_header,
     header_name,
     payload_too_large,
@@ -30,6 +26,7 @@ from resilient_voice.asgi._common import (
     replay,
 )
 from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies
+from resilient_voice.asgi._types import ASGIApp, Receive, Scope, Send
 from resilient_voice.correlation import correlation_scope, validate_correlation_id
 
 __all__ = ["CORRELATION_KEY", "VapiWebhookMiddleware", "planted_correlation_id"]
