@@ -6,7 +6,8 @@ models, their error bodies and their verifiers; everything else lives here once:
 - :func:`~resilient_voice._phone.is_e164`, the one phone-number rule (in ``_phone``, which the
   fake upstream imports too without loading httpx or pydantic);
 - :func:`check_base_url` and :func:`check_timeout`, the configuration checks;
-- :func:`resolve_policies`, ``policy=`` (every operation) over ``policies=`` (some);
+- :func:`resolve_policies`, ``policy=`` (every operation) over ``policies=`` (some), and
+  :func:`build_transport`, the one transport of a client or SDK adapter;
 - :class:`ProviderClient`, the base that owns the transport and connection pool (``async with``,
   :meth:`~ProviderClient.aclose`, the ``breaker``/``transport``/``policies`` properties) and the
   one error-mapping contract of answers: :meth:`~ProviderClient._read` turns an error status
@@ -19,7 +20,7 @@ models, their error bodies and their verifiers; everything else lives here once:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import SplitResult
@@ -31,13 +32,15 @@ from resilient_voice._urls import check_transport_security, redact_url
 from resilient_voice._urls import split as split_url
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
+from resilient_voice.events import TransportListener
 from resilient_voice.failure import FailureKind
-from resilient_voice.http import ResilientTransport
+from resilient_voice.http import ResilientTransport, Route
 from resilient_voice.policy import Policy
 
 __all__ = [
     "UNREADABLE",
     "ProviderClient",
+    "build_transport",
     "check_base_url",
     "check_timeout",
     "resolve_policies",
@@ -65,22 +68,23 @@ def check_base_url(
     base_url: object,
     *,
     allow_insecure_http: bool,
-    allow_path: bool,
     credentials: str,
 ) -> SplitResult:
-    """Check a client's ``base_url``; messages never echo its credentials (see :mod:`._urls`).
+    """Check a ``base_url``; messages never echo its credentials (see :mod:`._urls`).
+
+    What every client and adapter refuses; what may follow the host (a path, a query) is the
+    caller's rule, checked on the parts returned.
 
     Args:
         base_url: The value given.
         allow_insecure_http: The caller's opt-in to ``http://`` to a remote host.
-        allow_path: Whether the URL may carry a path (an API root below the host).
         credentials: Where credentials go instead (``"pass the key as api_key="``), for the
             message.
 
     Raises:
-        TypeError: Not a str.
-        ValueError: Not an http(s) URL with a host, userinfo, a query or fragment (or a path
-            where none is allowed), or plain http to a remote host without the opt-in.
+        TypeError: Not a str, or ``allow_insecure_http`` not a bool.
+        ValueError: Not an http(s) URL with a host, userinfo in it, or plain http to a remote
+            host without the opt-in.
     """
     if not isinstance(base_url, str):
         raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
@@ -91,10 +95,6 @@ def check_base_url(
         raise ValueError(
             f"base_url must not carry credentials (got {redact_url(base_url)!r}): {credentials}"
         )
-    if not allow_path and parts.path not in ("", "/"):
-        raise ValueError("base_url is the scheme and host only (no path, query or fragment)")
-    if parts.query or parts.fragment:
-        raise ValueError("base_url must not carry a query or a fragment")
     check_transport_security(parts, base_url, allow_insecure_http=allow_insecure_http)
     return parts
 
@@ -134,6 +134,24 @@ def resolve_policies(
             raise TypeError(f"policies[{name!r}] must be a Policy, got {type(value).__name__}")
         resolved[name] = value
     return resolved
+
+
+def build_transport(
+    policies: Mapping[str, Policy],
+    routes: list[Route],
+    *,
+    transport: httpx.AsyncBaseTransport | None,
+    name: str,
+    listeners: Iterable[TransportListener],
+) -> ResilientTransport:
+    """A provider's transport: each route runs its operation's policy, anything else reads'.
+
+    Requests no route claims (another product of the provider, a new endpoint) are treated
+    as reads: retried only where the transport's rules call them safe.
+    """
+    return ResilientTransport(
+        policies["read"], transport=transport, routes=routes, name=name, listeners=listeners
+    )
 
 
 _PERMANENT = FailureKind.PERMANENT

@@ -14,6 +14,7 @@ from resilient_voice._clock import Clock
 from resilient_voice._provider import (
     UNREADABLE,
     ProviderClient,
+    build_transport,
     check_base_url,
     check_timeout,
 )
@@ -31,7 +32,6 @@ from resilient_voice.http import (
     ATTEMPT_ID_EXTENSION,
     IDEMPOTENT_EXTENSION,
     LIMITER_KEY_EXTENSION,
-    ResilientTransport,
 )
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
@@ -39,7 +39,6 @@ from resilient_voice.twilio import _validation as check
 from resilient_voice.twilio._errors import api_error
 from resilient_voice.twilio._models import Call, Message
 from resilient_voice.twilio._policies import (
-    default_policies,
     resolve_policies,
     twilio_routes,
 )
@@ -182,9 +181,10 @@ class TwilioClient(ProviderClient):
         parts = check_base_url(
             base_url,
             allow_insecure_http=allow_insecure_http,
-            allow_path=False,
             credentials="pass them as auth_token= or api_key=/api_secret=",
         )
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("base_url is the scheme and host only (no path, query or fragment)")
         cps = check_timeout(calls_per_second, "calls_per_second")
         mps = check_timeout(messages_per_second, "messages_per_second")
         seconds = check_timeout(timeout)
@@ -195,28 +195,21 @@ class TwilioClient(ProviderClient):
         policies_ = resolve_policies(
             policy,
             policies,
-            lambda: default_policies(
-                account,
-                calls_per_second=cps,
-                messages_per_second=mps,
-                timeout=seconds,
-                breaker=breaker,
-                retry=retry,
-                clock=clock,
-            ),
-            tuned=breaker is not None or retry is not None,
+            account,
+            calls_per_second=cps,
+            messages_per_second=mps,
+            timeout=seconds,
+            breaker=breaker,
+            retry=retry,
+            clock=clock,
         )
         self._correlation_param = _query_param(correlation_param)
         self._attempt_param = _query_param(attempt_param)
         self._account = account
         self._auth_kind = "auth_token" if auth_token is not None else "api_key"
         self._base_url = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
-        resilient = ResilientTransport(
-            policies_["read"],
-            transport=transport,
-            routes=twilio_routes(policies_),
-            name=name,
-            listeners=listeners,
+        resilient = build_transport(
+            policies_, twilio_routes(policies_), transport=transport, name=name, listeners=listeners
         )
         http = httpx.AsyncClient(
             base_url=self._base_url,

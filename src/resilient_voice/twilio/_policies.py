@@ -7,7 +7,7 @@ One policy per operation, built once per client. They share one circuit breaker 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from resilient_voice import _provider as provider
@@ -87,20 +87,40 @@ def default_policies(
 def resolve_policies(
     policy: Policy | None,
     policies: Mapping[str, Policy] | None,
-    defaults: Callable[[], dict[str, Policy]],
+    account: str,
     *,
-    tuned: bool,
+    calls_per_second: float,
+    messages_per_second: float,
+    timeout: float,
+    breaker: CircuitBreaker | None,
+    retry: RetryPolicy | None,
+    clock: Clock | None,
 ) -> dict[str, Policy]:
     """Apply ``policy=`` (every operation) or ``policies=`` (one by one) over the defaults.
 
-    ``breaker=`` and ``retry=`` (``tuned``) shape the default policies only, so they are refused
-    next to ``policy=``; the rest is the kit's rule.
+    The defaults are :func:`default_policies` of the other arguments, built only when used.
+    ``breaker=`` and ``retry=`` shape the default policies only, so they are refused next to
+    ``policy=``; the rest is the kit's rule.
     """
-    if policy is not None and tuned:
+    if policy is not None and (breaker is not None or retry is not None):
         raise ValueError(
             "breaker= and retry= configure the default policies; with policy= they would be ignored"
         )
-    return provider.resolve_policies(policy, policies, defaults, OPERATIONS, layered=False)
+    return provider.resolve_policies(
+        policy,
+        policies,
+        lambda: default_policies(
+            account,
+            calls_per_second=calls_per_second,
+            messages_per_second=messages_per_second,
+            timeout=timeout,
+            breaker=breaker,
+            retry=retry,
+            clock=clock,
+        ),
+        OPERATIONS,
+        layered=False,
+    )
 
 
 def twilio_routes(policies: Mapping[str, Policy]) -> list[Route]:

@@ -11,7 +11,13 @@ import httpx
 from pydantic import BaseModel
 
 from resilient_voice._clock import Clock
-from resilient_voice._provider import UNREADABLE, ProviderClient, check_base_url, check_timeout
+from resilient_voice._provider import (
+    UNREADABLE,
+    ProviderClient,
+    build_transport,
+    check_base_url,
+    check_timeout,
+)
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError, VapiAPIError
 from resilient_voice.events import TransportListener, emit
@@ -89,11 +95,10 @@ def _check_api_key(api_key: object) -> str:
 def _check_base_url(base_url: object, allow_insecure_http: bool) -> tuple[str, str, str]:
     """The API root without a trailing ``/``, its host, and its path (see :mod:`.._provider`)."""
     parts = check_base_url(
-        base_url,
-        allow_insecure_http=allow_insecure_http,
-        allow_path=True,
-        credentials="pass the key as api_key=",
+        base_url, allow_insecure_http=allow_insecure_http, credentials="pass the key as api_key="
     )
+    if parts.query or parts.fragment:
+        raise ValueError("base_url must not carry a query or a fragment")
     root = cast("str", base_url)  # a str: check_base_url refused anything else
     return root.rstrip("/"), parts.hostname or "", parts.path.rstrip("/")
 
@@ -197,10 +202,10 @@ class VapiClient(ProviderClient):
             self._own(http_client, {}, None, owns_http=False)
         else:
             resolved = resolve_policies(policy, policies, clock)
-            resilient = ResilientTransport(
-                resolved["read"],
+            resilient = build_transport(
+                resolved,
+                vapi_routes(host, prefix, resolved, unprocessed_429=unprocessed_429),
                 transport=transport,
-                routes=vapi_routes(host, prefix, resolved, unprocessed_429=unprocessed_429),
                 name=name,
                 listeners=transport_listeners,
             )

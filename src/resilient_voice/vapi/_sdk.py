@@ -31,11 +31,10 @@ from typing import Any, TypedDict
 import httpx
 
 from resilient_voice._clock import Clock
-from resilient_voice._provider import check_timeout
+from resilient_voice._provider import build_transport, check_timeout
 from resilient_voice._urls import check_request_security
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.events import TransportListener
-from resilient_voice.http import ResilientTransport
 from resilient_voice.policy import Policy
 from resilient_voice.vapi._client import DEFAULT_BASE_URL, _check_base_url
 from resilient_voice.vapi._policies import resolve_policies, vapi_routes
@@ -110,10 +109,10 @@ def sdk_http_client(
     _, host, prefix = _check_base_url(base_url, allow_insecure_http)
     seconds = check_timeout(timeout)
     resolved = resolve_policies(policy, policies, clock)
-    resilient = ResilientTransport(
-        resolved["read"],
+    resilient = build_transport(
+        resolved,
+        vapi_routes(host, prefix, resolved, unprocessed_429=unprocessed_429),
         transport=transport,
-        routes=vapi_routes(host, prefix, resolved, unprocessed_429=unprocessed_429),
         name=name,
         listeners=listeners,
     )
