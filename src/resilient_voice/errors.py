@@ -8,10 +8,8 @@ Every error this library raises derives from :class:`ResilientVoiceError`::
         RateLimitedError                    .limiter, .retry_after
       OutcomeUnknownError(attempt_id)       sent, may have been processed, not retried
       ProviderError(status, code, message, kind)   the upstream answered with an error
-        TwilioAPIError
-          TwilioAuthenticationError
-        VapiAPIError
-          VapiAuthenticationError
+        TwilioAPIError, VapiAPIError        in resilient_voice.twilio and resilient_voice.vapi
+          TwilioAuthenticationError, VapiAuthenticationError, VapiConcurrencyLimitError
       InvalidRequestError(field)            also a ValueError: refused before sending
       WebhookVerificationError              raised by verifiers; the webhook guard answers 403
 
@@ -46,10 +44,6 @@ __all__ = [
     "RateLimitedError",
     "RejectedError",
     "ResilientVoiceError",
-    "TwilioAPIError",
-    "TwilioAuthenticationError",
-    "VapiAPIError",
-    "VapiAuthenticationError",
     "WebhookVerificationError",
 ]
 
@@ -190,56 +184,6 @@ class ProviderError(ResilientVoiceError):
     @property
     def failure_kind(self) -> FailureKind:
         return self.kind
-
-
-class TwilioAPIError(ProviderError):
-    """Twilio answered with an error.
-
-    Attributes:
-        more_info: The link to Twilio's page for ``code``.
-        details: The ``details`` object of Twilio's error body, when it sent one (the
-            official SDK's ``TwilioRestException.details``); ``None`` otherwise.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        code: int | str | None,
-        message: str,
-        kind: FailureKind,
-        *,
-        more_info: str | None = None,
-        details: dict[str, Any] | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(status, code, message, kind, retry_after=retry_after)
-        self.more_info = more_info
-        self.details = details
-
-
-class TwilioAuthenticationError(TwilioAPIError):
-    """Twilio rejected the credentials (401, or 403 for a permission problem)."""
-
-
-class VapiAPIError(ProviderError):
-    """Vapi answered with an error; ``body`` is the parsed error body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: FailureKind,
-        *,
-        body: object = None,
-        code: int | str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(status, code, message, kind, retry_after=retry_after)
-        self.body = body
-
-
-class VapiAuthenticationError(VapiAPIError):
-    """Vapi rejected the API key (401 or 403)."""
 
 
 class InvalidRequestError(ResilientVoiceError, ValueError):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from resilient_voice.errors import TwilioAPIError, TwilioAuthenticationError
 from resilient_voice.twilio._client import TwilioClient
+from resilient_voice.twilio._errors import TwilioAPIError, TwilioAuthenticationError
 from resilient_voice.twilio._models import (
     Call,
     CallDirection,

@@ -25,7 +25,7 @@ from resilient_voice.correlation import (
     new_attempt_id,
     new_correlation_id,
 )
-from resilient_voice.errors import InvalidRequestError, OutcomeUnknownError, TwilioAPIError
+from resilient_voice.errors import InvalidRequestError, OutcomeUnknownError
 from resilient_voice.events import TransportListener
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
@@ -36,7 +36,7 @@ from resilient_voice.http import (
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
 from resilient_voice.twilio import _validation as check
-from resilient_voice.twilio._errors import api_error
+from resilient_voice.twilio._errors import TwilioAPIError, api_error
 from resilient_voice.twilio._models import Call, Message
 from resilient_voice.twilio._policies import (
     resolve_policies,

@@ -19,7 +19,7 @@ from resilient_voice._provider import (
     check_timeout,
 )
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
-from resilient_voice.errors import OutcomeUnknownError, VapiAPIError
+from resilient_voice.errors import OutcomeUnknownError
 from resilient_voice.events import TransportListener, emit
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
@@ -30,7 +30,11 @@ from resilient_voice.http import (
     classify_status,
 )
 from resilient_voice.policy import Policy
-from resilient_voice.vapi._errors import VapiConcurrencyLimitError, error_from_response
+from resilient_voice.vapi._errors import (
+    VapiAPIError,
+    VapiConcurrencyLimitError,
+    error_from_response,
+)
 from resilient_voice.vapi._models import VapiAssistant, VapiCall, VapiCustomer, VapiPhoneNumber
 from resilient_voice.vapi._policies import resolve_policies, vapi_routes
 from resilient_voice.vapi._validation import (

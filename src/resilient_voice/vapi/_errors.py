@@ -15,17 +15,40 @@ from typing import Any
 
 import httpx
 
-from resilient_voice.errors import VapiAPIError, VapiAuthenticationError
+from resilient_voice.errors import ProviderError
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import retry_after_from_headers
 
 __all__ = [
+    "VapiAPIError",
+    "VapiAuthenticationError",
     "VapiConcurrencyLimitError",
     "error_from_response",
     "is_concurrency_answer",
 ]
 
 _MAX_TEXT = 500
+
+
+class VapiAPIError(ProviderError):
+    """Vapi answered with an error; ``body`` is the parsed error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: FailureKind,
+        *,
+        body: object = None,
+        code: int | str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(status, code, message, kind, retry_after=retry_after)
+        self.body = body
+
+
+class VapiAuthenticationError(VapiAPIError):
+    """Vapi rejected the API key (401 or 403)."""
 
 
 class VapiConcurrencyLimitError(VapiAPIError):
