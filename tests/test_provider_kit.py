@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from resilient_voice import InvalidRequestError, OutcomeUnknownError, Policy, RetryPolicy
-from resilient_voice._phone import is_e164
+from resilient_voice._request_checks import is_e164
 from resilient_voice.failure import FailureKind
 from resilient_voice.testing import serve
 from resilient_voice.twilio import TwilioAPIError, TwilioClient
@@ -141,3 +141,22 @@ async def test_the_vapi_client_applies_the_same_rule() -> None:
         for customer in ({"customer_number": "+123456"}, {"customer": {"number": "+123456"}}):
             with pytest.raises(InvalidRequestError, match=r"E\.164"):
                 await api.create_call(assistant_id="a", phone_number_id="p", **customer)
+
+
+@pytest.mark.parametrize(
+    ("client", "read", "field"),
+    [
+        (twilio, lambda c: c.list_calls(page_size=True), "page_size"),
+        (twilio, lambda c: c.list_calls(page_size=1001), "page_size"),
+        (twilio, lambda c: c.list_calls(limit=0), "limit"),
+        (vapi, lambda c: c.list_calls(limit=0), "limit"),
+        (vapi, lambda c: c.list_assistants(limit=1001), "limit"),
+    ],
+)
+async def test_counts_follow_one_rule_in_every_client(
+    client: Callable[[str], Any], read: Callable[[Any], Awaitable[object]], field: str
+) -> None:
+    async with client("http://127.0.0.1:9") as api:
+        with pytest.raises(InvalidRequestError, match="must be an int") as info:
+            await read(api)
+    assert info.value.field == field

@@ -3,8 +3,9 @@
 TwilioClient and VapiClient (and the next provider's client) differ in their operations, their
 models, their error bodies and their verifiers; everything else lives here once:
 
-- :func:`~resilient_voice._phone.is_e164`, the one phone-number rule (in ``_phone``, which the
-  fake upstream imports too without loading httpx or pydantic);
+- the request argument checks, in ``_request_checks`` (the fake upstream imports its number
+  rule without loading httpx or pydantic): :func:`~resilient_voice._request_checks.is_e164`
+  and :func:`~resilient_voice._request_checks.check_count`;
 - :func:`check_base_url` and :func:`check_timeout`, the configuration checks;
 - :func:`resolve_policies`, ``policy=`` (every operation) over ``policies=`` (some), and
   :func:`build_transport`, the one transport of a client or SDK adapter;

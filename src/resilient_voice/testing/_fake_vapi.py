@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from resilient_voice._phone import E164
+from resilient_voice._request_checks import E164
 from resilient_voice.testing._fake_common import (
     Core,
     Request,

@@ -18,6 +18,7 @@ from resilient_voice._provider import (
     check_base_url,
     check_timeout,
 )
+from resilient_voice._request_checks import check_count
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.correlation import (
     correlation_scope,
@@ -343,14 +344,9 @@ class TwilioClient(ProviderClient):
             page_size: Calls per request, 1..1000.
             limit: Stop after this many calls; ``None`` reads every page.
         """
-        if isinstance(page_size, bool) or not isinstance(page_size, int):
-            raise InvalidRequestError("page_size", "must be an int")
-        if not 1 <= page_size <= 1000:
-            raise InvalidRequestError("page_size", "must be within 1..1000")
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
-        ):
-            raise InvalidRequestError("limit", "must be None or an int >= 1")
+        page_size = check_count("page_size", page_size, 1, 1000)
+        if limit is not None:
+            limit = check_count("limit", limit, 1)
         params: dict[str, str] = {}
         if to is not None:
             params["To"] = check.call_to(to)

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
-from resilient_voice._phone import E164, E164_RULE
+from resilient_voice._request_checks import E164, E164_RULE
 from resilient_voice.errors import InvalidRequestError
 
 __all__ = ["InvalidRequestError"]

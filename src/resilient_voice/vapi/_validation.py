@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
-from resilient_voice._phone import E164_RULE, is_e164
+from resilient_voice._request_checks import E164_RULE, check_count, is_e164
 from resilient_voice.errors import InvalidRequestError
 from resilient_voice.vapi._models import ATTEMPT_ID_KEY, CORRELATION_ID_KEY
 
@@ -62,9 +62,7 @@ def check_id(name: str, value: object) -> str:
 def check_limit(limit: object) -> int | None:
     if limit is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise InvalidRequestError("limit", f"must be an int in 1..{MAX_LIMIT}, got {limit!r}")
-    return limit
+    return check_count("limit", limit, 1, MAX_LIMIT)
 
 
 def format_datetime(name: str, value: object) -> str:

@@ -1,14 +1,17 @@
-"""The one phone-number rule of every client and of the fake upstream; imports nothing heavy.
+"""Checks of request arguments that every provider client shares; imports nothing heavy.
 
-Kept apart from ``_provider`` because ``resilient_voice.testing`` uses it and must import without
-httpx or pydantic.
+The one phone-number rule (also the fake upstream's) and the one count rule (page sizes,
+limits). Kept apart from ``_provider`` because ``resilient_voice.testing`` uses the number rule
+and must import without httpx or pydantic.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["E164", "E164_RULE", "is_e164"]
+from resilient_voice.errors import InvalidRequestError
+
+__all__ = ["E164", "E164_RULE", "check_count", "is_e164"]
 
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 """A phone number in E.164: ``+``, then 7 to 15 digits, the first not 0.
@@ -29,3 +32,20 @@ E164_RULE = "an E.164 number (+ and 7-15 digits, the first not 0)"
 def is_e164(value: object) -> bool:
     """Whether ``value`` is a str holding one E.164 number (see :data:`E164`)."""
     return isinstance(value, str) and E164.fullmatch(value) is not None
+
+
+def check_count(field: str, value: object, low: int, high: int | None = None) -> int:
+    """An int in ``low..high`` (no upper bound when ``high`` is None); a bool is not one.
+
+    Raises:
+        InvalidRequestError: Anything else; nothing is sent.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        span = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise InvalidRequestError(field, f"must be an int {span}, got {value!r}")
+    return value
