@@ -160,3 +160,18 @@ async def test_counts_follow_one_rule_in_every_client(
         with pytest.raises(InvalidRequestError, match="must be an int") as info:
             await read(api)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(("client", "create"), CREATES)
+async def test_a_5xx_to_a_create_is_unknown_with_the_providers_error_as_its_cause(
+    client: Callable[[str], Any], create: Callable[[Any], Awaitable[object]]
+) -> None:
+    """The transport decides the outcome is unknown; every client chains its own error."""
+    body = b'{"message": "upstream trouble", "code": 20500}'
+    async with serve(answering(503, body)) as url, client(url) as api:
+        with pytest.raises(OutcomeUnknownError) as info:
+            await create(api)
+    cause = info.value.__cause__
+    assert isinstance(cause, TwilioAPIError | VapiAPIError)
+    assert (cause.status, cause.kind) == (503, FailureKind.MAYBE_PROCESSED)
+    assert "upstream trouble" in cause.message

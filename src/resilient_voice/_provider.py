@@ -35,7 +35,7 @@ from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.events import TransportListener
 from resilient_voice.failure import FailureKind
-from resilient_voice.http import ResilientTransport, Route
+from resilient_voice.http import ResilientTransport, Route, UpstreamStatusError
 from resilient_voice.policy import Policy
 
 __all__ = [
@@ -244,8 +244,14 @@ class ProviderClient:
         if self._owns_http:
             await self._http.aclose()
 
-    def _api_error(self, response: httpx.Response) -> ProviderError:
-        """The provider's exception for an error answer (status >= 400, body already read)."""
+    def _api_error(
+        self, response: httpx.Response, kind: FailureKind | None = None
+    ) -> ProviderError:
+        """The provider's exception for an error answer (status >= 400, body already read).
+
+        ``kind`` is the transport's verdict when it gave one (an unknown outcome's cause);
+        otherwise the provider's own table decides.
+        """
         raise NotImplementedError
 
     def _unreadable_error(
@@ -292,6 +298,28 @@ class ProviderClient:
                 f"({exc.error_count()} error(s)); this library's model may be out of date",
                 _PERMANENT,
             ) from exc
+
+    async def _exchange(self, request: httpx.Request, **options: Any) -> httpx.Response:
+        """Send ``request``: a non-error answer, or the provider's error, or an unknown outcome.
+
+        Whether a failed create may have been processed is the transport's rule (a 5xx, a
+        dropped connection, a lost 2xx body raise :class:`~resilient_voice.OutcomeUnknownError`
+        there, under the request's attempt id); this only chains the provider's own error in
+        place of the transport's status error, so a caller reads the same cause from every
+        client. ``options`` go to :meth:`httpx.AsyncClient.send` (``auth=``).
+        """
+        try:
+            response = await self._http.send(request, **options)
+        except OutcomeUnknownError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, UpstreamStatusError):
+                raise
+            await cause.response.aread()  # in memory already: the transport buffered it
+            error = self._api_error(cause.response, cause.kind)
+            unknown = OutcomeUnknownError(exc.attempt_id, attempts=exc.attempts)
+            unknown.__notes__ = list(getattr(exc, "__notes__", ()))
+            raise unknown from error
+        return self._checked(response)
 
     def _read(self, model: type[_Model], response: httpx.Response) -> _Model:
         """An answer as ``model``: every read's one path from response to result or error."""

@@ -568,13 +568,13 @@ class TwilioClient(ProviderClient):
         if cid is not None and get_correlation_id() is None:
             # The id generated for this call: its request header and its webhooks share it.
             with correlation_scope(cid):
-                response = await self._http.send(request)
-        else:
-            response = await self._http.send(request)
-        return self._checked(response)
+                return await self._exchange(request)
+        return await self._exchange(request)
 
-    def _api_error(self, response: httpx.Response) -> TwilioAPIError:
-        return api_error(response)
+    def _api_error(
+        self, response: httpx.Response, kind: FailureKind | None = None
+    ) -> TwilioAPIError:
+        return api_error(response, kind)
 
     def _unreadable_error(
         self, response: httpx.Response, message: str, kind: FailureKind

@@ -56,7 +56,7 @@ def _code(value: object, default: int) -> int | str:
     return default
 
 
-def api_error(response: httpx.Response) -> TwilioAPIError:
+def api_error(response: httpx.Response, kind: FailureKind | None = None) -> TwilioAPIError:
     """Build the error for a 4xx/5xx answer from Twilio's REST API.
 
     Reads the legacy body (``{"code", "message", "more_info", "status"}``, and ``details``
@@ -64,7 +64,8 @@ def api_error(response: httpx.Response) -> TwilioAPIError:
     problem details (``{"type", "title", "status", "code", "detail"}``); a body that is not JSON
     (an edge proxy's HTML page) gives ``code = status``. 401 and 403 raise
     :class:`TwilioAuthenticationError`. The kind follows the transport's
-    table with Twilio's documented rule that a 429 (20429) was never processed.
+    table with Twilio's documented rule that a 429 (20429) was never processed, unless the
+    caller passes the transport's own verdict as ``kind``.
     """
     status = response.status_code
     code: int | str = status
@@ -90,7 +91,8 @@ def api_error(response: httpx.Response) -> TwilioAPIError:
         extra = payload.get("details")
         if isinstance(extra, dict):
             details = extra
-    kind = classify_status(status, _UNPROCESSED) or FailureKind.PERMANENT
+    if kind is None:
+        kind = classify_status(status, _UNPROCESSED) or FailureKind.PERMANENT
     error_type = TwilioAuthenticationError if status in (401, 403) else TwilioAPIError
     return error_type(
         status,

@@ -25,8 +25,6 @@ from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
     ATTEMPT_ID_EXTENSION,
     ResilientTransport,
-    UpstreamStatusError,
-    classify_exception,
     classify_status,
 )
 from resilient_voice.policy import Policy
@@ -310,32 +308,7 @@ class VapiClient(ProviderClient):
             "POST", self._url("/call"), json=body, extensions={ATTEMPT_ID_EXTENSION: attempt_id}
         )
         try:
-            response = await self._http.send(request, auth=self._auth)
-        except OutcomeUnknownError as exc:
-            # Re-raised with our attempt id (the one planted in the body) and Vapi's parsed
-            # error as the cause; the transport's own error stays as __context__.
-            cause = exc.__cause__ or exc
-            if isinstance(cause, UpstreamStatusError):
-                await cause.response.aread()  # in memory already: the transport buffered it
-            unknown = self._unknown(attempt_id, exc.attempts, cause)
-            raise unknown from unknown.__cause__
-        except httpx.TransportError as exc:
-            # Without a retry policy the transport hands a transport error back as is.
-            if classify_exception(exc) is _MAYBE:
-                unknown = self._unknown(attempt_id, 1, exc)
-                raise unknown from exc
-            raise
-        status = response.status_code
-        if status >= 400:
-            kind = classify_status(status, self._create_unprocessed) or FailureKind.PERMANENT
-            error = error_from_response(response, kind)
-            if kind is _MAYBE:
-                unknown = self._unknown(attempt_id, 1, error)
-                raise unknown from error
-            if isinstance(error, VapiConcurrencyLimitError):
-                self._concurrency("refused", None, error)
-            raise error
-        try:
+            response = await self._exchange(request, auth=self._auth)
             call = self._created(VapiCall, response, attempt_id)
         except OutcomeUnknownError as exc:
             self._log_unknown(attempt_id, exc.__cause__)
@@ -445,8 +418,8 @@ class VapiClient(ProviderClient):
         """
         path = "/assistant/" + check_id("assistant_id", assistant_id)
         body = update_assistant_body(changes)
-        response = await self._http.request("PATCH", self._url(path), json=body, auth=self._auth)
-        return self._read(VapiAssistant, response)
+        request = self._http.build_request("PATCH", self._url(path), json=body)
+        return self._read(VapiAssistant, await self._exchange(request, auth=self._auth))
 
     async def list_phone_numbers(self) -> list[VapiPhoneNumber]:
         """List the org's phone numbers (``GET /phone-number``)."""
@@ -456,7 +429,8 @@ class VapiClient(ProviderClient):
         return self._base_url + path
 
     async def _get(self, path: str, params: Mapping[str, str] | None) -> httpx.Response:
-        return await self._http.get(self._url(path), params=params, auth=self._auth)
+        request = self._http.build_request("GET", self._url(path), params=params)
+        return await self._exchange(request, auth=self._auth)
 
     def _read_list(self, model: type[M], response: httpx.Response) -> list[M]:
         """A list answer (bare, or paginated as ``{"results": [...]}``) as ``model`` items."""
@@ -472,8 +446,19 @@ class VapiClient(ProviderClient):
             )
         return [self._model(model, item, response) for item in data]
 
-    def _api_error(self, response: httpx.Response) -> VapiAPIError:
-        kind = classify_status(response.status_code) or FailureKind.PERMANENT
+    def _api_error(self, response: httpx.Response, kind: FailureKind | None = None) -> VapiAPIError:
+        """Vapi's error for an answer; listeners hear of a refusal over concurrency.
+
+        With ``kind`` given the answer is the cause of an unknown outcome (the call may exist),
+        which is not a refusal.
+        """
+        if kind is not None:
+            return error_from_response(response, kind)
+        # A create's 429 is "not processed" only when the caller said so (unprocessed_429).
+        request = response.request
+        create = request.method == "POST" and request.url.path.endswith("/call")
+        unprocessed = self._create_unprocessed if create else _NO_STATUSES
+        kind = classify_status(response.status_code, unprocessed) or FailureKind.PERMANENT
         error = error_from_response(response, kind)
         if isinstance(error, VapiConcurrencyLimitError):
             self._concurrency("refused", None, error)
@@ -485,14 +470,6 @@ class VapiClient(ProviderClient):
         return VapiAPIError(
             response.status_code, message, kind, body=response.text[:500], code=UNREADABLE
         )
-
-    def _unknown(self, attempt_id: str, attempts: int, cause: BaseException) -> OutcomeUnknownError:
-        if isinstance(cause, UpstreamStatusError):
-            cause = error_from_response(cause.response, cause.kind)
-        self._log_unknown(attempt_id, cause)
-        error = OutcomeUnknownError(attempt_id, attempts=attempts)
-        error.__cause__ = cause
-        return error
 
     @staticmethod
     def _log_unknown(attempt_id: str, cause: BaseException | None) -> None:
