@@ -52,6 +52,7 @@ from resilient_voice import (
     CircuitBreaker,
     CircuitOpenError,
     CorrelationIdFilter,
+    InvalidRequestError,
     OutcomeUnknownError,
     Policy,
     RateLimitedError,
@@ -68,7 +69,7 @@ from resilient_voice.asgi import (
     make_metrics_app,
 )
 from resilient_voice.metrics import PrometheusMetrics
-from resilient_voice.twilio import TwilioAPIError, TwilioClient, TwilioValidationError
+from resilient_voice.twilio import TwilioAPIError, TwilioClient
 
 log = logging.getLogger("voice_app")
 
@@ -129,7 +130,7 @@ async def twilio_error(request: Request, exc: TwilioAPIError) -> Response:
     return JSONResponse({"error": "twilio", "code": exc.code}, status_code=502)
 
 
-async def invalid(request: Request, exc: TwilioValidationError) -> Response:
+async def invalid(request: Request, exc: InvalidRequestError) -> Response:
     return JSONResponse({"error": "invalid", "field": exc.field}, status_code=422)
 
 
@@ -184,7 +185,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
             CircuitOpenError: circuit_open,
             RateLimitedError: rate_limited,
             TwilioAPIError: twilio_error,
-            TwilioValidationError: invalid,
+            InvalidRequestError: invalid,
         },
     )
 

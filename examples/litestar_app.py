@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from resilient_voice import (
     CircuitBreaker,
     CircuitOpenError,
+    InvalidRequestError,
     OutcomeUnknownError,
     Policy,
     RejectedError,
@@ -61,7 +62,7 @@ from resilient_voice.asgi import (
     make_metrics_app,
 )
 from resilient_voice.metrics import PrometheusMetrics
-from resilient_voice.twilio import TwilioClient, TwilioValidationError
+from resilient_voice.twilio import TwilioClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +121,7 @@ async def place_call(
         return Response(
             {"status": "outcome_unknown", "attempt_id": exc.attempt_id}, status_code=202
         )
-    except TwilioValidationError as exc:
+    except InvalidRequestError as exc:
         return Response({"error": "invalid", "field": exc.field}, status_code=422)
     return Response({"sid": call.sid, "status": str(call.status), "attempt_id": call.attempt_id})
 

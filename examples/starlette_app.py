@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from resilient_voice import (
     CircuitBreaker,
     CircuitOpenError,
+    InvalidRequestError,
     OutcomeUnknownError,
     Policy,
     RejectedError,
@@ -58,7 +59,7 @@ from resilient_voice.asgi import (
     make_metrics_app,
 )
 from resilient_voice.metrics import PrometheusMetrics
-from resilient_voice.twilio import TwilioClient, TwilioValidationError
+from resilient_voice.twilio import TwilioClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +111,7 @@ async def place_call(request: Request) -> Response:
         return JSONResponse(
             {"status": "outcome_unknown", "attempt_id": exc.attempt_id}, status_code=202
         )
-    except TwilioValidationError as exc:
+    except InvalidRequestError as exc:
         return JSONResponse({"error": "invalid", "field": exc.field}, status_code=422)
     payload = {"sid": call.sid, "status": str(call.status), "attempt_id": call.attempt_id}
     return JSONResponse(payload, status_code=201)

@@ -11,14 +11,13 @@ import pytest
 from twilio.base.exceptions import TwilioRestException
 from twilio.rest import Client
 
-from resilient_voice import FailureKind, RetryPolicy
+from resilient_voice import FailureKind, InvalidRequestError, RetryPolicy
 from resilient_voice.policy import Policy
 from resilient_voice.testing import FakeTelephony, serve
 from resilient_voice.twilio import (
     ResilientTwilioHttpClient,
     TwilioAPIError,
     TwilioClient,
-    TwilioValidationError,
 )
 
 SID = "AC" + "1" * 32
@@ -112,11 +111,11 @@ async def test_create_call_names_a_twilio_spelled_argument_before_what_is_missin
 ) -> None:
     app = FakeTelephony(twilio_accounts={SID: TOKEN}, status_callbacks=False)
     async with serve(app) as url, TwilioClient(SID, TOKEN, base_url=url) as twilio:
-        with pytest.raises(TwilioValidationError, match=f"pass {keyword}= instead") as info:
+        with pytest.raises(InvalidRequestError, match=f"pass {keyword}= instead") as info:
             await twilio.create_call(to="+15550100001", from_=FROM, **call)
         assert info.value.field == next(name for name in call if name[0].isupper())
-        with pytest.raises(TwilioValidationError, match="pass from_= instead"):
+        with pytest.raises(InvalidRequestError, match="pass from_= instead"):
             await twilio.send_message(to="+15550100001", From=FROM, body="hi")
-        with pytest.raises(TwilioValidationError, match="pass url= instead"):
+        with pytest.raises(InvalidRequestError, match="pass url= instead"):
             await twilio.update_call("CA" + "0" * 32, Url=TWIML_URL)
     assert app.requests() == []

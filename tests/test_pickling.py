@@ -137,10 +137,10 @@ def test_the_discovery_finds_the_documented_exceptions() -> None:
         "ProviderError",
         "RateLimitedError",
         "TwilioAPIError",
-        "TwilioValidationError",
+        "InvalidRequestError",
         "UpstreamStatusError",
         "VapiConcurrencyLimitError",
-        "VapiValidationError",
+        "WebhookVerificationError",
         "DropConnectionError",
     } <= names
 

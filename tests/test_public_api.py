@@ -21,6 +21,7 @@ EXPECTED = [
     "CircuitOpenError",
     "CorrelationIdFilter",
     "FailureKind",
+    "InvalidRequestError",
     "KeyedLimiter",
     "OutcomeUnknownError",
     "Policy",

@@ -22,6 +22,7 @@ from resilient_voice import (
     CircuitBreaker,
     CircuitOpenError,
     FailureKind,
+    InvalidRequestError,
     OutcomeUnknownError,
     RetryPolicy,
     correlation_scope,
@@ -39,7 +40,6 @@ from resilient_voice.twilio import (
     TwilioAPIError,
     TwilioAuthenticationError,
     TwilioClient,
-    TwilioValidationError,
 )
 from resilient_voice.twilio._errors import api_error
 
@@ -216,7 +216,7 @@ def refusing_client(sent: list[httpx.Request]) -> TwilioClient:
 async def test_bad_call_input_sends_nothing(kwargs: dict[str, Any], field: str) -> None:
     sent: list[httpx.Request] = []
     async with refusing_client(sent) as twilio:
-        with pytest.raises(TwilioValidationError) as info:
+        with pytest.raises(InvalidRequestError) as info:
             await twilio.create_call(**kwargs)
     assert info.value.field == field
     assert isinstance(info.value, ValueError)
@@ -227,7 +227,7 @@ async def test_bad_call_input_sends_nothing(kwargs: dict[str, Any], field: str) 
 async def test_bad_message_input_sends_nothing(kwargs: dict[str, Any], field: str) -> None:
     sent: list[httpx.Request] = []
     async with refusing_client(sent) as twilio:
-        with pytest.raises(TwilioValidationError) as info:
+        with pytest.raises(InvalidRequestError) as info:
             await twilio.send_message(**kwargs)
     assert info.value.field == field
     assert sent == []
@@ -249,7 +249,7 @@ async def test_bad_sids_and_updates_send_nothing() -> None:
     ]
     async with refusing_client(sent) as twilio:
         for attempt in attempts:
-            with pytest.raises(TwilioValidationError):
+            with pytest.raises(InvalidRequestError):
                 await attempt(twilio)
     assert sent == []
 
@@ -698,7 +698,7 @@ def test_unknown_attribute_of_the_package() -> None:
 
 async def test_the_attempt_parameter_is_reserved_in_callback_urls() -> None:
     twilio = TwilioClient(SID, TOKEN, base_url="http://127.0.0.1:9")
-    with pytest.raises(TwilioValidationError, match="rv_attempt") as info:
+    with pytest.raises(InvalidRequestError, match="rv_attempt") as info:
         await twilio.create_call(to=number(1), from_=FROM, url=TWIML_URL + "?rv_attempt=mine")
     assert info.value.field == "url"
     await twilio.aclose()

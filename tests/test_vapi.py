@@ -21,6 +21,7 @@ from resilient_voice import (
     CircuitBreaker,
     CircuitOpenError,
     FailureKind,
+    InvalidRequestError,
     OutcomeUnknownError,
     RetryPolicy,
     correlation_scope,
@@ -38,7 +39,6 @@ from resilient_voice.vapi import (
     VapiClient,
     VapiConcurrencyLimitError,
     VapiListener,
-    VapiValidationError,
     attempt_overrides,
     default_policies,
 )
@@ -531,7 +531,7 @@ async def test_bad_create_arguments_are_rejected_before_sending(
     changes: dict[str, Any], match: str
 ) -> None:
     async with VapiClient(KEY, transport=refusing_transport()) as vapi:
-        with pytest.raises(VapiValidationError, match=match):
+        with pytest.raises(InvalidRequestError, match=match):
             await vapi.create_call(**{**CREATE_OK, **changes})
 
 
@@ -574,12 +574,12 @@ async def test_bad_read_arguments_are_rejected_before_sending(
     call: Callable[[VapiClient], Awaitable[object]], match: str
 ) -> None:
     async with VapiClient(KEY, transport=refusing_transport()) as vapi:
-        with pytest.raises(VapiValidationError, match=match):
+        with pytest.raises(InvalidRequestError, match=match):
             await call(vapi)
 
 
 def test_validation_error_is_a_value_error() -> None:
-    assert issubclass(VapiValidationError, ValueError)
+    assert issubclass(InvalidRequestError, ValueError)
 
 
 # Configuration
@@ -702,7 +702,9 @@ def test_planting_keeps_every_user_key_but_ours(user: dict[str, Any], cid: str |
 def test_public_surface_is_pinned() -> None:
     import resilient_voice.vapi as module
 
-    assert len(set(module.__all__)) == len(module.__all__) == 26
+    assert (
+        len(set(module.__all__)) == len(module.__all__) == 25
+    )  # VapiValidationError became resilient_voice.InvalidRequestError
     for name in module.__all__:
         obj = getattr(module, name)
         if isinstance(obj, type) and name.startswith("Vapi") and "Error" not in name:

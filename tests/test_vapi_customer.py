@@ -12,14 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
-from resilient_voice import RetryPolicy
+from resilient_voice import InvalidRequestError, RetryPolicy
 from resilient_voice.policy import Policy
 from resilient_voice.testing import FakeTelephony, serve
 from resilient_voice.vapi import (
     VapiCall,
     VapiClient,
     VapiCustomer,
-    VapiValidationError,
     no_sdk_retries,
     sdk_http_client,
 )
@@ -152,7 +151,7 @@ async def test_customer_number_stays_the_short_form(upstream: Upstream) -> None:
 async def test_bad_customers_are_refused_before_sending(
     upstream: Upstream, customer: dict[str, Any], match: str
 ) -> None:
-    with pytest.raises(VapiValidationError, match=match):
+    with pytest.raises(InvalidRequestError, match=match):
         await create(upstream, **customer)
     assert upstream.app.requests("vapi.calls.create") == []
 

@@ -18,6 +18,7 @@ from resilient_voice.correlation import (
 )
 from resilient_voice.errors import (
     CircuitOpenError,
+    InvalidRequestError,
     OutcomeUnknownError,
     ProviderError,
     RateLimitedError,
@@ -41,6 +42,7 @@ __all__ = [
     "CircuitOpenError",
     "CorrelationIdFilter",
     "FailureKind",
+    "InvalidRequestError",
     "KeyedLimiter",
     "OutcomeUnknownError",
     "Policy",

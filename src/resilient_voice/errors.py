@@ -8,11 +8,10 @@ Every error this library raises derives from :class:`ResilientVoiceError`::
         RateLimitedError                    .limiter, .retry_after
       OutcomeUnknownError(attempt_id)       sent, may have been processed, not retried
       ProviderError(status, code, message, kind)   the upstream answered with an error
-        TwilioAPIError
-          TwilioAuthenticationError
-        VapiAPIError
-          VapiAuthenticationError
-      WebhookVerificationError
+        TwilioAPIError, VapiAPIError        in resilient_voice.twilio and resilient_voice.vapi
+          TwilioAuthenticationError, VapiAuthenticationError, VapiConcurrencyLimitError
+      InvalidRequestError(field)            also a ValueError: refused before sending
+      WebhookVerificationError              raised by verifiers; the webhook guard answers 403
 
 Rejections are raised *instead of* making a request, so they are always ``NOT_SENT``: retrying
 them is safe, and a circuit breaker never counts them as the upstream's failure.
@@ -39,15 +38,12 @@ from resilient_voice.failure import FailureKind
 
 __all__ = [
     "CircuitOpenError",
+    "InvalidRequestError",
     "OutcomeUnknownError",
     "ProviderError",
     "RateLimitedError",
     "RejectedError",
     "ResilientVoiceError",
-    "TwilioAPIError",
-    "TwilioAuthenticationError",
-    "VapiAPIError",
-    "VapiAuthenticationError",
     "WebhookVerificationError",
 ]
 
@@ -190,55 +186,33 @@ class ProviderError(ResilientVoiceError):
         return self.kind
 
 
-class TwilioAPIError(ProviderError):
-    """Twilio answered with an error.
+class InvalidRequestError(ResilientVoiceError, ValueError):
+    """An argument of a client call breaks the provider's rules; nothing was sent.
+
+    A request the provider would refuse with a 400 costs a round trip, a breaker permit and a
+    token, and can hide a bug until production, so clients check what the provider documents
+    first. It is also a :class:`ValueError`, the exception Python code expects for a bad
+    argument. (Named so as not to shadow pydantic's ``ValidationError`` in user code.)
 
     Attributes:
-        more_info: The link to Twilio's page for ``code``.
-        details: The ``details`` object of Twilio's error body, when it sent one (the
-            official SDK's ``TwilioRestException.details``); ``None`` otherwise.
+        field: The argument at fault, by its Python name (``from_`` for Twilio's sender).
     """
 
-    def __init__(
-        self,
-        status: int,
-        code: int | str | None,
-        message: str,
-        kind: FailureKind,
-        *,
-        more_info: str | None = None,
-        details: dict[str, Any] | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(status, code, message, kind, retry_after=retry_after)
-        self.more_info = more_info
-        self.details = details
-
-
-class TwilioAuthenticationError(TwilioAPIError):
-    """Twilio rejected the credentials (401, or 403 for a permission problem)."""
-
-
-class VapiAPIError(ProviderError):
-    """Vapi answered with an error; ``body`` is the parsed error body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: FailureKind,
-        *,
-        body: object = None,
-        code: int | str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(status, code, message, kind, retry_after=retry_after)
-        self.body = body
-
-
-class VapiAuthenticationError(VapiAPIError):
-    """Vapi rejected the API key (401 or 403)."""
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 class WebhookVerificationError(ResilientVoiceError):
-    """An incoming webhook's signature or credential is missing, forged or stale."""
+    """An incoming webhook's signature or credential is missing, forged or stale.
+
+    Raised by webhook verifiers; the webhook guard answers 403 and logs ``reason``, and never
+    shows it to the sender (it would tell a forger which check failed).
+
+    Attributes:
+        reason: Why the request did not verify, for the log.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

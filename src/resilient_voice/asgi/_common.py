@@ -1,33 +1,21 @@
-"""Small pieces shared by the ASGI middleware: types, path matching, body buffering, replies."""
+"""Small pieces shared by the ASGI middleware: path matching, body buffering, replies."""
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from resilient_voice.asgi._types import Message, Receive, Scope, Send
 from resilient_voice.correlation import correlation_scope, get_correlation_id, new_correlation_id
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-# Any for the arguments so that apps typed with other frameworks' scope types (Litestar's
-# TypedDicts, asgiref's) can be wrapped without casts.
-ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 __all__ = [
     "CORRELATION_HEADER",
     "FORBIDDEN",
-    "ASGIApp",
     "BodyTooLargeError",
     "DisconnectedError",
-    "Message",
     "PathMatcher",
-    "Receive",
-    "Scope",
-    "Send",
     "get_header",
     "header_name",
     "normalise_path",

@@ -6,14 +6,10 @@ from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 from resilient_voice.asgi._common import (
-    ASGIApp,
-    Message,
-    Receive,
-    Scope,
-    Send,
     header_name,
     set_headers,
 )
+from resilient_voice.asgi._types import ASGIApp, Message, Receive, Scope, Send
 from resilient_voice.correlation import (
     _CORRELATION_ID,
     CorrelationIdValidator,

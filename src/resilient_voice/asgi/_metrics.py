@@ -12,15 +12,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import choose_encoder
 
 from resilient_voice.asgi._common import (
-    ASGIApp,
-    Message,
-    Receive,
-    Scope,
-    Send,
     get_header,
     respond,
     route_paths,
 )
+from resilient_voice.asgi._types import ASGIApp, Message, Receive, Scope, Send
 from resilient_voice.metrics import PREFIX, SERVER_BUCKETS, _get_or_create, _registry
 
 __all__ = ["UNMATCHED", "MetricsMiddleware", "make_metrics_app"]

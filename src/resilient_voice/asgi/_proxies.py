@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from resilient_voice.asgi._common import Scope
+from resilient_voice.asgi._types import Scope
 
 __all__ = ["Forwarded", "TrustedProxies", "as_trusted_proxies", "parse_address"]
 

@@ -11,16 +11,12 @@ from typing import Any
 from resilient_voice._clock import Clock
 from resilient_voice.asgi._common import (
     CORRELATION_HEADER,
-    ASGIApp,
-    Message,
-    Receive,
-    Scope,
-    Send,
     normalise_path,
     route_paths,
     set_headers,
 )
 from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies, parse_address
+from resilient_voice.asgi._types import ASGIApp, Message, Receive, Scope, Send
 from resilient_voice.correlation import get_correlation_id, new_correlation_id
 from resilient_voice.events import LimiterListener
 from resilient_voice.limiter import KeyedLimiter

@@ -1,4 +1,10 @@
-"""Verify ``X-Twilio-Signature`` on incoming Twilio webhooks."""
+"""Verify ``X-Twilio-Signature`` on incoming Twilio webhooks: Twilio's verifier for the guard.
+
+The guard (:mod:`._guard`) owns paths, bodies and refusals; this module holds Twilio's rules
+only. It runs past 400 lines because the middleware's docstring is its user guide (about 90
+lines: the signing variants, how the URL is rebuilt, what strict mode refuses), and the URL
+rebuilding belongs next to the signature rules that depend on it.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +18,11 @@ from typing import Any, cast
 from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
 from resilient_voice._urls import redact_url
-from resilient_voice.asgi._common import (
-    FORBIDDEN,
-    ASGIApp,
-    BodyTooLargeError,
-    DisconnectedError,
-    PathMatcher,
-    Receive,
-    Scope,
-    Send,
-    get_header,
-    payload_too_large,
-    read_body,
-    refuse,
-    replay,
-)
-from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies
+from resilient_voice.asgi._common import get_header
+from resilient_voice.asgi._guard import WebhookGuard
+from resilient_voice.asgi._proxies import TrustedProxies
+from resilient_voice.asgi._types import ASGIApp, Scope
+from resilient_voice.errors import WebhookVerificationError
 
 __all__ = ["TwilioSignatureMiddleware"]
 
@@ -44,7 +39,8 @@ _STRICT_SEGMENT = re.compile(r"(?:[!-$'-:<>-~]|%[0-9A-Fa-f]{2})+=(?:[!-$'-:<>-~]
 _PATH_SAFE = "/%:@!$&'()*+,;=~"
 _DOCS = "see docs/deployment.md"
 _FORM = b"application/x-www-form-urlencoded"
-_GUARDED = frozenset({"http", "websocket"})
+# What the header check hands the body check: the URL, the signature, validators, algorithm.
+_Pending = tuple[str, bytes, tuple[Any, ...], str]
 DEFAULT_MAX_BODY = 64 * 1024
 """Default ``max_body``: a Twilio form webhook is a few KiB (an SMS with ten media URLs < 8 KiB)."""
 DEFAULT_MAX_FIELDS = 100
@@ -61,7 +57,7 @@ def _import_twilio() -> Any:
         ) from exc
 
 
-class TwilioSignatureMiddleware:
+class TwilioSignatureMiddleware(WebhookGuard["_Pending"]):
     """Pure ASGI middleware that rejects webhooks not signed by Twilio.
 
     It buffers the body of guarded requests (up to ``max_body``), checks the signature with the
@@ -155,6 +151,35 @@ class TwilioSignatureMiddleware:
         max_fields: int = DEFAULT_MAX_FIELDS,
         strict: bool = False,
     ) -> None:
+        super().__init__(
+            app,
+            _TwilioVerifier(auth_token, public_base_url, shared_keys, max_fields, strict),
+            paths=paths,
+            max_body=max_body,
+            trusted_proxies=trusted_proxies,
+        )
+
+    def __repr__(self) -> str:
+        return f"TwilioSignatureMiddleware(app={self.app!r})"
+
+
+class _TwilioVerifier:
+    """Twilio's signature rules for :class:`~resilient_voice.asgi._guard.WebhookGuard`.
+
+    The state handed from the header check to the body check is the URL rebuilt, the
+    signature, and the validators and algorithm it names.
+    """
+
+    provider = "Twilio"
+
+    def __init__(
+        self,
+        auth_token: str | Iterable[str],
+        public_base_url: str | None,
+        shared_keys: Mapping[str, str] | None,
+        max_fields: int,
+        strict: bool,
+    ) -> None:
         rv = _import_twilio()
         # Typed str, but an unset environment variable gives None.
         if cast("object", auth_token) is None:
@@ -171,14 +196,8 @@ class TwilioSignatureMiddleware:
                 raise TypeError(f"auth_token must be a str (or several), got {kind}")
         if not tokens or not all(tokens):
             raise ValueError("auth_token must be a non-empty string (or several)")
-        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
-            raise ValueError(f"max_body must be a positive int, got {max_body!r}")
         if isinstance(max_fields, bool) or not isinstance(max_fields, int) or max_fields < 1:
             raise ValueError(f"max_fields must be a positive int, got {max_fields!r}")
-        self.app = app
-        self._match = PathMatcher(paths)
-        self._max_body = max_body
-        self._too_large = payload_too_large(max_body)
         self._max_fields = max_fields
         self._strict = bool(strict)
         self._validators = tuple(rv.RequestValidator(t) for t in tokens)
@@ -204,64 +223,38 @@ class TwilioSignatureMiddleware:
                 raise ValueError("public_base_url must not have a query or fragment")
             self._base = f"{parts.scheme}://{parts.netloc}"
             self._base_path = parts.path.rstrip("/")
-        self._proxies = as_trusted_proxies(trusted_proxies)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in _GUARDED or not self._match.guards(scope):
-            await self.app(scope, receive, send)
-            return
-        # Everything that needs no body is checked first: a request that cannot verify costs
-        # no read and no parse.
+    def check_headers(self, scope: Scope, proxies: TrustedProxies) -> _Pending:
+        """Everything that needs no body: a request that cannot verify costs no read."""
         signature = get_header(scope, b"x-twilio-signature")
         if signature is None or not _SIGNATURE.fullmatch(signature):
-            await self._reject(scope, receive, send, "missing or malformed X-Twilio-Signature")
-            return
+            raise WebhookVerificationError("missing or malformed X-Twilio-Signature")
         validators, algorithm = self._validators, self._sha1
         settings = get_header(scope, b"x-twilio-webhooks-signature-settings")
         if settings is not None:
             selected = self._shared_key(settings)
             if selected is None:
-                await self._reject(scope, receive, send, "unknown SharedKey or algorithm")
-                return
+                raise WebhookVerificationError("unknown SharedKey or algorithm")
             validators, algorithm = selected
         websocket = scope["type"] == "websocket"
-        url = self._socket_url(scope) if websocket else self._url(scope)
+        url = self._socket_url(scope, proxies) if websocket else self._url(scope, proxies)
         if url is None:
-            await self._reject(scope, receive, send, "cannot rebuild the request URL (bad Host)")
-            return
-        if websocket:
-            # A handshake is signed like a GET webhook: the wss:// URL, no parameters.
-            if not self._matches(url, "", signature, validators, algorithm):
-                await self._reject(scope, receive, send, "websocket handshake signature mismatch")
-                return
-            await self.app(scope, receive, send)
-            return
-        try:
-            body = await read_body(scope, receive, self._max_body)
-        except BodyTooLargeError:
-            await refuse(
-                scope,
-                receive,
-                send,
-                413,
-                self._too_large,
-                log=_log,
-                message="rejected Twilio webhook: %s",
-                reason=f"body over max_body ({self._max_body} bytes)",
-            )
-            return
-        except DisconnectedError:
-            return
+            raise WebhookVerificationError("cannot rebuild the request URL (bad Host)")
+        # A handshake is signed like a GET webhook: the wss:// URL, no parameters.
+        if websocket and not self._matches(url, "", signature, validators, algorithm):
+            raise WebhookVerificationError("websocket handshake signature mismatch")
+        return url, signature, validators, algorithm
+
+    def check_body(self, scope: Scope, body: bytes, state: _Pending) -> None:
+        url, signature, validators, algorithm = state
         reason = self._verify(scope, url, body, signature, validators, algorithm)
         if reason is not None:
             _log.debug(
                 "Twilio signature does not match the URL checked, %s (%s)", redact_url(url), _DOCS
             )
-            await self._reject(scope, receive, send, reason)
-            return
-        await self.app(scope, replay(body, receive), send)
+            raise WebhookVerificationError(reason)
 
-    def _socket_url(self, scope: Scope) -> str | None:
+    def _socket_url(self, scope: Scope, proxies: TrustedProxies) -> str | None:
         """The ``ws(s)://`` URL of a handshake: rebuilt as for HTTP, then given its own scheme.
 
         Twilio signs the ``wss://`` URL it connected to; the default port of ``wss`` is 443,
@@ -270,7 +263,7 @@ class TwilioSignatureMiddleware:
         secure = scope.get("scheme") == "wss"
         view = dict(scope)
         view["scheme"] = "https" if secure else "http"
-        url = self._url(view)
+        url = self._url(view, proxies)
         if url is None:
             return None
         if url.startswith("https://"):
@@ -291,7 +284,7 @@ class TwilioSignatureMiddleware:
             return None
         return (validator,), algorithm or self._sha1
 
-    def _url(self, scope: Scope) -> str | None:
+    def _url(self, scope: Scope, proxies: TrustedProxies) -> str | None:
         """The URL Twilio requested, or ``None`` (logged at DEBUG) when it cannot be told safely.
 
         The path is the one the client asked for: ``root_path`` (the prefix a proxy stripped,
@@ -327,7 +320,7 @@ class TwilioSignatureMiddleware:
         tail = root + tail
         scheme = str(scope.get("scheme", "http"))
         host = get_header(scope, b"host")
-        forwarded = self._proxies._forwarded(scope)
+        forwarded = proxies._forwarded(scope)
         if forwarded is not None:
             if forwarded.conflict:
                 _log.debug(
@@ -434,21 +427,6 @@ class TwilioSignatureMiddleware:
                 if hmac.compare_digest(expected.encode("ascii"), signature):
                     return True
         return False
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send, reason: str) -> None:
-        await refuse(
-            scope,
-            receive,
-            send,
-            403,
-            FORBIDDEN,
-            log=_log,
-            message="rejected Twilio webhook: %s",
-            reason=reason,
-        )
-
-    def __repr__(self) -> str:
-        return f"TwilioSignatureMiddleware(app={self.app!r})"
 
 
 def _signed_params(pairs: list[tuple[str, str]]) -> str:

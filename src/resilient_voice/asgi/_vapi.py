@@ -6,31 +6,18 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
 import math
 import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from resilient_voice.asgi._common import (
-    FORBIDDEN,
-    ASGIApp,
-    BodyTooLargeError,
-    DisconnectedError,
-    PathMatcher,
-    Receive,
-    Scope,
-    Send,
-    get_header,
-    header_name,
-    payload_too_large,
-    read_body,
-    refuse,
-    replay,
-)
-from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies
-from resilient_voice.correlation import correlation_scope, validate_correlation_id
+from resilient_voice.asgi._common import get_header, header_name
+from resilient_voice.asgi._guard import WebhookGuard
+from resilient_voice.asgi._proxies import TrustedProxies
+from resilient_voice.asgi._types import ASGIApp, Scope
+from resilient_voice.correlation import validate_correlation_id
+from resilient_voice.errors import WebhookVerificationError
 
 __all__ = ["CORRELATION_KEY", "VapiWebhookMiddleware", "planted_correlation_id"]
 
@@ -61,13 +48,12 @@ def planted_correlation_id(body: bytes) -> str | None:
     return validate_correlation_id(document.get(CORRELATION_KEY))
 
 
-_log = logging.getLogger("resilient_voice.asgi")
-
 _ALGORITHMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
 _TIMESTAMP = re.compile(rb"[0-9]{1,16}(?:\.[0-9]{1,9})?")
 _MILLISECONDS_ABOVE = 1e11  # 1e11 s is the year 5138; 1e11 ms is 1973
 _MAX_CREDENTIAL = 4096
-_GUARDED = frozenset({"http", "websocket"})
+# What the header check hands the body check: nothing (verified), or signature and timestamp.
+_Pending = tuple[bytes, bytes] | None
 
 
 def _secret_bytes(name: str, value: str | bytes | None) -> bytes | None:
@@ -80,7 +66,7 @@ def _secret_bytes(name: str, value: str | bytes | None) -> bytes | None:
     return value
 
 
-class VapiWebhookMiddleware:
+class VapiWebhookMiddleware(WebhookGuard["_Pending"]):
     """Pure ASGI middleware that rejects Vapi webhooks without a valid credential.
 
     Vapi authenticates server-URL requests with one of its credential types; configure the one(s)
@@ -164,8 +150,57 @@ class VapiWebhookMiddleware:
         clock: Callable[[], float] | None = None,
         trusted_proxies: TrustedProxies | Iterable[str] = (),
     ) -> None:
-        self.app = app
-        self._proxies = as_trusted_proxies(trusted_proxies)
+        verifier = _VapiVerifier(
+            secret=secret,
+            secret_header=secret_header,
+            bearer_token=bearer_token,
+            bearer_header=bearer_header,
+            bearer_prefix=bearer_prefix,
+            hmac_secret=hmac_secret,
+            signature_header=signature_header,
+            timestamp_header=timestamp_header,
+            algorithm=algorithm,
+            signature_encoding=signature_encoding,
+            tolerance=tolerance,
+            clock=clock,
+        )
+        super().__init__(
+            app, verifier, paths=paths, max_body=max_body, trusted_proxies=trusted_proxies
+        )
+
+    def __repr__(self) -> str:
+        return f"VapiWebhookMiddleware(app={self.app!r})"
+
+
+class _VapiVerifier:
+    """Vapi's credentials for :class:`~resilient_voice.asgi._guard.WebhookGuard`.
+
+    The header check hands the body check ``None`` when a secret or bearer token already
+    verified the request, else the HMAC signature and timestamp to check against the body.
+    The body check returns the correlation id the Vapi client planted in the call (see
+    :func:`planted_correlation_id`), so every webhook of one call shares the id of the request
+    that placed it; a body without one (or not JSON) leaves the context alone: deciding what a
+    malformed body means is the app's job.
+    """
+
+    provider = "Vapi"
+
+    def __init__(
+        self,
+        *,
+        secret: str | bytes | None,
+        secret_header: str,
+        bearer_token: str | bytes | None,
+        bearer_header: str,
+        bearer_prefix: bool,
+        hmac_secret: str | bytes | None,
+        signature_header: str,
+        timestamp_header: str,
+        algorithm: str,
+        signature_encoding: str,
+        tolerance: float,
+        clock: Callable[[], float] | None,
+    ) -> None:
         self._secret = _secret_bytes("secret", secret)
         self._bearer = _secret_bytes("bearer_token", bearer_token)
         key = _secret_bytes("hmac_secret", hmac_secret)
@@ -194,70 +229,27 @@ class VapiWebhookMiddleware:
         if not math.isfinite(tolerance) or tolerance <= 0:
             raise ValueError(f"tolerance must be a positive finite number, got {tolerance!r}")
         self._tolerance = float(tolerance)
-        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
-            raise ValueError(f"max_body must be a positive int, got {max_body!r}")
-        self._max_body = max_body
-        self._too_large = payload_too_large(max_body)
-        self._match = PathMatcher(paths)
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning UNIX seconds")
         self._clock = clock or time.time
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in _GUARDED or not self._match.guards(scope):
-            await self.app(scope, receive, send)
-            return
-        verified = self._check_headers(scope)
+    def check_headers(self, scope: Scope, proxies: TrustedProxies) -> _Pending:
+        """``None`` when a header credential verifies; else the HMAC headers to check."""
+        if self._check_headers(scope):
+            return None
         if scope["type"] == "websocket":
-            if not verified:
-                await self._reject(scope, receive, send, "websocket without a valid credential")
-                return
-            await self.app(scope, receive, send)
-            return
-        signature = timestamp = None
-        if not verified and self._mac is not None:
+            raise WebhookVerificationError("websocket without a valid credential")
+        if self._mac is not None:
             signature = get_header(scope, self._signature_header)
             timestamp = get_header(scope, self._timestamp_header)
-        if not verified and (signature is None or timestamp is None):
-            await self._reject(scope, receive, send, "no valid credential header")
-            return
-        try:
-            body = await read_body(scope, receive, self._max_body)
-        except BodyTooLargeError:
-            await refuse(
-                scope,
-                receive,
-                send,
-                413,
-                self._too_large,
-                log=_log,
-                message="rejected Vapi webhook: %s",
-                reason=f"body over max_body ({self._max_body} bytes)",
-            )
-            return
-        except DisconnectedError:
-            return
-        if not verified and not self._check_hmac(body, signature, timestamp):
-            await self._reject(scope, receive, send, "HMAC signature missing, wrong or stale")
-            return
-        await self._call_verified(scope, replay(body, receive), send, body)
+            if signature is not None and timestamp is not None:
+                return signature, timestamp
+        raise WebhookVerificationError("no valid credential header")
 
-    async def _call_verified(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
-        """Run the app for a request whose credentials checked out.
-
-        When the verified body carries the correlation id that the Vapi client planted in the
-        call's ``assistantOverrides.metadata`` (key ``rv_cid``), the app runs inside
-        ``correlation_scope(that id)``, so every webhook of one call shares the id of the
-        request that placed it. Otherwise (no id, an invalid one, a body that is not JSON) the
-        app runs in the current context unchanged: deciding what a malformed body means is the
-        app's job.
-        """
-        cid = planted_correlation_id(body)
-        if cid is None:
-            await self.app(scope, receive, send)
-            return
-        with correlation_scope(cid):
-            await self.app(scope, receive, send)
+    def check_body(self, scope: Scope, body: bytes, state: _Pending) -> str | None:
+        if state is not None and not self._check_hmac(body, *state):
+            raise WebhookVerificationError("HMAC signature missing, wrong or stale")
+        return planted_correlation_id(body)
 
     def _check_headers(self, scope: Scope) -> bool:
         if self._secret is not None:
@@ -272,8 +264,8 @@ class VapiWebhookMiddleware:
                 return True
         return False
 
-    def _check_hmac(self, body: bytes, signature: bytes | None, timestamp: bytes | None) -> bool:
-        if signature is None or timestamp is None or len(signature) > _MAX_CREDENTIAL:
+    def _check_hmac(self, body: bytes, signature: bytes, timestamp: bytes) -> bool:
+        if len(signature) > _MAX_CREDENTIAL:
             return False
         if not _TIMESTAMP.fullmatch(timestamp):
             return False
@@ -291,18 +283,3 @@ class VapiWebhookMiddleware:
         if self._hex:
             return hmac.compare_digest(mac.hexdigest().encode("ascii"), signature.lower())
         return hmac.compare_digest(base64.b64encode(mac.digest()), signature)
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send, reason: str) -> None:
-        await refuse(
-            scope,
-            receive,
-            send,
-            403,
-            FORBIDDEN,
-            log=_log,
-            message="rejected Vapi webhook: %s",
-            reason=reason,
-        )
-
-    def __repr__(self) -> str:
-        return f"VapiWebhookMiddleware(app={self.app!r})"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import threading
 import time
 import uuid
@@ -21,7 +20,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 JSON_TYPE = (b"content-type", b"application/json; charset=utf-8")
 
 

@@ -20,8 +20,8 @@ from urllib.parse import urlencode
 
 import anyio
 
+from resilient_voice._request_checks import E164
 from resilient_voice.testing._fake_common import (
-    E164,
     Core,
     Request,
     Response,

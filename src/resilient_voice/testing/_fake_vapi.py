@@ -18,8 +18,8 @@ from typing import Any
 
 import anyio
 
+from resilient_voice._request_checks import E164
 from resilient_voice.testing._fake_common import (
-    E164,
     Core,
     Request,
     Response,

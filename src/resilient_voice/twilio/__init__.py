@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from resilient_voice.errors import TwilioAPIError, TwilioAuthenticationError
 from resilient_voice.twilio._client import TwilioClient
+from resilient_voice.twilio._errors import TwilioAPIError, TwilioAuthenticationError
 from resilient_voice.twilio._models import (
     Call,
     CallDirection,
@@ -22,7 +22,6 @@ from resilient_voice.twilio._models import (
     MessageStatus,
 )
 from resilient_voice.twilio._policies import OPERATIONS, default_policies
-from resilient_voice.twilio._validation import TwilioValidationError
 
 if TYPE_CHECKING:
     from resilient_voice.twilio.sdk import ResilientTwilioHttpClient
@@ -39,7 +38,6 @@ __all__ = [
     "TwilioAPIError",
     "TwilioAuthenticationError",
     "TwilioClient",
-    "TwilioValidationError",
     "default_policies",
 ]
 

@@ -1,20 +1,30 @@
-"""TwilioClient: the typed, resilient client of Twilio's Calls and Messages API."""
+"""TwilioClient: the typed, resilient client of Twilio's Calls and Messages API.
+
+Twilio's operations only: the plumbing every client shares is in :mod:`.._provider`, the input
+rules in :mod:`._validation`, the error bodies in :mod:`._errors`. It runs past 400 lines
+because each operation's docstring is its user documentation (arguments, outcomes, what to do
+after an unknown outcome), and one class is easier to read whole than spread over modules.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Self, TypeVar
-from urllib.parse import SplitResult, quote, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel
 
 from resilient_voice._clock import Clock
-from resilient_voice._urls import check_transport_security, redact_url
-from resilient_voice._urls import split as split_url
+from resilient_voice._provider import (
+    UNREADABLE,
+    ProviderClient,
+    build_transport,
+    check_base_url,
+    check_timeout,
+)
+from resilient_voice._request_checks import check_count
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.correlation import (
     correlation_scope,
@@ -22,22 +32,20 @@ from resilient_voice.correlation import (
     new_attempt_id,
     new_correlation_id,
 )
-from resilient_voice.errors import OutcomeUnknownError, TwilioAPIError
+from resilient_voice.errors import InvalidRequestError, OutcomeUnknownError
 from resilient_voice.events import TransportListener
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
     ATTEMPT_ID_EXTENSION,
     IDEMPOTENT_EXTENSION,
     LIMITER_KEY_EXTENSION,
-    ResilientTransport,
 )
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
 from resilient_voice.twilio import _validation as check
-from resilient_voice.twilio._errors import api_error
+from resilient_voice.twilio._errors import TwilioAPIError, api_error
 from resilient_voice.twilio._models import Call, Message
 from resilient_voice.twilio._policies import (
-    default_policies,
     resolve_policies,
     twilio_routes,
 )
@@ -78,32 +86,6 @@ _MESSAGE_NOTE = (
 )
 
 
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _base_url_parts(base_url: object, allow_insecure_http: bool) -> SplitResult:
-    """Check ``base_url``; messages never echo its credentials (see :mod:`._urls`)."""
-    if not isinstance(base_url, str):
-        raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
-    parts = split_url(base_url)
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must be an http(s) URL, got {redact_url(base_url)!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(
-            f"base_url must not carry credentials (got {redact_url(base_url)!r}): "
-            "pass them as auth_token= or api_key=/api_secret="
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError("base_url is the scheme and host only (no path, query or fragment)")
-    check_transport_security(parts, base_url, allow_insecure_http=allow_insecure_http)
-    return parts
-
-
 def _query_param(name: str | None) -> str | None:
     if name is None:
         return None
@@ -112,13 +94,13 @@ def _query_param(name: str | None) -> str | None:
     return name
 
 
-class TwilioClient:
+class TwilioClient(ProviderClient):
     """A typed client of Twilio's Calls and Messages API, resilient by default.
 
     Build one per account at startup and share it: it owns the connection pool, the account's
     circuit breaker and its pacing. Every operation runs under its own policy (see
     ``docs/twilio.md`` for the defaults); bad input raises
-    :class:`~resilient_voice.twilio.TwilioValidationError` before anything is sent::
+    :class:`~resilient_voice.InvalidRequestError` before anything is sent::
 
         async with TwilioClient(account_sid, auth_token, calls_per_second=5) as twilio:
             call = await twilio.create_call(
@@ -185,7 +167,7 @@ class TwilioClient:
     ) -> None:
         try:
             account = check.sid("account_sid", account_sid, "AC")
-        except check.TwilioValidationError as exc:
+        except InvalidRequestError as exc:
             raise ValueError(str(exc)) from None
         if auth_token is not None:
             if api_key is not None or api_secret is not None:
@@ -198,53 +180,53 @@ class TwilioClient:
                 raise ValueError("give auth_token, or api_key and api_secret")
             try:
                 user = check.sid("api_key", api_key, "SK")
-            except check.TwilioValidationError as exc:
+            except InvalidRequestError as exc:
                 raise ValueError(str(exc)) from None
             if not isinstance(api_secret, str) or not api_secret:
                 raise ValueError("api_secret must be a non-empty str")
             secret = api_secret
-        parts = _base_url_parts(base_url, allow_insecure_http)
-        cps = _positive("calls_per_second", calls_per_second)
-        mps = _positive("messages_per_second", messages_per_second)
-        seconds = _positive("timeout", timeout)
+        parts = check_base_url(
+            base_url,
+            allow_insecure_http=allow_insecure_http,
+            credentials="pass them as auth_token= or api_key=/api_secret=",
+        )
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("base_url is the scheme and host only (no path, query or fragment)")
+        cps = check_timeout(calls_per_second, "calls_per_second")
+        mps = check_timeout(messages_per_second, "messages_per_second")
+        seconds = check_timeout(timeout)
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise TypeError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
-        self._policies = resolve_policies(
+        policies_ = resolve_policies(
             policy,
             policies,
-            lambda: default_policies(
-                account,
-                calls_per_second=cps,
-                messages_per_second=mps,
-                timeout=seconds,
-                breaker=breaker,
-                retry=retry,
-                clock=clock,
-            ),
-            tuned=breaker is not None or retry is not None,
+            account,
+            calls_per_second=cps,
+            messages_per_second=mps,
+            timeout=seconds,
+            breaker=breaker,
+            retry=retry,
+            clock=clock,
         )
         self._correlation_param = _query_param(correlation_param)
         self._attempt_param = _query_param(attempt_param)
         self._account = account
         self._auth_kind = "auth_token" if auth_token is not None else "api_key"
         self._base_url = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
-        self._transport = ResilientTransport(
-            self._policies["read"],
-            transport=transport,
-            routes=twilio_routes(self._policies),
-            name=name,
-            listeners=listeners,
+        resilient = build_transport(
+            policies_, twilio_routes(policies_), transport=transport, name=name, listeners=listeners
         )
-        self._http = httpx.AsyncClient(
+        http = httpx.AsyncClient(
             base_url=self._base_url,
             auth=httpx.BasicAuth(user, secret),
-            transport=self._transport,
+            transport=resilient,
             timeout=httpx.Timeout(seconds),
             headers={"Accept": "application/json", "User-Agent": "resilient-voice"},
             follow_redirects=False,
         )
+        self._own(http, policies_, resilient)
         self._calls_path = f"{API}/{account}/Calls"
         self._messages_path = f"{API}/{account}/Messages"
 
@@ -253,55 +235,11 @@ class TwilioClient:
         """The account this client acts on."""
         return self._account
 
-    @property
-    def policies(self) -> Mapping[str, Policy]:
-        """The policy of each operation (read-only view; keys as for ``policies=``)."""
-        return dict(self._policies)
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        """The breaker of ``create_call`` (the one shared by the default policies).
-
-        Typed without ``None`` so that ``client.breaker.add_listener(...)`` type-checks; a
-        ``create_call`` policy without a breaker (your own ``policy=``) has nothing to give.
-
-        Raises:
-            AttributeError: The ``create_call`` policy has no breaker
-                (``getattr(client, "breaker", None)`` gives ``None`` then).
-        """
-        breaker = self._policies["create_call"].breaker
-        if breaker is None:
-            raise AttributeError(
-                "this client's create_call policy has no circuit breaker; "
-                "attach listeners to the primitives of the policy you passed"
-            )
-        return breaker
-
-    @property
-    def transport(self) -> ResilientTransport:
-        """The transport: attach :class:`~resilient_voice.events.TransportListener` here."""
-        return self._transport
-
     def __repr__(self) -> str:
         return (
             f"TwilioClient(account_sid={self._account!r}, auth={self._auth_kind}, "
             f"base_url={self._base_url!r})"
         )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the connection pool. The client cannot be used afterwards."""
-        await self._http.aclose()
 
     async def create_call(
         self,
@@ -339,7 +277,7 @@ class TwilioClient:
             ``attempt_id`` set.
 
         Raises:
-            TwilioValidationError: Bad input; nothing was sent.
+            InvalidRequestError: Bad input; nothing was sent.
             OutcomeUnknownError: The request may have reached Twilio and was not re-sent;
                 reconcile (see :meth:`reconcile_call`) before trying again.
             TwilioAPIError: Twilio refused the call (for example 21211, invalid number).
@@ -383,7 +321,7 @@ class TwilioClient:
                 note += _CALLBACK_NOTE.format(param=self._attempt_param, attempt_id=exc.attempt_id)
             exc.add_note(note)
             raise
-        call = _created(Call, response, attempt_id)
+        call = self._created(Call, response, attempt_id)
         call._correlation_id = cid
         call._attempt_id = attempt_id
         return call
@@ -392,7 +330,7 @@ class TwilioClient:
         """Fetch a call (``GET .../Calls/{sid}.json``)."""
         call_sid = check.sid("sid", sid, "CA")
         response = await self._send("GET", f"{self._calls_path}/{call_sid}.json")
-        return _read(Call, response)
+        return self._read(Call, response)
 
     async def list_calls(
         self,
@@ -412,14 +350,9 @@ class TwilioClient:
             page_size: Calls per request, 1..1000.
             limit: Stop after this many calls; ``None`` reads every page.
         """
-        if isinstance(page_size, bool) or not isinstance(page_size, int):
-            raise check.TwilioValidationError("page_size", "must be an int")
-        if not 1 <= page_size <= 1000:
-            raise check.TwilioValidationError("page_size", "must be within 1..1000")
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
-        ):
-            raise check.TwilioValidationError("limit", "must be None or an int >= 1")
+        page_size = check_count("page_size", page_size, 1, 1000)
+        if limit is not None:
+            limit = check_count("limit", limit, 1)
         params: dict[str, str] = {}
         if to is not None:
             params["To"] = check.call_to(to)
@@ -435,7 +368,7 @@ class TwilioClient:
         query: dict[str, str] | None = params
         while path is not None:
             response = await self._send("GET", path, params=query)
-            page = _read(_CallsPage, response)
+            page = self._read(_CallsPage, response)
             for call in page.calls or ():
                 calls.append(call)
                 if limit is not None and len(calls) >= limit:
@@ -464,19 +397,19 @@ class TwilioClient:
         arrived, and may raise :class:`~resilient_voice.OutcomeUnknownError`.
 
         Raises:
-            TwilioValidationError: Bad input (including nothing to change); nothing was sent.
+            InvalidRequestError: Bad input (including nothing to change); nothing was sent.
         """
         call_sid = check.sid("sid", sid, "CA")
         extra = check.more_params(more, _UPDATE_PARAMS)
         form: dict[str, str | list[str]] = {}
         if status is not None:
             if status not in check.UPDATE_STATUSES:
-                raise check.TwilioValidationError(
+                raise InvalidRequestError(
                     "status", f"must be 'completed' or 'canceled', got {status!r}"
                 )
             form["Status"] = status
         if url is not None and twiml is not None:
-            raise check.TwilioValidationError("url", "give url= or twiml=, not both")
+            raise InvalidRequestError("url", "give url= or twiml=, not both")
         if url is not None:
             form["Url"] = check.url("url", url)
         if twiml is not None:
@@ -487,12 +420,12 @@ class TwilioClient:
             form["StatusCallback"] = check.url("status_callback", status_callback)
         form.update(extra)
         if not form:
-            raise check.TwilioValidationError("status", "nothing to update")
+            raise InvalidRequestError("status", "nothing to update")
         redirect = "Url" in form or "Twiml" in form
         response = await self._send(
             "POST", f"{self._calls_path}/{call_sid}.json", form, idempotent=not redirect
         )
-        return _read(Call, response)
+        return self._read(Call, response)
 
     async def send_message(
         self,
@@ -521,14 +454,14 @@ class TwilioClient:
             **more: Further Twilio parameters under their own names, forwarded untouched.
 
         Raises:
-            TwilioValidationError: Bad input; nothing was sent.
+            InvalidRequestError: Bad input; nothing was sent.
             OutcomeUnknownError: The request may have reached Twilio and was not re-sent.
             TwilioAPIError: Twilio refused the message.
         """
         extra = check.more_params(more, _MESSAGE_PARAMS)
         form: dict[str, str | list[str]] = {"To": check.message_to(to)}
         if from_ is None and messaging_service_sid is None:
-            raise check.TwilioValidationError("from_", "give from_= or messaging_service_sid=")
+            raise InvalidRequestError("from_", "give from_= or messaging_service_sid=")
         if from_ is not None:
             form["From"] = check.message_from(from_)
         if messaging_service_sid is not None:
@@ -536,9 +469,7 @@ class TwilioClient:
                 "messaging_service_sid", messaging_service_sid, "MG"
             )
         if body is None and media_url is None and content_sid is None:
-            raise check.TwilioValidationError(
-                "body", "a message needs body=, media_url= or content_sid="
-            )
+            raise InvalidRequestError("body", "a message needs body=, media_url= or content_sid=")
         if body is not None:
             form["Body"] = check.body(body)
         if media_url is not None:
@@ -565,13 +496,13 @@ class TwilioClient:
         except OutcomeUnknownError as exc:
             exc.add_note(_MESSAGE_NOTE)
             raise
-        return _created(Message, response, attempt_id)
+        return self._created(Message, response, attempt_id)
 
     async def get_message(self, sid: str) -> Message:
         """Fetch a message (``GET .../Messages/{sid}.json``)."""
         message_sid = check.sid("sid", sid, "SM", "MM")
         response = await self._send("GET", f"{self._messages_path}/{message_sid}.json")
-        return _read(Message, response)
+        return self._read(Message, response)
 
     async def reconcile_call(
         self,
@@ -589,7 +520,7 @@ class TwilioClient:
         one-second precision and its clock is not yours: take ``since`` a few seconds early.
         """
         if since is not None and since.tzinfo is None:
-            raise check.TwilioValidationError("since", "must be timezone-aware (UTC)")
+            raise InvalidRequestError("since", "must be timezone-aware (UTC)")
         calls = await self.list_calls(to=to, from_=from_, limit=limit)
         if since is None:
             return calls
@@ -612,7 +543,7 @@ class TwilioClient:
         if self._attempt_param is not None:
             if self._attempt_param in present:
                 # Callbacks must carry the id that OutcomeUnknownError reports, not another.
-                raise check.TwilioValidationError(
+                raise InvalidRequestError(
                     "url", f"the query parameter {self._attempt_param!r} is reserved"
                 )
             extra.append(f"{self._attempt_param}={quote(attempt_id, safe='')}")
@@ -643,23 +574,25 @@ class TwilioClient:
         if cid is not None and get_correlation_id() is None:
             # The id generated for this call: its request header and its webhooks share it.
             with correlation_scope(cid):
-                response = await self._http.send(request)
-        else:
-            response = await self._http.send(request)
-        if response.status_code >= 400:
-            raise api_error(response)
-        return response
+                return await self._exchange(request)
+        return await self._exchange(request)
+
+    def _api_error(
+        self, response: httpx.Response, kind: FailureKind | None = None
+    ) -> TwilioAPIError:
+        return api_error(response, kind)
+
+    def _unreadable_error(
+        self, response: httpx.Response, message: str, kind: FailureKind
+    ) -> TwilioAPIError:
+        return TwilioAPIError(response.status_code, UNREADABLE, message, kind)
 
 
 def _http_method(field: str, value: object) -> str:
     text = check.text_value(field, value).upper()
     if text not in ("GET", "POST"):
-        raise check.TwilioValidationError(field, "must be GET or POST")
+        raise InvalidRequestError(field, "must be GET or POST")
     return text
-
-
-_Created = TypeVar("_Created", Call, Message)
-_Read = TypeVar("_Read", bound=BaseModel)
 
 
 class _CallsPage(BaseModel):
@@ -667,40 +600,3 @@ class _CallsPage(BaseModel):
 
     calls: list[Call] | None = None
     next_page_uri: str | None = None
-
-
-def _read(model: type[_Read], response: httpx.Response) -> _Read:
-    """Parse a read's answer; an unreadable body (not JSON, hostile nesting, the wrong shape)
-    is Twilio's error to report, never a bare parser exception.
-
-    pydantic's JSON parser refuses nesting beyond its recursion limit with a ValidationError,
-    so hostile JSON cannot raise ``RecursionError`` here.
-    """
-    try:
-        return model.model_validate_json(response.content)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise TwilioAPIError(
-            response.status_code,
-            None,
-            f"unreadable {model.__name__.lstrip('_')} in a {response.status_code} answer",
-            FailureKind.MAYBE_PROCESSED,
-        ) from exc
-
-
-def _created(model: type[_Created], response: httpx.Response, attempt_id: str) -> _Created:
-    """Parse a create answer; an unreadable 2xx still means Twilio created it.
-
-    Raising an ordinary error there would read as a definite failure and invite a second
-    create, so it becomes :class:`OutcomeUnknownError` instead.
-    """
-    try:
-        return model.model_validate_json(response.content)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        error = TwilioAPIError(
-            response.status_code,
-            None,
-            f"unreadable {model.__name__} in a {response.status_code} answer",
-            FailureKind.MAYBE_PROCESSED,
-        )
-        error.__cause__ = exc
-        raise OutcomeUnknownError(attempt_id, attempts=1) from error

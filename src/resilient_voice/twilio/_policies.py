@@ -7,9 +7,10 @@ One policy per operation, built once per client. They share one circuit breaker 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
+from resilient_voice import _provider as provider
 from resilient_voice._clock import Clock
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.http import Route
@@ -86,35 +87,40 @@ def default_policies(
 def resolve_policies(
     policy: Policy | None,
     policies: Mapping[str, Policy] | None,
-    defaults: Callable[[], dict[str, Policy]],
+    account: str,
     *,
-    tuned: bool,
+    calls_per_second: float,
+    messages_per_second: float,
+    timeout: float,
+    breaker: CircuitBreaker | None,
+    retry: RetryPolicy | None,
+    clock: Clock | None,
 ) -> dict[str, Policy]:
-    """Apply ``policy=`` (every operation) or ``policies=`` (one by one) over the defaults."""
-    if policy is not None:
-        if policies is not None:
-            raise ValueError("give policy= (every operation) or policies= (some), not both")
-        if tuned:
-            raise ValueError(
-                "breaker= and retry= configure the default policies; with policy= they would "
-                "be ignored"
-            )
-        if not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
-        return dict.fromkeys(OPERATIONS, policy)
-    result = defaults()
-    if policies is None:
-        return result
-    if not isinstance(policies, Mapping):
-        raise TypeError("policies must be a mapping of operation name to Policy")
-    unknown = sorted(set(policies) - set(OPERATIONS))
-    if unknown:
-        raise ValueError(f"unknown operation(s) {unknown}; the operations are {list(OPERATIONS)}")
-    for operation, value in policies.items():
-        if not isinstance(value, Policy):
-            raise TypeError(f"policies[{operation!r}] must be a Policy, got {type(value).__name__}")
-        result[operation] = value
-    return result
+    """Apply ``policy=`` (every operation) or ``policies=`` (one by one) over the defaults.
+
+    The defaults are :func:`default_policies` of the other arguments, built only when used.
+    ``breaker=`` and ``retry=`` shape the default policies only, so they are refused next to
+    ``policy=``; the rest is the kit's rule.
+    """
+    if policy is not None and (breaker is not None or retry is not None):
+        raise ValueError(
+            "breaker= and retry= configure the default policies; with policy= they would be ignored"
+        )
+    return provider.resolve_policies(
+        policy,
+        policies,
+        lambda: default_policies(
+            account,
+            calls_per_second=calls_per_second,
+            messages_per_second=messages_per_second,
+            timeout=timeout,
+            breaker=breaker,
+            retry=retry,
+            clock=clock,
+        ),
+        OPERATIONS,
+        layered=False,
+    )
 
 
 def twilio_routes(policies: Mapping[str, Policy]) -> list[Route]:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 from urllib.parse import urlsplit
 
-from resilient_voice.errors import _reduce as reduce_exception
+from resilient_voice._request_checks import E164, E164_RULE
+from resilient_voice.errors import InvalidRequestError
 
-__all__ = ["TwilioValidationError"]
+__all__ = ["InvalidRequestError"]
 
-E164 = re.compile(r"\+[1-9][0-9]{6,14}")
-"""E.164: a ``+``, then 7 to 15 digits, the first not 0."""
 
 _SID_BODY = "[0-9a-fA-F]{32}"
 _PASCAL = re.compile(r"[A-Z][A-Za-z0-9]*")
@@ -35,26 +33,11 @@ MAX_BODY = 1600
 MAX_MEDIA = 10
 
 
-class TwilioValidationError(ValueError):
-    """An argument breaks one of Twilio's rules; nothing was sent.
-
-    Attributes:
-        field: The argument at fault (the Python name, ``from_`` for the sender).
-    """
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return reduce_exception(self)
-
-
 def text_value(field: str, value: object) -> str:
     if not isinstance(value, str):
-        raise TwilioValidationError(field, f"must be a str, got {type(value).__name__}")
+        raise InvalidRequestError(field, f"must be a str, got {type(value).__name__}")
     if not value:
-        raise TwilioValidationError(field, "must not be empty")
+        raise InvalidRequestError(field, "must not be empty")
     return value
 
 
@@ -71,9 +54,7 @@ def call_to(value: object) -> str:
     text = text_value("to", value)
     if E164.fullmatch(text) or _scheme_address(text, CALL_TO_SCHEMES):
         return text
-    raise TwilioValidationError(
-        "to", "must be an E.164 number (+ and 7-15 digits) or a client:, sip: or sim: address"
-    )
+    raise InvalidRequestError("to", f"must be {E164_RULE} or a client:, sip: or sim: address")
 
 
 def call_from(value: object) -> str:
@@ -81,9 +62,7 @@ def call_from(value: object) -> str:
     text = text_value("from_", value)
     if E164.fullmatch(text) or _scheme_address(text, CALL_FROM_SCHEMES):
         return text
-    raise TwilioValidationError(
-        "from_", "must be an E.164 number (+ and 7-15 digits) or a client: or sip: address"
-    )
+    raise InvalidRequestError("from_", f"must be {E164_RULE} or a client: or sip: address")
 
 
 def _channel(text: str) -> bool:
@@ -101,8 +80,8 @@ def message_to(value: object) -> str:
     text = text_value("to", value)
     if E164.fullmatch(text) or _channel(text):
         return text
-    raise TwilioValidationError(
-        "to", "must be an E.164 number or a channel address such as whatsapp:+15551234567"
+    raise InvalidRequestError(
+        "to", f"must be {E164_RULE} or a channel address such as whatsapp:+15551234567"
     )
 
 
@@ -116,9 +95,9 @@ def message_from(value: object) -> str:
         or _channel(text)
     ):
         return text
-    raise TwilioValidationError(
+    raise InvalidRequestError(
         "from_",
-        "must be an E.164 number, a short code, an alphanumeric sender id (1-11 characters) "
+        f"must be {E164_RULE}, a short code, an alphanumeric sender id (1-11 characters) "
         "or a channel address",
     )
 
@@ -129,7 +108,7 @@ def sid(field: str, value: object, *prefixes: str) -> str:
     if len(text) == 34 and text[:2] in prefixes and re.fullmatch(_SID_BODY, text[2:]):
         return text
     expected = " or ".join(prefixes)
-    raise TwilioValidationError(field, f"must be a SID: {expected} followed by 32 hex digits")
+    raise InvalidRequestError(field, f"must be a SID: {expected} followed by 32 hex digits")
 
 
 def url(field: str, value: object) -> str:
@@ -137,9 +116,9 @@ def url(field: str, value: object) -> str:
     text = text_value(field, value)
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise TwilioValidationError(field, "must be an absolute http:// or https:// URL")
+        raise InvalidRequestError(field, "must be an absolute http:// or https:// URL")
     if any(c.isspace() for c in text):
-        raise TwilioValidationError(field, "must not contain whitespace")
+        raise InvalidRequestError(field, "must not contain whitespace")
     return text
 
 
@@ -149,7 +128,7 @@ def one_of(**sources: object) -> str:
     if len(given) != 1:
         names = ", ".join(f"{name}=" for name in sources)
         got = ", ".join(f"{name}=" for name in given) or "none"
-        raise TwilioValidationError(
+        raise InvalidRequestError(
             given[0] if given else "url", f"give exactly one of {names} (got {got})"
         )
     return given[0]
@@ -158,36 +137,36 @@ def one_of(**sources: object) -> str:
 def twiml(value: object) -> str:
     text = text_value("twiml", value)
     if len(text) > MAX_TWIML:
-        raise TwilioValidationError("twiml", f"is {len(text)} characters; Twilio takes {MAX_TWIML}")
+        raise InvalidRequestError("twiml", f"is {len(text)} characters; Twilio takes {MAX_TWIML}")
     return text
 
 
 def body(value: object) -> str:
     if not isinstance(value, str):
-        raise TwilioValidationError("body", f"must be a str, got {type(value).__name__}")
+        raise InvalidRequestError("body", f"must be a str, got {type(value).__name__}")
     if len(value) > MAX_BODY:
-        raise TwilioValidationError("body", f"is {len(value)} characters; Twilio takes {MAX_BODY}")
+        raise InvalidRequestError("body", f"is {len(value)} characters; Twilio takes {MAX_BODY}")
     return value
 
 
 def media_urls(value: object) -> list[str]:
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise TwilioValidationError("media_url", "must be a list of URLs")
+        raise InvalidRequestError("media_url", "must be a list of URLs")
     items = [url("media_url", item) for item in value]
     if not items:
-        raise TwilioValidationError("media_url", "must not be empty (omit it instead)")
+        raise InvalidRequestError("media_url", "must not be empty (omit it instead)")
     if len(items) > MAX_MEDIA:
-        raise TwilioValidationError("media_url", f"has {len(items)} URLs; Twilio takes {MAX_MEDIA}")
+        raise InvalidRequestError("media_url", f"has {len(items)} URLs; Twilio takes {MAX_MEDIA}")
     return items
 
 
 def call_events(value: object) -> list[str]:
     if isinstance(value, str) or not isinstance(value, Iterable):
-        raise TwilioValidationError("status_callback_event", "must be a list of event names")
+        raise InvalidRequestError("status_callback_event", "must be a list of event names")
     events = list(value)
     unknown = [e for e in events if e not in CALL_EVENTS]
     if unknown:
-        raise TwilioValidationError(
+        raise InvalidRequestError(
             "status_callback_event",
             f"unknown event(s) {unknown!r}; Twilio sends {sorted(CALL_EVENTS)}",
         )
@@ -203,11 +182,11 @@ def more_params(more: Mapping[str, object], taken: Iterable[str]) -> dict[str, F
     out: dict[str, FormValue] = {}
     for name, value in more.items():
         if not _PASCAL.fullmatch(name):
-            raise TwilioValidationError(
+            raise InvalidRequestError(
                 name, "extra parameters use Twilio's own PascalCase names (Timeout, Record...)"
             )
         if name in reserved:
-            raise TwilioValidationError(
+            raise InvalidRequestError(
                 name, f"is set by a named argument; pass {_keyword(name)}= instead"
             )
         if value is None:
@@ -229,6 +208,6 @@ def _form_value(name: str, value: object) -> FormValue:
         return str(value)
     if isinstance(value, list | tuple):
         return [str(_form_value(name, item)) for item in value]
-    raise TwilioValidationError(
+    raise InvalidRequestError(
         name, f"must be a str, number, bool or list, got {type(value).__name__}"
     )

@@ -29,15 +29,14 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from resilient_voice._clock import Clock
-from resilient_voice._urls import check_request_security, check_transport_security, redact_url
-from resilient_voice._urls import split as split_url
+from resilient_voice._provider import build_transport, check_base_url
+from resilient_voice._urls import check_request_security
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.events import TransportListener
 from resilient_voice.http import LIMITER_KEY_EXTENSION, ResilientTransport
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
 from resilient_voice.twilio._policies import (
-    default_policies,
     resolve_policies,
     twilio_routes,
 )
@@ -105,17 +104,11 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
     ) -> None:
         super().__init__(logger, True, timeout)
         if base_url is not None:
-            if not isinstance(base_url, str):
-                raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
-            parts = split_url(base_url)
-            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"base_url must be an http(s) URL, got {redact_url(base_url)!r}")
-            if parts.username is not None or parts.password is not None:
-                raise ValueError(
-                    f"base_url must not carry credentials (got {redact_url(base_url)!r}): "
-                    "the SDK passes them to request()"
-                )
-            check_transport_security(parts, base_url, allow_insecure_http=allow_insecure_http)
+            parts = check_base_url(
+                base_url,
+                allow_insecure_http=allow_insecure_http,
+                credentials="the SDK passes them to request()",
+            )
             self._origin: tuple[str, str] | None = (parts.scheme, parts.netloc)
         else:
             if not isinstance(allow_insecure_http, bool):
@@ -125,21 +118,18 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
         self._policies = resolve_policies(
             policy,
             policies,
-            lambda: default_policies(
-                account_label,
-                calls_per_second=calls_per_second,
-                messages_per_second=messages_per_second,
-                timeout=timeout,
-                breaker=breaker,
-                retry=retry,
-                clock=clock,
-            ),
-            tuned=breaker is not None or retry is not None,
+            account_label,
+            calls_per_second=calls_per_second,
+            messages_per_second=messages_per_second,
+            timeout=timeout,
+            breaker=breaker,
+            retry=retry,
+            clock=clock,
         )
-        self._transport = ResilientTransport(
-            self._policies["read"],
+        self._transport = build_transport(
+            self._policies,
+            twilio_routes(self._policies),
             transport=transport,
-            routes=twilio_routes(self._policies),
             name=name,
             listeners=listeners,
         )

@@ -14,14 +14,17 @@ See docs/vapi.md.
 
 from __future__ import annotations
 
-from resilient_voice.errors import VapiAPIError, VapiAuthenticationError
 from resilient_voice.vapi._client import (
     ATTEMPT_ID_EXTENSION,
     DEFAULT_BASE_URL,
     VapiClient,
     VapiListener,
 )
-from resilient_voice.vapi._errors import VapiConcurrencyLimitError, VapiValidationError
+from resilient_voice.vapi._errors import (
+    VapiAPIError,
+    VapiAuthenticationError,
+    VapiConcurrencyLimitError,
+)
 from resilient_voice.vapi._models import (
     ATTEMPT_ID_KEY,
     CONCURRENCY_ENDED_REASON,
@@ -66,7 +69,6 @@ __all__ = [
     "VapiListener",
     "VapiModel",
     "VapiPhoneNumber",
-    "VapiValidationError",
     "attempt_overrides",
     "default_policies",
     "no_sdk_retries",

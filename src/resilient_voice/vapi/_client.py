@@ -1,34 +1,44 @@
-"""VapiClient: typed Vapi calls, assistants and phone numbers over httpx + ResilientTransport."""
+"""VapiClient: typed Vapi calls, assistants and phone numbers over httpx + ResilientTransport.
+
+Vapi's operations only: the plumbing every client shares is in :mod:`.._provider`, the input
+rules and request bodies in :mod:`._validation`, the error bodies in :mod:`._errors`. It runs
+past 400 lines because each operation's docstring is its user documentation (Vapi's fields and
+filters, outcomes, reconciliation), and one class is easier to read whole than spread out.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Generator, Iterable, Mapping
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from resilient_voice._clock import Clock
-from resilient_voice._urls import check_transport_security, redact_url
-from resilient_voice._urls import split as split_url
-from resilient_voice.breaker import CircuitBreaker
+from resilient_voice._provider import (
+    UNREADABLE,
+    ProviderClient,
+    build_transport,
+    check_base_url,
+    check_timeout,
+)
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
-from resilient_voice.errors import OutcomeUnknownError, VapiAPIError
+from resilient_voice.errors import OutcomeUnknownError
 from resilient_voice.events import TransportListener, emit
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
     ATTEMPT_ID_EXTENSION,
     ResilientTransport,
-    UpstreamStatusError,
-    classify_exception,
     classify_status,
 )
 from resilient_voice.policy import Policy
-from resilient_voice.vapi._errors import VapiConcurrencyLimitError, error_from_response
+from resilient_voice.vapi._errors import (
+    VapiAPIError,
+    VapiConcurrencyLimitError,
+    error_from_response,
+)
 from resilient_voice.vapi._models import VapiAssistant, VapiCall, VapiCustomer, VapiPhoneNumber
 from resilient_voice.vapi._policies import resolve_policies, vapi_routes
 from resilient_voice.vapi._validation import (
@@ -91,24 +101,17 @@ def _check_api_key(api_key: object) -> str:
 
 
 def _check_base_url(base_url: object, allow_insecure_http: bool) -> tuple[str, str, str]:
-    """Check ``base_url``; messages never echo its credentials (see :mod:`.._urls`)."""
-    if not isinstance(base_url, str):
-        raise TypeError(f"base_url must be a string, got {type(base_url).__name__}")
-    parts = split_url(base_url)
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must be an http(s) URL, got {redact_url(base_url)!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(
-            f"base_url must not carry credentials (got {redact_url(base_url)!r}): "
-            "pass the key as api_key="
-        )
+    """The API root without a trailing ``/``, its host, and its path (see :mod:`.._provider`)."""
+    parts = check_base_url(
+        base_url, allow_insecure_http=allow_insecure_http, credentials="pass the key as api_key="
+    )
     if parts.query or parts.fragment:
         raise ValueError("base_url must not carry a query or a fragment")
-    check_transport_security(parts, base_url, allow_insecure_http=allow_insecure_http)
-    return base_url.rstrip("/"), parts.hostname, parts.path.rstrip("/")
+    root = cast("str", base_url)  # a str: check_base_url refused anything else
+    return root.rstrip("/"), parts.hostname or "", parts.path.rstrip("/")
 
 
-class VapiClient:
+class VapiClient(ProviderClient):
     """A typed, resilient client for Vapi's calls, assistants and phone numbers.
 
     Build one per Vapi org at startup and share it; it holds a connection pool, a circuit
@@ -174,10 +177,7 @@ class VapiClient:
     ) -> None:
         self._auth = _BearerAuth(_check_api_key(api_key))
         self._base_url, host, prefix = _check_base_url(base_url, allow_insecure_http)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-        if not math.isfinite(timeout) or timeout <= 0:
-            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        seconds = check_timeout(timeout)
         if not isinstance(unprocessed_429, bool):
             raise TypeError("unprocessed_429 must be a bool")
         if not isinstance(name, str) or not name:
@@ -207,23 +207,18 @@ class VapiClient:
                 )
             if transport_listeners:
                 raise ValueError("transport listeners need the client's own transport")
-            self._policies: dict[str, Policy] = {}
-            self._transport = None
-            self._http = http_client
-            self._owns_http = False
+            self._own(http_client, {}, None, owns_http=False)
         else:
-            self._policies = resolve_policies(policy, policies, clock)
-            self._transport = ResilientTransport(
-                self._policies["read"],
+            resolved = resolve_policies(policy, policies, clock)
+            resilient = build_transport(
+                resolved,
+                vapi_routes(host, prefix, resolved, unprocessed_429=unprocessed_429),
                 transport=transport,
-                routes=vapi_routes(host, prefix, self._policies, unprocessed_429=unprocessed_429),
                 name=name,
                 listeners=transport_listeners,
             )
-            self._http = httpx.AsyncClient(
-                transport=self._transport, timeout=httpx.Timeout(float(timeout))
-            )
-            self._owns_http = True
+            http = httpx.AsyncClient(transport=resilient, timeout=httpx.Timeout(seconds))
+            self._own(http, resolved, resilient)
 
     @property
     def name(self) -> str:
@@ -233,43 +228,6 @@ class VapiClient:
     def base_url(self) -> str:
         return self._base_url
 
-    @property
-    def policies(self) -> Mapping[str, Policy]:
-        """The policy of each operation (empty when ``http_client=`` was given)."""
-        return dict(self._policies)
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        """The breaker of ``create_call`` (shared by every operation by default).
-
-        Typed without ``None`` so that ``vapi.breaker.add_listener(...)`` type-checks.
-
-        Raises:
-            AttributeError: There is none: ``http_client=`` was given, or the ``create_call``
-                policy has no breaker (``getattr(vapi, "breaker", None)`` gives ``None``).
-        """
-        policy = self._policies.get("create_call")
-        if policy is None or policy.breaker is None:
-            why = "http_client= was given" if policy is None else "its create_call policy has none"
-            raise AttributeError(f"this VapiClient has no circuit breaker ({why})")
-        return policy.breaker
-
-    @property
-    def transport(self) -> ResilientTransport:
-        """The resilient transport: attach transport listeners here.
-
-        Typed without ``None`` so that ``vapi.transport.add_listener(...)`` type-checks.
-
-        Raises:
-            AttributeError: ``http_client=`` was given: that client's transport is yours
-                (``getattr(vapi, "transport", None)`` gives ``None``).
-        """
-        if self._transport is None:
-            raise AttributeError(
-                "this VapiClient sends through the http_client= you gave; its transport is yours"
-            )
-        return self._transport
-
     def add_listener(self, listener: VapiListener | TransportListener) -> None:
         """Attach a :class:`VapiListener` or a transport listener."""
         if isinstance(listener, VapiListener):
@@ -278,22 +236,6 @@ class VapiClient:
             self._transport.add_listener(listener)
         else:
             raise TypeError(f"cannot attach {listener!r} to this client")
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the connection pool (not a caller-provided ``http_client``)."""
-        if self._owns_http:
-            await self._http.aclose()
 
     def __repr__(self) -> str:
         return f"VapiClient(base_url={self._base_url!r}, name={self._name!r})"
@@ -344,7 +286,7 @@ class VapiClient:
             The created call.
 
         Raises:
-            VapiValidationError: Bad arguments; nothing was sent.
+            InvalidRequestError: Bad arguments; nothing was sent.
             OutcomeUnknownError: The request may have created the call (dropped connection,
                 timeout, 5xx, 429); its ``attempt_id`` is the ``rv_attempt_id`` planted in the
                 call, for :meth:`reconcile_call`.
@@ -372,43 +314,11 @@ class VapiClient:
             "POST", self._url("/call"), json=body, extensions={ATTEMPT_ID_EXTENSION: attempt_id}
         )
         try:
-            response = await self._http.send(request, auth=self._auth)
+            response = await self._exchange(request, auth=self._auth)
+            call = self._created(VapiCall, response, attempt_id)
         except OutcomeUnknownError as exc:
-            # Re-raised with our attempt id (the one planted in the body) and Vapi's parsed
-            # error as the cause; the transport's own error stays as __context__.
-            cause = exc.__cause__ or exc
-            if isinstance(cause, UpstreamStatusError):
-                await cause.response.aread()  # in memory already: the transport buffered it
-            unknown = self._unknown(attempt_id, exc.attempts, cause)
-            raise unknown from unknown.__cause__
-        except httpx.TransportError as exc:
-            # Without a retry policy the transport hands a transport error back as is.
-            if classify_exception(exc) is _MAYBE:
-                unknown = self._unknown(attempt_id, 1, exc)
-                raise unknown from exc
+            self._log_unknown(attempt_id, exc.__cause__)
             raise
-        status = response.status_code
-        if status >= 400:
-            kind = classify_status(status, self._create_unprocessed) or FailureKind.PERMANENT
-            error = error_from_response(response, kind)
-            if kind is _MAYBE:
-                unknown = self._unknown(attempt_id, 1, error)
-                raise unknown from error
-            if isinstance(error, VapiConcurrencyLimitError):
-                self._concurrency("refused", None, error)
-            raise error
-        try:
-            call = VapiCall.model_validate(response.json())
-        except (ValueError, ValidationError, RecursionError) as exc:
-            # A 2xx we cannot read (hostile nesting included): the call was most likely created.
-            error = VapiAPIError(
-                status,
-                f"unreadable create-call response: {type(exc).__name__}",
-                _MAYBE,
-                body=response.text[:500],
-            )
-            unknown = self._unknown(attempt_id, 1, error)
-            raise unknown from error
         if call.concurrency_blocked:
             self._concurrency("blocked", call, None)
         return call
@@ -447,7 +357,7 @@ class VapiClient:
     async def get_call(self, call_id: str) -> VapiCall:
         """Fetch one call (``GET /call/{id}``)."""
         path = "/call/" + check_id("call_id", call_id)
-        return self._model(VapiCall, await self._get(path, None))
+        return self._read(VapiCall, await self._get(path, None))
 
     async def list_calls(
         self,
@@ -492,18 +402,18 @@ class VapiClient:
         checked = check_limit(limit)
         if checked is not None:
             params["limit"] = str(checked)
-        return self._models(VapiCall, await self._get("/call", params))
+        return self._read_list(VapiCall, await self._get("/call", params))
 
     async def get_assistant(self, assistant_id: str) -> VapiAssistant:
         """Fetch one assistant (``GET /assistant/{id}``)."""
         path = "/assistant/" + check_id("assistant_id", assistant_id)
-        return self._model(VapiAssistant, await self._get(path, None))
+        return self._read(VapiAssistant, await self._get(path, None))
 
     async def list_assistants(self, *, limit: int | None = None) -> list[VapiAssistant]:
         """List assistants (``GET /assistant``)."""
         checked = check_limit(limit)
         params = {"limit": str(checked)} if checked is not None else None
-        return self._models(VapiAssistant, await self._get("/assistant", params))
+        return self._read_list(VapiAssistant, await self._get("/assistant", params))
 
     async def update_assistant(self, assistant_id: str, **changes: Any) -> VapiAssistant:
         """Change an assistant's settings (``PATCH /assistant/{id}``) and return it.
@@ -514,64 +424,66 @@ class VapiClient:
         """
         path = "/assistant/" + check_id("assistant_id", assistant_id)
         body = update_assistant_body(changes)
-        response = await self._http.request("PATCH", self._url(path), json=body, auth=self._auth)
-        return self._model(VapiAssistant, self._checked_json(response))
+        request = self._http.build_request("PATCH", self._url(path), json=body)
+        return self._read(VapiAssistant, await self._exchange(request, auth=self._auth))
 
     async def list_phone_numbers(self) -> list[VapiPhoneNumber]:
         """List the org's phone numbers (``GET /phone-number``)."""
-        return self._models(VapiPhoneNumber, await self._get("/phone-number", None))
+        return self._read_list(VapiPhoneNumber, await self._get("/phone-number", None))
 
     def _url(self, path: str) -> str:
         return self._base_url + path
 
-    async def _get(self, path: str, params: Mapping[str, str] | None) -> Any:
-        response = await self._http.get(self._url(path), params=params, auth=self._auth)
-        return self._checked_json(response)
+    async def _get(self, path: str, params: Mapping[str, str] | None) -> httpx.Response:
+        request = self._http.build_request("GET", self._url(path), params=params)
+        return await self._exchange(request, auth=self._auth)
 
-    def _checked_json(self, response: httpx.Response) -> Any:
-        status = response.status_code
-        if status >= 400:
-            kind = classify_status(status) or FailureKind.PERMANENT
-            error = error_from_response(response, kind)
-            if isinstance(error, VapiConcurrencyLimitError):
-                self._concurrency("refused", None, error)
-            raise error
-        try:
-            return response.json()
-        except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting
-            raise VapiAPIError(
-                status, "response is not valid JSON", _MAYBE, body=response.text[:500]
-            ) from exc
-
-    def _model(self, model: type[M], data: Any) -> M:
-        try:
-            return model.model_validate(data)
-        except ValidationError as exc:
-            raise VapiAPIError(
-                200,
-                f"unexpected {model.__name__} shape: {exc.error_count()} error(s)",
-                _MAYBE,
-                body=data,
-            ) from exc
-
-    def _models(self, model: type[M], data: Any) -> list[M]:
+    def _read_list(self, model: type[M], response: httpx.Response) -> list[M]:
+        """A list answer (bare, or paginated as ``{"results": [...]}``) as ``model`` items."""
+        data = self._json(self._checked(response))
         if isinstance(data, Mapping) and isinstance(data.get("results"), list):
-            data = data["results"]  # a paginated answer
+            data = data["results"]
         if not isinstance(data, list):
-            raise VapiAPIError(200, f"expected a list of {model.__name__}", _MAYBE, body=data)
-        return [self._model(model, item) for item in data]
+            raise self._unreadable_error(
+                response,
+                f"the {response.status_code} answer did not match the list[{model.__name__}] "
+                "model; this library's model may be out of date",
+                FailureKind.PERMANENT,
+            )
+        return [self._model(model, item, response) for item in data]
 
-    def _unknown(self, attempt_id: str, attempts: int, cause: BaseException) -> OutcomeUnknownError:
-        if isinstance(cause, UpstreamStatusError):
-            cause = error_from_response(cause.response, cause.kind)
+    def _api_error(self, response: httpx.Response, kind: FailureKind | None = None) -> VapiAPIError:
+        """Vapi's error for an answer; listeners hear of a refusal over concurrency.
+
+        With ``kind`` given the answer is the cause of an unknown outcome (the call may exist),
+        which is not a refusal.
+        """
+        if kind is not None:
+            return error_from_response(response, kind)
+        # A create's 429 is "not processed" only when the caller said so (unprocessed_429).
+        request = response.request
+        create = request.method == "POST" and request.url.path.endswith("/call")
+        unprocessed = self._create_unprocessed if create else _NO_STATUSES
+        kind = classify_status(response.status_code, unprocessed) or FailureKind.PERMANENT
+        error = error_from_response(response, kind)
+        if isinstance(error, VapiConcurrencyLimitError):
+            self._concurrency("refused", None, error)
+        return error
+
+    def _unreadable_error(
+        self, response: httpx.Response, message: str, kind: FailureKind
+    ) -> VapiAPIError:
+        return VapiAPIError(
+            response.status_code, message, kind, body=response.text[:500], code=UNREADABLE
+        )
+
+    @staticmethod
+    def _log_unknown(attempt_id: str, cause: BaseException | None) -> None:
         _log.warning(
             "vapi create_call outcome unknown (attempt %s, %s): reconcile before retrying",
             attempt_id,
             type(cause).__name__,
         )
-        error = OutcomeUnknownError(attempt_id, attempts=attempts)
-        error.__cause__ = cause
-        return error
 
     def _concurrency(self, outcome: str, call: VapiCall | None, error: VapiAPIError | None) -> None:
         if call is not None:

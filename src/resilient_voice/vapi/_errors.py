@@ -15,13 +15,14 @@ from typing import Any
 
 import httpx
 
-from resilient_voice.errors import VapiAPIError, VapiAuthenticationError
+from resilient_voice.errors import ProviderError
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import retry_after_from_headers
 
 __all__ = [
+    "VapiAPIError",
+    "VapiAuthenticationError",
     "VapiConcurrencyLimitError",
-    "VapiValidationError",
     "error_from_response",
     "is_concurrency_answer",
 ]
@@ -29,8 +30,25 @@ __all__ = [
 _MAX_TEXT = 500
 
 
-class VapiValidationError(ValueError):
-    """An argument of a Vapi client call is invalid; nothing was sent."""
+class VapiAPIError(ProviderError):
+    """Vapi answered with an error; ``body`` is the parsed error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: FailureKind,
+        *,
+        body: object = None,
+        code: int | str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(status, code, message, kind, retry_after=retry_after)
+        self.body = body
+
+
+class VapiAuthenticationError(VapiAPIError):
+    """Vapi rejected the API key (401 or 403)."""
 
 
 class VapiConcurrencyLimitError(VapiAPIError):

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
+from resilient_voice import _provider as provider
 from resilient_voice._clock import Clock
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.http import Route
@@ -97,31 +98,15 @@ def resolve_policies(
     policies: Mapping[str, Policy] | None,
     clock: Clock | None,
 ) -> dict[str, Policy]:
-    """Apply ``policy=`` (replaces all) and ``policies=`` (one by one) to the defaults.
+    """Apply ``policy=`` (replaces all) and ``policies=`` (one by one, after it) to the defaults.
 
     Raises:
         TypeError: A value is not a :class:`Policy`.
         ValueError: An unknown operation name.
     """
-    if policy is not None and not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
-    if policy is not None:
-        resolved = dict.fromkeys(OPERATIONS, policy)
-    else:
-        resolved = default_policies(clock=clock)
-    if policies is not None:
-        if not isinstance(policies, Mapping):
-            raise TypeError("policies must be a mapping of operation name to Policy")
-        unknown = sorted(set(policies) - set(OPERATIONS))
-        if unknown:
-            raise ValueError(
-                f"unknown operation(s) in policies: {unknown}; known: {list(OPERATIONS)}"
-            )
-        for name, value in policies.items():
-            if not isinstance(value, Policy):
-                raise TypeError(f"policies[{name!r}] must be a Policy, got {type(value).__name__}")
-            resolved[name] = value
-    return resolved
+    return provider.resolve_policies(
+        policy, policies, lambda: default_policies(clock=clock), OPERATIONS, layered=True
+    )
 
 
 def vapi_routes(

@@ -24,7 +24,6 @@ This module does not import the SDK.
 
 from __future__ import annotations
 
-import math
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
@@ -32,10 +31,10 @@ from typing import Any, TypedDict
 import httpx
 
 from resilient_voice._clock import Clock
+from resilient_voice._provider import build_transport, check_timeout
 from resilient_voice._urls import check_request_security
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.events import TransportListener
-from resilient_voice.http import ResilientTransport
 from resilient_voice.policy import Policy
 from resilient_voice.vapi._client import DEFAULT_BASE_URL, _check_base_url
 from resilient_voice.vapi._policies import resolve_policies, vapi_routes
@@ -108,22 +107,17 @@ def sdk_http_client(
         TypeError, ValueError: Invalid configuration.
     """
     _, host, prefix = _check_base_url(base_url, allow_insecure_http)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-    if not math.isfinite(timeout) or timeout <= 0:
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    seconds = check_timeout(timeout)
     resolved = resolve_policies(policy, policies, clock)
-    resilient = ResilientTransport(
-        resolved["read"],
+    resilient = build_transport(
+        resolved,
+        vapi_routes(host, prefix, resolved, unprocessed_429=unprocessed_429),
         transport=transport,
-        routes=vapi_routes(host, prefix, resolved, unprocessed_429=unprocessed_429),
         name=name,
         listeners=listeners,
     )
     hooks = {} if allow_insecure_http else {"request": [_refuse_plaintext]}
-    return httpx.AsyncClient(
-        transport=resilient, timeout=httpx.Timeout(float(timeout)), event_hooks=hooks
-    )
+    return httpx.AsyncClient(transport=resilient, timeout=httpx.Timeout(seconds), event_hooks=hooks)
 
 
 async def _refuse_plaintext(request: httpx.Request) -> None:

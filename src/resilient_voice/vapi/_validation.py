@@ -1,7 +1,7 @@
 """Argument checks and request-body building for the Vapi client; nothing here does I/O.
 
-Bad input is refused with :class:`VapiValidationError` before any request: a typo must not
-cost a breaker permit, a token, or a round trip that Vapi answers with 400.
+Bad input is refused with :class:`~resilient_voice.InvalidRequestError` before any request: a
+typo must not cost a breaker permit, a token, or a round trip that Vapi answers with 400.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
-from resilient_voice.vapi._errors import VapiValidationError
+from resilient_voice._request_checks import E164_RULE, check_count, is_e164
+from resilient_voice.errors import InvalidRequestError
 from resilient_voice.vapi._models import ATTEMPT_ID_KEY, CORRELATION_ID_KEY
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     "plant_metadata",
 ]
 
-_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Vapi's own rule for a number when its E.164 check is off (CreateCustomerDTO).
 _LOOSE_NUMBER = re.compile(r"\+?[A-Za-z0-9]+")
@@ -53,8 +53,8 @@ _READ_ONLY = frozenset({"id", "orgId", "createdAt", "updatedAt"})
 def check_id(name: str, value: object) -> str:
     """Return ``value`` if it is a plausible Vapi id (safe to put in a URL path)."""
     if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise VapiValidationError(
-            f"{name} must be a non-empty id of letters, digits and ._:- (got {value!r})"
+        raise InvalidRequestError(
+            name, f"must be a non-empty id of letters, digits and ._:- (got {value!r})"
         )
     return value
 
@@ -62,17 +62,15 @@ def check_id(name: str, value: object) -> str:
 def check_limit(limit: object) -> int | None:
     if limit is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise VapiValidationError(f"limit must be an int in 1..{MAX_LIMIT}, got {limit!r}")
-    return limit
+    return check_count("limit", limit, 1, MAX_LIMIT)
 
 
 def format_datetime(name: str, value: object) -> str:
     """ISO 8601 in UTC with milliseconds and ``Z``, as Vapi's date filters take it."""
     if not isinstance(value, datetime):
-        raise VapiValidationError(f"{name} must be a datetime, got {type(value).__name__}")
+        raise InvalidRequestError(name, f"must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
-        raise VapiValidationError(f"{name} must be timezone-aware (naive datetimes are ambiguous)")
+        raise InvalidRequestError(name, "must be timezone-aware (naive datetimes are ambiguous)")
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -88,7 +86,7 @@ def camel_keys(values: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         camel = to_camel(key) if "_" in key else key
         if camel in body:
-            raise VapiValidationError(f"{key!r} given twice (as snake_case and camelCase)")
+            raise InvalidRequestError(key, "given twice (as snake_case and camelCase)")
         body[camel] = _jsonable(value)
     return body
 
@@ -104,7 +102,7 @@ def plant_metadata(
     planted = dict(overrides) if overrides is not None else {}
     user = planted.get("metadata")
     if user is not None and not isinstance(user, Mapping):
-        raise VapiValidationError("assistant_overrides['metadata'] must be a mapping")
+        raise InvalidRequestError("assistant_overrides", "'metadata' must be a mapping")
     metadata = dict(user) if user is not None else {}
     metadata[ATTEMPT_ID_KEY] = attempt_id
     if correlation_id is not None:
@@ -126,59 +124,61 @@ def customer_body(customer: object) -> dict[str, Any]:
     """
     raw = _jsonable(customer)
     if not isinstance(raw, Mapping):
-        raise VapiValidationError(
-            f"customer must be a mapping or a VapiCustomer, got {type(customer).__name__}"
+        raise InvalidRequestError(
+            "customer", f"must be a mapping or a VapiCustomer, got {type(customer).__name__}"
         )
     fields = {key: value for key, value in camel_keys(raw).items() if value is not None}
     if "assistantOverrides" in fields:
-        raise VapiValidationError(
-            "customer['assistantOverrides'] is for batch calls; pass assistant_overrides= "
-            "to create_call instead"
+        raise InvalidRequestError(
+            "customer",
+            "'assistantOverrides' is for batch calls; pass assistant_overrides= "
+            "to create_call instead",
         )
     unknown = sorted(fields.keys() - _CUSTOMER_KEYS)
     if unknown:
-        raise VapiValidationError(
-            f"customer has unknown field(s) {unknown}; Vapi's are {sorted(_CUSTOMER_KEYS)}"
+        raise InvalidRequestError(
+            "customer", f"unknown field(s) {unknown}; Vapi's are {sorted(_CUSTOMER_KEYS)}"
         )
     if ("number" in fields) == ("sipUri" in fields):
-        raise VapiValidationError("customer needs exactly one of 'number' and 'sipUri'")
+        raise InvalidRequestError("customer", "needs exactly one of 'number' and 'sipUri'")
     check = fields.get("numberE164CheckEnabled", True)
     if not isinstance(check, bool):
-        raise VapiValidationError("customer['numberE164CheckEnabled'] must be a bool")
+        raise InvalidRequestError("customer", "'numberE164CheckEnabled' must be a bool")
     number = fields.get("number")
     if number is not None:
-        if check and not (isinstance(number, str) and _E164.fullmatch(number)):
-            raise VapiValidationError(
-                "customer['number'] must be an E.164 number like +14155550100 "
-                f"(or set numberE164CheckEnabled=False), got {number!r}"
+        if check and not is_e164(number):
+            raise InvalidRequestError(
+                "customer",
+                f"'number' must be {E164_RULE} like +14155550100 "
+                f"(or set numberE164CheckEnabled=False), got {number!r}",
             )
         if not check and not (
             isinstance(number, str)
             and len(number) in _NUMBER_LENGTH
             and _LOOSE_NUMBER.fullmatch(number)
         ):
-            raise VapiValidationError(
-                "customer['number'] must be 3..40 letters or digits, optionally after a '+', "
-                f"got {number!r}"
+            raise InvalidRequestError(
+                "customer",
+                f"'number' must be 3..40 letters or digits, optionally after a '+', got {number!r}",
             )
     elif "numberE164CheckEnabled" in fields:
-        raise VapiValidationError("customer['numberE164CheckEnabled'] applies to 'number' only")
+        raise InvalidRequestError("customer", "'numberE164CheckEnabled' applies to 'number' only")
     sip_uri = fields.get("sipUri")
     if sip_uri is not None and not _is_sip_uri(sip_uri):
-        raise VapiValidationError(
-            f"customer['sipUri'] must be a sip: or sips: URI without spaces, got {sip_uri!r}"
+        raise InvalidRequestError(
+            "customer", f"'sipUri' must be a sip: or sips: URI without spaces, got {sip_uri!r}"
         )
     extension = fields.get("extension")
     if extension is not None and not (
         isinstance(extension, str) and _EXTENSION.fullmatch(extension)
     ):
-        raise VapiValidationError(
-            f"customer['extension'] must be 1..10 digits (a str), got {extension!r}"
+        raise InvalidRequestError(
+            "customer", f"'extension' must be 1..10 digits (a str), got {extension!r}"
         )
     for key, limit in _CUSTOMER_TEXT.items():
         value = fields.get(key)
         if value is not None and not (isinstance(value, str) and 1 <= len(value) <= limit):
-            raise VapiValidationError(f"customer[{key!r}] must be 1..{limit} characters")
+            raise InvalidRequestError("customer", f"{key!r} must be 1..{limit} characters")
     return fields
 
 
@@ -206,16 +206,17 @@ def _customer(customer_number: object, customer: object, customer_id: object) ->
     ]
     if len(given) != 1:
         got = ", ".join(f"{name}=" for name in given) or "none"
-        raise VapiValidationError(
-            f"give exactly one of customer_number=, customer= and customer_id= (got {got})"
+        raise InvalidRequestError(
+            "customer_number",
+            f"give exactly one of customer_number=, customer= and customer_id= (got {got})",
         )
     if customer_id is not None:
         return "customerId", check_id("customer_id", customer_id)
     if customer is not None:
         return "customer", customer_body(customer)
-    if not isinstance(customer_number, str) or not _E164.fullmatch(customer_number):
-        raise VapiValidationError(
-            f"customer_number must be an E.164 number like +14155550100, got {customer_number!r}"
+    if not is_e164(customer_number):
+        raise InvalidRequestError(
+            "customer_number", f"must be {E164_RULE} like +14155550100, got {customer_number!r}"
         )
     return "customer", {"number": customer_number}
 
@@ -235,19 +236,20 @@ def create_call_body(
     """Validate the arguments of ``create_call`` and build its JSON body (without our ids)."""
     extra = camel_keys(more)
     if "customers" in extra:
-        raise VapiValidationError(
-            "batch calls (customers=) are not supported: call create_call once per customer"
+        raise InvalidRequestError(
+            "customers", "batch calls are not supported: call create_call once per customer"
         )
     clash = sorted(_OWNED & extra.keys())
     if clash:
-        raise VapiValidationError(
-            f"pass {clash} through create_call's own parameters, not as extra fields"
+        raise InvalidRequestError(
+            clash[0], f"pass {clash} through create_call's own parameters, not as extra fields"
         )
     agents = [key for key in _OTHER_AGENTS if key in extra]
     chosen = (assistant_id is not None) + (assistant is not None) + len(agents)
     if chosen != 1:
-        raise VapiValidationError(
-            "give exactly one of assistant_id= and assistant= (or one squad/workflow field)"
+        raise InvalidRequestError(
+            "assistant_id",
+            "give exactly one of assistant_id= and assistant= (or one squad/workflow field)",
         )
     body: dict[str, Any] = {}
     if assistant_id is not None:
@@ -255,24 +257,24 @@ def create_call_body(
     if assistant is not None:
         inline = _jsonable(assistant)
         if not isinstance(inline, Mapping) or not inline:
-            raise VapiValidationError(
-                "assistant must be a non-empty mapping (a transient assistant)"
+            raise InvalidRequestError(
+                "assistant", "must be a non-empty mapping (a transient assistant)"
             )
         body["assistant"] = dict(inline)
     if phone_number_id is not None:
         body["phoneNumberId"] = check_id("phone_number_id", phone_number_id)
     elif "phoneNumber" not in extra:
-        raise VapiValidationError("phone_number_id is required (or a transient phone_number=)")
+        raise InvalidRequestError("phone_number_id", "is required (or a transient phone_number=)")
     key, value = _customer(customer_number, customer, customer_id)
     body[key] = value
     overrides = _jsonable(assistant_overrides)
     if overrides is not None and not isinstance(overrides, Mapping):
-        raise VapiValidationError("assistant_overrides must be a mapping")
+        raise InvalidRequestError("assistant_overrides", "must be a mapping")
     if overrides is not None:
         body["assistantOverrides"] = overrides
     if name is not None:
         if not isinstance(name, str) or not name or len(name) > MAX_NAME:
-            raise VapiValidationError(f"name must be 1..{MAX_NAME} characters, got {name!r}")
+            raise InvalidRequestError("name", f"must be 1..{MAX_NAME} characters, got {name!r}")
         body["name"] = name
     body.update(extra)
     return body
@@ -281,9 +283,9 @@ def create_call_body(
 def update_assistant_body(changes: Mapping[str, Any]) -> dict[str, Any]:
     """Validate the changes of ``update_assistant`` and build its JSON body."""
     if not changes:
-        raise VapiValidationError("update_assistant needs at least one field to change")
+        raise InvalidRequestError("changes", "update_assistant needs at least one field to change")
     body = camel_keys(changes)
     read_only = sorted(_READ_ONLY & body.keys())
     if read_only:
-        raise VapiValidationError(f"{read_only} cannot be changed")
+        raise InvalidRequestError(read_only[0], f"{read_only} cannot be changed")
     return body
