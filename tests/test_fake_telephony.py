@@ -150,6 +150,7 @@ class Receiver:
                 await anyio.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_import_stays_light() -> None:
     code = (
         "import sys, json, resilient_voice.testing as t; t.FakeTelephony; t.Fault;"

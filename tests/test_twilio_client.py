@@ -673,6 +673,7 @@ async def test_correlation_param_can_be_disabled() -> None:
     assert forms[1]["Url"] == [f"{TWIML_URL}?rv_cid=mine"]
 
 
+@pytest.mark.slow
 def test_importing_the_package_does_not_import_the_sdk() -> None:
     code = (
         "import sys, json, resilient_voice.twilio;"
