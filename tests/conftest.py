@@ -1,22 +1,73 @@
-"""Every async test runs on both anyio backends (asyncio and trio)."""
+"""Every async test runs on both anyio backends (asyncio and trio).
+
+anyio's pytest plugin runs every coroutine test (``anyio_mode = "auto"`` in pyproject.toml) once
+per value of the ``anyio_backend`` fixture below. A test that must run on one backend only says so
+with ``@pytest.mark.parametrize("anyio_backend", [...])``; tests/test_backends.py checks that no
+other coroutine test is missing a backend.
+"""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import pytest
 
+BACKENDS = ("asyncio", "trio")
 
-@pytest.fixture(params=["asyncio", "trio"])
+
+@pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Function-scoped, so each test gets its own event loop and no state leaks between tests."""
     return str(request.param)
 
 
+@dataclass(frozen=True, slots=True)
+class CollectedCoroutineTest:
+    """One collected item of a coroutine test, recorded before ``-k`` or ``-m`` deselects any."""
+
+    nodeid: str
+    base: tuple[str, tuple[tuple[str, str], ...]]
+    backend: str | None
+    pinned: bool
+
+
+_COROUTINE_TESTS = pytest.StashKey[list[CollectedCoroutineTest]]()
+
+
+def _is_coroutine_test(item: pytest.Item) -> bool:
+    function = getattr(item, "function", None)
+    inner = getattr(getattr(function, "hypothesis", None), "inner_test", function)
+    return inspect.iscoroutinefunction(inner)
+
+
 @pytest.hookimpl(tryfirst=True)
-def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
-    # Mark coroutine tests before pytest parametrizes them, so the backend becomes one more
-    # parameter; marked later, the anyio plugin re-creates the items and drops their parameters.
-    inner = getattr(getattr(obj, "hypothesis", None), "inner_test", obj)
-    if collector.istestfunction(obj, name) and inspect.iscoroutinefunction(inner):  # type: ignore[attr-defined]
-        pytest.mark.usefixtures("anyio_backend")(obj)
-        pytest.mark.anyio(obj)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Recorded before deselection so that ``-k trio`` does not look like a test missing asyncio.
+    records = config.stash.setdefault(_COROUTINE_TESTS, [])
+    for item in items:
+        if not isinstance(item, pytest.Function) or not _is_coroutine_test(item):
+            continue
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        # The same parameter objects are shared by both backends' items, so their reprs match.
+        others = tuple(sorted((k, repr(v)) for k, v in params.items() if k != "anyio_backend"))
+        pinned = any(
+            mark.args and mark.args[0] == "anyio_backend"
+            for mark in item.iter_markers("parametrize")
+        )
+        backend = params.get("anyio_backend")
+        records.append(
+            CollectedCoroutineTest(
+                nodeid=item.nodeid,
+                base=(f"{item.path}::{item.originalname}", others),
+                backend=None if backend is None else str(backend),
+                pinned=pinned,
+            )
+        )
+
+
+@pytest.fixture
+def collected_coroutine_tests(request: pytest.FixtureRequest) -> list[CollectedCoroutineTest]:
+    """Every coroutine test item this session collected, with the backend it runs on."""
+    return request.config.stash.get(_COROUTINE_TESTS, [])

@@ -440,6 +440,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SUBPROCESS_ROWS)
 def test_twilio_rows_in_a_server_subprocess(case: str, tmp_path: Path) -> None:
     server, name, flags = SUBPROCESS_ROWS[case]

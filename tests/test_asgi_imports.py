@@ -14,6 +14,8 @@ import resilient_voice.asgi
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 HEAVY = ("prometheus_client", "twilio", "starlette", "httpx")
 
+pytestmark = pytest.mark.slow  # every test here starts a fresh interpreter
+
 
 def loaded_after(statement: str) -> list[str]:
     code = (

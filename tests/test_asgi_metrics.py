@@ -310,6 +310,7 @@ async def test_metrics_app_serves_standalone_with_lifespan() -> None:
     assert "rv_standalone_total 1.0" in response.text
 
 
+@pytest.mark.slow
 async def test_metrics_app_multiprocess_mode(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

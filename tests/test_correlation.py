@@ -56,6 +56,7 @@ print(child, new_correlation_id())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_does_not_reuse_the_parents_pooled_ids() -> None:
     # In a fresh interpreter: the test process runs server threads, and forking with threads

@@ -25,6 +25,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("provider", ["twilio", "vapi"])
 def test_demo_survives_the_storm_without_duplicates_or_lost_calls(provider: str) -> None:
     result = run_cli(
@@ -44,6 +45,7 @@ def test_demo_survives_the_storm_without_duplicates_or_lost_calls(provider: str)
     assert report["metrics_url"].startswith("http://127.0.0.1:")
 
 
+@pytest.mark.slow
 def test_demo_plain_output_has_a_summary() -> None:
     result = run_cli("demo", "--calls", "20", "--cps", "100", "--faults", "none", "--no-live")
     assert result.returncode == 0, result.stderr

@@ -290,6 +290,7 @@ def test_vapi_sdk_example_never_resends_a_lost_create() -> None:
     assert created == {"+14155550100": 1, "+14155550101": 1}
 
 
+@pytest.mark.slow
 def test_scripts_run_from_a_checkout() -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "paced_worker.py"), "--calls", "20", "--cps", "200"],
@@ -303,6 +304,7 @@ def test_scripts_run_from_a_checkout() -> None:
     assert "CPS violations:          0" in result.stdout
 
 
+@pytest.mark.slow
 def test_fastapi_example_serves_from_the_command_line() -> None:
     """``python examples/fastapi_app.py --port N``: a fake Twilio and the app, ready to curl."""
     port = free_port()

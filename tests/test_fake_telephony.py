@@ -1,4 +1,8 @@
-"""FakeTelephony and serve(), exercised over real loopback HTTP with httpx, on both backends."""
+"""FakeTelephony in-process (httpx's ASGI transport, on a ManualClock where time matters), and
+serve() with the faults that need sockets over real loopback HTTP; on both backends.
+
+A few tests run both ways (``via``) so the loopback path keeps a smoke test of each surface.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,8 @@ import re
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -27,6 +30,7 @@ from resilient_voice.testing import (
     DropConnectionError,
     FakeTelephony,
     Fault,
+    ManualClock,
     serve,
 )
 
@@ -45,6 +49,8 @@ TO = "+14155550100"
 FROM = "+14155550199"
 CALL_FORM = {"To": TO, "From": FROM, "Url": "https://example.com/twiml"}
 VAPI_AUTH = {"Authorization": f"Bearer {VAPI_KEY}"}
+HOOKS = "http://hooks.test"  # the in-process webhook receiver's origin
+IN_PROCESS, LOOPBACK = "in-process", "loopback"
 
 
 def make_fake(**kwargs: Any) -> FakeTelephony:
@@ -60,12 +66,57 @@ def make_fake(**kwargs: Any) -> FakeTelephony:
 
 
 @asynccontextmanager
-async def running(fake: FakeTelephony) -> AsyncIterator[httpx.AsyncClient]:
+async def running(
+    fake: FakeTelephony, *, webhooks: Receiver | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The fake in this test's event loop; its webhooks go to ``webhooks`` at ``HOOKS``."""
+    hooks = None if webhooks is None else httpx.ASGITransport(app=webhooks)
+    async with (
+        fake.running(webhook_transport=hooks),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=fake), base_url="http://fake.test", timeout=5.0
+        ) as client,
+    ):
+        yield client
+
+
+@asynccontextmanager
+async def over_loopback(fake: FakeTelephony) -> AsyncIterator[httpx.AsyncClient]:
+    """The fake behind ``serve``, for what only real sockets show (drops, stalls, refusals)."""
     async with (
         serve(fake) as url,
         httpx.AsyncClient(base_url=url, timeout=5.0, verify=TLS) as client,
     ):
         yield client
+
+
+@asynccontextmanager
+async def hooked(
+    via: str, fake: FakeTelephony, receiver: Receiver
+) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """A client of the fake and the receiver's URL, in-process or over loopback."""
+    if via == IN_PROCESS:
+        async with running(fake, webhooks=receiver) as client:
+            yield client, HOOKS
+    else:
+        async with serve(receiver) as hook_url, over_loopback(fake) as client:
+            yield client, hook_url
+
+
+def clock_for(via: str) -> ManualClock | None:
+    return ManualClock() if via == IN_PROCESS else None
+
+
+async def pass_time(clock: ManualClock | None, seconds: float) -> None:
+    """Advance the fake's ManualClock, or sleep for real when it runs on the system clock."""
+    if clock is None:
+        await anyio.sleep(seconds)
+    else:
+        clock.advance(seconds)
+
+
+def connect(via: str, fake: FakeTelephony) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return running(fake) if via == IN_PROCESS else over_loopback(fake)
 
 
 def create_call(client: httpx.AsyncClient, **extra: str) -> Any:
@@ -99,6 +150,7 @@ class Receiver:
                 await anyio.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_import_stays_light() -> None:
     code = (
         "import sys, json, resilient_voice.testing as t; t.FakeTelephony; t.Fault;"
@@ -149,6 +201,7 @@ def test_endpoint_names() -> None:
         ({"vapi_server_url": "ftp://x"}, ValueError),
         ({"seed": 1.5}, TypeError),
         ({"faults": ["error"]}, TypeError),
+        ({"clock": 0.0}, TypeError),
     ],
 )
 def test_invalid_configuration_fails_at_construction(
@@ -187,9 +240,11 @@ def test_repr_shows_no_secrets() -> None:
     assert VAPI_KEY not in text
 
 
-async def test_twilio_create_fetch_list_update_call() -> None:
-    fake = make_fake()
-    async with running(fake) as client:
+@pytest.mark.parametrize("via", [IN_PROCESS, LOOPBACK])
+async def test_twilio_create_fetch_list_update_call(via: str) -> None:
+    clock = clock_for(via)
+    fake = make_fake(**({} if clock is None else {"clock": clock}))
+    async with connect(via, fake) as client:
         created = await create_call(client, StatusCallback="https://example.com/cb?rv_cid=x")
         assert created.status_code == 201
         call = created.json()
@@ -220,7 +275,7 @@ async def test_twilio_create_fetch_list_update_call() -> None:
         assert everything["next_page_uri"] is not None
         assert everything["calls"][0]["to"] == "+14155550111"  # newest first
 
-        await anyio.sleep(0.15)
+        await pass_time(clock, 0.15)
         done = (await client.get(call["uri"], auth=(AC, TOKEN))).json()
         assert done["status"] == "completed"
         assert done["start_time"] is not None
@@ -232,7 +287,7 @@ async def test_twilio_create_fetch_list_update_call() -> None:
 
 
 async def test_twilio_update_hangs_up_and_cancels() -> None:
-    fake = make_fake(call_duration=5.0, calls_per_second={AC: 2.0})
+    fake = make_fake(call_duration=5.0, calls_per_second={AC: 2.0}, clock=ManualClock())
     async with running(fake) as client:
         first = (await create_call(client)).json()
         queued = (await create_call(client, To="+14155550112")).json()
@@ -345,7 +400,8 @@ async def test_twilio_auth() -> None:
 
 
 async def test_vapi_endpoints() -> None:
-    fake = make_fake()
+    clock = ManualClock()
+    fake = make_fake(clock=clock)
     assistant_id = fake.vapi_assistants()[0]["id"]
     phone_number_id = fake.vapi_phone_numbers()[0]["id"]
     body = {
@@ -375,7 +431,7 @@ async def test_vapi_endpoints() -> None:
         assert fetched.json()["id"] == call["id"]
         assert "subscriptionLimits" not in fetched.json()
 
-        await anyio.sleep(0.01)
+        clock.advance(0.01)
         second = (await client.post("/call", json=body, headers=VAPI_AUTH)).json()
         listed = await client.get("/call", headers=VAPI_AUTH)
         assert [c["id"] for c in listed.json()] == [second["id"], call["id"]]
@@ -406,7 +462,7 @@ async def test_vapi_endpoints() -> None:
         assert numbers[0]["id"] == phone_number_id
         assert numbers[0]["provider"] == "twilio"
 
-        await anyio.sleep(0.1)
+        clock.advance(0.1)
         ended = (await client.get(f"/call/{call['id']}", headers=VAPI_AUTH)).json()
         assert ended["status"] == "ended"
         assert ended["endedReason"] == "customer-ended-call"
@@ -448,7 +504,7 @@ async def test_vapi_errors() -> None:
 
 async def test_drop_before_processing_is_a_transport_error_and_creates_nothing() -> None:
     fake = make_fake(faults=[Fault.drop_before(endpoints="twilio.calls.create")])
-    async with running(fake) as client:
+    async with over_loopback(fake) as client:
         with pytest.raises(httpx.RemoteProtocolError):
             await create_call(client)
         fetched = await client.get(CALLS, auth=(AC, TOKEN))  # other endpoints unaffected
@@ -460,14 +516,14 @@ async def test_drop_before_processing_is_a_transport_error_and_creates_nothing()
 
 async def test_drop_with_reset_is_a_read_error() -> None:
     fake = make_fake(faults=[Fault.drop_before(reset=True)])
-    async with running(fake) as client:
+    async with over_loopback(fake) as client:
         with pytest.raises(httpx.ReadError):
             await client.get("/call", headers=VAPI_AUTH)
 
 
 async def test_processed_then_dropped_creates_the_call() -> None:
     fake = make_fake(faults=[Fault.drop_after(count=1, endpoints=["*.calls.create"])])
-    async with running(fake) as client:
+    async with over_loopback(fake) as client:
         with pytest.raises(httpx.RemoteProtocolError):
             await create_call(client)
         assert (await create_call(client, To="+14155550112")).status_code == 201
@@ -484,7 +540,7 @@ async def test_drop_mid_body_creates_the_call_and_cuts_its_201(stall: bool) -> N
     fake = make_fake(
         faults=[Fault.drop_mid_body(stall=stall, count=1, endpoints="twilio.calls.create")]
     )
-    async with running(fake) as client:
+    async with over_loopback(fake) as client:
         request = client.build_request("POST", CALLS, data=CALL_FORM, timeout=0.3)
         response = await client.send(request, stream=True, auth=(AC, TOKEN))
         assert response.status_code == 201
@@ -508,7 +564,7 @@ async def test_vapi_processed_then_dropped() -> None:
         "phoneNumberId": fake.vapi_phone_numbers()[0]["id"],
         "customer": {"number": TO},
     }
-    async with running(fake) as client:
+    async with over_loopback(fake) as client:
         with pytest.raises(httpx.RemoteProtocolError):
             await client.post("/call", json=body, headers=VAPI_AUTH)
     assert [c.provider for c in fake.calls()] == ["vapi"]
@@ -541,13 +597,14 @@ async def test_error_faults_use_provider_bodies() -> None:
 
 
 async def test_outage_window_then_recovery() -> None:
-    fake = make_fake()
+    clock = ManualClock()
+    fake = make_fake(clock=clock)
     async with running(fake) as client:
         now = fake.elapsed()
         fake.faults = [Fault.outage(now, now + 0.3)]
         during = await create_call(client)
         assert during.status_code == 503
-        await anyio.sleep(max(now + 0.3 - fake.elapsed(), 0) + 0.02)
+        clock.advance(max(now + 0.3 - fake.elapsed(), 0) + 0.02)
         after = await create_call(client)
         assert after.status_code == 201
 
@@ -581,12 +638,13 @@ async def test_rate_limited_with_retry_after() -> None:
 
 
 async def test_latency_is_added() -> None:
-    fake = make_fake(faults=[Fault.latency(0.2, endpoints="vapi.phone_numbers.list")])
+    clock = ManualClock(autojump=True)
+    fake = make_fake(faults=[Fault.latency(0.2, endpoints="vapi.phone_numbers.list")], clock=clock)
     async with running(fake) as client:
-        started = time.monotonic()
+        started = clock.now()
         response = await client.get("/phone-number", headers=VAPI_AUTH)
         assert response.status_code == 200
-        assert time.monotonic() - started >= 0.2
+        assert clock.now() - started >= 0.2
         await client.get("/assistant", headers=VAPI_AUTH)
     assert [r.delay for r in fake.requests()] == [0.2, 0.0]
 
@@ -606,7 +664,9 @@ async def test_error_rate_is_seeded() -> None:
 
 async def test_twilio_concurrency_limit_answers_20429() -> None:
     fake = make_fake(
-        twilio_concurrency_limit=1, faults=[Fault.latency(0.2, endpoints="twilio.calls.list")]
+        twilio_concurrency_limit=1,
+        faults=[Fault.latency(0.2, endpoints="twilio.calls.list")],
+        clock=ManualClock(autojump=True),
     )
     statuses: list[int] = []
     async with running(fake) as client:
@@ -622,7 +682,7 @@ async def test_twilio_concurrency_limit_answers_20429() -> None:
 
 
 async def test_calls_over_cps_are_queued_and_counted() -> None:
-    fake = make_fake(calls_per_second=2.0)
+    fake = make_fake(calls_per_second=2.0, clock=ManualClock())
     responses: list[httpx.Response] = []
     async with running(fake) as client:
 
@@ -645,21 +705,24 @@ async def test_calls_over_cps_are_queued_and_counted() -> None:
 
 async def test_paced_client_has_no_cps_violations() -> None:
     cps = 20.0
-    fake = make_fake(calls_per_second=cps)
+    clock = ManualClock()
+    fake = make_fake(calls_per_second=cps, clock=clock)
     async with running(fake) as client:
         await client.get(CALLS, auth=(AC, TOKEN))  # connect first: the first request is slower
-        start = anyio.current_time()
+        start = clock.now()
         for i in range(6):
-            await anyio.sleep_until(start + i / cps)
+            clock.advance_to(start + i / cps)
             assert (await create_call(client, To=f"+1415555020{i}")).status_code == 201
     assert fake.cps_violations() == 0
     assert fake.duplicate_destinations() == {}
 
 
-async def test_twilio_status_callbacks_are_signed_and_keep_the_query() -> None:
+@pytest.mark.parametrize("via", [IN_PROCESS, LOOPBACK])
+async def test_twilio_status_callbacks_are_signed_and_keep_the_query(via: str) -> None:
     receiver = Receiver()
-    fake = make_fake(call_duration=0.05)
-    async with serve(receiver) as hook_url, running(fake) as client:
+    clock = clock_for(via)
+    fake = make_fake(call_duration=0.05, **({} if clock is None else {"clock": clock}))
+    async with hooked(via, fake, receiver) as (client, hook_url):
         callback = f"{hook_url}/status?rv_cid=cid-42"
         created = await client.post(
             CALLS,
@@ -670,6 +733,7 @@ async def test_twilio_status_callbacks_are_signed_and_keep_the_query() -> None:
             },
             auth=(SK, SK_SECRET),
         )
+        await pass_time(clock, 0.05)
         await receiver.wait_for(3)
     sid = created.json()["sid"]
     statuses = []
@@ -692,9 +756,9 @@ async def test_twilio_status_callbacks_are_signed_and_keep_the_query() -> None:
 
 async def test_hangup_sends_the_completed_callback_early() -> None:
     receiver = Receiver()
-    fake = make_fake(call_duration=30.0)
-    async with serve(receiver) as hook_url, running(fake) as client:
-        created = (await create_call(client, StatusCallback=f"{hook_url}/s")).json()
+    fake = make_fake(call_duration=30.0, clock=ManualClock())
+    async with running(fake, webhooks=receiver) as client:
+        created = (await create_call(client, StatusCallback=f"{HOOKS}/s")).json()
         await client.post(created["uri"], data={"Status": "completed"}, auth=(AC, TOKEN))
         await receiver.wait_for(1)
     params = dict(parse_qsl(receiver.received[0][3].decode()))
@@ -703,17 +767,18 @@ async def test_hangup_sends_the_completed_callback_early() -> None:
 
 async def test_vapi_server_messages() -> None:
     receiver = Receiver()
-    async with serve(receiver) as hook_url:
-        fake = make_fake(vapi_server_url=f"{hook_url}/vapi", vapi_credential="shh")
-        body = {
-            "assistantId": fake.vapi_assistants()[0]["id"],
-            "phoneNumberId": fake.vapi_phone_numbers()[0]["id"],
-            "customer": {"number": TO},
-            "assistantOverrides": {"metadata": {"rv_cid": "cid-7"}},
-        }
-        async with running(fake) as client:
-            call = (await client.post("/call", json=body, headers=VAPI_AUTH)).json()
-            await receiver.wait_for(3)
+    clock = ManualClock()
+    fake = make_fake(vapi_server_url=f"{HOOKS}/vapi", vapi_credential="shh", clock=clock)
+    body = {
+        "assistantId": fake.vapi_assistants()[0]["id"],
+        "phoneNumberId": fake.vapi_phone_numbers()[0]["id"],
+        "customer": {"number": TO},
+        "assistantOverrides": {"metadata": {"rv_cid": "cid-7"}},
+    }
+    async with running(fake, webhooks=receiver) as client:
+        call = (await client.post("/call", json=body, headers=VAPI_AUTH)).json()
+        clock.advance(0.05)
+        await receiver.wait_for(3)
     messages = [json.loads(b)["message"] for _, _, _, b in receiver.received]
     assert [(m["type"], m.get("status")) for m in messages] == [
         ("status-update", "in-progress"),
@@ -729,15 +794,17 @@ async def test_vapi_server_messages() -> None:
 
 async def test_callback_loss_and_duplication() -> None:
     receiver = Receiver()
-    lossy = make_fake(callback_faults=CallbackFaults(loss=1.0))
-    doubled = make_fake(callback_faults=CallbackFaults(duplicate=1.0))
-    async with serve(receiver) as hook_url:
-        async with running(lossy) as client:
-            await create_call(client, StatusCallback=f"{hook_url}/lost")
-            await anyio.sleep(0.2)
-        async with running(doubled) as client:
-            await create_call(client, StatusCallback=f"{hook_url}/twice")
-            await receiver.wait_for(2)
+    clock = ManualClock()
+    lossy = make_fake(callback_faults=CallbackFaults(loss=1.0), clock=clock)
+    doubled = make_fake(callback_faults=CallbackFaults(duplicate=1.0), clock=clock)
+    async with running(lossy, webhooks=receiver) as client:
+        await create_call(client, StatusCallback=f"{HOOKS}/lost")
+        clock.advance(0.2)
+        await anyio.wait_all_tasks_blocked()
+    async with running(doubled, webhooks=receiver) as client:
+        await create_call(client, StatusCallback=f"{HOOKS}/twice")
+        clock.advance(0.2)
+        await receiver.wait_for(2)
     assert [r.lost for r in lossy.callbacks()] == [True]
     assert [path for path, *_ in receiver.received] == ["/twice", "/twice"]
     tokens = {h["i-twilio-idempotency-token"] for _, _, h, _ in receiver.received}
@@ -748,11 +815,14 @@ async def test_callback_loss_and_duplication() -> None:
 async def test_callback_reordering() -> None:
     receiver = Receiver()
     fake = make_fake(
-        seed=3, callback_faults=CallbackFaults(reorder=1.0, reorder_delay=0.3), call_duration=0.0
+        seed=3,
+        callback_faults=CallbackFaults(reorder=1.0, reorder_delay=0.3),
+        call_duration=0.0,
+        clock=ManualClock(autojump=True),
     )
     events = ["initiated", "ringing", "answered", "completed"]
-    async with serve(receiver) as hook_url, running(fake) as client:
-        await create_call(client, StatusCallback=f"{hook_url}/r", StatusCallbackEvent=events)
+    async with running(fake, webhooks=receiver) as client:
+        await create_call(client, StatusCallback=f"{HOOKS}/r", StatusCallbackEvent=events)
         await receiver.wait_for(4)
     order = [dict(parse_qsl(b.decode()))["SequenceNumber"] for *_, b in receiver.received]
     assert sorted(order) == ["0", "1", "2", "3"]
@@ -761,7 +831,7 @@ async def test_callback_reordering() -> None:
 
 async def test_failed_callbacks_are_recorded_not_raised() -> None:
     fake = make_fake(callback_timeout=0.5)
-    async with running(fake) as client:
+    async with over_loopback(fake) as client:
         await create_call(client, StatusCallback="http://127.0.0.1:9/unreachable")
         with anyio.fail_after(3):
             while not fake.callbacks():
@@ -806,7 +876,10 @@ async def test_serve_rejects_bad_timeouts() -> None:
 
 
 async def test_fault_windows_follow_the_fake_clock() -> None:
-    fake = make_fake(faults=[Fault.error_rate(1.0, start=0.0, end=3600.0, endpoints="vapi.*")])
+    clock = ManualClock()
+    fake = make_fake(
+        faults=[Fault.error_rate(1.0, start=0.0, end=3600.0, endpoints="vapi.*")], clock=clock
+    )
     async with running(fake) as client:
         assert fake.elapsed() < 5
         assert (await client.get("/call", headers=VAPI_AUTH)).status_code == 500
@@ -843,3 +916,48 @@ async def test_a_body_cut_short_by_a_disconnect_is_not_processed() -> None:
     assert sent == []
     assert fake.calls() == []
     assert fake.requests() == []
+
+
+async def test_fault_windows_call_lifetimes_and_cps_follow_an_injected_clock() -> None:
+    clock = ManualClock(1000.0)
+    fake = make_fake(
+        calls_per_second=1.0,
+        call_duration=10.0,
+        faults=[Fault.outage(5.0, 6.0, endpoints="twilio.calls.create")],
+        clock=clock,
+    )
+    async with running(fake) as client:
+        assert fake.elapsed() == 0.0
+        call = (await create_call(client)).json()
+        clock.advance(0.5)
+        assert (await create_call(client, To="+14155550112")).json()["status"] == "queued"
+        assert fake.cps_violations() == 1
+        assert fake.twilio_call(call["sid"])["status"] == "in-progress"  # type: ignore[index]
+        clock.advance_to(1005.0)
+        assert (await create_call(client, To="+14155550113")).status_code == 503
+        clock.advance_to(1006.0)
+        assert (await create_call(client, To="+14155550113")).status_code == 201
+        clock.advance_to(1010.0)
+        assert fake.twilio_call(call["sid"])["status"] == "completed"  # type: ignore[index]
+    assert [r.time for r in fake.requests()] == [0.0, 0.5, 5.0, 6.0]
+    assert fake.cps_violations() == 1
+
+
+async def test_running_starts_webhooks_once_and_stops_them() -> None:
+    receiver = Receiver()
+    clock = ManualClock()
+    fake = make_fake(call_duration=1.0, clock=clock)
+    async with running(fake, webhooks=receiver) as client:
+        with pytest.raises(RuntimeError, match="already running"):
+            async with fake.running():
+                pass  # pragma: no cover
+        await create_call(client, StatusCallback=f"{HOOKS}/s")
+    # Left before the call ended: its pending callback is cancelled, nothing is sent later.
+    clock.advance(5.0)
+    await anyio.wait_all_tasks_blocked()
+    assert receiver.received == []
+    async with running(fake, webhooks=receiver) as client:  # and it starts again
+        await create_call(client, To="+14155550112", StatusCallback=f"{HOOKS}/again")
+        clock.advance(1.5)
+        await receiver.wait_for(1)
+    assert [path for path, *_ in receiver.received] == ["/again"]

@@ -77,6 +77,7 @@ def test_unknown_attribute_raises_attribute_error() -> None:
         resilient_voice.does_not_exist  # type: ignore[attr-defined]  # noqa: B018
 
 
+@pytest.mark.slow
 def test_import_keeps_the_core_light() -> None:
     """`import resilient_voice` must not load any adapter's third-party package."""
     code = (

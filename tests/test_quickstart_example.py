@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
 
+@pytest.mark.slow
 def test_quickstart_trips_and_recovers() -> None:
     out = subprocess.run(
         [sys.executable, str(EXAMPLE)], check=True, capture_output=True, text=True, timeout=30

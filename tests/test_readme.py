@@ -17,6 +17,7 @@ def test_readme_has_snippets() -> None:
     assert len(SNIPPETS) >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_readme_snippet_runs(index: int, tmp_path: Path) -> None:
     script = tmp_path / f"snippet_{index}.py"

@@ -1,4 +1,9 @@
-"""TwilioClient against FakeTelephony over real loopback HTTP (asyncio and trio)."""
+"""TwilioClient against FakeTelephony (asyncio and trio).
+
+The fake runs in-process through httpx's ASGI transport, with the client and the fake on one
+ManualClock, unless a test is about what real sockets do (dropped or stalled answers): those
+use the ``served`` fixture, and one round trip runs both ways as a loopback smoke test.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ from resilient_voice import (
 )
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.policy import Policy
-from resilient_voice.testing import FakeTelephony, Fault, serve
+from resilient_voice.testing import FakeTelephony, Fault, ManualClock, serve
 from resilient_voice.twilio import (
     OPERATIONS,
     Call,
@@ -60,26 +66,89 @@ def number(i: int) -> str:
     return f"+1555{i:07d}"
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeTelephony, str]]:
-    app = FakeTelephony(
+LOCAL = "http://127.0.0.1"  # the base URL of clients whose transport is in-process
+# In-process fakes answer at loopback URLs no server listens on; make_client routes a client
+# of one of those URLs through httpx.ASGITransport to the fake, on the fake's clock.
+IN_PROCESS: dict[str, tuple[httpx.AsyncBaseTransport, ManualClock | None]] = {}
+_HOSTS = itertools.count()
+
+
+@asynccontextmanager
+async def in_process(
+    app: FakeTelephony,
+    clock: ManualClock | None = None,
+    *,
+    webhooks: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[str]:
+    url = f"http://127.0.1.{next(_HOSTS) % 250 + 1}"
+    IN_PROCESS[url] = (httpx.ASGITransport(app=app), clock)
+    try:
+        async with app.running(webhook_transport=webhooks):
+            yield url
+    finally:
+        del IN_PROCESS[url]
+
+
+def twilio_fake(clock: ManualClock | None = None) -> FakeTelephony:
+    return FakeTelephony(
         twilio_accounts={SID: TOKEN},
         twilio_api_keys={KEY: (SID, KEY_SECRET)},
         calls_per_second=2000.0,
         status_callbacks=False,
+        **({} if clock is None else {"clock": clock}),
     )
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """The time of the in-process fake and its clients: retries and pacing wait on it."""
+    return ManualClock(autojump=True)
+
+
+@pytest.fixture
+async def fake(clock: ManualClock) -> AsyncIterator[tuple[FakeTelephony, str]]:
+    app = twilio_fake(clock)
+    async with in_process(app, clock) as url:
+        yield app, url
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[FakeTelephony, str]]:
+    """The fake behind ``serve``, on real time, for what only real sockets show."""
+    app = twilio_fake()
     async with serve(app) as url:
         yield app, url
+
+
+@pytest.fixture(params=["fake", "served"])
+def upstream(request: pytest.FixtureRequest) -> tuple[FakeTelephony, str]:
+    """Both of the above, for the round trip that also smoke-tests the loopback path."""
+    value: tuple[FakeTelephony, str] = request.getfixturevalue(request.param)
+    return value
+
+
+def local_transport(url: str) -> httpx.AsyncBaseTransport | None:
+    return IN_PROCESS[url][0] if url in IN_PROCESS else None
 
 
 def make_client(url: str, **options: Any) -> TwilioClient:
     options.setdefault("calls_per_second", 2000.0)
     options.setdefault("messages_per_second", 2000.0)
+    if url in IN_PROCESS:
+        transport, clock = IN_PROCESS[url]
+        options.setdefault("transport", transport)
+        if clock is not None:
+            options.setdefault("clock", clock)
     return TwilioClient(SID, TOKEN, base_url=url, **options)
 
 
-async def test_every_operation_round_trips(fake: tuple[FakeTelephony, str]) -> None:
-    app, url = fake
+def local_client(app: Callable[..., Awaitable[None]], **options: Any) -> TwilioClient:
+    """A client of a tiny ASGI upstream, in-process."""
+    return make_client(LOCAL, transport=httpx.ASGITransport(app=app), **options)
+
+
+async def test_every_operation_round_trips(upstream: tuple[FakeTelephony, str]) -> None:
+    app, url = upstream
     async with make_client(url) as twilio:
         call = await twilio.create_call(
             to=number(1),
@@ -143,7 +212,12 @@ async def test_api_key_auth_keeps_the_account_in_the_path(
 ) -> None:
     app, url = fake
     async with TwilioClient(
-        SID, api_key=KEY, api_secret=KEY_SECRET, base_url=url, calls_per_second=1000
+        SID,
+        api_key=KEY,
+        api_secret=KEY_SECRET,
+        base_url=url,
+        calls_per_second=1000,
+        transport=local_transport(url),
     ) as twilio:
         await twilio.create_call(
             to=number(3), from_=FROM, twiml="<Response><Say>hi</Say></Response>"
@@ -414,7 +488,7 @@ async def test_twilio_errors_and_bad_credentials(fake: tuple[FakeTelephony, str]
     assert (info.value.status, info.value.code) == (400, 21212)
     assert info.value.kind is FailureKind.PERMANENT
     assert len(app.requests("twilio.calls.create")) == 1
-    async with TwilioClient(SID, "wrong", base_url=url) as twilio:
+    async with TwilioClient(SID, "wrong", base_url=url, transport=local_transport(url)) as twilio:
         with pytest.raises(TwilioAuthenticationError) as auth:
             await twilio.get_call("CA" + "0" * 32)
     assert auth.value.code == 20003
@@ -422,11 +496,13 @@ async def test_twilio_errors_and_bad_credentials(fake: tuple[FakeTelephony, str]
 
 
 async def test_breaker_opens_during_an_outage_and_recovers(
-    fake: tuple[FakeTelephony, str],
+    fake: tuple[FakeTelephony, str], clock: ManualClock
 ) -> None:
     app, url = fake
-    breaker = CircuitBreaker("twilio", failure_threshold=2, recovery_timeout=0.2)
-    async with make_client(url, breaker=breaker, retry=fast_retry(max_attempts=1)) as twilio:
+    breaker = CircuitBreaker("twilio", failure_threshold=2, recovery_timeout=0.2, clock=clock)
+    async with make_client(
+        url, breaker=breaker, retry=fast_retry(max_attempts=1, clock=clock)
+    ) as twilio:
         await twilio.list_calls()  # warm the connection
         start = app.elapsed()
         app.faults = [Fault.outage(start, start + 0.3)]
@@ -440,7 +516,7 @@ async def test_breaker_opens_during_an_outage_and_recovers(
         with pytest.raises(CircuitOpenError):
             await twilio.create_call(to=number(2), from_=FROM, url=TWIML_URL)
         assert len(app.requests()) == sent  # rejected locally
-        await anyio.sleep(max(0.0, start + 0.32 - app.elapsed()))
+        await clock.sleep(max(0.0, start + 0.32 - app.elapsed()))
         await twilio.list_calls()  # the probe succeeds
         assert breaker.state is BreakerState.CLOSED
         call = await twilio.create_call(to=number(3), from_=FROM, url=TWIML_URL)
@@ -449,12 +525,14 @@ async def test_breaker_opens_during_an_outage_and_recovers(
 
 
 async def test_429_is_retried_after_retry_after_even_for_create(
-    fake: tuple[FakeTelephony, str],
+    fake: tuple[FakeTelephony, str], clock: ManualClock
 ) -> None:
     app, url = fake
     app.faults = [Fault.rate_limited(retry_after=0.05, count=2, endpoints="twilio.calls.create")]
-    breaker = CircuitBreaker("twilio", failure_threshold=1)
-    async with make_client(url, breaker=breaker, retry=fast_retry(max_attempts=3)) as twilio:
+    breaker = CircuitBreaker("twilio", failure_threshold=1, clock=clock)
+    async with make_client(
+        url, breaker=breaker, retry=fast_retry(max_attempts=3, clock=clock)
+    ) as twilio:
         await twilio.create_call(to=number(1), from_=FROM, url=TWIML_URL)
         times = [r.time for r in app.requests("twilio.calls.create")]
         assert len(times) == 3
@@ -470,9 +548,9 @@ async def test_429_is_retried_after_retry_after_even_for_create(
 
 
 async def test_thousand_calls_under_drops_never_ring_anyone_twice(
-    fake: tuple[FakeTelephony, str],
+    served: tuple[FakeTelephony, str],
 ) -> None:
-    app, url = fake
+    app, url = served
     app.faults = [
         Fault.rate_limited(0.03, retry_after=0.0, endpoints="twilio.calls.create"),
         Fault.drop_before(0.03, endpoints="twilio.calls.create"),
@@ -516,9 +594,9 @@ async def test_thousand_calls_under_drops_never_ring_anyone_twice(
 
 
 async def test_unknown_outcome_carries_the_attempt_id_and_can_be_reconciled(
-    fake: tuple[FakeTelephony, str],
+    served: tuple[FakeTelephony, str],
 ) -> None:
-    app, url = fake
+    app, url = served
     app.faults = [Fault.drop_after(count=1, endpoints="twilio.calls.create")]
     before = datetime.now(UTC) - timedelta(seconds=2)
     async with make_client(url, retry=fast_retry(max_attempts=5)) as twilio:
@@ -540,9 +618,11 @@ async def test_unknown_outcome_carries_the_attempt_id_and_can_be_reconciled(
     assert any("reconcile_call" in note for note in info.value.__notes__)
 
 
-async def test_hang_up_is_retried_but_a_redirect_is_not(fake: tuple[FakeTelephony, str]) -> None:
+async def test_hang_up_is_retried_but_a_redirect_is_not(
+    fake: tuple[FakeTelephony, str], clock: ManualClock
+) -> None:
     app, url = fake
-    async with make_client(url, retry=fast_retry(max_attempts=3)) as twilio:
+    async with make_client(url, retry=fast_retry(max_attempts=3, clock=clock)) as twilio:
         call = await twilio.create_call(to=number(1), from_=FROM, url=TWIML_URL)
         app.faults = [Fault.burst(1, status=503, endpoints="twilio.calls.update")]
         await twilio.update_call(call.sid, status="completed")
@@ -582,8 +662,11 @@ async def test_messages_are_paced_per_sender(fake: tuple[FakeTelephony, str]) ->
 
 async def test_pacing_at_the_accounts_cps_causes_no_violations() -> None:
     cps = 40.0
-    app = FakeTelephony(twilio_accounts={SID: TOKEN}, calls_per_second=cps, status_callbacks=False)
-    async with serve(app) as url:
+    clock = ManualClock(autojump=True)
+    app = FakeTelephony(
+        twilio_accounts={SID: TOKEN}, calls_per_second=cps, status_callbacks=False, clock=clock
+    )
+    async with in_process(app, clock) as url:
         async with make_client(url, calls_per_second=cps) as twilio:
             await twilio.list_calls()  # warm the connection
 
@@ -626,7 +709,8 @@ class CallbackSink:
 async def test_correlation_id_goes_to_twilio_and_comes_back_in_callbacks() -> None:
     app = FakeTelephony(twilio_accounts={SID: TOKEN}, calls_per_second=1000.0, call_duration=0.02)
     sink = CallbackSink()
-    async with serve(app) as url, serve(sink) as sink_url:  # type: ignore[arg-type]
+    sink_url = "http://hooks.test"
+    async with in_process(app, webhooks=httpx.ASGITransport(app=sink)) as url:  # type: ignore[arg-type]
         async with make_client(url) as twilio:
             with correlation_scope("req-42.abc") as cid:
                 await twilio.create_call(
@@ -673,6 +757,7 @@ async def test_correlation_param_can_be_disabled() -> None:
     assert forms[1]["Url"] == [f"{TWIML_URL}?rv_cid=mine"]
 
 
+@pytest.mark.slow
 def test_importing_the_package_does_not_import_the_sdk() -> None:
     code = (
         "import sys, json, resilient_voice.twilio;"
@@ -713,7 +798,7 @@ async def test_an_unreadable_created_answer_is_an_unknown_outcome_not_a_failure(
         await send({"type": "http.response.start", "status": 201, "headers": []})
         await send({"type": "http.response.body", "body": b"<html>created</html>"})
 
-    async with serve(html_201) as url, make_client(url) as twilio:
+    async with local_client(html_201) as twilio:
         with pytest.raises(OutcomeUnknownError) as call_info:
             await twilio.create_call(to=number(2), from_=FROM, url=TWIML_URL)
         with pytest.raises(OutcomeUnknownError):
@@ -731,12 +816,12 @@ def planted_attempt(form: dict[str, tuple[str, ...]], field: str) -> str:
 @pytest.mark.parametrize("stall", [False, True])
 @pytest.mark.parametrize("operation", ["create_call", "send_message"])
 async def test_a_create_whose_201_body_is_lost_is_an_unknown_outcome_never_resent(
-    fake: tuple[FakeTelephony, str], operation: str, stall: bool
+    served: tuple[FakeTelephony, str], operation: str, stall: bool
 ) -> None:
     """Twilio created the call (or message) and its answer broke off mid-body or stalled:
     OutcomeUnknownError with the planted attempt id, one request, one resource, even though
     the default policy retries."""
-    app, url = fake
+    app, url = served
     endpoint = "twilio.calls.create" if operation == "create_call" else "twilio.messages.create"
     app.faults = [Fault.drop_mid_body(stall=stall, endpoints=endpoint)]
     async with make_client(url, timeout=0.5, retry=fast_retry(max_attempts=5)) as twilio:
@@ -813,7 +898,7 @@ async def test_deeply_nested_json_is_an_unreadable_body_never_a_recursion_error(
 ) -> None:
     """Nesting deeper than Python's parser goes: an unknown outcome on creates, Twilio's error
     elsewhere, as for any unreadable body (never a bare RecursionError a caller may retry)."""
-    async with serve(answering(status, DEEP_JSON)) as url, make_client(url) as twilio:
+    async with local_client(answering(status, DEEP_JSON)) as twilio:
         calls = {
             "create_call": lambda: twilio.create_call(to=number(50), from_=FROM, url=TWIML_URL),
             "list_calls": twilio.list_calls,

@@ -1,4 +1,9 @@
-"""VapiClient against FakeTelephony (and tiny ASGI apps) over loopback, on asyncio and trio."""
+"""VapiClient against FakeTelephony (and tiny ASGI apps), on asyncio and trio.
+
+Upstreams run in-process through httpx's ASGI transport, unless a test is about what real
+sockets do (a lost or cut answer): those use the ``served`` fixture, and one create runs both
+ways as a loopback smoke test.
+"""
 
 from __future__ import annotations
 
@@ -54,31 +59,73 @@ def fast_policy(*, breaker: CircuitBreaker | None = None, attempts: int = 3) -> 
     )
 
 
+LOCAL = "http://127.0.0.1"  # the base URL of clients whose transport is in-process
+
+
+def asgi(app: Callable[..., Awaitable[None]]) -> dict[str, Any]:
+    """Client options that send every request to ``app`` in-process."""
+    return {"base_url": LOCAL, "transport": httpx.ASGITransport(app=app)}
+
+
 @dataclass
 class Upstream:
     app: FakeTelephony
     url: str
     assistant_id: str
     phone_number_id: str
+    transport: httpx.AsyncBaseTransport | None = None  # None: over loopback at ``url``
 
     def client(self, **options: Any) -> VapiClient:
         options.setdefault("policy", fast_policy())
+        if self.transport is not None:
+            options.setdefault("transport", self.transport)
         return VapiClient(KEY, base_url=self.url, **options)
 
     def create_requests(self) -> list[Any]:
         return [r.json for r in self.app.requests("vapi.calls.create")]
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    app = FakeTelephony(
+def vapi_fake(**options: Any) -> FakeTelephony:
+    return FakeTelephony(
         vapi_api_keys=[KEY],
         status_callbacks=False,
         call_duration=5.0,
         vapi_assistants=[{"name": "Support", "brandNewField": {"nested": [1, 2]}}],
+        **options,
     )
+
+
+@contextlib.asynccontextmanager
+async def in_process(app: FakeTelephony) -> AsyncIterator[Upstream]:
+    async with app.running():
+        yield Upstream(
+            app,
+            LOCAL,
+            app.vapi_assistants()[0]["id"],
+            app.vapi_phone_numbers()[0]["id"],
+            httpx.ASGITransport(app=app),
+        )
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with in_process(vapi_fake()) as up:
+        yield up
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Upstream]:
+    """The fake behind ``serve``, for what only real sockets show."""
+    app = vapi_fake()
     async with serve(app) as url:
         yield Upstream(app, url, app.vapi_assistants()[0]["id"], app.vapi_phone_numbers()[0]["id"])
+
+
+@pytest.fixture(params=["upstream", "served"])
+def either(request: pytest.FixtureRequest) -> Upstream:
+    """Both of the above, for the create that also smoke-tests the loopback path."""
+    value: Upstream = request.getfixturevalue(request.param)
+    return value
 
 
 async def create(up: Upstream, client: VapiClient, **options: Any) -> VapiCall:
@@ -91,7 +138,8 @@ async def create(up: Upstream, client: VapiClient, **options: Any) -> VapiCall:
 # Happy paths
 
 
-async def test_create_call_plants_ids_keeps_user_metadata_and_name(upstream: Upstream) -> None:
+async def test_create_call_plants_ids_keeps_user_metadata_and_name(either: Upstream) -> None:
+    upstream = either
     overrides = {"variableValues": {"first": "Ada"}, "metadata": {"crm": "42", "rv_cid": "x"}}
     async with upstream.client() as vapi:
         with correlation_scope("req-7"):
@@ -216,7 +264,7 @@ async def test_unknown_call_fields_and_enum_values_never_break_parsing() -> None
     async def handler(scope: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
         return 200, {}, FUTURE_CALL
 
-    async with serve(json_app(handler)) as url, VapiClient(KEY, base_url=url) as vapi:
+    async with VapiClient(KEY, **asgi(json_app(handler))) as vapi:
         call = await vapi.get_call("call-future")
     assert call.status == "teleporting"
     assert not isinstance(call.status, CallStatus)
@@ -241,7 +289,9 @@ def test_models_accept_snake_case_and_known_values_become_enums() -> None:
 
 
 async def test_wrong_key_raises_authentication_error_without_the_key(upstream: Upstream) -> None:
-    async with VapiClient("wrong-key-xyz", base_url=upstream.url, policy=fast_policy()) as vapi:
+    async with VapiClient(
+        "wrong-key-xyz", base_url=upstream.url, policy=fast_policy(), transport=upstream.transport
+    ) as vapi:
         with pytest.raises(VapiAuthenticationError) as info:
             await vapi.list_assistants()
     assert info.value.status == 401
@@ -268,7 +318,7 @@ async def test_list_message_bodies_are_joined() -> None:
         body = {"message": ["a must be x", "b must be y"], "error": "Bad Request"}
         return 400, {}, {**body, "statusCode": 400}
 
-    async with serve(json_app(handler)) as url, VapiClient(KEY, base_url=url) as vapi:
+    async with VapiClient(KEY, **asgi(json_app(handler))) as vapi:
         with pytest.raises(VapiAPIError) as info:
             await vapi.list_assistants()
     assert info.value.message == "a must be x; b must be y"
@@ -290,8 +340,7 @@ async def test_over_concurrency_error_is_flagged_and_reported(
     caplog.set_level(logging.WARNING, logger="resilient_voice.vapi")
     listeners = [Recorder()]
     async with (
-        serve(json_app(handler)) as url,
-        VapiClient(KEY, base_url=url, listeners=listeners) as v,
+        VapiClient(KEY, **asgi(json_app(handler)), listeners=listeners) as v,
     ):
         with pytest.raises(VapiConcurrencyLimitError) as info:
             await v.create_call(assistant_id="a1", phone_number_id="p1", customer_number=NUMBER)
@@ -314,11 +363,9 @@ async def test_concurrency_blocked_201_returns_the_call_and_records_it(
         vapi_api_keys=[KEY], status_callbacks=False, call_duration=30.0, vapi_concurrency_limit=1
     )
     caplog.set_level(logging.WARNING, logger="resilient_voice.vapi")
-    async with serve(app) as url:
-        up = Upstream(app, url, app.vapi_assistants()[0]["id"], app.vapi_phone_numbers()[0]["id"])
-        async with up.client(listeners=[Recorder()]) as vapi:
-            first = await create(up, vapi)
-            second = await create(up, vapi, customer_number="+14155550101")
+    async with in_process(app) as up, up.client(listeners=[Recorder()]) as vapi:
+        first = await create(up, vapi)
+        second = await create(up, vapi, customer_number="+14155550101")
     assert not first.concurrency_blocked
     assert second.concurrency_blocked
     assert second.subscription_limits is not None
@@ -334,8 +381,9 @@ async def test_concurrency_blocked_201_returns_the_call_and_records_it(
 
 
 async def test_response_lost_after_processing_is_not_resent_and_reconciles(
-    upstream: Upstream, caplog: pytest.LogCaptureFixture
+    served: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
+    upstream = served
     upstream.app.faults = [Fault.drop_after(1.0, count=1, endpoints="vapi.calls.create")]
     before = datetime.now(UTC) - timedelta(seconds=30)
     caplog.set_level(logging.DEBUG)
@@ -422,19 +470,19 @@ async def test_reads_retry_429_and_5xx(upstream: Upstream) -> None:
 
 async def test_retry_after_ms_is_honoured_and_exposed() -> None:
     hits: list[float] = []
+    clock = ManualClock(autojump=True)
 
     async def handler(scope: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
-        import time
-
-        hits.append(time.monotonic())
+        hits.append(clock.now())
         if len(hits) == 1:
             return 429, {"retry-after-ms": "150"}, {"message": "slow down"}
         if len(hits) == 2:
             return 429, {"retry-after-ms": "250", "retry-after": "9"}, {"message": "slow"}
         return 200, {}, []
 
-    policy = Policy(retry=RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=1.0))
-    async with serve(json_app(handler)) as url, VapiClient(KEY, base_url=url, policy=policy) as v:
+    retry = RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=1.0, clock=clock)
+    policy = Policy(retry=retry, clock=clock)
+    async with VapiClient(KEY, **asgi(json_app(handler)), policy=policy) as v:
         with pytest.raises(VapiAPIError) as info:
             await v.list_phone_numbers()
     assert len(hits) == 2
@@ -447,7 +495,7 @@ async def test_unreadable_2xx_on_create_is_outcome_unknown() -> None:
     async def handler(scope: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
         return 201, {}, b"<html>oops</html>"
 
-    async with serve(json_app(handler)) as url, VapiClient(KEY, base_url=url) as vapi:
+    async with VapiClient(KEY, **asgi(json_app(handler))) as vapi:
         with pytest.raises(OutcomeUnknownError) as info:
             await vapi.create_call(assistant_id="a", phone_number_id="p", customer_number=NUMBER)
     assert isinstance(info.value.__cause__, VapiAPIError)
@@ -641,7 +689,7 @@ def test_the_api_key_never_appears_in_reprs() -> None:
 
 
 async def test_a_caller_provided_http_client_is_used_and_not_closed(upstream: Upstream) -> None:
-    http = httpx.AsyncClient()
+    http = httpx.AsyncClient(transport=upstream.transport)
     async with VapiClient(KEY, base_url=upstream.url, http_client=http) as vapi:
         with pytest.raises(AttributeError, match="http_client="):
             vapi.transport  # noqa: B018
@@ -667,7 +715,8 @@ async def test_transport_listeners_are_attached(upstream: Upstream) -> None:
     assert routes == ["vapi.phone_numbers.list", "vapi.assistants.get", "vapi.calls.create"]
 
 
-async def test_default_policies_never_resend_a_lost_create(upstream: Upstream) -> None:
+async def test_default_policies_never_resend_a_lost_create(served: Upstream) -> None:
+    upstream = served
     upstream.app.faults = [Fault.drop_after(1.0, count=1, reset=True, endpoints="vapi.calls.*")]
     async with VapiClient(KEY, base_url=upstream.url) as vapi:
         with pytest.raises(OutcomeUnknownError) as info:
@@ -717,8 +766,9 @@ def test_public_surface_is_pinned() -> None:
 
 @pytest.mark.parametrize("stall", [False, True])
 async def test_create_whose_201_body_is_lost_is_an_unknown_outcome_never_resent(
-    upstream: Upstream, stall: bool
+    served: Upstream, stall: bool
 ) -> None:
+    upstream = served
     upstream.app.faults = [Fault.drop_mid_body(stall=stall, endpoints="vapi.calls.create")]
     async with upstream.client(policy=fast_policy(attempts=5), timeout=0.5) as vapi:
         with pytest.raises(OutcomeUnknownError) as info:
@@ -772,8 +822,7 @@ async def test_deeply_nested_json_is_an_unreadable_body_never_a_recursion_error(
         return status, {}, DEEP_JSON
 
     async with (
-        serve(json_app(handler)) as url,
-        VapiClient(KEY, base_url=url, policy=fast_policy()) as vapi,
+        VapiClient(KEY, **asgi(json_app(handler)), policy=fast_policy()) as vapi,
     ):
         calls = {
             "create_call": lambda: vapi.create_call(

@@ -3,9 +3,12 @@
 Serve it with :func:`resilient_voice.testing.serve` and point a client at the URL: it answers
 the Twilio Calls/Messages and Vapi call/assistant/phone-number endpoints this library uses,
 keeps their state, records every request, injects the faults of its script, paces Twilio calls
-like Twilio does and sends signed webhooks when calls progress. Everything runs on real time in
-the server's thread, so fast tests use high rates and short durations rather than a
-``ManualClock``.
+like Twilio does and sends signed webhooks when calls progress.
+
+Served over loopback it runs on real time in the server's thread, so those tests use high rates
+and short durations. In-process (``httpx.ASGITransport``) it can run on a ``ManualClock``
+(``clock=``), with :meth:`FakeTelephony.running` starting its webhook sender in the test's own
+task group instead of the ASGI lifespan.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import fnmatch
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import parse_qs
 
 import anyio
 
+from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.testing._fake_common import (
     Core,
     Receive,
@@ -45,6 +50,9 @@ from resilient_voice.testing._records import (
 )
 from resilient_voice.testing._serve import DropConnectionError
 from resilient_voice.testing._webhooks import WebhookSender
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["ENDPOINTS", "FakeTelephony"]
 
@@ -132,11 +140,15 @@ class FakeTelephony:
     ``twilio.request_validator.RequestValidator``; and Vapi ``status-update`` and
     ``end-of-call-report`` messages to the server URL (``assistantOverrides.server.url``, the
     assistant's ``server.url``, else ``vapi_server_url``) with the credential in
-    ``vapi_credential_header``. Webhooks need the ASGI lifespan (``serve`` runs it).
+    ``vapi_credential_header``. Webhooks need a task group to run in: the ASGI lifespan's
+    (``serve`` runs it) or the one :meth:`running` opens.
 
     State is shared between the server's thread and the test's; every helper returns a
-    snapshot taken under a lock. Time is seconds since the server started the app (lifespan
-    startup), or since construction.
+    snapshot taken under a lock. Time is read from ``clock``: seconds since the fake started
+    (lifespan startup or :meth:`running`), or since construction. Fault windows, call
+    lifetimes, CPS accounting, injected delays and webhook timing all follow it; the HTTP
+    timeout of a webhook and the safety bound of a stalled answer stay on real time, because
+    they bound real I/O.
 
     Args:
         seed: Seeds every random choice (ids, faults, webhook misbehaviour).
@@ -159,6 +171,9 @@ class FakeTelephony:
         vapi_phone_numbers: Numbers of the Vapi phone numbers to create.
         vapi_concurrency_limit: Org call concurrency reported in ``subscriptionLimits``.
         faults: The fault script (see :class:`Fault`); settable later via :attr:`faults`.
+        clock: Where time comes from (the library's ``Clock``); the system clock by default.
+            A ``ManualClock`` is not thread-safe: use it only with the fake in the test's own
+            event loop (``httpx.ASGITransport``), never behind ``serve``.
 
     Raises:
         ValueError, TypeError: Invalid configuration.
@@ -186,6 +201,7 @@ class FakeTelephony:
         vapi_phone_numbers: Sequence[str] = ("+15005550006",),
         vapi_concurrency_limit: int = 10,
         faults: Sequence[Fault] = (),
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
@@ -227,11 +243,13 @@ class FakeTelephony:
             raise ValueError(f"vapi_server_url must be an http(s) URL, got {vapi_server_url!r}")
         if not vapi_credential_header:
             raise ValueError("vapi_credential_header must be a header name")
+        if not isinstance(clock, Clock):
+            raise TypeError(f"clock must provide the Clock protocol, got {clock!r}")
         callback_faults = callback_faults if callback_faults is not None else CallbackFaults()
         if not isinstance(callback_faults, CallbackFaults):
             raise TypeError("callback_faults must be a CallbackFaults")
 
-        self._core = Core(seed)
+        self._core = Core(seed, clock)
         self._script = FaultScript(faults, self._core.faults)
         self._sender = WebhookSender(self._core, callback_faults, timeout)
         self._twilio = TwilioApi(
@@ -362,19 +380,47 @@ class FakeTelephony:
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        await receive()
+    @asynccontextmanager
+    async def running(
+        self, *, webhook_transport: httpx.AsyncBaseTransport | None = None
+    ) -> AsyncIterator[Self]:
+        """Start the fake's background work (webhooks, call progress) without an ASGI lifespan.
+
+        What the lifespan does when :func:`serve` runs the fake, for tests that drive it
+        in-process through ``httpx.ASGITransport(app=fake)``: the time origin moves to now, and
+        webhooks are sent from a task group that lives as long as the ``async with`` block.
+        Leaving the block cancels webhooks still pending and closes the webhook client.
+
+        Args:
+            webhook_transport: Deliver webhooks through this transport (for instance
+                ``httpx.ASGITransport(app=receiver)``) instead of the network. The caller
+                keeps ownership of it.
+
+        Raises:
+            RuntimeError: The fake is already running (here or under a lifespan).
+        """
+        if self._core.task_group is not None:
+            raise RuntimeError("this FakeTelephony is already running")
+        self._sender.transport = webhook_transport
         try:
             async with anyio.create_task_group() as group:
                 self._core.task_group = group
                 self._core.restart()
-                await send({"type": "lifespan.startup.complete"})
-                await receive()
-                group.cancel_scope.cancel()
+                try:
+                    yield self
+                finally:
+                    group.cancel_scope.cancel()
         finally:
             self._core.task_group = None
             with anyio.CancelScope(shield=True):
                 await self._sender.aclose()
+            self._sender.transport = None
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()
+        async with self.running():
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -412,7 +458,7 @@ class FakeTelephony:
                 decision = self._script.decide(endpoint, arrival)
                 fault, delay = decision.fault, decision.delay
                 if delay:
-                    await anyio.sleep(delay)
+                    await self._core.clock.sleep(delay)
                 if fault is not None and fault.kind in ("error", "rate_limit"):
                     status = 429 if fault.kind == "rate_limit" else fault.status
                     header = _retry_after(fault.retry_after) if status == 429 else None

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import anyio
 import anyio.abc
+
+from resilient_voice._clock import SYSTEM_CLOCK, Clock
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -74,15 +74,18 @@ def html_response(status: int, title: str) -> Response:
 
 
 class Core:
-    """State both providers share: time origin, seeded randomness, the lock, background tasks.
+    """State both providers share: clock, time origin, seeded randomness, the lock, tasks.
 
     Requests are handled on the server's event loop while tests read records from their own
     thread, so every mutation and every snapshot happens under ``lock`` (never across an await).
+    Every reading of time and every wait goes through ``clock``, so a fake on a ManualClock
+    moves exactly as far as the test advances it.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, clock: Clock = SYSTEM_CLOCK) -> None:
         self.lock = threading.Lock()
-        self.origin = time.monotonic()
+        self.clock = clock
+        self.origin = clock.now()
         self.wall_origin = datetime.now(UTC)
         self.ids = random.Random(f"{seed}:ids")
         self.faults = random.Random(f"{seed}:faults")
@@ -91,12 +94,12 @@ class Core:
 
     def restart(self) -> None:
         """Move the time origin to now (the server started)."""
-        self.origin = time.monotonic()
+        self.origin = self.clock.now()
         self.wall_origin = datetime.now(UTC)
 
     def elapsed(self) -> float:
         """Seconds since the fake started."""
-        return time.monotonic() - self.origin
+        return self.clock.now() - self.origin
 
     def wall(self, elapsed: float) -> datetime:
         """The UTC wall-clock time of an ``elapsed`` reading."""

@@ -520,7 +520,8 @@ class TwilioApi:
         for event, at, status in milestones:
             delay = at - self._core.elapsed()
             if delay > 0 and call.changed is not None:
-                with anyio.move_on_after(delay):
+                clock = self._core.clock
+                with clock.deadline_scope(clock.now() + delay):
                     await call.changed.wait()
             if call.ended_status is not None:
                 if "completed" in call.events:

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio
-
 from resilient_voice._request_checks import E164
 from resilient_voice.testing._fake_common import (
     Core,
@@ -368,9 +366,9 @@ class VapiApi:
 
     async def _run_call(self, call: VapiCall) -> None:
         """Send ``status-update`` (in-progress, ended) and ``end-of-call-report`` on time."""
-        await anyio.sleep(max(call.answer_at - self._core.elapsed(), 0.0))
+        await self._core.clock.sleep(call.answer_at - self._core.elapsed())
         await self._message(call, "status-update", "in-progress")
-        await anyio.sleep(max(call.end_at - self._core.elapsed(), 0.0))
+        await self._core.clock.sleep(call.end_at - self._core.elapsed())
         await self._message(call, "status-update", "ended")
         await self._message(call, "end-of-call-report", "ended")
 

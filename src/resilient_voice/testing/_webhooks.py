@@ -1,7 +1,8 @@
 """Webhook delivery for the fake: status callbacks and Vapi server messages.
 
 Deliveries run in the fake's background task group on the server's loop, with an httpx client
-created on first use and closed at lifespan shutdown. A failing receiver is recorded, never
+created on first use (over the transport :meth:`FakeTelephony.running` was given, if any) and
+closed when the fake stops. A failing receiver is recorded, never
 raised: the fake must keep serving whatever its webhooks meet. Loss, duplication and reordering
 follow :class:`~resilient_voice.testing.CallbackFaults` with the fake's seeded randomness.
 """
@@ -11,8 +12,6 @@ from __future__ import annotations
 import functools
 import ssl
 from typing import TYPE_CHECKING
-
-import anyio
 
 from resilient_voice.testing._fake_common import Core
 from resilient_voice.testing._faults import CallbackFaults
@@ -36,6 +35,7 @@ class WebhookSender:
         self._faults = faults
         self._timeout = timeout
         self._client: httpx.AsyncClient | None = None
+        self.transport: httpx.AsyncBaseTransport | None = None
         self.records: list[CallbackRecord] = []
 
     async def deliver(
@@ -81,7 +81,7 @@ class WebhookSender:
         headers: dict[str, str],
         content: bytes,
     ) -> None:
-        await anyio.sleep(delay)
+        await self._core.clock.sleep(delay)
         args = (provider, kind, call_id, status, url, method, headers, content)
         await self._send(*args, duplicate=False)
         if duplicate:
@@ -155,13 +155,18 @@ class WebhookSender:
         if self._client is None:
             import httpx
 
-            self._client = httpx.AsyncClient(
-                timeout=self._timeout, follow_redirects=False, verify=_ssl_context()
-            )
+            if self.transport is not None:
+                self._client = httpx.AsyncClient(
+                    transport=self.transport, timeout=self._timeout, follow_redirects=False
+                )
+            else:
+                self._client = httpx.AsyncClient(
+                    timeout=self._timeout, follow_redirects=False, verify=_ssl_context()
+                )
         return self._client
 
     async def aclose(self) -> None:
-        """Close the HTTP client (at lifespan shutdown)."""
+        """Close the HTTP client (when the fake stops); the transport is the caller's."""
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
