@@ -33,7 +33,7 @@ def test_emit_calls_every_listener_and_swallows_listener_errors(
 def test_base_listener_callbacks_are_no_ops() -> None:
     # Called directly, not through emit(), which would swallow a raising or missing callback.
     from resilient_voice.breaker import BreakerState
-    from resilient_voice.events import LimiterListener, RetryListener, TransportListener
+    from resilient_voice.events import RetryListener, TransportListener
     from resilient_voice.failure import FailureKind
 
     breaker = BreakerListener()
@@ -42,10 +42,6 @@ def test_base_listener_callbacks_are_no_ops() -> None:
     assert breaker.on_ignored("b", ValueError()) is None
     assert breaker.on_rejected("b", 1.0) is None
     assert breaker.on_state_change("b", BreakerState.CLOSED, BreakerState.OPEN) is None
-    limiter = LimiterListener()
-    assert limiter.on_granted("l", None, 1.0, 0.0) is None
-    assert limiter.on_rejected("l", "k", 1.0, None) is None
-    assert limiter.on_evicted("l", "k", False) is None
     retry = RetryListener()
     assert retry.on_attempt("r", 1, "id") is None
     assert retry.on_retry("r", 1, 0.1, FailureKind.NOT_SENT, ValueError()) is None

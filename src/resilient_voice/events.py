@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BreakerListener",
+    "BucketEvicted",
     "Event",
-    "LimiterListener",
     "Listener",
     "RetryListener",
+    "TokensGranted",
+    "TokensRejected",
     "TransportListener",
     "dispatch",
     "emit",
@@ -65,6 +67,37 @@ def dispatch(listeners: tuple[Listener, ...], event: Event) -> None:
             _log.exception("listener %r raised on %s", listener, type(event).__name__)
 
 
+# Limiter records (TokenBucket, KeyedLimiter). ``key`` is None for a plain bucket; it is kept so
+# that logs and tests can see which key was limited, but keys are unbounded (client addresses,
+# phone numbers): a metrics listener must never turn one into a label.
+
+
+@dataclass(frozen=True, slots=True)
+class TokensGranted(Event):
+    """``tokens`` were granted after waiting ``waited`` seconds (0.0 when uncontended)."""
+
+    key: Hashable | None
+    tokens: float
+    waited: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokensRejected(Event):
+    """A request for ``tokens`` was refused; ``retry_after`` is the projected wait, if known."""
+
+    key: Hashable | None
+    tokens: float
+    retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BucketEvicted(Event):
+    """A keyed bucket was dropped to bound memory; ``lossy`` when it was not full (fail open)."""
+
+    key: Hashable
+    lossy: bool
+
+
 def emit(listeners: tuple[object, ...], callback: str, *args: object) -> None:
     """Call ``callback`` on every listener, logging and swallowing what a listener raises.
 
@@ -95,25 +128,6 @@ class BreakerListener:
 
     def on_state_change(self, breaker: str, old: BreakerState, new: BreakerState) -> None:
         """The breaker moved from ``old`` to ``new``."""
-
-
-class LimiterListener:
-    """Observes a :class:`~resilient_voice.TokenBucket` or :class:`~resilient_voice.KeyedLimiter`.
-
-    ``key`` is ``None`` for a plain bucket. Metric exporters must not use it as a label: keys are
-    unbounded (client addresses, phone numbers).
-    """
-
-    def on_granted(self, limiter: str, key: Hashable | None, tokens: float, waited: float) -> None:
-        """Tokens were granted after waiting ``waited`` seconds (0.0 when uncontended)."""
-
-    def on_rejected(
-        self, limiter: str, key: Hashable | None, tokens: float, retry_after: float | None
-    ) -> None:
-        """A request for tokens was refused."""
-
-    def on_evicted(self, limiter: str, key: Hashable, lossy: bool) -> None:
-        """A keyed bucket was dropped; ``lossy`` is True when it was not full (fail-open)."""
 
 
 class RetryListener:
