@@ -5,9 +5,8 @@ waiters is :mod:`._queue`, a shared schedule is a :class:`~._store.BucketStore`.
 state is one number, ``_full_at`` (see :mod:`._gcra`); with a store it is a local mirror of the
 shared schedule, refreshed by every answer, used only for projections and statistics.
 
-The module is over 400 lines because the queued path with a store (batch reservations, handing
-on a cancelled slot) and without one (one sleeper on the clock) share one queue and one set of
-refusal rules; splitting them would spread one waiter's life over two files.
+The queued path with a store (batch reservations, handing on a cancelled slot) is in
+:mod:`._shared`.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from resilient_voice.limiter._queue import (
     Waiter,
     WaitQueue,
 )
+from resilient_voice.limiter._shared import SharedPath
 from resilient_voice.limiter._store import BucketStore, MemoryBucketStore
 
 __all__ = ["LimiterStatistics", "TokenBucket"]
@@ -44,8 +44,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _LOWEST = -(2**63)
-_BATCH = 64
-"""Most local waiters one reservation covers (one round trip to a shared store)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +76,7 @@ def store_key(name: str, key: Hashable | None) -> str:
     return f"{name}:{hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()}"
 
 
-class TokenBucket:
+class TokenBucket(SharedPath):
     """A token bucket: at most ``burst`` tokens, refilled at ``rate`` tokens per second.
 
     Build one per upstream limit at startup (for example Twilio's calls-per-second cap for one
@@ -108,7 +106,6 @@ class TokenBucket:
         "_burst",
         "_clock",
         "_fast",
-        "_full_at",
         "_granted",
         "_interval",
         "_key",
@@ -118,10 +115,7 @@ class TokenBucket:
         "_queue",
         "_rate",
         "_rejected",
-        "_reserving",
-        "_sleeping",
         "_store",
-        "_store_end",
         "_store_key",
         "_tau",
     )
@@ -165,8 +159,9 @@ class TokenBucket:
         self._store_end = 0.0
         self._full_at = _gcra.NEVER
         self._queue: WaitQueue | None = None
-        self._sleeping = 0
+        self._reserved = []
         self._reserving = False
+        self._dropped = 0
         # No store and nobody queued: the uncontended path applies. One read on the hot path
         # instead of two pays for the argument checks there.
         self._fast = store is None
@@ -318,8 +313,8 @@ class TokenBucket:
             self._full_at = max(self._full_at, self._now() + until)
             self._fast = self._queue is None or not self._queue.waiting
         else:
-            backlog = await self._store.pause(self._store_key, until)
-            self._full_at = self._now() + backlog
+            answer = await self._store.pause(self._store_key, until)
+            self._mirror(answer.backlog, answer.end)
 
     def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
         """Decorate an async function so that every call first acquires one token.
@@ -365,7 +360,7 @@ class TokenBucket:
 
     def _waiters(self) -> int:
         queue = self._queue
-        return self._sleeping + (queue.waiting if queue is not None else 0)
+        return len(self._reserved) + (queue.waiting if queue is not None else 0)
 
     def _effective_deadline(
         self, timeout: float | None, deadline: float | None, now: float
@@ -441,10 +436,8 @@ class TokenBucket:
             if was_front:
                 queue.wake_front()
         elif waiter.state == RESERVED:
-            waiter.state = GONE
-            self._sleeping -= 1
             with anyio.CancelScope(shield=True):
-                await self._hand_on(queue, [(waiter.cost, waiter.slot)])
+                await self._release(queue, waiter)
 
     async def _serve(self, queue: WaitQueue, waiter: Waiter) -> None:
         """In-process state: only the front waiter sleeps, until its tokens are there."""
@@ -467,79 +460,6 @@ class TokenBucket:
                 queue.wake_front()
                 return
             await self._sleep(waiter, when)
-
-    async def _serve_shared(self, queue: WaitQueue, waiter: Waiter, store: BucketStore) -> None:
-        """Shared store: the front reserves for the ready waiters, each sleeps until its slot."""
-        while waiter.state == WAITING:
-            if queue.front() is not waiter or self._reserving:
-                await self._wait_for_turn(waiter)
-                continue
-            batch = [w for _, w in zip(range(_BATCH), queue.in_order(), strict=False)]
-            now = self._now()
-            limits = [math.inf if w.deadline is None else w.deadline - now for w in batch]
-            self._reserving = True
-            try:
-                # Shielded: a reservation the store made must reach the waiters it was made for.
-                with anyio.CancelScope(shield=True):
-                    costs = [w.cost for w in batch]
-                    answer = await store.reserve(self._store_key, costs, limits, self._tau)
-            finally:
-                self._reserving = False
-            self._mirror(answer.backlog, answer.end)
-            base = self._now()
-            orphans: list[tuple[float, float]] = []
-            for w, delay in zip(batch, answer.delays, strict=False):
-                if w.state == WAITING:
-                    queue.drop(w, RESERVED)
-                    w.slot = base + delay
-                    self._sleeping += 1
-                    w.event.set()
-                else:
-                    orphans.append((w.cost, base + delay))
-            if answer.refused_wait is not None:
-                refused = batch[len(answer.delays)]
-                if refused.state == WAITING:
-                    queue.drop(refused, FAILED)
-                    refused.event.set()
-            if orphans:
-                await self._hand_on(queue, orphans)
-            queue.wake_front()
-        if waiter.state == RESERVED:
-            await self._sleep(waiter, waiter.slot)
-            waiter.state = GRANTED
-            self._sleeping -= 1
-
-    async def _hand_on(self, queue: WaitQueue, slots: list[tuple[float, float]]) -> None:
-        """Pass reserved slots nobody uses to the next local waiters, or give them back."""
-        unused = 0.0
-        for cost, slot in slots:
-            front = queue.front() if not self._reserving else None
-            if front is not None and front.cost <= cost:
-                queue.drop(front, RESERVED)
-                front.slot = slot
-                self._sleeping += 1
-                front.event.set()
-            else:
-                unused += cost
-        store = self._store
-        if unused and store is not None:
-            given = await store.give_back(self._store_key, unused, self._store_end)
-            if given:
-                self._store_end -= unused
-                self._full_at -= unused
-
-    async def _wait_for_turn(self, waiter: Waiter) -> None:
-        if waiter.event.is_set():
-            waiter.event = anyio.Event()
-        await waiter.event.wait()
-
-    async def _sleep(self, waiter: Waiter, when: float) -> None:
-        with anyio.CancelScope() as scope:
-            waiter.scope = scope
-            try:
-                await self._clock.sleep_until(when)
-            finally:
-                waiter.scope = None
 
     def _expire_pushed_back(self, queue: WaitQueue, priority: int, now: float) -> None:
         """Refuse lower-priority waiters whose deadline a newcomer at ``priority`` defeated."""

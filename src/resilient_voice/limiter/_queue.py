@@ -54,14 +54,19 @@ class WaitQueue:
 
     def insert(self, waiter: Waiter) -> None:
         """Queue ``waiter`` behind every waiter of its priority or higher."""
-        priority = waiter.priority
+        self._class(waiter.priority).append(waiter)
+        self._count(waiter)
+
+    def _class(self, priority: int) -> deque[Waiter]:
         queue = self._classes.get(priority)
         if queue is None:
             queue = self._classes[priority] = deque()
             self._class_cost[priority] = 0.0
             bisect.insort(self._order, priority)
-        queue.append(waiter)
-        self._class_cost[priority] += waiter.cost
+        return queue
+
+    def _count(self, waiter: Waiter) -> None:
+        self._class_cost[waiter.priority] += waiter.cost
         self.waiting += 1
         if waiter.deadline is not None:
             self.deadlines += 1

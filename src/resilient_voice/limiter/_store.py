@@ -43,7 +43,8 @@ class Reservation:
         backlog: Seconds from the store's now until the shared bucket is full again (after this
             reservation): what the caller mirrors locally for projections and statistics.
         end: The schedule's end after this reservation, on the store's clock: an opaque token
-            to hand back to :meth:`BucketStore.give_back`.
+            to hand back to :meth:`BucketStore.give_back`. :meth:`BucketStore.pause` answers
+            with a reservation of nothing, for ``backlog`` and ``end``.
     """
 
     delays: tuple[float, ...]
@@ -70,8 +71,8 @@ class BucketStore(Protocol):
         """Return ``cost`` if the schedule still ends at ``end``; report whether it was taken."""
         ...
 
-    async def pause(self, key: str, seconds: float) -> float:
-        """Push the schedule's end to at least store-now + ``seconds``; return the new backlog."""
+    async def pause(self, key: str, seconds: float) -> Reservation:
+        """Push the schedule's end to at least store-now + ``seconds``; reserve nothing."""
         ...
 
 
@@ -112,11 +113,11 @@ class MemoryBucketStore:
         self._full_at[key] = end - cost
         return True
 
-    async def pause(self, key: str, seconds: float) -> float:
+    async def pause(self, key: str, seconds: float) -> Reservation:
         now = self._clock.now()
         full = max(self._full_at.get(key, _gcra.NEVER), now + seconds)
         self._full_at[key] = full
-        return full - now
+        return Reservation((), None, full - now, full)
 
     def __len__(self) -> int:
         return len(self._full_at)
