@@ -405,11 +405,22 @@ async def test_uncontended_acquire_reads_the_clock_once_and_allocates_no_waiter(
     bucket = TokenBucket(1000, burst=10, clock=clock)
     monkeypatch.setattr(limiter_module, "Waiter", forbidden)
     monkeypatch.setattr(limiter_module, "WaitQueue", forbidden)
+    monkeypatch.setattr(limiter_module, "TokensGranted", forbidden)  # nothing listens
     monkeypatch.setattr(limiter_module.anyio, "Event", forbidden)
     monkeypatch.setattr(limiter_module.anyio, "CancelScope", forbidden)
     for _ in range(10):
         await bucket.acquire()
     assert clock.reads == 10
+
+
+def test_limiter_events_are_frozen_slotted_records() -> None:
+    import dataclasses
+
+    event = TokensGranted("cps", None, 1.0, 0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.waited = 1.0  # type: ignore[misc]
+    assert not hasattr(event, "__dict__")
+    assert BucketEvicted("inbound", "+15550100", lossy=True).source == "inbound"
 
 
 async def test_waiting_uses_the_injected_clock_only() -> None:
