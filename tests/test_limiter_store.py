@@ -208,3 +208,49 @@ async def test_try_acquire_through_a_store() -> None:
     assert bucket.tokens_available() == 0  # mirrored from the store's answer
     clock.advance(0.5)
     assert await bucket.try_acquire()
+
+
+class GatedStore(RoundTripStore):
+    """Holds every reservation until ``gate`` is set, to act inside a round trip."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock)
+        self.gate = anyio.Event()
+
+    async def reserve(
+        self, key: str, costs: Sequence[float], limits: Sequence[float], tau: float
+    ) -> Reservation:
+        await self.gate.wait()
+        return await super().reserve(key, costs, limits, tau)
+
+
+async def test_a_waiter_cancelled_during_the_round_trip_leaves_its_slot_behind() -> None:
+    clock = ManualClock()
+    store = GatedStore(clock)
+    bucket = TokenBucket(1, clock=clock, name="cps", store=store)
+    first_gate = store.gate
+    first_gate.set()
+    assert await bucket.try_acquire()  # slot 0
+    store.gate = anyio.Event()
+    granted: list[float] = []
+    async with anyio.create_task_group() as tg:
+        await start_callers(tg, bucket, clock, 1, granted)  # in flight, alone
+        scopes = await start_callers(tg, bucket, clock, 2, granted)  # queued behind it
+        second_gate = anyio.Event()
+        first, store.gate = store.gate, second_gate
+        first.set()
+        await settle()  # the first is reserved; the front now reserves for the two queued
+        assert store.reserved[-1] == 1
+        scopes[1].cancel()
+        await settle()
+        second_gate.set()
+        await settle()
+        assert store.reserved[-1] == 2  # the batch still covered the cancelled one ...
+        assert store.given_back == [True]  # ... whose slot went back to the store
+        later: list[float] = []
+        await start_callers(tg, bucket, clock, 1, later)
+        for _ in range(4):
+            clock.advance(1)
+            await settle()
+    assert granted == pytest.approx([1, 2])
+    assert later == pytest.approx([3])

@@ -403,6 +403,10 @@ class TokenBucket(SharedPath):
             if arrived + wait > deadline:
                 raise self._refuse(tokens, wait, "the queue cannot serve it by its deadline")
         queue = self._queue
+        store = self._store
+        if store is not None and not self._reserving and (queue is None or not queue.waiting):
+            await self._alone(store, tokens, cost, deadline, priority, arrived)
+            return
         if queue is None:
             queue = self._queue = WaitQueue()
         old_front = queue.front() if queue.waiting else None
@@ -426,6 +430,35 @@ class TokenBucket(SharedPath):
             self._fast = self._store is None and not queue.waiting
         if waiter.state == FAILED:
             raise self._refuse(tokens, self._projected_wait(cost, priority), "deadline")
+        self._granted += 1
+        if self._listeners:
+            waited = self._now() - arrived
+            dispatch(self._listeners, TokensGranted(self._name, self._key, tokens, waited))
+
+    async def _alone(
+        self,
+        store: BucketStore,
+        tokens: float,
+        cost: float,
+        deadline: float | None,
+        priority: int,
+        arrived: float,
+    ) -> None:
+        """Nobody queued: one reservation for this caller, then the grant or a sleep to its slot."""
+        answer = await self._reserve_alone(store, cost, deadline)
+        if not answer.delays:
+            wait = answer.refused_wait or 0.0
+            raise self._refuse(tokens, wait, "the shared schedule cannot serve it by its deadline")
+        delay = answer.delays[0]
+        if delay > 0.0:
+            waiter = Waiter(tokens, cost, priority, deadline)
+            self._hold(waiter, self._now() + delay)
+            try:
+                await self._sleep_to_slot(waiter, store)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._release(self._queue, waiter)
+                raise
         self._granted += 1
         if self._listeners:
             waited = self._now() - arrived

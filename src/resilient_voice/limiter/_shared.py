@@ -63,6 +63,7 @@ class SharedPath:
         _clock: Clock
         _now: Callable[[], float]
         _store: BucketStore | None
+        _queue: WaitQueue | None
         _store_key: str
         _tau: float
 
@@ -75,8 +76,38 @@ class SharedPath:
                 await self._wait_for_turn(waiter)
             else:
                 await self._reserve(queue, store)
-        if waiter.state != RESERVED:
-            return
+        if waiter.state == RESERVED:
+            await self._sleep_to_slot(waiter, store)
+
+    async def _reserve_alone(
+        self, store: BucketStore, cost: float, deadline: float | None
+    ) -> Reservation:
+        """Nobody is queued and no reservation is in flight: reserve for one caller directly.
+
+        The uncontended path with a store: no queue entry, event or waiter unless the slot is
+        in the future. Callers arriving during the round trip queue up and are woken after it.
+        """
+        limit = math.inf if deadline is None else deadline - self._now()
+        self._reserving = True
+        try:
+            with anyio.CancelScope(shield=True):
+                answer = await store.reserve(self._store_key, (cost,), (limit,), self._tau)
+        finally:
+            self._reserving = False
+            if self._queue is not None:
+                self._queue.wake_front()
+        self._mirror(answer.backlog, answer.end)
+        return answer
+
+    def _hold(self, waiter: Waiter, slot: float) -> None:
+        """``waiter`` holds the reserved ``slot`` and sleeps until it."""
+        waiter.state = RESERVED
+        waiter.slot = slot
+        bisect.insort(self._reserved, waiter, key=_slot_of)
+        waiter.event.set()
+
+    async def _sleep_to_slot(self, waiter: Waiter, store: BucketStore) -> None:
+        """Sleep until the reserved slot of ``waiter``, which may move while it sleeps."""
         while True:
             now = self._now()
             late = now - self._reserved[0].slot - _gcra.LATENESS_KEPT
@@ -124,9 +155,7 @@ class SharedPath:
         for w, delay in zip(batch, answer.delays, strict=False):
             if w.state == WAITING:
                 queue.drop(w, RESERVED)
-                w.slot = base + delay
-                bisect.insort(self._reserved, w, key=_slot_of)
-                w.event.set()
+                self._hold(w, base + delay)
             else:
                 orphans.append((w.cost, base + delay))  # left during the round trip
         if answer.refused_wait is not None:
@@ -138,13 +167,13 @@ class SharedPath:
             await self._pass_on(queue, cost, slot)
         queue.wake_front()
 
-    async def _release(self, queue: WaitQueue, waiter: Waiter) -> None:
+    async def _release(self, queue: WaitQueue | None, waiter: Waiter) -> None:
         """A reserved waiter left: its slot passes on (the caller shields this)."""
         waiter.state = GONE
         self._reserved.remove(waiter)
         await self._pass_on(queue, waiter.cost, waiter.slot)
 
-    async def _pass_on(self, queue: WaitQueue, cost: float, slot: float) -> None:
+    async def _pass_on(self, queue: WaitQueue | None, cost: float, slot: float) -> None:
         """Hand a free slot down the reserved line, then to the front, else back to the store."""
         for later in [w for w in self._reserved if w.slot > slot]:
             if later.cost > cost:
@@ -155,12 +184,10 @@ class SharedPath:
             later.slot, slot, cost = slot, later.slot, later.cost
             if later.scope is not None:
                 later.scope.cancel()
-        front = None if self._reserving else queue.front()
-        if front is not None and front.cost <= cost:
+        front = None if self._reserving or queue is None else queue.front()
+        if queue is not None and front is not None and front.cost <= cost:
             queue.drop(front, RESERVED)
-            front.slot = slot
-            bisect.insort(self._reserved, front, key=_slot_of)
-            front.event.set()
+            self._hold(front, slot)
             return
         store = self._store
         if store is not None and await store.give_back(self._store_key, cost, self._store_end):
