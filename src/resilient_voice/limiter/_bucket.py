@@ -405,7 +405,11 @@ class TokenBucket(SharedPath):
         queue = self._queue
         store = self._store
         if store is not None and not self._reserving and (queue is None or not queue.waiting):
-            await self._alone(store, tokens, cost, deadline, priority, arrived)
+            refused = await self._alone(store, tokens, cost, deadline, priority)
+            if refused is not None:
+                reason = "the shared schedule cannot serve it by its deadline"
+                raise self._refuse(tokens, refused, reason)
+            self._count_grant(tokens, arrived)
             return
         if queue is None:
             queue = self._queue = WaitQueue()
@@ -430,35 +434,9 @@ class TokenBucket(SharedPath):
             self._fast = self._store is None and not queue.waiting
         if waiter.state == FAILED:
             raise self._refuse(tokens, self._projected_wait(cost, priority), "deadline")
-        self._granted += 1
-        if self._listeners:
-            waited = self._now() - arrived
-            dispatch(self._listeners, TokensGranted(self._name, self._key, tokens, waited))
+        self._count_grant(tokens, arrived)
 
-    async def _alone(
-        self,
-        store: BucketStore,
-        tokens: float,
-        cost: float,
-        deadline: float | None,
-        priority: int,
-        arrived: float,
-    ) -> None:
-        """Nobody queued: one reservation for this caller, then the grant or a sleep to its slot."""
-        answer = await self._reserve_alone(store, cost, deadline)
-        if not answer.delays:
-            wait = answer.refused_wait or 0.0
-            raise self._refuse(tokens, wait, "the shared schedule cannot serve it by its deadline")
-        delay = answer.delays[0]
-        if delay > 0.0:
-            waiter = Waiter(tokens, cost, priority, deadline)
-            self._hold(waiter, self._now() + delay)
-            try:
-                await self._sleep_to_slot(waiter, store)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self._release(self._queue, waiter)
-                raise
+    def _count_grant(self, tokens: float, arrived: float) -> None:
         self._granted += 1
         if self._listeners:
             waited = self._now() - arrived

@@ -99,6 +99,29 @@ class SharedPath:
         self._mirror(answer.backlog, answer.end)
         return answer
 
+    async def _alone(
+        self, store: BucketStore, tokens: float, cost: float, deadline: float | None, priority: int
+    ) -> float | None:
+        """Nobody queued: reserve for one caller, sleep to its slot if it is not now.
+
+        Returns:
+            ``None`` once granted, or the wait the store refused (the deadline cannot be met).
+        """
+        answer = await self._reserve_alone(store, cost, deadline)
+        if not answer.delays:
+            return answer.refused_wait or 0.0
+        delay = answer.delays[0]
+        if delay > 0.0:
+            waiter = Waiter(tokens, cost, priority, deadline)
+            self._hold(waiter, self._now() + delay)
+            try:
+                await self._sleep_to_slot(waiter, store)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._release(self._queue, waiter)
+                raise
+        return None
+
     def _hold(self, waiter: Waiter, slot: float) -> None:
         """``waiter`` holds the reserved ``slot`` and sleeps until it."""
         waiter.state = RESERVED
