@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from _apps import FRAMEWORKS, STREAM_GATE, build, http_client, serve_sync
 from resilient_voice.asgi import RateLimitMiddleware, VapiWebhookMiddleware
 from resilient_voice.asgi._ratelimit import RouteMatcher
+from resilient_voice.events import BucketEvicted, Event, TokensGranted, TokensRejected
 from resilient_voice.limiter import KeyedLimiter
 from resilient_voice.testing import ManualClock
 
@@ -319,24 +320,21 @@ async def test_all_buckets_busy_fails_closed_with_retry_after() -> None:
 async def test_listeners_see_grants_and_rejections() -> None:
     events: list[tuple[str, Hashable]] = []
 
-    class Listener:
-        def on_granted(self, limiter: str, key: Hashable, tokens: float, waited: float) -> None:
-            events.append(("granted", key))
-
-        def on_rejected(
-            self, limiter: str, key: Hashable, tokens: float, retry_after: float | None
-        ) -> None:
-            events.append(("rejected", key))
-
-        def on_evicted(self, limiter: str, key: Hashable, lossy: bool) -> None:
-            events.append(("evicted", key))
+    def listener(event: Event) -> None:
+        match event:
+            case TokensGranted(key=key):
+                events.append(("granted", key))
+            case TokensRejected(key=key):
+                events.append(("rejected", key))
+            case BucketEvicted(key=key):
+                events.append(("evicted", key))
 
     middleware = RateLimitMiddleware(
         ok_app,
         rate=1,
         burst=1,
         clock=ManualClock(),
-        listeners=[Listener()],  # type: ignore[list-item]
+        listeners=[listener],
     )
     await run(middleware, scope())
     await run(middleware, scope())

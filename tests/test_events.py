@@ -8,14 +8,13 @@ from resilient_voice.events import (
     BreakerState,
     CallRejected,
     Event,
-    LimiterListener,
     StateChanged,
     dispatch,
     emit,
 )
 
 
-class Recording(LimiterListener):
+class Recording:
     def __init__(self) -> None:
         self.seen: list[tuple[str, float | None]] = []
 
@@ -25,7 +24,7 @@ class Recording(LimiterListener):
         self.seen.append((limiter, retry_after))
 
 
-class Broken(LimiterListener):
+class Broken:
     def on_rejected(
         self, limiter: str, key: object, tokens: float, retry_after: float | None
     ) -> None:
@@ -73,10 +72,6 @@ def test_base_listener_callbacks_are_no_ops() -> None:
     from resilient_voice.events import RetryListener, TransportListener
     from resilient_voice.failure import FailureKind
 
-    limiter = LimiterListener()
-    assert limiter.on_granted("l", None, 1.0, 0.0) is None
-    assert limiter.on_rejected("l", "k", 1.0, None) is None
-    assert limiter.on_evicted("l", "k", False) is None
     retry = RetryListener()
     assert retry.on_attempt("r", 1, "id") is None
     assert retry.on_retry("r", 1, 0.1, FailureKind.NOT_SENT, ValueError()) is None

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from resilient_voice import RateLimitedError
-from resilient_voice.events import LimiterListener
+from resilient_voice.events import BucketEvicted, Event, TokensGranted, TokensRejected
 from resilient_voice.limiter import (
     BucketStore,
     KeyedLimiter,
@@ -21,22 +21,20 @@ from resilient_voice.testing import ManualClock
 from resilient_voice.testing._manual_clock import _wait_all_tasks_blocked as settle
 
 
-class Recorder(LimiterListener):
+class Recorder:
     def __init__(self) -> None:
         self.granted: list[tuple[str, Hashable | None, float, float]] = []
         self.rejected: list[tuple[str, Hashable | None, float, float | None]] = []
         self.evicted: list[tuple[str, Hashable, bool]] = []
 
-    def on_granted(self, limiter: str, key: Hashable | None, tokens: float, waited: float) -> None:
-        self.granted.append((limiter, key, tokens, waited))
-
-    def on_rejected(
-        self, limiter: str, key: Hashable | None, tokens: float, retry_after: float | None
-    ) -> None:
-        self.rejected.append((limiter, key, tokens, retry_after))
-
-    def on_evicted(self, limiter: str, key: Hashable, lossy: bool) -> None:
-        self.evicted.append((limiter, key, lossy))
+    def __call__(self, event: Event) -> None:
+        match event:
+            case TokensGranted(source, key, tokens, waited):
+                self.granted.append((source, key, tokens, waited))
+            case TokensRejected(source, key, tokens, retry_after):
+                self.rejected.append((source, key, tokens, retry_after))
+            case BucketEvicted(source, key, lossy):
+                self.evicted.append((source, key, lossy))
 
 
 class CountingClock(ManualClock):
@@ -398,19 +396,31 @@ async def test_listeners_see_grants_with_wait_and_rejections() -> None:
 async def test_uncontended_acquire_reads_the_clock_once_and_allocates_no_waiter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import resilient_voice.limiter as limiter_module
+    import resilient_voice.limiter._bucket as limiter_module
 
     def forbidden(*args: object) -> None:
         raise AssertionError("the fast path must not create a waiter, event or scope")
 
     clock = CountingClock()
     bucket = TokenBucket(1000, burst=10, clock=clock)
-    monkeypatch.setattr(limiter_module, "_Waiter", forbidden)
+    monkeypatch.setattr(limiter_module, "Waiter", forbidden)
+    monkeypatch.setattr(limiter_module, "WaitQueue", forbidden)
+    monkeypatch.setattr(limiter_module, "TokensGranted", forbidden)  # nothing listens
     monkeypatch.setattr(limiter_module.anyio, "Event", forbidden)
     monkeypatch.setattr(limiter_module.anyio, "CancelScope", forbidden)
     for _ in range(10):
         await bucket.acquire()
     assert clock.reads == 10
+
+
+def test_limiter_events_are_frozen_slotted_records() -> None:
+    import dataclasses
+
+    event = TokensGranted("cps", None, 1.0, 0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.waited = 1.0  # type: ignore[misc]
+    assert not hasattr(event, "__dict__")
+    assert BucketEvicted("inbound", "+15550100", lossy=True).source == "inbound"
 
 
 async def test_waiting_uses_the_injected_clock_only() -> None:

@@ -10,13 +10,16 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from resilient_voice.events import (
     BreakerState,
+    BucketEvicted,
     CallFailed,
     CallIgnored,
     CallRejected,
     CallSucceeded,
-    LimiterListener,
+    Event,
     RetryListener,
     StateChanged,
+    TokensGranted,
+    TokensRejected,
     TransportListener,
     dispatch,
 )
@@ -40,7 +43,7 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
 def test_listeners_implement_the_protocols() -> None:
     metrics = PrometheusMetrics(CollectorRegistry())
     assert callable(metrics.breaker)
-    assert isinstance(metrics.limiter, LimiterListener)
+    assert callable(metrics.limiter)
     assert isinstance(metrics.retry, RetryListener)
     assert isinstance(metrics.transport, TransportListener)
 
@@ -98,13 +101,14 @@ def test_breakers_are_separate_series() -> None:
 def test_limiter_metrics_never_label_keys() -> None:
     registry = CollectorRegistry()
     listener = LimiterMetrics(registry)
-    listener.on_granted("inbound", "+15550100", 1.0, 0.0)
-    listener.on_granted("inbound", "+15550101", 1.0, 0.3)
-    listener.on_granted("cps", None, 1.0, 0.002)
-    listener.on_rejected("inbound", "+15550100", 1.0, 2.0)
-    listener.on_rejected("inbound", "+15550100", 1.0, None)
-    listener.on_evicted("inbound", "+15550100", False)
-    listener.on_evicted("inbound", "+15550101", True)
+    listener(TokensGranted("inbound", "+15550100", 1.0, 0.0))
+    listener(TokensGranted("inbound", "+15550101", 1.0, 0.3))
+    listener(TokensGranted("cps", None, 1.0, 0.002))
+    listener(TokensRejected("inbound", "+15550100", 1.0, 2.0))
+    listener(TokensRejected("inbound", "+15550100", 1.0, None))
+    listener(BucketEvicted("inbound", "+15550100", False))
+    listener(BucketEvicted("inbound", "+15550101", True))
+    listener(Event("inbound"))  # records of other primitives are ignored
     assert value(registry, "resilient_voice_limiter_granted_total", limiter="inbound") == 2
     assert value(registry, "resilient_voice_limiter_granted_total", limiter="cps") == 1
     assert value(registry, "resilient_voice_limiter_rejected_total", limiter="inbound") == 2

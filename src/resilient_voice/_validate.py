@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["fraction", "number", "optional_number", "optional_whole", "whole"]
+__all__ = [
+    "choice",
+    "fraction",
+    "integer",
+    "non_negative",
+    "number",
+    "optional_number",
+    "optional_whole",
+    "whole",
+]
 
 
 def number(name: str, value: object, *, minimum: float = 0.0, inclusive: bool = False) -> float:
@@ -66,3 +75,41 @@ def fraction(name: str, value: object) -> float:
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
     return float(value)
+
+
+def non_negative(name: str, value: object) -> float:
+    """Return ``value`` as a float >= 0 where infinity means "no limit" (a timeout, a pause).
+
+    Raises:
+        TypeError: ``value`` is not an int or a float (a bool is refused).
+        ValueError: ``value`` is negative or NaN.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    result = float(value)
+    if not result >= 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return result
+
+
+def integer(name: str, value: object) -> int:
+    """Return ``value`` as a plain int of any sign; an ``int`` subclass (``IntEnum``) is accepted.
+
+    Raises:
+        TypeError: ``value`` is not an int (a bool is refused).
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def choice(name: str, value: object, options: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``options`` (a ``Literal`` option checked at runtime).
+
+    Raises:
+        ValueError: ``value`` is not one of ``options``.
+    """
+    if not isinstance(value, str) or value not in options:
+        allowed = " or ".join(repr(option) for option in options)
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value

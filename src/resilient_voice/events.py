@@ -25,15 +25,17 @@ from resilient_voice.failure import FailureKind
 
 __all__ = [
     "BreakerState",
+    "BucketEvicted",
     "CallFailed",
     "CallIgnored",
     "CallRejected",
     "CallSucceeded",
     "Event",
-    "LimiterListener",
     "Listener",
     "RetryListener",
     "StateChanged",
+    "TokensGranted",
+    "TokensRejected",
     "TransportListener",
     "dispatch",
     "emit",
@@ -126,6 +128,37 @@ class StateChanged(Event):
     new: BreakerState
 
 
+# Limiter records (TokenBucket, KeyedLimiter). ``key`` is None for a plain bucket; it is kept so
+# that logs and tests can see which key was limited, but keys are unbounded (client addresses,
+# phone numbers): a metrics listener must never turn one into a label.
+
+
+@dataclass(frozen=True, slots=True)
+class TokensGranted(Event):
+    """``tokens`` were granted after waiting ``waited`` seconds (0.0 when uncontended)."""
+
+    key: Hashable | None
+    tokens: float
+    waited: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokensRejected(Event):
+    """A request for ``tokens`` was refused; ``retry_after`` is the projected wait, if known."""
+
+    key: Hashable | None
+    tokens: float
+    retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BucketEvicted(Event):
+    """A keyed bucket was dropped to bound memory; ``lossy`` when it was not full (fail open)."""
+
+    key: Hashable
+    lossy: bool
+
+
 def emit(listeners: tuple[object, ...], callback: str, *args: object) -> None:
     """Call ``callback`` on every listener, logging and swallowing what a listener raises.
 
@@ -137,25 +170,6 @@ def emit(listeners: tuple[object, ...], callback: str, *args: object) -> None:
             getattr(listener, callback)(*args)
         except Exception:  # noqa: BLE001  (a listener bug must not change the call's outcome)
             _log.exception("listener %r raised in %s", listener, callback)
-
-
-class LimiterListener:
-    """Observes a :class:`~resilient_voice.TokenBucket` or :class:`~resilient_voice.KeyedLimiter`.
-
-    ``key`` is ``None`` for a plain bucket. Metric exporters must not use it as a label: keys are
-    unbounded (client addresses, phone numbers).
-    """
-
-    def on_granted(self, limiter: str, key: Hashable | None, tokens: float, waited: float) -> None:
-        """Tokens were granted after waiting ``waited`` seconds (0.0 when uncontended)."""
-
-    def on_rejected(
-        self, limiter: str, key: Hashable | None, tokens: float, retry_after: float | None
-    ) -> None:
-        """A request for tokens was refused."""
-
-    def on_evicted(self, limiter: str, key: Hashable, lossy: bool) -> None:
-        """A keyed bucket was dropped; ``lossy`` is True when it was not full (fail-open)."""
 
 
 class RetryListener:

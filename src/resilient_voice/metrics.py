@@ -1,18 +1,16 @@
 """Prometheus metrics for the breaker, limiter, retry policy and transport.
 
-Attach as listeners (see :mod:`resilient_voice.events`)::
+Attach as listeners of the primitives (see :mod:`resilient_voice.events`)::
 
     metrics = PrometheusMetrics()  # or PrometheusMetrics(registry=my_registry)
     breaker = CircuitBreaker("twilio", listeners=[metrics.breaker])
     limiter = TokenBucket("twilio-cps", rate=1.0, listeners=[metrics.limiter])
 
-There is one listener class per primitive (:class:`BreakerMetrics`, :class:`LimiterMetrics`,
-:class:`RetryMetrics`, :class:`TransportMetrics`) because the listener protocols share callback
-names with different signatures (``on_rejected`` exists on both breakers and limiters), so a
-single class cannot implement them all. :class:`PrometheusMetrics` builds the four on one
-registry for convenience. :class:`BreakerMetrics` is a plain callable that takes the breaker's
-event records and tells them apart with ``match``; the other three still implement the callback
-protocols until their primitives move to event records.
+There is one listener per primitive (:class:`BreakerMetrics`, :class:`LimiterMetrics`,
+:class:`RetryMetrics`, :class:`TransportMetrics`). :class:`BreakerMetrics` and
+:class:`LimiterMetrics` are callables taking typed event records, told apart with ``match``;
+the others follow as their primitives move to typed events. :class:`PrometheusMetrics` builds
+the four on one registry for convenience.
 
 Why get-or-create: prometheus-client raises "Duplicated timeseries" when a second collector with
 the same name is registered. Building an app twice in one process (every test suite does) or
@@ -32,21 +30,23 @@ import this module.
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from resilient_voice.events import (
     BreakerState,
+    BucketEvicted,
     CallFailed,
     CallIgnored,
     CallRejected,
     CallSucceeded,
     Event,
-    LimiterListener,
     RetryListener,
     StateChanged,
+    TokensGranted,
+    TokensRejected,
     TransportListener,
 )
 from resilient_voice.failure import FailureKind
@@ -242,8 +242,10 @@ class _LimiterSeries:
         self.wait = metrics.wait.labels(limiter)
 
 
-class LimiterMetrics(LimiterListener):
+class LimiterMetrics:
     """Records a token bucket's or keyed limiter's grants, rejections, evictions and waits.
+
+    A listener: pass the instance itself in ``listeners=[...]``; other events are ignored.
 
     Metrics (label ``limiter`` is the limiter's name; keys are never labels):
 
@@ -294,19 +296,19 @@ class LimiterMetrics(LimiterListener):
             series = self._series[limiter] = _LimiterSeries(self, limiter)
         return series
 
-    def on_granted(self, limiter: str, key: Hashable | None, tokens: float, waited: float) -> None:
-        series = self._get(limiter)
-        series.granted.inc()
-        series.wait.observe(waited)
-
-    def on_rejected(
-        self, limiter: str, key: Hashable | None, tokens: float, retry_after: float | None
-    ) -> None:
-        self._get(limiter).rejected.inc()
-
-    def on_evicted(self, limiter: str, key: Hashable, lossy: bool) -> None:
-        series = self._get(limiter)
-        (series.lossy if lossy else series.evicted).inc()
+    def __call__(self, event: Event) -> None:
+        match event:
+            case TokensGranted(source=limiter, waited=waited):
+                series = self._get(limiter)
+                series.granted.inc()
+                series.wait.observe(waited)
+            case TokensRejected(source=limiter):
+                self._get(limiter).rejected.inc()
+            case BucketEvicted(source=limiter, lossy=lossy):
+                series = self._get(limiter)
+                (series.lossy if lossy else series.evicted).inc()
+            case _:
+                pass
 
 
 class RetryMetrics(RetryListener):

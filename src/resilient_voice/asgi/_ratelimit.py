@@ -18,7 +18,7 @@ from resilient_voice.asgi._common import (
 from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies, parse_address
 from resilient_voice.asgi._types import ASGIApp, Message, Receive, Scope, Send
 from resilient_voice.correlation import get_correlation_id, new_correlation_id
-from resilient_voice.events import LimiterListener
+from resilient_voice.events import Listener
 from resilient_voice.limiter import KeyedLimiter
 
 __all__ = ["RateLimitMiddleware", "RouteMatcher"]
@@ -187,7 +187,7 @@ class _Policy:
         name: str,
         max_keys: int,
         clock: Clock | None,
-        listeners: tuple[LimiterListener, ...],
+        listeners: tuple[Listener, ...],
     ) -> None:
         self.limiter = KeyedLimiter(
             rate, burst, max_keys=max_keys, clock=clock, name=name, listeners=listeners
@@ -313,7 +313,7 @@ class RateLimitMiddleware:
         routes: Per-route limits, see above.
         max_keys: Buckets retained per limit (see ``KeyedLimiter``).
         clock: Clock of the limiters; inject a ``ManualClock`` in tests.
-        listeners: ``LimiterListener`` objects for every limit (metrics, logs).
+        listeners: Event callables for every limit (metrics, logs), see ``resilient_voice.events``.
         policy_name: The policy name in the RateLimit fields.
         forwarded_hops: The most ``X-Forwarded-For`` entries examined.
         name: Name of the limiters (route limits add ``:<pattern>``); used in listeners.
@@ -337,7 +337,7 @@ class RateLimitMiddleware:
         routes: Mapping[str, Any] | Iterable[tuple[str, float, float]] | None = None,
         max_keys: int = 10_000,
         clock: Clock | None = None,
-        listeners: Iterable[LimiterListener] = (),
+        listeners: Iterable[Listener] = (),
         policy_name: str = "default",
         forwarded_hops: int = 16,
         name: str = "http_server",
