@@ -33,8 +33,7 @@ def test_emit_calls_every_listener_and_swallows_listener_errors(
 def test_base_listener_callbacks_are_no_ops() -> None:
     # Called directly, not through emit(), which would swallow a raising or missing callback.
     from resilient_voice.breaker import BreakerState
-    from resilient_voice.events import LimiterListener, RetryListener, TransportListener
-    from resilient_voice.failure import FailureKind
+    from resilient_voice.events import LimiterListener
 
     breaker = BreakerListener()
     assert breaker.on_success("b", 0.1) is None
@@ -46,9 +45,3 @@ def test_base_listener_callbacks_are_no_ops() -> None:
     assert limiter.on_granted("l", None, 1.0, 0.0) is None
     assert limiter.on_rejected("l", "k", 1.0, None) is None
     assert limiter.on_evicted("l", "k", False) is None
-    retry = RetryListener()
-    assert retry.on_attempt("r", 1, "id") is None
-    assert retry.on_retry("r", 1, 0.1, FailureKind.NOT_SENT, ValueError()) is None
-    assert retry.on_give_up("r", 2, None, ValueError()) is None
-    assert retry.on_outcome_unknown("r", "id", ValueError()) is None
-    assert TransportListener().on_request("t", "h", "GET", "r", "2xx", 0.1, 1) is None

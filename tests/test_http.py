@@ -22,7 +22,7 @@ from resilient_voice import (
     RetryPolicy,
     correlation_scope,
 )
-from resilient_voice.events import TransportListener
+from resilient_voice.events import Event, RequestFinished
 from resilient_voice.http import (
     ATTEMPT_ID_EXTENSION,
     IDEMPOTENT_EXTENSION,
@@ -227,11 +227,11 @@ async def test_connection_refused_is_not_sent_and_retried_then_raised() -> None:
     transport = ResilientTransport(Policy(retry=fast_retry(max_attempts=3)))
     attempts: list[int] = []
 
-    class Count(TransportListener):
-        def on_request(self, *args: object) -> None:
-            attempts.append(int(args[-1]))  # type: ignore[call-overload]
+    def count(event: Event) -> None:
+        if isinstance(event, RequestFinished):
+            attempts.append(event.attempts)
 
-    transport.add_listener(Count())
+    transport.add_listener(count)
     async with httpx.AsyncClient(transport=transport) as http:
         with pytest.raises(httpx.ConnectError) as info:
             await http.post(f"http://127.0.0.1:{port}/call", json={})
@@ -301,12 +301,13 @@ async def test_listener_gets_route_and_status_class(fake: tuple[FakeTelephony, s
     _app, url = fake
     events: list[tuple[object, ...]] = []
 
-    class Record(TransportListener):
-        def on_request(self, *args: object) -> None:
-            events.append(args)
+    def record(event: Event) -> None:
+        match event:
+            case RequestFinished(source, host, method, route, status_class, duration, attempts):
+                events.append((source, host, method, route, status_class, duration, attempts))
 
     transport = ResilientTransport(
-        Policy(), routes=[TWILIO_CALLS_ROUTE], name="twilio", listeners=[Record()]
+        Policy(), routes=[TWILIO_CALLS_ROUTE], name="twilio", listeners=[record]
     )
     async with client(url, transport) as http:
         await http.post(CALLS, data=CALL_FORM)

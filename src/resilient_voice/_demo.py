@@ -22,8 +22,7 @@ import anyio
 
 from resilient_voice.breaker import BreakerState, CircuitBreaker
 from resilient_voice.errors import OutcomeUnknownError, RejectedError
-from resilient_voice.events import BreakerListener, RetryListener
-from resilient_voice.failure import FailureKind
+from resilient_voice.events import BreakerListener, Event, RetryScheduled
 from resilient_voice.limiter import TokenBucket
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
@@ -112,7 +111,7 @@ def fault_script(profile: str, duration: float) -> list[Any]:
     return rules
 
 
-class _Tally(BreakerListener, RetryListener):
+class _Tally(BreakerListener):
     """Counts retries and records breaker transitions for the live view and the summary."""
 
     def __init__(self, started: float) -> None:
@@ -121,10 +120,10 @@ class _Tally(BreakerListener, RetryListener):
         self.state = BreakerState.CLOSED
         self.transitions: list[dict[str, Any]] = []
 
-    def on_retry(
-        self, policy: str, attempt: int, delay: float, kind: FailureKind, error: BaseException
-    ) -> None:
-        self.retries += 1
+    def count_retries(self, event: Event) -> None:
+        """The retry policy's listener: counts scheduled retries."""
+        if isinstance(event, RetryScheduled):
+            self.retries += 1
 
     def on_state_change(self, breaker: str, old: BreakerState, new: BreakerState) -> None:
         self.state = new
@@ -183,7 +182,7 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoRepor
         base_delay=0.05,
         max_delay=0.5,
         name="create_call",
-        listeners=[tally, metrics.retry],
+        listeners=[tally.count_retries, metrics.retry],
     )
     create = Policy(
         breaker=breaker,

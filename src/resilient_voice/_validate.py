@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["number", "optional_number", "whole"]
+from resilient_voice._clock import SYSTEM_CLOCK, Clock
+
+__all__ = ["clock", "number", "optional_number", "whole"]
 
 
 def number(name: str, value: object, *, minimum: float = 0.0, inclusive: bool = False) -> float:
@@ -46,4 +48,20 @@ def whole(name: str, value: object, *, minimum: int = 1) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def clock(value: object) -> Clock:
+    """Return ``value`` as a :class:`~resilient_voice._clock.Clock`; ``None`` is the system clock.
+
+    A primitive keeps the clock it was built with for life: compositions check that their parts
+    agree on one and never swap it (see :class:`~resilient_voice.Policy`).
+
+    Raises:
+        TypeError: ``value`` does not implement the clock protocol.
+    """
+    if value is None:
+        return SYSTEM_CLOCK
+    if not isinstance(value, Clock):
+        raise TypeError(f"clock must implement resilient_voice Clock, got {value!r}")
     return value

@@ -38,9 +38,13 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from resilient_voice.breaker import BreakerState
 from resilient_voice.events import (
     BreakerListener,
+    Event,
     LimiterListener,
-    RetryListener,
-    TransportListener,
+    RequestFinished,
+    RetryAttemptStarted,
+    RetryGaveUp,
+    RetryOutcomeUnknown,
+    RetryScheduled,
 )
 from resilient_voice.failure import FailureKind
 
@@ -297,8 +301,10 @@ class LimiterMetrics(LimiterListener):
         (series.lossy if lossy else series.evicted).inc()
 
 
-class RetryMetrics(RetryListener):
+class RetryMetrics:
     """Records a retry policy's attempts, retries by reason, give-ups and unknown outcomes.
+
+    A listener: pass it in ``RetryPolicy(listeners=[...])``; it ignores other records.
 
     Metrics (label ``policy`` is the retry policy's name; ``reason`` is a
     :class:`~resilient_voice.FailureKind` value, or ``unclassified``):
@@ -349,40 +355,40 @@ class RetryMetrics(RetryListener):
         self._retries: dict[tuple[str, FailureKind], Any] = {}
         self._give_ups: dict[tuple[str, FailureKind | None], Any] = {}
 
-    def on_attempt(self, policy: str, attempt: int, attempt_id: str) -> None:
-        child = self._attempts.get(policy)
-        if child is None:
-            child = self._attempts[policy] = self.attempts.labels(policy)
-        child.inc()
-
-    def on_retry(
-        self, policy: str, attempt: int, delay: float, kind: FailureKind, error: BaseException
-    ) -> None:
-        key = (policy, kind)
-        child = self._retries.get(key)
-        if child is None:
-            child = self._retries[key] = self.retries.labels(policy, kind.value)
-        child.inc()
-
-    def on_give_up(
-        self, policy: str, attempt: int, kind: FailureKind | None, error: BaseException
-    ) -> None:
-        key = (policy, kind)
-        child = self._give_ups.get(key)
-        if child is None:
-            reason = "unclassified" if kind is None else kind.value
-            child = self._give_ups[key] = self.give_ups.labels(policy, reason)
-        child.inc()
-
-    def on_outcome_unknown(self, policy: str, attempt_id: str, error: BaseException) -> None:
-        child = self._unknown.get(policy)
-        if child is None:
-            child = self._unknown[policy] = self.outcome_unknown.labels(policy)
-        child.inc()
+    def __call__(self, event: Event) -> None:
+        """Count one retry record; other records are ignored."""
+        match event:
+            case RetryAttemptStarted(source=policy):
+                child = self._attempts.get(policy)
+                if child is None:
+                    child = self._attempts[policy] = self.attempts.labels(policy)
+                child.inc()
+            case RetryScheduled(source=policy, kind=kind):
+                key = (policy, kind)
+                child = self._retries.get(key)
+                if child is None:
+                    child = self._retries[key] = self.retries.labels(policy, kind.value)
+                child.inc()
+            case RetryGaveUp(source=policy, kind=kind):
+                given = (policy, kind)
+                child = self._give_ups.get(given)
+                if child is None:
+                    reason = "unclassified" if kind is None else kind.value
+                    child = self._give_ups[given] = self.give_ups.labels(policy, reason)
+                child.inc()
+            case RetryOutcomeUnknown(source=policy):
+                child = self._unknown.get(policy)
+                if child is None:
+                    child = self._unknown[policy] = self.outcome_unknown.labels(policy)
+                child.inc()
+            case _:
+                pass
 
 
-class TransportMetrics(TransportListener):
+class TransportMetrics:
     """Records outbound HTTP requests made through ``ResilientTransport``.
+
+    A listener: pass it in ``ResilientTransport(listeners=[...])``; it ignores other records.
 
     Metrics (labels ``transport``, ``host``, ``method``, ``route``, ``status_class``; ``route`` is
     the transport's configured route name, never a raw path; ``host`` is the matched route's
@@ -432,17 +438,11 @@ class TransportMetrics(TransportListener):
         )
         self._series: dict[tuple[str, str, str, str, str], tuple[Any, Any, Any]] = {}
 
-    def on_request(
-        self,
-        transport: str,
-        host: str,
-        method: str,
-        route: str,
-        status_class: str,
-        duration: float,
-        attempts: int,
-    ) -> None:
-        key = (transport, host, method, route, status_class)
+    def __call__(self, event: Event) -> None:
+        """Record one finished request; other records are ignored."""
+        if not isinstance(event, RequestFinished):
+            return
+        key = (event.source, event.host, event.method, event.route, event.status_class)
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = (
@@ -451,8 +451,8 @@ class TransportMetrics(TransportListener):
                 self.attempts.labels(*key),
             )
         series[0].inc()
-        series[1].observe(duration)
-        series[2].inc(attempts)
+        series[1].observe(event.duration)
+        series[2].inc(event.attempts)
 
 
 class PrometheusMetrics:

@@ -34,7 +34,7 @@ import httpx
 from resilient_voice._clock import Clock
 from resilient_voice._urls import check_request_security
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
-from resilient_voice.events import TransportListener
+from resilient_voice.events import Listener
 from resilient_voice.http import ResilientTransport
 from resilient_voice.policy import Policy
 from resilient_voice.vapi._client import DEFAULT_BASE_URL, _check_base_url
@@ -88,7 +88,7 @@ def sdk_http_client(
     unprocessed_429: bool = False,
     clock: Clock | None = None,
     name: str = "vapi-sdk",
-    listeners: Iterable[TransportListener] = (),
+    listeners: Iterable[Listener] = (),
 ) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for ``AsyncVapi(httpx_client=...)`` with Vapi's routes.
 

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import math
 import re
 import sys
 import time
@@ -85,10 +84,10 @@ from resilient_voice.correlation import (
 )
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.errors import _reduce as reduce_exception
-from resilient_voice.events import TransportListener, emit
+from resilient_voice.events import Listener, RequestFinished, check_listener, dispatch
 from resilient_voice.failure import FailureKind, failure_kind_of
+from resilient_voice.http._retry_after import retry_after_from_headers
 from resilient_voice.policy import Policy, _not_sent
-from resilient_voice.retry import parse_retry_after, parse_retry_after_ms
 
 __all__ = [
     "ATTEMPT_ID_EXTENSION",
@@ -102,7 +101,6 @@ __all__ = [
     "UpstreamStatusError",
     "classify_exception",
     "classify_status",
-    "retry_after_from_headers",
 ]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
@@ -282,7 +280,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             honour it.
         correlation_header: Header set from the current correlation id when absent; ``None``
             to disable.
-        listeners: :class:`~resilient_voice.events.TransportListener` instances.
+        listeners: Callables taking an event record; the transport's record is
+            :class:`~resilient_voice.events.RequestFinished`, one per logical request.
         max_response_bytes: The most bytes a decoded response body may hold
             (:data:`DEFAULT_MAX_RESPONSE_BYTES`, 10 MiB); ``None`` for no cap. A larger body
             raises :class:`ResponseTooLargeError` (see the module's table for its kind).
@@ -297,7 +296,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         name: str = "http",
         idempotency_key_header: str = "Idempotency-Key",
         correlation_header: str | None = "X-Correlation-ID",
-        listeners: Iterable[TransportListener] = (),
+        listeners: Iterable[Listener] = (),
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if not isinstance(policy, Policy):
@@ -314,7 +313,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._name = name
         self._key_header = idempotency_key_header.lower()
         self._correlation_header = correlation_header
-        self._listeners: tuple[TransportListener, ...] = tuple(listeners)
+        self._listeners: tuple[Listener, ...] = tuple(check_listener(x) for x in listeners)
         if max_response_bytes is not None and (
             isinstance(max_response_bytes, bool)
             or not isinstance(max_response_bytes, int)
@@ -338,8 +337,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     def routes(self) -> Sequence[Route]:
         return self._routes
 
-    def add_listener(self, listener: TransportListener) -> None:
-        self._listeners = (*self._listeners, listener)
+    def add_listener(self, listener: Listener) -> None:
+        """Attach a callable taking an event record.
+
+        Raises:
+            TypeError: ``listener`` is not callable.
+        """
+        self._listeners = (*self._listeners, check_listener(listener))
 
     def route_for(self, request: httpx.Request) -> Route:
         """The first route matching ``request``, or the default route."""
@@ -490,16 +494,17 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             return response
         finally:
             if listeners:
-                emit(
+                dispatch(
                     listeners,
-                    "on_request",
-                    self._name,
-                    route.host if route.host is not None else "other",
-                    request.method,
-                    route.name,
-                    status_class,
-                    time.perf_counter() - started,
-                    attempts,
+                    RequestFinished(
+                        self._name,
+                        route.host if route.host is not None else "other",
+                        request.method,
+                        route.name,
+                        status_class,
+                        time.perf_counter() - started,
+                        attempts,
+                    ),
                 )
 
     async def aclose(self) -> None:
@@ -799,17 +804,3 @@ class _BoundedStream(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
-
-
-def retry_after_from_headers(headers: httpx.Headers) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` (Vapi) or ``Retry-After`` (seconds or a date)."""
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        parsed = parse_retry_after_ms(value)
-        if parsed is not None:
-            return parsed
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    parsed = parse_retry_after(value)
-    return parsed if parsed is not None and math.isfinite(parsed) else None
