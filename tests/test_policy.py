@@ -14,6 +14,7 @@ from resilient_voice import (
     RateLimitedError,
     RetryPolicy,
 )
+from resilient_voice._clock import SYSTEM_CLOCK
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.policy import Policy
 from resilient_voice.testing import ManualClock
@@ -280,10 +281,10 @@ def test_invalid_configuration_is_rejected_at_construction() -> None:
         Policy(breaker="twilio")  # type: ignore[arg-type]
 
 
-async def test_policy_clock_is_passed_down_to_parts_built_without_one() -> None:
+async def test_policy_clock_drives_parts_built_with_it() -> None:
     clock = ManualClock(autojump=True)
-    breaker = CircuitBreaker("adopt", failure_threshold=3, recovery_timeout=5.0)
-    retry = RetryPolicy(jitter="none", base_delay=1.0, max_attempts=2)
+    breaker = CircuitBreaker("adopt", failure_threshold=3, recovery_timeout=5.0, clock=clock)
+    retry = RetryPolicy(jitter="none", base_delay=1.0, max_attempts=2, clock=clock)
     policy = Policy(breaker=breaker, retry=retry, timeout=2.0, clock=clock)
     calls = 0
 
@@ -299,6 +300,20 @@ async def test_policy_clock_is_passed_down_to_parts_built_without_one() -> None:
     assert policy.clock is clock
 
 
+def test_a_policy_never_swaps_the_clock_of_its_parts() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker("system")  # built without a clock: the system clock
+    retry = RetryPolicy()
+    bucket = TokenBucket(rate=1.0)
+    for part in ({"breaker": breaker}, {"retry": retry}, {"limiter": bucket}):
+        with pytest.raises(ValueError, match="never replaces a part's clock"):
+            Policy(clock=clock, **part)  # type: ignore[arg-type]
+    assert retry.clock is SYSTEM_CLOCK
+    shared = Policy(breaker=breaker, retry=retry, limiter=bucket)
+    assert shared.clock is SYSTEM_CLOCK
+    assert Policy(retry=RetryPolicy(clock=clock)).clock is clock
+
+
 def test_parts_on_different_clocks_are_refused() -> None:
     with pytest.raises(ValueError, match="clock"):
         Policy(
@@ -311,10 +326,10 @@ def test_parts_on_different_clocks_are_refused() -> None:
     assert Policy(breaker=CircuitBreaker("c", clock=shared)).clock is shared
 
 
-async def test_policy_clock_reaches_a_limiter_built_without_one() -> None:
+async def test_policy_paces_limiters_on_their_shared_clock() -> None:
     clock = ManualClock(autojump=True)
-    bucket = TokenBucket(rate=1.0, burst=1)
-    keyed = KeyedLimiter(rate=1.0, burst=1)
+    bucket = TokenBucket(rate=1.0, burst=1, clock=clock)
+    keyed = KeyedLimiter(rate=1.0, burst=1, clock=clock)
     policy = Policy(limiter=bucket, clock=clock)
     keyed_policy = Policy(limiter=keyed, key=lambda: "k", clock=clock)
 
@@ -331,7 +346,9 @@ async def test_retry_total_timeout_makes_the_limiter_refuse_instead_of_an_unknow
     clock = ManualClock(autojump=True)
     bucket = TokenBucket(rate=0.05, burst=1, clock=clock)  # one token per 20 s
     policy = Policy(
-        limiter=bucket, retry=RetryPolicy(max_attempts=3, total_timeout=1.0), clock=clock
+        limiter=bucket,
+        retry=RetryPolicy(max_attempts=3, total_timeout=1.0, clock=clock),
+        clock=clock,
     )
 
     async def place() -> str:

@@ -459,7 +459,7 @@ async def test_unreadable_2xx_on_create_is_outcome_unknown() -> None:
 async def test_breaker_opens_during_an_outage_and_recovers(upstream: Upstream) -> None:
     clock = ManualClock()
     breaker = CircuitBreaker("vapi", failure_threshold=2, recovery_timeout=10.0, clock=clock)
-    policy = Policy(breaker=breaker, retry=RetryPolicy(max_attempts=1))
+    policy = Policy(breaker=breaker, retry=RetryPolicy(max_attempts=1, clock=clock))
     upstream.app.faults = [Fault.error_rate(1.0, status=503, endpoints="vapi.*")]
     async with upstream.client(policy=policy) as vapi:
         assert vapi.breaker is breaker

@@ -82,10 +82,13 @@ class Policy:
         idempotent: Whether the wrapped operation may safely run twice. Decides whether a
             failure that may have been processed is retried or raised as
             :class:`OutcomeUnknownError`.
-        clock: Clock on which timeouts are measured; defaults to the system clock.
+        clock: Clock on which timeouts are measured. Every part must have been built with
+            this same clock (it is never swapped); without it, the parts' common clock is
+            used, or the system clock.
 
     Raises:
-        TypeError, ValueError: Invalid configuration, at construction.
+        TypeError, ValueError: Invalid configuration, at construction; ``ValueError`` also
+            when the parts' clocks disagree with each other or with ``clock``.
     """
 
     __slots__ = (
@@ -149,7 +152,7 @@ class Policy:
         # on itself (anyio refuses it too, but only after a token was paid).
         self._slot_holders: set[int] = set()
         self._idempotent = idempotent
-        self._clock: Clock = _resolve_clock(clock, breaker, limiter, retry)
+        self._clock: Clock = _resolve_clock(clock, breaker=breaker, limiter=limiter, retry=retry)
 
     @property
     def breaker(self) -> CircuitBreaker | None:
@@ -417,27 +420,49 @@ class _RunState:
         return self.in_flight
 
 
-def _resolve_clock(clock: Clock | None, *parts: object) -> Clock:
-    """Pick the composition's clock and pass it down to the parts built without one.
+def _clock_of(part: object) -> Clock:
+    """The clock a part was built with: its ``clock`` property.
 
-    Without ``clock=``, the policy adopts the clock of its parts (they must agree). A part on
-    the system clock is given the policy's clock, so that one ``ManualClock`` passed to the
-    policy drives every timeout, token wait and backoff sleep of the composition.
+    Parts that do not expose it yet are read through ``_clock``; either way the value is only
+    read, never replaced.
     """
-    present = [part for part in parts if part is not None]
-    own = {id(c): c for c in (getattr(p, "_clock", SYSTEM_CLOCK) for p in present)}
-    custom = [c for c in own.values() if c is not SYSTEM_CLOCK]
+    found = getattr(part, "clock", None)
+    if found is None:
+        found = getattr(part, "_clock", SYSTEM_CLOCK)
+    if not isinstance(found, Clock):  # pragma: no cover  (every part validates its clock)
+        raise TypeError(f"{part!r} has no clock")
+    return found
+
+
+def _resolve_clock(clock: Clock | None, **parts: object) -> Clock:
+    """Return the composition's clock after checking that every part measures time on it.
+
+    A part keeps the clock it was built with (the system clock when it was given none), and a
+    part may be shared by several policies, so the policy never swaps it: one timeout measured
+    on a ``ManualClock`` and a backoff slept on the system clock would make every deadline
+    wrong. Without ``clock=``, the policy takes its parts' common clock; with it, every part
+    must have been built with that very clock.
+
+    Raises:
+        ValueError: The parts' clocks differ from each other or from ``clock``.
+    """
+    present = {name: _clock_of(part) for name, part in parts.items() if part is not None}
     if clock is None:
-        if len(custom) > 1:
-            raise ValueError("the policy's parts were built with different clocks")
-        clock = custom[0] if custom else SYSTEM_CLOCK
-    elif any(c is not clock for c in custom):
-        raise ValueError("the policy's clock differs from the clock its parts were built with")
-    if clock is not SYSTEM_CLOCK:
-        for part in present:
-            adopt = getattr(part, "_adopt_clock", None)
-            if adopt is not None:
-                adopt(clock)
+        distinct = {id(c): c for c in present.values()}
+        if len(distinct) > 1:
+            names = ", ".join(f"{name} on {c!r}" for name, c in present.items())
+            raise ValueError(
+                f"the policy's parts were built with different clocks ({names}): build every "
+                "part with the same clock="
+            )
+        return next(iter(distinct.values()), SYSTEM_CLOCK)
+    others = [name for name, c in present.items() if c is not clock]
+    if others:
+        raise ValueError(
+            f"the policy's clock {clock!r} is not the clock its {', '.join(others)} was built "
+            "with: pass the same clock= to every part (a part built without one uses the "
+            "system clock; the policy never replaces a part's clock)"
+        )
     return clock
 
 

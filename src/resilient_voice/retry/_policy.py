@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 from resilient_voice._callables import is_async_callable, require_async_callable
-from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._clock import Clock
 from resilient_voice._validate import clock as check_clock
 from resilient_voice._validate import optional_number
 from resilient_voice.correlation import DEFAULT_CORRELATION_ID_VALIDATOR, new_attempt_id
@@ -228,11 +228,6 @@ class RetryPolicy:
     def clock(self) -> Clock:
         """The clock this policy measures and sleeps on, fixed at construction."""
         return self._clock
-
-    def _adopt_clock(self, clock: Clock) -> None:
-        """Use ``clock`` when this policy was built without one (see :class:`Policy`)."""
-        if self._clock is SYSTEM_CLOCK:
-            self._clock = clock
 
     @property
     def budget(self) -> RetryBudget | None:
