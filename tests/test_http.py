@@ -237,6 +237,8 @@ async def test_connection_refused_is_not_sent_and_retried_then_raised() -> None:
             await http.post(f"http://127.0.0.1:{port}/call", json={})
     assert any("3 attempt" in note for note in info.value.__notes__)
     assert attempts == [3]
+    # Classified by the transport's table, never by an attribute set on httpx's exception.
+    assert "failure_kind" not in vars(info.value)
 
 
 async def test_breaker_opens_on_5xx_and_then_fails_fast(fake: tuple[FakeTelephony, str]) -> None:

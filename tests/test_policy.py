@@ -557,3 +557,43 @@ async def test_a_probe_that_hangs_after_its_token_still_reopens_the_breaker() ->
             await policy.call(hang)
         assert breaker.state is BreakerState.OPEN  # hung for 5 s after it was sent
         tg.cancel_scope.cancel()
+
+
+async def test_classify_states_the_kind_of_foreign_exceptions_without_touching_them() -> None:
+    clock = ManualClock(autojump=True)
+    breaker = CircuitBreaker("classify", failure_threshold=2, clock=clock)
+    retry = RetryPolicy(max_attempts=3, jitter="none", base_delay=0.1, clock=clock)
+    policy = Policy(breaker=breaker, retry=retry, clock=clock)
+
+    class Foreign(Exception):
+        pass
+
+    class Mistake(Exception):
+        pass
+
+    table = {Foreign: FailureKind.NOT_SENT, Mistake: FailureKind.PERMANENT}
+
+    def classify(exc: BaseException) -> FailureKind | None:
+        return table.get(type(exc))
+
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Foreign
+        return "ok"
+
+    # NOT_SENT by the table: retried even though the operation is not idempotent.
+    assert await policy.run(flaky, classify=classify) == "ok"
+    assert calls == 2
+
+    async def mistaken() -> str:
+        raise Mistake
+
+    for _ in range(2):
+        with pytest.raises(Mistake) as info:
+            await policy.run(mistaken, classify=classify)
+        assert not hasattr(info.value, "failure_kind")
+    assert breaker.state is BreakerState.CLOSED  # PERMANENT: the caller's error, not counted

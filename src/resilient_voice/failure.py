@@ -109,12 +109,18 @@ class NotAwaitableError(TypeError):
     retry_after: ClassVar[float | None] = None
 
 
-def failure_kind_of(obj: object) -> FailureKind | None:
-    """Return ``obj.failure_kind`` when it is a :class:`FailureKind`, else ``None``.
+def failure_kind_of(obj: object, classify: Classify | None = None) -> FailureKind | None:
+    """Return the kind of ``obj``: what ``classify`` says, else ``obj.failure_kind``.
 
-    ``None`` means "unclassified": the retry policy then treats the failure as
+    ``classify`` is the explicit table of whoever owns the call (the transport's, for httpx
+    exceptions); it is asked first and may return ``None`` for exceptions it does not know.
+    ``None`` overall means "unclassified": the retry policy then treats the failure as
     ``MAYBE_PROCESSED``, the only assumption that can never cause a duplicate side effect.
     """
+    if classify is not None and isinstance(obj, BaseException):
+        found = classify(obj)
+        if found is not None:
+            return found
     kind = getattr(obj, "failure_kind", None)
     return kind if isinstance(kind, FailureKind) else None
 

@@ -30,7 +30,14 @@ from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.breaker import BreakerPermit, CircuitBreaker
 from resilient_voice.correlation import new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError, RejectedError
-from resilient_voice.failure import FailureKind
+from resilient_voice.failure import (
+    Classify,
+    FailureKind,
+    NotAwaitableError,
+    NotSentError,
+    OutOfTimeError,
+    failure_kind_of,
+)
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.retry import RetryPolicy
 
@@ -40,6 +47,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 KeyFunction = Callable[..., Hashable]
+
+_PERMANENT = FailureKind.PERMANENT
 
 
 def _check_timeout(name: str, value: float | None) -> float | None:
@@ -222,6 +231,7 @@ class Policy:
         key: Hashable | None = None,
         deadline: float | None = None,
         priority: int = 0,
+        classify: Classify | None = None,
     ) -> T:
         """Run a zero-argument async callable under this policy; the engine behind ``call``.
 
@@ -235,6 +245,10 @@ class Policy:
             deadline: An absolute time on the policy's clock by which the operation must end;
                 combined with ``total_timeout`` (the earlier wins).
             priority: Passed to the limiter: higher overtakes queued lower-priority work.
+            classify: The caller's explicit kinds for exceptions it knows but does not own
+                (the transport passes its httpx table), asked before an exception's own
+                ``failure_kind``: the retry policy judges by it, and an error it calls
+                ``PERMANENT`` is the caller's own, which the breaker does not count.
 
         Raises:
             TimeoutError: The total time ran out, or ``deadline`` had already passed (then
@@ -257,7 +271,7 @@ class Policy:
         clock = self._clock
         if deadline is not None and deadline <= clock.now():
             # No attempt can run in no time: refuse before a permit, a token or the call.
-            raise _not_sent(TimeoutError("the operation's deadline had passed before it started"))
+            raise OutOfTimeError("the operation's deadline had passed before it started")
         safe = self._idempotent if idempotent is None else idempotent
         if self._total_timeout is not None:
             own = clock.now() + self._total_timeout
@@ -275,7 +289,7 @@ class Policy:
             async def one_attempt() -> T:
                 sent = state.attempts
                 try:
-                    return await self._attempt(attempt, key, deadline, priority, state)
+                    return await self._attempt(attempt, key, deadline, priority, state, classify)
                 except RejectedError:
                     raise  # a refusal (open breaker, no token in time) may be retried later
                 except Exception as exc:
@@ -295,20 +309,21 @@ class Policy:
                     attempt_id=attempt_id,
                     deadline=deadline,
                     in_flight=state.is_in_flight,
+                    classify=classify,
                 )
             except _Unsent as unsent:
                 error = unsent.error
             raise error
         if deadline is None:
-            return await self._attempt(attempt, key, None, priority, state)
+            return await self._attempt(attempt, key, None, priority, state, classify)
         with clock.deadline_scope(deadline) as scope:
-            result = await self._attempt(attempt, key, deadline, priority, state)
+            result = await self._attempt(attempt, key, deadline, priority, state, classify)
         if not scope.cancelled_caught:
             return result
         message = "operation did not finish within its total timeout"
         if not state.in_flight:
             # Cut while waiting (for a token, a bulkhead slot): nothing was sent.
-            raise _not_sent(TimeoutError(message))
+            raise OutOfTimeError(message)
         timeout = TimeoutError(message)
         if not safe:
             raise OutcomeUnknownError(
@@ -325,6 +340,7 @@ class Policy:
         deadline: float | None,
         priority: int,
         state: _RunState,
+        classify: Classify | None,
     ) -> T:
         breaker = self._breaker
         # Not started until the waits below are over: a probe queued for a token has sent
@@ -343,7 +359,11 @@ class Policy:
             return await self._timed_call(attempt, permit, state)
         except BaseException as exc:
             if permit is not None:
-                permit.settle(exc)  # a no-op when the attempt already reported
+                # A no-op when the attempt already reported.
+                if classify is not None and failure_kind_of(exc, classify) is _PERMANENT:
+                    permit.ignore(exc)  # the caller's own error, by the caller's table
+                else:
+                    permit.settle(exc)
             raise
         finally:
             if bulkhead is not None:
@@ -466,25 +486,13 @@ def _resolve_clock(clock: Clock | None, **parts: object) -> Clock:
     return clock
 
 
-E = TypeVar("E", bound=Exception)
-
-
-def _not_sent(error: E) -> E:
-    """Mark our own new ``error`` as kind ``NOT_SENT``: nothing was sent, so it is safe."""
-    error.failure_kind = FailureKind.NOT_SENT  # type: ignore[attr-defined]
-    return error
-
-
-class _WaitsOnItselfError(RuntimeError):
+class _WaitsOnItselfError(NotSentError):
     """A re-entrant call into a policy's bulkhead, refused before anything was sent.
 
     Refused on every re-entry, not only when the slots are taken: a re-entrant call that finds
     a free slot works in a quiet test and deadlocks under load, when every slot is held by a
     task waiting for a second one.
     """
-
-    failure_kind = FailureKind.NOT_SENT
-    retry_after = None
 
 
 class _Unsent(BaseException):
@@ -513,11 +521,9 @@ def _awaitable(
         return result
     if permit is not None:
         permit.release()
-    error = TypeError(
+    raise NotAwaitableError(
         f"Policy.run() awaits what attempt() returns, but {attempt!r} returned "
         f"{type(result).__name__}, which is not awaitable. Pass an async function or a lambda "
         "returning a coroutine (lambda: client.calls.create_async(...)); a plain function has "
         "already run by the time its result is seen."
     )
-    error.failure_kind = FailureKind.PERMANENT  # type: ignore[attr-defined]
-    raise error

@@ -21,6 +21,10 @@ a status in the route's ``unprocessed_statuses``       UNPROCESSED
 other 4xx                                              PERMANENT
 =====================================================  =================
 
+httpx's exceptions reach the client unchanged (the SDKs above the transport catch httpx types),
+so the table is never written onto them: the transport hands it to :meth:`Policy.run` as its
+``classify=`` function, and the retry policy and the breaker read the kind from there.
+
 A write error is ``MAYBE_PROCESSED`` because part of the request may have been delivered and the
 client cannot tell how much; only failures that provably happen before the first byte leaves
 (connecting, waiting for a pooled connection) are ``NOT_SENT``. 429 is ``UNPROCESSED`` only where
@@ -85,9 +89,9 @@ from resilient_voice.correlation import (
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.errors import _reduce as reduce_exception
 from resilient_voice.events import Listener, RequestFinished, check_listener, dispatch
-from resilient_voice.failure import FailureKind, failure_kind_of
+from resilient_voice.failure import FailureKind, NotSentError, failure_kind_of
 from resilient_voice.http._retry_after import retry_after_from_headers
-from resilient_voice.policy import Policy, _not_sent
+from resilient_voice.policy import Policy
 
 __all__ = [
     "ATTEMPT_ID_EXTENSION",
@@ -146,6 +150,20 @@ def classify_exception(exc: BaseException) -> FailureKind:
     if isinstance(exc, _PERMANENT_ERRORS):
         return FailureKind.PERMANENT
     return FailureKind.MAYBE_PROCESSED
+
+
+def _classify(exc: BaseException) -> FailureKind | None:
+    """The transport's explicit classification, passed to :meth:`Policy.run` as ``classify``.
+
+    httpx's exceptions travel unchanged (the SDKs above the transport catch httpx types), so
+    their kind is stated here instead of on the instance: a transport error by the module's
+    table, a decoding error (only raised while a body is read) as ``MAYBE_PROCESSED``.
+    """
+    if isinstance(exc, httpx.TransportError):
+        return classify_exception(exc)
+    if isinstance(exc, httpx.RequestError):
+        return FailureKind.MAYBE_PROCESSED
+    return None
 
 
 def classify_status(status: int, unprocessed: frozenset[int] = frozenset()) -> FailureKind | None:
@@ -376,11 +394,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         if loop is self._loop:
             return
         if self._loop is not None and _has_closed(self._loop):
-            raise _not_sent(
-                RuntimeError(
-                    f"transport {self._name!r}: this client belongs to an event loop that has "
-                    "closed; build one per loop"
-                )
+            raise NotSentError(
+                f"transport {self._name!r}: this client belongs to an event loop that has "
+                "closed; build one per loop"
             )
         self._loop = loop
 
@@ -411,11 +427,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             # The attempt's own deadline: the policy's timeout scope ends with this function,
             # so a body streamed to the caller later must carry the bound with it.
             deadline = clock.now() + timeout if timeout is not None else None
-            try:
-                response = await inner.handle_async_request(request)
-            except httpx.TransportError as exc:
-                exc.failure_kind = classify_exception(exc)  # type: ignore[attr-defined]
-                raise
+            response = await inner.handle_async_request(request)
             status = response.status_code
             kind = classify_status(status, unprocessed)
             if kind is None:
@@ -428,12 +440,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                     return _bounded(response, request, limit, clock, deadline, timeout)
                 # A non-idempotent success: read it here, inside the attempt and its timeout,
                 # so that a body that never arrives is this attempt's failure (an unknown
-                # outcome), not a bare httpx error after the transport returned.
-                try:
-                    return await _buffered(response, request, limit, _MAYBE)
-                except httpx.RequestError as exc:  # transport and decoding errors
-                    exc.failure_kind = _MAYBE  # type: ignore[attr-defined]
-                    raise
+                # outcome), not a bare httpx error after the transport returned. Its httpx
+                # errors (cut off, stalled, undecodable) are MAYBE_PROCESSED by _classify.
+                return await _buffered(response, request, limit, _MAYBE)
             if response.is_stream_consumed:
                 failed = response  # an inner transport that already read (and decoded) it
                 failed.request = request
@@ -458,6 +467,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 idempotent=idempotent,
                 attempt_id=attempt_id,
                 key=request.extensions.get(LIMITER_KEY_EXTENSION),
+                classify=_classify,
             )
         except UpstreamStatusError as exc:
             status_class = f"{exc.status // 100}xx"
@@ -468,7 +478,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             # non-idempotent request must not reach an SDK that would re-send it.
             raise OutcomeUnknownError(attempt_id or new_attempt_id(), attempts=attempts) from exc
         except Exception as exc:
-            kind = failure_kind_of(exc)
+            kind = failure_kind_of(exc, _classify)
             if kind is None:
                 # Unclassified: nothing was sent if no attempt started, else it may have been
                 # processed (as the retry policy assumes). Never the class name: labels stay

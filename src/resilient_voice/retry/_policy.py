@@ -47,7 +47,13 @@ from resilient_voice.events import (
     check_listener,
     dispatch,
 )
-from resilient_voice.failure import FailureKind, OutOfTimeError, failure_kind_of, retry_after_of
+from resilient_voice.failure import (
+    Classify,
+    FailureKind,
+    OutOfTimeError,
+    failure_kind_of,
+    retry_after_of,
+)
 from resilient_voice.retry._budget import RetryBudget
 from resilient_voice.retry._decision import (
     Failure,
@@ -293,6 +299,7 @@ class RetryPolicy:
         attempt_id: str | None = None,
         deadline: float | None = None,
         in_flight: Callable[[], bool] | None = None,
+        classify: Classify | None = None,
     ) -> T:
         """Call ``attempt()`` until it succeeds or retrying is unsafe, useless or out of time.
 
@@ -310,6 +317,9 @@ class RetryPolicy:
             in_flight: For compositions that wait inside an attempt (for a token, a slot):
                 says whether an attempt cut by the deadline had sent its request. Without it a
                 cut attempt is assumed to have been sent.
+            classify: The caller's explicit classification of exceptions it knows but does
+                not own (the transport's table for httpx errors), asked before an
+                exception's own ``failure_kind``; see :func:`~resilient_voice.failure_kind_of`.
 
         Returns:
             What the successful attempt returned.
@@ -335,11 +345,12 @@ class RetryPolicy:
             self._budget.deposit()
         maybe_processed = False
         last: Exception | None = None
+        last_kind: FailureKind | None = None
         number = 0
         while True:
             number += 1
             if stop_at is not None and clock.now() >= stop_at:
-                self._expired(attempt_id, number - 1, idempotent, maybe_processed, last)
+                self._expired(attempt_id, number - 1, idempotent, maybe_processed, last, last_kind)
             if self._listeners:
                 dispatch(self._listeners, RetryAttemptStarted(self._name, number, attempt_id))
             token = _CURRENT_ATTEMPT.set(AttemptInfo(attempt_id, number))
@@ -350,7 +361,7 @@ class RetryPolicy:
                 with clock.deadline_scope(stop_at):
                     return await attempt()
             except Exception as error:
-                kind = failure_kind_of(error)
+                kind = failure_kind_of(error, classify)
                 effective = _MAYBE if kind is None else kind
                 maybe_processed = maybe_processed or effective is _MAYBE
                 delay = self._judge(
@@ -359,6 +370,7 @@ class RetryPolicy:
                 if delay is None:
                     raise
                 last = error
+                last_kind = kind
             finally:
                 _CURRENT_ATTEMPT.reset(token)
             if delay is None:
@@ -370,6 +382,7 @@ class RetryPolicy:
                     number,
                     idempotent,
                     maybe_processed or in_flight is None or in_flight(),
+                    None,
                     None,
                 )
             await clock.sleep(delay)
@@ -451,6 +464,7 @@ class RetryPolicy:
         idempotent: bool,
         maybe_processed: bool,
         last: Exception | None,
+        last_kind: FailureKind | None,
     ) -> NoReturn:
         """Give up because the deadline passed; ``last`` is the failure before the wait."""
         error: Exception
@@ -462,9 +476,8 @@ class RetryPolicy:
                 f"after {attempts} attempt(s)"
             )
             error = TimeoutError(message) if maybe_processed else OutOfTimeError(message)
-        kind = None if last is None else failure_kind_of(last)
         decision = stop("out of time", idempotent=idempotent, maybe_processed=maybe_processed)
-        self._end(decision, attempt_id, attempts, kind, error, noted=last)
+        self._end(decision, attempt_id, attempts, last_kind, error, noted=last)
         raise error
 
     def __repr__(self) -> str:
