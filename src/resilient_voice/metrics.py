@@ -440,19 +440,21 @@ class TransportMetrics:
 
     def __call__(self, event: Event) -> None:
         """Record one finished request; other records are ignored."""
-        if not isinstance(event, RequestFinished):
-            return
-        key = (event.source, event.host, event.method, event.route, event.status_class)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = (
-                self.requests.labels(*key),
-                self.duration.labels(*key),
-                self.attempts.labels(*key),
-            )
-        series[0].inc()
-        series[1].observe(event.duration)
-        series[2].inc(event.attempts)
+        match event:
+            case RequestFinished(source, host, method, route, status_class, duration, attempts):
+                key = (source, host, method, route, status_class)
+                series = self._series.get(key)
+                if series is None:
+                    series = self._series[key] = (
+                        self.requests.labels(*key),
+                        self.duration.labels(*key),
+                        self.attempts.labels(*key),
+                    )
+                series[0].inc()
+                series[1].observe(duration)
+                series[2].inc(attempts)
+            case _:
+                pass
 
 
 class PrometheusMetrics:

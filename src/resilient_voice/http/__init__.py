@@ -1,7 +1,8 @@
 """The httpx layer: :class:`ResilientTransport`, the exception/status -> FailureKind table and
 ``Retry-After`` parsing.
 
-- ``_transport``: the transport, its routes, the classification table and the bounded body reads;
+- ``_transport``: the transport, its routes and the exception/status -> FailureKind table;
+- ``_body``: reading a response body within the attempt's time and size bounds;
 - ``_retry_after``: ``Retry-After`` / ``retry-after-ms`` parsing, pure functions.
 
 Importing this package imports httpx; ``import resilient_voice`` does not.
@@ -9,6 +10,7 @@ Importing this package imports httpx; ``import resilient_voice`` does not.
 
 from __future__ import annotations
 
+from resilient_voice.http._body import ResponseTooLargeError
 from resilient_voice.http._retry_after import (
     parse_retry_after,
     parse_retry_after_ms,
@@ -21,7 +23,6 @@ from resilient_voice.http._transport import (
     IDEMPOTENT_METHODS,
     LIMITER_KEY_EXTENSION,
     ResilientTransport,
-    ResponseTooLargeError,
     Route,
     UpstreamStatusError,
     classify_exception,

@@ -60,6 +60,10 @@ lowered to the time left, so a normal body costs one clock reading per chunk and
 For the circuit breaker, 5xx answers and transport errors are failures; 429 is back-pressure,
 not sickness, and never trips it; other 4xx are the caller's errors and are ignored.
 
+This module is over 400 lines because the tables above are the transport's contract and stay
+next to the one method that applies them; the body reading and ``Retry-After`` parsing live in
+``_body`` and ``_retry_after``.
+
 Listeners get bounded labels: ``host`` is the matched route's ``host``, or ``other`` (a route for
 any host, or no route); ``status_class`` is ``1xx`` ... ``5xx``, a :class:`FailureKind` value
 when no response came back, or ``cancelled``.
@@ -72,15 +76,12 @@ import copy
 import re
 import sys
 import time
-import zlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import httpx
 
-from resilient_voice._clock import Clock
 from resilient_voice.correlation import (
     DEFAULT_CORRELATION_ID_VALIDATOR,
     get_correlation_id,
@@ -90,6 +91,7 @@ from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.errors import _reduce as reduce_exception
 from resilient_voice.events import Listener, RequestFinished, check_listener, dispatch
 from resilient_voice.failure import FailureKind, NotSentError, failure_kind_of
+from resilient_voice.http._body import SUCCESS_OVERFLOW, ResponseTooLargeError, bounded, buffered
 from resilient_voice.http._retry_after import retry_after_from_headers
 from resilient_voice.policy import Policy
 
@@ -100,7 +102,6 @@ __all__ = [
     "IDEMPOTENT_METHODS",
     "LIMITER_KEY_EXTENSION",
     "ResilientTransport",
-    "ResponseTooLargeError",
     "Route",
     "UpstreamStatusError",
     "classify_exception",
@@ -213,25 +214,6 @@ class UpstreamStatusError(ProviderError):
         rebuild, args, state = reduce_exception(self)
         state["response"] = response
         return (rebuild, args, state)
-
-
-class ResponseTooLargeError(ProviderError):
-    """The upstream's answer decodes to more than the transport's ``max_response_bytes``.
-
-    Raised instead of reading further. ``kind`` follows the answer: ``MAYBE_PROCESSED`` for a
-    success answer to a non-idempotent request (which then reaches the caller as
-    :class:`~resilient_voice.OutcomeUnknownError`), ``PERMANENT`` for a success answer to an
-    idempotent one, and the status's own kind for an error answer.
-
-    Attributes:
-        limit: The cap, in bytes.
-    """
-
-    def __init__(self, status: int, limit: int, kind: FailureKind) -> None:
-        super().__init__(
-            status, None, f"response body larger than max_response_bytes={limit}", kind
-        )
-        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,20 +416,20 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 if response.is_stream_consumed:
                     # An inner transport that already read (and decoded) it: in memory.
                     if limit is not None and len(response.content) > limit:
-                        raise ResponseTooLargeError(status, limit, _SUCCESS_OVERFLOW[idempotent])
+                        raise ResponseTooLargeError(status, limit, SUCCESS_OVERFLOW[idempotent])
                     return response
                 if idempotent:
-                    return _bounded(response, request, limit, clock, deadline, timeout)
+                    return bounded(response, request, limit, clock, deadline, timeout)
                 # A non-idempotent success: read it here, inside the attempt and its timeout,
                 # so that a body that never arrives is this attempt's failure (an unknown
                 # outcome), not a bare httpx error after the transport returned. Its httpx
                 # errors (cut off, stalled, undecodable) are MAYBE_PROCESSED by _classify.
-                return await _buffered(response, request, limit, _MAYBE)
+                return await buffered(response, request, limit, FailureKind.MAYBE_PROCESSED)
             if response.is_stream_consumed:
                 failed = response  # an inner transport that already read (and decoded) it
                 failed.request = request
             else:
-                failed = await _buffered(response, request, limit, kind)
+                failed = await buffered(response, request, limit, kind)
             raise UpstreamStatusError(failed, kind, retry_after_from_headers(failed.headers))
 
         listeners = self._listeners
@@ -544,273 +526,3 @@ def _has_closed(loop: object) -> bool:
     except trio.RunFinishedError:
         return True
     return False
-
-
-_MAYBE = FailureKind.MAYBE_PROCESSED
-_SUCCESS_OVERFLOW = {True: FailureKind.PERMANENT, False: _MAYBE}
-_ZLIB_WBITS = {
-    "gzip": zlib.MAX_WBITS | 16,
-    "x-gzip": zlib.MAX_WBITS | 16,
-    "deflate": zlib.MAX_WBITS,
-}
-
-
-class _Decoder:
-    """A ``gzip``/``deflate`` decoder that never produces more than ``limit`` bytes in all.
-
-    ``zlib``'s ``max_length`` stops a compressed bomb at the cap instead of after it has been
-    expanded in memory, which is why the transport decodes these encodings itself rather than
-    leaving them to httpx.
-    """
-
-    __slots__ = ("_first", "_limit", "_size", "_status", "_wbits", "_zlib", "kind")
-
-    def __init__(self, wbits: int, limit: int | None, status: int, kind: FailureKind) -> None:
-        self._wbits = wbits
-        self._zlib = zlib.decompressobj(wbits)
-        self._first = wbits == zlib.MAX_WBITS
-        self._limit = limit
-        self._size = 0
-        self._status = status
-        self.kind = kind
-
-    def decode(self, data: bytes) -> bytes:
-        # One byte more than the room left shows an overflow without expanding further.
-        room = 0 if self._limit is None else self._limit - self._size + 1
-        try:
-            out = self._zlib.decompress(data, room)
-        except zlib.error as exc:
-            if self._first:
-                # "deflate" is zlib-wrapped by the standard, raw by some servers (as httpx).
-                self._first = False
-                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
-                return self.decode(data)
-            raise httpx.DecodingError(str(exc)) from exc
-        self._first = False
-        return self._count(out)
-
-    def flush(self) -> bytes:
-        try:
-            return self._count(self._zlib.flush())
-        except zlib.error as exc:  # pragma: no cover  # flush reports nothing zlib kept
-            raise httpx.DecodingError(str(exc)) from exc
-
-    def _count(self, out: bytes) -> bytes:
-        self._size += len(out)
-        if self._limit is not None and self._size > self._limit:
-            raise ResponseTooLargeError(self._status, self._limit, self.kind)
-        return out
-
-
-def _decoder_for(
-    response: httpx.Response, request: httpx.Request, limit: int | None, kind: FailureKind
-) -> _Decoder | None:
-    """A bounded decoder when the body is gzip or deflate (and not also something else).
-
-    None for answers without a body (HEAD, 204, 304), whose ``Content-Length`` describes the
-    resource rather than a body and must stay as it is.
-    """
-    encoding = response.headers.get("content-encoding")
-    status = response.status_code
-    if encoding is None or request.method == "HEAD" or status in (204, 304):
-        return None
-    names = [name.strip().lower() for name in encoding.split(",")]
-    names = [name for name in names if name and name != "identity"]
-    if len(names) != 1 or names[0] not in _ZLIB_WBITS:
-        return None
-    return _Decoder(_ZLIB_WBITS[names[0]], limit, status, kind)
-
-
-def _decoded_headers(headers: httpx.Headers, size: int | None) -> httpx.Headers:
-    """``headers`` for a body we decoded: no ``Content-Encoding``, a truthful length."""
-    headers = headers.copy()
-    del headers["content-encoding"]
-    if size is None:
-        del headers["content-length"]
-    else:
-        headers["content-length"] = str(size)
-    return headers
-
-
-async def _buffered(
-    response: httpx.Response, request: httpx.Request, limit: int | None, kind: FailureKind
-) -> httpx.Response:
-    """Read ``response``'s body into memory (decoded when we can, capped); close the stream."""
-    status = response.status_code
-    decoder = _decoder_for(response, request, limit, kind)
-    chunks: list[bytes] = []
-    size = 0
-    parts = _async_stream(response).__aiter__()
-    done = False
-    try:
-        async for chunk in parts:
-            if decoder is not None:
-                chunks.append(decoder.decode(chunk))
-                continue
-            size += len(chunk)
-            if limit is not None and size > limit:
-                raise ResponseTooLargeError(status, limit, kind)
-            chunks.append(chunk)
-        if decoder is not None:
-            chunks.append(decoder.flush())
-        done = True
-    finally:
-        if not done:
-            await _finish(parts)
-        await response.aclose()
-    body = b"".join(chunks)
-    headers = response.headers
-    if decoder is not None:
-        headers = _decoded_headers(headers, len(body))
-    return httpx.Response(
-        status,
-        headers=headers,
-        stream=httpx.ByteStream(body),
-        extensions=response.extensions,
-        request=request,
-    )
-
-
-def _async_stream(response: httpx.Response) -> httpx.AsyncByteStream:
-    stream = response.stream
-    if not isinstance(stream, httpx.AsyncByteStream):
-        raise TypeError("the inner transport answered with a synchronous body stream")
-    return stream
-
-
-async def _finish(parts: AsyncIterator[bytes]) -> None:
-    """Finish a body iterator, also when it is left early (an overflow, a decoding error).
-
-    Closing the outermost generator would leave the ones below it (httpx's, httpcore's)
-    suspended, to be collected later (trio warns about it). A read under an already-cancelled
-    scope instead raises through every one of them, and each closes what it holds; an
-    iterator already exhausted or failed just ends.
-    """
-    with anyio.CancelScope() as scope:
-        scope.cancel()
-        while await anext(parts, None) is not None:
-            pass
-
-
-def _bounded(
-    response: httpx.Response,
-    request: httpx.Request,
-    limit: int | None,
-    clock: Clock,
-    deadline: float | None,
-    timeout: float | None,
-) -> httpx.Response:
-    """Hand a streamed answer back with its body read bounded in time and size.
-
-    Without a deadline, an answer left to httpx to decode whose ``Content-Length`` is within
-    the cap goes back as it came: the HTTP layer (h11, h2) refuses a body longer than it
-    declared, so wrapping it would only cost time.
-    """
-    decoder = _decoder_for(response, request, limit, FailureKind.PERMANENT)
-    if decoder is None and deadline is None:
-        if limit is None:
-            return response
-        length = response.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) <= limit:
-            return response
-    status = response.status_code
-    if decoder is not None:
-        response.headers = _decoded_headers(response.headers, None)
-    response.stream = _BoundedStream(
-        _async_stream(response), request, decoder, limit, status, clock, deadline, timeout
-    )
-    return response
-
-
-class _BoundedStream(httpx.AsyncByteStream):
-    """An idempotent answer's body, cut off at the attempt's deadline and at the size cap.
-
-    Reading a normal body costs one clock reading per chunk, no task, timer or cancel scope:
-    the deadline is checked as each chunk arrives, and before the first read httpx's read
-    timeout for this body is lowered to the time left (httpcore reads it once, when the body
-    read starts), so neither a body dripped a byte at a time nor one that stalls outright
-    holds the caller long past the attempt's timeout.
-    """
-
-    __slots__ = (
-        "_clock",
-        "_deadline",
-        "_decoder",
-        "_inner",
-        "_limit",
-        "_request",
-        "_status",
-        "_timeout",
-    )
-
-    def __init__(
-        self,
-        inner: httpx.AsyncByteStream,
-        request: httpx.Request,
-        decoder: _Decoder | None,
-        limit: int | None,
-        status: int,
-        clock: Clock,
-        deadline: float | None,
-        timeout: float | None,
-    ) -> None:
-        self._inner = inner
-        self._request = request
-        self._decoder = decoder
-        self._limit = limit
-        self._status = status
-        self._clock = clock
-        self._deadline = deadline
-        self._timeout = timeout
-
-    def _late(self) -> httpx.ReadTimeout:
-        return httpx.ReadTimeout(
-            f"the response body was not read within the attempt's timeout ({self._timeout} s)",
-            request=self._request,
-        )
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        decoder = self._decoder
-        limit = self._limit
-        deadline = self._deadline
-        now = self._clock.now
-        timeouts: dict[str, float | None] | None = None
-        read_timeout: float | None = None
-        if deadline is not None:
-            left = deadline - now()
-            if left <= 0:
-                raise self._late()
-            found = self._request.extensions.get("timeout")
-            if isinstance(found, dict):
-                read_timeout = found.get("read")
-                if read_timeout is None or read_timeout > left:
-                    timeouts = found
-                    found["read"] = left
-        chunks = self._inner.__aiter__()
-        size = 0
-        done = False
-        try:
-            async for chunk in chunks:
-                if deadline is not None and now() > deadline:
-                    raise self._late()
-                if decoder is not None:
-                    chunk = decoder.decode(chunk)  # noqa: PLW2901  # the decoded form replaces it
-                else:
-                    size += len(chunk)
-                    if limit is not None and size > limit:
-                        raise ResponseTooLargeError(self._status, limit, FailureKind.PERMANENT)
-                if chunk:
-                    yield chunk
-            if decoder is not None:
-                tail = decoder.flush()
-                if tail:
-                    yield tail
-            done = True
-        finally:
-            if timeouts is not None:
-                timeouts["read"] = read_timeout  # the request may be sent again
-            if not done:
-                await _finish(chunks)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
