@@ -613,3 +613,11 @@ def test_a_client_used_after_its_event_loop_closed_refuses_before_sending(
 
     anyio.run(main)
     assert len(app.requests("twilio.calls.create")) == 1
+
+
+def test_transport_listeners_must_be_callables() -> None:
+    with pytest.raises(TypeError, match="listener"):
+        ResilientTransport(Policy(), listeners=[object()])  # type: ignore[list-item]
+    transport = ResilientTransport(Policy())
+    with pytest.raises(TypeError, match="listener"):
+        transport.add_listener("on_request")  # type: ignore[arg-type]
