@@ -65,16 +65,3 @@ def test_breaker_records_are_frozen_and_slotted() -> None:
     with pytest.raises(AttributeError):
         event.retry_after = 1.0  # type: ignore[misc]
     assert CallRejected("twilio", 2.5) == event
-
-
-def test_base_listener_callbacks_are_no_ops() -> None:
-    # Called directly, not through emit(), which would swallow a raising or missing callback.
-    from resilient_voice.events import RetryListener, TransportListener
-    from resilient_voice.failure import FailureKind
-
-    retry = RetryListener()
-    assert retry.on_attempt("r", 1, "id") is None
-    assert retry.on_retry("r", 1, 0.1, FailureKind.NOT_SENT, ValueError()) is None
-    assert retry.on_give_up("r", 2, None, ValueError()) is None
-    assert retry.on_outcome_unknown("r", "id", ValueError()) is None
-    assert TransportListener().on_request("t", "h", "GET", "r", "2xx", 0.1, 1) is None

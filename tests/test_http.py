@@ -22,7 +22,7 @@ from resilient_voice import (
     RetryPolicy,
     correlation_scope,
 )
-from resilient_voice.events import TransportListener
+from resilient_voice.events import Event, RequestFinished
 from resilient_voice.http import (
     ATTEMPT_ID_EXTENSION,
     IDEMPOTENT_EXTENSION,
@@ -227,16 +227,18 @@ async def test_connection_refused_is_not_sent_and_retried_then_raised() -> None:
     transport = ResilientTransport(Policy(retry=fast_retry(max_attempts=3)))
     attempts: list[int] = []
 
-    class Count(TransportListener):
-        def on_request(self, *args: object) -> None:
-            attempts.append(int(args[-1]))  # type: ignore[call-overload]
+    def count(event: Event) -> None:
+        if isinstance(event, RequestFinished):
+            attempts.append(event.attempts)
 
-    transport.add_listener(Count())
+    transport.add_listener(count)
     async with httpx.AsyncClient(transport=transport) as http:
         with pytest.raises(httpx.ConnectError) as info:
             await http.post(f"http://127.0.0.1:{port}/call", json={})
     assert any("3 attempt" in note for note in info.value.__notes__)
     assert attempts == [3]
+    # Classified by the transport's table, never by an attribute set on httpx's exception.
+    assert "failure_kind" not in vars(info.value)
 
 
 async def test_breaker_opens_on_5xx_and_then_fails_fast(fake: tuple[FakeTelephony, str]) -> None:
@@ -301,12 +303,13 @@ async def test_listener_gets_route_and_status_class(fake: tuple[FakeTelephony, s
     _app, url = fake
     events: list[tuple[object, ...]] = []
 
-    class Record(TransportListener):
-        def on_request(self, *args: object) -> None:
-            events.append(args)
+    def record(event: Event) -> None:
+        match event:
+            case RequestFinished(source, host, method, route, status_class, duration, attempts):
+                events.append((source, host, method, route, status_class, duration, attempts))
 
     transport = ResilientTransport(
-        Policy(), routes=[TWILIO_CALLS_ROUTE], name="twilio", listeners=[Record()]
+        Policy(), routes=[TWILIO_CALLS_ROUTE], name="twilio", listeners=[record]
     )
     async with client(url, transport) as http:
         await http.post(CALLS, data=CALL_FORM)
@@ -610,3 +613,11 @@ def test_a_client_used_after_its_event_loop_closed_refuses_before_sending(
 
     anyio.run(main)
     assert len(app.requests("twilio.calls.create")) == 1
+
+
+def test_transport_listeners_must_be_callables() -> None:
+    with pytest.raises(TypeError, match="listener"):
+        ResilientTransport(Policy(), listeners=[object()])  # type: ignore[list-item]
+    transport = ResilientTransport(Policy())
+    with pytest.raises(TypeError, match="listener"):
+        transport.add_listener("on_request")  # type: ignore[arg-type]

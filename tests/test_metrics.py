@@ -16,11 +16,14 @@ from resilient_voice.events import (
     CallRejected,
     CallSucceeded,
     Event,
-    RetryListener,
+    RequestFinished,
+    RetryAttemptStarted,
+    RetryGaveUp,
+    RetryOutcomeUnknown,
+    RetryScheduled,
     StateChanged,
     TokensGranted,
     TokensRejected,
-    TransportListener,
     dispatch,
 )
 from resilient_voice.failure import FailureKind
@@ -44,8 +47,8 @@ def test_listeners_implement_the_protocols() -> None:
     metrics = PrometheusMetrics(CollectorRegistry())
     assert callable(metrics.breaker)
     assert callable(metrics.limiter)
-    assert isinstance(metrics.retry, RetryListener)
-    assert isinstance(metrics.transport, TransportListener)
+    assert callable(metrics.retry)
+    assert callable(metrics.transport)
 
 
 def test_breaker_state_transitions_and_outcomes() -> None:
@@ -128,13 +131,13 @@ def test_retry_metrics_by_reason() -> None:
     listener = RetryMetrics(registry)
     error = RuntimeError("x")
     for attempt in (1, 2, 3):
-        listener.on_attempt("create_call", attempt, "op-1")
-    listener.on_retry("create_call", 1, 0.5, FailureKind.NOT_SENT, error)
-    listener.on_retry("create_call", 2, 1.0, FailureKind.UNPROCESSED, error)
-    listener.on_retry("create_call", 3, 1.0, FailureKind.UNPROCESSED, error)
-    listener.on_give_up("create_call", 3, FailureKind.PERMANENT, error)
-    listener.on_give_up("create_call", 1, None, error)
-    listener.on_outcome_unknown("create_call", "op-1", error)
+        listener(RetryAttemptStarted("create_call", attempt, "op-1"))
+    listener(RetryScheduled("create_call", 1, 0.5, FailureKind.NOT_SENT, error))
+    listener(RetryScheduled("create_call", 2, 1.0, FailureKind.UNPROCESSED, error))
+    listener(RetryScheduled("create_call", 3, 1.0, FailureKind.UNPROCESSED, error))
+    listener(RetryGaveUp("create_call", 3, FailureKind.PERMANENT, error))
+    listener(RetryGaveUp("create_call", 1, None, error))
+    listener(RetryOutcomeUnknown("create_call", "op-1", error))
     assert value(registry, "resilient_voice_retry_attempts_total", policy="create_call") == 3
     retries = "resilient_voice_retry_retries_total"
     assert value(registry, retries, policy="create_call", reason="not_sent") == 1
@@ -149,9 +152,9 @@ def test_retry_metrics_by_reason() -> None:
 def test_transport_metrics() -> None:
     registry = CollectorRegistry()
     listener = TransportMetrics(registry)
-    listener.on_request("twilio", "api.twilio.com", "POST", "create_call", "2xx", 0.2, 1)
-    listener.on_request("twilio", "api.twilio.com", "POST", "create_call", "2xx", 0.4, 3)
-    listener.on_request("twilio", "api.twilio.com", "POST", "create_call", "not_sent", 0.1, 1)
+    listener(RequestFinished("twilio", "api.twilio.com", "POST", "create_call", "2xx", 0.2, 1))
+    listener(RequestFinished("twilio", "api.twilio.com", "POST", "create_call", "2xx", 0.4, 3))
+    listener(RequestFinished("twilio", "api.twilio.com", "POST", "create_call", "not_sent", 0.1, 1))
     labels = {
         "transport": "twilio",
         "host": "api.twilio.com",

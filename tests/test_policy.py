@@ -14,6 +14,7 @@ from resilient_voice import (
     RateLimitedError,
     RetryPolicy,
 )
+from resilient_voice._clock import SYSTEM_CLOCK
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.policy import Policy
 from resilient_voice.testing import ManualClock
@@ -280,10 +281,10 @@ def test_invalid_configuration_is_rejected_at_construction() -> None:
         Policy(breaker="twilio")  # type: ignore[arg-type]
 
 
-async def test_policy_clock_is_passed_down_to_parts_built_without_one() -> None:
+async def test_policy_clock_drives_parts_built_with_it() -> None:
     clock = ManualClock(autojump=True)
-    breaker = CircuitBreaker("adopt", failure_threshold=3, recovery_timeout=5.0)
-    retry = RetryPolicy(jitter="none", base_delay=1.0, max_attempts=2)
+    breaker = CircuitBreaker("adopt", failure_threshold=3, recovery_timeout=5.0, clock=clock)
+    retry = RetryPolicy(jitter="none", base_delay=1.0, max_attempts=2, clock=clock)
     policy = Policy(breaker=breaker, retry=retry, timeout=2.0, clock=clock)
     calls = 0
 
@@ -299,6 +300,20 @@ async def test_policy_clock_is_passed_down_to_parts_built_without_one() -> None:
     assert policy.clock is clock
 
 
+def test_a_policy_never_swaps_the_clock_of_its_parts() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker("system")  # built without a clock: the system clock
+    retry = RetryPolicy()
+    bucket = TokenBucket(rate=1.0)
+    for part in ({"breaker": breaker}, {"retry": retry}, {"limiter": bucket}):
+        with pytest.raises(ValueError, match="never replaces a part's clock"):
+            Policy(clock=clock, **part)  # type: ignore[arg-type]
+    assert retry.clock is SYSTEM_CLOCK
+    shared = Policy(breaker=breaker, retry=retry, limiter=bucket)
+    assert shared.clock is SYSTEM_CLOCK
+    assert Policy(retry=RetryPolicy(clock=clock)).clock is clock
+
+
 def test_parts_on_different_clocks_are_refused() -> None:
     with pytest.raises(ValueError, match="clock"):
         Policy(
@@ -311,10 +326,10 @@ def test_parts_on_different_clocks_are_refused() -> None:
     assert Policy(breaker=CircuitBreaker("c", clock=shared)).clock is shared
 
 
-async def test_policy_clock_reaches_a_limiter_built_without_one() -> None:
+async def test_policy_paces_limiters_on_their_shared_clock() -> None:
     clock = ManualClock(autojump=True)
-    bucket = TokenBucket(rate=1.0, burst=1)
-    keyed = KeyedLimiter(rate=1.0, burst=1)
+    bucket = TokenBucket(rate=1.0, burst=1, clock=clock)
+    keyed = KeyedLimiter(rate=1.0, burst=1, clock=clock)
     policy = Policy(limiter=bucket, clock=clock)
     keyed_policy = Policy(limiter=keyed, key=lambda: "k", clock=clock)
 
@@ -331,7 +346,9 @@ async def test_retry_total_timeout_makes_the_limiter_refuse_instead_of_an_unknow
     clock = ManualClock(autojump=True)
     bucket = TokenBucket(rate=0.05, burst=1, clock=clock)  # one token per 20 s
     policy = Policy(
-        limiter=bucket, retry=RetryPolicy(max_attempts=3, total_timeout=1.0), clock=clock
+        limiter=bucket,
+        retry=RetryPolicy(max_attempts=3, total_timeout=1.0, clock=clock),
+        clock=clock,
     )
 
     async def place() -> str:
@@ -540,3 +557,43 @@ async def test_a_probe_that_hangs_after_its_token_still_reopens_the_breaker() ->
             await policy.call(hang)
         assert breaker.state is BreakerState.OPEN  # hung for 5 s after it was sent
         tg.cancel_scope.cancel()
+
+
+async def test_classify_states_the_kind_of_foreign_exceptions_without_touching_them() -> None:
+    clock = ManualClock(autojump=True)
+    breaker = CircuitBreaker("classify", failure_threshold=2, clock=clock)
+    retry = RetryPolicy(max_attempts=3, jitter="none", base_delay=0.1, clock=clock)
+    policy = Policy(breaker=breaker, retry=retry, clock=clock)
+
+    class Foreign(Exception):
+        pass
+
+    class Mistake(Exception):
+        pass
+
+    table = {Foreign: FailureKind.NOT_SENT, Mistake: FailureKind.PERMANENT}
+
+    def classify(exc: BaseException) -> FailureKind | None:
+        return table.get(type(exc))
+
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Foreign
+        return "ok"
+
+    # NOT_SENT by the table: retried even though the operation is not idempotent.
+    assert await policy.run(flaky, classify=classify) == "ok"
+    assert calls == 2
+
+    async def mistaken() -> str:
+        raise Mistake
+
+    for _ in range(2):
+        with pytest.raises(Mistake) as info:
+            await policy.run(mistaken, classify=classify)
+        assert not hasattr(info.value, "failure_kind")
+    assert breaker.state is BreakerState.CLOSED  # PERMANENT: the caller's error, not counted

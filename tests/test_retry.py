@@ -14,16 +14,21 @@ from resilient_voice.errors import (
     ProviderError,
     RateLimitedError,
 )
-from resilient_voice.events import RetryListener
+from resilient_voice.events import (
+    Event,
+    RetryAttemptStarted,
+    RetryGaveUp,
+    RetryOutcomeUnknown,
+    RetryScheduled,
+)
 from resilient_voice.failure import FailureKind
+from resilient_voice.http import parse_retry_after, parse_retry_after_ms
 from resilient_voice.retry import (
     AttemptInfo,
     RetryBudget,
     RetryPolicy,
     current_attempt,
     default_retry_on,
-    parse_retry_after,
-    parse_retry_after_ms,
 )
 from resilient_voice.testing import ManualClock
 
@@ -43,25 +48,20 @@ class Failure(Exception):
         self.retry_after = retry_after
 
 
-class Recorder(RetryListener):
+class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def on_attempt(self, policy: str, attempt: int, attempt_id: str) -> None:
-        self.events.append(("attempt", policy, attempt, attempt_id))
-
-    def on_retry(
-        self, policy: str, attempt: int, delay: float, kind: FailureKind, error: BaseException
-    ) -> None:
-        self.events.append(("retry", policy, attempt, delay, kind, error))
-
-    def on_give_up(
-        self, policy: str, attempt: int, kind: FailureKind | None, error: BaseException
-    ) -> None:
-        self.events.append(("give_up", policy, attempt, kind, error))
-
-    def on_outcome_unknown(self, policy: str, attempt_id: str, error: BaseException) -> None:
-        self.events.append(("unknown", policy, attempt_id, error))
+    def __call__(self, event: Event) -> None:
+        match event:
+            case RetryAttemptStarted(source, attempt, attempt_id):
+                self.events.append(("attempt", source, attempt, attempt_id))
+            case RetryScheduled(source, attempt, delay, kind, error):
+                self.events.append(("retry", source, attempt, delay, kind, error))
+            case RetryGaveUp(source, attempt, kind, error):
+                self.events.append(("give_up", source, attempt, kind, error))
+            case RetryOutcomeUnknown(source, attempt_id, error):
+                self.events.append(("unknown", source, attempt_id, error))
 
 
 class Script:

@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_voice.errors import OutcomeUnknownError
-from resilient_voice.events import RetryListener
+from resilient_voice.events import Event, RetryScheduled
 from resilient_voice.failure import FailureKind
-from resilient_voice.retry import RetryPolicy, parse_retry_after, parse_retry_after_ms
+from resilient_voice.http import parse_retry_after, parse_retry_after_ms
+from resilient_voice.retry import RetryPolicy
 from resilient_voice.testing import ManualClock
 
 # Async property tests request the backend fixture themselves so that both backends run them.
@@ -31,14 +32,13 @@ class Failure(Exception):
         self.retry_after = retry_after
 
 
-class Delays(RetryListener):
+class Delays:
     def __init__(self) -> None:
         self.delays: list[float] = []
 
-    def on_retry(
-        self, policy: str, attempt: int, delay: float, kind: FailureKind, error: BaseException
-    ) -> None:
-        self.delays.append(delay)
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RetryScheduled):
+            self.delays.append(event.delay)
 
 
 delays = st.floats(min_value=0.0, max_value=30.0, allow_nan=False)

@@ -13,7 +13,7 @@ from twilio.rest import Client
 
 from _raw_upstream import Mode, raw_upstream
 from resilient_voice import OutcomeUnknownError, RetryPolicy, correlation_scope
-from resilient_voice.events import TransportListener
+from resilient_voice.events import Event, RequestFinished
 from resilient_voice.policy import Policy
 from resilient_voice.testing import FakeTelephony, Fault, serve
 from resilient_voice.twilio import ResilientTwilioHttpClient
@@ -45,11 +45,11 @@ async def test_sdk_calls_and_messages_go_through_the_adapter(
     app, url = fake
     routes: list[str] = []
 
-    class Routes(TransportListener):
-        def on_request(self, *args: object) -> None:
-            routes.append(str(args[3]))
+    def record(event: Event) -> None:
+        if isinstance(event, RequestFinished):
+            routes.append(event.route)
 
-    client, http_client = sdk(url, listeners=[Routes()])
+    client, http_client = sdk(url, listeners=[record])
     async with http_client:
         with correlation_scope("sdk-req-1"):
             call = await client.calls.create_async(to="+15550100001", from_=FROM, url=TWIML_URL)

@@ -31,7 +31,7 @@ from resilient_voice import (
     RetryPolicy,
     correlation_scope,
 )
-from resilient_voice.events import TransportListener
+from resilient_voice.events import Event, RequestFinished
 from resilient_voice.policy import Policy
 from resilient_voice.testing import FakeTelephony, Fault, ManualClock, serve
 from resilient_voice.vapi import (
@@ -507,7 +507,7 @@ async def test_unreadable_2xx_on_create_is_outcome_unknown() -> None:
 async def test_breaker_opens_during_an_outage_and_recovers(upstream: Upstream) -> None:
     clock = ManualClock()
     breaker = CircuitBreaker("vapi", failure_threshold=2, recovery_timeout=10.0, clock=clock)
-    policy = Policy(breaker=breaker, retry=RetryPolicy(max_attempts=1))
+    policy = Policy(breaker=breaker, retry=RetryPolicy(max_attempts=1, clock=clock))
     upstream.app.faults = [Fault.error_rate(1.0, status=503, endpoints="vapi.*")]
     async with upstream.client(policy=policy) as vapi:
         assert vapi.breaker is breaker
@@ -704,11 +704,11 @@ async def test_a_caller_provided_http_client_is_used_and_not_closed(upstream: Up
 async def test_transport_listeners_are_attached(upstream: Upstream) -> None:
     routes: list[str] = []
 
-    class Recorder(TransportListener):
-        def on_request(self, *args: Any) -> None:
-            routes.append(args[3])
+    def record(event: Event) -> None:
+        if isinstance(event, RequestFinished):
+            routes.append(event.route)
 
-    async with upstream.client(listeners=[Recorder()]) as vapi:
+    async with upstream.client(listeners=[record]) as vapi:
         await vapi.list_phone_numbers()
         await vapi.get_assistant(upstream.assistant_id)
         await create(upstream, vapi)

@@ -22,8 +22,7 @@ import anyio
 
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.errors import OutcomeUnknownError, RejectedError
-from resilient_voice.events import BreakerState, Event, RetryListener, StateChanged
-from resilient_voice.failure import FailureKind
+from resilient_voice.events import BreakerState, Event, RetryScheduled, StateChanged
 from resilient_voice.limiter import TokenBucket
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
@@ -112,10 +111,10 @@ def fault_script(profile: str, duration: float) -> list[Any]:
     return rules
 
 
-class _Tally(RetryListener):
+class _Tally:
     """Counts retries and records breaker transitions for the live view and the summary.
 
-    A retry listener, and (called with event records) a breaker listener.
+    ``count_retries`` listens to the retry policy; the tally itself listens to the breaker.
     """
 
     def __init__(self, started: float) -> None:
@@ -124,10 +123,10 @@ class _Tally(RetryListener):
         self.state = BreakerState.CLOSED
         self.transitions: list[dict[str, Any]] = []
 
-    def on_retry(
-        self, policy: str, attempt: int, delay: float, kind: FailureKind, error: BaseException
-    ) -> None:
-        self.retries += 1
+    def count_retries(self, event: Event) -> None:
+        """The retry policy's listener: counts scheduled retries."""
+        if isinstance(event, RetryScheduled):
+            self.retries += 1
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, StateChanged):
@@ -187,7 +186,7 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoRepor
         base_delay=0.05,
         max_delay=0.5,
         name="create_call",
-        listeners=[tally, metrics.retry],
+        listeners=[tally.count_retries, metrics.retry],
     )
     create = Policy(
         breaker=breaker,

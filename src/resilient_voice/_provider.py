@@ -33,7 +33,7 @@ from resilient_voice._urls import check_transport_security, redact_url
 from resilient_voice._urls import split as split_url
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
-from resilient_voice.events import TransportListener
+from resilient_voice.events import Listener
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import ResilientTransport, Route, UpstreamStatusError
 from resilient_voice.policy import Policy
@@ -143,7 +143,7 @@ def build_transport(
     *,
     transport: httpx.AsyncBaseTransport | None,
     name: str,
-    listeners: Iterable[TransportListener],
+    listeners: Iterable[Listener],
 ) -> ResilientTransport:
     """A provider's transport: each route runs its operation's policy, anything else reads'.
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 
+from resilient_voice._clock import SYSTEM_CLOCK, Clock
+
 __all__ = [
     "choice",
+    "clock",
     "fraction",
     "integer",
     "non_negative",
@@ -112,4 +115,20 @@ def choice(name: str, value: object, options: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in options:
         allowed = " or ".join(repr(option) for option in options)
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def clock(value: object) -> Clock:
+    """Return ``value`` as a :class:`~resilient_voice._clock.Clock`; ``None`` is the system clock.
+
+    A primitive keeps the clock it was built with for life: compositions check that their parts
+    agree on one and never swap it (see :class:`~resilient_voice.Policy`).
+
+    Raises:
+        TypeError: ``value`` does not implement the clock protocol.
+    """
+    if value is None:
+        return SYSTEM_CLOCK
+    if not isinstance(value, Clock):
+        raise TypeError(f"clock must implement resilient_voice Clock, got {value!r}")
     return value

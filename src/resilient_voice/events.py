@@ -32,11 +32,15 @@ __all__ = [
     "CallSucceeded",
     "Event",
     "Listener",
-    "RetryListener",
+    "RequestFinished",
+    "RetryAttemptStarted",
+    "RetryGaveUp",
+    "RetryOutcomeUnknown",
+    "RetryScheduled",
     "StateChanged",
     "TokensGranted",
     "TokensRejected",
-    "TransportListener",
+    "check_listener",
     "dispatch",
     "emit",
 ]
@@ -57,6 +61,75 @@ class Event:
 
 Listener = Callable[[Event], None]
 """A listener is any callable taking one event record; it must be cheap and must not raise."""
+
+
+def check_listener(listener: object) -> Listener:
+    """Return ``listener`` when it is callable; refuse it at attach time otherwise.
+
+    Raises:
+        TypeError: ``listener`` is not callable.
+    """
+    if not callable(listener):
+        raise TypeError(f"a listener must be a callable taking one event, got {listener!r}")
+    return listener
+
+
+# Retry and transport records (RetryPolicy, ResilientTransport). ``source`` is the policy's or
+# transport's name.
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAttemptStarted(Event):
+    """Attempt ``attempt`` (1-based) of operation ``attempt_id`` is starting."""
+
+    attempt: int
+    attempt_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled(Event):
+    """Attempt ``attempt`` failed with ``kind``; the next starts after ``delay`` seconds."""
+
+    attempt: int
+    delay: float
+    kind: FailureKind
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class RetryGaveUp(Event):
+    """The operation failed for good after ``attempt`` attempts; ``kind`` is ``None`` when the
+    failure was unclassified (or the time ran out before any failure)."""
+
+    attempt: int
+    kind: FailureKind | None
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class RetryOutcomeUnknown(Event):
+    """A non-idempotent operation may have been processed and was not retried."""
+
+    attempt_id: str
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFinished(Event):
+    """A logical request through a :class:`~resilient_voice.ResilientTransport` finished.
+
+    ``route`` is the configured route's name (never a raw path); ``host`` is the matched route's
+    host, or ``"other"`` (never the raw request host); ``status_class`` is ``"1xx"`` ... ``"5xx"``,
+    the :class:`~resilient_voice.FailureKind` value when no response came back, or
+    ``"cancelled"``. All bounded, so they are safe as metric labels.
+    """
+
+    host: str
+    method: str
+    route: str
+    status_class: str
+    duration: float
+    attempts: int
 
 
 def dispatch(listeners: tuple[Listener, ...], event: Event) -> None:
@@ -170,45 +243,3 @@ def emit(listeners: tuple[object, ...], callback: str, *args: object) -> None:
             getattr(listener, callback)(*args)
         except Exception:  # noqa: BLE001  (a listener bug must not change the call's outcome)
             _log.exception("listener %r raised in %s", listener, callback)
-
-
-class RetryListener:
-    """Observes a :class:`~resilient_voice.RetryPolicy`."""
-
-    def on_attempt(self, policy: str, attempt: int, attempt_id: str) -> None:
-        """Attempt number ``attempt`` (1-based) of operation ``attempt_id`` is starting."""
-
-    def on_retry(
-        self, policy: str, attempt: int, delay: float, kind: FailureKind, error: BaseException
-    ) -> None:
-        """Attempt ``attempt`` failed with ``kind``; the next starts after ``delay`` seconds."""
-
-    def on_give_up(
-        self, policy: str, attempt: int, kind: FailureKind | None, error: BaseException
-    ) -> None:
-        """The operation failed for good after ``attempt`` attempts."""
-
-    def on_outcome_unknown(self, policy: str, attempt_id: str, error: BaseException) -> None:
-        """A non-idempotent operation may have been processed and was not retried."""
-
-
-class TransportListener:
-    """Observes :class:`~resilient_voice.ResilientTransport` requests."""
-
-    def on_request(
-        self,
-        transport: str,
-        host: str,
-        method: str,
-        route: str,
-        status_class: str,
-        duration: float,
-        attempts: int,
-    ) -> None:
-        """A logical request finished.
-
-        ``route`` is the configured route's name (never a raw path); ``host`` is the matched
-        route's host, or ``"other"`` (never the raw request host); ``status_class`` is ``"1xx"``
-        ... ``"5xx"``, the :class:`~resilient_voice.FailureKind` value when no response came
-        back, or ``"cancelled"``. All bounded, so they are safe as metric labels.
-        """

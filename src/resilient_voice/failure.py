@@ -19,17 +19,33 @@ the kind, never in terms of exception types:
     The caller's own error (other 4xx). Never retried.
 
 Exceptions (and response wrappers) expose their kind through the small :class:`Classified`
-protocol: an attribute ``failure_kind`` and an optional ``retry_after`` in seconds. Adapters
-implement it; the core only reads it.
+protocol: an attribute ``failure_kind`` and an optional ``retry_after`` in seconds. The library's
+own exceptions implement it as class attributes; a foreign exception (httpx's) is never given
+the attribute: the adapter that knows it passes an explicit ``classify`` function instead (see
+:class:`~resilient_voice.Policy.run`). The refusals the core raises itself before anything is
+sent are their own types below, so they keep the built-in base a caller catches
+(``TimeoutError``, ``RuntimeError``) and state their kind.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Classified", "FailureKind", "failure_kind_of", "is_backpressure", "retry_after_of"]
+__all__ = [
+    "Classified",
+    "Classify",
+    "ConcurrentUseError",
+    "FailureKind",
+    "NotAwaitableError",
+    "NotSentError",
+    "OutOfTimeError",
+    "failure_kind_of",
+    "is_backpressure",
+    "retry_after_of",
+]
 
 
 class FailureKind(enum.Enum):
@@ -59,12 +75,64 @@ class Classified(Protocol):
     def retry_after(self) -> float | None: ...
 
 
-def failure_kind_of(obj: object) -> FailureKind | None:
-    """Return ``obj.failure_kind`` when it is a :class:`FailureKind`, else ``None``.
+Classify = Callable[[BaseException], "FailureKind | None"]
+"""An explicit classification of exceptions a component does not own (an adapter's table):
+returns the kind, or ``None`` to fall back to :func:`failure_kind_of`."""
 
-    ``None`` means "unclassified": the retry policy then treats the failure as
+
+class OutOfTimeError(TimeoutError):
+    """A deadline passed before anything was sent: kind ``NOT_SENT``, safe to retry later."""
+
+    failure_kind: ClassVar[FailureKind] = FailureKind.NOT_SENT
+    retry_after: ClassVar[float | None] = None
+
+
+class NotSentError(RuntimeError):
+    """A call refused by the library before anything was sent (kind ``NOT_SENT``).
+
+    Raised for programming and lifecycle errors found on the way in (a re-entrant call into a
+    bulkhead, a client used after its event loop closed): retrying cannot help, but nothing
+    reached the upstream, so nothing is unknown.
+    """
+
+    failure_kind: ClassVar[FailureKind] = FailureKind.NOT_SENT
+    retry_after: ClassVar[float | None] = None
+
+
+class ConcurrentUseError(RuntimeError):
+    """A primitive used from two threads or event loops at once: kind ``PERMANENT``.
+
+    A programming error found on the way in: a retry policy must neither retry it nor call it
+    an unknown outcome.
+    """
+
+    failure_kind: ClassVar[FailureKind] = FailureKind.PERMANENT
+    retry_after: ClassVar[float | None] = None
+
+
+class NotAwaitableError(TypeError):
+    """A callable that should have returned an awaitable did not: kind ``PERMANENT``.
+
+    A programming error, not a failure of the upstream: never retried, never counted by a
+    breaker.
+    """
+
+    failure_kind: ClassVar[FailureKind] = FailureKind.PERMANENT
+    retry_after: ClassVar[float | None] = None
+
+
+def failure_kind_of(obj: object, classify: Classify | None = None) -> FailureKind | None:
+    """Return the kind of ``obj``: what ``classify`` says, else ``obj.failure_kind``.
+
+    ``classify`` is the explicit table of whoever owns the call (the transport's, for httpx
+    exceptions); it is asked first and may return ``None`` for exceptions it does not know.
+    ``None`` overall means "unclassified": the retry policy then treats the failure as
     ``MAYBE_PROCESSED``, the only assumption that can never cause a duplicate side effect.
     """
+    if classify is not None and isinstance(obj, BaseException):
+        found = classify(obj)
+        if found is not None:
+            return found
     kind = getattr(obj, "failure_kind", None)
     return kind if isinstance(kind, FailureKind) else None
 

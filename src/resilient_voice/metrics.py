@@ -43,11 +43,14 @@ from resilient_voice.events import (
     CallRejected,
     CallSucceeded,
     Event,
-    RetryListener,
+    RequestFinished,
+    RetryAttemptStarted,
+    RetryGaveUp,
+    RetryOutcomeUnknown,
+    RetryScheduled,
     StateChanged,
     TokensGranted,
     TokensRejected,
-    TransportListener,
 )
 from resilient_voice.failure import FailureKind
 
@@ -311,8 +314,10 @@ class LimiterMetrics:
                 pass
 
 
-class RetryMetrics(RetryListener):
+class RetryMetrics:
     """Records a retry policy's attempts, retries by reason, give-ups and unknown outcomes.
+
+    A listener: pass it in ``RetryPolicy(listeners=[...])``; it ignores other records.
 
     Metrics (label ``policy`` is the retry policy's name; ``reason`` is a
     :class:`~resilient_voice.FailureKind` value, or ``unclassified``):
@@ -363,40 +368,40 @@ class RetryMetrics(RetryListener):
         self._retries: dict[tuple[str, FailureKind], Any] = {}
         self._give_ups: dict[tuple[str, FailureKind | None], Any] = {}
 
-    def on_attempt(self, policy: str, attempt: int, attempt_id: str) -> None:
-        child = self._attempts.get(policy)
-        if child is None:
-            child = self._attempts[policy] = self.attempts.labels(policy)
-        child.inc()
-
-    def on_retry(
-        self, policy: str, attempt: int, delay: float, kind: FailureKind, error: BaseException
-    ) -> None:
-        key = (policy, kind)
-        child = self._retries.get(key)
-        if child is None:
-            child = self._retries[key] = self.retries.labels(policy, kind.value)
-        child.inc()
-
-    def on_give_up(
-        self, policy: str, attempt: int, kind: FailureKind | None, error: BaseException
-    ) -> None:
-        key = (policy, kind)
-        child = self._give_ups.get(key)
-        if child is None:
-            reason = "unclassified" if kind is None else kind.value
-            child = self._give_ups[key] = self.give_ups.labels(policy, reason)
-        child.inc()
-
-    def on_outcome_unknown(self, policy: str, attempt_id: str, error: BaseException) -> None:
-        child = self._unknown.get(policy)
-        if child is None:
-            child = self._unknown[policy] = self.outcome_unknown.labels(policy)
-        child.inc()
+    def __call__(self, event: Event) -> None:
+        """Count one retry record; other records are ignored."""
+        match event:
+            case RetryAttemptStarted(source=policy):
+                child = self._attempts.get(policy)
+                if child is None:
+                    child = self._attempts[policy] = self.attempts.labels(policy)
+                child.inc()
+            case RetryScheduled(source=policy, kind=kind):
+                key = (policy, kind)
+                child = self._retries.get(key)
+                if child is None:
+                    child = self._retries[key] = self.retries.labels(policy, kind.value)
+                child.inc()
+            case RetryGaveUp(source=policy, kind=kind):
+                given = (policy, kind)
+                child = self._give_ups.get(given)
+                if child is None:
+                    reason = "unclassified" if kind is None else kind.value
+                    child = self._give_ups[given] = self.give_ups.labels(policy, reason)
+                child.inc()
+            case RetryOutcomeUnknown(source=policy):
+                child = self._unknown.get(policy)
+                if child is None:
+                    child = self._unknown[policy] = self.outcome_unknown.labels(policy)
+                child.inc()
+            case _:
+                pass
 
 
-class TransportMetrics(TransportListener):
+class TransportMetrics:
     """Records outbound HTTP requests made through ``ResilientTransport``.
+
+    A listener: pass it in ``ResilientTransport(listeners=[...])``; it ignores other records.
 
     Metrics (labels ``transport``, ``host``, ``method``, ``route``, ``status_class``; ``route`` is
     the transport's configured route name, never a raw path; ``host`` is the matched route's
@@ -446,27 +451,23 @@ class TransportMetrics(TransportListener):
         )
         self._series: dict[tuple[str, str, str, str, str], tuple[Any, Any, Any]] = {}
 
-    def on_request(
-        self,
-        transport: str,
-        host: str,
-        method: str,
-        route: str,
-        status_class: str,
-        duration: float,
-        attempts: int,
-    ) -> None:
-        key = (transport, host, method, route, status_class)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = (
-                self.requests.labels(*key),
-                self.duration.labels(*key),
-                self.attempts.labels(*key),
-            )
-        series[0].inc()
-        series[1].observe(duration)
-        series[2].inc(attempts)
+    def __call__(self, event: Event) -> None:
+        """Record one finished request; other records are ignored."""
+        match event:
+            case RequestFinished(source, host, method, route, status_class, duration, attempts):
+                key = (source, host, method, route, status_class)
+                series = self._series.get(key)
+                if series is None:
+                    series = self._series[key] = (
+                        self.requests.labels(*key),
+                        self.duration.labels(*key),
+                        self.attempts.labels(*key),
+                    )
+                series[0].inc()
+                series[1].observe(duration)
+                series[2].inc(attempts)
+            case _:
+                pass
 
 
 class PrometheusMetrics:

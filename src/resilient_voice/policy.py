@@ -13,13 +13,16 @@ Order, outermost first (see docs/policy.md for the reasons)::
   token's time window hostage, and the breaker's timer starts only after both waits: the breaker
   judges the upstream, not our own queues.
 - The per-attempt timeout is innermost, around the call alone.
+
+This module runs past 400 lines because the composition is one piece: the order above, the
+checks that every part shares one clock, and the rules for what was and was not sent are read
+together, and splitting them would scatter one contract over files.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, ParamSpec, TypeVar
 
@@ -27,10 +30,17 @@ import anyio
 
 from resilient_voice._callables import is_async_callable, require_async_callable
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._validate import optional_number
 from resilient_voice.breaker import BreakerPermit, CircuitBreaker
 from resilient_voice.correlation import new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError, RejectedError
-from resilient_voice.failure import FailureKind
+from resilient_voice.failure import (
+    Classify,
+    NotAwaitableError,
+    NotSentError,
+    OutOfTimeError,
+    failure_kind_of,
+)
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.retry import RetryPolicy
 
@@ -40,16 +50,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 KeyFunction = Callable[..., Hashable]
-
-
-def _check_timeout(name: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
-    return float(value)
 
 
 class Policy:
@@ -82,10 +82,13 @@ class Policy:
         idempotent: Whether the wrapped operation may safely run twice. Decides whether a
             failure that may have been processed is retried or raised as
             :class:`OutcomeUnknownError`.
-        clock: Clock on which timeouts are measured; defaults to the system clock.
+        clock: Clock on which timeouts are measured. Every part must have been built with
+            this same clock (it is never swapped); without it, the parts' common clock is
+            used, or the system clock.
 
     Raises:
-        TypeError, ValueError: Invalid configuration, at construction.
+        TypeError, ValueError: Invalid configuration, at construction; ``ValueError`` also
+            when the parts' clocks disagree with each other or with ``clock``.
     """
 
     __slots__ = (
@@ -140,8 +143,8 @@ class Policy:
         self._keyed = isinstance(limiter, KeyedLimiter)
         self._key = key
         self._retry = retry
-        self._timeout = _check_timeout("timeout", timeout)
-        self._total_timeout = _check_timeout("total_timeout", total_timeout)
+        self._timeout = optional_number("timeout", timeout)
+        self._total_timeout = optional_number("total_timeout", total_timeout)
         self._bulkhead = (
             anyio.CapacityLimiter(max_concurrency) if max_concurrency is not None else None
         )
@@ -149,7 +152,7 @@ class Policy:
         # on itself (anyio refuses it too, but only after a token was paid).
         self._slot_holders: set[int] = set()
         self._idempotent = idempotent
-        self._clock: Clock = _resolve_clock(clock, breaker, limiter, retry)
+        self._clock: Clock = _resolve_clock(clock, breaker=breaker, limiter=limiter, retry=retry)
 
     @property
     def breaker(self) -> CircuitBreaker | None:
@@ -219,6 +222,7 @@ class Policy:
         key: Hashable | None = None,
         deadline: float | None = None,
         priority: int = 0,
+        classify: Classify | None = None,
     ) -> T:
         """Run a zero-argument async callable under this policy; the engine behind ``call``.
 
@@ -232,6 +236,10 @@ class Policy:
             deadline: An absolute time on the policy's clock by which the operation must end;
                 combined with ``total_timeout`` (the earlier wins).
             priority: Passed to the limiter: higher overtakes queued lower-priority work.
+            classify: The caller's explicit kinds for exceptions it knows but does not own
+                (the transport passes its httpx table), asked before an exception's own
+                ``failure_kind``: the retry policy judges by it, and an error it calls
+                ``PERMANENT`` is the caller's own, which the breaker does not count.
 
         Raises:
             TimeoutError: The total time ran out, or ``deadline`` had already passed (then
@@ -254,7 +262,7 @@ class Policy:
         clock = self._clock
         if deadline is not None and deadline <= clock.now():
             # No attempt can run in no time: refuse before a permit, a token or the call.
-            raise _not_sent(TimeoutError("the operation's deadline had passed before it started"))
+            raise OutOfTimeError("the operation's deadline had passed before it started")
         safe = self._idempotent if idempotent is None else idempotent
         if self._total_timeout is not None:
             own = clock.now() + self._total_timeout
@@ -272,7 +280,7 @@ class Policy:
             async def one_attempt() -> T:
                 sent = state.attempts
                 try:
-                    return await self._attempt(attempt, key, deadline, priority, state)
+                    return await self._attempt(attempt, key, deadline, priority, state, classify)
                 except RejectedError:
                     raise  # a refusal (open breaker, no token in time) may be retried later
                 except Exception as exc:
@@ -292,20 +300,21 @@ class Policy:
                     attempt_id=attempt_id,
                     deadline=deadline,
                     in_flight=state.is_in_flight,
+                    classify=classify,
                 )
             except _Unsent as unsent:
                 error = unsent.error
             raise error
         if deadline is None:
-            return await self._attempt(attempt, key, None, priority, state)
+            return await self._attempt(attempt, key, None, priority, state, classify)
         with clock.deadline_scope(deadline) as scope:
-            result = await self._attempt(attempt, key, deadline, priority, state)
+            result = await self._attempt(attempt, key, deadline, priority, state, classify)
         if not scope.cancelled_caught:
             return result
         message = "operation did not finish within its total timeout"
         if not state.in_flight:
             # Cut while waiting (for a token, a bulkhead slot): nothing was sent.
-            raise _not_sent(TimeoutError(message))
+            raise OutOfTimeError(message)
         timeout = TimeoutError(message)
         if not safe:
             raise OutcomeUnknownError(
@@ -322,6 +331,7 @@ class Policy:
         deadline: float | None,
         priority: int,
         state: _RunState,
+        classify: Classify | None,
     ) -> T:
         breaker = self._breaker
         # Not started until the waits below are over: a probe queued for a token has sent
@@ -340,7 +350,9 @@ class Policy:
             return await self._timed_call(attempt, permit, state)
         except BaseException as exc:
             if permit is not None:
-                permit.settle(exc)  # a no-op when the attempt already reported
+                # A no-op when the attempt already reported.
+                kind = failure_kind_of(exc, classify) if classify is not None else None
+                permit.settle(exc, kind=kind)
             raise
         finally:
             if bulkhead is not None:
@@ -417,49 +429,59 @@ class _RunState:
         return self.in_flight
 
 
-def _resolve_clock(clock: Clock | None, *parts: object) -> Clock:
-    """Pick the composition's clock and pass it down to the parts built without one.
+def _clock_of(part: object) -> Clock:
+    """The clock a part was built with: its ``clock`` property.
 
-    Without ``clock=``, the policy adopts the clock of its parts (they must agree). A part on
-    the system clock is given the policy's clock, so that one ``ManualClock`` passed to the
-    policy drives every timeout, token wait and backoff sleep of the composition.
+    Parts that do not expose it yet are read through ``_clock``; either way the value is only
+    read, never replaced.
     """
-    present = [part for part in parts if part is not None]
-    own = {id(c): c for c in (getattr(p, "_clock", SYSTEM_CLOCK) for p in present)}
-    custom = [c for c in own.values() if c is not SYSTEM_CLOCK]
+    found = getattr(part, "clock", None)
+    if found is None:
+        found = getattr(part, "_clock", SYSTEM_CLOCK)
+    if not isinstance(found, Clock):  # pragma: no cover  (every part validates its clock)
+        raise TypeError(f"{part!r} has no clock")
+    return found
+
+
+def _resolve_clock(clock: Clock | None, **parts: object) -> Clock:
+    """Return the composition's clock after checking that every part measures time on it.
+
+    A part keeps the clock it was built with (the system clock when it was given none), and a
+    part may be shared by several policies, so the policy never swaps it: one timeout measured
+    on a ``ManualClock`` and a backoff slept on the system clock would make every deadline
+    wrong. Without ``clock=``, the policy takes its parts' common clock; with it, every part
+    must have been built with that very clock.
+
+    Raises:
+        ValueError: The parts' clocks differ from each other or from ``clock``.
+    """
+    present = {name: _clock_of(part) for name, part in parts.items() if part is not None}
     if clock is None:
-        if len(custom) > 1:
-            raise ValueError("the policy's parts were built with different clocks")
-        clock = custom[0] if custom else SYSTEM_CLOCK
-    elif any(c is not clock for c in custom):
-        raise ValueError("the policy's clock differs from the clock its parts were built with")
-    if clock is not SYSTEM_CLOCK:
-        for part in present:
-            adopt = getattr(part, "_adopt_clock", None)
-            if adopt is not None:
-                adopt(clock)
+        distinct = {id(c): c for c in present.values()}
+        if len(distinct) > 1:
+            names = ", ".join(f"{name} on {c!r}" for name, c in present.items())
+            raise ValueError(
+                f"the policy's parts were built with different clocks ({names}): build every "
+                "part with the same clock="
+            )
+        return next(iter(distinct.values()), SYSTEM_CLOCK)
+    others = [name for name, c in present.items() if c is not clock]
+    if others:
+        raise ValueError(
+            f"the policy's clock {clock!r} is not the clock its {', '.join(others)} was built "
+            "with: pass the same clock= to every part (a part built without one uses the "
+            "system clock; the policy never replaces a part's clock)"
+        )
     return clock
 
 
-E = TypeVar("E", bound=Exception)
-
-
-def _not_sent(error: E) -> E:
-    """Mark our own new ``error`` as kind ``NOT_SENT``: nothing was sent, so it is safe."""
-    error.failure_kind = FailureKind.NOT_SENT  # type: ignore[attr-defined]
-    return error
-
-
-class _WaitsOnItselfError(RuntimeError):
+class _WaitsOnItselfError(NotSentError):
     """A re-entrant call into a policy's bulkhead, refused before anything was sent.
 
     Refused on every re-entry, not only when the slots are taken: a re-entrant call that finds
     a free slot works in a quiet test and deadlocks under load, when every slot is held by a
     task waiting for a second one.
     """
-
-    failure_kind = FailureKind.NOT_SENT
-    retry_after = None
 
 
 class _Unsent(BaseException):
@@ -488,11 +510,9 @@ def _awaitable(
         return result
     if permit is not None:
         permit.release()
-    error = TypeError(
+    raise NotAwaitableError(
         f"Policy.run() awaits what attempt() returns, but {attempt!r} returned "
         f"{type(result).__name__}, which is not awaitable. Pass an async function or a lambda "
         "returning a coroutine (lambda: client.calls.create_async(...)); a plain function has "
         "already run by the time its result is seen."
     )
-    error.failure_kind = FailureKind.PERMANENT  # type: ignore[attr-defined]
-    raise error

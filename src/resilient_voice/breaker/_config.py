@@ -27,7 +27,7 @@ Classification = Literal["failure", "ignored", "cancelled"]
 """How the breaker treats an exception: count it, let it pass uncounted, or treat it as
 cancellation (neither success nor failure; a probe slot is released)."""
 
-_IGNORED_KINDS: Final = frozenset({FailureKind.UNPROCESSED, FailureKind.PERMANENT})
+IGNORED_KINDS: Final = frozenset({FailureKind.UNPROCESSED, FailureKind.PERMANENT})
 
 
 def _needs_window(option: str) -> str:
@@ -176,7 +176,7 @@ def classifier(config: BreakerConfig) -> Callable[[BaseException], Classificatio
             return "ignored"
         if failure_on is not None:
             return "failure" if failure_on(error) else "ignored"
-        if failure_kind_of(error) in _IGNORED_KINDS or is_backpressure(error):
+        if failure_kind_of(error) in IGNORED_KINDS or is_backpressure(error):
             return "ignored"
         return "failure"
 

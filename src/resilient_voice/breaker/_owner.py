@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Final
 
 from resilient_voice._loops import current_loop, loop_finished
-from resilient_voice.failure import FailureKind
+from resilient_voice.failure import ConcurrentUseError
 
 __all__ = ["Owner", "Ownership"]
 
@@ -127,14 +127,12 @@ class Ownership:
         raise self.shared_error(owner)
 
     def shared_error(self, owner: Owner) -> RuntimeError:
-        error = RuntimeError(
+        # A programming error: a retry policy must neither retry it nor call it an unknown
+        # outcome (at admission nothing was sent); its type says so.
+        return ConcurrentUseError(
             f"CircuitBreaker {self._name!r} is used from two threads or event loops at once: "
             f"an event loop in thread {owner.thread} holds its permits and is still running. "
             "A breaker belongs to one event loop at a time (it keeps its state without "
             "locks): build one breaker per event loop or thread, or send every call to one "
             "loop (anyio.from_thread.run, asyncio.run_coroutine_threadsafe)."
         )
-        # A programming error: a retry policy must neither retry it nor call it an unknown
-        # outcome (at admission nothing was sent).
-        error.failure_kind = FailureKind.PERMANENT  # type: ignore[attr-defined]
-        return error

@@ -11,6 +11,9 @@ import contextvars
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from resilient_voice.breaker._config import IGNORED_KINDS
+from resilient_voice.failure import FailureKind
+
 if TYPE_CHECKING:
     from resilient_voice.breaker._facade import CircuitBreaker
     from resilient_voice.breaker._owner import Owner
@@ -97,7 +100,14 @@ class BreakerPermit:
                 if machine.start_probe(self.epoch, self._probe_start, now):
                     self._probe_start = now
 
-    def settle(self, error: BaseException | None = None, /, *, result: object = _NO_RESULT) -> None:
+    def settle(
+        self,
+        error: BaseException | None = None,
+        /,
+        *,
+        result: object = _NO_RESULT,
+        kind: FailureKind | None = None,
+    ) -> None:
         """Report how the call went; only the first report counts.
 
         Args:
@@ -106,6 +116,10 @@ class BreakerPermit:
                 frees a probe slot and counts nothing). ``None``: the call returned.
             result: What the call returned, judged by the breaker's ``failure_result``
                 predicate when it has one. Leave it out to report a plain success.
+            kind: The failure kind a caller's own classification gave ``error`` (a
+                ``classify=`` hook, as the transport passes its httpx table). An error the
+                breaker would count is ignored when this kind is ``UNPROCESSED`` or
+                ``PERMANENT``, by the same rule the breaker applies to kinds it reads itself.
 
         Raises:
             RuntimeError: Reported from another thread or event loop than the one that holds
@@ -128,10 +142,12 @@ class BreakerPermit:
                     return
             self._report(breaker._succeeded)
             return
-        kind = breaker.classify(error)
-        if kind == "failure":
+        verdict = breaker.classify(error)
+        if verdict == "failure" and kind in IGNORED_KINDS:
+            verdict = "ignored"
+        if verdict == "failure":
             self._report(breaker._failed, error)
-        elif kind == "ignored":
+        elif verdict == "ignored":
             self._report(breaker._ignored, error)
         else:
             self._report(breaker._released)

@@ -33,7 +33,7 @@ from resilient_voice.correlation import (
     new_correlation_id,
 )
 from resilient_voice.errors import InvalidRequestError, OutcomeUnknownError
-from resilient_voice.events import TransportListener
+from resilient_voice.events import Listener
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
     ATTEMPT_ID_EXTENSION,
@@ -136,7 +136,8 @@ class TwilioClient(ProviderClient):
             ``StatusCallback`` sent to Twilio; ``None`` to leave the URLs alone.
         attempt_param: Query parameter that carries the attempt id there; ``None`` to disable.
         name: Label of the transport in listener events and metrics.
-        listeners: :class:`~resilient_voice.events.TransportListener` instances.
+        listeners: Callables taking an event record
+            (:class:`~resilient_voice.events.RequestFinished`).
 
     Raises:
         TypeError, ValueError: Invalid configuration, at construction.
@@ -163,7 +164,7 @@ class TwilioClient(ProviderClient):
         correlation_param: str | None = "rv_cid",
         attempt_param: str | None = "rv_attempt",
         name: str = "twilio",
-        listeners: Iterable[TransportListener] = (),
+        listeners: Iterable[Listener] = (),
     ) -> None:
         try:
             account = check.sid("account_sid", account_sid, "AC")

@@ -32,7 +32,7 @@ from resilient_voice._clock import Clock
 from resilient_voice._provider import build_transport, check_base_url
 from resilient_voice._urls import check_request_security
 from resilient_voice.breaker import CircuitBreaker
-from resilient_voice.events import TransportListener
+from resilient_voice.events import Listener
 from resilient_voice.http import LIMITER_KEY_EXTENSION, ResilientTransport
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
@@ -79,7 +79,8 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
         account_label: Names the default breaker and limiters (``twilio:<label>``); the
             adapter does not know the account until the first request.
         name: Label of the transport in listener events and metrics.
-        listeners: :class:`~resilient_voice.events.TransportListener` instances.
+        listeners: Callables taking an event record
+            (:class:`~resilient_voice.events.RequestFinished`).
         logger: Where the SDK's request log goes (``Authorization`` is never logged).
     """
 
@@ -99,7 +100,7 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
         clock: Clock | None = None,
         account_label: str = "sdk",
         name: str = "twilio-sdk",
-        listeners: Iterable[TransportListener] = (),
+        listeners: Iterable[Listener] = (),
         logger: logging.Logger = _logger,
     ) -> None:
         super().__init__(logger, True, timeout)

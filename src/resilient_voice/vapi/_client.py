@@ -26,7 +26,7 @@ from resilient_voice._provider import (
 )
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError
-from resilient_voice.events import TransportListener, emit
+from resilient_voice.events import Listener, emit
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
     ATTEMPT_ID_EXTENSION,
@@ -151,9 +151,8 @@ class VapiClient(ProviderClient):
             does not document that; leave it False unless you accept a possible duplicate call.
         clock: The clock of the default policies (tests inject a ``ManualClock``).
         name: A bounded label for listeners and metrics.
-        listeners: :class:`VapiListener` and
-            :class:`~resilient_voice.events.TransportListener` instances (the latter are
-            attached to the transport).
+        listeners: :class:`VapiListener` instances, and callables taking an event record
+            (:class:`~resilient_voice.events.Listener`), which are attached to the transport.
 
     Raises:
         TypeError, ValueError: Invalid configuration.
@@ -173,7 +172,7 @@ class VapiClient(ProviderClient):
         unprocessed_429: bool = False,
         clock: Clock | None = None,
         name: str = "vapi",
-        listeners: Iterable[VapiListener | TransportListener] = (),
+        listeners: Iterable[VapiListener | Listener] = (),
     ) -> None:
         self._auth = _BearerAuth(_check_api_key(api_key))
         self._base_url, host, prefix = _check_base_url(base_url, allow_insecure_http)
@@ -184,15 +183,15 @@ class VapiClient(ProviderClient):
             raise ValueError("name must be a non-empty string")
         self._name = name
         vapi_listeners: list[VapiListener] = []
-        transport_listeners: list[TransportListener] = []
+        transport_listeners: list[Listener] = []
         for listener in listeners:
             if isinstance(listener, VapiListener):
                 vapi_listeners.append(listener)
-            elif isinstance(listener, TransportListener):
+            elif callable(listener):
                 transport_listeners.append(listener)
             else:
                 raise TypeError(
-                    f"listeners must be VapiListener or TransportListener, got {listener!r}"
+                    f"listeners must be VapiListener instances or callables, got {listener!r}"
                 )
         self._listeners: tuple[VapiListener, ...] = tuple(vapi_listeners)
         self._create_unprocessed = frozenset({429}) if unprocessed_429 else _NO_STATUSES
@@ -228,11 +227,11 @@ class VapiClient(ProviderClient):
     def base_url(self) -> str:
         return self._base_url
 
-    def add_listener(self, listener: VapiListener | TransportListener) -> None:
+    def add_listener(self, listener: VapiListener | Listener) -> None:
         """Attach a :class:`VapiListener` or a transport listener."""
         if isinstance(listener, VapiListener):
             self._listeners = (*self._listeners, listener)
-        elif isinstance(listener, TransportListener) and self._transport is not None:
+        elif callable(listener) and self._transport is not None:
             self._transport.add_listener(listener)
         else:
             raise TypeError(f"cannot attach {listener!r} to this client")

@@ -34,7 +34,7 @@ from resilient_voice._clock import Clock
 from resilient_voice._provider import build_transport, check_timeout
 from resilient_voice._urls import check_request_security
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
-from resilient_voice.events import TransportListener
+from resilient_voice.events import Listener
 from resilient_voice.policy import Policy
 from resilient_voice.vapi._client import DEFAULT_BASE_URL, _check_base_url
 from resilient_voice.vapi._policies import resolve_policies, vapi_routes
@@ -87,7 +87,7 @@ def sdk_http_client(
     unprocessed_429: bool = False,
     clock: Clock | None = None,
     name: str = "vapi-sdk",
-    listeners: Iterable[TransportListener] = (),
+    listeners: Iterable[Listener] = (),
 ) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for ``AsyncVapi(httpx_client=...)`` with Vapi's routes.
 

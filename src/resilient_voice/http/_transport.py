@@ -21,6 +21,10 @@ a status in the route's ``unprocessed_statuses``       UNPROCESSED
 other 4xx                                              PERMANENT
 =====================================================  =================
 
+httpx's exceptions reach the client unchanged (the SDKs above the transport catch httpx types),
+so the table is never written onto them: the transport hands it to :meth:`Policy.run` as its
+``classify=`` function, and the retry policy and the breaker read the kind from there.
+
 A write error is ``MAYBE_PROCESSED`` because part of the request may have been delivered and the
 client cannot tell how much; only failures that provably happen before the first byte leaves
 (connecting, waiting for a pooled connection) are ``NOT_SENT``. 429 is ``UNPROCESSED`` only where
@@ -56,6 +60,10 @@ lowered to the time left, so a normal body costs one clock reading per chunk and
 For the circuit breaker, 5xx answers and transport errors are failures; 429 is back-pressure,
 not sickness, and never trips it; other 4xx are the caller's errors and are ignored.
 
+This module is over 400 lines because the tables above are the transport's contract and stay
+next to the one method that applies them; the body reading and ``Retry-After`` parsing live in
+``_body`` and ``_retry_after``.
+
 Listeners get bounded labels: ``host`` is the matched route's ``host``, or ``other`` (a route for
 any host, or no route); ``status_class`` is ``1xx`` ... ``5xx``, a :class:`FailureKind` value
 when no response came back, or ``cancelled``.
@@ -65,19 +73,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import math
 import re
 import sys
 import time
-import zlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import httpx
 
-from resilient_voice._clock import Clock
 from resilient_voice.correlation import (
     DEFAULT_CORRELATION_ID_VALIDATOR,
     get_correlation_id,
@@ -85,10 +89,11 @@ from resilient_voice.correlation import (
 )
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.errors import _reduce as reduce_exception
-from resilient_voice.events import TransportListener, emit
-from resilient_voice.failure import FailureKind, failure_kind_of
-from resilient_voice.policy import Policy, _not_sent
-from resilient_voice.retry import parse_retry_after, parse_retry_after_ms
+from resilient_voice.events import Listener, RequestFinished, check_listener, dispatch
+from resilient_voice.failure import FailureKind, NotSentError, failure_kind_of
+from resilient_voice.http._body import SUCCESS_OVERFLOW, ResponseTooLargeError, bounded, buffered
+from resilient_voice.http._retry_after import retry_after_from_headers
+from resilient_voice.policy import Policy
 
 __all__ = [
     "ATTEMPT_ID_EXTENSION",
@@ -97,12 +102,10 @@ __all__ = [
     "IDEMPOTENT_METHODS",
     "LIMITER_KEY_EXTENSION",
     "ResilientTransport",
-    "ResponseTooLargeError",
     "Route",
     "UpstreamStatusError",
     "classify_exception",
     "classify_status",
-    "retry_after_from_headers",
 ]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
@@ -148,6 +151,20 @@ def classify_exception(exc: BaseException) -> FailureKind:
     if isinstance(exc, _PERMANENT_ERRORS):
         return FailureKind.PERMANENT
     return FailureKind.MAYBE_PROCESSED
+
+
+def _classify(exc: BaseException) -> FailureKind | None:
+    """The transport's explicit classification, passed to :meth:`Policy.run` as ``classify``.
+
+    httpx's exceptions travel unchanged (the SDKs above the transport catch httpx types), so
+    their kind is stated here instead of on the instance: a transport error by the module's
+    table, a decoding error (only raised while a body is read) as ``MAYBE_PROCESSED``.
+    """
+    if isinstance(exc, httpx.TransportError):
+        return classify_exception(exc)
+    if isinstance(exc, httpx.RequestError):
+        return FailureKind.MAYBE_PROCESSED
+    return None
 
 
 def classify_status(status: int, unprocessed: frozenset[int] = frozenset()) -> FailureKind | None:
@@ -197,25 +214,6 @@ class UpstreamStatusError(ProviderError):
         rebuild, args, state = reduce_exception(self)
         state["response"] = response
         return (rebuild, args, state)
-
-
-class ResponseTooLargeError(ProviderError):
-    """The upstream's answer decodes to more than the transport's ``max_response_bytes``.
-
-    Raised instead of reading further. ``kind`` follows the answer: ``MAYBE_PROCESSED`` for a
-    success answer to a non-idempotent request (which then reaches the caller as
-    :class:`~resilient_voice.OutcomeUnknownError`), ``PERMANENT`` for a success answer to an
-    idempotent one, and the status's own kind for an error answer.
-
-    Attributes:
-        limit: The cap, in bytes.
-    """
-
-    def __init__(self, status: int, limit: int, kind: FailureKind) -> None:
-        super().__init__(
-            status, None, f"response body larger than max_response_bytes={limit}", kind
-        )
-        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +280,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             honour it.
         correlation_header: Header set from the current correlation id when absent; ``None``
             to disable.
-        listeners: :class:`~resilient_voice.events.TransportListener` instances.
+        listeners: Callables taking an event record; the transport's record is
+            :class:`~resilient_voice.events.RequestFinished`, one per logical request.
         max_response_bytes: The most bytes a decoded response body may hold
             (:data:`DEFAULT_MAX_RESPONSE_BYTES`, 10 MiB); ``None`` for no cap. A larger body
             raises :class:`ResponseTooLargeError` (see the module's table for its kind).
@@ -297,7 +296,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         name: str = "http",
         idempotency_key_header: str = "Idempotency-Key",
         correlation_header: str | None = "X-Correlation-ID",
-        listeners: Iterable[TransportListener] = (),
+        listeners: Iterable[Listener] = (),
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if not isinstance(policy, Policy):
@@ -314,7 +313,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._name = name
         self._key_header = idempotency_key_header.lower()
         self._correlation_header = correlation_header
-        self._listeners: tuple[TransportListener, ...] = tuple(listeners)
+        self._listeners: tuple[Listener, ...] = tuple(check_listener(x) for x in listeners)
         if max_response_bytes is not None and (
             isinstance(max_response_bytes, bool)
             or not isinstance(max_response_bytes, int)
@@ -338,8 +337,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     def routes(self) -> Sequence[Route]:
         return self._routes
 
-    def add_listener(self, listener: TransportListener) -> None:
-        self._listeners = (*self._listeners, listener)
+    def add_listener(self, listener: Listener) -> None:
+        """Attach a callable taking an event record.
+
+        Raises:
+            TypeError: ``listener`` is not callable.
+        """
+        self._listeners = (*self._listeners, check_listener(listener))
 
     def route_for(self, request: httpx.Request) -> Route:
         """The first route matching ``request``, or the default route."""
@@ -372,11 +376,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         if loop is self._loop:
             return
         if self._loop is not None and _has_closed(self._loop):
-            raise _not_sent(
-                RuntimeError(
-                    f"transport {self._name!r}: this client belongs to an event loop that has "
-                    "closed; build one per loop"
-                )
+            raise NotSentError(
+                f"transport {self._name!r}: this client belongs to an event loop that has "
+                "closed; build one per loop"
             )
         self._loop = loop
 
@@ -407,34 +409,27 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             # The attempt's own deadline: the policy's timeout scope ends with this function,
             # so a body streamed to the caller later must carry the bound with it.
             deadline = clock.now() + timeout if timeout is not None else None
-            try:
-                response = await inner.handle_async_request(request)
-            except httpx.TransportError as exc:
-                exc.failure_kind = classify_exception(exc)  # type: ignore[attr-defined]
-                raise
+            response = await inner.handle_async_request(request)
             status = response.status_code
             kind = classify_status(status, unprocessed)
             if kind is None:
                 if response.is_stream_consumed:
                     # An inner transport that already read (and decoded) it: in memory.
                     if limit is not None and len(response.content) > limit:
-                        raise ResponseTooLargeError(status, limit, _SUCCESS_OVERFLOW[idempotent])
+                        raise ResponseTooLargeError(status, limit, SUCCESS_OVERFLOW[idempotent])
                     return response
                 if idempotent:
-                    return _bounded(response, request, limit, clock, deadline, timeout)
+                    return bounded(response, request, limit, clock, deadline, timeout)
                 # A non-idempotent success: read it here, inside the attempt and its timeout,
                 # so that a body that never arrives is this attempt's failure (an unknown
-                # outcome), not a bare httpx error after the transport returned.
-                try:
-                    return await _buffered(response, request, limit, _MAYBE)
-                except httpx.RequestError as exc:  # transport and decoding errors
-                    exc.failure_kind = _MAYBE  # type: ignore[attr-defined]
-                    raise
+                # outcome), not a bare httpx error after the transport returned. Its httpx
+                # errors (cut off, stalled, undecodable) are MAYBE_PROCESSED by _classify.
+                return await buffered(response, request, limit, FailureKind.MAYBE_PROCESSED)
             if response.is_stream_consumed:
                 failed = response  # an inner transport that already read (and decoded) it
                 failed.request = request
             else:
-                failed = await _buffered(response, request, limit, kind)
+                failed = await buffered(response, request, limit, kind)
             raise UpstreamStatusError(failed, kind, retry_after_from_headers(failed.headers))
 
         listeners = self._listeners
@@ -454,6 +449,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 idempotent=idempotent,
                 attempt_id=attempt_id,
                 key=request.extensions.get(LIMITER_KEY_EXTENSION),
+                classify=_classify,
             )
         except UpstreamStatusError as exc:
             status_class = f"{exc.status // 100}xx"
@@ -464,7 +460,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             # non-idempotent request must not reach an SDK that would re-send it.
             raise OutcomeUnknownError(attempt_id or new_attempt_id(), attempts=attempts) from exc
         except Exception as exc:
-            kind = failure_kind_of(exc)
+            kind = failure_kind_of(exc, _classify)
             if kind is None:
                 # Unclassified: nothing was sent if no attempt started, else it may have been
                 # processed (as the retry policy assumes). Never the class name: labels stay
@@ -490,16 +486,17 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             return response
         finally:
             if listeners:
-                emit(
+                dispatch(
                     listeners,
-                    "on_request",
-                    self._name,
-                    route.host if route.host is not None else "other",
-                    request.method,
-                    route.name,
-                    status_class,
-                    time.perf_counter() - started,
-                    attempts,
+                    RequestFinished(
+                        self._name,
+                        route.host if route.host is not None else "other",
+                        request.method,
+                        route.name,
+                        status_class,
+                        time.perf_counter() - started,
+                        attempts,
+                    ),
                 )
 
     async def aclose(self) -> None:
@@ -529,287 +526,3 @@ def _has_closed(loop: object) -> bool:
     except trio.RunFinishedError:
         return True
     return False
-
-
-_MAYBE = FailureKind.MAYBE_PROCESSED
-_SUCCESS_OVERFLOW = {True: FailureKind.PERMANENT, False: _MAYBE}
-_ZLIB_WBITS = {
-    "gzip": zlib.MAX_WBITS | 16,
-    "x-gzip": zlib.MAX_WBITS | 16,
-    "deflate": zlib.MAX_WBITS,
-}
-
-
-class _Decoder:
-    """A ``gzip``/``deflate`` decoder that never produces more than ``limit`` bytes in all.
-
-    ``zlib``'s ``max_length`` stops a compressed bomb at the cap instead of after it has been
-    expanded in memory, which is why the transport decodes these encodings itself rather than
-    leaving them to httpx.
-    """
-
-    __slots__ = ("_first", "_limit", "_size", "_status", "_wbits", "_zlib", "kind")
-
-    def __init__(self, wbits: int, limit: int | None, status: int, kind: FailureKind) -> None:
-        self._wbits = wbits
-        self._zlib = zlib.decompressobj(wbits)
-        self._first = wbits == zlib.MAX_WBITS
-        self._limit = limit
-        self._size = 0
-        self._status = status
-        self.kind = kind
-
-    def decode(self, data: bytes) -> bytes:
-        # One byte more than the room left shows an overflow without expanding further.
-        room = 0 if self._limit is None else self._limit - self._size + 1
-        try:
-            out = self._zlib.decompress(data, room)
-        except zlib.error as exc:
-            if self._first:
-                # "deflate" is zlib-wrapped by the standard, raw by some servers (as httpx).
-                self._first = False
-                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
-                return self.decode(data)
-            raise httpx.DecodingError(str(exc)) from exc
-        self._first = False
-        return self._count(out)
-
-    def flush(self) -> bytes:
-        try:
-            return self._count(self._zlib.flush())
-        except zlib.error as exc:  # pragma: no cover  # flush reports nothing zlib kept
-            raise httpx.DecodingError(str(exc)) from exc
-
-    def _count(self, out: bytes) -> bytes:
-        self._size += len(out)
-        if self._limit is not None and self._size > self._limit:
-            raise ResponseTooLargeError(self._status, self._limit, self.kind)
-        return out
-
-
-def _decoder_for(
-    response: httpx.Response, request: httpx.Request, limit: int | None, kind: FailureKind
-) -> _Decoder | None:
-    """A bounded decoder when the body is gzip or deflate (and not also something else).
-
-    None for answers without a body (HEAD, 204, 304), whose ``Content-Length`` describes the
-    resource rather than a body and must stay as it is.
-    """
-    encoding = response.headers.get("content-encoding")
-    status = response.status_code
-    if encoding is None or request.method == "HEAD" or status in (204, 304):
-        return None
-    names = [name.strip().lower() for name in encoding.split(",")]
-    names = [name for name in names if name and name != "identity"]
-    if len(names) != 1 or names[0] not in _ZLIB_WBITS:
-        return None
-    return _Decoder(_ZLIB_WBITS[names[0]], limit, status, kind)
-
-
-def _decoded_headers(headers: httpx.Headers, size: int | None) -> httpx.Headers:
-    """``headers`` for a body we decoded: no ``Content-Encoding``, a truthful length."""
-    headers = headers.copy()
-    del headers["content-encoding"]
-    if size is None:
-        del headers["content-length"]
-    else:
-        headers["content-length"] = str(size)
-    return headers
-
-
-async def _buffered(
-    response: httpx.Response, request: httpx.Request, limit: int | None, kind: FailureKind
-) -> httpx.Response:
-    """Read ``response``'s body into memory (decoded when we can, capped); close the stream."""
-    status = response.status_code
-    decoder = _decoder_for(response, request, limit, kind)
-    chunks: list[bytes] = []
-    size = 0
-    parts = _async_stream(response).__aiter__()
-    done = False
-    try:
-        async for chunk in parts:
-            if decoder is not None:
-                chunks.append(decoder.decode(chunk))
-                continue
-            size += len(chunk)
-            if limit is not None and size > limit:
-                raise ResponseTooLargeError(status, limit, kind)
-            chunks.append(chunk)
-        if decoder is not None:
-            chunks.append(decoder.flush())
-        done = True
-    finally:
-        if not done:
-            await _finish(parts)
-        await response.aclose()
-    body = b"".join(chunks)
-    headers = response.headers
-    if decoder is not None:
-        headers = _decoded_headers(headers, len(body))
-    return httpx.Response(
-        status,
-        headers=headers,
-        stream=httpx.ByteStream(body),
-        extensions=response.extensions,
-        request=request,
-    )
-
-
-def _async_stream(response: httpx.Response) -> httpx.AsyncByteStream:
-    stream = response.stream
-    if not isinstance(stream, httpx.AsyncByteStream):
-        raise TypeError("the inner transport answered with a synchronous body stream")
-    return stream
-
-
-async def _finish(parts: AsyncIterator[bytes]) -> None:
-    """Finish a body iterator, also when it is left early (an overflow, a decoding error).
-
-    Closing the outermost generator would leave the ones below it (httpx's, httpcore's)
-    suspended, to be collected later (trio warns about it). A read under an already-cancelled
-    scope instead raises through every one of them, and each closes what it holds; an
-    iterator already exhausted or failed just ends.
-    """
-    with anyio.CancelScope() as scope:
-        scope.cancel()
-        while await anext(parts, None) is not None:
-            pass
-
-
-def _bounded(
-    response: httpx.Response,
-    request: httpx.Request,
-    limit: int | None,
-    clock: Clock,
-    deadline: float | None,
-    timeout: float | None,
-) -> httpx.Response:
-    """Hand a streamed answer back with its body read bounded in time and size.
-
-    Without a deadline, an answer left to httpx to decode whose ``Content-Length`` is within
-    the cap goes back as it came: the HTTP layer (h11, h2) refuses a body longer than it
-    declared, so wrapping it would only cost time.
-    """
-    decoder = _decoder_for(response, request, limit, FailureKind.PERMANENT)
-    if decoder is None and deadline is None:
-        if limit is None:
-            return response
-        length = response.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) <= limit:
-            return response
-    status = response.status_code
-    if decoder is not None:
-        response.headers = _decoded_headers(response.headers, None)
-    response.stream = _BoundedStream(
-        _async_stream(response), request, decoder, limit, status, clock, deadline, timeout
-    )
-    return response
-
-
-class _BoundedStream(httpx.AsyncByteStream):
-    """An idempotent answer's body, cut off at the attempt's deadline and at the size cap.
-
-    Reading a normal body costs one clock reading per chunk, no task, timer or cancel scope:
-    the deadline is checked as each chunk arrives, and before the first read httpx's read
-    timeout for this body is lowered to the time left (httpcore reads it once, when the body
-    read starts), so neither a body dripped a byte at a time nor one that stalls outright
-    holds the caller long past the attempt's timeout.
-    """
-
-    __slots__ = (
-        "_clock",
-        "_deadline",
-        "_decoder",
-        "_inner",
-        "_limit",
-        "_request",
-        "_status",
-        "_timeout",
-    )
-
-    def __init__(
-        self,
-        inner: httpx.AsyncByteStream,
-        request: httpx.Request,
-        decoder: _Decoder | None,
-        limit: int | None,
-        status: int,
-        clock: Clock,
-        deadline: float | None,
-        timeout: float | None,
-    ) -> None:
-        self._inner = inner
-        self._request = request
-        self._decoder = decoder
-        self._limit = limit
-        self._status = status
-        self._clock = clock
-        self._deadline = deadline
-        self._timeout = timeout
-
-    def _late(self) -> httpx.ReadTimeout:
-        return httpx.ReadTimeout(
-            f"the response body was not read within the attempt's timeout ({self._timeout} s)",
-            request=self._request,
-        )
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        decoder = self._decoder
-        limit = self._limit
-        deadline = self._deadline
-        now = self._clock.now
-        timeouts: dict[str, float | None] | None = None
-        read_timeout: float | None = None
-        if deadline is not None:
-            left = deadline - now()
-            if left <= 0:
-                raise self._late()
-            found = self._request.extensions.get("timeout")
-            if isinstance(found, dict):
-                read_timeout = found.get("read")
-                if read_timeout is None or read_timeout > left:
-                    timeouts = found
-                    found["read"] = left
-        chunks = self._inner.__aiter__()
-        size = 0
-        done = False
-        try:
-            async for chunk in chunks:
-                if deadline is not None and now() > deadline:
-                    raise self._late()
-                if decoder is not None:
-                    chunk = decoder.decode(chunk)  # noqa: PLW2901  # the decoded form replaces it
-                else:
-                    size += len(chunk)
-                    if limit is not None and size > limit:
-                        raise ResponseTooLargeError(self._status, limit, FailureKind.PERMANENT)
-                if chunk:
-                    yield chunk
-            if decoder is not None:
-                tail = decoder.flush()
-                if tail:
-                    yield tail
-            done = True
-        finally:
-            if timeouts is not None:
-                timeouts["read"] = read_timeout  # the request may be sent again
-            if not done:
-                await _finish(chunks)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-def retry_after_from_headers(headers: httpx.Headers) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` (Vapi) or ``Retry-After`` (seconds or a date)."""
-    value = headers.get("retry-after-ms")
-    if value is not None:
-        parsed = parse_retry_after_ms(value)
-        if parsed is not None:
-            return parsed
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    parsed = parse_retry_after(value)
-    return parsed if parsed is not None and math.isfinite(parsed) else None
