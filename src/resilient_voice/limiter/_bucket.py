@@ -39,9 +39,9 @@ from resilient_voice.limiter._queue import (
     WaitQueue,
 )
 from resilient_voice.limiter._shared import SharedPath
-from resilient_voice.limiter._store import BucketStore, MemoryBucketStore
+from resilient_voice.limiter._store import BucketStore, InMemoryBucketStore
 
-__all__ = ["LimiterStatistics", "TokenBucket"]
+__all__ = ["TokenBucket", "TokenBucketStatistics"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -50,7 +50,7 @@ _LOWEST = -(2**63)
 
 
 @dataclass(frozen=True, slots=True)
-class LimiterStatistics:
+class TokenBucketStatistics:
     """A snapshot of a :class:`TokenBucket`.
 
     Attributes:
@@ -184,7 +184,7 @@ class TokenBucket(SharedPath):
             self._clock = clock
             self._now = clock.now
             store = self._store
-            if isinstance(store, MemoryBucketStore) and store._clock is SYSTEM_CLOCK:
+            if isinstance(store, InMemoryBucketStore) and store._clock is SYSTEM_CLOCK:
                 store._clock = clock
 
     @property
@@ -343,9 +343,9 @@ class TokenBucket(SharedPath):
         """
         return _gcra.available(self._full_at, self._now(), self._burst, self._rate)
 
-    def statistics(self) -> LimiterStatistics:
+    def statistics(self) -> TokenBucketStatistics:
         """Return a snapshot of the bucket (a shared store is not queried)."""
-        return LimiterStatistics(
+        return TokenBucketStatistics(
             name=self._name,
             rate=self._rate,
             burst=self._burst,

@@ -28,11 +28,8 @@ from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError
 from resilient_voice.events import Listener, emit
 from resilient_voice.failure import FailureKind
-from resilient_voice.http import (
-    ATTEMPT_ID_EXTENSION,
-    ResilientTransport,
-    classify_status,
-)
+from resilient_voice.http import ATTEMPT_ID_EXTENSION, ResilientTransport
+from resilient_voice.http._transport import classify_status
 from resilient_voice.policy import Policy
 from resilient_voice.vapi._errors import (
     VapiAPIError,
