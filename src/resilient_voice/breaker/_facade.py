@@ -6,10 +6,10 @@ no lock and allocates nothing. It is written once, in :meth:`CircuitBreaker._gua
 decorator and :meth:`CircuitBreaker.call` use. The other modes and forms pay only for what they
 use: a permit, a clock read when something times calls, an event record when someone listens.
 
-The module runs past 400 lines for a reason: the public class carries the reference
-documentation of its sixteen options and every entry point (over a third of the file is
-docstring), and splitting the entry points across modules would hide the one place where the
-admission, timing and reporting paths sit side by side.
+Over 400 lines: the public class carries the reference documentation of its sixteen options and
+every entry point (over a third of the file is docstring), and splitting the entry points across
+modules would hide the one place where the admission, timing and reporting paths sit side by
+side.
 """
 
 from __future__ import annotations

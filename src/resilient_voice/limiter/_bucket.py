@@ -6,10 +6,11 @@ state is one number, ``_full_at`` (see :mod:`._gcra`); with a store it is a loca
 shared schedule, refreshed by every answer, used only for projections and statistics.
 
 The queued path with a store (batch reservations, handing on a cancelled slot) is in
-:mod:`._shared`. The module is over 400 lines because about a quarter of it is the public
-API's documentation (the rules of ``acquire``); what remains of the in-process queued path
-(one sleeper on the clock, deadlines pushed back by priorities) belongs with the facade that
-counts and reports its outcomes.
+:mod:`._shared`.
+
+Over 400 lines: about a quarter of it is the public API's documentation (the rules of
+``acquire``); what remains of the in-process queued path (one sleeper on the clock, deadlines
+pushed back by priorities) belongs with the facade that counts and reports its outcomes.
 """
 
 from __future__ import annotations
