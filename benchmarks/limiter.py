@@ -74,7 +74,7 @@ def _ours() -> Callable[[], Awaitable[None]]:
 def _ours_store() -> Callable[[], Awaitable[None]]:
     # The shared-store path (one reserve() per acquire when uncontended), on the in-memory
     # reference store: what a remote store adds beyond its round trip. Absent before the seam.
-    store_class = getattr(limiter_module, "MemoryBucketStore", None)
+    store_class = getattr(limiter_module, "InMemoryBucketStore", None)
     if store_class is None or not hasattr(store_class, "reserve"):
         return _noop
     return TokenBucket(1e9, burst=1e6, name="bench", store=store_class()).acquire
@@ -124,7 +124,7 @@ def overhead(repeat: int, calls: int) -> list[tuple[str, str, float]]:
         ("bare `await` of an empty coroutine (baseline)", "asyncio", lambda: _noop),
         ("anyio `checkpoint_if_cancelled()` (for reference)", "asyncio", _checkpoint_if_cancelled),
         ("resilient_voice TokenBucket.acquire", "asyncio", _ours),
-        ("resilient_voice TokenBucket.acquire, MemoryBucketStore", "asyncio", _ours_store),
+        ("resilient_voice TokenBucket.acquire, InMemoryBucketStore", "asyncio", _ours_store),
         ("aiolimiter AsyncLimiter.acquire", "asyncio", _aiolimiter),
         ("limits.aio MovingWindowRateLimiter.hit (memory)", "asyncio", _limits),
         ("pyrate-limiter try_acquire_async (in-memory)", "asyncio", _pyrate),

@@ -51,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from resilient_voice import (
     CircuitBreaker,
     CircuitOpenError,
-    CorrelationIdFilter,
     InvalidRequestError,
     OutcomeUnknownError,
     Policy,
@@ -68,6 +67,7 @@ from resilient_voice.asgi import (
     VapiWebhookMiddleware,
     make_metrics_app,
 )
+from resilient_voice.correlation import CorrelationIdFilter
 from resilient_voice.metrics import PrometheusMetrics
 from resilient_voice.twilio import TwilioAPIError, TwilioClient
 

@@ -10,8 +10,7 @@ from twilio.rest import Client
 
 from resilient_voice._urls import redact_url
 from resilient_voice.testing import FakeTelephony, serve
-from resilient_voice.twilio import TwilioClient
-from resilient_voice.twilio.sdk import ResilientTwilioHttpClient
+from resilient_voice.twilio import ResilientTwilioHttpClient, TwilioClient
 from resilient_voice.vapi import VapiClient, no_sdk_retries, sdk_http_client
 
 SID = "AC" + "1" * 32

@@ -14,14 +14,14 @@ import pytest
 
 from resilient_voice.breaker import (
     BreakerPermit,
-    BreakerState,
-    BreakerStatistics,
     BreakerStore,
     CircuitBreaker,
+    CircuitBreakerStatistics,
     InMemoryBreakerStore,
 )
 from resilient_voice.errors import CircuitOpenError, ProviderError, RateLimitedError
 from resilient_voice.events import (
+    BreakerState,
     CallFailed,
     CallIgnored,
     CallRejected,
@@ -874,8 +874,8 @@ async def test_statistics_is_a_frozen_snapshot() -> None:
     breaker = make(clock)
     await failures(breaker, 1)
     stats = breaker.statistics()
-    assert isinstance(stats, BreakerStatistics)
-    assert stats == BreakerStatistics(
+    assert isinstance(stats, CircuitBreakerStatistics)
+    assert stats == CircuitBreakerStatistics(
         name="twilio",
         state=CLOSED,
         calls=None,

@@ -22,8 +22,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from resilient_voice.breaker import BreakerPermit, BreakerState, CircuitBreaker
+from resilient_voice.breaker import BreakerPermit, CircuitBreaker
 from resilient_voice.errors import CircuitOpenError
+from resilient_voice.events import BreakerState
 from resilient_voice.testing import ManualClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN

@@ -25,14 +25,14 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from resilient_voice.testing import (
-    ENDPOINTS,
     CallbackFaults,
-    DropConnectionError,
     FakeTelephony,
     Fault,
     ManualClock,
     serve,
 )
+from resilient_voice.testing._fake import ENDPOINTS
+from resilient_voice.testing._serve import DropConnectionError
 
 # One TLS context for every client: httpx builds a new one (about 100 ms) otherwise.
 TLS = ssl.create_default_context()

@@ -29,9 +29,8 @@ from resilient_voice.http import (
     ResilientTransport,
     Route,
     UpstreamStatusError,
-    classify_exception,
-    classify_status,
 )
+from resilient_voice.http._transport import classify_exception, classify_status
 from resilient_voice.policy import Policy
 from resilient_voice.testing import FakeTelephony, Fault, serve
 
@@ -553,7 +552,8 @@ async def test_compressed_answers_are_decoded_by_the_transport(encoding: str) ->
 
 
 def test_max_response_bytes_is_checked_and_documented() -> None:
-    from resilient_voice.http import DEFAULT_MAX_RESPONSE_BYTES, ResponseTooLargeError
+    from resilient_voice.http import ResponseTooLargeError
+    from resilient_voice.http._transport import DEFAULT_MAX_RESPONSE_BYTES
 
     assert DEFAULT_MAX_RESPONSE_BYTES == 10 * 1024 * 1024
     assert ResilientTransport(Policy()).max_response_bytes == DEFAULT_MAX_RESPONSE_BYTES

@@ -12,10 +12,10 @@ from resilient_voice import RateLimitedError
 from resilient_voice.events import BucketEvicted, Event, TokensGranted, TokensRejected
 from resilient_voice.limiter import (
     BucketStore,
+    InMemoryBucketStore,
     KeyedLimiter,
-    LimiterStatistics,
-    MemoryBucketStore,
     TokenBucket,
+    TokenBucketStatistics,
 )
 from resilient_voice.testing import ManualClock
 from resilient_voice.testing._manual_clock import _wait_all_tasks_blocked as settle
@@ -364,7 +364,7 @@ async def test_statistics_are_a_frozen_snapshot() -> None:
     bucket = TokenBucket(2, burst=4, clock=clock, name="sms")
     await bucket.acquire(3)
     stats = bucket.statistics()
-    assert stats == LimiterStatistics("sms", 2.0, 4.0, 1.0, 0, 1, 0)
+    assert stats == TokenBucketStatistics("sms", 2.0, 4.0, 1.0, 0, 1, 0)
     with pytest.raises(AttributeError):
         stats.granted = 5  # type: ignore[misc]
     clock.advance(0.75)
@@ -442,7 +442,7 @@ async def test_system_clock_smoke() -> None:
 
 async def test_buckets_sharing_a_store_share_one_capacity() -> None:
     clock = ManualClock(autojump=True)
-    store = MemoryBucketStore(clock=clock)
+    store = InMemoryBucketStore(clock=clock)
     assert isinstance(store, BucketStore)
     first = TokenBucket(1, clock=clock, name="acct", store=store)
     second = TokenBucket(1, clock=clock, name="acct", store=store)

@@ -15,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from resilient_voice import RateLimitedError
-from resilient_voice.limiter import MemoryBucketStore, TokenBucket
+from resilient_voice.limiter import InMemoryBucketStore, TokenBucket
 from resilient_voice.limiter._gcra import LATENESS_KEPT as _LATENESS_KEPT
 from resilient_voice.testing import ManualClock
 from resilient_voice.testing._manual_clock import _wait_all_tasks_blocked as settle
@@ -76,7 +76,7 @@ async def run_schedule(
     schedule: list[tuple[object, ...]], rate: float, burst: int, shared: bool = False
 ) -> tuple[list[tuple[float, int]], list[Caller]]:
     clock = ManualClock()
-    store = MemoryBucketStore(clock=clock) if shared else None
+    store = InMemoryBucketStore(clock=clock) if shared else None
     bucket = TokenBucket(rate, burst, clock=clock, name="b", store=store)
     grants: list[tuple[float, int]] = []
     callers: list[Caller] = []

@@ -15,8 +15,8 @@ import pytest
 from resilient_voice import RateLimitedError
 from resilient_voice.limiter import (
     BucketStore,
+    InMemoryBucketStore,
     KeyedLimiter,
-    MemoryBucketStore,
     Reservation,
     TokenBucket,
 )
@@ -26,7 +26,7 @@ from resilient_voice.testing._manual_clock import _wait_all_tasks_blocked as set
 
 class RoundTripStore:
     def __init__(self, clock: ManualClock) -> None:
-        self.inner = MemoryBucketStore(clock=clock)
+        self.inner = InMemoryBucketStore(clock=clock)
         self.reserved: list[int] = []  # batch size of every reserve call
         self.given_back: list[bool] = []
 
@@ -76,7 +76,7 @@ async def start_callers(
 
 
 def test_the_reference_store_implements_the_protocol() -> None:
-    assert isinstance(MemoryBucketStore(), BucketStore)
+    assert isinstance(InMemoryBucketStore(), BucketStore)
     assert isinstance(RoundTripStore(ManualClock()), BucketStore)
 
 
@@ -162,7 +162,7 @@ async def test_a_deadline_the_store_cannot_meet_is_refused_before_sleeping() -> 
 
 async def test_pause_delays_every_bucket_sharing_the_schedule() -> None:
     clock = ManualClock(autojump=True)
-    store = MemoryBucketStore(clock=clock)
+    store = InMemoryBucketStore(clock=clock)
     first = TokenBucket(1, burst=3, clock=clock, name="cps", store=store)
     second = TokenBucket(1, burst=3, clock=clock, name="cps", store=store)
     await first.pause(2)
@@ -188,7 +188,7 @@ async def test_pause_in_memory() -> None:
 
 async def test_keyed_buckets_share_their_store_and_keys_reach_it_as_digests() -> None:
     clock = ManualClock()
-    store = MemoryBucketStore(clock=clock)
+    store = InMemoryBucketStore(clock=clock)
     first = KeyedLimiter(1, clock=clock, name="per-sender", store=store)
     second = KeyedLimiter(1, clock=clock, name="per-sender", store=store)
     assert await first.try_acquire("+15550100")

@@ -38,13 +38,23 @@ def _public_modules() -> list[types.ModuleType]:
     return modules
 
 
+# Raised to callers but not in any ``__all__`` (callers catch them by their built-in base).
+_ALSO_RAISED = [
+    ("resilient_voice.failure", "ConcurrentUseError"),
+    ("resilient_voice.failure", "NotAwaitableError"),
+    ("resilient_voice.failure", "NotSentError"),
+    ("resilient_voice.failure", "OutOfTimeError"),
+    ("resilient_voice.testing._serve", "DropConnectionError"),
+]
+
+
 def _public_exceptions() -> list[type[BaseException]]:
     found: dict[str, type[BaseException]] = {}
-    for module in _public_modules():
-        for name in getattr(module, "__all__", ()):
-            obj = getattr(module, name)
-            if inspect.isclass(obj) and issubclass(obj, BaseException):
-                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    named = [(m.__name__, name) for m in _public_modules() for name in getattr(m, "__all__", ())]
+    for module_name, name in [*named, *_ALSO_RAISED]:
+        obj = getattr(importlib.import_module(module_name), name)
+        if inspect.isclass(obj) and issubclass(obj, BaseException):
+            found[f"{obj.__module__}.{obj.__qualname__}"] = obj
     return [found[key] for key in sorted(found)]
 
 

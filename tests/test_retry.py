@@ -22,7 +22,7 @@ from resilient_voice.events import (
     RetryScheduled,
 )
 from resilient_voice.failure import FailureKind
-from resilient_voice.http import parse_retry_after, parse_retry_after_ms
+from resilient_voice.http._retry_after import parse_retry_after, parse_retry_after_ms
 from resilient_voice.retry import (
     AttemptInfo,
     RetryBudget,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from resilient_voice.errors import OutcomeUnknownError
 from resilient_voice.events import Event, RetryScheduled
 from resilient_voice.failure import FailureKind
-from resilient_voice.http import parse_retry_after, parse_retry_after_ms
+from resilient_voice.http._retry_after import parse_retry_after, parse_retry_after_ms
 from resilient_voice.retry import RetryPolicy
 from resilient_voice.testing import ManualClock
 

@@ -37,7 +37,6 @@ from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.policy import Policy
 from resilient_voice.testing import FakeTelephony, Fault, ManualClock, serve
 from resilient_voice.twilio import (
-    OPERATIONS,
     Call,
     CallDirection,
     CallStatus,
@@ -48,6 +47,7 @@ from resilient_voice.twilio import (
     TwilioClient,
 )
 from resilient_voice.twilio._errors import api_error
+from resilient_voice.twilio._policies import OPERATIONS
 
 SID = "AC" + "1" * 32
 TOKEN = "secret-token-value"

@@ -748,12 +748,10 @@ def test_planting_keeps_every_user_key_but_ours(user: dict[str, Any], cid: str |
     assert overrides["metadata"] is user
 
 
-def test_public_surface_is_pinned() -> None:
+def test_public_surface_shows_the_public_module() -> None:
+    """The surface itself is pinned in tests/test_public_api.py."""
     import resilient_voice.vapi as module
 
-    assert (
-        len(set(module.__all__)) == len(module.__all__) == 25
-    )  # VapiValidationError became resilient_voice.InvalidRequestError
     for name in module.__all__:
         obj = getattr(module, name)
         if isinstance(obj, type) and name.startswith("Vapi") and "Error" not in name:

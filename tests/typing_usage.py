@@ -59,7 +59,17 @@ async def use_breaker() -> None:
     queued.mark_started()
     queued.release()
     state: resilient_voice.BreakerState = breaker.state
-    del call, same, state
+    # Return types are importable from their package for annotations (not in ``__all__``).
+    from resilient_voice.breaker import BreakerPermit, CircuitBreakerStatistics
+    from resilient_voice.limiter import TokenBucketStatistics
+    from resilient_voice.retry import AttemptInfo
+
+    held: BreakerPermit = await breaker.acquire()
+    held.release()
+    stats: CircuitBreakerStatistics = breaker.statistics()
+    pacing: TokenBucketStatistics = bucket.statistics()
+    attempt: AttemptInfo | None = resilient_voice.retry.current_attempt()
+    del call, same, state, stats, pacing, attempt
 
 
 bucket = resilient_voice.TokenBucket(10, burst=2, clock=clock, name="twilio-cps")

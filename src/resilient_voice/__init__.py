@@ -7,15 +7,11 @@ third-party packages on first use, so ``import resilient_voice`` stays light.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from resilient_voice.breaker import BreakerConfig, BreakerState, CircuitBreaker
-from resilient_voice.correlation import (
-    CorrelationIdFilter,
-    correlation_scope,
-    get_correlation_id,
-    new_correlation_id,
-)
+from resilient_voice._exports import lazy_exports
+from resilient_voice.breaker import CircuitBreaker
+from resilient_voice.correlation import correlation_scope, get_correlation_id
 from resilient_voice.errors import (
     CircuitOpenError,
     InvalidRequestError,
@@ -26,21 +22,19 @@ from resilient_voice.errors import (
     ResilientVoiceError,
     WebhookVerificationError,
 )
+from resilient_voice.events import BreakerState
 from resilient_voice.failure import FailureKind
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.policy import Policy
-from resilient_voice.retry import AttemptInfo, RetryBudget, RetryPolicy, current_attempt
+from resilient_voice.retry import RetryBudget, RetryPolicy
 
 if TYPE_CHECKING:
     from resilient_voice.http import ResilientTransport
 
 __all__ = [
-    "AttemptInfo",
-    "BreakerConfig",
     "BreakerState",
     "CircuitBreaker",
     "CircuitOpenError",
-    "CorrelationIdFilter",
     "FailureKind",
     "InvalidRequestError",
     "KeyedLimiter",
@@ -56,30 +50,12 @@ __all__ = [
     "TokenBucket",
     "WebhookVerificationError",
     "correlation_scope",
-    "current_attempt",
     "get_correlation_id",
-    "new_correlation_id",
 ]
 
-# Names served on first access so that importing the package does not import their modules'
-# optional dependencies (httpx for the transport).
-_LAZY: dict[str, str] = {"ResilientTransport": "resilient_voice.http"}
-
-
-def __getattr__(name: str) -> Any:
-    if name == "__version__":
-        from resilient_voice._version import __version__
-
-        return __version__
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'resilient_voice' has no attribute {name!r}")
-    from importlib import import_module
-
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*__all__, "__version__"])
+# Served on first access, so that importing the package does not import httpx.
+__getattr__, __dir__ = lazy_exports(
+    globals(),
+    {"ResilientTransport": "resilient_voice.http", "__version__": "resilient_voice._version"},
+    [*__all__, "__version__"],
+)

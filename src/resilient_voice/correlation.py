@@ -26,16 +26,11 @@ from types import TracebackType
 from typing import Any
 
 __all__ = [
-    "DEFAULT_CORRELATION_ID_VALIDATOR",
     "CorrelationIdFilter",
     "CorrelationIdValidator",
     "add_correlation_id",
     "correlation_scope",
     "get_correlation_id",
-    "is_valid_correlation_id",
-    "new_attempt_id",
-    "new_correlation_id",
-    "validate_correlation_id",
 ]
 
 _CORRELATION_ID: ContextVar[str | None] = ContextVar("resilient_voice.correlation_id", default=None)

@@ -40,9 +40,6 @@ __all__ = [
     "StateChanged",
     "TokensGranted",
     "TokensRejected",
-    "check_listener",
-    "dispatch",
-    "emit",
 ]
 
 _log = logging.getLogger("resilient_voice.events")

@@ -34,18 +34,7 @@ import math
 from collections.abc import Callable
 from typing import ClassVar, Protocol, runtime_checkable
 
-__all__ = [
-    "Classified",
-    "Classify",
-    "ConcurrentUseError",
-    "FailureKind",
-    "NotAwaitableError",
-    "NotSentError",
-    "OutOfTimeError",
-    "failure_kind_of",
-    "is_backpressure",
-    "retry_after_of",
-]
+__all__ = ["FailureKind", "failure_kind_of"]
 
 
 class FailureKind(enum.Enum):

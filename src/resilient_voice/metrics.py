@@ -54,13 +54,7 @@ from resilient_voice.events import (
 )
 from resilient_voice.failure import FailureKind
 
-__all__ = [
-    "BreakerMetrics",
-    "LimiterMetrics",
-    "PrometheusMetrics",
-    "RetryMetrics",
-    "TransportMetrics",
-]
+__all__ = ["PrometheusMetrics"]
 
 PREFIX = "resilient_voice_"
 

@@ -14,9 +14,9 @@ Order, outermost first (see docs/policy.md for the reasons)::
   judges the upstream, not our own queues.
 - The per-attempt timeout is innermost, around the call alone.
 
-This module runs past 400 lines because the composition is one piece: the order above, the
-checks that every part shares one clock, and the rules for what was and was not sent are read
-together, and splitting them would scatter one contract over files.
+Over 400 lines: the composition is one piece (the order above, the checks that every part shares
+one clock, and the rules for what was and was not sent are read together), and splitting it would
+scatter one contract over files.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ on first access, so importing one middleware does not import the others' depende
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from resilient_voice._exports import lazy_exports
 
 if TYPE_CHECKING:
     from resilient_voice.asgi._correlation import CorrelationIdMiddleware
@@ -29,26 +30,16 @@ __all__ = [
     "make_metrics_app",
 ]
 
-_LAZY = {
-    "CorrelationIdMiddleware": "resilient_voice.asgi._correlation",
-    "MetricsMiddleware": "resilient_voice.asgi._metrics",
-    "make_metrics_app": "resilient_voice.asgi._metrics",
-    "RateLimitMiddleware": "resilient_voice.asgi._ratelimit",
-    "TrustedProxies": "resilient_voice.asgi._proxies",
-    "TwilioSignatureMiddleware": "resilient_voice.asgi._twilio",
-    "VapiWebhookMiddleware": "resilient_voice.asgi._vapi",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'resilient_voice.asgi' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    value.__module__ = __name__  # show the public path in reprs and docs
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(
+    globals(),
+    {
+        "CorrelationIdMiddleware": "resilient_voice.asgi._correlation",
+        "MetricsMiddleware": "resilient_voice.asgi._metrics",
+        "make_metrics_app": "resilient_voice.asgi._metrics",
+        "RateLimitMiddleware": "resilient_voice.asgi._ratelimit",
+        "TrustedProxies": "resilient_voice.asgi._proxies",
+        "TwilioSignatureMiddleware": "resilient_voice.asgi._twilio",
+        "VapiWebhookMiddleware": "resilient_voice.asgi._vapi",
+    },
+    __all__,
+)

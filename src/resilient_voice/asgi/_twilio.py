@@ -1,9 +1,11 @@
 """Verify ``X-Twilio-Signature`` on incoming Twilio webhooks: Twilio's verifier for the guard.
 
 The guard (:mod:`._guard`) owns paths, bodies and refusals; this module holds Twilio's rules
-only. It runs past 400 lines because the middleware's docstring is its user guide (about 90
-lines: the signing variants, how the URL is rebuilt, what strict mode refuses), and the URL
-rebuilding belongs next to the signature rules that depend on it.
+only.
+
+Over 400 lines: the middleware's docstring is its user guide (about 90 lines: the signing
+variants, how the URL is rebuilt, what strict mode refuses), and the URL rebuilding belongs next
+to the signature rules that depend on it.
 """
 
 from __future__ import annotations

@@ -16,26 +16,21 @@ package is laid out like Polly's breaker, one concern per module:
 
 from __future__ import annotations
 
-from resilient_voice.breaker._config import BreakerConfig, Classification, ExceptionMatcher
-from resilient_voice.breaker._facade import BreakerStatistics, CircuitBreaker
-from resilient_voice.breaker._permit import BreakerPermit
+from resilient_voice._exports import publish
+from resilient_voice.breaker._config import BreakerConfig as BreakerConfig
+from resilient_voice.breaker._facade import (
+    CircuitBreaker,
+)
+from resilient_voice.breaker._facade import (
+    CircuitBreakerStatistics as CircuitBreakerStatistics,
+)
+from resilient_voice.breaker._permit import BreakerPermit as BreakerPermit
 from resilient_voice.breaker._store import BreakerStore, InMemoryBreakerStore
-from resilient_voice.events import BreakerState
 
-__all__ = [
-    "BreakerConfig",
-    "BreakerPermit",
-    "BreakerState",
-    "BreakerStatistics",
-    "BreakerStore",
-    "CircuitBreaker",
-    "Classification",
-    "ExceptionMatcher",
-    "InMemoryBreakerStore",
-]
+__all__ = ["BreakerStore", "CircuitBreaker", "InMemoryBreakerStore"]
 
-for _name in __all__:
-    _value = globals()[_name]
-    if getattr(_value, "__module__", "").startswith("resilient_voice.breaker._"):
-        _value.__module__ = __name__
-del _name, _value
+# Records the breaker hands back to be read (``breaker.config``, ``acquire()``, ``statistics()``):
+# importable from here for annotations, not part of ``__all__``.
+_RETURN_TYPES = ["BreakerConfig", "BreakerPermit", "CircuitBreakerStatistics"]
+
+publish(globals(), [*__all__, *_RETURN_TYPES])

@@ -6,10 +6,10 @@ no lock and allocates nothing. It is written once, in :meth:`CircuitBreaker._gua
 decorator and :meth:`CircuitBreaker.call` use. The other modes and forms pay only for what they
 use: a permit, a clock read when something times calls, an event record when someone listens.
 
-The module runs past 400 lines for a reason: the public class carries the reference
-documentation of its sixteen options and every entry point (over a third of the file is
-docstring), and splitting the entry points across modules would hide the one place where the
-admission, timing and reporting paths sit side by side.
+Over 400 lines: the public class carries the reference documentation of its sixteen options and
+every entry point (over a third of the file is docstring), and splitting the entry points across
+modules would hide the one place where the admission, timing and reporting paths sit side by
+side.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from resilient_voice.events import (
     dispatch,
 )
 
-__all__ = ["BreakerStatistics", "CircuitBreaker"]
+__all__ = ["CircuitBreaker", "CircuitBreakerStatistics"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -63,7 +63,7 @@ _ACTIVE: contextvars.ContextVar[BreakerPermit | None] = contextvars.ContextVar(
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BreakerStatistics:
+class CircuitBreakerStatistics:
     """A snapshot of a breaker, for tests and dashboards.
 
     Window counts and rates are ``None`` in consecutive mode, which keeps no window.
@@ -398,7 +398,7 @@ class CircuitBreaker:
         finally:
             owner.permits -= 1
 
-    def statistics(self) -> BreakerStatistics:
+    def statistics(self) -> CircuitBreakerStatistics:
         """A frozen snapshot of the state and counters."""
         machine = self._machine
         now = self._clock.now()
@@ -409,7 +409,7 @@ class CircuitBreaker:
             calls, failures, slow = counts
             failure_rate = failures / calls if calls else 0.0
             slow_rate = slow / calls if calls else 0.0
-        return BreakerStatistics(
+        return CircuitBreakerStatistics(
             name=self._name,
             state=machine.state,
             calls=calls,

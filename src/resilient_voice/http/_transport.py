@@ -60,9 +60,9 @@ lowered to the time left, so a normal body costs one clock reading per chunk and
 For the circuit breaker, 5xx answers and transport errors are failures; 429 is back-pressure,
 not sickness, and never trips it; other 4xx are the caller's errors and are ignored.
 
-This module is over 400 lines because the tables above are the transport's contract and stay
-next to the one method that applies them; the body reading and ``Retry-After`` parsing live in
-``_body`` and ``_retry_after``.
+Over 400 lines: the tables above are the transport's contract and stay next to the one method
+that applies them; the body reading and ``Retry-After`` parsing live in ``_body`` and
+``_retry_after``.
 
 Listeners get bounded labels: ``host`` is the matched route's ``host``, or ``other`` (a route for
 any host, or no route); ``status_class`` is ``1xx`` ... ``5xx``, a :class:`FailureKind` value

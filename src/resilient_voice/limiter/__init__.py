@@ -12,28 +12,33 @@ Where things live:
 - ``_gcra``: the arithmetic (pure, synchronous, clock-free; property-tested on its own).
 - ``_queue``: the FIFO / priority / deadline wait queue.
 - ``_store``: the :class:`BucketStore` seam for a schedule shared across processes, and
-  :class:`MemoryBucketStore`, its reference implementation.
+  :class:`InMemoryBucketStore`, its reference implementation.
 - ``_bucket``: :class:`TokenBucket`, the facade that awaits, times and reports.
 - ``_keyed``: :class:`KeyedLimiter`, bounded keys and eviction.
 """
 
 from __future__ import annotations
 
-from resilient_voice.limiter._bucket import LimiterStatistics, TokenBucket
+from resilient_voice._exports import publish
+from resilient_voice.limiter._bucket import (
+    TokenBucket,
+)
+from resilient_voice.limiter._bucket import (
+    TokenBucketStatistics as TokenBucketStatistics,
+)
 from resilient_voice.limiter._gcra import LATENESS_KEPT as _LATENESS_KEPT  # noqa: F401  (benchmarks read it)
-from resilient_voice.limiter._keyed import KeyedLimiter, KeyedLimiterStatistics
-from resilient_voice.limiter._store import BucketStore, MemoryBucketStore, Reservation
+from resilient_voice.limiter._keyed import (
+    KeyedLimiter,
+)
+from resilient_voice.limiter._keyed import (
+    KeyedLimiterStatistics as KeyedLimiterStatistics,
+)
+from resilient_voice.limiter._store import BucketStore, InMemoryBucketStore, Reservation
 
-__all__ = [
-    "BucketStore",
-    "KeyedLimiter",
-    "KeyedLimiterStatistics",
-    "LimiterStatistics",
-    "MemoryBucketStore",
-    "Reservation",
-    "TokenBucket",
-]
+__all__ = ["BucketStore", "InMemoryBucketStore", "KeyedLimiter", "Reservation", "TokenBucket"]
 
-for _name in __all__:
-    globals()[_name].__module__ = __name__
-del _name
+# Records the limiters hand back to be read (``statistics()``): importable from here for
+# annotations, not part of ``__all__``.
+_RETURN_TYPES = ["KeyedLimiterStatistics", "TokenBucketStatistics"]
+
+publish(globals(), [*__all__, *_RETURN_TYPES])

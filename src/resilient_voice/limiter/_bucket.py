@@ -6,10 +6,11 @@ state is one number, ``_full_at`` (see :mod:`._gcra`); with a store it is a loca
 shared schedule, refreshed by every answer, used only for projections and statistics.
 
 The queued path with a store (batch reservations, handing on a cancelled slot) is in
-:mod:`._shared`. The module is over 400 lines because about a quarter of it is the public
-API's documentation (the rules of ``acquire``); what remains of the in-process queued path
-(one sleeper on the clock, deadlines pushed back by priorities) belongs with the facade that
-counts and reports its outcomes.
+:mod:`._shared`.
+
+Over 400 lines: about a quarter of it is the public API's documentation (the rules of
+``acquire``); what remains of the in-process queued path (one sleeper on the clock, deadlines
+pushed back by priorities) belongs with the facade that counts and reports its outcomes.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from resilient_voice.limiter._queue import (
     WaitQueue,
 )
 from resilient_voice.limiter._shared import SharedPath
-from resilient_voice.limiter._store import BucketStore, MemoryBucketStore
+from resilient_voice.limiter._store import BucketStore, InMemoryBucketStore
 
-__all__ = ["LimiterStatistics", "TokenBucket"]
+__all__ = ["TokenBucket", "TokenBucketStatistics"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -50,7 +51,7 @@ _LOWEST = -(2**63)
 
 
 @dataclass(frozen=True, slots=True)
-class LimiterStatistics:
+class TokenBucketStatistics:
     """A snapshot of a :class:`TokenBucket`.
 
     Attributes:
@@ -184,7 +185,7 @@ class TokenBucket(SharedPath):
             self._clock = clock
             self._now = clock.now
             store = self._store
-            if isinstance(store, MemoryBucketStore) and store._clock is SYSTEM_CLOCK:
+            if isinstance(store, InMemoryBucketStore) and store._clock is SYSTEM_CLOCK:
                 store._clock = clock
 
     @property
@@ -343,9 +344,9 @@ class TokenBucket(SharedPath):
         """
         return _gcra.available(self._full_at, self._now(), self._burst, self._rate)
 
-    def statistics(self) -> LimiterStatistics:
+    def statistics(self) -> TokenBucketStatistics:
         """Return a snapshot of the bucket (a shared store is not queried)."""
-        return LimiterStatistics(
+        return TokenBucketStatistics(
             name=self._name,
             rate=self._rate,
             burst=self._burst,

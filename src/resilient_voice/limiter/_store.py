@@ -16,7 +16,7 @@ FIFO / priority / deadline queue (:mod:`._queue`). The seam is shaped for one ro
 
 Stores never see waiters, priorities or tokens: only costs and depths in seconds of refill
 (``cost = tokens / rate``, ``tau = burst / rate``), and results relative to the store's clock.
-:class:`MemoryBucketStore` is the reference implementation; it computes with :mod:`._gcra`, as a
+:class:`InMemoryBucketStore` is the reference implementation; it computes with :mod:`._gcra`, as a
 remote store's script must.
 """
 
@@ -29,7 +29,7 @@ from typing import Protocol, runtime_checkable
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.limiter import _gcra
 
-__all__ = ["BucketStore", "MemoryBucketStore", "Reservation"]
+__all__ = ["BucketStore", "InMemoryBucketStore", "Reservation"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +76,7 @@ class BucketStore(Protocol):
         ...
 
 
-class MemoryBucketStore:
+class InMemoryBucketStore:
     """A :class:`BucketStore` in this process's memory: the reference for other stores.
 
     A :class:`TokenBucket` does not need it (its default state is a field, read on the
@@ -123,4 +123,4 @@ class MemoryBucketStore:
         return len(self._full_at)
 
     def __repr__(self) -> str:
-        return f"MemoryBucketStore(keys={len(self._full_at)})"
+        return f"InMemoryBucketStore(keys={len(self._full_at)})"

@@ -9,28 +9,26 @@
 
 from __future__ import annotations
 
-from resilient_voice.retry._budget import RetryBudget, RetryBudgetStatistics
-from resilient_voice.retry._decision import Jitter
+from resilient_voice._exports import publish
+from resilient_voice.retry._budget import (
+    RetryBudget,
+)
+from resilient_voice.retry._budget import (
+    RetryBudgetStatistics as RetryBudgetStatistics,
+)
 from resilient_voice.retry._policy import (
-    AttemptInfo,
+    AttemptInfo as AttemptInfo,
+)
+from resilient_voice.retry._policy import (
     RetryPolicy,
     current_attempt,
     default_retry_on,
 )
 
-__all__ = [
-    "AttemptInfo",
-    "Jitter",
-    "RetryBudget",
-    "RetryBudgetStatistics",
-    "RetryPolicy",
-    "current_attempt",
-    "default_retry_on",
-]
+__all__ = ["RetryBudget", "RetryPolicy", "current_attempt", "default_retry_on"]
 
-# Objects show the module users import them from (as httpx does).
-for _obj in (AttemptInfo, RetryBudget, RetryBudgetStatistics, RetryPolicy):
-    _obj.__module__ = __name__
-for _fn in (current_attempt, default_retry_on):
-    _fn.__module__ = __name__
-del _obj, _fn
+# Records handed back to be read (``current_attempt()``, ``statistics()``): importable from here
+# for annotations, not part of ``__all__``.
+_RETURN_TYPES = ["AttemptInfo", "RetryBudgetStatistics"]
+
+publish(globals(), [*__all__, *_RETURN_TYPES])

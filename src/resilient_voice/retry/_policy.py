@@ -20,8 +20,9 @@ capped across calls by a shared :class:`RetryBudget`. When the policy gives up, 
 the real last exception, with the attempt count and attempt id added as exception notes.
 
 The decision itself is :func:`~resilient_voice.retry._decision.decide`, pure and clock-free; this
-module is the async facade that measures time, sleeps, keeps the attempt context and reports. It
-runs past 400 lines only by its documentation: the public entry points (decorator, ``wrap``,
+module is the async facade that measures time, sleeps, keeps the attempt context and reports.
+
+Over 400 lines: only by its documentation; the public entry points (decorator, ``wrap``,
 ``call``, ``run``) each state their contract.
 """
 

@@ -7,65 +7,48 @@ its fault script and records, and ``serve`` (a loopback uvicorn runner) load on 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from resilient_voice._exports import lazy_exports, publish
 from resilient_voice.testing._manual_clock import ManualClock
 
-ManualClock.__module__ = __name__
-
 if TYPE_CHECKING:
-    from resilient_voice.testing._fake import ENDPOINTS, FakeTelephony
-    from resilient_voice.testing._faults import CallbackFaults, Fault, FaultKind
+    from resilient_voice.testing._fake import FakeTelephony
+    from resilient_voice.testing._faults import CallbackFaults, Fault
+    from resilient_voice.testing._faults import FaultKind as FaultKind
     from resilient_voice.testing._records import (
-        CallbackRecord,
-        CreatedCall,
-        CreatedMessage,
-        RecordedRequest,
+        CallbackRecord as CallbackRecord,
     )
-    from resilient_voice.testing._serve import DropConnectionError, serve
+    from resilient_voice.testing._records import (
+        CreatedCall as CreatedCall,
+    )
+    from resilient_voice.testing._records import (
+        CreatedMessage as CreatedMessage,
+    )
+    from resilient_voice.testing._records import (
+        RecordedRequest as RecordedRequest,
+    )
+    from resilient_voice.testing._serve import serve
 
-__all__ = [
-    "ENDPOINTS",
-    "CallbackFaults",
-    "CallbackRecord",
-    "CreatedCall",
-    "CreatedMessage",
-    "DropConnectionError",
-    "FakeTelephony",
-    "Fault",
-    "FaultKind",
-    "ManualClock",
-    "RecordedRequest",
-    "serve",
-]
+__all__ = ["CallbackFaults", "FakeTelephony", "Fault", "ManualClock", "serve"]
 
-_LAZY = {
-    "ENDPOINTS": "_fake",
-    "FakeTelephony": "_fake",
-    "CallbackFaults": "_faults",
-    "Fault": "_faults",
-    "FaultKind": "_faults",
-    "CallbackRecord": "_records",
-    "CreatedCall": "_records",
-    "CreatedMessage": "_records",
-    "RecordedRequest": "_records",
-    "DropConnectionError": "_serve",
-    "serve": "_serve",
-}
+# Records the fake hands back to be read (what it received, created and sent), and the kind a
+# ``Fault`` carries: importable from here for annotations, not part of ``__all__``.
+_RETURN_TYPES = ["CallbackRecord", "CreatedCall", "CreatedMessage", "FaultKind", "RecordedRequest"]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    if isinstance(value, type) or callable(value):
-        value.__module__ = __name__  # show the public path in reprs and docs
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+publish(globals(), __all__)
+__getattr__, __dir__ = lazy_exports(
+    globals(),
+    {
+        "FakeTelephony": "resilient_voice.testing._fake",
+        "CallbackFaults": "resilient_voice.testing._faults",
+        "Fault": "resilient_voice.testing._faults",
+        "FaultKind": "resilient_voice.testing._faults",
+        "CallbackRecord": "resilient_voice.testing._records",
+        "CreatedCall": "resilient_voice.testing._records",
+        "CreatedMessage": "resilient_voice.testing._records",
+        "RecordedRequest": "resilient_voice.testing._records",
+        "serve": "resilient_voice.testing._serve",
+    },
+    __all__,
+)

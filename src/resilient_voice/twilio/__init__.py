@@ -9,31 +9,35 @@ package never imports ``twilio``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from resilient_voice._exports import lazy_exports, publish
 from resilient_voice.twilio._client import TwilioClient
 from resilient_voice.twilio._errors import TwilioAPIError, TwilioAuthenticationError
 from resilient_voice.twilio._models import (
-    Call,
-    CallDirection,
-    CallStatus,
-    Message,
-    MessageDirection,
-    MessageStatus,
+    Call as Call,
 )
-from resilient_voice.twilio._policies import OPERATIONS, default_policies
+from resilient_voice.twilio._models import (
+    CallDirection as CallDirection,
+)
+from resilient_voice.twilio._models import (
+    CallStatus as CallStatus,
+)
+from resilient_voice.twilio._models import (
+    Message as Message,
+)
+from resilient_voice.twilio._models import (
+    MessageDirection as MessageDirection,
+)
+from resilient_voice.twilio._models import (
+    MessageStatus as MessageStatus,
+)
+from resilient_voice.twilio._policies import default_policies
 
 if TYPE_CHECKING:
-    from resilient_voice.twilio.sdk import ResilientTwilioHttpClient
+    from resilient_voice.twilio._sdk import ResilientTwilioHttpClient
 
 __all__ = [
-    "OPERATIONS",
-    "Call",
-    "CallDirection",
-    "CallStatus",
-    "Message",
-    "MessageDirection",
-    "MessageStatus",
     "ResilientTwilioHttpClient",
     "TwilioAPIError",
     "TwilioAuthenticationError",
@@ -41,22 +45,18 @@ __all__ = [
     "default_policies",
 ]
 
+# The models the client returns, to be read: importable from here for annotations, not part of
+# ``__all__``.
+_RETURN_TYPES = [
+    "Call",
+    "CallDirection",
+    "CallStatus",
+    "Message",
+    "MessageDirection",
+    "MessageStatus",
+]
 
-for _name in __all__:
-    _obj = globals().get(_name)
-    if getattr(_obj, "__module__", "").startswith(f"{__name__}._"):
-        _obj.__module__ = __name__  # the public path in reprs and docs
-del _name, _obj
-
-
-def __getattr__(name: str) -> Any:
-    if name == "ResilientTwilioHttpClient":
-        from resilient_voice.twilio.sdk import ResilientTwilioHttpClient
-
-        globals()[name] = ResilientTwilioHttpClient
-        return ResilientTwilioHttpClient
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+publish(globals(), [*__all__, *_RETURN_TYPES])
+__getattr__, __dir__ = lazy_exports(
+    globals(), {"ResilientTwilioHttpClient": "resilient_voice.twilio._sdk"}, __all__
+)

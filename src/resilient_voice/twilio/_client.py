@@ -1,9 +1,10 @@
 """TwilioClient: the typed, resilient client of Twilio's Calls and Messages API.
 
 Twilio's operations only: the plumbing every client shares is in :mod:`.._provider`, the input
-rules in :mod:`._validation`, the error bodies in :mod:`._errors`. It runs past 400 lines
-because each operation's docstring is its user documentation (arguments, outcomes, what to do
-after an unknown outcome), and one class is easier to read whole than spread over modules.
+rules in :mod:`._validation`, the error bodies in :mod:`._errors`.
+
+Over 400 lines: each operation's docstring is its user documentation (arguments, outcomes, what
+to do after an unknown outcome), and one class is easier to read whole than spread over modules.
 """
 
 from __future__ import annotations

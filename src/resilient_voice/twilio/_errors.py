@@ -9,7 +9,8 @@ import httpx
 
 from resilient_voice.errors import ProviderError
 from resilient_voice.failure import FailureKind
-from resilient_voice.http import classify_status, retry_after_from_headers
+from resilient_voice.http._retry_after import retry_after_from_headers
+from resilient_voice.http._transport import classify_status
 
 __all__ = ["TwilioAPIError", "TwilioAuthenticationError", "api_error"]
 

@@ -14,69 +14,71 @@ See docs/vapi.md.
 
 from __future__ import annotations
 
-from resilient_voice.vapi._client import (
-    ATTEMPT_ID_EXTENSION,
-    DEFAULT_BASE_URL,
-    VapiClient,
-    VapiListener,
-)
+from resilient_voice._exports import publish
+from resilient_voice.vapi._client import VapiClient
+from resilient_voice.vapi._client import VapiListener as VapiListener  # see _RETURN_TYPES
 from resilient_voice.vapi._errors import (
     VapiAPIError,
     VapiAuthenticationError,
     VapiConcurrencyLimitError,
 )
 from resilient_voice.vapi._models import (
-    ATTEMPT_ID_KEY,
-    CONCURRENCY_ENDED_REASON,
-    CORRELATION_ID_KEY,
-    CallStatus,
-    CallType,
-    PhoneNumberStatus,
-    SubscriptionLimits,
-    VapiAssistant,
-    VapiCall,
-    VapiCustomer,
-    VapiModel,
-    VapiPhoneNumber,
+    CallStatus as CallStatus,
 )
-from resilient_voice.vapi._policies import OPERATIONS, default_policies
+from resilient_voice.vapi._models import (
+    CallType as CallType,
+)
+from resilient_voice.vapi._models import (
+    PhoneNumberStatus as PhoneNumberStatus,
+)
+from resilient_voice.vapi._models import (
+    SubscriptionLimits as SubscriptionLimits,
+)
+from resilient_voice.vapi._models import (
+    VapiAssistant as VapiAssistant,
+)
+from resilient_voice.vapi._models import (
+    VapiCall as VapiCall,
+)
+from resilient_voice.vapi._models import (
+    VapiCustomer,
+)
+from resilient_voice.vapi._models import (
+    VapiPhoneNumber as VapiPhoneNumber,
+)
+from resilient_voice.vapi._policies import default_policies
 from resilient_voice.vapi._sdk import (
-    SdkRequestOptions,
+    SdkRequestOptions as SdkRequestOptions,
+)
+from resilient_voice.vapi._sdk import (
     attempt_overrides,
     no_sdk_retries,
     sdk_http_client,
 )
 
 __all__ = [
-    "ATTEMPT_ID_EXTENSION",
-    "ATTEMPT_ID_KEY",
-    "CONCURRENCY_ENDED_REASON",
-    "CORRELATION_ID_KEY",
-    "DEFAULT_BASE_URL",
-    "OPERATIONS",
-    "CallStatus",
-    "CallType",
-    "PhoneNumberStatus",
-    "SdkRequestOptions",
-    "SubscriptionLimits",
     "VapiAPIError",
-    "VapiAssistant",
     "VapiAuthenticationError",
-    "VapiCall",
     "VapiClient",
     "VapiConcurrencyLimitError",
     "VapiCustomer",
-    "VapiListener",
-    "VapiModel",
-    "VapiPhoneNumber",
     "attempt_overrides",
     "default_policies",
     "no_sdk_retries",
     "sdk_http_client",
 ]
 
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("resilient_voice.vapi._"):
-        _obj.__module__ = __name__
-del _name, _obj
+# The models and records the client returns, to be read: importable from here for annotations,
+# not part of ``__all__``. (``VapiListener`` is importable too until typed events replace it.)
+_RETURN_TYPES = [
+    "CallStatus",
+    "CallType",
+    "PhoneNumberStatus",
+    "SdkRequestOptions",
+    "SubscriptionLimits",
+    "VapiAssistant",
+    "VapiCall",
+    "VapiPhoneNumber",
+]
+
+publish(globals(), [*__all__, *_RETURN_TYPES, "VapiListener"])

@@ -1,8 +1,9 @@
 """VapiClient: typed Vapi calls, assistants and phone numbers over httpx + ResilientTransport.
 
 Vapi's operations only: the plumbing every client shares is in :mod:`.._provider`, the input
-rules and request bodies in :mod:`._validation`, the error bodies in :mod:`._errors`. It runs
-past 400 lines because each operation's docstring is its user documentation (Vapi's fields and
+rules and request bodies in :mod:`._validation`, the error bodies in :mod:`._errors`.
+
+Over 400 lines: each operation's docstring is its user documentation (Vapi's fields and
 filters, outcomes, reconciliation), and one class is easier to read whole than spread out.
 """
 
@@ -28,11 +29,8 @@ from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError
 from resilient_voice.events import Listener, emit
 from resilient_voice.failure import FailureKind
-from resilient_voice.http import (
-    ATTEMPT_ID_EXTENSION,
-    ResilientTransport,
-    classify_status,
-)
+from resilient_voice.http import ATTEMPT_ID_EXTENSION, ResilientTransport
+from resilient_voice.http._transport import classify_status
 from resilient_voice.policy import Policy
 from resilient_voice.vapi._errors import (
     VapiAPIError,

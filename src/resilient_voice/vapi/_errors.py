@@ -17,7 +17,7 @@ import httpx
 
 from resilient_voice.errors import ProviderError
 from resilient_voice.failure import FailureKind
-from resilient_voice.http import retry_after_from_headers
+from resilient_voice.http._retry_after import retry_after_from_headers
 
 __all__ = [
     "VapiAPIError",

@@ -8,7 +8,7 @@ a :class:`~resilient_voice.http.ResilientTransport` configured like
 no retries of its own::
 
     from twilio.rest import Client
-    from resilient_voice.twilio.sdk import ResilientTwilioHttpClient
+    from resilient_voice.twilio import ResilientTwilioHttpClient
 
     http_client = ResilientTwilioHttpClient(calls_per_second=5)
     client = Client(account_sid, auth_token, http_client=http_client)
