@@ -253,11 +253,11 @@ class CircuitBreaker:
         """The current state (OPEN stays OPEN until a call arrives after the timeout)."""
         return self._machine.state
 
-    def _adopt_clock(self, clock: Clock) -> None:
-        """Use ``clock`` when this breaker was built without one (a :class:`Policy` passes its
-        clock down so that every part of a composition measures time the same way)."""
-        if self._clock is SYSTEM_CLOCK:
-            self._clock = clock
+    @property
+    def clock(self) -> Clock:
+        """The clock this breaker measures on, fixed at construction (a :class:`Policy` checks
+        that its parts agree on one and never replaces it)."""
+        return self._clock
 
     def add_listener(self, listener: Listener) -> None:
         """Attach a listener (a callable taking each event record); it sees every event from

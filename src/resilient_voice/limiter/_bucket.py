@@ -39,7 +39,7 @@ from resilient_voice.limiter._queue import (
     WaitQueue,
 )
 from resilient_voice.limiter._shared import SharedPath
-from resilient_voice.limiter._store import BucketStore, MemoryBucketStore
+from resilient_voice.limiter._store import BucketStore
 
 __all__ = ["LimiterStatistics", "TokenBucket"]
 
@@ -178,14 +178,10 @@ class TokenBucket(SharedPath):
         bucket._attach(key, self._store)
         return bucket
 
-    def _adopt_clock(self, clock: Clock) -> None:
-        """Use ``clock`` when this bucket was built without one (see :class:`Policy`)."""
-        if self._clock is SYSTEM_CLOCK:
-            self._clock = clock
-            self._now = clock.now
-            store = self._store
-            if isinstance(store, MemoryBucketStore) and store._clock is SYSTEM_CLOCK:
-                store._clock = clock
+    @property
+    def clock(self) -> Clock:
+        """The clock this bucket measures and sleeps on, fixed at construction."""
+        return self._clock
 
     @property
     def name(self) -> str:

@@ -127,13 +127,10 @@ class KeyedLimiter:
         """The limiter's name."""
         return self._name
 
-    def _adopt_clock(self, clock: Clock) -> None:
-        """Use ``clock`` when this limiter was built without one (see :class:`Policy`)."""
-        if self._clock is SYSTEM_CLOCK:
-            self._clock = clock
-            self._template._adopt_clock(clock)
-            for bucket in self._buckets.values():
-                bucket._adopt_clock(clock)
+    @property
+    def clock(self) -> Clock:
+        """The clock every key's bucket measures and sleeps on, fixed at construction."""
+        return self._clock
 
     def add_listener(self, listener: Listener) -> None:
         """Attach a listener to the limiter and every bucket it holds."""
