@@ -1066,21 +1066,24 @@ async def test_a_fleet_that_has_its_probes_refuses_the_local_one() -> None:
     assert breaker.state is CLOSED
 
 
-class _TooManyRequests(Exception):
-    backpressure = True
+def _too_many_requests() -> ProviderError:
+    # A kind the breaker counts on its own (MAYBE_PROCESSED): only the 429 spares it.
+    return ProviderError(429, None, "slow down", FailureKind.MAYBE_PROCESSED)
 
 
 async def test_backpressure_errors_never_trip_the_breaker() -> None:
     breaker = CircuitBreaker("bp", failure_threshold=1, clock=ManualClock())
 
     async def busy() -> None:
-        raise _TooManyRequests
+        raise _too_many_requests()
 
     for _ in range(5):
-        with pytest.raises(_TooManyRequests):
+        with pytest.raises(ProviderError):
             await breaker.call(busy)
     assert breaker.state is BreakerState.CLOSED
-    assert breaker.classify(_TooManyRequests()) == "ignored"
+    assert _too_many_requests().backpressure
+    assert breaker.classify(_too_many_requests()) == "ignored"
+    assert not ProviderError(503, None, "down", FailureKind.MAYBE_PROCESSED).backpressure
 
 
 async def test_settling_a_result_applies_the_result_predicate() -> None:

@@ -10,35 +10,7 @@ from resilient_voice.events import (
     Event,
     StateChanged,
     dispatch,
-    emit,
 )
-
-
-class Recording:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, float | None]] = []
-
-    def on_rejected(
-        self, limiter: str, key: object, tokens: float, retry_after: float | None
-    ) -> None:
-        self.seen.append((limiter, retry_after))
-
-
-class Broken:
-    def on_rejected(
-        self, limiter: str, key: object, tokens: float, retry_after: float | None
-    ) -> None:
-        raise RuntimeError("listener bug")
-
-
-def test_emit_calls_every_listener_and_swallows_listener_errors(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    first, last = Recording(), Recording()
-    with caplog.at_level(logging.ERROR, logger="resilient_voice.events"):
-        emit((first, Broken(), last), "on_rejected", "twilio", None, 1.0, 1.5)
-    assert first.seen == last.seen == [("twilio", 1.5)]
-    assert "listener bug" in caplog.text
 
 
 def test_dispatch_hands_records_to_every_listener_and_swallows_listener_errors(

@@ -43,6 +43,7 @@ from resilient_voice.events import (
     CallSucceeded,
     Listener,
     StateChanged,
+    check_listener,
     dispatch,
 )
 
@@ -221,7 +222,7 @@ class CircuitBreaker:
         )
         listeners = tuple(listeners)
         for listener in listeners:
-            _check_listener(listener)
+            check_listener(listener)
         self._name = name
         self._config = config
         self._clock: Clock = SYSTEM_CLOCK if clock is None else clock
@@ -262,7 +263,7 @@ class CircuitBreaker:
     def add_listener(self, listener: Listener) -> None:
         """Attach a listener (a callable taking each event record); it sees every event from
         now on."""
-        _check_listener(listener)
+        check_listener(listener)
         self._listeners = (*self._listeners, listener)
         self._refresh()
 
@@ -533,11 +534,3 @@ class CircuitBreaker:
             self._store.state_changed(self._name, self._machine.epoch, old, new)
         if self._listeners and new is not old:
             dispatch(self._listeners, StateChanged(self._name, old, new))
-
-
-def _check_listener(listener: object) -> None:
-    if not callable(listener):
-        raise TypeError(
-            f"a listener must be a callable taking an event record, got {type(listener).__name__}"
-            " (listener classes with on_... methods were replaced by callables)"
-        )

@@ -198,8 +198,6 @@ class UpstreamStatusError(ProviderError):
             retry_after=retry_after,
         )
         self.response = response
-        # 429 means "slow down", not "I am broken": the breaker must not trip on it.
-        self.backpressure = response.status_code == 429
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle with a copy of ``response`` whose request keeps its method and URL only.

@@ -14,12 +14,7 @@ See docs/vapi.md.
 
 from __future__ import annotations
 
-from resilient_voice.vapi._client import (
-    ATTEMPT_ID_EXTENSION,
-    DEFAULT_BASE_URL,
-    VapiClient,
-    VapiListener,
-)
+from resilient_voice.vapi._client import ATTEMPT_ID_EXTENSION, DEFAULT_BASE_URL, VapiClient
 from resilient_voice.vapi._errors import (
     VapiAPIError,
     VapiAuthenticationError,
@@ -66,7 +61,6 @@ __all__ = [
     "VapiClient",
     "VapiConcurrencyLimitError",
     "VapiCustomer",
-    "VapiListener",
     "VapiModel",
     "VapiPhoneNumber",
     "attempt_overrides",
