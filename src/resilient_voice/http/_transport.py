@@ -71,10 +71,8 @@ when no response came back, or ``cancelled``.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import re
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +80,7 @@ from typing import Any
 
 import httpx
 
+from resilient_voice._loops import current_loop, loop_closed
 from resilient_voice.correlation import (
     DEFAULT_CORRELATION_ID_VALIDATOR,
     get_correlation_id,
@@ -370,10 +369,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         noticed (``RuntimeError: Event loop is closed``), so the request may have reached the
         upstream though the caller sees an error: it is refused here instead, as ``NOT_SENT``.
         """
-        loop = _running_loop()
+        loop = current_loop()
         if loop is self._loop:
             return
-        if self._loop is not None and _has_closed(self._loop):
+        if self._loop is not None and loop_closed(self._loop):
             raise NotSentError(
                 f"transport {self._name!r}: this client belongs to an event loop that has "
                 "closed; build one per loop"
@@ -502,25 +501,3 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     def __repr__(self) -> str:
         return f"ResilientTransport(name={self._name!r}, routes={len(self._routes)})"
-
-
-def _running_loop() -> object:
-    """The running event loop: the asyncio loop, or the trio run's token."""
-    loop = asyncio._get_running_loop()
-    if loop is not None:
-        return loop
-    trio = sys.modules.get("trio")
-    return None if trio is None else trio.lowlevel.current_trio_token()
-
-
-def _has_closed(loop: object) -> bool:
-    if isinstance(loop, asyncio.AbstractEventLoop):
-        return loop.is_closed()
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    try:
-        loop.run_sync_soon(lambda: None)  # type: ignore[attr-defined]
-    except trio.RunFinishedError:
-        return True
-    return False
