@@ -1124,3 +1124,18 @@ async def test_no_event_record_is_built_when_nothing_listens(
     clock.advance(30.0)
     assert await breaker.call(ok) == 1
     assert breaker.state is CLOSED
+
+
+async def test_call_builds_no_guarded_function_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    breaker = CircuitBreaker("per-call", failure_threshold=2, clock=ManualClock())
+
+    def refuse(self: CircuitBreaker, fn: object) -> None:
+        raise AssertionError("call() built a guarded function")
+
+    monkeypatch.setattr(CircuitBreaker, "_guard", refuse)
+    assert await breaker.call(ok) == 1
+    with pytest.raises(UpstreamError):
+        await breaker.call(fail)
+    assert breaker.statistics().consecutive_failures == 1  # the fast path counted it
+    assert await breaker.call(ok) == 1
+    assert breaker.statistics().consecutive_failures == 0
