@@ -37,3 +37,22 @@ def test_breaker_records_are_frozen_and_slotted() -> None:
     with pytest.raises(AttributeError):
         event.retry_after = 1.0  # type: ignore[misc]
     assert CallRejected("twilio", 2.5) == event
+
+
+def test_every_producer_refuses_a_listener_that_is_not_callable() -> None:
+    from resilient_voice.breaker import CircuitBreaker
+    from resilient_voice.limiter import KeyedLimiter, TokenBucket
+    from resilient_voice.retry import RetryPolicy
+
+    builders = (
+        lambda listeners: CircuitBreaker("b", listeners=listeners),
+        lambda listeners: TokenBucket(1.0, listeners=listeners),
+        lambda listeners: KeyedLimiter(1.0, listeners=listeners),
+        lambda listeners: RetryPolicy(listeners=listeners),
+    )
+    for build in builders:
+        with pytest.raises(TypeError, match="listeners must be callables"):
+            build([object()])
+        producer = build([])
+        with pytest.raises(TypeError, match="listeners must be callables"):
+            producer.add_listener(object())

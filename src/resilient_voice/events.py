@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +42,7 @@ __all__ = [
     "TokensGranted",
     "TokensRejected",
     "check_listener",
+    "check_listeners",
     "dispatch",
 ]
 
@@ -75,6 +76,15 @@ def check_listener(listener: object) -> Listener:
             "classes with on_... methods were replaced by callables)"
         )
     return listener
+
+
+def check_listeners(listeners: Iterable[object]) -> tuple[Listener, ...]:
+    """Return ``listeners`` as the tuple a producer keeps, each checked by :func:`check_listener`.
+
+    Raises:
+        TypeError: One of them is not callable.
+    """
+    return tuple(check_listener(listener) for listener in listeners)
 
 
 # Retry and transport records (RetryPolicy, ResilientTransport). ``source`` is the policy's or

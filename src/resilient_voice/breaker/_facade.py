@@ -46,6 +46,7 @@ from resilient_voice.events import (
     Listener,
     StateChanged,
     check_listener,
+    check_listeners,
     dispatch,
 )
 
@@ -233,9 +234,7 @@ class CircuitBreaker:
             ignore_on=ignore_on,
             failure_result=failure_result,
         )
-        listeners = tuple(listeners)
-        for listener in listeners:
-            check_listener(listener)
+        listeners = check_listeners(listeners)
         self._name = name
         self._config = config
         self._clock: Clock = SYSTEM_CLOCK if clock is None else clock

@@ -88,7 +88,13 @@ from resilient_voice.correlation import (
 )
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.errors import _reduce as reduce_exception
-from resilient_voice.events import Listener, RequestFinished, check_listener, dispatch
+from resilient_voice.events import (
+    Listener,
+    RequestFinished,
+    check_listener,
+    check_listeners,
+    dispatch,
+)
 from resilient_voice.failure import FailureKind, NotSentError, failure_kind_of
 from resilient_voice.http._body import SUCCESS_OVERFLOW, ResponseTooLargeError, bounded, buffered
 from resilient_voice.http._retry_after import retry_after_from_headers
@@ -310,7 +316,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._name = name
         self._key_header = idempotency_key_header.lower()
         self._correlation_header = correlation_header
-        self._listeners: tuple[Listener, ...] = tuple(check_listener(x) for x in listeners)
+        self._listeners: tuple[Listener, ...] = check_listeners(listeners)
         if max_response_bytes is not None and (
             isinstance(max_response_bytes, bool)
             or not isinstance(max_response_bytes, int)

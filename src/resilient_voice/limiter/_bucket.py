@@ -27,7 +27,14 @@ import anyio
 from resilient_voice import _validate
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.errors import RateLimitedError
-from resilient_voice.events import Listener, TokensGranted, TokensRejected, dispatch
+from resilient_voice.events import (
+    Listener,
+    TokensGranted,
+    TokensRejected,
+    check_listener,
+    check_listeners,
+    dispatch,
+)
 from resilient_voice.limiter import _gcra
 from resilient_voice.limiter._queue import (
     FAILED,
@@ -139,7 +146,9 @@ class TokenBucket(SharedPath):
             raise TypeError(f"name must be a string, got {type(name).__name__}")
         if store is not None and not isinstance(store, BucketStore):
             raise TypeError("store must implement BucketStore (reserve, give_back and pause)")
-        self._setup(rate, burst, clock or SYSTEM_CLOCK, name or "token_bucket", tuple(listeners))
+        self._setup(
+            rate, burst, clock or SYSTEM_CLOCK, name or "token_bucket", check_listeners(listeners)
+        )
         self._attach(None, store)
 
     def _setup(
@@ -200,7 +209,7 @@ class TokenBucket(SharedPath):
 
     def add_listener(self, listener: Listener) -> None:
         """Attach a listener (for example a metrics exporter) after construction."""
-        self._listeners = (*self._listeners, listener)
+        self._listeners = (*self._listeners, check_listener(listener))
 
     def _cost_of(self, tokens: float) -> float:
         tokens = _validate.number("tokens", tokens)

@@ -26,7 +26,13 @@ from resilient_voice._provider import (
 )
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError
-from resilient_voice.events import ConcurrencyBlocked, Listener, check_listener, dispatch
+from resilient_voice.events import (
+    ConcurrencyBlocked,
+    Listener,
+    check_listener,
+    check_listeners,
+    dispatch,
+)
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import (
     ATTEMPT_ID_EXTENSION,
@@ -168,7 +174,7 @@ class VapiClient(ProviderClient):
         if not isinstance(name, str) or not name:
             raise ValueError("name must be a non-empty string")
         self._name = name
-        self._listeners: tuple[Listener, ...] = tuple(check_listener(one) for one in listeners)
+        self._listeners: tuple[Listener, ...] = check_listeners(listeners)
         self._create_unprocessed = frozenset({429}) if unprocessed_429 else _NO_STATUSES
         self._transport: ResilientTransport | None
         if http_client is not None:
