@@ -836,3 +836,17 @@ async def test_deeply_nested_json_is_an_unreadable_body_never_a_recursion_error(
             await calls[operation]()
     if isinstance(info.value, VapiAPIError):
         assert info.value.status == status
+
+
+async def test_with_a_callers_http_client_listeners_hear_the_clients_records() -> None:
+    async def handler(scope: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+        return 400, {}, {"message": "Over Concurrency Limit."}
+
+    seen: list[Event] = []
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=json_app(handler)))
+    vapi = VapiClient(KEY, base_url="http://vapi.test", allow_insecure_http=True, http_client=http)
+    vapi.add_listener(seen.append)
+    with pytest.raises(VapiConcurrencyLimitError):
+        await vapi.create_call(assistant_id="a1", phone_number_id="p1", customer_number=NUMBER)
+    assert seen == [ConcurrencyBlocked("vapi", "refused")]  # the transport is the caller's
+    await http.aclose()
