@@ -21,7 +21,8 @@ hosts and routes come from the transport's configuration. Limiter keys (client a
 numbers) are never used as labels.
 
 This module imports ``prometheus_client`` at import time; ``import resilient_voice`` does not
-import this module.
+import this module. It runs a little past 400 lines because each of the fifteen collectors is
+declared with its name, help text and labels in one place, next to the ``match`` that feeds it.
 """
 
 from __future__ import annotations
