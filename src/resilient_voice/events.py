@@ -42,7 +42,6 @@ __all__ = [
     "TokensGranted",
     "TokensRejected",
     "check_listener",
-    "check_listeners",
     "dispatch",
 ]
 
