@@ -157,13 +157,13 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # One client for the app's lifetime: one breaker per account, one pacing, one pool.
         sid = settings.twilio_account_sid
-        breaker = CircuitBreaker(f"twilio:{sid}", listeners=[metrics.breaker])
+        breaker = CircuitBreaker(f"twilio:{sid}", listeners=[metrics])
         create_call = Policy(
             breaker=breaker,
             limiter=TokenBucket(
-                settings.calls_per_second, 1, name="twilio:calls", listeners=[metrics.limiter]
+                settings.calls_per_second, 1, name="twilio:calls", listeners=[metrics]
             ),
-            retry=RetryPolicy(max_attempts=3, name="create_call", listeners=[metrics.retry]),
+            retry=RetryPolicy(max_attempts=3, name="create_call", listeners=[metrics]),
             timeout=10.0,
             # Bounds the whole operation; the limiter refuses at once (RateLimitedError) a
             # pacing slot beyond it, instead of holding the HTTP request open.
@@ -175,7 +175,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
             base_url=settings.twilio_base_url,
             breaker=breaker,  # shared by the other operations' default policies
             policies={"create_call": create_call},
-            listeners=[metrics.transport],
+            listeners=[metrics],
         ) as twilio:
             yield {"twilio": twilio, "events": CallEvents()}
 
@@ -253,7 +253,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
         rate=settings.inbound_rate,
         burst=settings.inbound_burst,
         exempt=["/twilio/*", "/vapi/*", "/metrics"],
-        listeners=[metrics.limiter],
+        listeners=[metrics],
     )
     app.add_middleware(CorrelationIdMiddleware)
     app.add_middleware(

@@ -170,9 +170,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
     @asynccontextmanager
     async def twilio_client(app: Litestar) -> AsyncIterator[None]:
         # One client for the app's lifetime: one breaker per account, one pacing, one pool.
-        breaker = CircuitBreaker(
-            f"twilio:{settings.twilio_account_sid}", listeners=[metrics.breaker]
-        )
+        breaker = CircuitBreaker(f"twilio:{settings.twilio_account_sid}", listeners=[metrics])
         create_call = Policy(
             breaker=breaker,
             limiter=TokenBucket(settings.calls_per_second, 1, name="twilio:calls"),
@@ -186,7 +184,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
             base_url=settings.twilio_base_url,
             breaker=breaker,
             policies={"create_call": create_call},
-            listeners=[metrics.transport],
+            listeners=[metrics],
         ) as twilio:
             app.state.twilio = twilio
             yield
@@ -215,7 +213,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
                 rate=settings.inbound_rate,
                 burst=settings.inbound_burst,
                 exempt=["/twilio/*", "/metrics"],
-                listeners=[metrics.limiter],
+                listeners=[metrics],
             ),
             DefineMiddleware(
                 TwilioSignatureMiddleware,  # type: ignore[arg-type]

@@ -157,9 +157,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         # One client for the app's lifetime: one breaker per account, one pacing, one pool.
-        breaker = CircuitBreaker(
-            f"twilio:{settings.twilio_account_sid}", listeners=[metrics.breaker]
-        )
+        breaker = CircuitBreaker(f"twilio:{settings.twilio_account_sid}", listeners=[metrics])
         create_call = Policy(
             breaker=breaker,
             limiter=TokenBucket(settings.calls_per_second, 1, name="twilio:calls"),
@@ -173,7 +171,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
             base_url=settings.twilio_base_url,
             breaker=breaker,
             policies={"create_call": create_call},
-            listeners=[metrics.transport],
+            listeners=[metrics],
         ) as twilio:
             yield {"twilio": twilio, "events": CallEvents()}
 
@@ -193,7 +191,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
                 rate=settings.inbound_rate,
                 burst=settings.inbound_burst,
                 exempt=["/twilio/*", "/metrics"],
-                listeners=[metrics.limiter],
+                listeners=[metrics],
             ),
             Middleware(
                 TwilioSignatureMiddleware,

@@ -1066,21 +1066,24 @@ async def test_a_fleet_that_has_its_probes_refuses_the_local_one() -> None:
     assert breaker.state is CLOSED
 
 
-class _TooManyRequests(Exception):
-    backpressure = True
+def _too_many_requests() -> ProviderError:
+    # A kind the breaker counts on its own (MAYBE_PROCESSED): only the 429 spares it.
+    return ProviderError(429, None, "slow down", FailureKind.MAYBE_PROCESSED)
 
 
 async def test_backpressure_errors_never_trip_the_breaker() -> None:
     breaker = CircuitBreaker("bp", failure_threshold=1, clock=ManualClock())
 
     async def busy() -> None:
-        raise _TooManyRequests
+        raise _too_many_requests()
 
     for _ in range(5):
-        with pytest.raises(_TooManyRequests):
+        with pytest.raises(ProviderError):
             await breaker.call(busy)
     assert breaker.state is BreakerState.CLOSED
-    assert breaker.classify(_TooManyRequests()) == "ignored"
+    assert _too_many_requests().backpressure
+    assert breaker.classify(_too_many_requests()) == "ignored"
+    assert not ProviderError(503, None, "down", FailureKind.MAYBE_PROCESSED).backpressure
 
 
 async def test_settling_a_result_applies_the_result_predicate() -> None:
@@ -1121,3 +1124,18 @@ async def test_no_event_record_is_built_when_nothing_listens(
     clock.advance(30.0)
     assert await breaker.call(ok) == 1
     assert breaker.state is CLOSED
+
+
+async def test_call_builds_no_guarded_function_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    breaker = CircuitBreaker("per-call", failure_threshold=2, clock=ManualClock())
+
+    def refuse(self: CircuitBreaker, fn: object) -> None:
+        raise AssertionError("call() built a guarded function")
+
+    monkeypatch.setattr(CircuitBreaker, "_guard", refuse)
+    assert await breaker.call(ok) == 1
+    with pytest.raises(UpstreamError):
+        await breaker.call(fail)
+    assert breaker.statistics().consecutive_failures == 1  # the fast path counted it
+    assert await breaker.call(ok) == 1
+    assert breaker.statistics().consecutive_failures == 0

@@ -10,35 +10,7 @@ from resilient_voice.events import (
     Event,
     StateChanged,
     dispatch,
-    emit,
 )
-
-
-class Recording:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, float | None]] = []
-
-    def on_rejected(
-        self, limiter: str, key: object, tokens: float, retry_after: float | None
-    ) -> None:
-        self.seen.append((limiter, retry_after))
-
-
-class Broken:
-    def on_rejected(
-        self, limiter: str, key: object, tokens: float, retry_after: float | None
-    ) -> None:
-        raise RuntimeError("listener bug")
-
-
-def test_emit_calls_every_listener_and_swallows_listener_errors(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    first, last = Recording(), Recording()
-    with caplog.at_level(logging.ERROR, logger="resilient_voice.events"):
-        emit((first, Broken(), last), "on_rejected", "twilio", None, 1.0, 1.5)
-    assert first.seen == last.seen == [("twilio", 1.5)]
-    assert "listener bug" in caplog.text
 
 
 def test_dispatch_hands_records_to_every_listener_and_swallows_listener_errors(
@@ -65,3 +37,22 @@ def test_breaker_records_are_frozen_and_slotted() -> None:
     with pytest.raises(AttributeError):
         event.retry_after = 1.0  # type: ignore[misc]
     assert CallRejected("twilio", 2.5) == event
+
+
+def test_every_producer_refuses_a_listener_that_is_not_callable() -> None:
+    from resilient_voice.breaker import CircuitBreaker
+    from resilient_voice.limiter import KeyedLimiter, TokenBucket
+    from resilient_voice.retry import RetryPolicy
+
+    builders = (
+        lambda listeners: CircuitBreaker("b", listeners=listeners),
+        lambda listeners: TokenBucket(1.0, listeners=listeners),
+        lambda listeners: KeyedLimiter(1.0, listeners=listeners),
+        lambda listeners: RetryPolicy(listeners=listeners),
+    )
+    for build in builders:
+        with pytest.raises(TypeError, match="listeners must be callables"):
+            build([object()])
+        producer = build([])
+        with pytest.raises(TypeError, match="listeners must be callables"):
+            producer.add_listener(object())

@@ -621,3 +621,20 @@ def test_transport_listeners_must_be_callables() -> None:
     transport = ResilientTransport(Policy())
     with pytest.raises(TypeError, match="listener"):
         transport.add_listener("on_request")  # type: ignore[arg-type]
+
+
+def test_a_paused_loop_has_finished_running_but_is_not_closed() -> None:
+    import asyncio
+    import threading
+
+    from resilient_voice._loops import loop_closed, loop_finished
+
+    loop = asyncio.new_event_loop()
+    try:
+        # The breaker's question (may another loop take over?) and the transport's (are this
+        # loop's connections gone?) differ for a loop between runs.
+        assert loop_finished(loop, threading.get_ident())
+        assert not loop_closed(loop)
+    finally:
+        loop.close()
+    assert loop_closed(loop)

@@ -1,4 +1,4 @@
-"""Prometheus listeners: exact names and labels, get-or-create, cached children."""
+"""The Prometheus listener: exact names and labels, get-or-create, cached children."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
+from resilient_voice import metrics as metrics_module
+from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.events import (
     BreakerState,
     BucketEvicted,
@@ -15,6 +17,7 @@ from resilient_voice.events import (
     CallIgnored,
     CallRejected,
     CallSucceeded,
+    ConcurrencyBlocked,
     Event,
     RequestFinished,
     RetryAttemptStarted,
@@ -28,32 +31,26 @@ from resilient_voice.events import (
 )
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import LIMITER_KEY_EXTENSION, ResilientTransport, Route
-from resilient_voice.limiter import KeyedLimiter
-from resilient_voice.metrics import (
-    BreakerMetrics,
-    LimiterMetrics,
-    PrometheusMetrics,
-    RetryMetrics,
-    TransportMetrics,
-)
+from resilient_voice.limiter import KeyedLimiter, TokenBucket
+from resilient_voice.metrics import PrometheusMetrics
 from resilient_voice.policy import Policy
+from resilient_voice.retry import RetryPolicy
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
     return registry.get_sample_value(name, labels)
 
 
-def test_listeners_implement_the_protocols() -> None:
+def test_one_listener_for_every_primitive() -> None:
     metrics = PrometheusMetrics(CollectorRegistry())
-    assert callable(metrics.breaker)
-    assert callable(metrics.limiter)
-    assert callable(metrics.retry)
-    assert callable(metrics.transport)
+    assert callable(metrics)
+    for name in ("BreakerMetrics", "LimiterMetrics", "RetryMetrics", "TransportMetrics"):
+        assert not hasattr(metrics_module, name)
 
 
 def test_breaker_state_transitions_and_outcomes() -> None:
     registry = CollectorRegistry()
-    listener = BreakerMetrics(registry)
+    listener = PrometheusMetrics(registry)
     listeners = (listener,)
     dispatch(listeners, CallSucceeded("twilio", 0.1))
     dispatch(listeners, CallFailed("twilio", RuntimeError("x"), 0.2))
@@ -87,13 +84,13 @@ def test_breaker_state_transitions_and_outcomes() -> None:
 
 def test_rejection_first_does_not_guess_a_state() -> None:
     registry = CollectorRegistry()
-    dispatch((BreakerMetrics(registry),), CallRejected("vapi", 1.0))
+    dispatch((PrometheusMetrics(registry),), CallRejected("vapi", 1.0))
     assert value(registry, "resilient_voice_breaker_state", breaker="vapi", state="closed") is None
 
 
 def test_breakers_are_separate_series() -> None:
     registry = CollectorRegistry()
-    listener = BreakerMetrics(registry)
+    listener = PrometheusMetrics(registry)
     listener(StateChanged("a", BreakerState.CLOSED, BreakerState.OPEN))
     listener(CallSucceeded("b", None))
     assert value(registry, "resilient_voice_breaker_state", breaker="a", state="open") == 1
@@ -103,7 +100,7 @@ def test_breakers_are_separate_series() -> None:
 
 def test_limiter_metrics_never_label_keys() -> None:
     registry = CollectorRegistry()
-    listener = LimiterMetrics(registry)
+    listener = PrometheusMetrics(registry)
     listener(TokensGranted("inbound", "+15550100", 1.0, 0.0))
     listener(TokensGranted("inbound", "+15550101", 1.0, 0.3))
     listener(TokensGranted("cps", None, 1.0, 0.002))
@@ -128,7 +125,7 @@ def test_limiter_metrics_never_label_keys() -> None:
 
 def test_retry_metrics_by_reason() -> None:
     registry = CollectorRegistry()
-    listener = RetryMetrics(registry)
+    listener = PrometheusMetrics(registry)
     error = RuntimeError("x")
     for attempt in (1, 2, 3):
         listener(RetryAttemptStarted("create_call", attempt, "op-1"))
@@ -151,7 +148,7 @@ def test_retry_metrics_by_reason() -> None:
 
 def test_transport_metrics() -> None:
     registry = CollectorRegistry()
-    listener = TransportMetrics(registry)
+    listener = PrometheusMetrics(registry)
     listener(RequestFinished("twilio", "api.twilio.com", "POST", "create_call", "2xx", 0.2, 1))
     listener(RequestFinished("twilio", "api.twilio.com", "POST", "create_call", "2xx", 0.4, 3))
     listener(RequestFinished("twilio", "api.twilio.com", "POST", "create_call", "not_sent", 0.1, 1))
@@ -175,10 +172,10 @@ def test_many_listeners_share_collectors_without_duplicate_errors() -> None:
     registry = CollectorRegistry()
     first = PrometheusMetrics(registry)
     others = [PrometheusMetrics(registry) for _ in range(5)]
-    assert all(o.breaker.calls is first.breaker.calls for o in others)
-    assert all(o.transport.duration is first.transport.duration for o in others)
-    first.breaker(CallSucceeded("x", None))
-    others[-1].breaker(CallSucceeded("x", None))
+    assert all(o.breaker_calls is first.breaker_calls for o in others)
+    assert all(o.http_client_duration is first.http_client_duration for o in others)
+    first(CallSucceeded("x", None))
+    others[-1](CallSucceeded("x", None))
     calls = "resilient_voice_breaker_calls_total"
     assert value(registry, calls, breaker="x", outcome="success") == 2
 
@@ -193,16 +190,16 @@ def test_default_registry_twice_is_fine() -> None:
 
 def test_children_are_cached() -> None:
     registry = CollectorRegistry()
-    listener = BreakerMetrics(registry)
+    listener = PrometheusMetrics(registry)
     listener(CallSucceeded("x", None))
     calls: list[tuple[str, ...]] = []
-    original = listener.calls.labels
+    original = listener.breaker_calls.labels
 
     def counting(*labels: str) -> object:
         calls.append(labels)
         return original(*labels)
 
-    listener.calls.labels = counting  # type: ignore[method-assign]
+    listener.breaker_calls.labels = counting  # type: ignore[method-assign]
     for _ in range(10):
         listener(CallSucceeded("x", None))
         listener(CallRejected("x", 1.0))
@@ -213,7 +210,7 @@ def test_incompatible_existing_metric_is_a_clear_error() -> None:
     registry = CollectorRegistry()
     Gauge("resilient_voice_breaker_calls", "someone else's", ["name"], registry=registry)
     with pytest.raises(ValueError, match="resilient_voice_breaker_calls"):
-        BreakerMetrics(registry)
+        PrometheusMetrics(registry)
 
 
 def test_registry_type_is_checked() -> None:
@@ -232,7 +229,7 @@ def label_values(registry: CollectorRegistry, metric: str, label: str) -> set[st
 
 async def test_transport_metrics_stay_bounded_over_2000_random_hosts() -> None:
     registry = CollectorRegistry()
-    metrics = TransportMetrics(registry)
+    metrics = PrometheusMetrics(registry)
     transport = ResilientTransport(
         Policy(),
         transport=httpx.MockTransport(lambda request: httpx.Response(200)),
@@ -247,7 +244,7 @@ async def test_transport_metrics_stay_bounded_over_2000_random_hosts() -> None:
             await http.get(f"https://{rng.getrandbits(64):x}.example.com/")
     requests = "resilient_voice_http_client_requests"
     assert label_values(registry, requests, "host") == {"api.twilio.com", "other"}
-    assert len(metrics._series) == 2  # the child cache is bounded too
+    assert len(metrics._http_series) == 2  # the child cache is bounded too
     labels = {"transport": "twilio", "host": "other", "method": "GET", "route": "default"}
     assert value(registry, requests + "_total", **labels, status_class="2xx") == 2000
 
@@ -264,7 +261,7 @@ async def test_status_class_is_a_status_a_failure_kind_or_cancelled_never_a_clas
         Policy(),
         transport=httpx.MockTransport(answer),
         routes=[Route(name="keyed", path="/keyed", policy=keyed)],
-        listeners=[TransportMetrics(registry)],
+        listeners=[PrometheusMetrics(registry)],
     )
     async with httpx.AsyncClient(base_url="http://h", transport=transport) as http:
         await http.get("/204")
@@ -275,3 +272,38 @@ async def test_status_class_is_a_status_a_failure_kind_or_cancelled_never_a_clas
             await http.get("/keyed", extensions={LIMITER_KEY_EXTENSION: ["unhashable"]})
     classes = label_values(registry, "resilient_voice_http_client_requests", "status_class")
     assert classes == {"2xx", "5xx", "maybe_processed", "not_sent"}
+
+
+def test_provider_concurrency_records() -> None:
+    registry = CollectorRegistry()
+    listener = PrometheusMetrics(registry)
+    listener(ConcurrencyBlocked("vapi", "blocked"))
+    listener(ConcurrencyBlocked("vapi", "blocked"))
+    listener(ConcurrencyBlocked("vapi", "refused"))
+    concurrency = "resilient_voice_provider_concurrency_total"
+    assert value(registry, concurrency, client="vapi", outcome="blocked") == 2
+    assert value(registry, concurrency, client="vapi", outcome="refused") == 1
+
+
+async def test_the_same_object_listens_to_every_primitive_of_a_policy() -> None:
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    policy = Policy(
+        breaker=CircuitBreaker("up", listeners=[metrics]),
+        limiter=TokenBucket(100.0, burst=10, name="cps", listeners=[metrics]),
+        retry=RetryPolicy(name="op", listeners=[metrics]),
+    )
+    transport = ResilientTransport(
+        policy,
+        transport=httpx.MockTransport(lambda request: httpx.Response(200)),
+        name="out",
+        listeners=[metrics],
+    )
+    async with httpx.AsyncClient(transport=transport) as http:
+        await http.get("https://api.example.com/")
+    assert value(registry, "resilient_voice_breaker_calls_total", breaker="up", outcome="success")
+    assert value(registry, "resilient_voice_limiter_granted_total", limiter="cps") == 1
+    assert value(registry, "resilient_voice_retry_attempts_total", policy="op") == 1
+    labels = {"transport": "out", "host": "other", "method": "GET", "route": "default"}
+    requests = "resilient_voice_http_client_requests_total"
+    assert value(registry, requests, **labels, status_class="2xx") == 1

@@ -17,6 +17,7 @@ from resilient_voice import (
 from resilient_voice._clock import SYSTEM_CLOCK
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.policy import Policy
+from resilient_voice.retry import RetryBudget
 from resilient_voice.testing import ManualClock
 
 
@@ -324,6 +325,21 @@ def test_parts_on_different_clocks_are_refused() -> None:
         Policy(breaker=CircuitBreaker("b", clock=ManualClock()), clock=ManualClock())
     shared = ManualClock()
     assert Policy(breaker=CircuitBreaker("c", clock=shared)).clock is shared
+
+
+def test_every_part_shows_its_clock_and_a_retry_budget_must_share_it() -> None:
+    clock = ManualClock()
+    keyed = KeyedLimiter(rate=1.0, clock=clock)
+    parts = (CircuitBreaker("k", clock=clock), TokenBucket(rate=1.0, clock=clock), keyed)
+    assert all(part.clock is clock for part in parts)
+    assert RetryBudget(clock=clock).clock is clock
+    apart = RetryPolicy(clock=clock, budget=RetryBudget())  # the budget on the system clock
+    with pytest.raises(ValueError, match="retry budget"):
+        Policy(retry=apart)
+    with pytest.raises(ValueError, match="retry budget"):
+        Policy(retry=apart, clock=clock)
+    together = RetryPolicy(clock=clock, budget=RetryBudget(clock=clock))
+    assert Policy(retry=together, limiter=keyed).clock is clock
 
 
 async def test_policy_paces_limiters_on_their_shared_clock() -> None:

@@ -73,6 +73,7 @@ SURFACE: dict[str, list[str]] = {
         "CallIgnored",
         "CallRejected",
         "CallSucceeded",
+        "ConcurrencyBlocked",
         "Event",
         "Listener",
         "RequestFinished",
@@ -126,8 +127,8 @@ SURFACE: dict[str, list[str]] = {
 }
 
 # Entries across every ``__all__`` (the root re-exports 19 of them), and distinct names.
-TOTAL = 98
-DISTINCT = 79
+TOTAL = 99
+DISTINCT = 80
 
 # Records handed back to be read: importable from their module (for annotations), shown with it
 # as their ``__module__``, never in ``__all__``; docs/api.md lists them under "Return types".
@@ -278,9 +279,7 @@ def test_public_objects_show_their_public_module(module_name: str) -> None:
 
 
 # Internal names the docs still show, with the change that removes them.
-DOCUMENTED_OUTSIDE_THE_SURFACE = {
-    ("resilient_voice.vapi", "VapiListener"): "goes with the typed events of issue 13",
-}
+DOCUMENTED_OUTSIDE_THE_SURFACE: dict[tuple[str, str], str] = {}
 DOCS = [API_DOC.parents[1] / "README.md", *sorted(API_DOC.parent.glob("*.md"))]
 
 

@@ -7,7 +7,6 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from resilient_voice import events
 from resilient_voice.errors import (
     CircuitOpenError,
     OutcomeUnknownError,
@@ -592,10 +591,19 @@ async def test_listeners_see_every_step() -> None:
 
 
 async def test_nothing_is_emitted_without_listeners(monkeypatch: pytest.MonkeyPatch) -> None:
-    def forbidden(*args: object) -> None:
-        raise AssertionError("emit called with no listener")
+    from resilient_voice.retry import _policy
 
-    monkeypatch.setattr(events, "emit", forbidden)
+    def forbidden(*args: object) -> None:
+        raise AssertionError("an event was built or dispatched with no listener")
+
+    for name in (
+        "dispatch",
+        "RetryAttemptStarted",
+        "RetryScheduled",
+        "RetryGaveUp",
+        "RetryOutcomeUnknown",
+    ):
+        monkeypatch.setattr(_policy, name, forbidden)
     clock = ManualClock(autojump=True)
     with pytest.raises(OutcomeUnknownError):
         await policy(clock).run(Script(Failure(NOT_SENT), Failure(MAYBE)), idempotent=False)

@@ -31,7 +31,7 @@ from resilient_voice import (
     RetryPolicy,
     correlation_scope,
 )
-from resilient_voice.events import Event, RequestFinished
+from resilient_voice.events import ConcurrencyBlocked, Event, RequestFinished
 from resilient_voice.policy import Policy
 from resilient_voice.testing import FakeTelephony, Fault, ManualClock, serve
 from resilient_voice.vapi import (
@@ -43,7 +43,6 @@ from resilient_voice.vapi import (
     VapiCall,
     VapiClient,
     VapiConcurrencyLimitError,
-    VapiListener,
     attempt_overrides,
     default_policies,
 )
@@ -333,18 +332,19 @@ async def test_over_concurrency_error_is_flagged_and_reported(
 
     seen: list[tuple[str, str]] = []
 
-    class Recorder(VapiListener):
-        def on_concurrency(self, client: str, outcome: str) -> None:
-            seen.append((client, outcome))
+    def recorder(event: Event) -> None:
+        match event:
+            case ConcurrencyBlocked(source=client, outcome=outcome):
+                seen.append((client, outcome))
 
     caplog.set_level(logging.WARNING, logger="resilient_voice.vapi")
-    listeners = [Recorder()]
+    listeners = [recorder]
     async with (
         VapiClient(KEY, **asgi(json_app(handler)), listeners=listeners) as v,
     ):
         with pytest.raises(VapiConcurrencyLimitError) as info:
             await v.create_call(assistant_id="a1", phone_number_id="p1", customer_number=NUMBER)
-    assert info.value.concurrency_limited is True
+    assert type(info.value) is VapiConcurrencyLimitError
     assert info.value.kind is FailureKind.PERMANENT
     assert seen == [("vapi", "refused")]
     assert any("concurrency" in r.getMessage() for r in caplog.records)
@@ -355,15 +355,15 @@ async def test_concurrency_blocked_201_returns_the_call_and_records_it(
 ) -> None:
     seen: list[str] = []
 
-    class Recorder(VapiListener):
-        def on_concurrency(self, client: str, outcome: str) -> None:
-            seen.append(outcome)
+    def recorder(event: Event) -> None:
+        if isinstance(event, ConcurrencyBlocked):
+            seen.append(event.outcome)
 
     app = FakeTelephony(
         vapi_api_keys=[KEY], status_callbacks=False, call_duration=30.0, vapi_concurrency_limit=1
     )
     caplog.set_level(logging.WARNING, logger="resilient_voice.vapi")
-    async with in_process(app) as up, up.client(listeners=[Recorder()]) as vapi:
+    async with in_process(app) as up, up.client(listeners=[recorder]) as vapi:
         first = await create(up, vapi)
         second = await create(up, vapi, customer_number="+14155550101")
     assert not first.concurrency_blocked
@@ -834,3 +834,17 @@ async def test_deeply_nested_json_is_an_unreadable_body_never_a_recursion_error(
             await calls[operation]()
     if isinstance(info.value, VapiAPIError):
         assert info.value.status == status
+
+
+async def test_with_a_callers_http_client_listeners_hear_the_clients_records() -> None:
+    async def handler(scope: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+        return 400, {}, {"message": "Over Concurrency Limit."}
+
+    seen: list[Event] = []
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=json_app(handler)))
+    vapi = VapiClient(KEY, base_url="http://vapi.test", allow_insecure_http=True, http_client=http)
+    vapi.add_listener(seen.append)
+    with pytest.raises(VapiConcurrencyLimitError):
+        await vapi.create_call(assistant_id="a1", phone_number_id="p1", customer_number=NUMBER)
+    assert seen == [ConcurrencyBlocked("vapi", "refused")]  # the transport is the caller's
+    await http.aclose()

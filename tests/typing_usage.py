@@ -115,16 +115,16 @@ async def use_clients() -> None:
     fake = FakeTelephony(twilio_accounts={sid: "token"}, faults=[Fault.drop_after(0.1)])
     metrics = PrometheusMetrics()
     async with serve(fake) as url, TwilioClient(sid, "token", base_url=url) as twilio:
-        twilio.transport.add_listener(metrics.transport)
-        twilio.breaker.add_listener(metrics.breaker)  # as docs/metrics.md shows it
+        twilio.transport.add_listener(metrics)
+        twilio.breaker.add_listener(metrics)  # as docs/metrics.md shows it
         call: Call = await twilio.create_call(
             to="+15550100001", from_="+15005550006", url="https://example.com/twiml"
         )
         calls: list[Call] = await twilio.reconcile_call(to=call.to or "")
         del calls
     async with VapiClient("key", base_url="http://127.0.0.1:1") as vapi:
-        vapi.breaker.add_listener(metrics.breaker)
-        vapi.transport.add_listener(metrics.transport)
+        vapi.breaker.add_listener(metrics)
+        vapi.transport.add_listener(metrics)
         found: VapiCall | None = await vapi.reconcile_call("attempt-1")
         placed: VapiCall = await vapi.create_call(
             assistant_id="a1",

@@ -179,18 +179,18 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoRepor
         f"{options.provider}-demo",
         failure_threshold=3,
         recovery_timeout=options.recovery_timeout,
-        listeners=[tally, metrics.breaker],
+        listeners=[tally, metrics],
     )
     retry = RetryPolicy(
         max_attempts=3,
         base_delay=0.05,
         max_delay=0.5,
         name="create_call",
-        listeners=[tally.count_retries, metrics.retry],
+        listeners=[tally.count_retries, metrics],
     )
     create = Policy(
         breaker=breaker,
-        limiter=TokenBucket(options.cps, burst=1, name="cps", listeners=[metrics.limiter]),
+        limiter=TokenBucket(options.cps, burst=1, name="cps", listeners=[metrics]),
         retry=retry,
         timeout=5.0,
     )
@@ -297,7 +297,7 @@ async def _provider(
             base_url=upstream,
             policies={"create_call": create, "read": read},
         )
-        twilio.transport.add_listener(metrics.transport)
+        twilio.transport.add_listener(metrics)
 
         async def place_twilio(number: str) -> None:
             await twilio.create_call(
@@ -312,7 +312,7 @@ async def _provider(
     from resilient_voice.vapi import VapiClient
 
     vapi = VapiClient(VAPI_KEY, base_url=upstream, policies={"create_call": create, "read": read})
-    vapi.add_listener(metrics.transport)
+    vapi.add_listener(metrics)
 
     # The fake's assistant and phone number, looked up once before the campaign.
     assistant_id = (await vapi.list_assistants())[0].id

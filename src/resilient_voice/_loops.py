@@ -1,10 +1,15 @@
 """Which event loop is running the calling code, and whether a loop seen earlier has ended.
 
-The breaker keeps its state without locks because one event loop runs one task at a time. Used
-from two threads (or two loops) at once, that state is corrupted silently, so the breaker
-remembers the loop holding its outstanding permits and refuses another one while that loop
-still runs. These two functions are all it needs; they are called on its slow paths only
-(permit admission and settlement, state transitions), never on the closed fast path.
+Two owners ask, with two meanings of "ended":
+
+- The breaker keeps its state without locks because one event loop runs one task at a time.
+  Used from two threads (or two loops) at once, that state is corrupted silently, so the breaker
+  remembers the loop holding its outstanding permits and refuses another one while that loop
+  still runs (:func:`loop_finished`: not running any more). It asks on its slow paths only
+  (permit admission and settlement, state transitions), never on the closed fast path.
+- The transport's pooled connections belong to the loop that opened them and stay usable while
+  that loop is merely paused between runs; only a *closed* loop makes them unusable
+  (:func:`loop_closed`). It asks once per request, so :func:`current_loop` stays cheap.
 
 Neither backend is imported here: trio is looked up in ``sys.modules`` (a trio run has imported
 it, and sniffio with it), so ``import resilient_voice`` stays light.
@@ -16,7 +21,7 @@ import asyncio
 import sys
 import threading
 
-__all__ = ["current_loop", "loop_finished"]
+__all__ = ["current_loop", "loop_closed", "loop_finished"]
 
 
 def current_loop() -> object | None:
@@ -46,14 +51,29 @@ def loop_finished(loop: object | None, thread: int) -> bool:
         return thread == threading.get_ident() or all(
             other.ident != thread for other in threading.enumerate()
         )
-    is_running = getattr(loop, "is_running", None)
-    if is_running is not None:
-        return not is_running()
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return not loop.is_running()
+    return _trio_run_finished(loop)
+
+
+def loop_closed(loop: object) -> bool:
+    """Whether ``loop`` (found by :func:`current_loop`) is closed for good.
+
+    Unlike :func:`loop_finished`, an asyncio loop that is only paused between
+    ``run_until_complete`` calls is not closed: what it opened (connections) still works.
+    """
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return loop.is_closed()
+    return _trio_run_finished(loop)
+
+
+def _trio_run_finished(token: object) -> bool:
+    """Whether the trio run of ``token`` has returned (a trio run is never paused)."""
     trio = sys.modules.get("trio")
     if trio is None:  # pragma: no cover - a trio token implies trio is imported
         return True
     try:
-        loop.run_sync_soon(_nothing)  # type: ignore[attr-defined]
+        token.run_sync_soon(_nothing)  # type: ignore[attr-defined]
     except trio.RunFinishedError:
         return True
     return False

@@ -161,6 +161,7 @@ class ProviderError(ResilientVoiceError):
         message: The provider's error message.
         kind: The :class:`FailureKind` the status maps to for this host and operation.
         retry_after: Seconds the provider asked us to wait, if it said.
+        backpressure: Whether the answer was a 429 (see the property).
     """
 
     def __init__(
@@ -184,6 +185,17 @@ class ProviderError(ResilientVoiceError):
     @property
     def failure_kind(self) -> FailureKind:
         return self.kind
+
+    @property
+    def backpressure(self) -> bool:
+        """Whether the upstream pushed back (HTTP 429) rather than failed.
+
+        A 429 means "too many requests from you", not "I am broken": a circuit breaker ignores
+        such answers so that pacing is left to limiters and backoff instead of cutting off a
+        healthy upstream. Derived from ``status``, so every provider's error states it the same
+        way and nothing is set on the instance.
+        """
+        return self.status == 429
 
 
 class InvalidRequestError(ResilientVoiceError, ValueError):

@@ -1,25 +1,25 @@
 """Event records and listeners: how metrics, logs and tests observe the primitives.
 
-Every primitive accepts ``listeners=[...]`` and ``add_listener()``. The target shape is one
-listener type, :data:`Listener`, a callable taking a frozen :class:`Event` record and telling
-records apart with ``match``; the circuit breaker has moved to it (its records and
-:class:`BreakerState` are defined here), the other primitives still call the named callbacks of
-the listener base classes below through :func:`emit` until they move. Primitives keep their
-listeners in a tuple and test it before building any record or argument, so when nothing
-listens, nothing is built or called on the hot path.
+Every primitive, the transport and the provider clients accept ``listeners=[...]`` and
+``add_listener()``. A listener is one type, :data:`Listener`: a callable taking a frozen, slotted
+:class:`Event` record and telling records apart with ``match`` (one object can listen to every
+primitive: :class:`~resilient_voice.metrics.PrometheusMetrics` does). Producers keep their
+listeners in a tuple and test it before building any record, so when nothing listens, nothing is
+built or called on the hot path; :func:`dispatch` hands a record to each listener.
 
-Callbacks run synchronously in the task that caused the event, so they must be cheap and must not
-raise: an exception from a listener is logged and swallowed by the primitive, because observing a
-call must never change its outcome. Arguments are names (bounded strings chosen by the user), never
-request data, so they are safe as metric labels.
+Listeners run synchronously in the task that caused the event, so they must be cheap and must
+not raise: an exception from a listener is logged and swallowed, because observing a call must
+never change its outcome. Fields other than ``error`` and ``key`` are bounded (names chosen by
+the user, enums, configured route names), so they are safe as metric labels.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from resilient_voice.failure import FailureKind
 
@@ -30,6 +30,7 @@ __all__ = [
     "CallIgnored",
     "CallRejected",
     "CallSucceeded",
+    "ConcurrencyBlocked",
     "Event",
     "Listener",
     "RequestFinished",
@@ -67,8 +68,20 @@ def check_listener(listener: object) -> Listener:
         TypeError: ``listener`` is not callable.
     """
     if not callable(listener):
-        raise TypeError(f"a listener must be a callable taking one event, got {listener!r}")
+        raise TypeError(
+            f"listeners must be callables taking an event record, got {listener!r} (listener "
+            "classes with on_... methods were replaced by callables)"
+        )
     return listener
+
+
+def check_listeners(listeners: Iterable[object]) -> tuple[Listener, ...]:
+    """Return ``listeners`` as the tuple a producer keeps, each checked by :func:`check_listener`.
+
+    Raises:
+        TypeError: One of them is not callable.
+    """
+    return tuple(check_listener(listener) for listener in listeners)
 
 
 # Retry and transport records (RetryPolicy, ResilientTransport). ``source`` is the policy's or
@@ -229,14 +242,16 @@ class BucketEvicted(Event):
     lossy: bool
 
 
-def emit(listeners: tuple[object, ...], callback: str, *args: object) -> None:
-    """Call ``callback`` on every listener, logging and swallowing what a listener raises.
+# Provider client records (VapiClient). ``source`` is the client's name.
 
-    Primitives call this only after checking ``if self._listeners:`` so that the argument tuple is
-    never built when nothing listens.
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyBlocked(Event):
+    """The provider said the account's concurrent call slots are all taken.
+
+    ``outcome`` is ``"blocked"`` when the call was created but flagged as waiting for a slot
+    (Vapi's ``subscriptionLimits.concurrencyBlocked`` on a 201: the call is returned to the
+    caller), or ``"refused"`` when the provider answered with an over-concurrency error.
     """
-    for listener in listeners:
-        try:
-            getattr(listener, callback)(*args)
-        except Exception:  # noqa: BLE001  (a listener bug must not change the call's outcome)
-            _log.exception("listener %r raised in %s", listener, callback)
+
+    outcome: Literal["blocked", "refused"]

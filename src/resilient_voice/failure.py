@@ -135,13 +135,3 @@ def retry_after_of(obj: object) -> float | None:
     if math.isnan(value) or value < 0.0:  # ignore rather than trust
         return None
     return value
-
-
-def is_backpressure(obj: object) -> bool:
-    """Whether ``obj`` says the upstream pushed back (``obj.backpressure is True``).
-
-    An HTTP 429 means "too many requests from you", not "I am failing": circuit breakers ignore
-    such errors so that pacing problems are handled by limiters and backoff, not by cutting off
-    a healthy upstream.
-    """
-    return getattr(obj, "backpressure", False) is True

@@ -1,37 +1,35 @@
-"""Prometheus metrics for the breaker, limiter, retry policy and transport.
+"""Prometheus metrics: one listener for every primitive, the transport and the clients.
 
-Attach as listeners of the primitives (see :mod:`resilient_voice.events`)::
+Attach the same object to everything it should observe (see :mod:`resilient_voice.events`)::
 
     metrics = PrometheusMetrics()  # or PrometheusMetrics(registry=my_registry)
-    breaker = CircuitBreaker("twilio", listeners=[metrics.breaker])
-    limiter = TokenBucket("twilio-cps", rate=1.0, listeners=[metrics.limiter])
+    breaker = CircuitBreaker("twilio", listeners=[metrics])
+    limiter = TokenBucket(1.0, name="twilio-cps", listeners=[metrics])
 
-There is one listener per primitive (:class:`BreakerMetrics`, :class:`LimiterMetrics`,
-:class:`RetryMetrics`, :class:`TransportMetrics`). :class:`BreakerMetrics` and
-:class:`LimiterMetrics` are callables taking typed event records, told apart with ``match``;
-the others follow as their primitives move to typed events. :class:`PrometheusMetrics` builds
-the four on one registry for convenience.
+:class:`PrometheusMetrics` is a callable taking every event record; it tells them apart with
+``match`` (breaker, limiter, retry, transport and provider client records) and ignores the rest.
 
 Why get-or-create: prometheus-client raises "Duplicated timeseries" when a second collector with
 the same name is registered. Building an app twice in one process (every test suite does) or
 creating one listener per breaker would crash with plain ``Counter(...)`` calls. Every collector
 here is looked up in the target registry first and created only when absent, so any number of
-listeners can share a registry. Label children are cached per label tuple, so an observation is a
-dict lookup and an increment, never a ``labels()`` call.
+listeners can share a registry. Label children are cached per key (:class:`_Children`), so an
+observation is a dict lookup and an increment, never a ``labels()`` call.
 
-Labels are bounded: breaker, limiter, policy and transport names are chosen by the user; hosts
-and routes come from the transport's configuration. Limiter keys (client addresses, phone
+Labels are bounded: breaker, limiter, policy, transport and client names are chosen by the user;
+hosts and routes come from the transport's configuration. Limiter keys (client addresses, phone
 numbers) are never used as labels.
 
 This module imports ``prometheus_client`` at import time; ``import resilient_voice`` does not
-import this module.
+import this module. It runs a little past 400 lines because each of the fifteen collectors is
+declared with its name, help text and labels in one place, next to the ``match`` that feeds it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -42,6 +40,7 @@ from resilient_voice.events import (
     CallIgnored,
     CallRejected,
     CallSucceeded,
+    ConcurrencyBlocked,
     Event,
     RequestFinished,
     RetryAttemptStarted,
@@ -71,6 +70,8 @@ SERVER_BUCKETS: tuple[float, ...] = (0.005, 0.01, *_LATENCY_LADDER)
 """Buckets of ``resilient_voice_http_server_request_duration_seconds`` (our own handlers)."""
 
 _C = TypeVar("_C", Counter, Gauge, Histogram)
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
 _lock = threading.Lock()
 
 
@@ -121,54 +122,93 @@ def _registry(registry: CollectorRegistry | None) -> CollectorRegistry:
     return registry
 
 
-class _BreakerSeries:
-    """The label children of one breaker, built on first sight of its name."""
+class _Children(dict[_K, _V], Generic[_K, _V]):
+    """Label children (or tuples of them) by key, built by ``make`` on first sight and kept.
 
-    __slots__ = ("_breaker", "_gauge", "failure", "ignored", "rejected", "states", "success")
+    A hit is a plain dict lookup in C (``__missing__`` runs only on a miss), so recording an
+    event costs no ``labels()`` call and builds nothing but the key. Keys are bounded because
+    they are made of label values only.
+    """
 
-    def __init__(self, metrics: BreakerMetrics, breaker: str) -> None:
-        self._breaker = breaker
-        self._gauge = metrics.state
-        # State children appear only once the state is known: a series at 0 would claim it.
-        self.states: dict[BreakerState, Any] | None = None
-        self.success = metrics.calls.labels(breaker, "success")
-        self.failure = metrics.calls.labels(breaker, "failure")
-        self.ignored = metrics.calls.labels(breaker, "ignored")
-        self.rejected = metrics.calls.labels(breaker, "rejected")
+    __slots__ = ("_make",)
 
-    def set_state(self, state: BreakerState) -> None:
-        states = self.states
-        if states is None:
-            states = self.states = {
-                s: self._gauge.labels(self._breaker, s.value) for s in BreakerState
-            }
-        for candidate, child in states.items():
-            child.set(1.0 if candidate is state else 0.0)
+    def __init__(self, make: Callable[[_K], _V]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key: _K) -> _V:
+        value = self[key] = self._make(key)
+        return value
 
 
-class BreakerMetrics:
-    """Records a circuit breaker's state, transitions and call outcomes.
+class _LimiterChildren(NamedTuple):
+    granted: Any
+    rejected: Any
+    wait: Any
+    evicted: Any
+    lossy: Any
 
-    A listener: pass the instance itself in ``listeners=[...]``; it is called with every event
-    record and ignores those that are not a breaker's.
 
-    Metrics (label ``breaker`` is the breaker's name):
+_OUTCOMES = ("success", "failure", "ignored", "rejected")
 
-    - ``resilient_voice_breaker_state{breaker,state}`` gauge: 1 for the current state, 0 for the
-      others. A breaker appears after its first event; until its first transition it is shown
-      ``closed`` if it ran a call (every breaker starts closed). In multiprocess mode the gauge
-      uses ``livemax``: a state is 1 if it is current in any live process.
-    - ``resilient_voice_breaker_transitions_total{breaker,from_state,to_state}`` counter.
-    - ``resilient_voice_breaker_calls_total{breaker,outcome}`` counter, ``outcome`` one of
-      ``success``, ``failure``, ``ignored``, ``rejected``.
+
+class PrometheusMetrics:
+    """Records every primitive's, transport's and client's events into Prometheus metrics.
+
+    A listener: pass the instance itself in ``listeners=[...]`` of every breaker, limiter,
+    retry policy, transport and client it should observe (or ``add_listener(metrics)``); it is
+    called with every event record and ignores the ones it has no metric for. Build it once at
+    startup, like the primitives; any number of instances may share a registry.
+
+    Metrics (every name starts with ``resilient_voice_``; see docs/metrics.md):
+
+    - ``breaker_state{breaker,state}`` gauge: 1 for the current state, 0 for the others. A
+      breaker appears after its first event; until its first transition it is shown ``closed``
+      if it ran a call (every breaker starts closed). In multiprocess mode the gauge uses
+      ``livemax``: a state is 1 if it is current in any live process.
+    - ``breaker_transitions_total{breaker,from_state,to_state}``,
+      ``breaker_calls_total{breaker,outcome}`` (``success``, ``failure``, ``ignored``,
+      ``rejected``).
+    - ``limiter_granted_total{limiter}``, ``limiter_rejected_total{limiter}``,
+      ``limiter_evicted_total{limiter,lossy}`` (``lossy="true"``: the dropped keyed bucket was
+      not full), ``limiter_wait_seconds{limiter}`` histogram.
+    - ``retry_attempts_total{policy}``, ``retry_retries_total{policy,reason}``,
+      ``retry_give_ups_total{policy,reason}`` (``reason``: a
+      :class:`~resilient_voice.FailureKind` value, or ``unclassified``),
+      ``retry_outcome_unknown_total{policy}``.
+    - ``http_client_requests_total``, ``http_client_request_duration_seconds`` and
+      ``http_client_attempts_total``, labelled ``transport``, ``host``, ``method``, ``route``,
+      ``status_class`` (see :class:`~resilient_voice.events.RequestFinished`).
+    - ``provider_concurrency_total{client,outcome}``: a provider said the account's concurrent
+      call slots were all taken (``blocked``: the call was created and waits; ``refused``).
+
+    Attributes:
+        registry: The registry recorded into.
+        breaker_state, breaker_transitions, breaker_calls, limiter_granted, limiter_rejected,
+        limiter_evicted, limiter_wait, retry_attempts, retry_retries, retry_give_ups,
+        retry_outcome_unknown, http_client_requests, http_client_duration,
+        http_client_attempts, provider_concurrency: The collectors.
 
     Args:
         registry: Where to register; default ``prometheus_client.REGISTRY``.
+        limiter_wait_buckets: Buckets of the limiter wait histogram (used only when this
+            creates it: the first creator's buckets win).
+        http_client_buckets: Buckets of the outbound request duration histogram (likewise).
+
+    Raises:
+        TypeError: ``registry`` is not a ``CollectorRegistry``.
+        ValueError: A metric name is taken by an incompatible collector.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        reg = _registry(registry)
-        self.state = _get_or_create(
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        limiter_wait_buckets: Sequence[float] = LIMITER_WAIT_BUCKETS,
+        http_client_buckets: Sequence[float] = HTTP_CLIENT_BUCKETS,
+    ) -> None:
+        self.registry = reg = _registry(registry)
+        self.breaker_state = _get_or_create(
             Gauge,
             PREFIX + "breaker_state",
             "Circuit breaker state: 1 for the current state, 0 for the others.",
@@ -176,315 +216,200 @@ class BreakerMetrics:
             reg,
             multiprocess_mode="livemax",
         )
-        self.transitions = _get_or_create(
+        self.breaker_transitions = _get_or_create(
             Counter,
             PREFIX + "breaker_transitions",
             "Circuit breaker state transitions.",
             ("breaker", "from_state", "to_state"),
             reg,
         )
-        self.calls = _get_or_create(
+        self.breaker_calls = _get_or_create(
             Counter,
             PREFIX + "breaker_calls",
             "Calls through a circuit breaker by outcome (success, failure, ignored, rejected).",
             ("breaker", "outcome"),
             reg,
         )
-        self._series: dict[str, _BreakerSeries] = {}
-        self._transitions: dict[tuple[str, BreakerState, BreakerState], Any] = {}
-
-    def _get(self, breaker: str) -> _BreakerSeries:
-        series = self._series.get(breaker)
-        if series is None:
-            series = self._series[breaker] = _BreakerSeries(self, breaker)
-        return series
-
-    def _ran(self, breaker: str) -> _BreakerSeries:
-        series = self._get(breaker)
-        if series.states is None:
-            series.set_state(BreakerState.CLOSED)
-        return series
-
-    def __call__(self, event: Event) -> None:
-        match event:
-            case CallSucceeded(source=breaker):
-                self._ran(breaker).success.inc()
-            case CallFailed(source=breaker):
-                self._ran(breaker).failure.inc()
-            case CallIgnored(source=breaker):
-                self._ran(breaker).ignored.inc()
-            case CallRejected(source=breaker):
-                self._get(breaker).rejected.inc()
-            case StateChanged(source=breaker, old=old, new=new):
-                self._get(breaker).set_state(new)
-                key = (breaker, old, new)
-                child = self._transitions.get(key)
-                if child is None:
-                    child = self._transitions[key] = self.transitions.labels(
-                        breaker, old.value, new.value
-                    )
-                child.inc()
-            case _:
-                pass
-
-
-class _LimiterSeries:
-    __slots__ = ("evicted", "granted", "lossy", "rejected", "wait")
-
-    def __init__(self, metrics: LimiterMetrics, limiter: str) -> None:
-        self.granted = metrics.granted.labels(limiter)
-        self.rejected = metrics.rejected.labels(limiter)
-        self.evicted = metrics.evicted.labels(limiter, "false")
-        self.lossy = metrics.evicted.labels(limiter, "true")
-        self.wait = metrics.wait.labels(limiter)
-
-
-class LimiterMetrics:
-    """Records a token bucket's or keyed limiter's grants, rejections, evictions and waits.
-
-    A listener: pass the instance itself in ``listeners=[...]``; other events are ignored.
-
-    Metrics (label ``limiter`` is the limiter's name; keys are never labels):
-
-    - ``resilient_voice_limiter_granted_total{limiter}`` counter of grants.
-    - ``resilient_voice_limiter_rejected_total{limiter}`` counter of refusals.
-    - ``resilient_voice_limiter_evicted_total{limiter,lossy}`` counter of dropped keyed buckets;
-      ``lossy="true"`` when the bucket was not full (the key got a fresh allowance).
-    - ``resilient_voice_limiter_wait_seconds{limiter}`` histogram of the time a grant waited.
-
-    Args:
-        registry: Where to register; default ``prometheus_client.REGISTRY``.
-        buckets: Histogram buckets of the wait time (used only when this creates the histogram).
-    """
-
-    def __init__(
-        self,
-        registry: CollectorRegistry | None = None,
-        *,
-        buckets: Sequence[float] = LIMITER_WAIT_BUCKETS,
-    ) -> None:
-        reg = _registry(registry)
-        self.granted = _get_or_create(
+        self.limiter_granted = _get_or_create(
             Counter, PREFIX + "limiter_granted", "Rate limiter grants.", ("limiter",), reg
         )
-        self.rejected = _get_or_create(
+        self.limiter_rejected = _get_or_create(
             Counter, PREFIX + "limiter_rejected", "Rate limiter refusals.", ("limiter",), reg
         )
-        self.evicted = _get_or_create(
+        self.limiter_evicted = _get_or_create(
             Counter,
             PREFIX + "limiter_evicted",
             "Keyed rate limiter buckets dropped to bound memory (lossy: the bucket was not full).",
             ("limiter", "lossy"),
             reg,
         )
-        self.wait = _get_or_create(
+        self.limiter_wait = _get_or_create(
             Histogram,
             PREFIX + "limiter_wait_seconds",
             "Time a rate limiter grant waited for tokens.",
             ("limiter",),
             reg,
-            buckets=tuple(buckets),
+            buckets=tuple(limiter_wait_buckets),
         )
-        self._series: dict[str, _LimiterSeries] = {}
-
-    def _get(self, limiter: str) -> _LimiterSeries:
-        series = self._series.get(limiter)
-        if series is None:
-            series = self._series[limiter] = _LimiterSeries(self, limiter)
-        return series
-
-    def __call__(self, event: Event) -> None:
-        match event:
-            case TokensGranted(source=limiter, waited=waited):
-                series = self._get(limiter)
-                series.granted.inc()
-                series.wait.observe(waited)
-            case TokensRejected(source=limiter):
-                self._get(limiter).rejected.inc()
-            case BucketEvicted(source=limiter, lossy=lossy):
-                series = self._get(limiter)
-                (series.lossy if lossy else series.evicted).inc()
-            case _:
-                pass
-
-
-class RetryMetrics:
-    """Records a retry policy's attempts, retries by reason, give-ups and unknown outcomes.
-
-    A listener: pass it in ``RetryPolicy(listeners=[...])``; it ignores other records.
-
-    Metrics (label ``policy`` is the retry policy's name; ``reason`` is a
-    :class:`~resilient_voice.FailureKind` value, or ``unclassified``):
-
-    - ``resilient_voice_retry_attempts_total{policy}`` counter of attempts (first ones included).
-    - ``resilient_voice_retry_retries_total{policy,reason}`` counter of retries scheduled.
-    - ``resilient_voice_retry_give_ups_total{policy,reason}`` counter of operations that failed
-      for good.
-    - ``resilient_voice_retry_outcome_unknown_total{policy}`` counter of non-idempotent operations
-      that may have been processed and were not retried (each is a call to reconcile).
-
-    Args:
-        registry: Where to register; default ``prometheus_client.REGISTRY``.
-    """
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        reg = _registry(registry)
-        self.attempts = _get_or_create(
+        self.retry_attempts = _get_or_create(
             Counter,
             PREFIX + "retry_attempts",
             "Attempts started by a retry policy, first attempts included.",
             ("policy",),
             reg,
         )
-        self.retries = _get_or_create(
+        self.retry_retries = _get_or_create(
             Counter,
             PREFIX + "retry_retries",
             "Retries scheduled, by the failure kind of the failed attempt.",
             ("policy", "reason"),
             reg,
         )
-        self.give_ups = _get_or_create(
+        self.retry_give_ups = _get_or_create(
             Counter,
             PREFIX + "retry_give_ups",
             "Operations that failed for good, by the failure kind of the last attempt.",
             ("policy", "reason"),
             reg,
         )
-        self.outcome_unknown = _get_or_create(
+        self.retry_outcome_unknown = _get_or_create(
             Counter,
             PREFIX + "retry_outcome_unknown",
             "Non-idempotent operations that may have been processed and were not retried.",
             ("policy",),
             reg,
         )
-        self._attempts: dict[str, Any] = {}
-        self._unknown: dict[str, Any] = {}
-        self._retries: dict[tuple[str, FailureKind], Any] = {}
-        self._give_ups: dict[tuple[str, FailureKind | None], Any] = {}
-
-    def __call__(self, event: Event) -> None:
-        """Count one retry record; other records are ignored."""
-        match event:
-            case RetryAttemptStarted(source=policy):
-                child = self._attempts.get(policy)
-                if child is None:
-                    child = self._attempts[policy] = self.attempts.labels(policy)
-                child.inc()
-            case RetryScheduled(source=policy, kind=kind):
-                key = (policy, kind)
-                child = self._retries.get(key)
-                if child is None:
-                    child = self._retries[key] = self.retries.labels(policy, kind.value)
-                child.inc()
-            case RetryGaveUp(source=policy, kind=kind):
-                given = (policy, kind)
-                child = self._give_ups.get(given)
-                if child is None:
-                    reason = "unclassified" if kind is None else kind.value
-                    child = self._give_ups[given] = self.give_ups.labels(policy, reason)
-                child.inc()
-            case RetryOutcomeUnknown(source=policy):
-                child = self._unknown.get(policy)
-                if child is None:
-                    child = self._unknown[policy] = self.outcome_unknown.labels(policy)
-                child.inc()
-            case _:
-                pass
-
-
-class TransportMetrics:
-    """Records outbound HTTP requests made through ``ResilientTransport``.
-
-    A listener: pass it in ``ResilientTransport(listeners=[...])``; it ignores other records.
-
-    Metrics (labels ``transport``, ``host``, ``method``, ``route``, ``status_class``; ``route`` is
-    the transport's configured route name, never a raw path; ``host`` is the matched route's
-    host or ``other``, never the raw request host; ``status_class`` is ``1xx`` ... ``5xx``, the
-    failure kind when no response arrived, or ``cancelled``):
-
-    - ``resilient_voice_http_client_requests_total`` counter of logical requests.
-    - ``resilient_voice_http_client_request_duration_seconds`` histogram of their duration,
-      retries included.
-    - ``resilient_voice_http_client_attempts_total`` counter of attempts (a request retried
-      twice counts 3).
-
-    Args:
-        registry: Where to register; default ``prometheus_client.REGISTRY``.
-        buckets: Histogram buckets (used only when this creates the histogram).
-    """
-
-    def __init__(
-        self,
-        registry: CollectorRegistry | None = None,
-        *,
-        buckets: Sequence[float] = HTTP_CLIENT_BUCKETS,
-    ) -> None:
-        reg = _registry(registry)
-        labels = ("transport", "host", "method", "route", "status_class")
-        self.requests = _get_or_create(
+        http = ("transport", "host", "method", "route", "status_class")
+        self.http_client_requests = _get_or_create(
             Counter,
             PREFIX + "http_client_requests",
             "Outbound HTTP requests (logical requests; retries are attempts).",
-            labels,
+            http,
             reg,
         )
-        self.duration = _get_or_create(
+        self.http_client_duration = _get_or_create(
             Histogram,
             PREFIX + "http_client_request_duration_seconds",
             "Duration of outbound HTTP requests, retries included.",
-            labels,
+            http,
             reg,
-            buckets=tuple(buckets),
+            buckets=tuple(http_client_buckets),
         )
-        self.attempts = _get_or_create(
+        self.http_client_attempts = _get_or_create(
             Counter,
             PREFIX + "http_client_attempts",
             "Attempts made for outbound HTTP requests.",
-            labels,
+            http,
             reg,
         )
-        self._series: dict[tuple[str, str, str, str, str], tuple[Any, Any, Any]] = {}
+        self.provider_concurrency = _get_or_create(
+            Counter,
+            PREFIX + "provider_concurrency",
+            "Answers saying the account's concurrent call slots were all taken, by outcome "
+            "(blocked: the call was created and waits for a slot; refused).",
+            ("client", "outcome"),
+            reg,
+        )
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """The children caches: every label child is built once, on first sight of its key."""
+        state, transitions = self.breaker_state, self.breaker_transitions
+        self._breaker_calls: _Children[str, dict[str, Any]] = _Children(
+            lambda breaker: {o: self.breaker_calls.labels(breaker, o) for o in _OUTCOMES}
+        )
+        # A state's child appears only once the breaker's state is known: a series at 0 would
+        # claim it; all three appear together on the first state shown.
+        self._breaker_states: _Children[str, dict[BreakerState, Any]] = _Children(
+            lambda breaker: {s: state.labels(breaker, s.value) for s in BreakerState}
+        )
+        self._transitions: _Children[tuple[str, BreakerState, BreakerState], Any] = _Children(
+            lambda key: transitions.labels(key[0], key[1].value, key[2].value)
+        )
+        self._limiters: _Children[str, _LimiterChildren] = _Children(
+            lambda limiter: _LimiterChildren(
+                self.limiter_granted.labels(limiter),
+                self.limiter_rejected.labels(limiter),
+                self.limiter_wait.labels(limiter),
+                self.limiter_evicted.labels(limiter, "false"),
+                self.limiter_evicted.labels(limiter, "true"),
+            )
+        )
+        self._attempts: _Children[str, Any] = _Children(self.retry_attempts.labels)
+        self._unknown: _Children[str, Any] = _Children(self.retry_outcome_unknown.labels)
+        self._retries: _Children[tuple[str, FailureKind], Any] = _Children(
+            lambda key: self.retry_retries.labels(key[0], key[1].value)
+        )
+        self._give_ups: _Children[tuple[str, FailureKind | None], Any] = _Children(
+            lambda key: self.retry_give_ups.labels(
+                key[0], "unclassified" if key[1] is None else key[1].value
+            )
+        )
+        self._http_series: _Children[tuple[str, str, str, str, str], tuple[Any, Any, Any]] = (
+            _Children(
+                lambda key: (
+                    self.http_client_requests.labels(*key),
+                    self.http_client_duration.labels(*key),
+                    self.http_client_attempts.labels(*key),
+                )
+            )
+        )
+        self._concurrency: _Children[tuple[str, str], Any] = _Children(
+            lambda key: self.provider_concurrency.labels(*key)
+        )
+
+    def _show_state(self, breaker: str, current: BreakerState) -> None:
+        for state, child in self._breaker_states[breaker].items():
+            child.set(1.0 if state is current else 0.0)
+
+    def _ran(self, breaker: str, outcome: str) -> None:
+        """Count a call that ran: a breaker first seen running is closed (every one starts so)."""
+        if breaker not in self._breaker_states:
+            self._show_state(breaker, BreakerState.CLOSED)
+        self._breaker_calls[breaker][outcome].inc()
 
     def __call__(self, event: Event) -> None:
-        """Record one finished request; other records are ignored."""
+        """Record one event; records without a metric are ignored."""
         match event:
+            case CallSucceeded(source=breaker):
+                self._ran(breaker, "success")
+            case CallFailed(source=breaker):
+                self._ran(breaker, "failure")
+            case CallIgnored(source=breaker):
+                self._ran(breaker, "ignored")
+            case CallRejected(source=breaker):
+                self._breaker_calls[breaker]["rejected"].inc()
+            case StateChanged(source=breaker, old=old, new=new):
+                self._show_state(breaker, new)
+                self._transitions[breaker, old, new].inc()
+            case TokensGranted(source=limiter, waited=waited):
+                children = self._limiters[limiter]
+                children.granted.inc()
+                children.wait.observe(waited)
+            case TokensRejected(source=limiter):
+                self._limiters[limiter].rejected.inc()
+            case BucketEvicted(source=limiter, lossy=lossy):
+                children = self._limiters[limiter]
+                (children.lossy if lossy else children.evicted).inc()
+            case RetryAttemptStarted(source=policy):
+                self._attempts[policy].inc()
+            case RetryScheduled(source=policy, kind=kind):
+                self._retries[policy, kind].inc()
+            case RetryGaveUp(source=policy, kind=kind):
+                self._give_ups[policy, kind].inc()
+            case RetryOutcomeUnknown(source=policy):
+                self._unknown[policy].inc()
             case RequestFinished(source, host, method, route, status_class, duration, attempts):
-                key = (source, host, method, route, status_class)
-                series = self._series.get(key)
-                if series is None:
-                    series = self._series[key] = (
-                        self.requests.labels(*key),
-                        self.duration.labels(*key),
-                        self.attempts.labels(*key),
-                    )
-                series[0].inc()
-                series[1].observe(duration)
-                series[2].inc(attempts)
+                requests, durations, tries = self._http_series[
+                    source, host, method, route, status_class
+                ]
+                requests.inc()
+                durations.observe(duration)
+                tries.inc(attempts)
+            case ConcurrencyBlocked(source=client, outcome=outcome):
+                self._concurrency[client, outcome].inc()
             case _:
                 pass
-
-
-class PrometheusMetrics:
-    """The four metric listeners on one registry.
-
-    Attributes:
-        breaker: a :class:`BreakerMetrics` for ``CircuitBreaker(listeners=[...])``.
-        limiter: a :class:`LimiterMetrics` for ``TokenBucket`` / ``KeyedLimiter``.
-        retry: a :class:`RetryMetrics` for ``RetryPolicy``.
-        transport: a :class:`TransportMetrics` for ``ResilientTransport``.
-        registry: the registry they record into.
-
-    Args:
-        registry: Where to register; default ``prometheus_client.REGISTRY``. Creating this twice
-            on one registry is safe: the collectors are shared.
-    """
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = _registry(registry)
-        self.breaker = BreakerMetrics(self.registry)
-        self.limiter = LimiterMetrics(self.registry)
-        self.retry = RetryMetrics(self.registry)
-        self.transport = TransportMetrics(self.registry)
 
     def __repr__(self) -> str:
         return f"PrometheusMetrics(registry={self.registry!r})"

@@ -429,21 +429,9 @@ class _RunState:
         return self.in_flight
 
 
-def _clock_of(part: object) -> Clock:
-    """The clock a part was built with: its ``clock`` property.
-
-    Parts that do not expose it yet are read through ``_clock``; either way the value is only
-    read, never replaced.
-    """
-    found = getattr(part, "clock", None)
-    if found is None:
-        found = getattr(part, "_clock", SYSTEM_CLOCK)
-    if not isinstance(found, Clock):  # pragma: no cover  (every part validates its clock)
-        raise TypeError(f"{part!r} has no clock")
-    return found
-
-
-def _resolve_clock(clock: Clock | None, **parts: object) -> Clock:
+def _resolve_clock(
+    clock: Clock | None, **parts: CircuitBreaker | TokenBucket | KeyedLimiter | RetryPolicy | None
+) -> Clock:
     """Return the composition's clock after checking that every part measures time on it.
 
     A part keeps the clock it was built with (the system clock when it was given none), and a
@@ -455,7 +443,13 @@ def _resolve_clock(clock: Clock | None, **parts: object) -> Clock:
     Raises:
         ValueError: The parts' clocks differ from each other or from ``clock``.
     """
-    present = {name: _clock_of(part) for name, part in parts.items() if part is not None}
+    present: dict[str, Clock] = {}
+    for name, part in parts.items():
+        if part is not None:
+            present[name] = part.clock
+            if isinstance(part, RetryPolicy) and part.budget is not None:
+                # The budget's window and the policy's backoff must count the same seconds.
+                present[f"{name} budget"] = part.budget.clock
     if clock is None:
         distinct = {id(c): c for c in present.values()}
         if len(distinct) > 1:

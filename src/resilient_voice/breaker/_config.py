@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from resilient_voice._validate import fraction, number, optional_number, optional_whole, whole
-from resilient_voice.errors import RejectedError
-from resilient_voice.failure import FailureKind, failure_kind_of, is_backpressure
+from resilient_voice.errors import ProviderError, RejectedError
+from resilient_voice.failure import FailureKind, failure_kind_of
 
 __all__ = ["BreakerConfig", "Classification", "ExceptionMatcher", "classifier"]
 
@@ -161,8 +161,9 @@ def classifier(config: BreakerConfig) -> Callable[[BaseException], Classificatio
     ``"cancelled"``; ``ignore_on`` matches are ``"ignored"``; so is every
     :class:`~resilient_voice.RejectedError`; when ``failure_on`` is set its matches are
     ``"failure"`` and everything else ``"ignored"``; otherwise errors of kind ``UNPROCESSED`` or
-    ``PERMANENT``, and back-pressure answers (an HTTP 429: the upstream is busy, not sick), are
-    ``"ignored"`` and the rest ``"failure"``.
+    ``PERMANENT``, and back-pressure answers (a :class:`~resilient_voice.ProviderError` whose
+    ``backpressure`` is true, an HTTP 429: the upstream is busy, not sick), are ``"ignored"`` and
+    the rest ``"failure"``.
     """
     ignore_on = _compile(config.ignore_on)
     failure_on = _compile(config.failure_on)
@@ -176,7 +177,9 @@ def classifier(config: BreakerConfig) -> Callable[[BaseException], Classificatio
             return "ignored"
         if failure_on is not None:
             return "failure" if failure_on(error) else "ignored"
-        if failure_kind_of(error) in IGNORED_KINDS or is_backpressure(error):
+        if failure_kind_of(error) in IGNORED_KINDS or (
+            isinstance(error, ProviderError) and error.backpressure
+        ):
             return "ignored"
         return "failure"
 

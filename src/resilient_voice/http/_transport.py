@@ -71,10 +71,8 @@ when no response came back, or ``cancelled``.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import re
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +80,7 @@ from typing import Any
 
 import httpx
 
+from resilient_voice._loops import current_loop, loop_closed
 from resilient_voice.correlation import (
     DEFAULT_CORRELATION_ID_VALIDATOR,
     get_correlation_id,
@@ -89,7 +88,13 @@ from resilient_voice.correlation import (
 )
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.errors import _reduce as reduce_exception
-from resilient_voice.events import Listener, RequestFinished, check_listener, dispatch
+from resilient_voice.events import (
+    Listener,
+    RequestFinished,
+    check_listener,
+    check_listeners,
+    dispatch,
+)
 from resilient_voice.failure import FailureKind, NotSentError, failure_kind_of
 from resilient_voice.http._body import SUCCESS_OVERFLOW, ResponseTooLargeError, bounded, buffered
 from resilient_voice.http._retry_after import retry_after_from_headers
@@ -198,8 +203,6 @@ class UpstreamStatusError(ProviderError):
             retry_after=retry_after,
         )
         self.response = response
-        # 429 means "slow down", not "I am broken": the breaker must not trip on it.
-        self.backpressure = response.status_code == 429
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle with a copy of ``response`` whose request keeps its method and URL only.
@@ -313,7 +316,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         self._name = name
         self._key_header = idempotency_key_header.lower()
         self._correlation_header = correlation_header
-        self._listeners: tuple[Listener, ...] = tuple(check_listener(x) for x in listeners)
+        self._listeners: tuple[Listener, ...] = check_listeners(listeners)
         if max_response_bytes is not None and (
             isinstance(max_response_bytes, bool)
             or not isinstance(max_response_bytes, int)
@@ -372,10 +375,10 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         noticed (``RuntimeError: Event loop is closed``), so the request may have reached the
         upstream though the caller sees an error: it is refused here instead, as ``NOT_SENT``.
         """
-        loop = _running_loop()
+        loop = current_loop()
         if loop is self._loop:
             return
-        if self._loop is not None and _has_closed(self._loop):
+        if self._loop is not None and loop_closed(self._loop):
             raise NotSentError(
                 f"transport {self._name!r}: this client belongs to an event loop that has "
                 "closed; build one per loop"
@@ -504,25 +507,3 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     def __repr__(self) -> str:
         return f"ResilientTransport(name={self._name!r}, routes={len(self._routes)})"
-
-
-def _running_loop() -> object:
-    """The running event loop: the asyncio loop, or the trio run's token."""
-    loop = asyncio._get_running_loop()
-    if loop is not None:
-        return loop
-    trio = sys.modules.get("trio")
-    return None if trio is None else trio.lowlevel.current_trio_token()
-
-
-def _has_closed(loop: object) -> bool:
-    if isinstance(loop, asyncio.AbstractEventLoop):
-        return loop.is_closed()
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    try:
-        loop.run_sync_soon(lambda: None)  # type: ignore[attr-defined]
-    except trio.RunFinishedError:
-        return True
-    return False

@@ -28,7 +28,14 @@ import anyio
 from resilient_voice import _validate
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.errors import RateLimitedError
-from resilient_voice.events import Listener, TokensGranted, TokensRejected, dispatch
+from resilient_voice.events import (
+    Listener,
+    TokensGranted,
+    TokensRejected,
+    check_listener,
+    check_listeners,
+    dispatch,
+)
 from resilient_voice.limiter import _gcra
 from resilient_voice.limiter._queue import (
     FAILED,
@@ -40,7 +47,7 @@ from resilient_voice.limiter._queue import (
     WaitQueue,
 )
 from resilient_voice.limiter._shared import SharedPath
-from resilient_voice.limiter._store import BucketStore, InMemoryBucketStore
+from resilient_voice.limiter._store import BucketStore
 
 __all__ = ["TokenBucket", "TokenBucketStatistics"]
 
@@ -140,7 +147,9 @@ class TokenBucket(SharedPath):
             raise TypeError(f"name must be a string, got {type(name).__name__}")
         if store is not None and not isinstance(store, BucketStore):
             raise TypeError("store must implement BucketStore (reserve, give_back and pause)")
-        self._setup(rate, burst, clock or SYSTEM_CLOCK, name or "token_bucket", tuple(listeners))
+        self._setup(
+            rate, burst, clock or SYSTEM_CLOCK, name or "token_bucket", check_listeners(listeners)
+        )
         self._attach(None, store)
 
     def _setup(
@@ -179,14 +188,10 @@ class TokenBucket(SharedPath):
         bucket._attach(key, self._store)
         return bucket
 
-    def _adopt_clock(self, clock: Clock) -> None:
-        """Use ``clock`` when this bucket was built without one (see :class:`Policy`)."""
-        if self._clock is SYSTEM_CLOCK:
-            self._clock = clock
-            self._now = clock.now
-            store = self._store
-            if isinstance(store, InMemoryBucketStore) and store._clock is SYSTEM_CLOCK:
-                store._clock = clock
+    @property
+    def clock(self) -> Clock:
+        """The clock this bucket measures and sleeps on, fixed at construction."""
+        return self._clock
 
     @property
     def name(self) -> str:
@@ -205,7 +210,7 @@ class TokenBucket(SharedPath):
 
     def add_listener(self, listener: Listener) -> None:
         """Attach a listener (for example a metrics exporter) after construction."""
-        self._listeners = (*self._listeners, listener)
+        self._listeners = (*self._listeners, check_listener(listener))
 
     def _cost_of(self, tokens: float) -> float:
         tokens = _validate.number("tokens", tokens)

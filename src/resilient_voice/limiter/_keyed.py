@@ -16,7 +16,14 @@ from typing import Literal
 from resilient_voice import _validate
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.errors import RateLimitedError
-from resilient_voice.events import BucketEvicted, Listener, TokensRejected, dispatch
+from resilient_voice.events import (
+    BucketEvicted,
+    Listener,
+    TokensRejected,
+    check_listener,
+    check_listeners,
+    dispatch,
+)
 from resilient_voice.limiter import _gcra
 from resilient_voice.limiter._bucket import TokenBucket
 from resilient_voice.limiter._store import BucketStore
@@ -112,7 +119,7 @@ class KeyedLimiter:
         self._rate = self._template.rate
         self._burst = self._template.burst
         self._clock = clock or SYSTEM_CLOCK
-        self._listeners: tuple[Listener, ...] = tuple(listeners)
+        self._listeners: tuple[Listener, ...] = check_listeners(listeners)
         self._max_keys = max_keys
         self._on_full = on_full
         self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
@@ -127,17 +134,14 @@ class KeyedLimiter:
         """The limiter's name."""
         return self._name
 
-    def _adopt_clock(self, clock: Clock) -> None:
-        """Use ``clock`` when this limiter was built without one (see :class:`Policy`)."""
-        if self._clock is SYSTEM_CLOCK:
-            self._clock = clock
-            self._template._adopt_clock(clock)
-            for bucket in self._buckets.values():
-                bucket._adopt_clock(clock)
+    @property
+    def clock(self) -> Clock:
+        """The clock every key's bucket measures and sleeps on, fixed at construction."""
+        return self._clock
 
     def add_listener(self, listener: Listener) -> None:
         """Attach a listener to the limiter and every bucket it holds."""
-        self._listeners = (*self._listeners, listener)
+        self._listeners = (*self._listeners, check_listener(listener))
         for bucket in self._buckets.values():
             bucket._listeners = self._listeners
 

@@ -48,6 +48,7 @@ from resilient_voice.events import (
     RetryOutcomeUnknown,
     RetryScheduled,
     check_listener,
+    check_listeners,
     dispatch,
 )
 from resilient_voice.failure import (
@@ -214,9 +215,7 @@ class RetryPolicy:
         self._clock = check_clock(clock)
         self._random = draw
         self._name = name
-        self._listeners: tuple[Listener, ...] = ()
-        for listener in listeners:
-            self.add_listener(listener)
+        self._listeners: tuple[Listener, ...] = check_listeners(listeners)
 
     @property
     def name(self) -> str:

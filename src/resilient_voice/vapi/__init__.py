@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from resilient_voice._exports import publish
 from resilient_voice.vapi._client import VapiClient
-from resilient_voice.vapi._client import VapiListener as VapiListener  # see _RETURN_TYPES
 from resilient_voice.vapi._errors import (
     VapiAPIError,
     VapiAuthenticationError,
@@ -69,7 +68,7 @@ __all__ = [
 ]
 
 # The models and records the client returns, to be read: importable from here for annotations,
-# not part of ``__all__``. (``VapiListener`` is importable too until typed events replace it.)
+# not part of ``__all__``.
 _RETURN_TYPES = [
     "CallStatus",
     "CallType",
@@ -81,4 +80,4 @@ _RETURN_TYPES = [
     "VapiPhoneNumber",
 ]
 
-publish(globals(), [*__all__, *_RETURN_TYPES, "VapiListener"])
+publish(globals(), [*__all__, *_RETURN_TYPES])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Generator, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
 import httpx
 from pydantic import BaseModel
@@ -27,7 +27,13 @@ from resilient_voice._provider import (
 )
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError
-from resilient_voice.events import Listener, emit
+from resilient_voice.events import (
+    ConcurrencyBlocked,
+    Listener,
+    check_listener,
+    check_listeners,
+    dispatch,
+)
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import ATTEMPT_ID_EXTENSION, ResilientTransport
 from resilient_voice.http._transport import classify_status
@@ -48,7 +54,7 @@ from resilient_voice.vapi._validation import (
     update_assistant_body,
 )
 
-__all__ = ["ATTEMPT_ID_EXTENSION", "DEFAULT_BASE_URL", "VapiClient", "VapiListener"]
+__all__ = ["ATTEMPT_ID_EXTENSION", "DEFAULT_BASE_URL", "VapiClient"]
 
 DEFAULT_BASE_URL: Final = "https://api.vapi.ai"
 
@@ -58,21 +64,6 @@ M = TypeVar("M", bound=BaseModel)
 
 _MAYBE = FailureKind.MAYBE_PROCESSED
 _NO_STATUSES: frozenset[int] = frozenset()
-
-
-class VapiListener:
-    """Observes Vapi-specific events of a :class:`VapiClient`; override what you need.
-
-    Like every listener, callbacks run synchronously, must be cheap and must not raise.
-    """
-
-    def on_concurrency(self, client: str, outcome: str) -> None:
-        """The org's call concurrency was exhausted.
-
-        ``outcome`` is ``"blocked"`` when Vapi created the call but said
-        ``subscriptionLimits.concurrencyBlocked`` (the call was returned to the caller), or
-        ``"refused"`` when Vapi answered with an over-concurrency error.
-        """
 
 
 class _BearerAuth(httpx.Auth):
@@ -149,8 +140,9 @@ class VapiClient(ProviderClient):
             does not document that; leave it False unless you accept a possible duplicate call.
         clock: The clock of the default policies (tests inject a ``ManualClock``).
         name: A bounded label for listeners and metrics.
-        listeners: :class:`VapiListener` instances, and callables taking an event record
-            (:class:`~resilient_voice.events.Listener`), which are attached to the transport.
+        listeners: Callables taking an event record (:class:`~resilient_voice.events.Listener`).
+            They hear the client's :class:`~resilient_voice.events.ConcurrencyBlocked` records
+            and, unless ``http_client=`` is given (its transport is yours), the transport's.
 
     Raises:
         TypeError, ValueError: Invalid configuration.
@@ -170,7 +162,7 @@ class VapiClient(ProviderClient):
         unprocessed_429: bool = False,
         clock: Clock | None = None,
         name: str = "vapi",
-        listeners: Iterable[VapiListener | Listener] = (),
+        listeners: Iterable[Listener] = (),
     ) -> None:
         self._auth = _BearerAuth(_check_api_key(api_key))
         self._base_url, host, prefix = _check_base_url(base_url, allow_insecure_http)
@@ -180,18 +172,7 @@ class VapiClient(ProviderClient):
         if not isinstance(name, str) or not name:
             raise ValueError("name must be a non-empty string")
         self._name = name
-        vapi_listeners: list[VapiListener] = []
-        transport_listeners: list[Listener] = []
-        for listener in listeners:
-            if isinstance(listener, VapiListener):
-                vapi_listeners.append(listener)
-            elif callable(listener):
-                transport_listeners.append(listener)
-            else:
-                raise TypeError(
-                    f"listeners must be VapiListener instances or callables, got {listener!r}"
-                )
-        self._listeners: tuple[VapiListener, ...] = tuple(vapi_listeners)
+        self._listeners: tuple[Listener, ...] = check_listeners(listeners)
         self._create_unprocessed = frozenset({429}) if unprocessed_429 else _NO_STATUSES
         self._transport: ResilientTransport | None
         if http_client is not None:
@@ -202,8 +183,6 @@ class VapiClient(ProviderClient):
                     "with http_client=, install the resilience in that client's transport; "
                     "policy=, policies= and transport= do not apply"
                 )
-            if transport_listeners:
-                raise ValueError("transport listeners need the client's own transport")
             self._own(http_client, {}, None, owns_http=False)
         else:
             resolved = resolve_policies(policy, policies, clock)
@@ -212,7 +191,7 @@ class VapiClient(ProviderClient):
                 vapi_routes(host, prefix, resolved, unprocessed_429=unprocessed_429),
                 transport=transport,
                 name=name,
-                listeners=transport_listeners,
+                listeners=self._listeners,
             )
             http = httpx.AsyncClient(transport=resilient, timeout=httpx.Timeout(seconds))
             self._own(http, resolved, resilient)
@@ -225,14 +204,11 @@ class VapiClient(ProviderClient):
     def base_url(self) -> str:
         return self._base_url
 
-    def add_listener(self, listener: VapiListener | Listener) -> None:
-        """Attach a :class:`VapiListener` or a transport listener."""
-        if isinstance(listener, VapiListener):
-            self._listeners = (*self._listeners, listener)
-        elif callable(listener) and self._transport is not None:
+    def add_listener(self, listener: Listener) -> None:
+        """Attach a listener to the client and, when it owns it, to its transport."""
+        self._listeners = (*self._listeners, check_listener(listener))
+        if self._transport is not None:
             self._transport.add_listener(listener)
-        else:
-            raise TypeError(f"cannot attach {listener!r} to this client")
 
     def __repr__(self) -> str:
         return f"VapiClient(base_url={self._base_url!r}, name={self._name!r})"
@@ -482,7 +458,12 @@ class VapiClient(ProviderClient):
             type(cause).__name__,
         )
 
-    def _concurrency(self, outcome: str, call: VapiCall | None, error: VapiAPIError | None) -> None:
+    def _concurrency(
+        self,
+        outcome: Literal["blocked", "refused"],
+        call: VapiCall | None,
+        error: VapiAPIError | None,
+    ) -> None:
         if call is not None:
             limits = call.subscription_limits
             _log.warning(
@@ -497,4 +478,4 @@ class VapiClient(ProviderClient):
                 error.status if error is not None else None,
             )
         if self._listeners:
-            emit(self._listeners, "on_concurrency", self._name, outcome)
+            dispatch(self._listeners, ConcurrencyBlocked(self._name, outcome))

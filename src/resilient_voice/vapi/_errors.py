@@ -57,14 +57,8 @@ class VapiConcurrencyLimitError(VapiAPIError):
     Vapi does not document this answer's shape; the client recognises an error whose message
     mentions concurrency, or whose body carries ``subscriptionLimits.concurrencyBlocked``. The
     kind is still the one the status maps to (a 4xx is ``PERMANENT``: do not retry at once;
-    try again once a call has ended).
-
-    Attributes:
-        concurrency_limited: Always True (the flag every :class:`VapiAPIError` can be tested
-            for with ``getattr(error, "concurrency_limited", False)``).
+    try again once a call has ended). The type is the signal: catch this class (no flag to read).
     """
-
-    concurrency_limited = True
 
 
 def _message_of(body: object) -> tuple[str | None, str | int | None]:
