@@ -83,7 +83,7 @@ def test_import_keeps_the_core_light() -> None:
     code = (
         "import sys, json, resilient_voice, resilient_voice.testing;"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "{'httpx','pydantic','prometheus_client','twilio','redis','uvicorn','starlette','trio'})))"
+        "{'httpx','pydantic','prometheus_client','twilio','redis','coredis','uvicorn','starlette','trio'})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],

@@ -22,7 +22,12 @@ from __future__ import annotations
 from resilient_voice.limiter._bucket import LimiterStatistics, TokenBucket
 from resilient_voice.limiter._gcra import LATENESS_KEPT as _LATENESS_KEPT  # noqa: F401  (benchmarks read it)
 from resilient_voice.limiter._keyed import KeyedLimiter, KeyedLimiterStatistics
-from resilient_voice.limiter._store import BucketStore, MemoryBucketStore, Reservation
+from resilient_voice.limiter._store import (
+    BucketStore,
+    MemoryBucketStore,
+    Reservation,
+    StoreUnavailableError,
+)
 
 __all__ = [
     "BucketStore",
@@ -31,6 +36,7 @@ __all__ = [
     "LimiterStatistics",
     "MemoryBucketStore",
     "Reservation",
+    "StoreUnavailableError",
     "TokenBucket",
 ]
 

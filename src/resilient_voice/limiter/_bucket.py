@@ -98,10 +98,12 @@ class TokenBucket(SharedPath):
         clock: Clock to measure and wait on; inject a ManualClock in tests.
         name: Bounded name used in errors, events and metrics.
         listeners: Callables taking an :class:`~resilient_voice.events.Event`.
-        store: A shared :class:`BucketStore`; ``None`` keeps the state in this object.
+        store: A shared :class:`BucketStore` (a ``RedisBackend`` makes the limit fleet-wide);
+            ``None`` keeps the state in this object. ``name`` is required with one: it is the
+            bucket's key in the store.
 
     Raises:
-        ValueError: ``rate`` or ``burst`` out of range or not finite.
+        ValueError: ``rate`` or ``burst`` out of range or not finite; a store without a name.
         TypeError: ``rate`` or ``burst`` not a number.
     """
 
@@ -139,6 +141,11 @@ class TokenBucket(SharedPath):
             raise TypeError(f"name must be a string, got {type(name).__name__}")
         if store is not None and not isinstance(store, BucketStore):
             raise TypeError("store must implement BucketStore (reserve, give_back and pause)")
+        if store is not None and name is None:
+            raise ValueError(
+                "a bucket with a shared store needs a name: the name is its key in the store "
+                "(for example name='twilio:<account sid>:calls')"
+            )
         self._setup(rate, burst, clock or SYSTEM_CLOCK, name or "token_bucket", tuple(listeners))
         self._attach(None, store)
 
@@ -159,6 +166,10 @@ class TokenBucket(SharedPath):
         self._key = key
         self._store = store
         self._store_key = "" if store is None else store_key(self._name, key)
+        declare = getattr(store, "declare", None)
+        if key is None and declare is not None:
+            # A remote store compares the configuration across replicas sharing the name.
+            declare(self._name, self._rate, self._burst)
         self._store_end = 0.0
         self._full_at = _gcra.NEVER
         self._queue: WaitQueue | None = None

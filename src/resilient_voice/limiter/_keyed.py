@@ -106,6 +106,11 @@ class KeyedLimiter:
     ) -> None:
         max_keys = _validate.whole("max_keys", max_keys)
         _validate.choice("on_full", on_full, ("reject", "evict"))
+        if store is not None and name is None:
+            raise ValueError(
+                "a keyed limiter with a shared store needs a name: the name is its key prefix "
+                "in the store"
+            )
         self._name = name or "keyed_limiter"
         # The template validates rate/burst/store once; per-key buckets copy its settings.
         self._template = TokenBucket(rate, burst, clock=clock, name=self._name, store=store)

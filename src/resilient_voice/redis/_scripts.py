@@ -1,0 +1,76 @@
+"""The Lua script behind :class:`~resilient_voice.redis.RedisBackend`'s limiter.
+
+One script for the three operations of the store seam, so that one ``SCRIPT LOAD`` covers them
+and a Redis restart (``NOSCRIPT``) costs one reload. It computes exactly what
+:mod:`resilient_voice.limiter._gcra` computes (the same IEEE double operations in the same
+order), on the server's clock (``TIME``), so clock skew between replicas changes nothing.
+
+The schedule of one bucket is a hash: ``f``, the time it is full again (server seconds), and
+``c``, the configuration of the replica that wrote it. A caller whose configuration differs
+while the schedule is alive is refused (``conflict``): two rates under one name would otherwise
+mix silently. The hash expires ``IDLE_TTL_MS`` after the bucket is full again.
+
+Numbers travel as strings: Redis turns a Lua number in a reply into an integer, and
+``%.17g`` round-trips a double exactly, so the ``end`` a replica hands back to ``give_back``
+compares equal to the stored value only if nobody reserved since.
+"""
+
+from __future__ import annotations
+
+__all__ = ["IDLE_TTL_MS", "LIMITER"]
+
+IDLE_TTL_MS = 60_000
+"""How long a full bucket's schedule (and its configuration) stays in Redis."""
+
+LIMITER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local key = KEYS[1]
+local op = ARGV[1]
+local cfg = ARGV[2]
+local stored = redis.call('HMGET', key, 'f', 'c')
+if stored[2] and cfg ~= '' and stored[2] ~= cfg then
+  return {'conflict', stored[2]}
+end
+local full = tonumber(stored[1]) or 0
+local function fmt(x) return string.format('%.17g', x) end
+local function save(f)
+  if f > now then
+    redis.call('HSET', key, 'f', fmt(f), 'c', cfg)
+    redis.call('PEXPIRE', key, math.ceil((f - now) * 1000) + IDLE_TTL)
+  elseif stored[1] then
+    redis.call('HSET', key, 'f', fmt(f), 'c', cfg)
+    redis.call('PEXPIRE', key, IDLE_TTL)
+  end
+end
+if op == 'r' then
+  local tau = tonumber(ARGV[3])
+  local delays = {}
+  local refused = ''
+  for i = 4, #ARGV, 2 do
+    local cost = tonumber(ARGV[i])
+    local delay = full + cost - tau - now
+    if delay < 0 then delay = 0 end
+    if delay > tonumber(ARGV[i + 1]) then
+      refused = fmt(delay)
+      break
+    end
+    local at = now + delay
+    if full > at then full = full + cost else full = at + cost end
+    delays[#delays + 1] = fmt(delay)
+  end
+  save(full)
+  return {'ok', fmt(now), fmt(full), refused, unpack(delays)}
+elseif op == 'g' then
+  if stored[1] and tonumber(stored[1]) == tonumber(ARGV[4]) then
+    save(full - tonumber(ARGV[3]))
+    return {'ok', fmt(now), fmt(full - tonumber(ARGV[3])), '1'}
+  end
+  return {'ok', fmt(now), fmt(full), ''}
+else
+  local until_ = now + tonumber(ARGV[3])
+  if until_ > full then full = until_ end
+  save(full)
+  return {'ok', fmt(now), fmt(full), ''}
+end
+""".replace("IDLE_TTL", str(IDLE_TTL_MS))
