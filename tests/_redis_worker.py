@@ -22,6 +22,7 @@ import anyio
 
 from resilient_voice import TokenBucket
 from resilient_voice.redis import RedisBackend
+from resilient_voice.twilio import TwilioClient
 
 
 class SkewedClock:
@@ -80,9 +81,40 @@ async def run(options: dict[str, Any]) -> dict[str, Any]:
     return {"grants": grants, "paused": paused}
 
 
+async def run_twilio(options: dict[str, Any]) -> dict[str, Any]:
+    """Create calls through a TwilioClient whose default CPS bucket lives in Redis."""
+    created: list[float] = []
+    async with (
+        RedisBackend.from_url(options["url"], prefix=options["prefix"], timeout=1.0) as b,
+        TwilioClient(
+            options["account"],
+            "token",
+            base_url=options["base_url"],
+            calls_per_second=options["rate"],
+            store=b,
+        ) as twilio,
+    ):
+        await anyio.sleep(max(0.0, options["start_at"] - time.time()))
+        end = time.time() + options["seconds"]
+
+        async def task() -> None:
+            while time.time() < end:
+                with anyio.move_on_after(max(0.0, end - time.time())):
+                    await twilio.create_call(
+                        to="+15551234567", from_="+15557654321", url="https://example.com/t"
+                    )
+                    created.append(time.time())
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(options.get("tasks", 3)):
+                tg.start_soon(task)
+    return {"grants": created, "paused": []}
+
+
 def main() -> None:
     options = json.loads(sys.argv[1])
-    result = anyio.run(run, options, backend=options.get("backend", "asyncio"))
+    work = run_twilio if options.get("mode") == "twilio" else run
+    result = anyio.run(work, options, backend=options.get("backend", "asyncio"))
     sys.stdout.write(json.dumps(result) + "\n")
 
 

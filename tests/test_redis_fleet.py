@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,10 +18,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
 from resilient_voice.asgi import RateLimitMiddleware
+from resilient_voice.testing import FakeTelephony, serve
 from resilient_voice.twilio import TwilioClient
 from resilient_voice.vapi import VapiClient
 
@@ -180,3 +183,86 @@ def test_pause_in_one_process_delays_the_others() -> None:
         during = [t for t in result["grants"] if paused + 0.25 < t < paused + 0.9]
         assert during == []
         assert any(t > paused + 1.0 for t in result["grants"])  # and they resume
+
+
+@pytest.mark.slow
+async def test_uvicorn_workers_sharing_the_middleware_store_give_one_limit() -> None:
+    from _redis import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}",
+        "RV_REDIS_URL": REDIS_URL,
+        "RV_PREFIX": fresh_prefix(),
+    }
+    command = [sys.executable, "-m", "uvicorn", "_redis_inbound_app:app", "--workers", "3"]
+    server = subprocess.Popen(
+        [*command, "--port", str(port), "--no-access-log", "--log-level", "warning"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        # Wait for the workers without spending the client's tokens: a health check would.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                await anyio.sleep(0.1)
+        await anyio.sleep(1.0)  # the other workers finish starting
+        statuses: list[int] = []
+        pids: set[str] = set()
+        # A fresh connection per request, so the kernel spreads them over the workers.
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=5) as client:
+            started = time.monotonic()
+            while time.monotonic() - started < 2.0:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(6):
+
+                        async def one() -> None:
+                            response = await client.get(url)
+                            statuses.append(response.status_code)
+                            pids.add(response.headers["x-pid"])
+
+                        tg.start_soon(one)
+                await anyio.sleep(0.05)
+            elapsed = time.monotonic() - started
+    finally:
+        server.terminate()
+        server.wait(20)
+    admitted = statuses.count(200)
+    # One client, one limit in total (burst 5, 2/s): at most burst + rate * T + 1.
+    assert 5 <= admitted <= 5 + 2 * elapsed + 1, (admitted, elapsed)
+    assert statuses.count(429) > 0
+    assert len(pids) >= 2  # several workers answered
+
+
+@pytest.mark.slow
+async def test_twilio_clients_in_two_processes_hold_the_account_cps() -> None:
+    fake = FakeTelephony(
+        twilio_accounts={ACCOUNT: "token"}, calls_per_second=5, status_callbacks=False
+    )
+    async with serve(fake) as base_url:
+        options = {
+            "mode": "twilio",
+            "url": REDIS_URL,
+            "prefix": fresh_prefix(),
+            "account": ACCOUNT,
+            "base_url": base_url,
+            "rate": 5,
+            "start_at": time.time() + 2.0,
+            "seconds": 2.0,
+            "tasks": 3,
+        }
+        processes = [_spawn(options), _spawn({**options, "backend": "trio"})]
+        results = await anyio.to_thread.run_sync(_collect, processes)
+    created = [t for result in results for t in result["grants"]]
+    # The account's 5 CPS across both processes: no violation at the fake (its 50 ms
+    # tolerance absorbs loopback jitter); without the shared store there would be twice as many.
+    assert fake.cps_violations(ACCOUNT) == 0
+    assert 0.9 * (1 + 5 * 2.0) <= len(created) <= 1 + 5 * 2.0 + 1
+    assert all(result["grants"] for result in results)
