@@ -50,7 +50,7 @@ async def test_the_script_computes_the_gcra_schedule_on_the_server_clock(
         answer = await backend._run("cps", ["r", repr(tau), *_pairs(costs, limits)])
         now = float(answer[1])
         expected_full, delays, refused = _gcra.reserve(full, now, costs, limits, tau)
-        assert [float(d) for d in answer[4:]] == delays
+        assert [float(d) for d in answer[5:]] == delays
         assert float(answer[2]) == expected_full
         assert (float(answer[3]) if answer[3] else None) == refused
         full = expected_full
@@ -95,12 +95,15 @@ async def test_keys_share_one_hash_tag_hold_no_personal_data_and_expire(
     limiter = KeyedLimiter(1, name="per-caller", store=backend)
     await limiter.acquire("+15551234567")
     client = backend.client
-    keys = [k.decode() async for k in client.scan_iter(match=f"{{{backend.prefix}:*")]
-    assert len(keys) == 1
-    assert keys[0].startswith(f"{{{backend.prefix}:per-caller}}:b:")
-    assert "5551234567" not in keys[0]
-    ttl = await client.pttl(keys[0])
-    assert 0 < ttl <= 61_000  # the refill (1 s) plus the idle time kept (60 s)
+    keys = sorted([k.decode() async for k in client.scan_iter(match=f"{{{backend.prefix}:*")])
+    assert len(keys) == 2
+    schedule, heartbeats = keys
+    assert schedule.startswith(f"{{{backend.prefix}:per-caller}}:b:")
+    assert heartbeats == f"{{{backend.prefix}:per-caller}}:hb"
+    assert "5551234567" not in schedule
+    assert 0 < await client.pttl(schedule) <= 61_000  # the refill (1 s) plus 60 s idle
+    assert 0 < await client.pttl(heartbeats) <= 3_000
+    assert backend.live_replicas(backend.key_of("per-caller")) == 1
 
 
 async def test_replicas_configured_differently_under_one_name_are_refused(

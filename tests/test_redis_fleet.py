@@ -72,10 +72,10 @@ def test_twilio_client_shares_its_default_pacing_through_the_store() -> None:
     calls = client.policies["create_call"].limiter
     assert calls is not None
     assert calls.name == f"twilio:{ACCOUNT}:calls"
-    assert calls._store is store  # type: ignore[union-attr]
+    assert calls._store.inner is store  # type: ignore[union-attr]
     senders = client.policies["send_message"].limiter
     assert senders is not None
-    assert senders._template._store is store  # type: ignore[union-attr]
+    assert senders._template._store.inner is store  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="store="):
         TwilioClient(ACCOUNT, "token", policy=client.policies["read"], store=store)
 

@@ -34,6 +34,7 @@ __all__ = [
     "Listener",
     "RetryListener",
     "StateChanged",
+    "StoreAvailabilityChanged",
     "TokensGranted",
     "TokensRejected",
     "TransportListener",
@@ -157,6 +158,18 @@ class BucketEvicted(Event):
 
     key: Hashable
     lossy: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreAvailabilityChanged(Event):
+    """A limiter's shared store (Redis) became unavailable, or available again.
+
+    ``fallback`` is what the limiter does while it is unavailable (``"local"``, ``"allow"``
+    or ``"deny"``); one record per transition, never one per call.
+    """
+
+    available: bool
+    fallback: str
 
 
 def emit(listeners: tuple[object, ...], callback: str, *args: object) -> None:

@@ -20,6 +20,7 @@ from resilient_voice.asgi._types import ASGIApp, Message, Receive, Scope, Send
 from resilient_voice.correlation import get_correlation_id, new_correlation_id
 from resilient_voice.events import Listener
 from resilient_voice.limiter import BucketStore, KeyedLimiter
+from resilient_voice.limiter._fallback import OnBackendError
 
 __all__ = ["RateLimitMiddleware", "RouteMatcher"]
 
@@ -189,6 +190,7 @@ class _Policy:
         clock: Clock | None,
         listeners: tuple[Listener, ...],
         store: BucketStore | None,
+        on_backend_error: OnBackendError,
     ) -> None:
         self.limiter = KeyedLimiter(
             rate,
@@ -198,6 +200,7 @@ class _Policy:
             name=name,
             listeners=listeners,
             store=store,
+            on_backend_error=on_backend_error,
         )
         self.rate = float(rate)
         self.interval = 1.0 / self.rate
@@ -329,6 +332,8 @@ class RateLimitMiddleware:
             ``resilient_voice.redis.RedisBackend``): every worker and replica then shares each
             client's limit, at one async round trip per limited request. ``name`` keys the
             limits in the store: give every application its own.
+        on_backend_error: While the store is unavailable: ``"local"`` (this worker's share
+            of each limit), ``"allow"`` or ``"deny"`` (answer 429).
 
     Raises:
         ValueError: an invalid rate, burst, pattern, proxy or name; ``key`` together with
@@ -354,6 +359,7 @@ class RateLimitMiddleware:
         name: str = "http_server",
         ipv6_prefix: int = 64,
         store: BucketStore | None = None,
+        on_backend_error: OnBackendError = "local",
     ) -> None:
         self.app = app
         if key is not None and not callable(key):
@@ -384,6 +390,7 @@ class RateLimitMiddleware:
                 clock=clock,
                 listeners=listener_tuple,
                 store=store,
+                on_backend_error=on_backend_error,
             )
 
         self._default = None if rate is None else policy(rate, burst, name)

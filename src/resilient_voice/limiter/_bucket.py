@@ -29,6 +29,7 @@ from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.errors import RateLimitedError
 from resilient_voice.events import Listener, TokensGranted, TokensRejected, dispatch
 from resilient_voice.limiter import _gcra
+from resilient_voice.limiter._fallback import FALLBACKS, FallbackStore, OnBackendError
 from resilient_voice.limiter._queue import (
     FAILED,
     GONE,
@@ -101,6 +102,11 @@ class TokenBucket(SharedPath):
         store: A shared :class:`BucketStore` (a ``RedisBackend`` makes the limit fleet-wide);
             ``None`` keeps the state in this object. ``name`` is required with one: it is the
             bucket's key in the store.
+        on_backend_error: What to do while a remote store is slow or unavailable:
+            ``"local"`` (default) keeps this replica's share of the rate (rate / live
+            replicas), ``"allow"`` grants everything, ``"deny"`` refuses everything. A
+            breaker around the store re-probes with backoff and returns to the shared state
+            without a burst (see ``docs/scale-out.md``).
 
     Raises:
         ValueError: ``rate`` or ``burst`` out of range or not finite; a store without a name.
@@ -134,6 +140,7 @@ class TokenBucket(SharedPath):
         name: str | None = None,
         listeners: Iterable[Listener] = (),
         store: BucketStore | None = None,
+        on_backend_error: OnBackendError = "local",
     ) -> None:
         rate = _validate.number("rate", rate)
         burst = _validate.number("burst", burst, minimum=1.0, inclusive=True)
@@ -146,7 +153,17 @@ class TokenBucket(SharedPath):
                 "a bucket with a shared store needs a name: the name is its key in the store "
                 "(for example name='twilio:<account sid>:calls')"
             )
+        _validate.choice("on_backend_error", on_backend_error, FALLBACKS)
         self._setup(rate, burst, clock or SYSTEM_CLOCK, name or "token_bucket", tuple(listeners))
+        if store is not None and not isinstance(store, MemoryBucketStore):
+            # A remote store may be slow or gone: answer locally behind a breaker meanwhile.
+            store = FallbackStore(
+                store,
+                on_backend_error,
+                clock=self._clock,
+                name=self._name,
+                listeners=lambda: self._listeners,
+            )
         self._attach(None, store)
 
     def _setup(
@@ -166,7 +183,8 @@ class TokenBucket(SharedPath):
         self._key = key
         self._store = store
         self._store_key = "" if store is None else store_key(self._name, key)
-        declare = getattr(store, "declare", None)
+        remote = store.inner if isinstance(store, FallbackStore) else store
+        declare = getattr(remote, "declare", None)
         if key is None and declare is not None:
             # A remote store compares the configuration across replicas sharing the name.
             declare(self._name, self._rate, self._burst)

@@ -9,6 +9,7 @@ puts them in one slot; the script declares each key it touches in ``KEYS``)::
 
     {rv:twilio:AC...:calls}:b            the schedule of a TokenBucket
     {rv:http_server}:b:<digest>          one client's schedule of a KeyedLimiter
+    {rv:http_server}:hb                  heartbeats of the live replicas (a ZSET, 3 s)
 
 A :class:`~resilient_voice.limiter.KeyedLimiter` hands over a digest of each key, never the key
 itself, so no client address or phone number reaches the keyspace.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -69,7 +71,17 @@ class RedisBackend:
         ImportError: coredis is not installed.
     """
 
-    __slots__ = ("_client", "_configs", "_conflicts", "_owns", "_prefix", "_sha", "_timeout")
+    __slots__ = (
+        "_client",
+        "_configs",
+        "_conflicts",
+        "_live",
+        "_owns",
+        "_prefix",
+        "_replica",
+        "_sha",
+        "_timeout",
+    )
 
     def __init__(self, client: Any, *, prefix: str = "rv", timeout: float = 0.05) -> None:
         coredis = _coredis()
@@ -89,6 +101,8 @@ class RedisBackend:
         self._sha: str | None = None
         self._configs: dict[str, str] = {}
         self._conflicts: set[str] = set()
+        self._live: dict[str, int] = {}
+        self._replica = uuid.uuid4().hex
         self._owns = False
 
     @classmethod
@@ -146,34 +160,42 @@ class RedisBackend:
 
     def key_of(self, key: str) -> str:
         """The Redis key of the store key ``key`` (``name`` or ``name:<digest>``)."""
-        return self._locate(key)[0]
+        return self._locate(key)[1]
 
-    def _locate(self, key: str) -> tuple[str, str]:
-        """The Redis key for ``key`` and the configuration its limiter declared ("" if none)."""
+    def _locate(self, key: str) -> tuple[str, str, str]:
+        """The limiter's name, the Redis key for ``key``, and the configuration declared."""
         config = self._configs.get(key)
         if config is not None:
-            return f"{{{self._prefix}:{key}}}:b", config
+            return key, f"{{{self._prefix}:{key}}}:b", config
         name, _, digest = key.rpartition(":")
         config = self._configs.get(name)
         if config is not None:
-            return f"{{{self._prefix}:{name}}}:b:{digest}", config
-        return f"{{{self._prefix}:{key}}}:b", ""
+            return name, f"{{{self._prefix}:{name}}}:b:{digest}", config
+        return key, f"{{{self._prefix}:{key}}}:b", ""
+
+    def live_replicas(self, key: str) -> int:
+        """Replicas that called Redis for ``key``'s limiter within 3 s, as last answered.
+
+        1 before any answer. What ``on_backend_error="local"`` divides the rate by.
+        """
+        return self._live.get(self._locate(key)[0], 1)
 
     async def _run(self, key: str, args: list[str]) -> list[bytes]:
         """One script call for ``key``, bounded by ``timeout``; Redis' errors mapped."""
         coredis = _coredis()
-        redis_key, config = self._locate(key)
-        argv = [args[0], config, *args[1:]]
+        name, redis_key, config = self._locate(key)
+        keys = [redis_key, f"{{{self._prefix}:{name}}}:hb"]
+        argv = [args[0], config, self._replica, *args[1:]]
         try:
             with anyio.fail_after(self._timeout):
                 if self._sha is None:
                     self._sha = str(await self._client.script_load(LIMITER), "ascii")
                 try:
-                    reply = await self._client.evalsha(self._sha, keys=[redis_key], args=argv)
+                    reply = await self._client.evalsha(self._sha, keys=keys, args=argv)
                 except coredis.exceptions.NoScriptError:
                     # Redis restarted (or failed over) and lost its script cache.
                     self._sha = str(await self._client.script_load(LIMITER), "ascii")
-                    reply = await self._client.evalsha(self._sha, keys=[redis_key], args=argv)
+                    reply = await self._client.evalsha(self._sha, keys=keys, args=argv)
         except TimeoutError as exc:
             raise StoreUnavailableError(f"Redis did not answer within {self._timeout} s") from exc
         except (coredis.exceptions.RedisError, OSError) as exc:
@@ -193,6 +215,7 @@ class RedisBackend:
                 f"limiter {key!r} runs with rate/burst {config} here but {stored} in another "
                 "replica sharing this Redis: give each configuration its own name"
             )
+        self._live[name] = int(answer[4])
         return answer
 
     async def reserve(
@@ -205,7 +228,7 @@ class RedisBackend:
         answer = await self._run(key, args)
         now, full = float(answer[1]), float(answer[2])
         refused = float(answer[3]) if answer[3] else None
-        delays = tuple(float(d) for d in answer[4:])
+        delays = tuple(float(d) for d in answer[5:])
         return Reservation(delays, refused, max(0.0, full - now), full)
 
     async def give_back(self, key: str, cost: float, end: float) -> bool:

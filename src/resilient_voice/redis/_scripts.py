@@ -10,6 +10,10 @@ The schedule of one bucket is a hash: ``f``, the time it is full again (server s
 while the schedule is alive is refused (``conflict``): two rates under one name would otherwise
 mix silently. The hash expires ``IDLE_TTL_MS`` after the bucket is full again.
 
+Every call also writes this replica's heartbeat into the limiter's ZSET of live replicas (scored
+by server time, members older than ``HEARTBEAT_S`` dropped) and answers how many are live: what
+a replica divides the rate by when Redis becomes unavailable (``on_backend_error="local"``).
+
 Numbers travel as strings: Redis turns a Lua number in a reply into an integer, and
 ``%.17g`` round-trips a double exactly, so the ``end`` a replica hands back to ``give_back``
 compares equal to the stored value only if nobody reserved since.
@@ -17,10 +21,13 @@ compares equal to the stored value only if nobody reserved since.
 
 from __future__ import annotations
 
-__all__ = ["IDLE_TTL_MS", "LIMITER"]
+__all__ = ["HEARTBEAT_S", "IDLE_TTL_MS", "LIMITER"]
 
 IDLE_TTL_MS = 60_000
 """How long a full bucket's schedule (and its configuration) stays in Redis."""
+
+HEARTBEAT_S = 3
+"""Seconds a replica counts as live after its last call (the fallback's share of the limit)."""
 
 LIMITER = """
 local t = redis.call('TIME')
@@ -28,6 +35,11 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local key = KEYS[1]
 local op = ARGV[1]
 local cfg = ARGV[2]
+local hb = KEYS[2]
+redis.call('ZADD', hb, now, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', hb, '-inf', now - HEARTBEAT_S)
+redis.call('PEXPIRE', hb, HEARTBEAT_S * 1000)
+local live = tostring(redis.call('ZCARD', hb))
 local stored = redis.call('HMGET', key, 'f', 'c')
 if stored[2] and cfg ~= '' and stored[2] ~= cfg then
   return {'conflict', stored[2]}
@@ -44,10 +56,10 @@ local function save(f)
   end
 end
 if op == 'r' then
-  local tau = tonumber(ARGV[3])
+  local tau = tonumber(ARGV[4])
   local delays = {}
   local refused = ''
-  for i = 4, #ARGV, 2 do
+  for i = 5, #ARGV, 2 do
     local cost = tonumber(ARGV[i])
     local delay = full + cost - tau - now
     if delay < 0 then delay = 0 end
@@ -60,17 +72,17 @@ if op == 'r' then
     delays[#delays + 1] = fmt(delay)
   end
   save(full)
-  return {'ok', fmt(now), fmt(full), refused, unpack(delays)}
+  return {'ok', fmt(now), fmt(full), refused, live, unpack(delays)}
 elseif op == 'g' then
-  if stored[1] and tonumber(stored[1]) == tonumber(ARGV[4]) then
-    save(full - tonumber(ARGV[3]))
-    return {'ok', fmt(now), fmt(full - tonumber(ARGV[3])), '1'}
+  if stored[1] and tonumber(stored[1]) == tonumber(ARGV[5]) then
+    save(full - tonumber(ARGV[4]))
+    return {'ok', fmt(now), fmt(full - tonumber(ARGV[4])), '1', live}
   end
-  return {'ok', fmt(now), fmt(full), ''}
+  return {'ok', fmt(now), fmt(full), '', live}
 else
-  local until_ = now + tonumber(ARGV[3])
+  local until_ = now + tonumber(ARGV[4])
   if until_ > full then full = until_ end
   save(full)
-  return {'ok', fmt(now), fmt(full), ''}
+  return {'ok', fmt(now), fmt(full), '', live}
 end
-""".replace("IDLE_TTL", str(IDLE_TTL_MS))
+""".replace("IDLE_TTL", str(IDLE_TTL_MS)).replace("HEARTBEAT_S", str(HEARTBEAT_S))
