@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -105,3 +106,35 @@ async def test_allow_and_deny_when_redis_is_unreachable(mode: str) -> None:
 def test_on_backend_error_is_checked() -> None:
     with pytest.raises(ValueError, match="on_backend_error"):
         TokenBucket(1, on_backend_error="maybe")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("mode", "status"), [("allow", 200), ("deny", 429), ("local", 200)])
+async def test_the_middleware_answers_by_its_fallback_when_redis_is_unreachable(
+    mode: str, status: int
+) -> None:
+    import httpx
+
+    from resilient_voice.asgi import RateLimitMiddleware
+
+    async def ok(scope: object, receive: object, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    async with RedisBackend.from_url(url, prefix=fresh_prefix(), timeout=0.05) as b:
+        app = RateLimitMiddleware(
+            ok,
+            rate=1,
+            burst=1,
+            store=b,
+            on_backend_error=mode,  # type: ignore[arg-type]
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            first = await client.get("/")
+            assert first.status_code == status
+            assert "ratelimit" in first.headers
+            second = await client.get("/")
+    gc.collect()
+    # "local" keeps this worker's share: one request per second here, so the second waits.
+    assert second.status_code == (429 if mode in ("deny", "local") else 200)

@@ -41,9 +41,10 @@ redis.call('ZREMRANGEBYSCORE', hb, '-inf', now - HEARTBEAT_S)
 redis.call('PEXPIRE', hb, HEARTBEAT_S * 1000)
 local live = tostring(redis.call('ZCARD', hb))
 local stored = redis.call('HMGET', key, 'f', 'c')
-if stored[2] and cfg ~= '' and stored[2] ~= cfg then
+if stored[2] and stored[2] ~= '' and cfg ~= '' and stored[2] ~= cfg then
   return {'conflict', stored[2]}
 end
+if cfg == '' and stored[2] then cfg = stored[2] end
 local full = tonumber(stored[1]) or 0
 local function fmt(x) return string.format('%.17g', x) end
 local function save(f)
