@@ -7,6 +7,7 @@ loopback port.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -25,6 +26,18 @@ import pytest
 COREDIS_CANCEL_LEAK = pytest.mark.filterwarnings(
     "ignore:Exception ignored in.*MemoryObject:pytest.PytestUnraisableExceptionWarning"
 )
+
+
+@pytest.fixture(autouse=True)
+def collect_coredis_garbage() -> Iterator[None]:
+    """Collect after each test, once its event loop is gone, under the module's filter.
+
+    Import it into a test module (with ``pytestmark = COREDIS_CANCEL_LEAK``): otherwise the
+    streams coredis leaves behind are collected, and warn, during some later test.
+    """
+    yield
+    gc.collect()
+
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -21,10 +21,11 @@ from resilient_voice.limiter import BucketStore, StoreUnavailableError, _gcra
 
 coredis = pytest.importorskip("coredis")
 
-from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, fresh_prefix, own_redis  # noqa: E402
+from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix, own_redis  # noqa: E402
 from resilient_voice.redis import RedisBackend  # noqa: E402
 
 pytestmark = COREDIS_CANCEL_LEAK
+__all__ = ["collect_coredis_garbage"]  # an autouse fixture, used by being here
 
 
 @pytest.fixture

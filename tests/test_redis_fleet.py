@@ -29,10 +29,11 @@ from resilient_voice.vapi import VapiClient
 
 pytest.importorskip("coredis")
 
-from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, fresh_prefix
+from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix
 from resilient_voice.redis import RedisBackend
 
 pytestmark = COREDIS_CANCEL_LEAK
+__all__ = ["collect_coredis_garbage"]  # an autouse fixture, used by being here
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"

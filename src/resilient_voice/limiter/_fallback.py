@@ -122,7 +122,7 @@ class FallbackStore:
         _log.warning(
             "limiter %r: shared store unavailable (%s); on_backend_error=%r until it answers",
             self._name,
-            error,
+            str(error),  # not the exception: a kept log record would keep its frames alive
             self._mode,
         )
         listeners = self._listeners()
