@@ -195,3 +195,26 @@ def test_without_coredis_the_error_names_the_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert "pip install 'resilient-voice[redis]'" in out.stdout
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's client is asyncio only
+async def test_a_redis_py_asyncio_client_works_too() -> None:
+    redis_asyncio = pytest.importorskip("redis.asyncio")
+    client = redis_asyncio.Redis.from_url(REDIS_URL)
+    try:
+        backend = RedisBackend(client, prefix=fresh_prefix(), timeout=1.0)
+        bucket = TokenBucket(1, name="acct", store=backend)
+        assert await bucket.try_acquire()
+        assert not await bucket.try_acquire()
+        tau = _gcra.depth(1, 1.0)
+        mine = await backend.reserve("acct", [1.0], [math.inf], tau)
+        assert 0.9 < mine.delays[0] <= 1.0
+        assert await backend.give_back("acct", 1.0, mine.end)
+        await client.script_flush()  # NOSCRIPT: reloaded once
+        paused = await backend.pause("acct", 2.0)
+        assert 1.9 < paused.backlog <= 2.0
+        other = RedisBackend(client, prefix=backend.prefix)
+        with pytest.raises(ValueError, match="its own name"):
+            await TokenBucket(2, name="acct", store=other).acquire()
+    finally:
+        await client.aclose()

@@ -10,9 +10,10 @@ The schedule of one bucket is a hash: ``f``, the time it is full again (server s
 while the schedule is alive is refused (``conflict``): two rates under one name would otherwise
 mix silently. The hash expires ``IDLE_TTL_MS`` after the bucket is full again.
 
-Every call also writes this replica's heartbeat into the limiter's ZSET of live replicas (scored
-by server time, members older than ``HEARTBEAT_S`` dropped) and answers how many are live: what
-a replica divides the rate by when Redis becomes unavailable (``on_backend_error="local"``).
+A call that carries a replica id (at most one per limiter and second, see ``BEAT_S``) also writes
+this replica's heartbeat into the limiter's ZSET of live replicas (scored by server time,
+members older than ``HEARTBEAT_S`` dropped) and answers how many are live: what a replica
+divides the rate by when Redis becomes unavailable (``on_backend_error="local"``).
 
 Numbers travel as strings: Redis turns a Lua number in a reply into an integer, and
 ``%.17g`` round-trips a double exactly, so the ``end`` a replica hands back to ``give_back``
@@ -21,13 +22,16 @@ compares equal to the stored value only if nobody reserved since.
 
 from __future__ import annotations
 
-__all__ = ["HEARTBEAT_S", "IDLE_TTL_MS", "LIMITER"]
+__all__ = ["BEAT_S", "HEARTBEAT_S", "IDLE_TTL_MS", "LIMITER"]
 
 IDLE_TTL_MS = 60_000
 """How long a full bucket's schedule (and its configuration) stays in Redis."""
 
 HEARTBEAT_S = 3
-"""Seconds a replica counts as live after its last call (the fallback's share of the limit)."""
+"""Seconds a replica counts as live after its last heartbeat (the fallback's share of the limit)."""
+
+BEAT_S = 1.0
+"""Least seconds between two heartbeats of one replica for one limiter (they ride on calls)."""
 
 LIMITER = """
 local t = redis.call('TIME')
@@ -35,11 +39,14 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local key = KEYS[1]
 local op = ARGV[1]
 local cfg = ARGV[2]
-local hb = KEYS[2]
-redis.call('ZADD', hb, now, ARGV[3])
-redis.call('ZREMRANGEBYSCORE', hb, '-inf', now - HEARTBEAT_S)
-redis.call('PEXPIRE', hb, HEARTBEAT_S * 1000)
-local live = tostring(redis.call('ZCARD', hb))
+local live = ''
+if ARGV[3] ~= '' then
+  local hb = KEYS[2]
+  redis.call('ZADD', hb, now, ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', hb, '-inf', now - HEARTBEAT_S)
+  redis.call('PEXPIRE', hb, HEARTBEAT_S * 1000)
+  live = tostring(redis.call('ZCARD', hb))
+end
 local stored = redis.call('HMGET', key, 'f', 'c')
 if stored[2] and stored[2] ~= '' and cfg ~= '' and stored[2] ~= cfg then
   return {'conflict', stored[2]}
