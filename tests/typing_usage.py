@@ -153,3 +153,33 @@ async def use_clients() -> None:
     server_applied = TrustedProxies(server_applied=True)
     applied = RateLimitMiddleware(app, rate=1.0, trusted_proxies=server_applied)
     del stack, metrics_app, behind, applied
+
+
+async def use_redis() -> None:
+    from resilient_voice.asgi import RateLimitMiddleware
+    from resilient_voice.events import Event, StoreAvailabilityChanged
+    from resilient_voice.redis import RedisBackend
+    from resilient_voice.twilio import TwilioClient
+
+    def on_event(event: Event) -> None:
+        match event:
+            case StoreAvailabilityChanged(source=name, available=up, fallback=mode):
+                del name, up, mode
+            case _:
+                pass
+
+    async with RedisBackend.from_url("redis://127.0.0.1:6379/0", prefix="app") as backend:
+        shared = resilient_voice.TokenBucket(
+            5, name="twilio:AC1:calls", store=backend, on_backend_error="deny", listeners=[on_event]
+        )
+        await shared.acquire(timeout=1.0)
+        await shared.pause(2.0)
+        per_client = resilient_voice.KeyedLimiter(1, name="per-client", store=backend)
+        await per_client.acquire("+15551234567")
+        twilio = TwilioClient("AC" + "0" * 32, "token", calls_per_second=5, store=backend)
+
+        async def app(scope: object, receive: object, send: object) -> None:
+            return None
+
+        inbound = RateLimitMiddleware(app, rate=2.0, burst=5, store=backend, name="api")
+        del twilio, inbound

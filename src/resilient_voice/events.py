@@ -39,6 +39,7 @@ __all__ = [
     "RetryOutcomeUnknown",
     "RetryScheduled",
     "StateChanged",
+    "StoreAvailabilityChanged",
     "TokensGranted",
     "TokensRejected",
 ]
@@ -240,6 +241,18 @@ class BucketEvicted(Event):
 
     key: Hashable
     lossy: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreAvailabilityChanged(Event):
+    """A limiter's shared store (Redis) became unavailable, or available again.
+
+    ``fallback`` is what the limiter does while it is unavailable (``"local"``, ``"allow"``
+    or ``"deny"``); one record per transition, never one per call.
+    """
+
+    available: bool
+    fallback: str
 
 
 # Provider client records (VapiClient). ``source`` is the client's name.

@@ -19,7 +19,8 @@ from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies, pa
 from resilient_voice.asgi._types import ASGIApp, Message, Receive, Scope, Send
 from resilient_voice.correlation import get_correlation_id, new_correlation_id
 from resilient_voice.events import Listener
-from resilient_voice.limiter import KeyedLimiter
+from resilient_voice.limiter import BucketStore, KeyedLimiter
+from resilient_voice.limiter._fallback import OnBackendError
 
 __all__ = ["RateLimitMiddleware", "RouteMatcher"]
 
@@ -188,9 +189,18 @@ class _Policy:
         max_keys: int,
         clock: Clock | None,
         listeners: tuple[Listener, ...],
+        store: BucketStore | None,
+        on_backend_error: OnBackendError,
     ) -> None:
         self.limiter = KeyedLimiter(
-            rate, burst, max_keys=max_keys, clock=clock, name=name, listeners=listeners
+            rate,
+            burst,
+            max_keys=max_keys,
+            clock=clock,
+            name=name,
+            listeners=listeners,
+            store=store,
+            on_backend_error=on_backend_error,
         )
         self.rate = float(rate)
         self.interval = 1.0 / self.rate
@@ -318,6 +328,12 @@ class RateLimitMiddleware:
         forwarded_hops: The most ``X-Forwarded-For`` entries examined.
         name: Name of the limiters (route limits add ``:<pattern>``); used in listeners.
         ipv6_prefix: Prefix length by which IPv6 clients are keyed (1..128; 128 is per address).
+        store: A shared :class:`~resilient_voice.limiter.BucketStore` (a
+            ``resilient_voice.redis.RedisBackend``): every worker and replica then shares each
+            client's limit, at one async round trip per limited request. ``name`` keys the
+            limits in the store: give every application its own.
+        on_backend_error: While the store is unavailable: ``"local"`` (this worker's share
+            of each limit), ``"allow"`` or ``"deny"`` (answer 429).
 
     Raises:
         ValueError: an invalid rate, burst, pattern, proxy or name; ``key`` together with
@@ -342,6 +358,8 @@ class RateLimitMiddleware:
         forwarded_hops: int = 16,
         name: str = "http_server",
         ipv6_prefix: int = 64,
+        store: BucketStore | None = None,
+        on_backend_error: OnBackendError = "local",
     ) -> None:
         self.app = app
         if key is not None and not callable(key):
@@ -371,6 +389,8 @@ class RateLimitMiddleware:
                 max_keys=max_keys,
                 clock=clock,
                 listeners=listener_tuple,
+                store=store,
+                on_backend_error=on_backend_error,
             )
 
         self._default = None if rate is None else policy(rate, burst, name)

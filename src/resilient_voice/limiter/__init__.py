@@ -33,9 +33,21 @@ from resilient_voice.limiter._keyed import (
 from resilient_voice.limiter._keyed import (
     KeyedLimiterStatistics as KeyedLimiterStatistics,
 )
-from resilient_voice.limiter._store import BucketStore, InMemoryBucketStore, Reservation
+from resilient_voice.limiter._store import (
+    BucketStore,
+    InMemoryBucketStore,
+    Reservation,
+    StoreUnavailableError,
+)
 
-__all__ = ["BucketStore", "InMemoryBucketStore", "KeyedLimiter", "Reservation", "TokenBucket"]
+__all__ = [
+    "BucketStore",
+    "InMemoryBucketStore",
+    "KeyedLimiter",
+    "Reservation",
+    "StoreUnavailableError",
+    "TokenBucket",
+]
 
 # Records the limiters hand back to be read (``statistics()``): importable from here for
 # annotations, not part of ``__all__``.

@@ -37,6 +37,7 @@ from resilient_voice.events import (
     dispatch,
 )
 from resilient_voice.limiter import _gcra
+from resilient_voice.limiter._fallback import FALLBACKS, FallbackStore, OnBackendError
 from resilient_voice.limiter._queue import (
     FAILED,
     GONE,
@@ -47,7 +48,7 @@ from resilient_voice.limiter._queue import (
     WaitQueue,
 )
 from resilient_voice.limiter._shared import SharedPath
-from resilient_voice.limiter._store import BucketStore
+from resilient_voice.limiter._store import BucketStore, InMemoryBucketStore
 
 __all__ = ["TokenBucket", "TokenBucketStatistics"]
 
@@ -106,10 +107,17 @@ class TokenBucket(SharedPath):
         clock: Clock to measure and wait on; inject a ManualClock in tests.
         name: Bounded name used in errors, events and metrics.
         listeners: Callables taking an :class:`~resilient_voice.events.Event`.
-        store: A shared :class:`BucketStore`; ``None`` keeps the state in this object.
+        store: A shared :class:`BucketStore` (a ``RedisBackend`` makes the limit fleet-wide);
+            ``None`` keeps the state in this object. ``name`` is required with one: it is the
+            bucket's key in the store.
+        on_backend_error: What to do while a remote store is slow or unavailable:
+            ``"local"`` (default) keeps this replica's share of the rate (rate / live
+            replicas), ``"allow"`` grants everything, ``"deny"`` refuses everything. A
+            breaker around the store re-probes with backoff and returns to the shared state
+            without a burst (see ``docs/scale-out.md``).
 
     Raises:
-        ValueError: ``rate`` or ``burst`` out of range or not finite.
+        ValueError: ``rate`` or ``burst`` out of range or not finite; a store without a name.
         TypeError: ``rate`` or ``burst`` not a number.
     """
 
@@ -140,6 +148,7 @@ class TokenBucket(SharedPath):
         name: str | None = None,
         listeners: Iterable[Listener] = (),
         store: BucketStore | None = None,
+        on_backend_error: OnBackendError = "local",
     ) -> None:
         rate = _validate.number("rate", rate)
         burst = _validate.number("burst", burst, minimum=1.0, inclusive=True)
@@ -147,9 +156,24 @@ class TokenBucket(SharedPath):
             raise TypeError(f"name must be a string, got {type(name).__name__}")
         if store is not None and not isinstance(store, BucketStore):
             raise TypeError("store must implement BucketStore (reserve, give_back and pause)")
+        if store is not None and name is None:
+            raise ValueError(
+                "a bucket with a shared store needs a name: the name is its key in the store "
+                "(for example name='twilio:<account sid>:calls')"
+            )
+        _validate.choice("on_backend_error", on_backend_error, FALLBACKS)
         self._setup(
             rate, burst, clock or SYSTEM_CLOCK, name or "token_bucket", check_listeners(listeners)
         )
+        if store is not None and not isinstance(store, InMemoryBucketStore):
+            # A remote store may be slow or gone: answer locally behind a breaker meanwhile.
+            store = FallbackStore(
+                store,
+                on_backend_error,
+                clock=self._clock,
+                name=self._name,
+                listeners=lambda: self._listeners,
+            )
         self._attach(None, store)
 
     def _setup(
@@ -169,6 +193,11 @@ class TokenBucket(SharedPath):
         self._key = key
         self._store = store
         self._store_key = "" if store is None else store_key(self._name, key)
+        remote = store.inner if isinstance(store, FallbackStore) else store
+        declare = getattr(remote, "declare", None)
+        if key is None and declare is not None:
+            # A remote store compares the configuration across replicas sharing the name.
+            declare(self._name, self._rate, self._burst)
         self._store_end = 0.0
         self._full_at = _gcra.NEVER
         self._queue: WaitQueue | None = None

@@ -26,6 +26,7 @@ from resilient_voice.events import (
 )
 from resilient_voice.limiter import _gcra
 from resilient_voice.limiter._bucket import TokenBucket
+from resilient_voice.limiter._fallback import FallbackStore, OnBackendError
 from resilient_voice.limiter._store import BucketStore
 
 __all__ = ["KeyedLimiter", "KeyedLimiterStatistics"]
@@ -76,6 +77,8 @@ class KeyedLimiter:
         listeners: Callables taking an :class:`~resilient_voice.events.Event`.
         on_full: ``"reject"`` or ``"evict"``, see above.
         store: A shared :class:`BucketStore` for every key's schedule (keys reach it as digests).
+        on_backend_error: ``"local"``, ``"allow"`` or ``"deny"`` while a remote store is
+            unavailable (see :class:`TokenBucket`).
 
     Raises:
         ValueError: A value out of range, or an unknown ``on_full``.
@@ -110,16 +113,32 @@ class KeyedLimiter:
         listeners: Iterable[Listener] = (),
         on_full: Literal["reject", "evict"] = "reject",
         store: BucketStore | None = None,
+        on_backend_error: OnBackendError = "local",
     ) -> None:
         max_keys = _validate.whole("max_keys", max_keys)
         _validate.choice("on_full", on_full, ("reject", "evict"))
+        if store is not None and name is None:
+            raise ValueError(
+                "a keyed limiter with a shared store needs a name: the name is its key prefix "
+                "in the store"
+            )
         self._name = name or "keyed_limiter"
         # The template validates rate/burst/store once; per-key buckets copy its settings.
-        self._template = TokenBucket(rate, burst, clock=clock, name=self._name, store=store)
+        self._template = TokenBucket(
+            rate,
+            burst,
+            clock=clock,
+            name=self._name,
+            store=store,
+            on_backend_error=on_backend_error,
+        )
         self._rate = self._template.rate
         self._burst = self._template.burst
         self._clock = clock or SYSTEM_CLOCK
         self._listeners: tuple[Listener, ...] = check_listeners(listeners)
+        shared = self._template._store
+        if isinstance(shared, FallbackStore):
+            shared._listeners = lambda: self._listeners  # one breaker for every key
         self._max_keys = max_keys
         self._on_full = on_full
         self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()

@@ -27,9 +27,18 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice.errors import ResilientVoiceError
 from resilient_voice.limiter import _gcra
 
-__all__ = ["BucketStore", "InMemoryBucketStore", "Reservation"]
+__all__ = ["BucketStore", "InMemoryBucketStore", "Reservation", "StoreUnavailableError"]
+
+
+class StoreUnavailableError(ResilientVoiceError):
+    """A shared store did not answer in time or failed: the limiter's fallback applies.
+
+    Raised by a remote store's methods (a timeout, a lost connection); a bucket catches it and
+    follows its ``on_backend_error`` choice, so it does not reach callers of ``acquire``.
+    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from resilient_voice.http import (
     IDEMPOTENT_EXTENSION,
     LIMITER_KEY_EXTENSION,
 )
+from resilient_voice.limiter import BucketStore
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
 from resilient_voice.twilio import _validation as check
@@ -139,6 +140,10 @@ class TwilioClient(ProviderClient):
         name: Label of the transport in listener events and metrics.
         listeners: Callables taking an event record
             (:class:`~resilient_voice.events.RequestFinished`).
+        store: A shared :class:`~resilient_voice.limiter.BucketStore` (a
+            ``resilient_voice.redis.RedisBackend``): the default policies' pacing
+            (``calls_per_second``, ``messages_per_second``) then holds across every replica
+            using this account.
 
     Raises:
         TypeError, ValueError: Invalid configuration, at construction.
@@ -166,6 +171,7 @@ class TwilioClient(ProviderClient):
         attempt_param: str | None = "rv_attempt",
         name: str = "twilio",
         listeners: Iterable[Listener] = (),
+        store: BucketStore | None = None,
     ) -> None:
         try:
             account = check.sid("account_sid", account_sid, "AC")
@@ -211,6 +217,7 @@ class TwilioClient(ProviderClient):
             breaker=breaker,
             retry=retry,
             clock=clock,
+            store=store,
         )
         self._correlation_param = _query_param(correlation_param)
         self._attempt_param = _query_param(attempt_param)

@@ -14,7 +14,7 @@ from resilient_voice import _provider as provider
 from resilient_voice._clock import Clock
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.http import Route
-from resilient_voice.limiter import KeyedLimiter, TokenBucket
+from resilient_voice.limiter import BucketStore, KeyedLimiter, TokenBucket
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
 
@@ -46,6 +46,7 @@ def default_policies(
     breaker: CircuitBreaker | None = None,
     retry: RetryPolicy | None = None,
     clock: Clock | None = None,
+    store: BucketStore | None = None,
 ) -> dict[str, Policy]:
     """Build the default policy of every operation (see the table in ``docs/twilio.md``).
 
@@ -59,6 +60,9 @@ def default_policies(
             (3 consecutive failures, 30 s open) when omitted.
         retry: The retry policy shared by every operation; 3 attempts when omitted.
         clock: The clock of everything built here.
+        store: A shared :class:`~resilient_voice.limiter.BucketStore` (a ``RedisBackend``) for
+            the limiters, so that every replica paces the account together; their names
+            (``twilio:<account>:calls``, ``twilio:<account>:messages``) are their keys there.
 
     Returns:
         A dict with the keys of :data:`OPERATIONS`.
@@ -68,8 +72,10 @@ def default_policies(
     shared_retry = (
         retry if retry is not None else RetryPolicy(max_attempts=3, clock=clock, name=name)
     )
-    calls = TokenBucket(calls_per_second, 1, clock=clock, name=f"{name}:calls")
-    senders = KeyedLimiter(messages_per_second, 1, clock=clock, name=f"{name}:messages")
+    calls = TokenBucket(calls_per_second, 1, clock=clock, name=f"{name}:calls", store=store)
+    senders = KeyedLimiter(
+        messages_per_second, 1, clock=clock, name=f"{name}:messages", store=store
+    )
     common: dict[str, Any] = {
         "breaker": shared_breaker,
         "retry": shared_retry,
@@ -95,6 +101,7 @@ def resolve_policies(
     breaker: CircuitBreaker | None,
     retry: RetryPolicy | None,
     clock: Clock | None,
+    store: BucketStore | None = None,
 ) -> dict[str, Policy]:
     """Apply ``policy=`` (every operation) or ``policies=`` (one by one) over the defaults.
 
@@ -102,9 +109,10 @@ def resolve_policies(
     ``breaker=`` and ``retry=`` shape the default policies only, so they are refused next to
     ``policy=``; the rest is the kit's rule.
     """
-    if policy is not None and (breaker is not None or retry is not None):
+    if policy is not None and (breaker is not None or retry is not None or store is not None):
         raise ValueError(
-            "breaker= and retry= configure the default policies; with policy= they would be ignored"
+            "breaker=, retry= and store= configure the default policies; with policy= they "
+            "would be ignored"
         )
     return provider.resolve_policies(
         policy,
@@ -117,6 +125,7 @@ def resolve_policies(
             breaker=breaker,
             retry=retry,
             clock=clock,
+            store=store,
         ),
         OPERATIONS,
         layered=False,

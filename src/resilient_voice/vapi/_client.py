@@ -9,6 +9,7 @@ filters, outcomes, reconciliation), and one class is easier to read whole than s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Generator, Iterable, Mapping
 from datetime import datetime
@@ -37,6 +38,7 @@ from resilient_voice.events import (
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import ATTEMPT_ID_EXTENSION, ResilientTransport
 from resilient_voice.http._transport import classify_status
+from resilient_voice.limiter import BucketStore
 from resilient_voice.policy import Policy
 from resilient_voice.vapi._errors import (
     VapiAPIError,
@@ -143,6 +145,12 @@ class VapiClient(ProviderClient):
         listeners: Callables taking an event record (:class:`~resilient_voice.events.Listener`).
             They hear the client's :class:`~resilient_voice.events.ConcurrencyBlocked` records
             and, unless ``http_client=`` is given (its transport is yours), the transport's.
+        calls_per_second: Pace ``create_call`` (burst 1) in the default policies; Vapi does
+            not publish its limit, so nothing is paced by default.
+        store: A shared :class:`~resilient_voice.limiter.BucketStore` (a
+            ``resilient_voice.redis.RedisBackend``) for that pacing, so that every replica
+            paces the org together. The bucket is named ``vapi:<digest of the API key>:calls``:
+            unique per org, without the key.
 
     Raises:
         TypeError, ValueError: Invalid configuration.
@@ -163,6 +171,8 @@ class VapiClient(ProviderClient):
         clock: Clock | None = None,
         name: str = "vapi",
         listeners: Iterable[Listener] = (),
+        calls_per_second: float | None = None,
+        store: BucketStore | None = None,
     ) -> None:
         self._auth = _BearerAuth(_check_api_key(api_key))
         self._base_url, host, prefix = _check_base_url(base_url, allow_insecure_http)
@@ -178,14 +188,27 @@ class VapiClient(ProviderClient):
         if http_client is not None:
             if not isinstance(http_client, httpx.AsyncClient):
                 raise TypeError("http_client must be an httpx.AsyncClient")
-            if policy is not None or policies is not None or transport is not None:
+            if (
+                policy is not None
+                or policies is not None
+                or transport is not None
+                or store is not None
+            ):
                 raise ValueError(
                     "with http_client=, install the resilience in that client's transport; "
                     "policy=, policies= and transport= do not apply"
                 )
             self._own(http_client, {}, None, owns_http=False)
         else:
-            resolved = resolve_policies(policy, policies, clock)
+            api_key_digest = hashlib.blake2b(api_key.encode(), digest_size=8).hexdigest()
+            resolved = resolve_policies(
+                policy,
+                policies,
+                clock,
+                calls_per_second=calls_per_second,
+                store=store,
+                name=f"vapi:{api_key_digest}",
+            )
             resilient = build_transport(
                 resolved,
                 vapi_routes(host, prefix, resolved, unprocessed_429=unprocessed_429),

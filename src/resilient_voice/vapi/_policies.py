@@ -16,6 +16,7 @@ from resilient_voice import _provider as provider
 from resilient_voice._clock import Clock
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.http import Route
+from resilient_voice.limiter import BucketStore, TokenBucket
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
 
@@ -26,7 +27,12 @@ OPERATIONS: Final = ("create_call", "read", "update_assistant")
 
 
 def default_policies(
-    *, breaker: CircuitBreaker | None = None, clock: Clock | None = None
+    *,
+    breaker: CircuitBreaker | None = None,
+    clock: Clock | None = None,
+    calls_per_second: float | None = None,
+    store: BucketStore | None = None,
+    name: str = "vapi",
 ) -> dict[str, Policy]:
     """Build the documented default policy of each operation, sharing one breaker.
 
@@ -45,14 +51,25 @@ def default_policies(
         breaker: The breaker to share; a new ``CircuitBreaker("vapi")`` (5 consecutive
             failures open it for 30 s) when omitted.
         clock: The clock of the breaker and retry policies built here.
+        calls_per_second: Pace ``create_call`` with a ``TokenBucket`` named
+            ``<name>:calls`` (burst 1); ``None`` (default) paces nothing.
+        store: A shared :class:`~resilient_voice.limiter.BucketStore` for that bucket, so
+            that every replica paces the org together.
+        name: The prefix of the bucket's name (``VapiClient`` passes ``vapi:<key digest>``).
 
     Returns:
         A new dict ``{"create_call": ..., "read": ..., "update_assistant": ...}``.
     """
     if breaker is None:
         breaker = CircuitBreaker("vapi", failure_threshold=5, recovery_timeout=30.0, clock=clock)
+    calls = None
+    if calls_per_second is not None:
+        calls = TokenBucket(calls_per_second, 1, clock=clock, name=f"{name}:calls", store=store)
+    elif store is not None:
+        raise ValueError("store= shares the create_call pacing: give calls_per_second= too")
     return {
         "create_call": Policy(
+            limiter=calls,
             breaker=breaker,
             retry=RetryPolicy(
                 max_attempts=3,
@@ -97,6 +114,10 @@ def resolve_policies(
     policy: Policy | None,
     policies: Mapping[str, Policy] | None,
     clock: Clock | None,
+    *,
+    calls_per_second: float | None = None,
+    store: BucketStore | None = None,
+    name: str = "vapi",
 ) -> dict[str, Policy]:
     """Apply ``policy=`` (replaces all) and ``policies=`` (one by one, after it) to the defaults.
 
@@ -104,8 +125,19 @@ def resolve_policies(
         TypeError: A value is not a :class:`Policy`.
         ValueError: An unknown operation name.
     """
+    if policy is not None and (calls_per_second is not None or store is not None):
+        raise ValueError(
+            "calls_per_second= and store= configure the default policies; with policy= they "
+            "would be ignored"
+        )
     return provider.resolve_policies(
-        policy, policies, lambda: default_policies(clock=clock), OPERATIONS, layered=True
+        policy,
+        policies,
+        lambda: default_policies(
+            clock=clock, calls_per_second=calls_per_second, store=store, name=name
+        ),
+        OPERATIONS,
+        layered=True,
     )
 
 

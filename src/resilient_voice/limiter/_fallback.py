@@ -1,0 +1,215 @@
+"""What a bucket does while its shared store is slow or gone: ``on_backend_error``.
+
+:class:`FallbackStore` wraps a remote store (Redis) for one limiter. While the store answers,
+it passes every call through. A call that raises
+:class:`~._store.StoreUnavailableError` (a timeout, a lost connection) opens a small breaker
+around the store: calls are answered locally, without touching the network, until a re-probe
+time that backs off (0.5 s doubling to 8 s, with jitter); the first call after it probes the
+store with its real request, and a success closes the breaker. Each transition is one log line
+and one :class:`~resilient_voice.events.StoreAvailabilityChanged` event, never one per call.
+
+While the store is unavailable:
+
+- ``"local"``: this replica keeps its share of the limit, ``rate / live replicas``, in memory.
+  The number of live replicas is the store's (``live_replicas(key)``: heartbeats written with
+  each reservation, expiring after about 3 s), as last seen; 1 if it never answered.
+- ``"allow"``: everything is granted; ``"deny"``: everything is refused.
+
+**No burst on the way out**: the local schedule of a key starts where the shared one was last
+seen to end (slots reserved from the store still stand). **No burst on return**: the probe
+first pushes the shared schedule past what this replica granted locally during the outage (one
+extra round trip, once per key and outage), so the fleet does not grant a fresh burst on top of
+the local grants.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from resilient_voice._clock import Clock
+from resilient_voice.events import Listener, StoreAvailabilityChanged, dispatch
+from resilient_voice.limiter._store import (
+    BucketStore,
+    InMemoryBucketStore,
+    Reservation,
+    StoreUnavailableError,
+)
+
+__all__ = ["FALLBACKS", "FallbackStore", "OnBackendError"]
+
+OnBackendError = Literal["local", "allow", "deny"]
+FALLBACKS: tuple[OnBackendError, ...] = ("local", "allow", "deny")
+
+_log = logging.getLogger("resilient_voice.limiter")
+PROBE_FIRST = 0.5
+PROBE_MAX = 8.0
+_SEEN_MAX = 4096  # schedules remembered before the ones already full are swept
+
+
+class FallbackStore:
+    """A remote :class:`BucketStore` behind a breaker, with a local answer while it is down."""
+
+    __slots__ = (
+        "_backoff",
+        "_down",
+        "_listeners",
+        "_local",
+        "_mode",
+        "_name",
+        "_next_probe",
+        "_now",
+        "_outage_keys",
+        "_seen",
+        "_store",
+        "transitions",
+    )
+
+    def __init__(
+        self,
+        store: BucketStore,
+        mode: OnBackendError,
+        *,
+        clock: Clock,
+        name: str,
+        listeners: Callable[[], tuple[Listener, ...]],
+    ) -> None:
+        self._store = store
+        self._mode = mode
+        self._now = clock.now
+        self._local = InMemoryBucketStore(clock=clock)
+        self._name = name
+        self._listeners = listeners
+        self._down = False
+        self._next_probe = 0.0
+        self._backoff = PROBE_FIRST
+        self._outage_keys: set[str] = set()
+        self._seen: dict[str, float] = {}
+        self.transitions = 0
+
+    @property
+    def inner(self) -> BucketStore:
+        """The wrapped store."""
+        return self._store
+
+    @property
+    def available(self) -> bool:
+        """Whether the store answered the last call made to it."""
+        return not self._down
+
+    def _probing(self) -> bool:
+        """Whether to call the store: it is up, or a re-probe is due (then schedule the next)."""
+        if not self._down:
+            return True
+        now = self._now()
+        if now < self._next_probe:
+            return False
+        # Calls arriving while this probe is in flight answer locally.
+        self._next_probe = now + self._backoff * random.uniform(0.8, 1.2)
+        self._backoff = min(self._backoff * 2, PROBE_MAX)
+        return True
+
+    def _failed(self, error: StoreUnavailableError) -> None:
+        if self._down:
+            return
+        self._down = True
+        self.transitions += 1
+        self._next_probe = self._now() + self._backoff * random.uniform(0.8, 1.2)
+        self._backoff = min(self._backoff * 2, PROBE_MAX)
+        _log.warning(
+            "limiter %r: shared store unavailable (%s); on_backend_error=%r until it answers",
+            self._name,
+            str(error),  # not the exception: a kept log record would keep its frames alive
+            self._mode,
+        )
+        listeners = self._listeners()
+        if listeners:
+            dispatch(listeners, StoreAvailabilityChanged(self._name, False, self._mode))
+
+    def _recovered(self) -> None:
+        self._down = False
+        self._backoff = PROBE_FIRST
+        self.transitions += 1
+        _log.warning("limiter %r: shared store available again", self._name)
+        listeners = self._listeners()
+        if listeners:
+            dispatch(listeners, StoreAvailabilityChanged(self._name, True, self._mode))
+
+    async def reserve(
+        self, key: str, costs: Sequence[float], limits: Sequence[float], tau: float
+    ) -> Reservation:
+        if self._probing():
+            try:
+                if key in self._outage_keys:
+                    # No burst on return: the shared schedule first moves past the local grants.
+                    backlog = self._local._full_at.get(key, 0.0) - self._now()
+                    if backlog > 0.0:
+                        await self._store.pause(key, backlog)
+                answer = await self._store.reserve(key, costs, limits, tau)
+            except StoreUnavailableError as error:
+                self._failed(error)
+            else:
+                if self._down:
+                    self._recovered()
+                self._outage_keys.discard(key)
+                self._remember(key, answer)
+                return answer
+        return await self._fallback(key, costs, limits, tau)
+
+    def _remember(self, key: str, answer: Reservation) -> None:
+        """Keep where the shared schedule ends, on the local clock, to start the fallback there.
+
+        Slots reserved from the store still stand when it goes away; a local schedule starting
+        full would grant a burst on top of them.
+        """
+        seen = self._seen
+        if len(seen) >= _SEEN_MAX:
+            now = self._now()
+            for stale in [k for k, v in seen.items() if v <= now]:
+                del seen[stale]
+        seen[key] = self._now() + answer.backlog
+
+    async def _fallback(
+        self, key: str, costs: Sequence[float], limits: Sequence[float], tau: float
+    ) -> Reservation:
+        if self._mode == "allow":
+            return Reservation(tuple(0.0 for _ in costs), None, 0.0, 0.0)
+        if self._mode == "deny":
+            return Reservation((), max(0.0, self._next_probe - self._now()), 0.0, 0.0)
+        live = getattr(self._store, "live_replicas", None)
+        share = max(1, live(key)) if live is not None else 1
+        scaled = [cost * share for cost in costs]
+        seen = self._seen.pop(key, None)
+        if seen is not None and seen > self._local._full_at.get(key, -math.inf):
+            self._local._full_at[key] = seen
+        self._outage_keys.add(key)
+        return await self._local.reserve(key, scaled, limits, max(tau, *scaled))
+
+    async def give_back(self, key: str, cost: float, end: float) -> bool:
+        if self._down:
+            return await self._local.give_back(key, cost, end)
+        try:
+            return await self._store.give_back(key, cost, end)
+        except StoreUnavailableError as error:
+            self._failed(error)
+            return False
+
+    async def pause(self, key: str, seconds: float) -> Reservation:
+        if self._probing():
+            try:
+                answer = await self._store.pause(key, seconds)
+            except StoreUnavailableError as error:
+                self._failed(error)
+            else:
+                if self._down:
+                    self._recovered()
+                self._remember(key, answer)
+                return answer
+        self._outage_keys.add(key)
+        return await self._local.pause(key, seconds)
+
+    def __repr__(self) -> str:
+        return f"FallbackStore({self._store!r}, mode={self._mode!r}, available={not self._down})"

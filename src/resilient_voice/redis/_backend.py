@@ -1,0 +1,283 @@
+"""RedisBackend: a :class:`~resilient_voice.limiter.BucketStore` on Redis, through coredis.
+
+Every operation is one ``EVALSHA`` of :data:`~._scripts.LIMITER` (one round trip, atomic on the
+server, timed by the server's ``TIME``), bounded by ``timeout``. After a Redis restart the script
+cache is empty: ``NOSCRIPT`` reloads the script once and repeats the call.
+
+Key layout: every key of one limiter shares the hash tag ``{<prefix>:<name>}`` (Redis Cluster
+puts them in one slot; the script declares each key it touches in ``KEYS``)::
+
+    {rv:twilio:AC...:calls}:b            the schedule of a TokenBucket
+    {rv:http_server}:b:<digest>          one client's schedule of a KeyedLimiter
+    {rv:http_server}:hb                  heartbeats of the live replicas (a ZSET, 3 s; one
+                                         beat per replica and second rides on a call)
+
+A :class:`~resilient_voice.limiter.KeyedLimiter` hands over a digest of each key, never the key
+itself, so no client address or phone number reaches the keyspace.
+
+coredis is imported when a backend is built, not when :mod:`resilient_voice` is: the core stays
+light, and a missing extra says which one to install.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+
+from resilient_voice.limiter._store import Reservation, StoreUnavailableError
+from resilient_voice.redis._scripts import BEAT_S, LIMITER
+
+__all__ = ["RedisBackend"]
+
+_log = logging.getLogger("resilient_voice.redis")
+_INSTALL = "RedisBackend needs coredis: pip install 'resilient-voice[redis]'"
+_NO_LIMIT = "1e300"  # "no deadline" as the script's tonumber() reads it (it has no inf)
+
+
+def _coredis() -> Any:
+    try:
+        import coredis
+    except ImportError as exc:
+        raise ImportError(_INSTALL) from exc
+    return coredis
+
+
+class RedisBackend:
+    """The shared store of a fleet: limiter schedules in Redis, decided on Redis' clock.
+
+    Build one per process and event loop, after the worker has forked (a connection pool does
+    not survive a fork), and pass it as ``store=`` to the primitives that must hold across
+    replicas::
+
+        async with RedisBackend.from_url("redis://redis:6379/0") as backend:
+            calls = TokenBucket(5, name="twilio:AC...:calls", store=backend)
+
+    Args:
+        client: A ``coredis.Redis`` or ``coredis.RedisCluster`` (asyncio and trio), or
+            redis-py's ``redis.asyncio.Redis`` (asyncio only; about half coredis' cost per
+            call). The caller opens and closes it (``async with client`` for coredis); a
+            backend from :meth:`from_url` owns its own coredis client.
+        prefix: The first part of every key's hash tag, to separate applications sharing a
+            database.
+        timeout: Seconds allowed for each call to Redis (> 0). A call that takes longer raises
+            :class:`~resilient_voice.limiter.StoreUnavailableError`: slots it may have reserved
+            are lost, never granted twice.
+
+    Raises:
+        ValueError: ``prefix`` empty or holding ``{``/``}``, ``timeout`` not > 0.
+        ImportError: coredis is not installed.
+    """
+
+    __slots__ = (
+        "_beats",
+        "_client",
+        "_configs",
+        "_conflicts",
+        "_errors",
+        "_live",
+        "_noscript",
+        "_owns",
+        "_prefix",
+        "_redispy",
+        "_replica",
+        "_sha",
+        "_timeout",
+    )
+
+    def __init__(self, client: Any, *, prefix: str = "rv", timeout: float = 0.05) -> None:
+        if type(client).__module__.split(".")[0] == "redis":
+            # redis-py's asyncio client: asyncio only, but about twice as fast per call.
+            import redis.asyncio
+            import redis.exceptions
+
+            if not isinstance(client, redis.asyncio.Redis | redis.asyncio.RedisCluster):
+                raise TypeError(
+                    f"a redis-py client must be redis.asyncio.Redis, got {type(client)!r}"
+                )
+            self._redispy = True
+            self._noscript: type[Exception] = redis.exceptions.NoScriptError
+            self._errors: tuple[type[Exception], ...] = (redis.exceptions.RedisError, OSError)
+        else:
+            coredis = _coredis()
+            if not isinstance(client, coredis.Redis | coredis.RedisCluster):
+                raise TypeError(
+                    "client must be a coredis.Redis or coredis.RedisCluster (or redis-py's "
+                    f"redis.asyncio.Redis), got {type(client)!r}"
+                )
+            self._redispy = False
+            self._noscript = coredis.exceptions.NoScriptError
+            self._errors = (coredis.exceptions.RedisError, OSError)
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must be a non-empty str without braces, got {prefix!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(f"timeout must be a number, got {type(timeout).__name__}")
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(f"timeout must be a finite number > 0, got {timeout!r}")
+        self._client: Any = client
+        self._prefix = prefix
+        self._timeout = float(timeout)
+        self._sha: str | None = None
+        self._configs: dict[str, str] = {}
+        self._conflicts: set[str] = set()
+        self._live: dict[str, int] = {}
+        self._beats: dict[str, float] = {}
+        self._replica = uuid.uuid4().hex
+        self._owns = False
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, prefix: str = "rv", timeout: float = 0.05, **options: Any
+    ) -> RedisBackend:
+        """A backend with its own ``coredis.Redis`` for ``url`` (``options`` go to coredis).
+
+        Enter it (``async with backend``) before use: coredis opens its connection pool there.
+        """
+        coredis = _coredis()
+        options.setdefault("decode_responses", False)
+        backend = cls(coredis.Redis.from_url(url, **options), prefix=prefix, timeout=timeout)
+        backend._owns = True
+        return backend
+
+    @property
+    def client(self) -> Any:
+        """The coredis client."""
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        """The first part of every key's hash tag."""
+        return self._prefix
+
+    async def __aenter__(self) -> Self:
+        if self._owns:
+            await self._client.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._owns:
+            await self._client.__aexit__(exc_type, exc, tb)
+
+    def declare(self, name: str, rate: float, burst: float) -> None:
+        """Record the configuration a bucket named ``name`` runs with (called by the bucket).
+
+        The script compares it with the one stored beside the schedule, so that two replicas
+        configured differently under one name are refused instead of mixing their rates.
+        """
+        config = f"{rate!r}/{burst!r}"
+        known = self._configs.get(name)
+        if known is not None and known != config:
+            raise ValueError(
+                f"limiter name {name!r} is used with rate/burst {known} and {config} on one "
+                "shared store: give each configuration its own name"
+            )
+        self._configs[name] = config
+
+    def key_of(self, key: str) -> str:
+        """The Redis key of the store key ``key`` (``name`` or ``name:<digest>``)."""
+        return self._locate(key)[1]
+
+    def _locate(self, key: str) -> tuple[str, str, str]:
+        """The limiter's name, the Redis key for ``key``, and the configuration declared."""
+        config = self._configs.get(key)
+        if config is not None:
+            return key, f"{{{self._prefix}:{key}}}:b", config
+        name, _, digest = key.rpartition(":")
+        config = self._configs.get(name)
+        if config is not None:
+            return name, f"{{{self._prefix}:{name}}}:b:{digest}", config
+        return key, f"{{{self._prefix}:{key}}}:b", ""
+
+    def live_replicas(self, key: str) -> int:
+        """Replicas whose heartbeat for ``key``'s limiter is under 3 s old, as last answered.
+
+        1 before any answer. What ``on_backend_error="local"`` divides the rate by.
+        """
+        return self._live.get(self._locate(key)[0], 1)
+
+    async def _run(self, key: str, args: list[str]) -> list[bytes]:
+        """One script call for ``key``, bounded by ``timeout``; Redis' errors mapped."""
+        name, redis_key, config = self._locate(key)
+        keys = [redis_key, f"{{{self._prefix}:{name}}}:hb"]
+        now = time.monotonic()
+        beat = now - self._beats.get(name, -BEAT_S) >= BEAT_S
+        if beat:
+            self._beats[name] = now
+        argv = [args[0], config, self._replica if beat else "", *args[1:]]
+        try:
+            with anyio.fail_after(self._timeout):
+                if self._sha is None:
+                    self._sha = await self._load()
+                try:
+                    reply = await self._evalsha(keys, argv)
+                except self._noscript:
+                    # Redis restarted (or failed over) and lost its script cache.
+                    self._sha = await self._load()
+                    reply = await self._evalsha(keys, argv)
+        except TimeoutError as exc:
+            raise StoreUnavailableError(f"Redis did not answer within {self._timeout} s") from exc
+        except self._errors as exc:
+            raise StoreUnavailableError(f"Redis failed: {type(exc).__name__}: {exc}") from exc
+        answer: list[bytes] = [x.encode() if isinstance(x, str) else x for x in reply]
+        if answer[0] == b"conflict":
+            stored = answer[1].decode()
+            if key not in self._conflicts:
+                self._conflicts.add(key)
+                _log.error(
+                    "limiter %r: this replica runs rate/burst %s, the shared schedule %s",
+                    key,
+                    config,
+                    stored,
+                )
+            raise ValueError(
+                f"limiter {key!r} runs with rate/burst {config} here but {stored} in another "
+                "replica sharing this Redis: give each configuration its own name"
+            )
+        if answer[4]:
+            self._live[name] = int(answer[4])
+        return answer
+
+    async def _load(self) -> str:
+        sha = await self._client.script_load(LIMITER)
+        return sha if isinstance(sha, str) else str(sha, "ascii")
+
+    async def _evalsha(self, keys: list[str], argv: list[str]) -> Any:
+        if self._redispy:
+            return await self._client.evalsha(self._sha, len(keys), *keys, *argv)
+        return await self._client.evalsha(self._sha, keys=keys, args=argv)
+
+    async def reserve(
+        self, key: str, costs: Sequence[float], limits: Sequence[float], tau: float
+    ) -> Reservation:
+        args = ["r", repr(tau)]
+        for cost, limit in zip(costs, limits, strict=True):
+            args.append(repr(cost))
+            args.append(repr(limit) if limit < 1e300 else _NO_LIMIT)
+        answer = await self._run(key, args)
+        now, full = float(answer[1]), float(answer[2])
+        refused = float(answer[3]) if answer[3] else None
+        delays = tuple(float(d) for d in answer[5:])
+        return Reservation(delays, refused, max(0.0, full - now), full)
+
+    async def give_back(self, key: str, cost: float, end: float) -> bool:
+        answer = await self._run(key, ["g", repr(cost), repr(end)])
+        return bool(answer[3])
+
+    async def pause(self, key: str, seconds: float) -> Reservation:
+        answer = await self._run(key, ["p", repr(seconds)])
+        now, full = float(answer[1]), float(answer[2])
+        return Reservation((), None, max(0.0, full - now), full)
+
+    def __repr__(self) -> str:
+        return f"RedisBackend(prefix={self._prefix!r}, timeout={self._timeout!r})"
