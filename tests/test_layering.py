@@ -85,7 +85,6 @@ LONG_MARKER = "Over 400 lines:"
 # (a docstring paragraph starting with LONG_MARKER), then drop them from here.
 LONG_WITHOUT_REASON = {
     "resilient_voice._demo",
-    "resilient_voice.asgi._ratelimit",
     "resilient_voice.metrics",
     "resilient_voice.testing._fake",
     "resilient_voice.testing._fake_twilio",
