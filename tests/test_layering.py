@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "resilient_voice._clock": FOUNDATION,
     "resilient_voice._exports": FOUNDATION,
     "resilient_voice._loops": FOUNDATION,
+    "resilient_voice._pickling": FOUNDATION,
     "resilient_voice._request_checks": FOUNDATION,
     "resilient_voice._urls": FOUNDATION,
     "resilient_voice._validate": FOUNDATION,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from resilient_voice.errors import _reduce as reduce_exception
+from resilient_voice._pickling import reduce_exception
 
 if TYPE_CHECKING:
     import uvicorn
