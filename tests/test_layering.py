@@ -37,6 +37,7 @@ ROOT = "resilient_voice"
 LAYERS: dict[str, int] = {
     "resilient_voice._callables": FOUNDATION,
     "resilient_voice._clock": FOUNDATION,
+    "resilient_voice._correlation_id": FOUNDATION,
     "resilient_voice._exports": FOUNDATION,
     "resilient_voice._loops": FOUNDATION,
     "resilient_voice._pickling": FOUNDATION,
