@@ -25,13 +25,11 @@ from urllib.parse import parse_qs
 import anyio
 
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice.asgi._types import Receive, Scope, Send
 from resilient_voice.testing._fake_common import (
     Core,
-    Receive,
     Request,
     Response,
-    Scope,
-    Send,
     frozen_multi,
 )
 from resilient_voice.testing._fake_twilio import (
