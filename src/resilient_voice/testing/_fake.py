@@ -16,11 +16,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import parse_qs
 
 import anyio
 
@@ -32,12 +30,23 @@ from resilient_voice.testing._fake_common import (
     Response,
     frozen_multi,
 )
+from resilient_voice.testing._fake_http import (
+    DISCONNECTED,
+    ENDPOINTS,
+    NOT_ALLOWED,
+    NOT_FOUND,
+    parse_request,
+    read_body,
+    retry_after_value,
+    route,
+    send_part,
+)
 from resilient_voice.testing._fake_twilio import (
     TwilioApi,
     twilio_error,
     twilio_fault_response,
 )
-from resilient_voice.testing._fake_vapi import VapiApi, vapi_fault_response
+from resilient_voice.testing._fake_vapi import VapiApi, vapi_error, vapi_fault_response
 from resilient_voice.testing._faults import CallbackFaults, Fault, FaultScript
 from resilient_voice.testing._records import (
     CallbackRecord,
@@ -54,42 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ENDPOINTS", "FakeTelephony"]
 
-_ACCOUNT = r"(?P<account>[^/]+)"
-_ROUTES: tuple[tuple[re.Pattern[str], dict[str, str]], ...] = (
-    (
-        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Calls\.json"),
-        {"POST": "twilio.calls.create", "GET": "twilio.calls.list"},
-    ),
-    (
-        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Calls/(?P<sid>[^/]+)\.json"),
-        {"GET": "twilio.calls.fetch", "POST": "twilio.calls.update"},
-    ),
-    (
-        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Messages\.json"),
-        {"POST": "twilio.messages.create"},
-    ),
-    (
-        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Messages/(?P<sid>[^/]+)\.json"),
-        {"GET": "twilio.messages.fetch"},
-    ),
-    (re.compile(r"/call"), {"POST": "vapi.calls.create", "GET": "vapi.calls.list"}),
-    (re.compile(r"/call/(?P<id>[^/]+)"), {"GET": "vapi.calls.get"}),
-    (re.compile(r"/assistant"), {"GET": "vapi.assistants.list"}),
-    (
-        re.compile(r"/assistant/(?P<id>[^/]+)"),
-        {"GET": "vapi.assistants.get", "PATCH": "vapi.assistants.update"},
-    ),
-    (re.compile(r"/phone-number"), {"GET": "vapi.phone_numbers.list"}),
-)
-
-ENDPOINTS: tuple[str, ...] = tuple(name for _, names in _ROUTES for name in names.values())
-"""Every endpoint name the fake answers; fault rules match these with glob patterns."""
-
-_MAX_BODY = 1 << 20
 _DROPS = frozenset(("drop_before", "drop_after"))
-_STALL_LIMIT = 30.0  # a stalled answer gives up eventually, so no test can hang on it
-_NOT_FOUND = "not_found"
-_NOT_ALLOWED = "not_allowed"
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
@@ -99,14 +73,6 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
-
-
-def _retry_after(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    if float(seconds).is_integer():
-        return str(int(seconds))
-    return format(seconds, "f").rstrip("0").rstrip(".")
 
 
 class FakeTelephony:
@@ -422,8 +388,8 @@ class FakeTelephony:
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_body(receive)
-        if body is _DISCONNECTED:
+        body = await read_body(receive)
+        if body is DISCONNECTED:
             return  # the client left mid-body: a real server processes nothing
         arrival = self._core.elapsed()
         with self._core.lock:
@@ -431,9 +397,9 @@ class FakeTelephony:
             self._next_index += 1
         method: str = scope["method"]
         path: str = scope["path"]
-        request = _parse(scope, body or b"")
+        request = parse_request(scope, body or b"")
         twilio = path.startswith("/2010-04-01/")
-        endpoint = self._route(method, path, request)
+        endpoint = route(method, path, request)
         account = request.params.get("account") if twilio else None
         inflight = self._twilio.enter(account) if account is not None else 0
         auth_user: str | None = None
@@ -444,9 +410,9 @@ class FakeTelephony:
                 response = (
                     twilio_error(413, 20001, "Request body too large") if twilio else _too_large()
                 )
-            elif endpoint == _NOT_FOUND:
+            elif endpoint == NOT_FOUND:
                 response = self._twilio.not_found(path) if twilio else self._vapi_missing(request)
-            elif endpoint == _NOT_ALLOWED:
+            elif endpoint == NOT_ALLOWED:
                 response = (
                     twilio_error(405, 20004, "Method not allowed")
                     if twilio
@@ -459,7 +425,7 @@ class FakeTelephony:
                     await self._core.clock.sleep(delay)
                 if fault is not None and fault.kind in ("error", "rate_limit"):
                     status = 429 if fault.kind == "rate_limit" else fault.status
-                    header = _retry_after(fault.retry_after) if status == 429 else None
+                    header = retry_after_value(fault.retry_after) if status == 429 else None
                     response = (
                         twilio_fault_response(status, header)
                         if twilio
@@ -489,7 +455,7 @@ class FakeTelephony:
             if response is None:  # pragma: no cover  # only drop_before leaves it unset
                 raise DropConnectionError
             if fault is not None and fault.kind == "drop_mid_body":
-                await _send_part(response, receive, send, stall=fault.stall)
+                await send_part(response, receive, send, stall=fault.stall)
             await send(
                 {
                     "type": "http.response.start",
@@ -501,15 +467,6 @@ class FakeTelephony:
         finally:
             if account is not None:
                 self._twilio.leave(account)
-
-    def _route(self, method: str, path: str, request: Request) -> str:
-        for pattern, names in _ROUTES:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
-            request.params = match.groupdict()
-            return names.get(method, _NOT_ALLOWED)
-        return _NOT_FOUND
 
     def _process(
         self, endpoint: str, request: Request, index: int, inflight: int
@@ -549,7 +506,7 @@ class FakeTelephony:
             time=arrival,
             method=request.method,
             path=request.path,
-            endpoint=None if endpoint in (_NOT_FOUND, _NOT_ALLOWED) else endpoint,
+            endpoint=None if endpoint in (NOT_FOUND, NOT_ALLOWED) else endpoint,
             query=frozen_multi(request.query),
             form=frozen_multi(request.form),
             json=request.json,
@@ -565,78 +522,5 @@ class FakeTelephony:
             self._requests.append(record)
 
 
-async def _send_part(response: Response, receive: Receive, send: Send, *, stall: bool) -> None:
-    """Send the status, headers and half the body of ``response``, then drop the connection.
-
-    ``Content-Length`` announces the whole body, so the client knows it is cut short. With
-    ``stall``, wait (bounded) for the client to leave first. Raises
-    :class:`DropConnectionError`, which :func:`serve` turns into a closed socket.
-    """
-    body = response.body
-    headers = [
-        *(pair for pair in response.headers if pair[0].lower() != b"content-length"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
-    if stall:
-        with anyio.move_on_after(_STALL_LIMIT):
-            while (await receive())["type"] != "http.disconnect":
-                pass
-    raise DropConnectionError
-
-
 def _too_large() -> Response:
-    from resilient_voice.testing._fake_vapi import vapi_error
-
     return vapi_error(413, "request entity too large")
-
-
-_DISCONNECTED = b"\x00disconnected"  # compared by identity only
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None when it exceeds the limit (the rest is drained).
-
-    Returns ``_DISCONNECTED`` when the client went away before the body was complete.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return _DISCONNECTED
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size <= _MAX_BODY:
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks) if size <= _MAX_BODY else None
-
-
-def _parse(scope: Scope, body: bytes) -> Request:
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in scope.get("headers", []):
-        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-    content_type = headers.get("content-type", "")
-    form: dict[str, list[str]] = {}
-    payload: Any = None
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-    elif body and "json" in content_type:
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
-    return Request(
-        method=scope["method"],
-        path=scope["path"],
-        query=query,
-        form=form,
-        json=payload,
-        body=body,
-        headers=headers,
-    )
