@@ -9,6 +9,13 @@ Served over loopback it runs on real time in the server's thread, so those tests
 and short durations. In-process (``httpx.ASGITransport``) it can run on a ``ManualClock``
 (``clock=``), with :meth:`FakeTelephony.running` starting its webhook sender in the test's own
 task group instead of the ASGI lifespan.
+
+Over 400 lines: :class:`FakeTelephony` is the fake's one public class. Its docstring states the
+behaviour tests rely on, its constructor checks some twenty options and wires the parts, its
+snapshot helpers are what tests read, and its per-request dispatch is the one place where the
+fault script, the request records and the provider halves meet. What stands on its own lives
+beside it: the HTTP side in ``_fake_http``, the providers in ``_fake_twilio`` and ``_fake_vapi``,
+faults in ``_faults``, webhook delivery in ``_webhooks``, records in ``_records``.
 """
 
 from __future__ import annotations
