@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._validate import number
 from resilient_voice.asgi._types import Receive, Scope, Send
 from resilient_voice.testing._fake_common import (
     Core,
@@ -71,15 +71,6 @@ if TYPE_CHECKING:
 __all__ = ["ENDPOINTS", "FakeTelephony"]
 
 _DROPS = frozenset(("drop_before", "drop_after"))
-
-
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
 
 
 class FakeTelephony:
@@ -198,14 +189,14 @@ class FakeTelephony:
         if not all(isinstance(key, str) and key for key in vapi_keys):
             raise ValueError("Vapi API keys must be non-empty strings")
         if isinstance(calls_per_second, Mapping):
-            cps = {sid: _positive("calls_per_second", v) for sid, v in calls_per_second.items()}
+            cps = {sid: number("calls_per_second", v) for sid, v in calls_per_second.items()}
             default_cps = 1.0
         else:
-            cps, default_cps = {}, _positive("calls_per_second", calls_per_second)
-        tolerance = _positive("cps_tolerance", cps_tolerance, allow_zero=True)
-        duration = _positive("call_duration", call_duration, allow_zero=True)
-        ring = _positive("ring_duration", ring_duration, allow_zero=True)
-        timeout = _positive("callback_timeout", callback_timeout)
+            cps, default_cps = {}, number("calls_per_second", calls_per_second)
+        tolerance = number("cps_tolerance", cps_tolerance, inclusive=True)
+        duration = number("call_duration", call_duration, inclusive=True)
+        ring = number("ring_duration", ring_duration, inclusive=True)
+        timeout = number("callback_timeout", callback_timeout)
         if twilio_concurrency_limit is not None and twilio_concurrency_limit < 1:
             raise ValueError("twilio_concurrency_limit must be None or >= 1")
         if vapi_concurrency_limit < 1:

@@ -114,7 +114,9 @@ DISCONNECTED = b"\x00disconnected"  # compared by identity only
 async def read_body(receive: Receive) -> bytes | None:
     """The whole request body, or None when it exceeds the limit (the rest is drained).
 
-    Returns ``DISCONNECTED`` when the client went away before the body was complete.
+    Returns ``DISCONNECTED`` when the client went away before the body was complete. Not the
+    middlewares' ``asgi._common.read_body``, which refuses early on ``Content-Length`` and stops
+    reading: an upstream reads the whole body before answering 413, and the fake behaves as one.
     """
     chunks: list[bytes] = []
     size = 0
