@@ -21,9 +21,11 @@ import logging
 import os
 import re
 from collections.abc import MutableMapping
-from contextvars import ContextVar, Token
+from contextvars import Token
 from types import TracebackType
 from typing import Any
+
+from resilient_voice._correlation_id import CORRELATION_ID, DEFAULT_ID_PATTERN, is_valid_default
 
 __all__ = [
     "CorrelationIdFilter",
@@ -32,8 +34,6 @@ __all__ = [
     "correlation_scope",
     "get_correlation_id",
 ]
-
-_CORRELATION_ID: ContextVar[str | None] = ContextVar("resilient_voice.correlation_id", default=None)
 
 # Ids are cut from one os.urandom call per batch: the system call, not the hex formatting, is
 # the cost of a single os.urandom(16).hex().
@@ -71,21 +71,6 @@ def new_attempt_id() -> str:
     can find out upstream whether a call whose outcome is unknown was placed.
     """
     return new_correlation_id()
-
-
-_DEFAULT_PATTERN = re.compile(r"[A-Za-z0-9._:-]+")
-_fullmatch_default = _DEFAULT_PATTERN.fullmatch
-
-
-def _is_valid_default(value: object) -> bool:
-    # Length first (a 10 kB header costs nothing), then the pure-alphanumeric fast path that
-    # generated ids take; isascii() keeps non-ASCII letters and digits out of it.
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= 128
-        and value.isascii()
-        and (value.isalnum() or _fullmatch_default(value) is not None)
-    )
 
 
 class CorrelationIdValidator:
@@ -134,12 +119,12 @@ class CorrelationIdValidator:
     def is_valid(self, value: object) -> bool:
         """Return True when ``value`` is a string this validator accepts."""
         if self._default:
-            return _is_valid_default(value)
+            return is_valid_default(value)
         if not isinstance(value, str) or not 0 < len(value) <= self._max_length:
             return False
         if self._pattern is None:
             return value.isascii() and (
-                value.isalnum() or _DEFAULT_PATTERN.fullmatch(value) is not None
+                value.isalnum() or DEFAULT_ID_PATTERN.fullmatch(value) is not None
             )
         return self._pattern.fullmatch(value) is not None
 
@@ -166,7 +151,7 @@ def is_valid_correlation_id(
         validator: The rules; :data:`DEFAULT_CORRELATION_ID_VALIDATOR` when omitted.
     """
     if validator is None:
-        return _is_valid_default(value)
+        return is_valid_default(value)
     return validator.is_valid(value)
 
 
@@ -175,13 +160,13 @@ def validate_correlation_id(
 ) -> str | None:
     """Return ``value`` when it is an acceptable correlation id, else ``None``."""
     if validator is None:
-        return value if _is_valid_default(value) else None  # type: ignore[return-value]
+        return value if is_valid_default(value) else None  # type: ignore[return-value]
     return validator(value)
 
 
 def get_correlation_id() -> str | None:
     """Return the correlation id of the current context, or ``None`` outside any scope."""
-    return _CORRELATION_ID.get()
+    return CORRELATION_ID.get()
 
 
 class correlation_scope:  # noqa: N801  (used like a function: ``with correlation_scope():``)
@@ -217,7 +202,7 @@ class correlation_scope:  # noqa: N801  (used like a function: ``with correlatio
         validator: CorrelationIdValidator | None = None,
     ) -> None:
         if correlation_id is None or not (
-            _is_valid_default(correlation_id)
+            is_valid_default(correlation_id)
             if validator is None
             else validator.is_valid(correlation_id)
         ):
@@ -228,7 +213,7 @@ class correlation_scope:  # noqa: N801  (used like a function: ``with correlatio
     def __enter__(self) -> str:
         if self._token is not None:
             raise RuntimeError("a correlation_scope can be entered only once")
-        self._token = _CORRELATION_ID.set(self._id)
+        self._token = CORRELATION_ID.set(self._id)
         return self._id
 
     def __exit__(
@@ -239,7 +224,7 @@ class correlation_scope:  # noqa: N801  (used like a function: ``with correlatio
     ) -> None:
         token = self._token
         if token is not None:
-            _CORRELATION_ID.reset(token)
+            CORRELATION_ID.reset(token)
 
     def __repr__(self) -> str:
         return f"correlation_scope({self._id!r})"
@@ -272,7 +257,7 @@ class CorrelationIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, self.attribute, None) is None:
-            value = _CORRELATION_ID.get()
+            value = CORRELATION_ID.get()
             setattr(record, self.attribute, self.default if value is None else value)
         return True
 
@@ -285,7 +270,7 @@ def add_correlation_id(
     Put it in ``structlog.configure(processors=[...])`` before the renderer. An explicit
     ``correlation_id=`` in the log call wins. It needs nothing from structlog itself.
     """
-    value = _CORRELATION_ID.get()
+    value = CORRELATION_ID.get()
     if value is not None:
         event_dict.setdefault("correlation_id", value)
     return event_dict

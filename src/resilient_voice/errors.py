@@ -31,9 +31,9 @@ attributes and notes. What names a local object is a name, not the object (``.br
 
 from __future__ import annotations
 
-import copyreg
 from typing import Any
 
+from resilient_voice._pickling import reduce_exception
 from resilient_voice.failure import FailureKind
 
 __all__ = [
@@ -47,25 +47,12 @@ __all__ = [
     "WebhookVerificationError",
 ]
 
-_NEWOBJ: Any = copyreg.__newobj__  # type: ignore[attr-defined]  # missing from typeshed
-
-
-def _reduce(exc: BaseException) -> tuple[Any, ...]:
-    """Pickle ``exc`` by its ``args`` and ``__dict__``, never by calling ``__init__`` again.
-
-    ``BaseException``'s own pickling calls ``cls(*args)``: that breaks for a constructor whose
-    parameters are not its ``args`` (keyword-only fields, a message built from fields), and
-    works for the rest only by accident. ``copyreg.__newobj__`` sets ``args`` through
-    ``BaseException.__new__``; the instance dict (fields and ``__notes__``) is the state.
-    """
-    return (_NEWOBJ, (type(exc), *exc.args), dict(vars(exc)) or None)
-
 
 class ResilientVoiceError(Exception):
     """Base class of every exception raised by resilient_voice."""
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _reduce(self)
+        return reduce_exception(self)
 
 
 class RejectedError(ResilientVoiceError):

@@ -12,27 +12,28 @@ Attach the same object to everything it should observe (see :mod:`resilient_voic
 Why get-or-create: prometheus-client raises "Duplicated timeseries" when a second collector with
 the same name is registered. Building an app twice in one process (every test suite does) or
 creating one listener per breaker would crash with plain ``Counter(...)`` calls. Every collector
-here is looked up in the target registry first and created only when absent, so any number of
-listeners can share a registry. Label children are cached per key (:class:`_Children`), so an
-observation is a dict lookup and an increment, never a ``labels()`` call.
+here is looked up in the target registry first and created only when absent
+(:func:`resilient_voice._prometheus.get_or_create`, shared with the ASGI middleware), so any
+number of listeners can share a registry. Label children are cached per key
+(:class:`_Children`), so an observation is a dict lookup and an increment, never a ``labels()``
+call.
 
 Labels are bounded: breaker, limiter, policy, transport and client names are chosen by the user;
 hosts and routes come from the transport's configuration. Limiter keys (client addresses, phone
 numbers) are never used as labels.
 
 This module imports ``prometheus_client`` at import time; ``import resilient_voice`` does not
-import this module. It runs a little past 400 lines because each of the fifteen collectors is
-declared with its name, help text and labels in one place, next to the ``match`` that feeds it.
+import this module.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from resilient_voice._prometheus import get_or_create, resolve_registry
 from resilient_voice.events import (
     BreakerState,
     BucketEvicted,
@@ -69,57 +70,8 @@ in tens to hundreds of milliseconds; retried requests take seconds)."""
 SERVER_BUCKETS: tuple[float, ...] = (0.005, 0.01, *_LATENCY_LADDER)
 """Buckets of ``resilient_voice_http_server_request_duration_seconds`` (our own handlers)."""
 
-_C = TypeVar("_C", Counter, Gauge, Histogram)
 _K = TypeVar("_K", bound=Hashable)
 _V = TypeVar("_V")
-_lock = threading.Lock()
-
-
-def _get_or_create(
-    cls: type[_C],
-    name: str,
-    documentation: str,
-    labelnames: Sequence[str],
-    registry: CollectorRegistry,
-    **kwargs: Any,
-) -> _C:
-    """Return the collector called ``name`` in ``registry``, creating it if absent.
-
-    An existing collector is reused only when it has the same type and label names; anything else
-    is a real conflict and raises ``ValueError`` naming the metric.
-
-    Args:
-        cls: ``Counter``, ``Gauge`` or ``Histogram``.
-        name: Full metric name (for counters, without the ``_total`` suffix).
-        documentation: The HELP text.
-        labelnames: The label names, in order.
-        registry: Where to look and register.
-        **kwargs: Passed to the constructor when creating (``buckets``, ``multiprocess_mode``).
-
-    Raises:
-        ValueError: ``name`` is taken by an incompatible collector.
-    """
-    labels = tuple(labelnames)
-    with _lock:
-        # prometheus-client has no public lookup; _names_to_collectors has been stable since 0.1.
-        names: dict[str, object] = getattr(registry, "_names_to_collectors", {})
-        existing = names.get(name)
-        if existing is None:
-            return cls(name, documentation, labels, registry=registry, **kwargs)
-        if type(existing) is not cls or tuple(getattr(existing, "_labelnames", ())) != labels:
-            raise ValueError(
-                f"metric {name!r} is already registered as {type(existing).__name__} with labels "
-                f"{getattr(existing, '_labelnames', ())!r}; expected {cls.__name__} with {labels!r}"
-            )
-        return existing
-
-
-def _registry(registry: CollectorRegistry | None) -> CollectorRegistry:
-    if registry is None:
-        return REGISTRY
-    if not isinstance(registry, CollectorRegistry):
-        raise TypeError(f"registry must be a prometheus_client.CollectorRegistry, not {registry!r}")
-    return registry
 
 
 class _Children(dict[_K, _V], Generic[_K, _V]):
@@ -207,8 +159,8 @@ class PrometheusMetrics:
         limiter_wait_buckets: Sequence[float] = LIMITER_WAIT_BUCKETS,
         http_client_buckets: Sequence[float] = HTTP_CLIENT_BUCKETS,
     ) -> None:
-        self.registry = reg = _registry(registry)
-        self.breaker_state = _get_or_create(
+        self.registry = reg = resolve_registry(registry)
+        self.breaker_state = get_or_create(
             Gauge,
             PREFIX + "breaker_state",
             "Circuit breaker state: 1 for the current state, 0 for the others.",
@@ -216,34 +168,34 @@ class PrometheusMetrics:
             reg,
             multiprocess_mode="livemax",
         )
-        self.breaker_transitions = _get_or_create(
+        self.breaker_transitions = get_or_create(
             Counter,
             PREFIX + "breaker_transitions",
             "Circuit breaker state transitions.",
             ("breaker", "from_state", "to_state"),
             reg,
         )
-        self.breaker_calls = _get_or_create(
+        self.breaker_calls = get_or_create(
             Counter,
             PREFIX + "breaker_calls",
             "Calls through a circuit breaker by outcome (success, failure, ignored, rejected).",
             ("breaker", "outcome"),
             reg,
         )
-        self.limiter_granted = _get_or_create(
+        self.limiter_granted = get_or_create(
             Counter, PREFIX + "limiter_granted", "Rate limiter grants.", ("limiter",), reg
         )
-        self.limiter_rejected = _get_or_create(
+        self.limiter_rejected = get_or_create(
             Counter, PREFIX + "limiter_rejected", "Rate limiter refusals.", ("limiter",), reg
         )
-        self.limiter_evicted = _get_or_create(
+        self.limiter_evicted = get_or_create(
             Counter,
             PREFIX + "limiter_evicted",
             "Keyed rate limiter buckets dropped to bound memory (lossy: the bucket was not full).",
             ("limiter", "lossy"),
             reg,
         )
-        self.limiter_wait = _get_or_create(
+        self.limiter_wait = get_or_create(
             Histogram,
             PREFIX + "limiter_wait_seconds",
             "Time a rate limiter grant waited for tokens.",
@@ -251,28 +203,28 @@ class PrometheusMetrics:
             reg,
             buckets=tuple(limiter_wait_buckets),
         )
-        self.retry_attempts = _get_or_create(
+        self.retry_attempts = get_or_create(
             Counter,
             PREFIX + "retry_attempts",
             "Attempts started by a retry policy, first attempts included.",
             ("policy",),
             reg,
         )
-        self.retry_retries = _get_or_create(
+        self.retry_retries = get_or_create(
             Counter,
             PREFIX + "retry_retries",
             "Retries scheduled, by the failure kind of the failed attempt.",
             ("policy", "reason"),
             reg,
         )
-        self.retry_give_ups = _get_or_create(
+        self.retry_give_ups = get_or_create(
             Counter,
             PREFIX + "retry_give_ups",
             "Operations that failed for good, by the failure kind of the last attempt.",
             ("policy", "reason"),
             reg,
         )
-        self.retry_outcome_unknown = _get_or_create(
+        self.retry_outcome_unknown = get_or_create(
             Counter,
             PREFIX + "retry_outcome_unknown",
             "Non-idempotent operations that may have been processed and were not retried.",
@@ -280,14 +232,14 @@ class PrometheusMetrics:
             reg,
         )
         http = ("transport", "host", "method", "route", "status_class")
-        self.http_client_requests = _get_or_create(
+        self.http_client_requests = get_or_create(
             Counter,
             PREFIX + "http_client_requests",
             "Outbound HTTP requests (logical requests; retries are attempts).",
             http,
             reg,
         )
-        self.http_client_duration = _get_or_create(
+        self.http_client_duration = get_or_create(
             Histogram,
             PREFIX + "http_client_request_duration_seconds",
             "Duration of outbound HTTP requests, retries included.",
@@ -295,14 +247,14 @@ class PrometheusMetrics:
             reg,
             buckets=tuple(http_client_buckets),
         )
-        self.http_client_attempts = _get_or_create(
+        self.http_client_attempts = get_or_create(
             Counter,
             PREFIX + "http_client_attempts",
             "Attempts made for outbound HTTP requests.",
             http,
             reg,
         )
-        self.provider_concurrency = _get_or_create(
+        self.provider_concurrency = get_or_create(
             Counter,
             PREFIX + "provider_concurrency",
             "Answers saying the account's concurrent call slots were all taken, by outcome "

@@ -5,17 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
+from resilient_voice._correlation_id import CORRELATION_ID, is_valid_default
 from resilient_voice.asgi._common import (
     header_name,
     set_headers,
 )
 from resilient_voice.asgi._types import ASGIApp, Message, Receive, Scope, Send
-from resilient_voice.correlation import (
-    _CORRELATION_ID,
-    CorrelationIdValidator,
-    _is_valid_default,
-    new_correlation_id,
-)
+from resilient_voice.correlation import CorrelationIdValidator, new_correlation_id
 
 __all__ = ["CorrelationIdMiddleware", "parse_traceparent"]
 
@@ -27,7 +23,7 @@ _MAX_TRACEPARENT = 512
 _DASH = 0x2D
 _AMPERSAND = 0x26
 _HANDLED = frozenset({"http", "websocket"})
-_get_id = _CORRELATION_ID.get
+_get_id = CORRELATION_ID.get
 # The default validator's alphabet, to check header bytes before decoding them: bytes.isalnum
 # is ASCII-only, and deleting the alphabet leaves nothing only when nothing else was there.
 _ID_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
@@ -146,7 +142,7 @@ class CorrelationIdMiddleware:
         self.app = app
         self._header = header_name("header", header)
         self._is_valid: Callable[[object], bool] = (
-            _is_valid_default if validator is None else validator.is_valid
+            is_valid_default if validator is None else validator.is_valid
         )
         self._max_length = 128 if validator is None else validator.max_length
         self._default = validator is None
@@ -193,11 +189,11 @@ class CorrelationIdMiddleware:
             cid = self._recover(scope)
             echoed = cid.encode("latin-1")
         if not self._echo:
-            token = _CORRELATION_ID.set(cid)
+            token = CORRELATION_ID.set(cid)
             try:
                 await self.app(scope, receive, send)
             finally:
-                _CORRELATION_ID.reset(token)
+                CORRELATION_ID.reset(token)
             return
         size = len(name)
 
@@ -216,11 +212,11 @@ class CorrelationIdMiddleware:
                     message["headers"] = [*headers, (name, value)]
             await send(message)
 
-        token = _CORRELATION_ID.set(cid)
+        token = CORRELATION_ID.set(cid)
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            _CORRELATION_ID.reset(token)
+            CORRELATION_ID.reset(token)
 
     def _valid_custom(self, value: bytes) -> str | None:
         """The id as text when a custom validator accepts it (decoded once, as latin-1)."""

@@ -11,13 +11,14 @@ import anyio.to_thread
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from resilient_voice._prometheus import get_or_create, resolve_registry
 from resilient_voice.asgi._common import (
     get_header,
     respond,
     route_paths,
 )
 from resilient_voice.asgi._types import ASGIApp, Message, Receive, Scope, Send
-from resilient_voice.metrics import PREFIX, SERVER_BUCKETS, _get_or_create, _registry
+from resilient_voice.metrics import PREFIX, SERVER_BUCKETS
 
 __all__ = ["UNMATCHED", "MetricsMiddleware", "make_metrics_app"]
 
@@ -91,21 +92,21 @@ class MetricsMiddleware:
             raise TypeError("route_template must be a callable(scope) -> str | None")
         if isinstance(max_routes, bool) or not isinstance(max_routes, int) or max_routes < 1:
             raise ValueError(f"max_routes must be a positive int, got {max_routes!r}")
-        reg = _registry(registry)
+        reg = resolve_registry(registry)
         self.app = app
         self._route_template = route_template
         self._router = _find_router(app)
         self._max_routes = max_routes
         self._max_children = max_routes * 64
         labels = ("method", "route", "status_class")
-        self._requests = _get_or_create(
+        self._requests = get_or_create(
             Counter,
             PREFIX + "http_server_requests",
             "HTTP requests served, by method, route template and status class.",
             labels,
             reg,
         )
-        self._duration = _get_or_create(
+        self._duration = get_or_create(
             Histogram,
             PREFIX + "http_server_request_duration_seconds",
             "Time to serve an HTTP request (including a streamed body), by route template.",
@@ -113,7 +114,7 @@ class MetricsMiddleware:
             reg,
             buckets=tuple(buckets),
         )
-        in_progress = _get_or_create(
+        in_progress = get_or_create(
             Gauge,
             PREFIX + "http_server_requests_in_progress",
             "HTTP requests being served.",
@@ -254,7 +255,7 @@ def make_metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         else:
             registry = REGISTRY
-    return _MetricsApp(_registry(registry))
+    return _MetricsApp(resolve_registry(registry))
 
 
 class _MetricsApp:

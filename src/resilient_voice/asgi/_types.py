@@ -1,4 +1,4 @@
-"""The ASGI 3 types every module of ``resilient_voice.asgi`` uses, defined once."""
+"""The ASGI 3 types of the middlewares and of the testing fake and server, defined once."""
 
 from __future__ import annotations
 

@@ -81,13 +81,13 @@ from typing import Any
 import httpx
 
 from resilient_voice._loops import current_loop, loop_closed
+from resilient_voice._pickling import reduce_exception
 from resilient_voice.correlation import (
     DEFAULT_CORRELATION_ID_VALIDATOR,
     get_correlation_id,
     new_attempt_id,
 )
 from resilient_voice.errors import OutcomeUnknownError, ProviderError
-from resilient_voice.errors import _reduce as reduce_exception
 from resilient_voice.events import (
     Listener,
     RequestFinished,

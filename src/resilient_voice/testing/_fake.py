@@ -9,37 +9,51 @@ Served over loopback it runs on real time in the server's thread, so those tests
 and short durations. In-process (``httpx.ASGITransport``) it can run on a ``ManualClock``
 (``clock=``), with :meth:`FakeTelephony.running` starting its webhook sender in the test's own
 task group instead of the ASGI lifespan.
+
+Over 400 lines: :class:`FakeTelephony` is the fake's one public class. Its docstring states the
+behaviour tests rely on, its constructor checks some twenty options and wires the parts, its
+snapshot helpers are what tests read, and its per-request dispatch is the one place where the
+fault script, the request records and the provider halves meet. What stands on its own lives
+beside it: the HTTP side in ``_fake_http``, the providers in ``_fake_twilio`` and ``_fake_vapi``,
+faults in ``_faults``, webhook delivery in ``_webhooks``, records in ``_records``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
-import math
-import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import parse_qs
 
 import anyio
 
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._validate import number
+from resilient_voice.asgi._types import Receive, Scope, Send
 from resilient_voice.testing._fake_common import (
     Core,
-    Receive,
     Request,
     Response,
-    Scope,
-    Send,
     frozen_multi,
+)
+from resilient_voice.testing._fake_http import (
+    DISCONNECTED,
+    ENDPOINTS,
+    NOT_ALLOWED,
+    NOT_FOUND,
+    parse_request,
+    read_body,
+    retry_after_value,
+    route,
+    send_part,
 )
 from resilient_voice.testing._fake_twilio import (
     TwilioApi,
     twilio_error,
     twilio_fault_response,
 )
-from resilient_voice.testing._fake_vapi import VapiApi, vapi_fault_response
+from resilient_voice.testing._fake_vapi import VapiApi, vapi_error, vapi_fault_response
 from resilient_voice.testing._faults import CallbackFaults, Fault, FaultScript
 from resilient_voice.testing._records import (
     CallbackRecord,
@@ -56,59 +70,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ENDPOINTS", "FakeTelephony"]
 
-_ACCOUNT = r"(?P<account>[^/]+)"
-_ROUTES: tuple[tuple[re.Pattern[str], dict[str, str]], ...] = (
-    (
-        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Calls\.json"),
-        {"POST": "twilio.calls.create", "GET": "twilio.calls.list"},
-    ),
-    (
-        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Calls/(?P<sid>[^/]+)\.json"),
-        {"GET": "twilio.calls.fetch", "POST": "twilio.calls.update"},
-    ),
-    (
-        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Messages\.json"),
-        {"POST": "twilio.messages.create"},
-    ),
-    (
-        re.compile(rf"/2010-04-01/Accounts/{_ACCOUNT}/Messages/(?P<sid>[^/]+)\.json"),
-        {"GET": "twilio.messages.fetch"},
-    ),
-    (re.compile(r"/call"), {"POST": "vapi.calls.create", "GET": "vapi.calls.list"}),
-    (re.compile(r"/call/(?P<id>[^/]+)"), {"GET": "vapi.calls.get"}),
-    (re.compile(r"/assistant"), {"GET": "vapi.assistants.list"}),
-    (
-        re.compile(r"/assistant/(?P<id>[^/]+)"),
-        {"GET": "vapi.assistants.get", "PATCH": "vapi.assistants.update"},
-    ),
-    (re.compile(r"/phone-number"), {"GET": "vapi.phone_numbers.list"}),
-)
-
-ENDPOINTS: tuple[str, ...] = tuple(name for _, names in _ROUTES for name in names.values())
-"""Every endpoint name the fake answers; fault rules match these with glob patterns."""
-
-_MAX_BODY = 1 << 20
 _DROPS = frozenset(("drop_before", "drop_after"))
-_STALL_LIMIT = 30.0  # a stalled answer gives up eventually, so no test can hang on it
-_NOT_FOUND = "not_found"
-_NOT_ALLOWED = "not_allowed"
-
-
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
-def _retry_after(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    if float(seconds).is_integer():
-        return str(int(seconds))
-    return format(seconds, "f").rstrip("0").rstrip(".")
 
 
 class FakeTelephony:
@@ -227,14 +189,14 @@ class FakeTelephony:
         if not all(isinstance(key, str) and key for key in vapi_keys):
             raise ValueError("Vapi API keys must be non-empty strings")
         if isinstance(calls_per_second, Mapping):
-            cps = {sid: _positive("calls_per_second", v) for sid, v in calls_per_second.items()}
+            cps = {sid: number("calls_per_second", v) for sid, v in calls_per_second.items()}
             default_cps = 1.0
         else:
-            cps, default_cps = {}, _positive("calls_per_second", calls_per_second)
-        tolerance = _positive("cps_tolerance", cps_tolerance, allow_zero=True)
-        duration = _positive("call_duration", call_duration, allow_zero=True)
-        ring = _positive("ring_duration", ring_duration, allow_zero=True)
-        timeout = _positive("callback_timeout", callback_timeout)
+            cps, default_cps = {}, number("calls_per_second", calls_per_second)
+        tolerance = number("cps_tolerance", cps_tolerance, inclusive=True)
+        duration = number("call_duration", call_duration, inclusive=True)
+        ring = number("ring_duration", ring_duration, inclusive=True)
+        timeout = number("callback_timeout", callback_timeout)
         if twilio_concurrency_limit is not None and twilio_concurrency_limit < 1:
             raise ValueError("twilio_concurrency_limit must be None or >= 1")
         if vapi_concurrency_limit < 1:
@@ -424,8 +386,8 @@ class FakeTelephony:
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_body(receive)
-        if body is _DISCONNECTED:
+        body = await read_body(receive)
+        if body is DISCONNECTED:
             return  # the client left mid-body: a real server processes nothing
         arrival = self._core.elapsed()
         with self._core.lock:
@@ -433,9 +395,9 @@ class FakeTelephony:
             self._next_index += 1
         method: str = scope["method"]
         path: str = scope["path"]
-        request = _parse(scope, body or b"")
+        request = parse_request(scope, body or b"")
         twilio = path.startswith("/2010-04-01/")
-        endpoint = self._route(method, path, request)
+        endpoint = route(method, path, request)
         account = request.params.get("account") if twilio else None
         inflight = self._twilio.enter(account) if account is not None else 0
         auth_user: str | None = None
@@ -446,9 +408,9 @@ class FakeTelephony:
                 response = (
                     twilio_error(413, 20001, "Request body too large") if twilio else _too_large()
                 )
-            elif endpoint == _NOT_FOUND:
+            elif endpoint == NOT_FOUND:
                 response = self._twilio.not_found(path) if twilio else self._vapi_missing(request)
-            elif endpoint == _NOT_ALLOWED:
+            elif endpoint == NOT_ALLOWED:
                 response = (
                     twilio_error(405, 20004, "Method not allowed")
                     if twilio
@@ -461,7 +423,7 @@ class FakeTelephony:
                     await self._core.clock.sleep(delay)
                 if fault is not None and fault.kind in ("error", "rate_limit"):
                     status = 429 if fault.kind == "rate_limit" else fault.status
-                    header = _retry_after(fault.retry_after) if status == 429 else None
+                    header = retry_after_value(fault.retry_after) if status == 429 else None
                     response = (
                         twilio_fault_response(status, header)
                         if twilio
@@ -491,7 +453,7 @@ class FakeTelephony:
             if response is None:  # pragma: no cover  # only drop_before leaves it unset
                 raise DropConnectionError
             if fault is not None and fault.kind == "drop_mid_body":
-                await _send_part(response, receive, send, stall=fault.stall)
+                await send_part(response, receive, send, stall=fault.stall)
             await send(
                 {
                     "type": "http.response.start",
@@ -503,15 +465,6 @@ class FakeTelephony:
         finally:
             if account is not None:
                 self._twilio.leave(account)
-
-    def _route(self, method: str, path: str, request: Request) -> str:
-        for pattern, names in _ROUTES:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
-            request.params = match.groupdict()
-            return names.get(method, _NOT_ALLOWED)
-        return _NOT_FOUND
 
     def _process(
         self, endpoint: str, request: Request, index: int, inflight: int
@@ -551,7 +504,7 @@ class FakeTelephony:
             time=arrival,
             method=request.method,
             path=request.path,
-            endpoint=None if endpoint in (_NOT_FOUND, _NOT_ALLOWED) else endpoint,
+            endpoint=None if endpoint in (NOT_FOUND, NOT_ALLOWED) else endpoint,
             query=frozen_multi(request.query),
             form=frozen_multi(request.form),
             json=request.json,
@@ -567,78 +520,5 @@ class FakeTelephony:
             self._requests.append(record)
 
 
-async def _send_part(response: Response, receive: Receive, send: Send, *, stall: bool) -> None:
-    """Send the status, headers and half the body of ``response``, then drop the connection.
-
-    ``Content-Length`` announces the whole body, so the client knows it is cut short. With
-    ``stall``, wait (bounded) for the client to leave first. Raises
-    :class:`DropConnectionError`, which :func:`serve` turns into a closed socket.
-    """
-    body = response.body
-    headers = [
-        *(pair for pair in response.headers if pair[0].lower() != b"content-length"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
-    if stall:
-        with anyio.move_on_after(_STALL_LIMIT):
-            while (await receive())["type"] != "http.disconnect":
-                pass
-    raise DropConnectionError
-
-
 def _too_large() -> Response:
-    from resilient_voice.testing._fake_vapi import vapi_error
-
     return vapi_error(413, "request entity too large")
-
-
-_DISCONNECTED = b"\x00disconnected"  # compared by identity only
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None when it exceeds the limit (the rest is drained).
-
-    Returns ``_DISCONNECTED`` when the client went away before the body was complete.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return _DISCONNECTED
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size <= _MAX_BODY:
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks) if size <= _MAX_BODY else None
-
-
-def _parse(scope: Scope, body: bytes) -> Request:
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in scope.get("headers", []):
-        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-    content_type = headers.get("content-type", "")
-    form: dict[str, list[str]] = {}
-    payload: Any = None
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-    elif body and "json" in content_type:
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
-    return Request(
-        method=scope["method"],
-        path=scope["path"],
-        query=query,
-        form=form,
-        json=payload,
-        body=body,
-        headers=headers,
-    )

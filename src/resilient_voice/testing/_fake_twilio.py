@@ -4,6 +4,12 @@ Bodies follow the reference (``/work/shared/reference/telephony-apis.md`` in the
 snake_case JSON, RFC 2822 dates, ``direction`` ``outbound-api``, errors as ``{"code", "message",
 "more_info", "status"}``. Calls over the account's calls-per-second are accepted and queued, as
 Twilio does, and counted as CPS violations.
+
+Over 400 lines: it is one provider's fake, endpoint by endpoint. Each handler checks a request as
+Twilio does (with its error codes), changes the state the endpoints share (calls, messages, the
+per-account CPS schedule, requests in flight) and answers in Twilio's shape, in the order of the
+reference, so the two can be read side by side. What needs none of that state lives elsewhere:
+the HTTP plumbing in ``_fake_common`` and ``_fake_http``, webhook delivery in ``_webhooks``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
 Bodies are camelCase JSON with ISO 8601 dates (milliseconds, ``Z``); errors use the NestJS shape
 Vapi answers with, ``{"message", "error", "statusCode"}``. Server messages (``status-update``,
 ``end-of-call-report``) go to the server URL with the configured credential header.
+
+Over 400 lines: it is one provider's fake, endpoint by endpoint, like ``_fake_twilio``. Each
+handler checks a request as Vapi does, changes the state the endpoints share (calls, assistants,
+phone numbers, the org's concurrency) and answers in Vapi's shape, in the order of the reference.
+What needs none of that state lives elsewhere: the HTTP plumbing in ``_fake_common`` and
+``_fake_http``, webhook delivery in ``_webhooks``.
 """
 
 from __future__ import annotations

@@ -21,24 +21,19 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from resilient_voice.errors import _reduce as reduce_exception
+from resilient_voice._pickling import reduce_exception
+from resilient_voice.asgi._types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
     import uvicorn
 
 __all__ = ["DropConnectionError", "serve"]
-
-_Scope = MutableMapping[str, Any]
-_Message = MutableMapping[str, Any]
-_Receive = Callable[[], Awaitable[_Message]]
-_Send = Callable[[_Message], Awaitable[None]]
-_App = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
 
 _POLL = 0.005
 _LINGER_ZERO = struct.pack("ii", 1, 0)
@@ -73,11 +68,11 @@ class _DroppingApp:
 
     __slots__ = ("_app", "_transport")
 
-    def __init__(self, app: _App, transport: asyncio.Transport) -> None:
+    def __init__(self, app: ASGIApp, transport: asyncio.Transport) -> None:
         self._app = app
         self._transport = transport
 
-    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self._app(scope, receive, send)
         except DropConnectionError as exc:
@@ -181,7 +176,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 @asynccontextmanager
 async def serve(
-    app: _App,
+    app: ASGIApp,
     *,
     host: str = "127.0.0.1",
     port: int = 0,
