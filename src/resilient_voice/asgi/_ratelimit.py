@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from resilient_voice._clock import Clock
+from resilient_voice.asgi._client_keys import ClientKeys, check_ipv6_prefix
 from resilient_voice.asgi._common import (
     CORRELATION_HEADER,
     route_paths,
@@ -93,44 +93,6 @@ def _rule(pattern: str, limit: Any) -> tuple[str, float, float]:
     if isinstance(limit, tuple | list) and len(limit) == 2:
         return pattern, limit[0], limit[1]
     raise TypeError(f"route {pattern!r}: the limit must be rate or (rate, burst), got {limit!r}")
-
-
-def _ipv6_prefix(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"ipv6_prefix must be an int, got {value!r}")
-    if not 1 <= value <= 128:
-        raise ValueError(f"ipv6_prefix must be in 1..128, got {value!r}")
-    return value
-
-
-class _ClientKeys:
-    """Turns a client address into its bucket key: IPv4 as is, IPv6 by network prefix.
-
-    One host usually holds a whole /64, so keying IPv6 clients per address would give it
-    2**64 buckets; an IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, from a dual-stack socket)
-    is the IPv4 client it names. Text that is not an address is kept as it is.
-    """
-
-    __slots__ = ("_shift", "_suffix")
-
-    def __init__(self, prefix: int) -> None:
-        self._shift = 128 - prefix
-        self._suffix = f"/{prefix}"
-
-    def __call__(self, text: str) -> str:
-        if ":" not in text:
-            return text
-        try:
-            address = ipaddress.IPv6Address(text.split("%", 1)[0])
-        except ValueError:
-            return text
-        mapped = address.ipv4_mapped
-        if mapped is not None:
-            return str(mapped)
-        if not self._shift:
-            return str(address)
-        network = int(address) >> self._shift << self._shift
-        return str(ipaddress.IPv6Address(network)) + self._suffix
 
 
 class RateLimitMiddleware:
@@ -234,7 +196,7 @@ class RateLimitMiddleware:
         self._use_forwarded = self._proxies._reads_headers
         if key is not None and (self._use_forwarded or self._proxies.server_applied):
             raise ValueError("trusted_proxies applies to the default key only; not with key=")
-        self._client = _ClientKeys(_ipv6_prefix(ipv6_prefix))
+        self._client = ClientKeys(check_ipv6_prefix(ipv6_prefix))
         self._key = key
         self._hops = forwarded_hops
         label = b'"' + policy_name.encode("ascii") + b'"'
