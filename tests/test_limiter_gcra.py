@@ -84,23 +84,33 @@ def test_wait_is_zero_exactly_when_the_cost_fits(
 
 
 @given(rate=rates, burst=bursts, gaps=gaps, tokens=token_counts)
-def test_the_inlined_fast_path_computes_what_the_core_computes(
+def test_the_inlined_fast_paths_compute_what_the_core_computes(
     rate: float, burst: int, gaps: list[float], tokens: list[int]
 ) -> None:
-    """TokenBucket.acquire inlines fits/take for speed; try_acquire calls the core."""
+    """acquire() and try_acquire() inline fits/take for speed: both agree with the pure core."""
     clock = ManualClock()
     fast = TokenBucket(rate, burst, clock=clock)
-    core = TokenBucket(rate, burst, clock=clock)
+    trying = TokenBucket(rate, burst, clock=clock)
+    interval = 1 / rate
+    tau = _gcra.depth(burst, interval)
+    full = _gcra.NEVER
 
     async def scenario() -> None:
+        nonlocal full
         for gap, count in zip(gaps, tokens, strict=False):
             clock.advance(gap)
             n = min(count, burst)
-            if await core.try_acquire(n):
+            now = clock.now()
+            cost = n * interval
+            fits = _gcra.fits(full, cost, tau, now)
+            if fits:
+                full = _gcra.take(full, cost, now)
+            assert await trying.try_acquire(n) is fits
+            if fits:
                 await fast.acquire(n, timeout=0)  # granted at once, on the fast path
             else:
                 with pytest.raises(RateLimitedError, match="deadline"):
                     await fast.acquire(n, timeout=0)
-            assert fast._full_at == core._full_at
+            assert fast._full_at == trying._full_at == full
 
     anyio.run(scenario)

@@ -224,7 +224,10 @@ class KeyedLimiter:
         """
         if not (tokens == 1 and tokens is not True):
             self._template._cost_of(tokens)
-        bucket = self._lookup(key)
+        try:
+            bucket = self._buckets.get(key)
+        except TypeError:
+            bucket = self._lookup(key)  # raises the TypeError that names this limiter
         if bucket is None:
             bucket = self._admit(key, tokens)
             if bucket is None:
