@@ -61,3 +61,16 @@ def test_every_public_name_has_a_docstring() -> None:
             if docstring is None or not docstring.value.strip():
                 missing.append(f"{module_name}.{name}")
     assert missing == []
+
+
+def test_testing_page_shows_every_fault_constructor() -> None:
+    from resilient_voice.testing import Fault
+
+    page = (DOCS / "testing.md").read_text()
+    constructors = [
+        name
+        for name, value in vars(Fault).items()
+        if isinstance(value, classmethod) and not name.startswith("_")
+    ]
+    assert len(constructors) >= 8
+    assert [name for name in constructors if f"Fault.{name}(" not in page] == []
