@@ -1,6 +1,6 @@
 """Cost of correlation id generation and validation, and of an uneventful RetryPolicy.run.
 
-Run: ``python benchmarks/bench_correlation.py`` (best of N repetitions; the machine is shared,
+Run: ``python benchmarks/correlation.py`` (best of N repetitions; the machine is shared,
 so compare numbers from one run only).
 """
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import math
 import platform
 import sys
@@ -115,6 +116,22 @@ def _checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
     return anyio.lowlevel.checkpoint_if_cancelled
 
 
+# The package each competitor's rows need, by the first word of the row's label. A row whose
+# package (or event loop) is not installed is skipped with a note, never a crash:
+# ``pip install -e '.[bench]'`` brings them all.
+COMPETITORS = {"aiolimiter": "aiolimiter", "limits": "limits", "pyrate-limiter": "pyrate_limiter"}
+SKIPPED: set[str] = set()
+
+
+def _runnable(label: str, backend: str) -> bool:
+    needed = [COMPETITORS.get(label.partition(" ")[0].partition(".")[0])]
+    if backend != "asyncio":
+        needed.append(backend)
+    missing = [name for name in needed if name and importlib.util.find_spec(name) is None]
+    SKIPPED.update(missing)
+    return not missing
+
+
 def _best(backend: str, runner: Callable[[], Awaitable[float]], repeat: int) -> float:
     return min(anyio.run(runner, backend=backend) for _ in range(repeat))
 
@@ -133,6 +150,8 @@ def overhead(repeat: int, calls: int) -> list[tuple[str, str, float]]:
     ]
     results = []
     for label, backend, factory in rows:
+        if not _runnable(label, backend):
+            continue
         # limits and pyrate keep one entry per hit: fewer calls keep their memory in check.
         n = calls if "limits" not in label and "pyrate" not in label else max(calls // 10, 1000)
         results.append((label, backend, _best(backend, _timer(factory, n), repeat)))
@@ -215,6 +234,7 @@ def accuracy() -> list[tuple[str, str, dict[str, float]]]:
     return [
         (label, backend, anyio.run(_accuracy_run, make, backend=backend))
         for label, backend, make in rows
+        if _runnable(label, backend)
     ]
 
 
@@ -231,6 +251,7 @@ def lateness(samples: int) -> list[tuple[str, list[float]]]:
     return [
         (backend, anyio.run(_lateness_run, samples, backend=backend))
         for backend in ("asyncio", "trio")
+        if _runnable("resilient_voice", backend)
     ]
 
 
@@ -274,6 +295,7 @@ def rates(seconds: float) -> list[tuple[float, str, dict[str, float]]]:
     return [
         (rate, backend, anyio.run(_rate_run, rate, seconds if rate > 1 else 3.0, backend=backend))
         for backend in ("asyncio", "trio")
+        if _runnable("resilient_voice", backend)
         for rate in RATES
     ]
 
@@ -286,6 +308,18 @@ def _version(name: str) -> str:
 
 
 def main() -> None:
+    try:
+        _main()
+    finally:
+        if SKIPPED:
+            print()
+            print(
+                f"Skipped, not installed: {', '.join(sorted(SKIPPED))} "
+                "(pip install -e '.[bench]' installs every competitor)."
+            )
+
+
+def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--calls", type=int, default=100_000)

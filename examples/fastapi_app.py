@@ -264,6 +264,17 @@ def create_app(settings: Settings, *, registry: CollectorRegistry = REGISTRY) ->
     return app
 
 
+def requests_to_try(base: str) -> str:
+    """The curl lines printed at startup: what to send the running app."""
+    return (
+        "Try, from another terminal:\n"
+        f"  curl -si -X POST {base}/calls -H 'content-type: application/json' "
+        """-d '{"to": "+15550100001"}'\n"""
+        f"  curl -s {base}/attempts/<attempt_id from the answer>\n"
+        f"  curl -s {base}/metrics | grep resilient_voice_breaker"
+    )
+
+
 async def main(port: int) -> None:
     import uvicorn
 
@@ -287,6 +298,7 @@ async def main(port: int) -> None:
             twilio_base_url=fake_url,
         )
         print(f"fake Twilio at {fake_url}; the app at {settings.public_base_url}")
+        print(requests_to_try(settings.public_base_url), flush=True)
         config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port)
         await uvicorn.Server(config).serve()
 

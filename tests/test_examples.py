@@ -333,3 +333,11 @@ def test_fastapi_example_serves_from_the_command_line() -> None:
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=15)[0]
     assert "fake Twilio at http://127.0.0.1:" in output
+    assert f"curl -si -X POST http://127.0.0.1:{port}/calls" in output  # what to try, printed
+
+
+@pytest.mark.parametrize("name", ["fastapi_app", "starlette_app", "litestar_app"])
+def test_server_examples_print_the_requests_to_try(name: str) -> None:
+    lines = load(name).requests_to_try("http://127.0.0.1:8000")
+    assert "curl -si -X POST http://127.0.0.1:8000/calls" in lines
+    assert "curl -s http://127.0.0.1:8000/metrics" in lines

@@ -136,10 +136,12 @@ class PrometheusMetrics:
 
     Attributes:
         registry: The registry recorded into.
-        breaker_state, breaker_transitions, breaker_calls, limiter_granted, limiter_rejected,
-        limiter_evicted, limiter_wait, retry_attempts, retry_retries, retry_give_ups,
-        retry_outcome_unknown, http_client_requests, http_client_duration,
-        http_client_attempts, provider_concurrency: The collectors.
+
+    The collectors are attributes too: ``breaker_state``, ``breaker_transitions``,
+    ``breaker_calls``, ``limiter_granted``, ``limiter_rejected``, ``limiter_evicted``,
+    ``limiter_wait``, ``retry_attempts``, ``retry_retries``, ``retry_give_ups``,
+    ``retry_outcome_unknown``, ``http_client_requests``, ``http_client_duration``,
+    ``http_client_attempts`` and ``provider_concurrency``.
 
     Args:
         registry: Where to register; default ``prometheus_client.REGISTRY``.

@@ -249,10 +249,10 @@ class Policy:
                 ``PERMANENT``: not retried; the breaker counts nothing).
             RuntimeError: A re-entrant call from a task that holds one of this policy's
                 ``max_concurrency`` slots (failure kind ``NOT_SENT``; see docs/policy.md).
-            Whatever the last attempt raised, when retries are exhausted. An error raised
-            before anything was sent (a bad limiter key, a re-entrant call) propagates at once
-            and unchanged, never retried and never as an unknown outcome; only refusals
-            (:class:`~resilient_voice.RejectedError`) are retried.
+            Exception: Whatever the last attempt raised, when retries are exhausted. An
+                error raised before anything was sent (a bad limiter key, a re-entrant call)
+                propagates at once and unchanged, never retried and never as an unknown
+                outcome; only refusals (:class:`~resilient_voice.RejectedError`) are retried.
         """
         if self._keyed and key is None:
             raise ValueError(

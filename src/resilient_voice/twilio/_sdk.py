@@ -72,8 +72,11 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
             FakeTelephony in tests. The path and query are kept.
         transport: The httpx transport that really sends (default
             ``httpx.AsyncHTTPTransport()``).
-        calls_per_second, messages_per_second, breaker, retry, clock: As for
-            :func:`~resilient_voice.twilio.default_policies`.
+        calls_per_second: As for :func:`~resilient_voice.twilio.default_policies`.
+        messages_per_second: As for :func:`~resilient_voice.twilio.default_policies`.
+        breaker: As for :func:`~resilient_voice.twilio.default_policies`.
+        retry: As for :func:`~resilient_voice.twilio.default_policies`.
+        clock: As for :func:`~resilient_voice.twilio.default_policies`.
         timeout: Seconds for each attempt; a ``timeout`` passed by the SDK per request wins
             for httpx.
         account_label: Names the default breaker and limiters (``twilio:<label>``); the
