@@ -481,11 +481,10 @@ class CircuitBreaker:
         self._timed = bool(self._listeners) or config.slow_call_duration is not None
         machine = self._machine
         machine.on_transition = self._transitioned if self._listeners or not self._local else None
+        # A shared store keeps the fast path: it is taken only while CLOSED, where the store is
+        # never consulted, and every trip still reaches it through on_transition.
         machine.set_fast_eligible(
-            self._local
-            and not self._listeners
-            and not config.windowed
-            and config.failure_result is None
+            not self._listeners and not config.windowed and config.failure_result is None
         )
 
     def _admit(self, started: bool = True) -> BreakerPermit:
