@@ -286,3 +286,40 @@ async def test_open_periods_carry_jitter_with_a_shared_store() -> None:
             lengths.add(round(breaker.statistics().retry_after, 3))
         assert all(25.4 <= x <= 34.5 for x in lengths)  # 30 s +-15 %
         assert len(lengths) > 10
+
+
+async def test_followers_wait_for_the_replica_that_saw_the_outage_and_close_with_it(
+    fleet: tuple[str, AsyncExitStack],
+) -> None:
+    prefix, stack = fleet
+    a, b, c = await _replicas(prefix, stack, recovery_timeout=1.0)
+    for _ in range(10):
+        await a.hit(_boom)
+    await b.hit(_boom)
+    await c.hit(_boom)
+    assert a.breaker.state is BreakerState.OPEN
+    with anyio.fail_after(2.5):  # a tick to publish, a tick to read
+        while b.breaker.state is not BreakerState.OPEN or c.breaker.state is not BreakerState.OPEN:
+            await anyio.sleep(0.05)
+    await anyio.sleep(1.3)  # A's open period (1 s +15 %) ran out; B and C are held open
+    probes = 0
+
+    async def probe() -> None:
+        nonlocal probes
+        probes += 1
+        await anyio.sleep(0.2)
+
+    async with anyio.create_task_group() as tasks:
+        for r in (a, b, c):
+            for _ in range(3):
+                tasks.start_soon(r.hit, probe)
+    assert probes == 1  # half_open_max_calls, fleet-wide: only A probes
+    assert a.breaker.state is BreakerState.CLOSED
+    with anyio.fail_after(2.5):  # A publishes at once; B and C read it within a tick
+        while (
+            b.breaker.state is not BreakerState.CLOSED or c.breaker.state is not BreakerState.CLOSED
+        ):
+            await anyio.sleep(0.05)
+    for r in (b, c):
+        rules = [e.rule for e in r.events if isinstance(e, FleetStateChanged)]
+        assert rules == ["rate", "fleet"]
