@@ -201,7 +201,12 @@ class BreakerFleet:
         for replica, value in zip(items[::2], items[1::2], strict=True):
             o, f, c, e = value.split("|")
             summaries.append(ReplicaSummary(replica, o == "1", f == "1", int(c), int(e)))
-        breaker._fleet_apply(summaries, self._replica, FLEET_TICK_S)
+        try:
+            breaker._fleet_apply(summaries, self._replica, FLEET_TICK_S)
+        except RuntimeError:
+            # Another running loop holds the breaker's permits (a breaker shared across loops,
+            # against docs/breaker.md): skip this tick rather than end the task for everyone.
+            return
 
 
 class _FleetState:
