@@ -150,3 +150,33 @@ async def test_redis_killed_and_restarted_no_exception_escapes() -> None:
             assert breaker.state is BreakerState.CLOSED
     changes = [e.available for e in events if isinstance(e, StoreAvailabilityChanged)]
     assert changes == [False, True]  # one record per transition
+
+
+async def test_a_killed_replica_stops_counting_when_its_heartbeat_expires() -> None:
+    prefix = fresh_prefix()
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}"}
+    options = {"url": REDIS_URL, "prefix": prefix, "rate": 2, "fail": False}
+    options.update(start=time.time(), stop=time.time() + 60)
+    worker = subprocess.Popen(
+        [sys.executable, str(TESTS / "_breaker_fleet_worker.py"), json.dumps(options)],
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        async with RedisBackend.from_url(REDIS_URL, prefix=prefix, timeout=0.5) as backend:
+            breaker = CircuitBreaker("upstream", window_duration=5.0, store=backend)
+            with anyio.fail_after(10.0):  # the interpreter starts and publishes
+                while (fleet := breaker.statistics().fleet) is None or fleet.live < 2:
+                    await anyio.sleep(0.1)
+            worker.kill()  # SIGKILL: no goodbye, only the heartbeat's expiry
+            killed = time.monotonic()
+            # Heartbeats live 3 s, then one tick (1 s) to read it: 4.5 s is the bound.
+            with anyio.fail_after(4.5):
+                while (fleet := breaker.statistics().fleet) is None or fleet.live != 1:
+                    await anyio.sleep(0.1)
+            # It counted until its heartbeat expired: its last summary was at most a tick (1 s)
+            # old when it was killed, so at least 2 s (0.5 s of tolerance for the clocks).
+            assert time.monotonic() - killed > 1.5
+    finally:
+        worker.kill()
+        worker.wait(5)
