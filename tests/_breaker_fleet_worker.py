@@ -2,7 +2,8 @@
 ``CircuitBreaker(store=RedisBackend)`` and prints what happened as JSON.
 
 Options (JSON, argv[1]): ``url``, ``prefix``, ``rate`` (calls a second), ``fail`` (the upstream
-raises), ``start`` and ``stop`` (wall-clock ``time.time()`` bounds, the one clock every process
+raises), ``recover`` (wall-clock time from which it succeeds), ``recovery_timeout``, ``start`` and
+``stop`` (wall-clock ``time.time()`` bounds, the one clock every process
 on the host shares), ``backend`` (anyio backend).
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 
 from resilient_voice import CircuitBreaker, CircuitOpenError
-from resilient_voice.events import Event, FleetStateChanged, StateChanged
+from resilient_voice.events import BreakerState, Event, FleetStateChanged, StateChanged
 from resilient_voice.redis import RedisBackend
 
 
@@ -30,7 +31,7 @@ async def main(options: dict[str, Any]) -> dict[str, Any]:
             transitions.append((time.time(), "state", event.new.value))
 
     async def upstream() -> None:
-        if options["fail"]:
+        if options["fail"] and time.time() < options.get("recover", float("inf")):
             raise ConnectionError("upstream down")
 
     outcomes: list[tuple[float, str]] = []
@@ -40,7 +41,7 @@ async def main(options: dict[str, Any]) -> dict[str, Any]:
             window_duration=5.0,
             minimum_calls=10,
             failure_rate_threshold=0.5,
-            recovery_timeout=30.0,
+            recovery_timeout=options.get("recovery_timeout", 30.0),
             store=b,
             listeners=[listen],
         )
@@ -48,17 +49,18 @@ async def main(options: dict[str, Any]) -> dict[str, Any]:
         period = 1.0 / options["rate"]
         due = time.monotonic()
         while time.time() < options["stop"]:
+            probe = breaker.state is not BreakerState.CLOSED  # admitted now: a probe
             try:
                 await breaker.call(upstream)
-                outcome = "ok"
+                outcome = "probe" if probe else "ok"
             except CircuitOpenError:
                 outcome = "rejected"
             except ConnectionError:
-                outcome = "failed"
+                outcome = "failed probe" if probe else "failed"
             outcomes.append((time.time(), outcome))
             due += period
             await anyio.sleep(max(0.0, due - time.monotonic()))
-    return {"transitions": transitions, "outcomes": outcomes}
+    return {"transitions": transitions, "outcomes": outcomes, "state": breaker.state.value}
 
 
 if __name__ == "__main__":

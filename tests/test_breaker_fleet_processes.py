@@ -44,6 +44,8 @@ def _run_replicas(replicas: list[dict[str, Any]], seconds: float) -> list[dict[s
     for given in replicas:
         options = {**given, "url": REDIS_URL, "prefix": prefix}
         options.update(start=start, stop=start + seconds)
+        if "recover_in" in options:
+            options["recover"] = start + options.pop("recover_in")
         processes.append(
             subprocess.Popen(
                 [sys.executable, str(TESTS / "_breaker_fleet_worker.py"), json.dumps(options)],
@@ -90,6 +92,19 @@ def test_figures() -> None:
     """Print the measured delays of the outage test (run with ``-s``)."""
     for opened, rejected in FIGURES:
         sys.stdout.write(f"\nA's trip -> open {opened:.2f} s, -> first rejection {rejected:.2f} s")
+
+
+def test_the_fleet_recovers_on_exactly_its_probes() -> None:
+    recover = {"recover_in": 1.5, "recovery_timeout": 2.0, "fail": True}
+    results = _run_replicas(
+        [{"rate": 50, **recover}, {"rate": 2, **recover}, {"rate": 2, **recover}], 6.5
+    )
+    probes = [o for r in results for _, o in r["outcomes"] if o.endswith("probe")]
+    # The upstream is back before any open period (2 s +-15 %) runs out: one successful probe,
+    # by A (the replica that opened on its own window); B and C follow it closed.
+    assert probes == ["probe"]
+    assert [o for _, o in results[0]["outcomes"]].count("probe") == 1
+    assert [r["state"] for r in results] == ["closed"] * 3
 
 
 def test_one_bad_path_opens_nobody_else() -> None:
