@@ -19,6 +19,7 @@ from resilient_voice.events import (
     CallSucceeded,
     ConcurrencyBlocked,
     Event,
+    FleetStateChanged,
     RequestFinished,
     RetryAttemptStarted,
     RetryGaveUp,
@@ -80,6 +81,19 @@ def test_breaker_state_transitions_and_outcomes() -> None:
     assert value(registry, calls, breaker="twilio", outcome="failure") == 2
     assert value(registry, calls, breaker="twilio", outcome="ignored") == 1
     assert value(registry, calls, breaker="twilio", outcome="rejected") == 2
+
+
+def test_fleet_transitions_are_counted_by_rule() -> None:
+    registry = CollectorRegistry()
+    listeners = (PrometheusMetrics(registry),)
+    opened = FleetStateChanged("twilio", BreakerState.CLOSED, BreakerState.OPEN, "rate")
+    dispatch(listeners, opened)
+    dispatch(
+        listeners, FleetStateChanged("twilio", BreakerState.OPEN, BreakerState.CLOSED, "fleet")
+    )
+    name = "resilient_voice_breaker_fleet_transitions_total"
+    assert value(registry, name, breaker="twilio", rule="rate", to_state="open") == 1
+    assert value(registry, name, breaker="twilio", rule="fleet", to_state="closed") == 1
 
 
 def test_rejection_first_does_not_guess_a_state() -> None:

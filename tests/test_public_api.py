@@ -75,6 +75,7 @@ SURFACE: dict[str, list[str]] = {
         "CallSucceeded",
         "ConcurrencyBlocked",
         "Event",
+        "FleetStateChanged",
         "Listener",
         "RequestFinished",
         "RetryAttemptStarted",
@@ -130,13 +131,18 @@ SURFACE: dict[str, list[str]] = {
 }
 
 # Entries across every ``__all__`` (the root re-exports 19 of them), and distinct names.
-TOTAL = 102
-DISTINCT = 83
+TOTAL = 103
+DISTINCT = 84
 
 # Records handed back to be read: importable from their module (for annotations), shown with it
 # as their ``__module__``, never in ``__all__``; docs/api.md lists them under "Return types".
 RETURN_TYPES: dict[str, list[str]] = {
-    "resilient_voice.breaker": ["BreakerConfig", "BreakerPermit", "CircuitBreakerStatistics"],
+    "resilient_voice.breaker": [
+        "BreakerConfig",
+        "BreakerPermit",
+        "CircuitBreakerStatistics",
+        "FleetStatistics",
+    ],
     "resilient_voice.limiter": ["KeyedLimiterStatistics", "TokenBucketStatistics"],
     "resilient_voice.retry": ["AttemptInfo", "RetryBudgetStatistics"],
     "resilient_voice.testing": [

@@ -91,8 +91,26 @@ def test_vapi_client_shares_its_pacing_under_a_digest_of_the_key() -> None:
     assert "secret-key-1" not in calls.name
     other = VapiClient("secret-key-2", calls_per_second=2, store=store)
     assert other.policies["create_call"].limiter.name != calls.name  # type: ignore[union-attr]
-    with pytest.raises(ValueError, match="calls_per_second"):
-        VapiClient("secret-key-1", store=store)
+    # A RedisBackend also shares the default breaker, so store= alone is not refused.
+    alone = VapiClient("secret-key-1", store=store)
+    breaker = alone.policies["create_call"].breaker
+    assert breaker is not None
+    assert breaker.name == calls.name.removesuffix(":calls")
+    assert (breaker.config.window_duration, breaker.config.minimum_calls) == (30.0, 10)
+    assert breaker._store is store
+
+
+def test_twilio_client_shares_its_default_breaker() -> None:
+    store = RedisBackend.from_url(REDIS_URL, prefix=fresh_prefix())
+    client = TwilioClient(ACCOUNT, "token", store=store)
+    breaker = client.policies["create_call"].breaker
+    assert breaker is not None
+    assert breaker.name == f"twilio:{ACCOUNT}"
+    assert breaker._store is store
+    assert (breaker.config.window_duration, breaker.config.minimum_calls) == (30.0, 10)
+    plain = TwilioClient(ACCOUNT, "token").policies["create_call"].breaker
+    assert plain is not None
+    assert plain.config.window_duration is None
 
 
 def _spawn(options: dict[str, Any]) -> subprocess.Popen[str]:

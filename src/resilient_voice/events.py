@@ -32,6 +32,7 @@ __all__ = [
     "CallSucceeded",
     "ConcurrencyBlocked",
     "Event",
+    "FleetStateChanged",
     "Listener",
     "RequestFinished",
     "RetryAttemptStarted",
@@ -210,6 +211,20 @@ class StateChanged(Event):
 
     old: BreakerState
     new: BreakerState
+
+
+@dataclass(frozen=True, slots=True)
+class FleetStateChanged(Event):
+    """A fleet rule of a shared breaker moved this replica from ``old`` to ``new``.
+
+    Sent next to the usual :class:`StateChanged`, so that a dashboard tells a replica that saw
+    the failures itself from one that followed the fleet. ``rule`` is ``"quorum"`` or
+    ``"rate"`` when the fleet opened it, ``"fleet"`` when the fleet closed it again.
+    """
+
+    old: BreakerState
+    new: BreakerState
+    rule: str
 
 
 # Limiter records (TokenBucket, KeyedLimiter). ``key`` is None for a plain bucket; it is kept so

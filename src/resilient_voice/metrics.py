@@ -43,6 +43,7 @@ from resilient_voice.events import (
     CallSucceeded,
     ConcurrencyBlocked,
     Event,
+    FleetStateChanged,
     RequestFinished,
     RetryAttemptStarted,
     RetryGaveUp,
@@ -121,6 +122,9 @@ class PrometheusMetrics:
     - ``breaker_transitions_total{breaker,from_state,to_state}``,
       ``breaker_calls_total{breaker,outcome}`` (``success``, ``failure``, ``ignored``,
       ``rejected``).
+    - ``breaker_fleet_transitions_total{breaker,rule,to_state}``: a shared breaker's fleet rule
+      (``quorum``, ``rate``) opened this replica, or the fleet closed it (``fleet``); counted
+      in addition to ``breaker_transitions_total``.
     - ``limiter_granted_total{limiter}``, ``limiter_rejected_total{limiter}``,
       ``limiter_evicted_total{limiter,lossy}`` (``lossy="true"``: the dropped keyed bucket was
       not full), ``limiter_wait_seconds{limiter}`` histogram.
@@ -138,8 +142,9 @@ class PrometheusMetrics:
         registry: The registry recorded into.
 
     The collectors are attributes too: ``breaker_state``, ``breaker_transitions``,
-    ``breaker_calls``, ``limiter_granted``, ``limiter_rejected``, ``limiter_evicted``,
-    ``limiter_wait``, ``retry_attempts``, ``retry_retries``, ``retry_give_ups``,
+    ``breaker_calls``, ``breaker_fleet_transitions``, ``limiter_granted``,
+    ``limiter_rejected``, ``limiter_evicted``, ``limiter_wait``, ``retry_attempts``,
+    ``retry_retries``, ``retry_give_ups``,
     ``retry_outcome_unknown``, ``http_client_requests``, ``http_client_duration``,
     ``http_client_attempts`` and ``provider_concurrency``.
 
@@ -182,6 +187,13 @@ class PrometheusMetrics:
             PREFIX + "breaker_calls",
             "Calls through a circuit breaker by outcome (success, failure, ignored, rejected).",
             ("breaker", "outcome"),
+            reg,
+        )
+        self.breaker_fleet_transitions = get_or_create(
+            Counter,
+            PREFIX + "breaker_fleet_transitions",
+            "Shared circuit breaker transitions made by a fleet rule (quorum, rate, fleet).",
+            ("breaker", "rule", "to_state"),
             reg,
         )
         self.limiter_granted = get_or_create(
@@ -336,6 +348,8 @@ class PrometheusMetrics:
             case StateChanged(source=breaker, old=old, new=new):
                 self._show_state(breaker, new)
                 self._transitions[breaker, old, new].inc()
+            case FleetStateChanged(source=breaker, new=new, rule=rule):
+                self.breaker_fleet_transitions.labels(breaker, rule, new.value).inc()
             case TokensGranted(source=limiter, waited=waited):
                 children = self._limiters[limiter]
                 children.granted.inc()

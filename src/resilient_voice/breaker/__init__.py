@@ -10,6 +10,7 @@ package is laid out like Polly's breaker, one concern per module:
 - ``_permit``: :class:`BreakerPermit`, admission for one call and the one way to report it;
 - ``_owner``: which thread and event loop may use the breaker right now;
 - ``_store``: the :class:`BreakerStore` seam through which replicas share what they see;
+  ``_fleet``: the two fleet rules (quorum, combined rate), pure functions of what they shared;
 - ``_facade``: :class:`CircuitBreaker` itself (decorator, ``async with``, ``call()``,
   ``acquire()``), which admits, times, runs and reports, and decides nothing.
 """
@@ -24,6 +25,7 @@ from resilient_voice.breaker._facade import (
 from resilient_voice.breaker._facade import (
     CircuitBreakerStatistics as CircuitBreakerStatistics,
 )
+from resilient_voice.breaker._fleet import FleetStatistics as FleetStatistics
 from resilient_voice.breaker._permit import BreakerPermit as BreakerPermit
 from resilient_voice.breaker._store import BreakerStore, InMemoryBreakerStore
 
@@ -31,6 +33,11 @@ __all__ = ["BreakerStore", "CircuitBreaker", "InMemoryBreakerStore"]
 
 # Records the breaker hands back to be read (``breaker.config``, ``acquire()``, ``statistics()``):
 # importable from here for annotations, not part of ``__all__``.
-_RETURN_TYPES = ["BreakerConfig", "BreakerPermit", "CircuitBreakerStatistics"]
+_RETURN_TYPES = [
+    "BreakerConfig",
+    "BreakerPermit",
+    "CircuitBreakerStatistics",
+    "FleetStatistics",
+]
 
 publish(globals(), [*__all__, *_RETURN_TYPES])

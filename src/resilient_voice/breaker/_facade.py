@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,6 +33,12 @@ from resilient_voice.breaker._config import (
     ExceptionMatcher,
     classifier,
 )
+from resilient_voice.breaker._fleet import (
+    FleetStatistics,
+    ReplicaSummary,
+    fleet_verdict,
+    held_open,
+)
 from resilient_voice.breaker._machine import StateMachine
 from resilient_voice.breaker._owner import Ownership
 from resilient_voice.breaker._permit import BreakerPermit
@@ -43,6 +50,7 @@ from resilient_voice.events import (
     CallIgnored,
     CallRejected,
     CallSucceeded,
+    FleetStateChanged,
     Listener,
     StateChanged,
     check_listener,
@@ -96,6 +104,7 @@ class CircuitBreakerStatistics:
             ``acquire(started=False)`` and not yet started.
         retry_after: Seconds until the breaker admits a probe (0.0 when not OPEN).
         trips: How many times the breaker opened since it was built.
+        fleet: The fleet as this replica last saw it (shared store only, else ``None``).
     """
 
     name: str
@@ -109,6 +118,7 @@ class CircuitBreakerStatistics:
     half_open_calls: int
     retry_after: float
     trips: int
+    fleet: FleetStatistics | None = None
 
 
 class CircuitBreaker:
@@ -165,6 +175,12 @@ class CircuitBreaker:
         clock: Time source (default: the system's monotonic clock).
         listeners: Callables taking each :class:`~resilient_voice.events.Event` record.
         store: Where state is shared (default: :class:`InMemoryBreakerStore`, not shared).
+            With a shared store (:class:`~resilient_voice.redis.RedisBackend`) each replica
+            still decides on its own window, and also opens on the fleet rules (see
+            docs/scale-out.md); its open periods carry +-15 % jitter.
+        fleet_quorum: With a shared store: open when *more than* this fraction of the live
+            replicas is open on its own window (``None``: no quorum rule). The default, 0.5,
+            is a strict majority: one open replica out of two or three opens nobody else.
 
     The window options default to ``None`` so that an option given without the window it needs
     is told apart from an omitted one and refused, rather than silently ignored.
@@ -179,6 +195,10 @@ class CircuitBreaker:
         "_clock",
         "_config",
         "_failure_result",
+        "_fleet",
+        "_fleet_opened",
+        "_fleet_quorum",
+        "_fleet_rule",
         "_guarded_call",
         "_listeners",
         "_local",
@@ -213,6 +233,7 @@ class CircuitBreaker:
         clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
         store: BreakerStore | None = None,
+        fleet_quorum: float | None = 0.5,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError("name must be a non-empty str")
@@ -235,6 +256,14 @@ class CircuitBreaker:
             failure_result=failure_result,
         )
         listeners = check_listeners(listeners)
+        if fleet_quorum is not None:
+            number("fleet_quorum", fleet_quorum)
+            if not 0.0 <= fleet_quorum < 1.0:
+                raise ValueError(f"fleet_quorum must be in [0, 1) or None, got {fleet_quorum!r}")
+        self._fleet_quorum = fleet_quorum
+        self._fleet: FleetStatistics | None = None
+        self._fleet_opened = False
+        self._fleet_rule: str | None = None
         self._name = name
         self._config = config
         self._clock: Clock = SYSTEM_CLOCK if clock is None else clock
@@ -250,6 +279,7 @@ class CircuitBreaker:
         self._guarded_call = self._guard(_call_first)
         self._refresh()
         if not self._local:
+            self._machine.jitter = _jitter
             self._store.attach(self)
 
     @property
@@ -440,6 +470,7 @@ class CircuitBreaker:
             half_open_calls=len(machine.probes) + machine.probes_waiting,
             retry_after=machine.retry_after(now),
             trips=machine.trips,
+            fleet=self._fleet,
         )
 
     def __repr__(self) -> str:
@@ -450,11 +481,10 @@ class CircuitBreaker:
         self._timed = bool(self._listeners) or config.slow_call_duration is not None
         machine = self._machine
         machine.on_transition = self._transitioned if self._listeners or not self._local else None
+        # A shared store keeps the fast path: it is taken only while CLOSED, where the store is
+        # never consulted, and every trip still reaches it through on_transition.
         machine.set_fast_eligible(
-            self._local
-            and not self._listeners
-            and not config.windowed
-            and config.failure_result is None
+            not self._listeners and not config.windowed and config.failure_result is None
         )
 
     def _admit(self, started: bool = True) -> BreakerPermit:
@@ -548,7 +578,100 @@ class CircuitBreaker:
         self._machine.released(permit.epoch, permit.probe, permit._probe_start)
 
     def _transitioned(self, old: BreakerState, new: BreakerState) -> None:
+        rule = self._fleet_rule
         if not self._local:
+            # Any transition but the fleet's own makes this replica its own again: a follower
+            # that probes (its store was gone) and fails has now seen the failure itself.
+            self._fleet_opened = rule is not None and new is _OPEN
             self._store.state_changed(self._name, self._machine.epoch, old, new)
         if self._listeners and new is not old:
             dispatch(self._listeners, StateChanged(self._name, old, new))
+            if rule is not None:
+                dispatch(self._listeners, FleetStateChanged(self._name, old, new, rule))
+
+    # The fleet view: called by a shared store's background task, on this breaker's loop.
+
+    def _fleet_summary(self) -> tuple[bool, bool, int, int]:
+        """What this replica publishes: open (or half-open), fleet-opened, calls, failures."""
+        machine = self._machine
+        counts = machine.window_counts(self._clock.now())
+        calls, failures = (counts[0], counts[1]) if counts is not None else (0, 0)
+        return machine.state is not _CLOSED, self._fleet_opened, calls, failures
+
+    def _fleet_unavailable(self) -> None:
+        """The store did not answer: keep the local breaker, mark the view stale."""
+        fleet = self._fleet
+        if fleet is not None and fleet.available:
+            self._fleet = FleetStatistics(
+                live=fleet.live,
+                open=fleet.open,
+                calls=fleet.calls,
+                failure_rate=fleet.failure_rate,
+                fleet_opened=self._fleet_opened,
+                available=False,
+            )
+
+    def _fleet_apply(self, summaries: list[ReplicaSummary], me: str, tick: float) -> None:
+        """Apply the fleet rules to what the live replicas published (this one included).
+
+        Opens a closed replica when a rule holds; keeps a replica the fleet opened open while a
+        rule holds or another replica open on its own window is still open (that one probes,
+        so a fleet recovers with exactly ``half_open_max_calls`` probes), and closes it when
+        neither is left. A replica that opened on its own window recovers by its own probes.
+        ``tick`` is how often this is called: a held replica's open period is pushed that far
+        ahead, so that it probes on its own once the store stops answering.
+        """
+        machine = self._machine
+        config = self._config
+        now = self._clock.now()
+        counts = machine.window_counts(now)
+        own_failures = counts[1] if counts is not None else machine.consecutive_failures
+        calls = sum(s.calls for s in summaries)
+        failures = sum(s.failures for s in summaries)
+        self._fleet = FleetStatistics(
+            live=len(summaries),
+            open=sum(1 for s in summaries if s.open),
+            calls=calls,
+            failure_rate=failures / calls if calls else 0.0,
+            fleet_opened=self._fleet_opened,
+            available=True,
+        )
+        quorum = self._fleet_quorum
+        threshold = config.failure_rate_threshold or 0.5
+        minimum = config.minimum_calls or config.failure_threshold
+        verdict = fleet_verdict(
+            summaries, own_failures, quorum=quorum, threshold=threshold, minimum_calls=minimum
+        )
+        state = machine.state
+        if state is _CLOSED and verdict:
+            voters = sum(1 for s in summaries if s.open and not s.fleet_opened)
+            rule = "quorum" if quorum is not None and voters > quorum * len(summaries) else "rate"
+            self._fleet_transition(rule, lambda: machine.trip(now))
+        elif state is _OPEN and self._fleet_opened:
+            if verdict or held_open(summaries, me):
+                machine.open_until = max(machine.open_until, now + 2 * tick)
+            else:
+                self._fleet_transition("fleet", machine.close)
+        if self._fleet is not None and self._fleet.fleet_opened != self._fleet_opened:
+            self._fleet = FleetStatistics(
+                live=self._fleet.live,
+                open=self._fleet.open,
+                calls=self._fleet.calls,
+                failure_rate=self._fleet.failure_rate,
+                fleet_opened=self._fleet_opened,
+                available=True,
+            )
+
+    def _fleet_transition(self, rule: str, change: Callable[[], None]) -> None:
+        owner = self._ownership.claim()
+        self._fleet_rule = rule
+        try:
+            change()
+        finally:
+            self._fleet_rule = None
+            owner.permits -= 1
+
+
+def _jitter(duration: float) -> float:
+    """An open duration spread by +-15 %, so that replicas opened together probe apart."""
+    return duration * random.uniform(0.85, 1.15)

@@ -88,6 +88,7 @@ class StateMachine:
         "epoch",
         "fast",
         "fast_eligible",
+        "jitter",
         "on_transition",
         "open_duration",
         "open_until",
@@ -117,6 +118,9 @@ class StateMachine:
         self.fast = False
         self.fast_eligible = False
         self.on_transition: Callable[[BreakerState, BreakerState], None] | None = None
+        # Scales each configured open duration (a shared store spreads replicas by +-15 %, so
+        # that they do not all probe a recovering upstream at once); None: no jitter.
+        self.jitter: Callable[[float], float] | None = None
         self.consecutive_failures = 0
         self.consecutive_trips = 0
         self.trips = 0
@@ -260,7 +264,11 @@ class StateMachine:
             else:
                 cap = config.max_recovery_timeout or config.recovery_timeout
                 duration = min(self.open_duration * config.backoff_multiplier, cap)
-        self.open_duration = duration
+            self.open_duration = duration
+            if self.jitter is not None:
+                duration = self.jitter(duration)
+        else:
+            self.open_duration = duration
         self.open_until = now + duration
         self.forget_probes()
         self.probe_successes = 0

@@ -32,6 +32,7 @@ from typing import Any, Self
 import anyio
 
 from resilient_voice.limiter._store import Reservation, StoreUnavailableError
+from resilient_voice.redis._breaker import BreakerFleet, _FleetState
 from resilient_voice.redis._scripts import BEAT_S, LIMITER
 
 __all__ = ["RedisBackend"]
@@ -49,7 +50,7 @@ def _coredis() -> Any:
     return coredis
 
 
-class RedisBackend:
+class RedisBackend(BreakerFleet):
     """The shared store of a fleet: limiter schedules in Redis, decided on Redis' clock.
 
     Build one per process and event loop, after the worker has forked (a connection pool does
@@ -73,6 +74,10 @@ class RedisBackend:
     Raises:
         ValueError: ``prefix`` empty or holding ``{``/``}``, ``timeout`` not > 0.
         ImportError: coredis is not installed.
+
+    It is also a :class:`~resilient_voice.breaker.BreakerStore`: ``CircuitBreaker(name,
+    store=backend)`` joins the fleet view of that breaker (see :mod:`._breaker`); its
+    background task runs while the backend is entered (``async with backend``).
     """
 
     __slots__ = (
@@ -81,6 +86,8 @@ class RedisBackend:
         "_configs",
         "_conflicts",
         "_errors",
+        "_fleet_state",
+        "_fleet_tasks",
         "_live",
         "_noscript",
         "_owns",
@@ -130,6 +137,8 @@ class RedisBackend:
         self._beats: dict[str, float] = {}
         self._replica = uuid.uuid4().hex
         self._owns = False
+        self._fleet_state = _FleetState()
+        self._fleet_tasks: Any = None
 
     @classmethod
     def from_url(
@@ -158,6 +167,11 @@ class RedisBackend:
     async def __aenter__(self) -> Self:
         if self._owns:
             await self._client.__aenter__()
+        # The breakers' fleet view: one bounded background task per backend.
+        tasks = anyio.create_task_group()
+        await tasks.__aenter__()
+        tasks.start_soon(self._fleet_loop)
+        self._fleet_tasks = tasks
         return self
 
     async def __aexit__(
@@ -166,6 +180,10 @@ class RedisBackend:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        tasks, self._fleet_tasks = self._fleet_tasks, None
+        if tasks is not None:
+            tasks.cancel_scope.cancel()
+            await tasks.__aexit__(None, None, None)
         if self._owns:
             await self._client.__aexit__(exc_type, exc, tb)
 

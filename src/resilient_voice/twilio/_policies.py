@@ -12,7 +12,7 @@ from typing import Any
 
 from resilient_voice import _provider as provider
 from resilient_voice._clock import Clock
-from resilient_voice.breaker import CircuitBreaker
+from resilient_voice.breaker import BreakerStore, CircuitBreaker
 from resilient_voice.http import Route
 from resilient_voice.limiter import BucketStore, KeyedLimiter, TokenBucket
 from resilient_voice.policy import Policy
@@ -57,18 +57,22 @@ def default_policies(
             ``MessagingServiceSid``).
         timeout: Seconds allowed for each attempt.
         breaker: The breaker shared by every operation; ``CircuitBreaker("twilio:<account>")``
-            (3 consecutive failures, 30 s open) when omitted.
+            (3 consecutive failures, 30 s open) when omitted. With a ``store=`` that is also a
+            :class:`~resilient_voice.breaker.BreakerStore` (a ``RedisBackend``) the default
+            breaker joins the fleet view there, and judges a 30 s window (``minimum_calls=10``,
+            failure rate 0.5) so that the fleet's combined rate has windows to add up.
         retry: The retry policy shared by every operation; 3 attempts when omitted.
         clock: The clock of everything built here.
         store: A shared :class:`~resilient_voice.limiter.BucketStore` (a ``RedisBackend``) for
             the limiters, so that every replica paces the account together; their names
             (``twilio:<account>:calls``, ``twilio:<account>:messages``) are their keys there.
+            A ``RedisBackend`` also shares the default breaker (see ``breaker``).
 
     Returns:
         A dict with the keys of :data:`OPERATIONS`.
     """
     name = f"twilio:{account}"
-    shared_breaker = breaker if breaker is not None else CircuitBreaker(name, clock=clock)
+    shared_breaker = breaker if breaker is not None else _default_breaker(name, clock, store)
     shared_retry = (
         retry if retry is not None else RetryPolicy(max_attempts=3, clock=clock, name=name)
     )
@@ -168,3 +172,16 @@ def twilio_routes(policies: Mapping[str, Policy]) -> list[Route]:
             unprocessed_statuses=_UNPROCESSED,
         ),
     ]
+
+
+def _default_breaker(name: str, clock: Clock | None, store: object) -> CircuitBreaker:
+    """The default breaker: consecutive failures alone, or a fleet member on a shared store.
+
+    On a store it judges a 30 s window: the fleet's combined-rate rule adds up the replicas'
+    window summaries, and a consecutive breaker keeps no window to summarise.
+    """
+    if isinstance(store, BreakerStore):
+        return CircuitBreaker(
+            name, clock=clock, window_duration=30.0, minimum_calls=10, store=store
+        )
+    return CircuitBreaker(name, clock=clock)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, cast
 
 from resilient_voice import _provider as provider
 from resilient_voice._clock import Clock
-from resilient_voice.breaker import CircuitBreaker
+from resilient_voice.breaker import BreakerStore, CircuitBreaker
 from resilient_voice.http import Route
 from resilient_voice.limiter import BucketStore, TokenBucket
 from resilient_voice.policy import Policy
@@ -54,18 +54,36 @@ def default_policies(
         calls_per_second: Pace ``create_call`` with a ``TokenBucket`` named
             ``<name>:calls`` (burst 1); ``None`` (default) paces nothing.
         store: A shared :class:`~resilient_voice.limiter.BucketStore` for that bucket, so
-            that every replica paces the org together.
+            that every replica paces the org together. A ``RedisBackend`` (also a
+            :class:`~resilient_voice.breaker.BreakerStore`) shares the default breaker too:
+            it is then named ``name``, judges a 30 s window (``minimum_calls=10``) and joins
+            the fleet view.
         name: The prefix of the bucket's name (``VapiClient`` passes ``vapi:<key digest>``).
 
     Returns:
         A new dict ``{"create_call": ..., "read": ..., "update_assistant": ...}``.
     """
+    shares_breaker = isinstance(store, BreakerStore)
     if breaker is None:
-        breaker = CircuitBreaker("vapi", failure_threshold=5, recovery_timeout=30.0, clock=clock)
+        if shares_breaker:
+            # A fleet member, named per org (the fleet view is keyed by the breaker's name),
+            # on a 30 s window so that the fleet's combined rate has windows to add up.
+            breaker = CircuitBreaker(
+                name,
+                window_duration=30.0,
+                minimum_calls=10,
+                recovery_timeout=30.0,
+                clock=clock,
+                store=cast("BreakerStore", store),
+            )
+        else:
+            breaker = CircuitBreaker(
+                "vapi", failure_threshold=5, recovery_timeout=30.0, clock=clock
+            )
     calls = None
     if calls_per_second is not None:
         calls = TokenBucket(calls_per_second, 1, clock=clock, name=f"{name}:calls", store=store)
-    elif store is not None:
+    elif store is not None and not shares_breaker:
         raise ValueError("store= shares the create_call pacing: give calls_per_second= too")
     return {
         "create_call": Policy(

@@ -1,0 +1,230 @@
+"""The breaker side of :class:`~resilient_voice.redis.RedisBackend`: the fleet view.
+
+A breaker built with ``store=backend`` never waits on Redis on its closed path. The backend
+keeps the breakers (weakly) and runs one background task (started by ``async with backend``)
+that, about once a second and at once after any transition, makes one script call per breaker:
+it writes this replica's summary (state, whether the fleet opened it, window calls and
+failures) with a heartbeat, drops replicas whose heartbeat expired, and reads back the others'
+summaries, which the breaker judges locally (:mod:`resilient_voice.breaker._fleet`).
+
+Keys of breaker ``name``, all under the hash tag ``{<prefix>:breaker:<name>}``::
+
+    ...:r       ZSET replica -> heartbeat (server time); members older than HEARTBEAT_S dropped
+    ...:s       HASH replica -> "open|fleet_opened|calls|failures"
+    ...:p:<i>   probe permit i of half_open_max_calls (SET NX PX, value "<replica>:<epoch>")
+
+When Redis is slow or gone, every call is bounded by the backend's ``timeout``; the breaker keeps
+deciding on its own window, one log line is written per transition of availability, and the
+fleet view resumes with the next answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from resilient_voice.breaker._fleet import ReplicaSummary
+from resilient_voice.events import BreakerState, StoreAvailabilityChanged, dispatch
+
+if TYPE_CHECKING:
+    from resilient_voice.breaker._facade import CircuitBreaker
+
+__all__ = ["FLEET_TICK_S", "BreakerFleet"]
+
+_log = logging.getLogger("resilient_voice.redis")
+
+FLEET_TICK_S = 1.0
+"""Seconds between two summaries of one replica (a transition is published at once)."""
+
+FLEET_HEARTBEAT_S = 3.0
+"""Seconds a replica counts as live after its last summary."""
+
+FLEET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+for _, r in ipairs(dead) do redis.call('HDEL', KEYS[2], r) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000))
+redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 1000))
+return redis.call('HGETALL', KEYS[2])
+"""
+
+PERMIT = """
+for i = 1, #KEYS do
+  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+end
+return 0
+"""
+
+RELEASE = """
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
+return 0
+"""
+
+
+class BreakerFleet:
+    """The :class:`~resilient_voice.breaker.BreakerStore` half of the Redis backend."""
+
+    __slots__ = ()
+
+    # Provided by RedisBackend.
+    _client: Any
+    _prefix: str
+    _timeout: float
+    _replica: str
+    _errors: tuple[type[Exception], ...]
+    _noscript: type[Exception]
+    _redispy: bool
+    _fleet_state: _FleetState
+
+    def attach(self, breaker: CircuitBreaker) -> None:
+        """Serve ``breaker`` from this backend's background task (it is kept weakly)."""
+        self._fleet_state.breakers[breaker.name] = breaker
+        self._fleet_state.poke()
+
+    def state_changed(self, name: str, epoch: int, old: BreakerState, new: BreakerState) -> None:
+        """Publish at once: wake the background task (never blocks or raises)."""
+        del epoch
+        fleet = self._fleet_state
+        if old is BreakerState.HALF_OPEN and new is not BreakerState.HALF_OPEN:
+            fleet.release.add(name)
+        fleet.poke()
+
+    async def probe_permit(self, name: str, epoch: int) -> bool | None:
+        """One of the fleet's ``half_open_max_calls`` probe permits, in one bounded call."""
+        breaker = self._fleet_state.breakers.get(name)
+        if breaker is None:
+            return None
+        config = breaker.config
+        hold = config.max_wait_in_half_open or config.recovery_timeout
+        keys = [f"{self._tag(name)}:p:{i}" for i in range(config.half_open_max_calls)]
+        try:
+            reply = await self._script(
+                PERMIT, keys, [f"{self._replica}:{epoch}", str(int(hold * 1000))]
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure means "probe on the local permit"
+            self._fleet_down(exc)
+            return None
+        return bool(int(reply))
+
+    def _tag(self, name: str) -> str:
+        return f"{{{self._prefix}:breaker:{name}}}"
+
+    async def _script(self, script: str, keys: list[str], argv: list[str]) -> Any:
+        """One bounded EVAL of ``script`` (EVALSHA, loading it after a restart)."""
+        fleet = self._fleet_state
+        with anyio.fail_after(self._timeout):
+            sha = fleet.shas.get(script)
+            if sha is None:
+                sha = fleet.shas[script] = await self._load_script(script)
+            try:
+                return await self._call_sha(sha, keys, argv)
+            except self._noscript:
+                sha = fleet.shas[script] = await self._load_script(script)
+                return await self._call_sha(sha, keys, argv)
+
+    async def _load_script(self, script: str) -> str:
+        sha = await self._client.script_load(script)
+        return sha if isinstance(sha, str) else str(sha, "ascii")
+
+    async def _call_sha(self, sha: str, keys: list[str], argv: list[str]) -> Any:
+        if self._redispy:
+            return await self._client.evalsha(sha, len(keys), *keys, *argv)
+        return await self._client.evalsha(sha, keys=keys, args=argv)
+
+    def _fleet_down(self, exc: BaseException) -> None:
+        fleet = self._fleet_state
+        for breaker in list(fleet.breakers.values()):
+            breaker._fleet_unavailable()
+        if fleet.available:
+            fleet.available = False
+            _log.warning(
+                "breaker fleet view unavailable (%s: %s); each breaker decides locally",
+                type(exc).__name__,
+                exc,
+            )
+            self._fleet_event(False)
+
+    def _fleet_up(self) -> None:
+        fleet = self._fleet_state
+        if not fleet.available:
+            fleet.available = True
+            _log.warning("breaker fleet view available again")
+            self._fleet_event(True)
+
+    def _fleet_event(self, available: bool) -> None:
+        for breaker in list(self._fleet_state.breakers.values()):
+            if breaker._listeners:
+                dispatch(
+                    breaker._listeners, StoreAvailabilityChanged(breaker.name, available, "local")
+                )
+
+    async def _fleet_loop(self) -> None:
+        """The background task: publish and read every attached breaker's summary."""
+        fleet = self._fleet_state
+        while True:
+            fleet.wake = anyio.Event()
+            for name, breaker in list(fleet.breakers.items()):
+                await self._fleet_tick(name, breaker)
+            with anyio.move_on_after(FLEET_TICK_S):
+                await fleet.wake.wait()
+
+    async def _fleet_tick(self, name: str, breaker: CircuitBreaker) -> None:
+        fleet = self._fleet_state
+        tag = self._tag(name)
+        try:
+            if name in fleet.release:
+                fleet.release.discard(name)
+                keys = [f"{tag}:p:{i}" for i in range(breaker.config.half_open_max_calls)]
+                await self._script(RELEASE, keys, [f"{self._replica}:"])
+            opened, fleet_opened, calls, failures = breaker._fleet_summary()
+            summary = f"{int(opened)}|{int(fleet_opened)}|{calls}|{failures}"
+            reply = await self._script(
+                FLEET, [f"{tag}:r", f"{tag}:s"], [self._replica, summary, repr(FLEET_HEARTBEAT_S)]
+            )
+        except Exception as exc:  # noqa: BLE001 - Redis slow or gone: the breaker stays local
+            self._fleet_down(exc)
+            return
+        self._fleet_up()
+        summaries = []
+        items = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
+        for replica, value in zip(items[::2], items[1::2], strict=True):
+            o, f, c, e = value.split("|")
+            summaries.append(ReplicaSummary(replica, o == "1", f == "1", int(c), int(e)))
+        try:
+            breaker._fleet_apply(summaries, self._replica, FLEET_TICK_S)
+        except RuntimeError:
+            # Another running loop holds the breaker's permits (a breaker shared across loops,
+            # against docs/breaker.md): skip this tick rather than end the task for everyone.
+            return
+
+
+class _FleetState:
+    """The fleet half's mutable state (one per backend)."""
+
+    __slots__ = ("available", "breakers", "release", "shas", "wake")
+
+    def __init__(self) -> None:
+        self.breakers: weakref.WeakValueDictionary[str, CircuitBreaker] = (
+            weakref.WeakValueDictionary()
+        )
+        # Built by the background task (an anyio.Event needs a running loop); None before.
+        self.wake: anyio.Event | None = None
+        self.release: set[str] = set()
+        self.shas: dict[str, str] = {}
+        self.available = True
+
+    def poke(self) -> None:
+        """Wake the background task now (a transition to publish)."""
+        if self.wake is not None:
+            self.wake.set()
