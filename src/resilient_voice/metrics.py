@@ -49,6 +49,7 @@ from resilient_voice.events import (
     RetryOutcomeUnknown,
     RetryScheduled,
     StateChanged,
+    StoreAvailabilityChanged,
     TokensGranted,
     TokensRejected,
 )
@@ -124,6 +125,12 @@ class PrometheusMetrics:
     - ``limiter_granted_total{limiter}``, ``limiter_rejected_total{limiter}``,
       ``limiter_evicted_total{limiter,lossy}`` (``lossy="true"``: the dropped keyed bucket was
       not full), ``limiter_wait_seconds{limiter}`` histogram.
+    - ``limiter_store_available{limiter}`` gauge: 1 while the limiter's shared store (Redis)
+      answers, 0 while it runs on its ``on_backend_error`` fallback; a limiter appears after its
+      first transition (no series: it never lost its store). In multiprocess mode the gauge
+      uses ``livemin``: 0 if any live process is on its fallback.
+      ``limiter_store_unavailable_total{limiter,fallback}``: transitions to the fallback
+      (``fallback``: ``local``, ``allow`` or ``deny``), one per outage and process.
     - ``retry_attempts_total{policy}``, ``retry_retries_total{policy,reason}``,
       ``retry_give_ups_total{policy,reason}`` (``reason``: a
       :class:`~resilient_voice.FailureKind` value, or ``unclassified``),
@@ -137,7 +144,8 @@ class PrometheusMetrics:
     Attributes:
         registry: The registry recorded into.
         breaker_state, breaker_transitions, breaker_calls, limiter_granted, limiter_rejected,
-        limiter_evicted, limiter_wait, retry_attempts, retry_retries, retry_give_ups,
+        limiter_evicted, limiter_wait, limiter_store_available, limiter_store_unavailable,
+        retry_attempts, retry_retries, retry_give_ups,
         retry_outcome_unknown, http_client_requests, http_client_duration,
         http_client_attempts, provider_concurrency: The collectors.
 
@@ -202,6 +210,21 @@ class PrometheusMetrics:
             ("limiter",),
             reg,
             buckets=tuple(limiter_wait_buckets),
+        )
+        self.limiter_store_available = get_or_create(
+            Gauge,
+            PREFIX + "limiter_store_available",
+            "Whether a rate limiter's shared store answers (1) or it runs on its fallback (0).",
+            ("limiter",),
+            reg,
+            multiprocess_mode="livemin",
+        )
+        self.limiter_store_unavailable = get_or_create(
+            Counter,
+            PREFIX + "limiter_store_unavailable",
+            "Times a rate limiter's shared store became unavailable, by the fallback it used.",
+            ("limiter", "fallback"),
+            reg,
         )
         self.retry_attempts = get_or_create(
             Counter,
@@ -343,6 +366,11 @@ class PrometheusMetrics:
             case BucketEvicted(source=limiter, lossy=lossy):
                 children = self._limiters[limiter]
                 (children.lossy if lossy else children.evicted).inc()
+            case StoreAvailabilityChanged(source=limiter, available=available, fallback=mode):
+                # Rare (one record per transition): no children cache.
+                self.limiter_store_available.labels(limiter).set(1.0 if available else 0.0)
+                if not available:
+                    self.limiter_store_unavailable.labels(limiter, mode).inc()
             case RetryAttemptStarted(source=policy):
                 self._attempts[policy].inc()
             case RetryScheduled(source=policy, kind=kind):
