@@ -388,7 +388,10 @@ class Policy:
         cap = self._retry.max_delay if self._retry is not None else MAX_PUSHBACK
         bucket = limiter.bucket(key) if isinstance(limiter, KeyedLimiter) else limiter
         if bucket is not None and cap > 0:
-            await bucket.pause(min(wait, cap))
+            # Shielded: a deadline expiring during the store's round trip (bounded by the
+            # store's own timeout) must neither lose the pause nor replace the provider's error.
+            with anyio.CancelScope(shield=True):
+                await bucket.pause(min(wait, cap))
 
     async def _wait_turn(self, key: Hashable | None, deadline: float | None, priority: int) -> int:
         """Pay a token, then take a bulkhead slot (held until the attempt ends).
