@@ -104,11 +104,14 @@ async def test_without_a_retry_policy_the_pause_is_capped_by_max_pushback() -> N
 
 
 @pytest.mark.parametrize(
-    "error",
-    [too_many(None), too_many(0.0), too_many(2.0, status=503), RuntimeError("boom")],
+    ("status", "retry_after"),
+    [(429, None), (429, 0.0), (503, 2.0), (None, None)],
     ids=["429-without-retry-after", "429-retry-after-0", "503-with-retry-after", "not-provider"],
 )
-async def test_no_pause_without_a_429_and_a_positive_retry_after(error: Exception) -> None:
+async def test_no_pause_without_a_429_and_a_positive_retry_after(
+    status: int | None, retry_after: float | None
+) -> None:
+    error = RuntimeError("boom") if status is None else too_many(retry_after, status)
     clock = ManualClock(autojump=True)
     bucket = TokenBucket(rate=10.0, burst=1, clock=clock)
     policy = Policy(limiter=bucket, clock=clock)
