@@ -254,3 +254,42 @@ async def test_a_waiter_cancelled_during_the_round_trip_leaves_its_slot_behind()
             await settle()
     assert granted == pytest.approx([1, 2])
     assert later == pytest.approx([3])
+
+
+class SlowPauseStore(RoundTripStore):
+    """Its pause (the catch-up's round trip) takes 5 ms of the manual clock."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock)
+        self.clock = clock
+        self.pauses = 0
+
+    async def pause(self, key: str, seconds: float) -> Reservation:
+        self.pauses += 1
+        self.clock.advance(0.005)
+        return await super().pause(key, seconds)
+
+
+async def test_one_stall_makes_one_catch_up_round_trip_not_one_per_waiter() -> None:
+    """Waiters woken by the same stall were all moved by the first one's catch-up.
+
+    Each paying a round trip of its own (late by the first one's round trip) pushed the shared
+    schedule once per waiter: under CPU contention, more catch-ups than reservations.
+    """
+    clock = ManualClock()
+    store = SlowPauseStore(clock)
+    bucket = TokenBucket(100, clock=clock, name="cps", store=store)
+    assert await bucket.try_acquire()
+    granted: list[float] = []
+    async with anyio.create_task_group() as tg:
+        await start_callers(tg, bucket, clock, 5, granted, together=True)  # 0.01 .. 0.05
+        clock.advance(0.25)  # a stall: every reserved slot is far behind
+        await settle()
+        for _ in range(10):
+            clock.advance(0.01)
+            await settle()
+    assert store.pauses == 1
+    assert len(granted) == 5
+    # Moved by the stall's excess (0.23 s), granted no closer than the schedule allows.
+    assert granted[0] == pytest.approx(0.255)
+    assert granted[-1] >= 0.28 - 1e-9

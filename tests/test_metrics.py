@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import httpx
 import pytest
@@ -26,16 +27,24 @@ from resilient_voice.events import (
     RetryOutcomeUnknown,
     RetryScheduled,
     StateChanged,
+    StoreAvailabilityChanged,
     TokensGranted,
     TokensRejected,
     dispatch,
 )
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import LIMITER_KEY_EXTENSION, ResilientTransport, Route
-from resilient_voice.limiter import KeyedLimiter, TokenBucket
+from resilient_voice.limiter import (
+    InMemoryBucketStore,
+    KeyedLimiter,
+    Reservation,
+    StoreUnavailableError,
+    TokenBucket,
+)
 from resilient_voice.metrics import PrometheusMetrics
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
+from resilient_voice.testing import ManualClock
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -321,3 +330,68 @@ async def test_the_same_object_listens_to_every_primitive_of_a_policy() -> None:
     labels = {"transport": "out", "host": "other", "method": "GET", "route": "default"}
     requests = "resilient_voice_http_client_requests_total"
     assert value(registry, requests, **labels, status_class="2xx") == 1
+
+
+def test_store_availability_records() -> None:
+    registry = CollectorRegistry()
+    listener = PrometheusMetrics(registry)
+    available = "resilient_voice_limiter_store_available"
+    outages = "resilient_voice_limiter_store_unavailable_total"
+    assert value(registry, available, limiter="cps") is None  # no series before a transition
+    listener(StoreAvailabilityChanged("cps", False, "local"))
+    assert value(registry, available, limiter="cps") == 0
+    assert value(registry, outages, limiter="cps", fallback="local") == 1
+    listener(StoreAvailabilityChanged("cps", True, "local"))
+    assert value(registry, available, limiter="cps") == 1
+    assert value(registry, outages, limiter="cps", fallback="local") == 1  # returns not counted
+    listener(StoreAvailabilityChanged("inbound", False, "deny"))
+    assert value(registry, available, limiter="inbound") == 0
+    assert value(registry, outages, limiter="inbound", fallback="deny") == 1
+    assert value(registry, available, limiter="cps") == 1
+
+
+class _Flaky:
+    """A shared store that can be cut off: raises StoreUnavailableError while ``down``."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.inner = InMemoryBucketStore(clock=clock)
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailableError("cut off")
+
+    async def reserve(
+        self, key: str, costs: Sequence[float], limits: Sequence[float], tau: float
+    ) -> Reservation:
+        self._check()
+        return await self.inner.reserve(key, costs, limits, tau)
+
+    async def give_back(self, key: str, cost: float, end: float) -> bool:
+        self._check()
+        return await self.inner.give_back(key, cost, end)
+
+    async def pause(self, key: str, seconds: float) -> Reservation:
+        self._check()
+        return await self.inner.pause(key, seconds)
+
+
+async def test_a_limiter_losing_its_store_shows_in_the_gauge() -> None:
+    registry = CollectorRegistry()
+    clock = ManualClock(autojump=True)  # the second grant waits one interval
+    store = _Flaky(clock)
+    bucket = TokenBucket(
+        100, name="cps", store=store, clock=clock, listeners=[PrometheusMetrics(registry)]
+    )
+    available = "resilient_voice_limiter_store_available"
+    await bucket.acquire()
+    assert value(registry, available, limiter="cps") is None
+    store.down = True
+    await bucket.acquire()  # served by the local fallback
+    assert value(registry, available, limiter="cps") == 0
+    outages = "resilient_voice_limiter_store_unavailable_total"
+    assert value(registry, outages, limiter="cps", fallback="local") == 1
+    store.down = False
+    clock.advance(10.0)  # past the first re-probe
+    await bucket.acquire()
+    assert value(registry, available, limiter="cps") == 1

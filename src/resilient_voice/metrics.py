@@ -24,6 +24,10 @@ numbers) are never used as labels.
 
 This module imports ``prometheus_client`` at import time; ``import resilient_voice`` does not
 import this module.
+
+Over 400 lines: it is one listener, and each metric's collector, label children and update stay
+side by side, so a metric's name, labels and meaning are read in one place; the shared
+get-or-create and label-cache machinery already lives elsewhere (``_prometheus``, ``_Children``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from resilient_voice.events import (
     RetryOutcomeUnknown,
     RetryScheduled,
     StateChanged,
+    StoreAvailabilityChanged,
     TokensGranted,
     TokensRejected,
 )
@@ -128,6 +133,12 @@ class PrometheusMetrics:
     - ``limiter_granted_total{limiter}``, ``limiter_rejected_total{limiter}``,
       ``limiter_evicted_total{limiter,lossy}`` (``lossy="true"``: the dropped keyed bucket was
       not full), ``limiter_wait_seconds{limiter}`` histogram.
+    - ``limiter_store_available{limiter}`` gauge: 1 while the limiter's shared store (Redis)
+      answers, 0 while it runs on its ``on_backend_error`` fallback; a limiter appears after its
+      first transition (no series: it never lost its store). In multiprocess mode the gauge
+      uses ``livemin``: 0 if any live process is on its fallback.
+      ``limiter_store_unavailable_total{limiter,fallback}``: transitions to the fallback
+      (``fallback``: ``local``, ``allow`` or ``deny``), one per outage and process.
     - ``retry_attempts_total{policy}``, ``retry_retries_total{policy,reason}``,
       ``retry_give_ups_total{policy,reason}`` (``reason``: a
       :class:`~resilient_voice.FailureKind` value, or ``unclassified``),
@@ -143,8 +154,8 @@ class PrometheusMetrics:
 
     The collectors are attributes too: ``breaker_state``, ``breaker_transitions``,
     ``breaker_calls``, ``breaker_fleet_transitions``, ``limiter_granted``,
-    ``limiter_rejected``, ``limiter_evicted``, ``limiter_wait``, ``retry_attempts``,
-    ``retry_retries``, ``retry_give_ups``,
+    ``limiter_rejected``, ``limiter_evicted``, ``limiter_wait``, ``limiter_store_available``,
+    ``limiter_store_unavailable``, ``retry_attempts``, ``retry_retries``, ``retry_give_ups``,
     ``retry_outcome_unknown``, ``http_client_requests``, ``http_client_duration``,
     ``http_client_attempts`` and ``provider_concurrency``.
 
@@ -216,6 +227,21 @@ class PrometheusMetrics:
             ("limiter",),
             reg,
             buckets=tuple(limiter_wait_buckets),
+        )
+        self.limiter_store_available = get_or_create(
+            Gauge,
+            PREFIX + "limiter_store_available",
+            "Whether a rate limiter's shared store answers (1) or it runs on its fallback (0).",
+            ("limiter",),
+            reg,
+            multiprocess_mode="livemin",
+        )
+        self.limiter_store_unavailable = get_or_create(
+            Counter,
+            PREFIX + "limiter_store_unavailable",
+            "Times a rate limiter's shared store became unavailable, by the fallback it used.",
+            ("limiter", "fallback"),
+            reg,
         )
         self.retry_attempts = get_or_create(
             Counter,
@@ -359,6 +385,11 @@ class PrometheusMetrics:
             case BucketEvicted(source=limiter, lossy=lossy):
                 children = self._limiters[limiter]
                 (children.lossy if lossy else children.evicted).inc()
+            case StoreAvailabilityChanged(source=limiter, available=available, fallback=mode):
+                # Rare (one record per transition): no children cache.
+                self.limiter_store_available.labels(limiter).set(1.0 if available else 0.0)
+                if not available:
+                    self.limiter_store_unavailable.labels(limiter, mode).inc()
             case RetryAttemptStarted(source=policy):
                 self._attempts[policy].inc()
             case RetryScheduled(source=policy, kind=kind):

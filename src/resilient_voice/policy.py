@@ -33,7 +33,7 @@ from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice._validate import optional_number
 from resilient_voice.breaker import BreakerPermit, CircuitBreaker
 from resilient_voice.correlation import new_attempt_id
-from resilient_voice.errors import OutcomeUnknownError, RejectedError
+from resilient_voice.errors import OutcomeUnknownError, ProviderError, RejectedError
 from resilient_voice.failure import (
     Classify,
     NotAwaitableError,
@@ -45,6 +45,11 @@ from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.retry import RetryPolicy
 
 __all__ = ["Policy"]
+
+#: The longest pushback pause (seconds) a provider's ``Retry-After`` may impose on a policy's
+#: limiter when the policy has no retry policy (with one, its ``max_delay`` is the cap): a
+#: hostile or garbled header must not stop a whole fleet for hours.
+MAX_PUSHBACK = 60.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -353,11 +358,40 @@ class Policy:
                 # A no-op when the attempt already reported.
                 kind = failure_kind_of(exc, classify) if classify is not None else None
                 permit.settle(exc, kind=kind)
+            if isinstance(exc, ProviderError):
+                await self._push_back(exc, key)
             raise
         finally:
             if bulkhead is not None:
                 self._slot_holders.discard(holder)
                 bulkhead.release_on_behalf_of(holder)
+
+    async def _push_back(self, error: ProviderError, key: Hashable | None) -> None:
+        """Pause the limiter when the upstream answered 429 and said how long to wait.
+
+        The pushback is about the account, not this call: pausing only the retrying caller (the
+        retry policy's own wait) lets every other waiter, and every other replica sharing the
+        limiter's store, keep sending into the same 429s. So the limiter itself is paused
+        (:meth:`TokenBucket.pause`; for a :class:`KeyedLimiter`, the key's bucket, when it is
+        still retained). Done here, once, because the policy is what knows both the failure and
+        its limiter; the transport and the clients only raise the provider's error.
+
+        Bounded: at most the retry policy's ``max_delay`` (the longest wait this operation
+        accepts), or :data:`MAX_PUSHBACK` without one. A 429 without a usable ``Retry-After`` /
+        ``retry-after-ms`` pauses nothing: its length would be a guess, and the retry backoff
+        already spaces the caller's own retries.
+        """
+        wait = error.retry_after
+        limiter = self._limiter
+        if limiter is None or not error.backpressure or wait is None or not wait > 0:
+            return
+        cap = self._retry.max_delay if self._retry is not None else MAX_PUSHBACK
+        bucket = limiter.bucket(key) if isinstance(limiter, KeyedLimiter) else limiter
+        if bucket is not None and cap > 0:
+            # Shielded: a deadline expiring during the store's round trip (bounded by the
+            # store's own timeout) must neither lose the pause nor replace the provider's error.
+            with anyio.CancelScope(shield=True):
+                await bucket.pause(min(wait, cap))
 
     async def _wait_turn(self, key: Hashable | None, deadline: float | None, priority: int) -> int:
         """Pay a token, then take a bulkhead slot (held until the attempt ends).

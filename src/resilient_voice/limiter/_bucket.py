@@ -203,6 +203,7 @@ class TokenBucket(SharedPath):
         self._queue: WaitQueue | None = None
         self._reserved = []
         self._reserving = False
+        self._catching_up = False
         self._dropped = 0
         # No store and nobody queued: the uncontended path applies. One read on the hot path
         # instead of two pays for the argument checks there.

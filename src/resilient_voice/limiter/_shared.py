@@ -52,7 +52,8 @@ class SharedPath:
     """Serving queued waiters from a :class:`~._store.BucketStore` (mixed into TokenBucket)."""
 
     # The state this path writes; the bucket's other state is declared for the type checker only.
-    __slots__ = ("_dropped", "_full_at", "_reserved", "_reserving", "_store_end")
+    __slots__ = ("_catching_up", "_dropped", "_full_at", "_reserved", "_reserving", "_store_end")
+    _catching_up: bool
     _dropped: int
     _full_at: float
     _reserved: list[Waiter]
@@ -134,7 +135,11 @@ class SharedPath:
         while True:
             now = self._now()
             late = now - self._reserved[0].slot - _gcra.LATENESS_KEPT
-            if late > 0.0:
+            if late > 0.0 and not self._catching_up:
+                # One catch-up at a time: the others woken by the same stall were moved by it
+                # (their lateness is the round trip's, not the stall's); each paying a round
+                # trip of its own pushed the fleet's schedule once per waiter (benchmarks/redis.py
+                # under CPU contention made more catch-up round trips than reservations).
                 await self._catch_up(store, late, now)
             if now >= waiter.slot:
                 break
@@ -154,8 +159,12 @@ class SharedPath:
         for other in self._reserved:
             other.slot += late
         last = self._reserved[-1].slot
-        with anyio.CancelScope(shield=True):
-            answer = await store.pause(self._store_key, last - now + self._tau)
+        self._catching_up = True
+        try:
+            with anyio.CancelScope(shield=True):
+                answer = await store.pause(self._store_key, last - now + self._tau)
+        finally:
+            self._catching_up = False
         self._mirror(answer.backlog, answer.end)
 
     async def _reserve(self, queue: WaitQueue, store: BucketStore) -> None:

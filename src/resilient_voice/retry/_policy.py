@@ -228,6 +228,12 @@ class RetryPolicy:
         return self._config.max_attempts
 
     @property
+    def max_delay(self) -> float:
+        """The largest wait between attempts (a :class:`~resilient_voice.Policy` also caps a
+        provider's pushback pause of its limiter by it)."""
+        return self._config.max_delay
+
+    @property
     def total_timeout(self) -> float | None:
         """Seconds for the whole operation, or ``None``."""
         return self._total_timeout
