@@ -260,7 +260,9 @@ class RateLimitMiddleware:
             return
         if self._plain_key:
             client = scope.get("client")
-            key: str | None = self._client(client[0]) if client else ""
+            peer = client[0] if client else ""
+            # IPv4 (no ':') is its own key; only IPv6 text pays for the prefix keying.
+            key: str | None = self._client(peer) if type(peer) is str and ":" in peer else peer
         else:
             key = self._client_key(scope)
             if key is None:
