@@ -28,7 +28,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -306,3 +306,18 @@ def http_client(**options: Any) -> httpx.AsyncClient:
     """An httpx client for loopback servers that reuses one SSL context."""
     options.setdefault("timeout", 5.0)
     return httpx.AsyncClient(verify=_SSL, trust_env=False, **options)
+
+
+def answering(status: int, body: bytes) -> Callable[..., Awaitable[None]]:
+    """A tiny upstream that answers every request with ``status`` and the JSON ``body``."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body", False):
+            pass
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from _apps import answering
 from resilient_voice import InvalidRequestError, OutcomeUnknownError, Policy, RetryPolicy
 from resilient_voice._request_checks import is_e164
 from resilient_voice.failure import FailureKind
@@ -21,19 +22,6 @@ from resilient_voice.vapi import VapiAPIError, VapiClient
 SID = "AC" + "1" * 32
 NUMBER = "+14155550100"
 ONCE = Policy(retry=RetryPolicy(max_attempts=1))
-
-
-def answering(status: int, body: bytes) -> Callable[..., Awaitable[None]]:
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        while (await receive()).get("more_body", False):
-            pass
-        headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    return app
 
 
 def twilio(url: str) -> TwilioClient:

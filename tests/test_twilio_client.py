@@ -22,6 +22,7 @@ import anyio
 import httpx
 import pytest
 
+from _apps import answering
 from _raw_upstream import Mode, raw_upstream
 from resilient_voice import (
     BreakerState,
@@ -864,21 +865,6 @@ async def test_a_raw_201_cut_mid_body_is_an_unknown_outcome_for_the_typed_client
 # Hostile JSON from the upstream
 
 DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
-
-
-def answering(status: int, body: bytes) -> Callable[..., Awaitable[None]]:
-    """A tiny upstream that answers every request with ``status`` and ``body``."""
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        while (await receive()).get("more_body", False):
-            pass
-        headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    return app
 
 
 @pytest.mark.parametrize(
