@@ -159,7 +159,8 @@ async def test_the_twilio_sdk_adapter_refuses_a_plaintext_url_the_sdk_built() ->
 
 
 async def test_the_vapi_sdk_recipe_refuses_a_plaintext_url_the_sdk_was_given() -> None:
-    vapi = pytest.importorskip("vapi")
+    import vapi
+
     http = sdk_http_client()
     client = vapi.AsyncVapi(token=VAPI_KEY, base_url="http://api.vapi.example", httpx_client=http)
     try:

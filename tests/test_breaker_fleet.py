@@ -11,17 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import anyio
+import coredis  # noqa: F401  # the redis extra, installed by [dev]: fail, never skip
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix
 from resilient_voice import CircuitBreaker, CircuitOpenError
 from resilient_voice.breaker._fleet import ReplicaSummary, fleet_verdict, held_open
 from resilient_voice.events import BreakerState, Event, FleetStateChanged
-
-pytest.importorskip("coredis")
-
-from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix
 from resilient_voice.redis import RedisBackend
 
 pytestmark = COREDIS_CANCEL_LEAK

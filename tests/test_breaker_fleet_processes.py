@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import coredis  # noqa: F401  # the redis extra, installed by [dev]: fail, never skip
 import pytest
 
+from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix, own_redis
 from resilient_voice import CircuitBreaker, CircuitOpenError
 from resilient_voice.events import BreakerState, Event, StoreAvailabilityChanged
-
-pytest.importorskip("coredis")
-
-from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix, own_redis
 from resilient_voice.redis import RedisBackend
 
 pytestmark = [COREDIS_CANCEL_LEAK, pytest.mark.slow]

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("build")
-    pytest.importorskip("hatchling")
+    import build  # noqa: F401
+    import hatchling  # noqa: F401
+
     outdir = tmp_path_factory.mktemp("dist")
     subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(outdir), str(ROOT)],

@@ -177,7 +177,8 @@ async def test_a_redis_store_pauses_the_other_replica() -> None:
     clock (tolerance: not before 0.9 s, i.e. one 0.1 s interval early at most for rounding
     between Redis' clock and ours; not after 2 s on a loaded machine).
     """
-    pytest.importorskip("coredis")
+    import coredis  # noqa: F401  # the redis extra, installed by [dev]: fail, never skip
+
     from _redis import REDIS_URL, fresh_prefix
     from resilient_voice.redis import RedisBackend
 

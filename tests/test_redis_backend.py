@@ -14,15 +14,13 @@ import sys
 from collections.abc import AsyncIterator
 
 import anyio
+import coredis
 import pytest
 
+from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix, own_redis
 from resilient_voice import KeyedLimiter, TokenBucket
 from resilient_voice.limiter import BucketStore, StoreUnavailableError, _gcra
-
-coredis = pytest.importorskip("coredis")
-
-from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix, own_redis  # noqa: E402
-from resilient_voice.redis import RedisBackend  # noqa: E402
+from resilient_voice.redis import RedisBackend
 
 pytestmark = COREDIS_CANCEL_LEAK
 __all__ = ["collect_coredis_garbage"]  # an autouse fixture, used by being here
@@ -199,7 +197,8 @@ def test_without_coredis_the_error_names_the_extra() -> None:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's client is asyncio only
 async def test_a_redis_py_asyncio_client_works_too() -> None:
-    redis_asyncio = pytest.importorskip("redis.asyncio")
+    import redis.asyncio as redis_asyncio
+
     client = redis_asyncio.Redis.from_url(REDIS_URL)
     try:
         backend = RedisBackend(client, prefix=fresh_prefix(), timeout=1.0)

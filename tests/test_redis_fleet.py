@@ -19,18 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import coredis  # noqa: F401  # the redis extra, installed by [dev]: fail, never skip
 import httpx
 import pytest
 
+from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix
 from resilient_voice.asgi import RateLimitMiddleware
+from resilient_voice.redis import RedisBackend
 from resilient_voice.testing import FakeTelephony, serve
 from resilient_voice.twilio import TwilioClient
 from resilient_voice.vapi import VapiClient
-
-pytest.importorskip("coredis")
-
-from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix
-from resilient_voice.redis import RedisBackend
 
 pytestmark = COREDIS_CANCEL_LEAK
 __all__ = ["collect_coredis_garbage"]  # an autouse fixture, used by being here

@@ -10,14 +10,12 @@ import time
 from typing import Any
 
 import anyio
+import coredis  # noqa: F401  # the redis extra, installed by [dev]: fail, never skip
 import pytest
 
+from _redis import COREDIS_CANCEL_LEAK, collect_coredis_garbage, free_port, fresh_prefix, own_redis
 from resilient_voice import KeyedLimiter, RateLimitedError, TokenBucket
 from resilient_voice.events import Event, StoreAvailabilityChanged
-
-pytest.importorskip("coredis")
-
-from _redis import COREDIS_CANCEL_LEAK, collect_coredis_garbage, free_port, fresh_prefix, own_redis
 from resilient_voice.redis import RedisBackend
 
 pytestmark = COREDIS_CANCEL_LEAK

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import vapi
 
 from resilient_voice import (
     BreakerState,
@@ -27,8 +28,6 @@ from resilient_voice.vapi import (
     no_sdk_retries,
     sdk_http_client,
 )
-
-vapi = pytest.importorskip("vapi")
 
 KEY = "vapi-private-key-sdk"
 NUMBER = "+14155550100"
