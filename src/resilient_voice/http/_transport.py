@@ -350,11 +350,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
 
     def route_for(self, request: httpx.Request) -> Route:
         """The first route matching ``request``, or the default route."""
-        url = request.url
-        method = request.method
-        for route in self._routes:
-            if route.matches(method, url.host, url.path):
-                return route
+        routes = self._routes
+        if routes:
+            url = request.url
+            method, host, path = request.method, url.host, url.path  # httpx decodes per read
+            for route in routes:
+                if route.matches(method, host, path):
+                    return route
         return self._default_route
 
     def _is_idempotent(self, request: httpx.Request, route: Route) -> bool:
@@ -485,7 +487,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             status_class = "cancelled"
             raise
         else:
-            status_class = f"{response.status_code // 100}xx"
+            if listeners:  # a label for the record below; nothing is built without listeners
+                status_class = f"{response.status_code // 100}xx"
             return response
         finally:
             if listeners:
