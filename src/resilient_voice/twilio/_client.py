@@ -143,7 +143,8 @@ class TwilioClient(ProviderClient):
         store: A shared :class:`~resilient_voice.limiter.BucketStore` (a
             ``resilient_voice.redis.RedisBackend``): the default policies' pacing
             (``calls_per_second``, ``messages_per_second``) then holds across every replica
-            using this account.
+            using this account; with a ``RedisBackend`` the default breaker also joins the
+            fleet view (a 30 s window, ``minimum_calls=10``).
 
     Raises:
         TypeError, ValueError: Invalid configuration, at construction.

@@ -150,7 +150,8 @@ class VapiClient(ProviderClient):
         store: A shared :class:`~resilient_voice.limiter.BucketStore` (a
             ``resilient_voice.redis.RedisBackend``) for that pacing, so that every replica
             paces the org together. The bucket is named ``vapi:<digest of the API key>:calls``:
-            unique per org, without the key.
+            unique per org, without the key. With a ``RedisBackend`` the default breaker also
+            joins the fleet view (a 30 s window, ``minimum_calls=10``).
 
     Raises:
         TypeError, ValueError: Invalid configuration.
