@@ -16,6 +16,22 @@ import pytest
 BACKENDS = ("asyncio", "trio")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--soak-size full` runs the reliability campaign at the size docs/reliability.md reports."""
+    parser.addoption(
+        "--soak-size",
+        choices=("short", "full"),
+        default="short",
+        help="size of the soak tests: short (CI, the default) or full (the published figures)",
+    )
+
+
+@pytest.fixture(scope="session")
+def soak_size(request: pytest.FixtureRequest) -> str:
+    """`"short"` or `"full"`: the soak tests scale their counts and durations by it."""
+    return str(request.config.getoption("--soak-size"))
+
+
 @pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Function-scoped, so each test gets its own event loop and no state leaks between tests."""
