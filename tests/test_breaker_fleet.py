@@ -18,7 +18,13 @@ from hypothesis import strategies as st
 
 from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix
 from resilient_voice import CircuitBreaker, CircuitOpenError
-from resilient_voice.breaker._fleet import ReplicaSummary, fleet_verdict, held_open
+from resilient_voice.breaker._fleet import (
+    TALLY_TICKS,
+    FleetTally,
+    ReplicaSummary,
+    fleet_verdict,
+    held_open,
+)
 from resilient_voice.events import BreakerState, Event, FleetStateChanged
 from resilient_voice.redis import RedisBackend
 
@@ -321,3 +327,55 @@ async def test_followers_wait_for_the_replica_that_saw_the_outage_and_close_with
     for r in (b, c):
         rules = [e.rule for e in r.events if isinstance(e, FleetStateChanged)]
         assert rules == ["rate", "fleet"]
+
+
+def test_a_tally_covers_the_last_ticks_and_the_one_in_progress() -> None:
+    tally = FleetTally()
+    for _ in range(TALLY_TICKS):
+        tally.calls += 3
+        tally.failures += 1
+        tally.tick()
+    assert tally.tick() == (3 * (TALLY_TICKS - 1), TALLY_TICKS - 1)  # an empty tick pushed one out
+    tally.failures += 1
+    tally.calls += 1
+    assert tally.recent_failures == TALLY_TICKS
+    for _ in range(TALLY_TICKS + 1):
+        tally.tick()
+    assert (tally.past_calls, tally.past_failures, tally.recent_failures) == (0, 0, 0)
+
+
+async def test_consecutive_breakers_publish_their_outcomes_for_the_combined_rate(
+    fleet: tuple[str, AsyncExitStack],
+) -> None:
+    """A consecutive-failures breaker has no window, yet its calls count in the combined rate:
+    a quiet replica that fails once follows a busy failing one (by the rate rule: one open
+    replica of three is no quorum), and a replica without failures stays closed."""
+    prefix, stack = fleet
+    replicas = []
+    for _ in range(3):
+        backend = await stack.enter_async_context(
+            RedisBackend.from_url(REDIS_URL, prefix=prefix, timeout=0.5)
+        )
+        events: list[Event] = []
+        breaker = CircuitBreaker(
+            "upstream", failure_threshold=20, recovery_timeout=30.0, store=backend
+        )
+        replicas.append(Replica(backend, breaker, events))
+    a, b, c = replicas
+    for _ in range(20):
+        await a.hit(_boom)
+    assert a.breaker.state is BreakerState.OPEN
+    assert await b.hit(_boom) == "failed"  # one failure: far below its own threshold of 20
+    start = time.monotonic()
+    outcome = "failed"
+    # Tolerance: two publication ticks (1 s each) plus scheduling on a loaded machine.
+    while time.monotonic() - start < 4.0 and outcome != "rejected":
+        await anyio.sleep(0.5)  # a quiet replica: two calls a second
+        outcome = await b.hit(_fine)
+        assert await c.hit(_fine) == "ok"
+    assert outcome == "rejected"
+    stats = b.breaker.statistics().fleet
+    assert stats is not None
+    assert stats.fleet_opened
+    assert stats.calls >= 20
+    assert c.breaker.state is BreakerState.CLOSED

@@ -35,6 +35,7 @@ from resilient_voice.breaker._config import (
 )
 from resilient_voice.breaker._fleet import (
     FleetStatistics,
+    FleetTally,
     ReplicaSummary,
     fleet_verdict,
     held_open,
@@ -207,6 +208,7 @@ class CircuitBreaker:
         "_ownership",
         "_slow_after",
         "_store",
+        "_tally",
         "_timed",
     )
 
@@ -276,6 +278,9 @@ class CircuitBreaker:
         self._machine = StateMachine(config)
         self._ownership = Ownership(name, self._machine.forget_probes)
         self._timed = False
+        # A consecutive-failures breaker has no window to publish: with a shared store it
+        # counts its outcomes for the fleet's combined-rate rule (in-memory: nothing to count).
+        self._tally = FleetTally() if not self._local and self._machine.window is None else None
         self._guarded_call = self._guard(_call_first)
         self._refresh()
         if not self._local:
@@ -384,6 +389,9 @@ class CircuitBreaker:
         acquire = self.acquire
         run = self._run
         local = self._local
+        tally = self._tally
+        if tally is not None:
+            return self._guard_counting(fn, tally)
 
         async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
             if machine.fast:
@@ -398,6 +406,32 @@ class CircuitBreaker:
                 return result
             permit = admit() if local else await acquire()
             return await run(permit, fn, args, kwargs)
+
+        return guarded
+
+    def _guard_counting(
+        self, fn: Callable[P, Awaitable[T]], tally: FleetTally
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        """:meth:`_guard` for a shared consecutive-failures breaker: the same fast path, which
+        also counts each success for the fleet (failures are counted in :meth:`_failed_fast`)."""
+        machine = self._machine
+        failed_fast = self._failed_fast
+        acquire = self.acquire
+        run = self._run
+
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            if machine.fast:
+                epoch = machine.epoch
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    failed_fast(exc, epoch)
+                    raise
+                tally.calls += 1
+                if machine.consecutive_failures and machine.epoch == epoch:
+                    machine.consecutive_failures = 0
+                return result
+            return await run(await acquire(), fn, args, kwargs)
 
         return guarded
 
@@ -533,7 +567,13 @@ class CircuitBreaker:
 
     def _failed_fast(self, error: BaseException, epoch: int) -> None:
         # The fast path runs only CLOSED, in consecutive mode, with nothing listening.
-        if self._classify(error) == "failure" and self._machine.failed_fast(epoch):
+        if self._classify(error) != "failure":
+            return
+        tally = self._tally
+        if tally is not None and epoch == self._machine.epoch:
+            tally.calls += 1
+            tally.failures += 1
+        if self._machine.failed_fast(epoch):
             owner = self._ownership.claim()
             try:
                 self._machine.trip(self._clock.now())
@@ -555,6 +595,8 @@ class CircuitBreaker:
         duration, slow = self._timing(permit, now)
         if self._listeners:
             dispatch(self._listeners, CallSucceeded(self._name, duration))
+        if self._tally is not None and not permit.probe:
+            self._tally.calls += 1
         machine.succeeded(permit.epoch, permit.probe, permit._probe_start, now, slow)
 
     def _failed(self, permit: BreakerPermit, error: BaseException | None) -> None:
@@ -565,6 +607,10 @@ class CircuitBreaker:
         duration, slow = self._timing(permit, now)
         if self._listeners:
             dispatch(self._listeners, CallFailed(self._name, error, duration))
+        tally = self._tally
+        if tally is not None and not permit.probe:
+            tally.calls += 1
+            tally.failures += 1
         machine.failed(permit.epoch, permit.probe, permit._probe_start, now, slow)
 
     def _ignored(self, permit: BreakerPermit, error: BaseException) -> None:
@@ -595,7 +641,12 @@ class CircuitBreaker:
         """What this replica publishes: open (or half-open), fleet-opened, calls, failures."""
         machine = self._machine
         counts = machine.window_counts(self._clock.now())
-        calls, failures = (counts[0], counts[1]) if counts is not None else (0, 0)
+        if counts is not None:
+            calls, failures = counts[0], counts[1]
+        elif self._tally is not None:
+            calls, failures = self._tally.tick()
+        else:
+            calls = failures = 0
         return machine.state is not _CLOSED, self._fleet_opened, calls, failures
 
     def _fleet_unavailable(self) -> None:
@@ -625,7 +676,12 @@ class CircuitBreaker:
         config = self._config
         now = self._clock.now()
         counts = machine.window_counts(now)
-        own_failures = counts[1] if counts is not None else machine.consecutive_failures
+        if counts is not None:
+            own_failures = counts[1]
+        elif self._tally is not None:
+            own_failures = max(machine.consecutive_failures, self._tally.recent_failures)
+        else:
+            own_failures = machine.consecutive_failures
         calls = sum(s.calls for s in summaries)
         failures = sum(s.failures for s in summaries)
         self._fleet = FleetStatistics(

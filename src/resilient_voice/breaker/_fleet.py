@@ -17,10 +17,19 @@ the same way:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
-__all__ = ["FleetStatistics", "ReplicaSummary", "fleet_verdict", "held_open"]
+__all__ = [
+    "TALLY_TICKS",
+    "FleetStatistics",
+    "FleetTally",
+    "ReplicaSummary",
+    "fleet_verdict",
+    "held_open",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +41,47 @@ class ReplicaSummary:
     fleet_opened: bool
     calls: int
     failures: int
+
+
+TALLY_TICKS: Final = 10
+"""A breaker without a window publishes the outcomes of this many publication ticks."""
+
+
+class FleetTally:
+    """The outcomes a consecutive-failures breaker publishes to the fleet.
+
+    Such a breaker keeps no window of its own (its closed path reads no clock), yet the
+    combined-rate rule needs its calls and failures. It counts them here, one or two integer
+    additions per call, and the store's background task calls :meth:`tick` once per
+    publication, so the published figures cover the last ``TALLY_TICKS`` publications (about
+    ten seconds).
+    """
+
+    __slots__ = ("calls", "failures", "past", "past_calls", "past_failures")
+
+    def __init__(self) -> None:
+        self.calls = 0  # in the tick in progress
+        self.failures = 0
+        self.past: deque[tuple[int, int]] = deque()
+        self.past_calls = 0  # over the ticks in ``past``
+        self.past_failures = 0
+
+    def tick(self) -> tuple[int, int]:
+        """Close the tick in progress; the calls and failures of the last ``TALLY_TICKS``."""
+        self.past.append((self.calls, self.failures))
+        self.past_calls += self.calls
+        self.past_failures += self.failures
+        self.calls = self.failures = 0
+        if len(self.past) > TALLY_TICKS:
+            calls, failures = self.past.popleft()
+            self.past_calls -= calls
+            self.past_failures -= failures
+        return self.past_calls, self.past_failures
+
+    @property
+    def recent_failures(self) -> int:
+        """Failures counted in the last ``TALLY_TICKS`` ticks and the one in progress."""
+        return self.past_failures + self.failures
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
