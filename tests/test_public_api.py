@@ -106,6 +106,7 @@ SURFACE: dict[str, list[str]] = {
         "TokenBucket",
     ],
     "resilient_voice.metrics": ["PrometheusMetrics"],
+    "resilient_voice.otel": ["OpenTelemetryListener"],
     "resilient_voice.policy": ["Policy"],
     "resilient_voice.redis": ["RedisBackend"],
     "resilient_voice.retry": ["RetryBudget", "RetryPolicy", "current_attempt", "default_retry_on"],
@@ -263,7 +264,7 @@ def test_import_keeps_the_core_light() -> None:
     code = (
         "import sys, json, resilient_voice, resilient_voice.testing;"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "{'httpx','pydantic','prometheus_client','twilio','redis','coredis','uvicorn','starlette','trio'})))"
+        "{'httpx','pydantic','prometheus_client','twilio','redis','coredis','uvicorn','starlette','trio','opentelemetry'})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
