@@ -13,13 +13,20 @@ import importlib
 import re
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    Histogram,
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    Sum,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -30,10 +37,17 @@ from resilient_voice.correlation import correlation_scope
 from resilient_voice.events import (
     BreakerState,
     BucketEvicted,
+    CallRejected,
+    CallSucceeded,
     ConcurrencyBlocked,
     Event,
     FleetStateChanged,
     RequestFinished,
+    RetryAttemptStarted,
+    RetryGaveUp,
+    RetryOutcomeUnknown,
+    RetryScheduled,
+    StateChanged,
     StoreAvailabilityChanged,
     TokensGranted,
     dispatch,
@@ -367,8 +381,6 @@ def test_fleet_store_and_provider_records(
 def test_a_rejection_first_does_not_guess_a_state(
     reader: InMemoryMetricReader, telemetry: OpenTelemetryListener
 ) -> None:
-    from resilient_voice.events import CallRejected
-
     telemetry(CallRejected("twilio", 3.0))
     assert "resilient_voice.breaker.state" not in collect(reader)
 
@@ -422,3 +434,40 @@ def without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_without_the_extra_the_import_error_names_it() -> None:
     with pytest.raises(ImportError, match=re.escape("pip install 'resilient-voice[otel]'")):
         importlib.import_module("resilient_voice.otel")
+
+
+def test_the_docs_table_lists_every_instrument_with_its_kind_and_unit(
+    reader: InMemoryMetricReader, telemetry: OpenTelemetryListener
+) -> None:
+    """One record of every kind the listener handles; docs/opentelemetry.md must match."""
+    closed, opened = BreakerState.CLOSED, BreakerState.OPEN
+    for event in (
+        CallSucceeded("b", 0.1),
+        StateChanged("b", closed, opened),
+        FleetStateChanged("b", closed, opened, "rate"),
+        TokensGranted("l", None, 1.0, 0.0),
+        BucketEvicted("l", "k", False),
+        StoreAvailabilityChanged("l", False, "deny"),
+        RetryAttemptStarted("r", 1, "attempt-1"),
+        RetryScheduled("r", 1, 0.1, FailureKind.NOT_SENT, RuntimeError()),
+        RetryGaveUp("r", 2, None, RuntimeError()),
+        RetryOutcomeUnknown("r", "attempt-2", RuntimeError()),
+        RequestFinished("t", "other", "GET", "default", "2xx", 0.1, 1),
+        ConcurrencyBlocked("c", "refused"),
+    ):
+        telemetry(event)
+    data = reader.get_metrics_data()
+    assert data is not None
+    kinds = {Sum: "observable counter", Gauge: "observable gauge", Histogram: "histogram"}
+    created = {
+        (metric.name, kinds[type(metric.data)], metric.unit)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+    page = (Path(__file__).resolve().parents[1] / "docs" / "opentelemetry.md").read_text()
+    documented = set(
+        re.findall(r"^\| `(resilient_voice\.[\w.]+)` \| ([\w ]+) \| `(.+?)` \|", page, re.M)
+    )
+    assert created == documented
+    assert len(created) == 16

@@ -26,6 +26,10 @@ bounded: names chosen by the user, enum values, configured route names and hosts
 attempt ids and correlation ids are never attributes. Records the listener has no instrument for
 are ignored; a new family of records adds rows to ``OpenTelemetryListener._table`` and
 tallies and instruments to ``_Recorder``.
+
+Over 400 lines: it is one listener, like :mod:`resilient_voice.metrics`, and each instrument's
+name, unit, description, tally and update stay side by side, so what an instrument means is read
+in one place.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ except ImportError as exc:  # pragma: no cover  (tests/test_otel.py runs it in a
         "resilient_voice.otel needs the OpenTelemetry API: pip install 'resilient-voice[otel]'"
     ) from exc
 
-from resilient_voice import __version__
+from resilient_voice._version import __version__
 from resilient_voice.events import (
     BreakerState,
     BucketEvicted,
