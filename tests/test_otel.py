@@ -471,3 +471,16 @@ def test_the_docs_table_lists_every_instrument_with_its_kind_and_unit(
     )
     assert created == documented
     assert len(created) == 16
+
+
+def test_a_subclass_of_a_handled_record_is_recorded_as_it(
+    reader: InMemoryMetricReader, telemetry: OpenTelemetryListener
+) -> None:
+    class PacedGrant(TokensGranted):
+        pass
+
+    telemetry(PacedGrant("cps", None, 1.0, 0.0))
+    telemetry(PacedGrant("cps", None, 1.0, 0.0))
+    assert points(reader, "resilient_voice.limiter.acquisitions") == {
+        attrs(limiter__name="cps", limiter__outcome="granted"): 2
+    }

@@ -42,7 +42,7 @@ from typing import Any, Final, Generic, TypeVar
 try:
     from opentelemetry import metrics as otel_metrics
     from opentelemetry import trace as otel_trace
-except ImportError as exc:  # pragma: no cover  (tests/test_otel.py runs it in a subprocess)
+except ImportError as exc:  # pragma: no cover  (tests/test_otel.py hides opentelemetry to see it)
     raise ImportError(
         "resilient_voice.otel needs the OpenTelemetry API: pip install 'resilient-voice[otel]'"
     ) from exc
@@ -73,7 +73,7 @@ from resilient_voice.failure import FailureKind
 __all__ = ["OpenTelemetryListener"]
 
 METER_NAME: Final = "resilient_voice"
-"""The instrumentation scope of the meter and the tracer."""
+"""The meter's instrumentation scope (with the package's version)."""
 
 RETRY_EVENT: Final = "resilient_voice.retry"
 """The span event added to the current span when a retry is scheduled."""
@@ -176,7 +176,7 @@ class _Recorder:
 
     The SDK keeps the first instrument registered under a name and drops a second one's
     callbacks, so two listeners on one meter must share their tallies: :func:`_recorder_for`
-    keeps one recorder per meter (weakly, so a meter provider built in a test goes away).
+    keeps one recorder per meter, weakly: it lives as long as its meter.
     """
 
     def __init__(self, meter: otel_metrics.Meter) -> None:
@@ -339,6 +339,10 @@ class _Recorder:
         return attrs
 
 
+def _ignore(_event: Event) -> None:
+    """The handler of a record the listener has no instrument for."""
+
+
 def _kind(kind: FailureKind | None) -> str:
     return "unclassified" if kind is None else kind.value
 
@@ -454,8 +458,19 @@ class OpenTelemetryListener:
     def __call__(self, event: Event) -> None:
         """Record one event; records without an instrument are ignored."""
         handler = self._handlers.get(type(event))
-        if handler is not None:
-            handler(event)
+        if handler is None:
+            handler = self._handler_of(type(event))
+        handler(event)
+
+    def _handler_of(self, kind: type[Event]) -> Callable[[Any], None]:
+        """A type first seen: a subclass of a handled record is handled as it, others ignored.
+
+        The answer is kept, so an unknown record costs one dict lookup from then on; record
+        types are few (classes, not values), so the table stays small.
+        """
+        handler = next((self._handlers[c] for c in kind.__mro__ if c in self._handlers), _ignore)
+        self._handlers[kind] = handler
+        return handler
 
     def _state_changed(self, event: StateChanged) -> None:
         r = self._recorder
