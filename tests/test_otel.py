@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -484,3 +485,21 @@ def test_a_subclass_of_a_handled_record_is_recorded_as_it(
     assert points(reader, "resilient_voice.limiter.acquisitions") == {
         attrs(limiter__name="cps", limiter__outcome="granted"): 2
     }
+
+
+def test_threads_sharing_a_listener_lose_no_count(
+    reader: InMemoryMetricReader, telemetry: OpenTelemetryListener
+) -> None:
+    """Listeners run in whichever thread caused the event: one per event loop, say."""
+    event = RetryAttemptStarted("calls", 1, "attempt-1")
+
+    def emit() -> None:
+        for _ in range(20_000):
+            telemetry(event)
+
+    threads = [threading.Thread(target=emit) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert points(reader, "resilient_voice.retry.attempts") == {attrs(retry__name="calls"): 80_000}
