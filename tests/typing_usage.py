@@ -107,6 +107,7 @@ async def use_clients() -> None:
         make_metrics_app,
     )
     from resilient_voice.metrics import PrometheusMetrics
+    from resilient_voice.otel import OpenTelemetryListener
     from resilient_voice.testing import FakeTelephony, Fault, serve
     from resilient_voice.twilio import Call, TwilioClient
     from resilient_voice.vapi import VapiCall, VapiClient, VapiCustomer
@@ -117,6 +118,7 @@ async def use_clients() -> None:
     async with serve(fake) as url, TwilioClient(sid, "token", base_url=url) as twilio:
         twilio.transport.add_listener(metrics)
         twilio.breaker.add_listener(metrics)  # as docs/metrics.md shows it
+        twilio.breaker.add_listener(OpenTelemetryListener())  # and docs/opentelemetry.md
         call: Call = await twilio.create_call(
             to="+15550100001", from_="+15005550006", url="https://example.com/twiml"
         )
