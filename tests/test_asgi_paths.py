@@ -556,7 +556,21 @@ async def test_refusals_are_labelled_with_the_route_they_were_aimed_at(
         ("GET", "/api/things/{thing_id}", "4xx"),
         ("POST", "__unmatched__", "4xx"),
     ]
+
+    def refused(method: str, route: str, status: str) -> float:
+        labels = {"method": method, "route": route, "status": status}
+        value = registry.get_sample_value("resilient_voice_http_server_refusals_total", labels)
+        return value or 0.0
+
+    # The same refusals by status: the webhook guard's 403 apart from the rate limiter's 429.
+    refusals = [
+        ("POST", "/hook/raw", "403"),
+        ("GET", "/items/{item_id}", "429"),
+        ("GET", "/api/things/{thing_id}", "429"),
+        ("POST", "__unmatched__", "403"),
+    ]
     before = [count(*labels) for labels in expected]
+    before_refused = [refused(*labels) for labels in refusals]
     headers = {"x-client": f"refusals-{anyio_backend}"}
     async with http_client(base_url=url, headers=headers) as client:
         assert (await client.post("/hook/raw", content=b"{}")).status_code == 403
@@ -572,3 +586,46 @@ async def test_refusals_are_labelled_with_the_route_they_were_aimed_at(
             == [1.0] * len(expected)
         )
     )
+    await eventually(
+        lambda: (
+            [refused(*labels) - b for labels, b in zip(refusals, before_refused, strict=True)]
+            == [1.0] * len(refusals)
+        )
+    )
+    assert refused("GET", "/items/{item_id}", "403") == 0.0
+
+
+async def test_the_route_a_refusal_was_aimed_at_is_resolved_once_per_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import httpx
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route as StarletteRoute
+
+    from resilient_voice.asgi import _metrics
+
+    resolved: list[str] = []
+    resolve = _metrics._aimed_at
+
+    def counting(router: Any, scope: Any) -> str | None:
+        resolved.append(scope["path"])
+        return resolve(router, scope)
+
+    monkeypatch.setattr(_metrics, "_aimed_at", counting)
+    monkeypatch.setattr(_metrics, "_AIMED_AT_CACHE", 2)
+
+    async def hook(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[StarletteRoute("/hook/{name}", hook, methods=["POST"])])
+    registry = CollectorRegistry()
+    stack = MetricsMiddleware(VapiWebhookMiddleware(app, secret=SECRET), registry=registry)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=stack), base_url="http://app.test"
+    ) as client:
+        for path in ["/hook/a", "/hook/a", "/hook/a", "/hook/b", "/hook/c", "/hook/a"]:
+            assert (await client.post(path, content=b"{}")).status_code == 403
+    # /hook/a once; b and c fill the cache of two, which is emptied; then /hook/a again.
+    assert resolved == ["/hook/a", "/hook/b", "/hook/c", "/hook/a"]
+    labels = {"method": "POST", "route": "/hook/{name}", "status": "403"}
+    assert registry.get_sample_value("resilient_voice_http_server_refusals_total", labels) == 6

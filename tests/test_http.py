@@ -638,3 +638,40 @@ def test_a_paused_loop_has_finished_running_but_is_not_closed() -> None:
     finally:
         loop.close()
     assert loop_closed(loop)
+
+
+@pytest.mark.parametrize(
+    ("answers", "status", "backpressure", "ended"),
+    [
+        ([429, 201], 201, 1, False),  # pushed back once, then created
+        ([429, 429, 429], 429, 3, True),  # the caller gets the last 429
+        ([429, "drop", 201], 201, 1, False),
+        ([503, 201], 201, 0, False),  # a 5xx is not back-pressure
+        ([400], 400, 0, False),  # nor is another 4xx
+    ],
+)
+async def test_the_listener_counts_429_answers_apart_from_other_client_errors(
+    answers: list[int | str], status: int, backpressure: int, ended: bool
+) -> None:
+    """Twilio's 20429 comes as HTTP 429: the status alone says the provider pushed back."""
+    pending = list(answers)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        now = pending.pop(0)
+        if now == "drop":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(int(now), json={})
+
+    events: list[Event] = []
+    transport = ResilientTransport(
+        Policy(retry=fast_retry(max_attempts=3)),
+        transport=httpx.MockTransport(answer),
+        routes=[Route("create", unprocessed_statuses=frozenset({429, 503}))],
+        listeners=[events.append],
+    )
+    async with httpx.AsyncClient(transport=transport) as http:
+        response = await http.post("https://api.example.com/calls")
+    assert response.status_code == status
+    (finished,) = [e for e in events if isinstance(e, RequestFinished)]
+    assert (finished.backpressure, finished.ended_in_backpressure) == (backpressure, ended)
+    assert finished.status_class == f"{status // 100}xx"

@@ -21,6 +21,7 @@ from resilient_voice.events import (
     ConcurrencyBlocked,
     Event,
     FleetStateChanged,
+    FleetViewUpdated,
     RequestFinished,
     RetryAttemptStarted,
     RetryGaveUp,
@@ -348,6 +349,60 @@ def test_store_availability_records() -> None:
     assert value(registry, available, limiter="inbound") == 0
     assert value(registry, outages, limiter="inbound", fallback="deny") == 1
     assert value(registry, available, limiter="cps") == 1
+
+
+def test_store_availability_by_primitive_keeps_breakers_out_of_the_limiter_series() -> None:
+    registry = CollectorRegistry()
+    listener = PrometheusMetrics(registry)
+    available = "resilient_voice_store_available"
+    outages = "resilient_voice_store_unavailable_total"
+    # "name" is a label here: get_sample_value, not value(), which takes name= itself.
+    breaker = {"primitive": "breaker", "name": "twilio"}
+    limiter = {"primitive": "limiter", "name": "cps"}
+    listener(StoreAvailabilityChanged("twilio", False, "local", "breaker"))
+    assert registry.get_sample_value(available, breaker) == 0
+    assert registry.get_sample_value(outages, {**breaker, "fallback": "local"}) == 1
+    # A breaker is not a limiter: no limiter series claims it.
+    assert value(registry, "resilient_voice_limiter_store_available", limiter="twilio") is None
+    listener(StoreAvailabilityChanged("twilio", True, "local", "breaker"))
+    assert registry.get_sample_value(available, breaker) == 1
+    # A limiter shows in both: its own series (a contract) and the common one.
+    listener(StoreAvailabilityChanged("cps", False, "deny"))
+    assert registry.get_sample_value(available, limiter) == 0
+    assert registry.get_sample_value(outages, {**limiter, "fallback": "deny"}) == 1
+    assert value(registry, "resilient_voice_limiter_store_available", limiter="cps") == 0
+
+
+def test_fleet_view_gauges() -> None:
+    registry = CollectorRegistry()
+    listener = PrometheusMetrics(registry)
+    assert value(registry, "resilient_voice_breaker_fleet_replicas", breaker="twilio") is None
+    listener(FleetViewUpdated("twilio", 3, 1, 40, 0.25))
+    assert value(registry, "resilient_voice_breaker_fleet_replicas", breaker="twilio") == 3
+    assert value(registry, "resilient_voice_breaker_fleet_open_replicas", breaker="twilio") == 1
+    assert value(registry, "resilient_voice_breaker_fleet_calls", breaker="twilio") == 40
+    assert value(registry, "resilient_voice_breaker_fleet_failure_rate", breaker="twilio") == 0.25
+    listener(FleetViewUpdated("twilio", 2, 0, 0, 0.0))
+    assert value(registry, "resilient_voice_breaker_fleet_replicas", breaker="twilio") == 2
+    assert value(registry, "resilient_voice_breaker_fleet_failure_rate", breaker="twilio") == 0.0
+
+
+def test_backpressure_is_counted_per_answer_apart_from_the_status_class() -> None:
+    registry = CollectorRegistry()
+    listener = PrometheusMetrics(registry)
+    labels = {"transport": "tw", "host": "api.twilio.com", "method": "POST", "route": "create"}
+    name = "resilient_voice_http_client_backpressure_total"
+    listener(RequestFinished("tw", "api.twilio.com", "POST", "create", "2xx", 0.1, 3, 2, False))
+    assert value(registry, name, **labels, outcome="retried") == 2
+    assert value(registry, name, **labels, outcome="final") == 0
+    listener(RequestFinished("tw", "api.twilio.com", "POST", "create", "4xx", 0.1, 2, 2, True))
+    assert value(registry, name, **labels, outcome="retried") == 3
+    assert value(registry, name, **labels, outcome="final") == 1
+    requests = "resilient_voice_http_client_requests_total"
+    assert value(registry, requests, **labels, status_class="4xx") == 1  # unchanged contract
+    listener(RequestFinished("tw", "other", "GET", "get", "2xx", 0.1, 1))
+    assert value(registry, name, transport="tw", host="other", method="GET", route="get",
+                 outcome="retried") is None  # fmt: skip
 
 
 class _Flaky:

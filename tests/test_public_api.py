@@ -76,6 +76,7 @@ SURFACE: dict[str, list[str]] = {
         "ConcurrencyBlocked",
         "Event",
         "FleetStateChanged",
+        "FleetViewUpdated",
         "Listener",
         "RequestFinished",
         "RetryAttemptStarted",

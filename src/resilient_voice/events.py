@@ -33,6 +33,7 @@ __all__ = [
     "ConcurrencyBlocked",
     "Event",
     "FleetStateChanged",
+    "FleetViewUpdated",
     "Listener",
     "RequestFinished",
     "RetryAttemptStarted",
@@ -134,6 +135,11 @@ class RequestFinished(Event):
     host, or ``"other"`` (never the raw request host); ``status_class`` is ``"1xx"`` ... ``"5xx"``,
     the :class:`~resilient_voice.FailureKind` value when no response came back, or
     ``"cancelled"``. All bounded, so they are safe as metric labels.
+
+    ``backpressure`` counts the attempts the upstream answered with HTTP 429 (Twilio's error
+    20429 always comes as a 429; Vapi's rate limits too): the provider pushing back, not
+    failing. ``ended_in_backpressure`` is true when the last answer was one of them, so the
+    caller got the 429 (or gave up on it) rather than a later answer.
     """
 
     host: str
@@ -142,6 +148,8 @@ class RequestFinished(Event):
     status_class: str
     duration: float
     attempts: int
+    backpressure: int = 0
+    ended_in_backpressure: bool = False
 
 
 def dispatch(listeners: tuple[Listener, ...], event: Event) -> None:
@@ -227,6 +235,22 @@ class FleetStateChanged(Event):
     rule: str
 
 
+@dataclass(frozen=True, slots=True)
+class FleetViewUpdated(Event):
+    """A shared breaker read the fleet's summaries (about once a second, and after a transition).
+
+    What the breaker's ``statistics().fleet`` holds, as a record a metrics listener can turn
+    into gauges: ``live`` replicas (heartbeat not expired, this one included), how many of
+    them are ``open`` (or half-open), the ``calls`` in their windows summed, and the combined
+    ``failure_rate`` (0.0 with no calls).
+    """
+
+    live: int
+    open: int
+    calls: int
+    failure_rate: float
+
+
 # Limiter records (TokenBucket, KeyedLimiter). ``key`` is None for a plain bucket; it is kept so
 # that logs and tests can see which key was limited, but keys are unbounded (client addresses,
 # phone numbers): a metrics listener must never turn one into a label.
@@ -260,14 +284,17 @@ class BucketEvicted(Event):
 
 @dataclass(frozen=True, slots=True)
 class StoreAvailabilityChanged(Event):
-    """A limiter's shared store (Redis) became unavailable, or available again.
+    """A limiter's or shared breaker's store (Redis) became unavailable, or available again.
 
     ``fallback`` is what the limiter does while it is unavailable (``"local"``, ``"allow"``
-    or ``"deny"``); one record per transition, never one per call.
+    or ``"deny"``); one record per transition, never one per call. ``primitive`` says what
+    kind of object ``source`` names: ``"limiter"``, or ``"breaker"`` for a shared breaker's
+    fleet view (its fallback is always ``"local"``: it keeps its own state machine).
     """
 
     available: bool
     fallback: str
+    primitive: str = "limiter"
 
 
 # Provider client records (VapiClient). ``source`` is the client's name.

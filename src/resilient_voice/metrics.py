@@ -48,6 +48,7 @@ from resilient_voice.events import (
     ConcurrencyBlocked,
     Event,
     FleetStateChanged,
+    FleetViewUpdated,
     RequestFinished,
     RetryAttemptStarted,
     RetryGaveUp,
@@ -130,6 +131,11 @@ class PrometheusMetrics:
     - ``breaker_fleet_transitions_total{breaker,rule,to_state}``: a shared breaker's fleet rule
       (``quorum``, ``rate``) opened this replica, or the fleet closed it (``fleet``); counted
       in addition to ``breaker_transitions_total``.
+    - ``breaker_fleet_replicas{breaker}``, ``breaker_fleet_open_replicas{breaker}``,
+      ``breaker_fleet_calls{breaker}``, ``breaker_fleet_failure_rate{breaker}`` gauges: the
+      fleet as this replica last read it (live replicas, how many are open, the calls in their
+      windows and the combined failure rate); a shared breaker's series appear at its first
+      reading. Multiprocess mode: ``livemax``.
     - ``limiter_granted_total{limiter}``, ``limiter_rejected_total{limiter}``,
       ``limiter_evicted_total{limiter,lossy}`` (``lossy="true"``: the dropped keyed bucket was
       not full), ``limiter_wait_seconds{limiter}`` histogram.
@@ -138,7 +144,11 @@ class PrometheusMetrics:
       first transition (no series: it never lost its store). In multiprocess mode the gauge
       uses ``livemin``: 0 if any live process is on its fallback.
       ``limiter_store_unavailable_total{limiter,fallback}``: transitions to the fallback
-      (``fallback``: ``local``, ``allow`` or ``deny``), one per outage and process.
+      (``fallback``: ``local``, ``allow`` or ``deny``), one per outage and process. Limiters
+      only.
+    - ``store_available{primitive,name}`` gauge and
+      ``store_unavailable_total{primitive,name,fallback}``: the same for every object with a
+      shared store, ``primitive`` telling them apart (``limiter``, ``breaker``).
     - ``retry_attempts_total{policy}``, ``retry_retries_total{policy,reason}``,
       ``retry_give_ups_total{policy,reason}`` (``reason``: a
       :class:`~resilient_voice.FailureKind` value, or ``unclassified``),
@@ -146,6 +156,9 @@ class PrometheusMetrics:
     - ``http_client_requests_total``, ``http_client_request_duration_seconds`` and
       ``http_client_attempts_total``, labelled ``transport``, ``host``, ``method``, ``route``,
       ``status_class`` (see :class:`~resilient_voice.events.RequestFinished`).
+    - ``http_client_backpressure_total{transport,host,method,route,outcome}``: answers with
+      HTTP 429 (Twilio's 20429), one per attempt; ``outcome`` is ``retried`` when another
+      attempt followed, ``final`` when it was the request's last answer.
     - ``provider_concurrency_total{client,outcome}``: a provider said the account's concurrent
       call slots were all taken (``blocked``: the call was created and waits; ``refused``).
 
@@ -153,11 +166,14 @@ class PrometheusMetrics:
         registry: The registry recorded into.
 
     The collectors are attributes too: ``breaker_state``, ``breaker_transitions``,
-    ``breaker_calls``, ``breaker_fleet_transitions``, ``limiter_granted``,
+    ``breaker_calls``, ``breaker_fleet_transitions``, ``breaker_fleet_replicas``,
+    ``breaker_fleet_open_replicas``, ``breaker_fleet_calls``, ``breaker_fleet_failure_rate``,
+    ``limiter_granted``,
     ``limiter_rejected``, ``limiter_evicted``, ``limiter_wait``, ``limiter_store_available``,
-    ``limiter_store_unavailable``, ``retry_attempts``, ``retry_retries``, ``retry_give_ups``,
-    ``retry_outcome_unknown``, ``http_client_requests``, ``http_client_duration``,
-    ``http_client_attempts`` and ``provider_concurrency``.
+    ``limiter_store_unavailable``, ``store_available``, ``store_unavailable``,
+    ``retry_attempts``, ``retry_retries``, ``retry_give_ups``, ``retry_outcome_unknown``,
+    ``http_client_requests``, ``http_client_duration``, ``http_client_attempts``,
+    ``http_client_backpressure`` and ``provider_concurrency``.
 
     Args:
         registry: Where to register; default ``prometheus_client.REGISTRY``.
@@ -207,6 +223,23 @@ class PrometheusMetrics:
             ("breaker", "rule", "to_state"),
             reg,
         )
+        fleet = {
+            "breaker_fleet_replicas": "Live replicas of a shared circuit breaker (this one too).",
+            "breaker_fleet_open_replicas": "Replicas of a shared circuit breaker that are open.",
+            "breaker_fleet_calls": "Calls in the windows of a shared breaker's live replicas.",
+            "breaker_fleet_failure_rate": "Combined failure rate of a shared breaker's replicas.",
+        }
+        (
+            self.breaker_fleet_replicas,
+            self.breaker_fleet_open_replicas,
+            self.breaker_fleet_calls,
+            self.breaker_fleet_failure_rate,
+        ) = (
+            get_or_create(
+                Gauge, PREFIX + name, text, ("breaker",), reg, multiprocess_mode="livemax"
+            )
+            for name, text in fleet.items()
+        )
         self.limiter_granted = get_or_create(
             Counter, PREFIX + "limiter_granted", "Rate limiter grants.", ("limiter",), reg
         )
@@ -241,6 +274,21 @@ class PrometheusMetrics:
             PREFIX + "limiter_store_unavailable",
             "Times a rate limiter's shared store became unavailable, by the fallback it used.",
             ("limiter", "fallback"),
+            reg,
+        )
+        self.store_available = get_or_create(
+            Gauge,
+            PREFIX + "store_available",
+            "Whether the shared store (Redis) of a limiter or breaker answers (1) or not (0).",
+            ("primitive", "name"),
+            reg,
+            multiprocess_mode="livemin",
+        )
+        self.store_unavailable = get_or_create(
+            Counter,
+            PREFIX + "store_unavailable",
+            "Times the shared store of a limiter or breaker became unavailable, by fallback.",
+            ("primitive", "name", "fallback"),
             reg,
         )
         self.retry_attempts = get_or_create(
@@ -292,6 +340,14 @@ class PrometheusMetrics:
             PREFIX + "http_client_attempts",
             "Attempts made for outbound HTTP requests.",
             http,
+            reg,
+        )
+        self.http_client_backpressure = get_or_create(
+            Counter,
+            PREFIX + "http_client_backpressure",
+            "Outbound answers with HTTP 429 (the provider pushing back), one per attempt, by "
+            "outcome (retried: another attempt followed; final: the request's last answer).",
+            ("transport", "host", "method", "route", "outcome"),
             reg,
         )
         self.provider_concurrency = get_or_create(
@@ -346,6 +402,20 @@ class PrometheusMetrics:
                 )
             )
         )
+        self._backpressure: _Children[tuple[str, str, str, str], tuple[Any, Any]] = _Children(
+            lambda key: (
+                self.http_client_backpressure.labels(*key, "retried"),
+                self.http_client_backpressure.labels(*key, "final"),
+            )
+        )
+        self._fleet_gauges: _Children[str, tuple[Any, Any, Any, Any]] = _Children(
+            lambda breaker: (
+                self.breaker_fleet_replicas.labels(breaker),
+                self.breaker_fleet_open_replicas.labels(breaker),
+                self.breaker_fleet_calls.labels(breaker),
+                self.breaker_fleet_failure_rate.labels(breaker),
+            )
+        )
         self._concurrency: _Children[tuple[str, str], Any] = _Children(
             lambda key: self.provider_concurrency.labels(*key)
         )
@@ -385,11 +455,24 @@ class PrometheusMetrics:
             case BucketEvicted(source=limiter, lossy=lossy):
                 children = self._limiters[limiter]
                 (children.lossy if lossy else children.evicted).inc()
-            case StoreAvailabilityChanged(source=limiter, available=available, fallback=mode):
+            case FleetViewUpdated(source=breaker, live=live, open=opened, calls=calls):
+                gauges = self._fleet_gauges[breaker]
+                gauges[0].set(live)
+                gauges[1].set(opened)
+                gauges[2].set(calls)
+                gauges[3].set(event.failure_rate)
+            case StoreAvailabilityChanged(
+                source=name, available=available, fallback=mode, primitive=primitive
+            ):
                 # Rare (one record per transition): no children cache.
-                self.limiter_store_available.labels(limiter).set(1.0 if available else 0.0)
+                up = 1.0 if available else 0.0
+                self.store_available.labels(primitive, name).set(up)
                 if not available:
-                    self.limiter_store_unavailable.labels(limiter, mode).inc()
+                    self.store_unavailable.labels(primitive, name, mode).inc()
+                if primitive == "limiter":  # the limiter's own series predate the others
+                    self.limiter_store_available.labels(name).set(up)
+                    if not available:
+                        self.limiter_store_unavailable.labels(name, mode).inc()
             case RetryAttemptStarted(source=policy):
                 self._attempts[policy].inc()
             case RetryScheduled(source=policy, kind=kind):
@@ -405,6 +488,14 @@ class PrometheusMetrics:
                 requests.inc()
                 durations.observe(duration)
                 tries.inc(attempts)
+                pushed = event.backpressure
+                if pushed:
+                    retried, final = self._backpressure[source, host, method, route]
+                    if event.ended_in_backpressure:
+                        final.inc()
+                        pushed -= 1
+                    if pushed:
+                        retried.inc(pushed)
             case ConcurrencyBlocked(source=client, outcome=outcome):
                 self._concurrency[client, outcome].inc()
             case _:

@@ -1,4 +1,10 @@
-"""Request metrics middleware and the ``/metrics`` exposition app."""
+"""Request metrics middleware and the ``/metrics`` exposition app.
+
+Over 400 lines: labelling a request by its route template takes the framework-specific reading
+of the scope and, for requests refused before routing, a walk of the wrapped app's router
+(Starlette mounts, FastAPI included routers, Litestar); both only serve the middleware's labels
+and stay next to it.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +41,11 @@ _STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
 # labelled with the route they were aimed at.
 _REFUSALS = frozenset((403, 413, 429))
 _MAX_DEPTH = 64
+# Routes resolved for refusals, by (method, root_path, path, host): a flood of refusals tends to
+# repeat one path, and resolving walks the router. Paths are the client's, so the cache is
+# bounded: it is emptied when full (a stream of distinct paths costs a resolution each, as
+# without a cache, plus one clear per _AIMED_AT_CACHE of them).
+_AIMED_AT_CACHE = 1024
 
 
 class MetricsMiddleware:
@@ -47,6 +58,10 @@ class MetricsMiddleware:
     - ``resilient_voice_http_server_request_duration_seconds{method,route,status_class}``: from
       the request's arrival until the app returned, i.e. including a streamed body.
     - ``resilient_voice_http_server_requests_in_progress{method}``
+    - ``resilient_voice_http_server_refusals_total{method,route,status}``: responses with
+      status 403 (a webhook guard refused a forged or unsigned request), 413 (a body over the
+      limit) or 429 (the rate limiter), whoever sent them; ``status`` is the status itself,
+      so the refusals ``status_class="4xx"`` lumps together are told apart per route.
 
     ``route`` is the framework's route template, read from the scope after the app ran:
     Starlette and FastAPI put the matched route object in ``scope["route"]`` (its
@@ -126,8 +141,17 @@ class MetricsMiddleware:
         self._in_progress_other = in_progress.labels("OTHER")
         self._method_names: dict[str, str] = {m: m for m in _METHODS}
         self._templates: set[str] = set()
+        self._aimed: dict[tuple[Any, ...], str | None] = {}
+        self._refusals = get_or_create(
+            Counter,
+            PREFIX + "http_server_refusals",
+            "HTTP requests refused with 403, 413 or 429 (webhook guard, body limit, rate "
+            "limiter), by method, route template and status.",
+            ("method", "route", "status"),
+            reg,
+        )
         # (method, status class index, route key...) -> (counter child, histogram child)
-        self._children: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._children: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -172,6 +196,9 @@ class MetricsMiddleware:
         status_class = status // 100
         if not 1 <= status_class <= 5:
             status_class = 0
+        elif status in _REFUSALS:
+            # The status itself in the key: its children count the refusal too (see _new_children).
+            status_class = status
         key: tuple[Any, ...]
         route = scope.get("route")
         if route is outer[0]:
@@ -195,15 +222,39 @@ class MetricsMiddleware:
             if template is None and self._route_template is not None:
                 template = self._route_template(scope)
             if template is None and status in _REFUSALS and self._router is not None:
-                template = _aimed_at(self._router, scope)
+                template = self._aimed_at(scope)
             key = (method, status_class, template)
         children = self._children.get(key)
         if children is None:
             children = self._new_children(key, route)
         children[0].inc()
         children[1].observe(elapsed)
+        if children[2] is not None:
+            children[2].inc()
 
-    def _new_children(self, key: tuple[Any, ...], route: object) -> tuple[Any, Any]:
+    def _aimed_at(self, scope: Scope) -> str | None:
+        """The template a refused request was aimed at, resolved once per distinct request line."""
+        headers = scope.get("headers")
+        key = (
+            scope.get("method"),
+            scope.get("root_path", ""),
+            scope.get("path"),
+            get_header(scope, b"host") if headers else None,
+        )
+        aimed = self._aimed
+        try:
+            return aimed[key]
+        except KeyError:
+            pass
+        except TypeError:  # an odd scope with an unhashable value: no caching
+            return _aimed_at(self._router, scope)
+        template = _aimed_at(self._router, scope)
+        if len(aimed) >= _AIMED_AT_CACHE:
+            aimed.clear()
+        aimed[key] = template
+        return template
+
+    def _new_children(self, key: tuple[Any, ...], route: object) -> tuple[Any, Any, Any]:
         method, status_class, template = key[0], key[1], key[2]
         if len(key) == 4 and isinstance(template, str):
             mount = key[3]
@@ -219,8 +270,12 @@ class MetricsMiddleware:
                 template = OVERFLOW
             else:
                 self._templates.add(template)
+        refusal = None
+        if status_class in _REFUSALS:
+            refusal = self._refusals.labels(method, template, str(status_class))
+            status_class //= 100
         labels = (method, template, _STATUS_CLASSES[status_class])
-        children = (self._requests.labels(*labels), self._duration.labels(*labels))
+        children = (self._requests.labels(*labels), self._duration.labels(*labels), refusal)
         if len(self._children) < self._max_children:  # bounded even if keys are not
             self._children[key] = children
         return children

@@ -52,6 +52,7 @@ from resilient_voice.events import (
     CallRejected,
     CallSucceeded,
     FleetStateChanged,
+    FleetViewUpdated,
     Listener,
     StateChanged,
     check_listener,
@@ -716,6 +717,14 @@ class CircuitBreaker:
                 failure_rate=self._fleet.failure_rate,
                 fleet_opened=self._fleet_opened,
                 available=True,
+            )
+        fleet = self._fleet
+        if self._listeners and fleet is not None:
+            dispatch(
+                self._listeners,
+                FleetViewUpdated(
+                    self._name, fleet.live, fleet.open, fleet.calls, fleet.failure_rate
+                ),
             )
 
     def _fleet_transition(self, rule: str, change: Callable[[], None]) -> None:

@@ -66,7 +66,9 @@ that applies them; the body reading and ``Retry-After`` parsing live in ``_body`
 
 Listeners get bounded labels: ``host`` is the matched route's ``host``, or ``other`` (a route for
 any host, or no route); ``status_class`` is ``1xx`` ... ``5xx``, a :class:`FailureKind` value
-when no response came back, or ``cancelled``.
+when no response came back, or ``cancelled``. Answers with HTTP 429 are also counted on their
+own (``backpressure`` of :class:`~resilient_voice.events.RequestFinished`), retried ones
+included: the provider asking to slow down is not the caller's mistake like other 4xx.
 """
 
 from __future__ import annotations
@@ -407,10 +409,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         timeout = policy.timeout
         clock = policy.clock
         attempts = 0
+        # Answers with HTTP 429 (Twilio's 20429, Vapi's rate limit): counted apart from other
+        # 4xx for the listeners; ``last_429`` says whether the latest answer was one.
+        pushed = 0
+        last_429 = False
 
         async def attempt() -> httpx.Response:
-            nonlocal attempts
+            nonlocal attempts, pushed, last_429
             attempts += 1
+            last_429 = False
             # The attempt's own deadline: the policy's timeout scope ends with this function,
             # so a body streamed to the caller later must carry the bound with it.
             deadline = clock.now() + timeout if timeout is not None else None
@@ -430,6 +437,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 # outcome), not a bare httpx error after the transport returned. Its httpx
                 # errors (cut off, stalled, undecodable) are MAYBE_PROCESSED by _classify.
                 return await buffered(response, request, limit, FailureKind.MAYBE_PROCESSED)
+            if status == 429:
+                pushed += 1
+                last_429 = True
             if response.is_stream_consumed:
                 failed = response  # an inner transport that already read (and decoded) it
                 failed.request = request
@@ -502,6 +512,8 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                         status_class,
                         time.perf_counter() - started,
                         attempts,
+                        pushed,
+                        last_429,
                     ),
                 )
 

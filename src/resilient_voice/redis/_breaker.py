@@ -166,7 +166,8 @@ class BreakerFleet:
         for breaker in list(self._fleet_state.breakers.values()):
             if breaker._listeners:
                 dispatch(
-                    breaker._listeners, StoreAvailabilityChanged(breaker.name, available, "local")
+                    breaker._listeners,
+                    StoreAvailabilityChanged(breaker.name, available, "local", "breaker"),
                 )
 
     async def _fleet_loop(self) -> None:
