@@ -67,6 +67,9 @@ LAYERS: dict[str, int] = {
     "resilient_voice.cli": ADAPTER,
     "resilient_voice._demo": ADAPTER,
     "resilient_voice._demo_view": ADAPTER,
+    "resilient_voice._demo_campaign": ADAPTER,
+    "resilient_voice._demo_faults": ADAPTER,
+    "resilient_voice._demo_fleet": ADAPTER,
     "resilient_voice.__main__": ADAPTER,
 }
 
