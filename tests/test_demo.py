@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _redis import REDIS_URL
-from resilient_voice._demo import DemoOptions, numbers_for, run_demo
+from resilient_voice._demo import DemoOptions, busiest_second, numbers_for, run_demo
 from resilient_voice._demo_faults import FAULT_KINDS, FAULT_PROFILES, PROFILE_HELP, FaultPlan
 from resilient_voice.cli import main
 
@@ -92,6 +92,12 @@ def test_seeds_differ_and_phases_follow_the_campaign() -> None:
     )
     with pytest.raises(ValueError, match="profile"):
         FaultPlan("apocalypse", 1, NUMBERS)
+
+
+def test_busiest_second_slides_over_the_creation_times() -> None:
+    assert busiest_second([]) == 0
+    assert busiest_second([0.0, 0.5, 0.99, 1.0, 1.5]) == 3
+    assert busiest_second([2.0, 0.0, 0.1, 0.2]) == 3
 
 
 async def test_the_storm_at_the_default_rate_places_every_number_once(tmp_path: Path) -> None:
@@ -191,8 +197,10 @@ def test_a_fleet_of_two_workers_shares_one_cps_budget() -> None:
     assert report["workers"] == 2
     assert report["ok"] is True
     assert (report["placed"], report["unplaced"], report["duplicates"]) == (40, [], {})
-    # Measured by the upstream on its own clock, across both processes.
+    # Measured by the upstream on its own clock, across both processes: no call earlier than
+    # the shared schedule allows (0.1 s tolerance), so at most 20 + 1 + 2 in any one second.
     assert report["cps_violations"] == 0
+    assert 0 < report["upstream_busiest_second"] <= 23
     assert report["upstream_created"] == 40
 
 

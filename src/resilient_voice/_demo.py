@@ -40,6 +40,7 @@ __all__ = [
     "FAULT_PROFILES",
     "DemoOptions",
     "DemoReport",
+    "busiest_second",
     "export_svg",
     "log_to_file",
     "numbers_for",
@@ -105,6 +106,7 @@ class DemoReport:
     transitions: list[dict[str, Any]] = field(default_factory=list)
     metrics_url: str = ""
     cps_violations: int = 0
+    upstream_busiest_second: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     log_file: str = ""
 
@@ -164,6 +166,17 @@ def percentiles(samples: Sequence[float]) -> dict[str, float]:
     return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
 
 
+def busiest_second(times: Sequence[float]) -> int:
+    """The most calls created within any one second (a sliding window over ``times``)."""
+    ordered = sorted(times)
+    best = start = 0
+    for end, moment in enumerate(ordered):
+        while ordered[start] <= moment - 1.0:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
 def add_counts(report: DemoReport, counts: Counts) -> None:
     """Add one campaign's counts to the report (one per worker in a fleet)."""
     report.attempts += counts.attempts
@@ -189,6 +202,7 @@ def check_upstream(
     report.upstream_created = len(created)
     report.duplicates = dict(fake.duplicate_destinations(provider))
     report.cps_violations = fake.cps_violations() if provider == "twilio" else 0
+    report.upstream_busiest_second = busiest_second([call.time for call in created])
     created_numbers = {call.to for call in created}
     said_placed = {n for n, o in outcomes.items() if o in settled}
     # Not placed is a claim like any failure: the upstream must not have the call.
@@ -241,7 +255,7 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoRepor
             print(f"metrics: {report.metrics_url}", file=out)
         started = time.monotonic()
         deadline = started + options.deadline
-        if options.workers > 1:
+        if options.workers > 1 or options.redis_url:
             from resilient_voice._demo_fleet import run_fleet
 
             outcomes, last = await run_fleet(options, upstream, plan, upstream_app, report, out)

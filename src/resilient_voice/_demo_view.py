@@ -131,6 +131,10 @@ def _rows(report: DemoReport) -> list[tuple[str, str]]:
         ("duplicate calls seen upstream", str(sum(report.duplicates.values()))),
         ("lost calls", str(len(report.lost))),
         ("CPS violations seen upstream", str(report.cps_violations)),
+        (
+            "busiest second upstream (calls; limit)",
+            f"{report.upstream_busiest_second}; {report.cps:g}/s",
+        ),
         ("latency per request p50 / p95 / p99 (ms)", latency),
         ("run time (s)", str(report.seconds)),
     ]

@@ -158,10 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import rich  # noqa: F401
         import uvicorn  # noqa: F401
 
-        if args.workers > 1:
+        if args.redis is not None:
             import coredis  # noqa: F401
     except ImportError as exc:
-        extra = "demo,redis" if args.workers > 1 else "demo"
+        extra = "demo,redis" if args.redis is not None else "demo"
         print(
             f"resilient-voice demo needs the {extra} extra: "
             f"pip install 'resilient-voice[{extra}]' ({exc})",
