@@ -198,9 +198,9 @@ def test_a_fleet_of_two_workers_shares_one_cps_budget() -> None:
     assert report["ok"] is True
     assert (report["placed"], report["unplaced"], report["duplicates"]) == (40, [], {})
     # Measured by the upstream on its own clock, across both processes: no call earlier than
-    # the shared schedule allows (0.1 s tolerance), so at most 20 + 1 + 2 in any one second.
+    # the shared schedule allows (0.25 s tolerance), so at most 20 + 1 + 5 in any one second.
     assert report["cps_violations"] == 0
-    assert 0 < report["upstream_busiest_second"] <= 23
+    assert 0 < report["upstream_busiest_second"] <= 26
     assert report["upstream_created"] == 40
 
 

@@ -47,7 +47,7 @@ PROFILE_HELP: Final[Mapping[str, str]] = {
         "through the campaign fails with 503 on their first attempt; the breaker opens."
     ),
     "storm": (
-        "flaky, then three phases on a number's first attempt: a 429 storm (numbers 10 to 25 "
+        "flaky, then three phases on a number's first attempt: a 429 storm (numbers 10 to 20 "
         "percent of the way through), an outage (35 to 41) and lost answers (60 to 75)."
     ),
 }
@@ -65,7 +65,7 @@ FAULT_KINDS: tuple[FaultName, ...] = (
 # The others hit the attempt's first request only, so a retry can get through.
 _PERSISTENT = frozenset(("http_503",))
 _SLOW_SECONDS = 0.3
-_RETRY_AFTER = 0.25
+_RETRY_AFTER = 0.1
 _STEADY = "steady"
 _FLAKY = "flaky"
 
@@ -74,7 +74,7 @@ _PHASES: Mapping[str, tuple[tuple[str, float, float], ...]] = {
     "none": (),
     "flaky": (),
     "outage": (("outage", 0.30, 0.36),),
-    "storm": (("429 storm", 0.10, 0.25), ("outage", 0.35, 0.41), ("lost answers", 0.60, 0.75)),
+    "storm": (("429 storm", 0.10, 0.20), ("outage", 0.35, 0.41), ("lost answers", 0.60, 0.75)),
 }
 
 
