@@ -261,10 +261,10 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoRepor
         if options.workers > 1 or options.redis_url:
             from resilient_voice._demo_fleet import run_fleet
 
-            outcomes, last = await run_fleet(options, upstream, plan, upstream_app, report, out)
+            outcomes, last = await run_fleet(options, upstream, upstream_app, report, out)
         else:
             outcomes, last = await _run_here(
-                options, upstream, plan, upstream_app, report, metrics, started, deadline, out
+                options, upstream, upstream_app, report, metrics, started, deadline, out
             )
         report.seconds = round(time.monotonic() - started, 2)
     report.injected = upstream_app.injected()
@@ -277,7 +277,6 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoRepor
 async def _run_here(
     options: DemoOptions,
     upstream: str,
-    plan: FaultPlan,
     upstream_app: PlannedFaults,
     report: DemoReport,
     metrics: Any,

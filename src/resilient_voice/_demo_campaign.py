@@ -136,7 +136,6 @@ class Campaign:
         self.outcomes: dict[str, str] = dict.fromkeys(self.numbers, "queued")
         self.tries: dict[str, int] = dict.fromkeys(self.numbers, 0)
         self.counts = Counts()
-        self.current = ""
         self.finished = False
         self._place = place
         self._reconcile = reconcile
@@ -176,9 +175,7 @@ class Campaign:
                 ready = self._queue and self._queue[0][0] <= now
                 slot = max(next_slot, self._paused_until)
                 if ready and now >= slot and self._in_flight < self._max_in_flight:
-                    _, order, number = heapq.heappop(self._queue)
-                    if order < len(self.numbers):
-                        self.current = number  # the furthest fresh number: the phase
+                    _, _, number = heapq.heappop(self._queue)
                     self._in_flight += 1
                     self._set(number, "in flight")
                     tasks.start_soon(self._attempt, number)

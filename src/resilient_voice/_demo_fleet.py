@@ -27,7 +27,7 @@ from resilient_voice._demo_view import LiveView, Snapshot
 
 if TYPE_CHECKING:
     from resilient_voice._demo import DemoOptions, DemoReport
-    from resilient_voice._demo_faults import FaultPlan, PlannedFaults
+    from resilient_voice._demo_faults import PlannedFaults
 
 __all__ = ["run_fleet"]
 
@@ -37,7 +37,6 @@ _STATS_EVERY = 0.25
 async def run_fleet(
     options: DemoOptions,
     upstream: str,
-    plan: FaultPlan,
     upstream_app: PlannedFaults,
     report: DemoReport,
     out: TextIO,
