@@ -253,9 +253,9 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoRepor
         serve(make_metrics_app(registry), port=options.metrics_port) as metrics_url,
     ):
         report.metrics_url = f"{metrics_url}/metrics"
-        if not options.live:
-            print(f"fake {options.provider} upstream: {upstream}", file=out)
-            print(f"metrics: {report.metrics_url}", file=out)
+        # Above the live view, which redraws below them: where to look while it runs.
+        print(f"fake {options.provider} upstream: {upstream}", file=out)
+        print(f"metrics: {report.metrics_url}", file=out, flush=True)
         started = time.monotonic()
         deadline = started + options.deadline
         if options.workers > 1 or options.redis_url:
