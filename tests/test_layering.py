@@ -67,6 +67,9 @@ LAYERS: dict[str, int] = {
     "resilient_voice.cli": ADAPTER,
     "resilient_voice._demo": ADAPTER,
     "resilient_voice._demo_view": ADAPTER,
+    "resilient_voice._demo_campaign": ADAPTER,
+    "resilient_voice._demo_faults": ADAPTER,
+    "resilient_voice._demo_fleet": ADAPTER,
     "resilient_voice.__main__": ADAPTER,
 }
 
@@ -80,8 +83,22 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("resilient_voice._demo", "resilient_voice.asgi"): "prometheus-client, when metrics are on",
     ("resilient_voice._demo", "resilient_voice.metrics"): "prometheus-client, when metrics are on",
     ("resilient_voice._demo", "resilient_voice.testing"): "the fake and uvicorn, when it runs",
-    ("resilient_voice._demo", "resilient_voice.twilio"): "httpx and pydantic, when it runs",
-    ("resilient_voice._demo", "resilient_voice.vapi"): "httpx and pydantic, when it runs",
+    ("resilient_voice._demo", "resilient_voice._demo_fleet"): "only with --workers",
+    ("resilient_voice._demo_fleet", "resilient_voice._demo"): "the report's helpers, at run time",
+    ("resilient_voice._demo_fleet", "resilient_voice.redis"): "coredis, in a worker process",
+    (
+        "resilient_voice._demo_campaign",
+        "resilient_voice.twilio",
+    ): "httpx and pydantic, when it runs",
+    ("resilient_voice._demo_campaign", "resilient_voice.vapi"): "httpx and pydantic, when it runs",
+    (
+        "resilient_voice._demo_faults",
+        "resilient_voice.testing._fake_http",
+    ): "the fake, when it runs",
+    ("resilient_voice._demo_faults", "resilient_voice.testing._fake_twilio"): "its error bodies",
+    ("resilient_voice._demo_faults", "resilient_voice.testing._fake_vapi"): "its error bodies",
+    ("resilient_voice._demo_faults", "resilient_voice.testing._serve"): "uvicorn, when it runs",
+    ("resilient_voice.cli", "resilient_voice._demo_faults"): "`--help` names the fault profiles",
 }
 
 LONG = 400

@@ -1,11 +1,13 @@
 """`resilient-voice demo`: an outbound campaign against a misbehaving fake provider.
 
-The demo starts :class:`~resilient_voice.testing.FakeTelephony` on loopback with a scripted fault
-profile, places ``calls`` outbound calls through the typed client at ``cps`` calls per second,
-reconciles every call whose outcome was unknown by listing the upstream's calls, and checks the
-two promises of the library against the upstream's own records: nobody was called twice, and no
-call was lost (created upstream but reported as a definite failure, or reported placed but
-absent upstream).
+The demo serves :class:`~resilient_voice.testing.FakeTelephony` on loopback behind the fault
+plan of a profile (:mod:`resilient_voice._demo_faults`), calls every one of ``calls`` numbers
+through the typed client at ``cps`` calls per second, re-queueing what did not go through
+(:mod:`resilient_voice._demo_campaign`), and checks the library's promises against the
+upstream's own records: every number was called exactly once (placed, none twice), no call was
+lost (created upstream but reported not placed, or reported placed but absent), and the calls
+per second stayed within the account's limit. With ``workers`` > 1 the campaign runs from that
+many processes sharing one CPS budget in Redis (:mod:`resilient_voice._demo_fleet`).
 """
 
 from __future__ import annotations
@@ -14,27 +16,46 @@ import json
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TextIO
 
 import anyio
 
-from resilient_voice._demo_view import LiveView, render_summary
-from resilient_voice.breaker import CircuitBreaker
-from resilient_voice.errors import OutcomeUnknownError, RejectedError
-from resilient_voice.events import BreakerState, Event, RetryScheduled, StateChanged
-from resilient_voice.limiter import TokenBucket
-from resilient_voice.policy import Policy
-from resilient_voice.retry import RetryPolicy
+from resilient_voice._demo_campaign import (
+    ACCOUNT_SID,
+    AUTH_TOKEN,
+    VAPI_KEY,
+    Campaign,
+    Counts,
+    Tally,
+    create_policies,
+    open_client,
+)
+from resilient_voice._demo_faults import FAULT_PROFILES, FaultPlan, PlannedFaults
+from resilient_voice._demo_view import LiveView, Snapshot, export_svg, render_summary
 
-__all__ = ["FAULT_PROFILES", "DemoOptions", "DemoReport", "render_summary", "run_demo"]
+__all__ = [
+    "CPS_TOLERANCE",
+    "FAULT_PROFILES",
+    "DemoOptions",
+    "DemoReport",
+    "busiest_second",
+    "export_svg",
+    "log_to_file",
+    "numbers_for",
+    "percentiles",
+    "render_summary",
+    "run_demo",
+]
 
-ACCOUNT_SID = "AC" + "de30" * 8
-AUTH_TOKEN = "demo-auth-token"  # noqa: S105  (a fake account on loopback)
-VAPI_KEY = "demo-vapi-key"
-CALLER_ID = "+15005550006"
-FAULT_PROFILES = ("none", "flaky", "outage", "storm")
+# Seconds of earliness the fake forgives before a call counts as a CPS violation. A request that
+# reaches the fake late shifts its schedule, and every call after it in the same busy stretch then
+# looks early by that delay: the tolerance has to cover the worst transit delay of a whole run on
+# a loaded machine (the client and the fake share one process and its GIL). At 20 calls per
+# second an unpaced burst of more than 1 + 0.25 * 20 = 6 calls is still always caught.
+CPS_TOLERANCE = 0.25
+SETTLED = frozenset(("placed", "reconciled"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,24 +71,37 @@ class DemoOptions:
     json: bool = False
     provider: str = "twilio"
     recovery_timeout: float = 1.0
+    deadline: float = 120.0
+    workers: int = 1
+    redis_url: str | None = None
+    log_file: str = ""
+    export_svg: str | None = None
 
 
 @dataclass(slots=True)
 class DemoReport:
-    """The outcome of a demo run; ``ok`` is False on any duplicate or lost call."""
+    """The outcome of a demo run; see :attr:`ok`."""
 
     provider: str
     faults: str
+    seed: int
     calls: int
     cps: float
+    workers: int = 1
+    deadline: float = 120.0
     seconds: float = 0.0
     placed: int = 0
+    unplaced: list[str] = field(default_factory=list)
     failed: int = 0
+    attempts: int = 0
+    injected: dict[str, int] = field(default_factory=dict)
     failed_fast: int = 0
+    refused_limiter: int = 0
     retried: int = 0
     outcome_unknown: int = 0
     reconciled_placed: int = 0
     reconciled_not_placed: int = 0
+    requeued: int = 0
     upstream_created: int = 0
     duplicates: dict[str, int] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)
@@ -75,73 +109,55 @@ class DemoReport:
     transitions: list[dict[str, Any]] = field(default_factory=list)
     metrics_url: str = ""
     cps_violations: int = 0
+    upstream_busiest_second: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    log_file: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.duplicates and not self.lost
+        """Every number called exactly once, nothing lost, and the CPS limit held."""
+        return (
+            not self.duplicates and not self.lost and not self.unplaced and not self.cps_violations
+        )
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "ok": self.ok}, indent=2, sort_keys=True)
 
 
-def fault_script(profile: str, duration: float) -> list[Any]:
-    """The fault rules of a profile, timed against the run's expected ``duration``."""
-    from resilient_voice.testing import Fault
+def log_to_file(path: str | None) -> str:
+    """Send every log record of this process to a file, never over the view; return its path.
 
-    create = "*.calls.create"
-    if profile == "none":
-        return []
-    rules = [
-        Fault.error_rate(0.04, status=500, endpoints=create),
-        Fault.drop_after(0.03, endpoints=create),
-        Fault.drop_before(0.02, endpoints=create),
-        Fault.latency(0.02, probability=0.3, endpoints=create),
-    ]
-    if profile in ("outage", "storm"):
-        start = 0.3 * duration
-        rules.insert(0, Fault.outage(start, start + max(1.0, 0.15 * duration), endpoints=create))
-    if profile == "storm":
-        start = 0.12 * duration
-        rules.insert(
-            0,
-            Fault.rate_limited(
-                1.0, retry_after=0.25, start=start, end=start + 0.4, endpoints=create
-            ),
-        )
-    return rules
-
-
-class Tally:
-    """Counts retries and records breaker transitions for the live view and the summary.
-
-    ``count_retries`` listens to the retry policy; the tally itself listens to the breaker.
+    Warnings (the library's own, uvicorn's, a worker's) are records too. Appending keeps the
+    lines of a fleet's worker processes in the same file.
     """
+    import logging
+    import os
+    import tempfile
 
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.retries = 0
-        self.state = BreakerState.CLOSED
-        self.transitions: list[dict[str, Any]] = []
-
-    def count_retries(self, event: Event) -> None:
-        """The retry policy's listener: counts scheduled retries."""
-        if isinstance(event, RetryScheduled):
-            self.retries += 1
-
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, StateChanged):
-            self.state = event.new
-            self.transitions.append(
-                {
-                    "at_s": round(time.monotonic() - self.started, 3),
-                    "from": event.old.value,
-                    "to": event.new.value,
-                }
-            )
+    if not path:
+        fd, path = tempfile.mkstemp(prefix="resilient-voice-demo-", suffix=".log")
+        os.close(fd)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s pid=%(process)d %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    logging.captureWarnings(True)
+    return path
 
 
-def _percentiles(samples: Sequence[float]) -> dict[str, float]:
+def numbers_for(calls: int) -> list[str]:
+    """The campaign's numbers, in dialling order."""
+    return [f"+1555{index:07d}" for index in range(calls)]
+
+
+def percentiles(samples: Sequence[float]) -> dict[str, float]:
+    """p50, p95 and p99 of ``samples`` (seconds), in milliseconds (nearest rank)."""
     if not samples:
         return {}
     ordered = sorted(samples)
@@ -153,8 +169,52 @@ def _percentiles(samples: Sequence[float]) -> dict[str, float]:
     return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99)}
 
 
+def busiest_second(times: Sequence[float]) -> int:
+    """The most calls created within any one second (a sliding window over ``times``)."""
+    ordered = sorted(times)
+    best = start = 0
+    for end, moment in enumerate(ordered):
+        while ordered[start] <= moment - 1.0:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def add_counts(report: DemoReport, counts: Counts) -> None:
+    """Add one campaign's counts to the report (one per worker in a fleet)."""
+    report.attempts += counts.attempts
+    report.failed_fast += counts.refused_breaker
+    report.refused_limiter += counts.refused_limiter
+    report.outcome_unknown += counts.outcome_unknown
+    report.reconciled_placed += counts.reconciled_placed
+    report.reconciled_not_placed += counts.reconciled_not_placed
+    report.requeued += counts.requeued
+    for name, count in counts.errors.items():
+        report.errors[name] = report.errors.get(name, 0) + count
+
+
+def check_upstream(
+    report: DemoReport, fake: Any, outcomes: dict[str, str], provider: Literal["twilio", "vapi"]
+) -> None:
+    """Fill the verdict's fields from the campaign's outcomes and the upstream's records."""
+    settled = SETTLED
+    report.placed = sum(1 for o in outcomes.values() if o in settled)
+    report.failed = sum(1 for o in outcomes.values() if o == "failed")
+    report.unplaced = sorted(n for n, o in outcomes.items() if o not in settled)
+    created = fake.calls(provider)
+    report.upstream_created = len(created)
+    report.duplicates = dict(fake.duplicate_destinations(provider))
+    report.cps_violations = fake.cps_violations() if provider == "twilio" else 0
+    report.upstream_busiest_second = busiest_second([call.time for call in created])
+    created_numbers = {call.to for call in created}
+    said_placed = {n for n, o in outcomes.items() if o in settled}
+    # Not placed is a claim like any failure: the upstream must not have the call.
+    said_not_placed = {n for n, o in outcomes.items() if o not in settled and o != "unknown"}
+    report.lost = sorted((said_not_placed & created_numbers) | (said_placed - created_numbers))
+
+
 async def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoReport:
-    """Run the demo campaign and return its report (printing progress to ``out``)."""
+    """Run the demo campaign and return its report (drawing progress on ``out``)."""
     from prometheus_client import CollectorRegistry
 
     from resilient_voice.asgi import make_metrics_app
@@ -162,169 +222,114 @@ async def run_demo(options: DemoOptions, out: TextIO | None = None) -> DemoRepor
     from resilient_voice.testing import FakeTelephony, serve
 
     out = out if out is not None else sys.stdout
-    duration = options.calls / options.cps
+    provider: Literal["twilio", "vapi"] = "vapi" if options.provider == "vapi" else "twilio"
+    numbers = numbers_for(options.calls)
+    plan = FaultPlan(options.faults, options.seed, numbers)
     fake = FakeTelephony(
         seed=options.seed,
         twilio_accounts={ACCOUNT_SID: AUTH_TOKEN},
         vapi_api_keys=[VAPI_KEY],
         calls_per_second=options.cps,
+        cps_tolerance=CPS_TOLERANCE,
         call_duration=0.05,
         status_callbacks=False,
-        faults=fault_script(options.faults, duration),
     )
+    upstream_app = PlannedFaults(fake, plan)
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry)
-    started = time.monotonic()
-    tally = Tally(started)
-    breaker = CircuitBreaker(
-        f"{options.provider}-demo",
-        failure_threshold=3,
-        recovery_timeout=options.recovery_timeout,
-        listeners=[tally, metrics],
+    report = DemoReport(
+        options.provider,
+        options.faults,
+        options.seed,
+        options.calls,
+        options.cps,
+        workers=options.workers,
+        deadline=options.deadline,
+        log_file=options.log_file,
     )
-    retry = RetryPolicy(
-        max_attempts=3,
-        base_delay=0.05,
-        max_delay=0.5,
-        name="create_call",
-        listeners=[tally.count_retries, metrics],
-    )
-    create = Policy(
-        breaker=breaker,
-        limiter=TokenBucket(options.cps, burst=1, name="cps", listeners=[metrics]),
-        retry=retry,
-        timeout=5.0,
-    )
-    read = Policy(
-        retry=RetryPolicy(max_attempts=5, base_delay=0.05, max_delay=0.5, name="read"),
-        timeout=5.0,
-    )
-    report = DemoReport(options.provider, options.faults, options.calls, options.cps)
-    outcomes: dict[str, str] = {}
-    latencies: list[float] = []
-    numbers = [f"+1555{index:07d}" for index in range(options.calls)]
 
     async with (
-        serve(fake) as upstream,
+        serve(upstream_app) as upstream,
         serve(make_metrics_app(registry), port=options.metrics_port) as metrics_url,
     ):
         report.metrics_url = f"{metrics_url}/metrics"
-        place, reconcile, close = await _provider(options.provider, upstream, create, read, metrics)
-        try:
-            print(f"fake {options.provider} upstream: {upstream}", file=out)
-            print(f"metrics: {report.metrics_url}", file=out)
+        # Above the live view, which redraws below them: where to look while it runs.
+        print(f"fake {options.provider} upstream: {upstream}", file=out)
+        print(f"metrics: {report.metrics_url}", file=out, flush=True)
+        started = time.monotonic()
+        deadline = started + options.deadline
+        if options.workers > 1 or options.redis_url:
+            from resilient_voice._demo_fleet import run_fleet
 
-            unknown: dict[str, str] = {}
-            errors = report.errors
-
-            async def one(number: str) -> None:
-                begun = time.monotonic()
-                try:
-                    await place(number)
-                except OutcomeUnknownError as exc:
-                    outcomes[number] = "unknown"
-                    unknown[number] = exc.attempt_id
-                except RejectedError:
-                    outcomes[number] = "failed_fast"
-                except Exception as exc:  # noqa: BLE001  (any other error is a definite failure)
-                    outcomes[number] = "failed"
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                else:
-                    outcomes[number] = "placed"
-                    latencies.append(time.monotonic() - begun)
-
-            view = LiveView(options, out, outcomes, tally)
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(view.run)
-                async with anyio.create_task_group() as campaign:
-                    for index, number in enumerate(numbers):
-                        # Dispatch at the paced rate; the client's limiter is the real guard.
-                        delay = started + index / options.cps - time.monotonic()
-                        if delay > 0:
-                            await anyio.sleep(delay)
-                        campaign.start_soon(one, number)
-                tasks.cancel_scope.cancel()
-            view.finish()
-
-            for number, attempt_id in unknown.items():
-                found = await reconcile(number, attempt_id)
-                outcomes[number] = "reconciled_placed" if found else "reconciled_not_placed"
-        finally:
-            await close()
-
-    report.seconds = round(time.monotonic() - started, 2)
-    counts = dict.fromkeys(("placed", "failed", "failed_fast"), 0)
-    for outcome in outcomes.values():
-        if outcome in counts:
-            counts[outcome] += 1
-    report.placed = counts["placed"]
-    report.failed = counts["failed"]
-    report.failed_fast = counts["failed_fast"]
-    report.reconciled_placed = sum(1 for o in outcomes.values() if o == "reconciled_placed")
-    report.reconciled_not_placed = sum(1 for o in outcomes.values() if o == "reconciled_not_placed")
-    report.outcome_unknown = report.reconciled_placed + report.reconciled_not_placed
-    report.retried = tally.retries
-    report.transitions = tally.transitions
-    report.latency_ms = _percentiles(latencies)
-    created = fake.calls(options.provider)  # type: ignore[arg-type]
-    report.upstream_created = len(created)
-    provider: Literal["twilio", "vapi"] = "vapi" if options.provider == "vapi" else "twilio"
-    report.duplicates = dict(fake.duplicate_destinations(provider))
-    report.cps_violations = fake.cps_violations() if provider == "twilio" else 0
-    created_numbers = {call.to for call in created}
-    said_placed = {n for n, o in outcomes.items() if o in ("placed", "reconciled_placed")}
-    # Reconciled "not placed" is a claim like any failure: the upstream must not have the call.
-    said_failed = {
-        n for n, o in outcomes.items() if o in ("failed", "failed_fast", "reconciled_not_placed")
-    }
-    report.lost = sorted((said_failed & created_numbers) | (said_placed - created_numbers))
+            outcomes, last = await run_fleet(options, upstream, upstream_app, report, out)
+        else:
+            outcomes, last = await _run_here(
+                options, upstream, upstream_app, report, metrics, started, deadline, out
+            )
+        report.seconds = round(time.monotonic() - started, 2)
+    report.injected = upstream_app.injected()
+    check_upstream(report, fake, outcomes, provider)
+    if options.export_svg:
+        export_svg(report, last, options.export_svg)
     return report
 
 
-async def _provider(
-    provider: str, upstream: str, create: Policy, read: Policy, metrics: Any
-) -> tuple[
-    Callable[[str], Awaitable[None]],
-    Callable[[str, str], Awaitable[bool]],
-    Callable[[], Awaitable[None]],
-]:
-    """Return (place, reconcile, close) for the chosen provider's typed client."""
-    if provider == "twilio":
-        from resilient_voice.twilio import TwilioClient
-
-        twilio = TwilioClient(
-            ACCOUNT_SID,
-            AUTH_TOKEN,
-            base_url=upstream,
-            policies={"create_call": create, "read": read},
+async def _run_here(
+    options: DemoOptions,
+    upstream: str,
+    upstream_app: PlannedFaults,
+    report: DemoReport,
+    metrics: Any,
+    started: float,
+    deadline: float,
+    out: TextIO,
+) -> tuple[dict[str, str], Snapshot | None]:
+    """The campaign from this process; returns each number's outcome and the last view."""
+    tally = Tally(started)
+    create, read, retry = create_policies(
+        options.cps, options.recovery_timeout, tally, listeners=[metrics]
+    )
+    numbers = numbers_for(options.calls)
+    async with open_client(
+        options.provider, upstream, create, read, tally.latencies, listeners=[metrics]
+    ) as (place, reconcile):
+        campaign = Campaign(
+            numbers,
+            place,
+            reconcile,
+            cps=options.cps,
+            deadline=deadline,
+            backoff=retry.backoff,
         )
-        twilio.transport.add_listener(metrics)
 
-        async def place_twilio(number: str) -> None:
-            await twilio.create_call(
-                to=number, from_=CALLER_ID, url="https://example.com/twiml/outbound"
+        def snapshot() -> Snapshot:
+            outcomes = list(campaign.outcomes.values())
+            counts = campaign.counts
+            return Snapshot(
+                elapsed=time.monotonic() - started,
+                calls=options.calls,
+                placed=sum(1 for o in outcomes if o in ("placed", "reconciled")),
+                queued=outcomes.count("queued"),
+                in_flight=outcomes.count("in flight"),
+                failed=outcomes.count("failed"),
+                attempts=counts.attempts,
+                refused_fast=counts.refused_breaker + counts.refused_limiter,
+                unknown=counts.outcome_unknown,
+                retries=tally.retries,
+                breaker=tally.state.value,
+                phase="done" if campaign.finished else upstream_app.phase(),
+                injected=upstream_app.injected(),
             )
 
-        async def reconcile_twilio(number: str, attempt_id: str) -> bool:
-            return bool(await twilio.reconcile_call(to=number))
-
-        return place_twilio, reconcile_twilio, twilio.aclose
-
-    from resilient_voice.vapi import VapiClient
-
-    vapi = VapiClient(VAPI_KEY, base_url=upstream, policies={"create_call": create, "read": read})
-    vapi.add_listener(metrics)
-
-    # The fake's assistant and phone number, looked up once before the campaign.
-    assistant_id = (await vapi.list_assistants())[0].id
-    phone_number_id = (await vapi.list_phone_numbers())[0].id
-
-    async def place_vapi(number: str) -> None:
-        await vapi.create_call(
-            assistant_id=assistant_id, phone_number_id=phone_number_id, customer_number=number
-        )
-
-    async def reconcile_vapi(number: str, attempt_id: str) -> bool:
-        return await vapi.reconcile_call(attempt_id, limit=1000) is not None
-
-    return place_vapi, reconcile_vapi, vapi.aclose
+        view = LiveView(out, live=options.live, snapshot=snapshot)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(view.run)
+            try:
+                await campaign.run()
+            finally:
+                view.stop()
+    add_counts(report, campaign.counts)
+    report.retried = tally.retries
+    report.transitions = tally.transitions
+    report.latency_ms = percentiles(tally.latencies)
+    return campaign.outcomes, view.last

@@ -1,134 +1,211 @@
 """What `resilient-voice demo` shows: the live progress view and the end-of-run summary.
 
-The campaign (:mod:`resilient_voice._demo`) places and reconciles calls and fills a
-:class:`~resilient_voice._demo.DemoReport`; this module only draws: with rich on a terminal, as
-plain lines otherwise. Kept apart so that the campaign reads as the sequence of what it does, and
-what the terminal shows can change without touching it.
+The campaign (:mod:`resilient_voice._demo_campaign`) places and reconciles calls; the demo
+(:mod:`resilient_voice._demo`) hands this module a :class:`Snapshot` of it whenever it draws and
+a :class:`~resilient_voice._demo.DemoReport` at the end. With rich on a terminal the view is
+redrawn in place and its last frame is drawn after the campaign settled, so what stays on the
+screen is the final state; without a terminal it prints one plain line a second and a last one.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 
 if TYPE_CHECKING:
-    from resilient_voice._demo import DemoOptions, DemoReport, Tally
+    from resilient_voice._demo import DemoReport
 
-__all__ = ["LiveView", "render_summary"]
+__all__ = ["LiveView", "Snapshot", "export_svg", "render_summary"]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The campaign at one moment, as the view draws it."""
+
+    elapsed: float
+    calls: int
+    placed: int
+    queued: int
+    in_flight: int
+    failed: int
+    attempts: int
+    refused_fast: int
+    unknown: int
+    retries: int
+    breaker: str
+    phase: str
+    injected: Mapping[str, int] = field(default_factory=dict)
+
+
+def _injected(injected: Mapping[str, int]) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in injected.items() if count) or "none"
+
+
+def _parts(s: Snapshot) -> tuple[str, str, str]:
+    progress = (
+        f"{s.elapsed:5.1f}s  placed {s.placed} of {s.calls}  phase: {s.phase}  breaker: {s.breaker}"
+    )
+    counts = (
+        f"attempts={s.attempts} in_flight={s.in_flight} queued={s.queued} "
+        f"refused_fast={s.refused_fast} unknown={s.unknown} retries={s.retries} "
+        f"failed={s.failed}"
+    )
+    return progress, counts, f"faults injected: {_injected(s.injected)}"
+
+
+def snapshot_line(s: Snapshot) -> str:
+    """One plain line for a log or a pipe."""
+    return "  ".join(_parts(s))
+
+
+def snapshot_renderable(s: Snapshot) -> Any:
+    """The live view as a rich renderable."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    table = Table.grid(padding=(0, 2))
+    table.add_row(ProgressBar(total=s.calls, completed=s.placed, width=50))
+    for part in _parts(s):
+        table.add_row(part)
+    return table
 
 
 class LiveView:
     """The live terminal view (rich) or, without a terminal, one plain line a second."""
 
-    def __init__(
-        self, options: DemoOptions, out: TextIO, outcomes: dict[str, str], tally: Tally
-    ) -> None:
-        self._options = options
+    def __init__(self, out: TextIO, *, live: bool, snapshot: Callable[[], Snapshot]) -> None:
         self._out = out
-        self._outcomes = outcomes
-        self._tally = tally
-        self._live: Any = None
+        self._live = live
+        self._snapshot = snapshot
+        self._stopped = anyio.Event()
+        self.last: Snapshot | None = None
 
-    def _counts(self) -> dict[str, int]:
-        done = self._outcomes.values()
-        return {
-            "done": len(self._outcomes),
-            "placed": sum(1 for o in done if o == "placed"),
-            "failed_fast": sum(1 for o in done if o == "failed_fast"),
-            "failed": sum(1 for o in done if o == "failed"),
-            "unknown": sum(1 for o in done if o == "unknown"),
-        }
+    def stop(self) -> None:
+        """End the view: it draws the final state once more and returns from :meth:`run`."""
+        self._stopped.set()
 
-    def _parts(self) -> tuple[str, str]:
-        c = self._counts()
-        elapsed = max(1e-9, time.monotonic() - self._tally.started)
-        progress = (
-            f"{elapsed:5.1f}s  {c['done']}/{self._options.calls} done  "
-            f"{c['done'] / elapsed:5.1f} calls/s  breaker={self._tally.state.value}"
-        )
-        counts = (
-            f"placed={c['placed']} retries={self._tally.retries} "
-            f"failed_fast={c['failed_fast']} failed={c['failed']} unknown={c['unknown']}"
-        )
-        return progress, counts
-
-    def _line(self) -> str:
-        return "  ".join(self._parts())
-
-    def _renderable(self) -> Any:
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-
-        c = self._counts()
-        table = Table.grid(padding=(0, 2))
-        table.add_row(ProgressBar(total=self._options.calls, completed=c["done"], width=50))
-        for part in self._parts():
-            table.add_row(part)
-        return table
+    def _take(self) -> Snapshot:
+        self.last = self._snapshot()
+        return self.last
 
     async def run(self) -> None:
-        if self._options.live:
+        if self._live:
             from rich.console import Console
             from rich.live import Live
 
             console = Console(file=self._out)
-            with Live(self._renderable(), console=console, refresh_per_second=8) as live:
-                self._live = live
-                while True:
-                    live.update(self._renderable())
-                    await anyio.sleep(0.125)
+            with Live(
+                snapshot_renderable(self._take()), console=console, auto_refresh=False
+            ) as live:
+                while not self._stopped.is_set():
+                    with anyio.move_on_after(0.125):
+                        await self._stopped.wait()
+                    live.update(snapshot_renderable(self._take()), refresh=True)
         else:
-            while True:
-                await anyio.sleep(1.0)
-                print(self._line(), file=self._out, flush=True)
-
-    def finish(self) -> None:
-        print(self._line(), file=self._out, flush=True)
+            while not self._stopped.is_set():
+                with anyio.move_on_after(1.0):
+                    await self._stopped.wait()
+                print(snapshot_line(self._take()), file=self._out, flush=True)
 
 
-def render_summary(report: DemoReport, out: TextIO, *, live: bool) -> None:
-    """Print the end-of-run summary table."""
-    rows = [
-        ("provider / faults", f"{report.provider} / {report.faults}"),
-        ("calls requested", str(report.calls)),
-        ("placed", str(report.placed)),
-        ("failed (definite, nothing created)", str(report.failed)),
-        ("failed fast while the breaker was open", str(report.failed_fast)),
-        ("retries", str(report.retried)),
-        ("outcome unknown", str(report.outcome_unknown)),
-        ("  reconciled: placed upstream", str(report.reconciled_placed)),
-        ("  reconciled: not placed", str(report.reconciled_not_placed)),
+def _rows(report: DemoReport) -> list[tuple[str, str]]:
+    latency = " / ".join(str(report.latency_ms.get(k, "-")) for k in ("p50", "p95", "p99"))
+    return [
+        ("provider / faults / seed", f"{report.provider} / {report.faults} / {report.seed}"),
+        ("workers", str(report.workers)),
+        ("placed", f"{report.placed} of {report.calls}"),
+        ("  of which reconciled (answer lost, call found)", str(report.reconciled_placed)),
+        ("unplaced at the deadline", str(len(report.unplaced))),
+        ("failed for good (permanent error)", str(report.failed)),
+        ("attempts", str(report.attempts)),
+        ("refused fast by the open breaker (re-queued)", str(report.failed_fast)),
+        ("refused by the limiter (re-queued)", str(report.refused_limiter)),
+        ("retries within an attempt", str(report.retried)),
+        ("outcome unknown, reconciled", str(report.outcome_unknown)),
+        ("  not placed (re-queued)", str(report.reconciled_not_placed)),
+        ("faults injected", _injected(report.injected)),
         ("calls created upstream", str(report.upstream_created)),
         ("duplicate calls seen upstream", str(sum(report.duplicates.values()))),
         ("lost calls", str(len(report.lost))),
         ("CPS violations seen upstream", str(report.cps_violations)),
         (
-            "latency p50 / p95 / p99 (ms)",
-            " / ".join(str(report.latency_ms.get(k, "-")) for k in ("p50", "p95", "p99")),
+            "busiest second upstream (calls; limit)",
+            f"{report.upstream_busiest_second}; {report.cps:g}/s",
         ),
+        ("latency per request p50 / p95 / p99 (ms)", latency),
         ("run time (s)", str(report.seconds)),
     ]
-    transitions = (
-        ", ".join(f"{t['at_s']}s {t['from']}->{t['to']}" for t in report.transitions) or "none"
-    )
+
+
+def verdict(report: DemoReport) -> str:
+    """The last line: what the run proves, or what went wrong."""
+    placed = f"placed {report.placed} of {report.calls}"
+    if report.ok:
+        return (
+            f"OK: {placed}; nobody was called twice, no call was lost, "
+            "the calls-per-second limit held"
+        )
+    reasons = []
+    if report.unplaced:
+        reasons.append(f"{len(report.unplaced)} not placed by the deadline")
+    if report.duplicates:
+        reasons.append(f"{len(report.duplicates)} numbers called more than once")
+    if report.lost:
+        reasons.append(f"{len(report.lost)} calls lost")
+    if report.cps_violations:
+        reasons.append(f"{report.cps_violations} CPS violations")
+    return f"FAILED: {placed}; " + ", ".join(reasons)
+
+
+def _table(report: DemoReport) -> Any:
+    from rich.table import Table
+
+    table = Table(title="resilient_voice demo")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in _rows(report):
+        table.add_row(name, value)
+    return table
+
+
+def _transitions(report: DemoReport) -> str:
+    text = ", ".join(f"{t['at_s']}s {t['from']}->{t['to']}" for t in report.transitions)
+    return f"breaker transitions: {text or 'none'}"
+
+
+def render_summary(report: DemoReport, out: TextIO, *, live: bool) -> None:
+    """Print the end-of-run summary table, the verdict and where the log went."""
     if live:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title="resilient_voice demo")
-        table.add_column("measure")
-        table.add_column("value", justify="right")
-        for name, value in rows:
-            table.add_row(name, value)
         console = Console(file=out)
-        console.print(table)
-        console.print(f"breaker transitions: {transitions}")
+        console.print(_table(report))
+        console.print(_transitions(report), highlight=False)
     else:
+        rows = _rows(report)
         width = max(len(name) for name, _ in rows)
         for name, value in rows:
             print(f"{name:<{width}}  {value}", file=out)
-        print(f"breaker transitions: {transitions}", file=out)
-    verdict = "OK: nobody was called twice and no call was lost" if report.ok else "FAILED"
-    print(verdict, file=out)
+        print(_transitions(report), file=out)
+    print(verdict(report), file=out)
+    if report.log_file:
+        print(f"log: {report.log_file}", file=out)
+
+
+def export_svg(report: DemoReport, last: Snapshot | None, path: str) -> None:
+    """Save the final view and the summary as an SVG (rich's recording console)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(record=True, file=io.StringIO(), width=100)
+    if last is not None:
+        console.print(snapshot_renderable(last))
+        console.print()
+    console.print(_table(report))
+    console.print(_transitions(report), highlight=False)
+    console.print(verdict(report), highlight=False)
+    console.save_svg(path, title="resilient-voice demo")
