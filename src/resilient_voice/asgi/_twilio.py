@@ -228,11 +228,10 @@ class _TwilioVerifier:
 
     def check_headers(self, scope: Scope, proxies: TrustedProxies) -> _Pending:
         """Everything that needs no body: a request that cannot verify costs no read."""
-        signature = get_header(scope, b"x-twilio-signature")
+        signature, settings = _single_headers(scope)
         if signature is None or not _SIGNATURE.fullmatch(signature):
             raise WebhookVerificationError("missing or malformed X-Twilio-Signature")
         validators, algorithm = self._validators, self._sha1
-        settings = get_header(scope, b"x-twilio-webhooks-signature-settings")
         if settings is not None:
             selected = self._shared_key(settings)
             if selected is None:
@@ -429,6 +428,40 @@ class _TwilioVerifier:
                 if hmac.compare_digest(expected.encode("ascii"), signature):
                     return True
         return False
+
+
+_SIGNATURE_HEADER = b"x-twilio-signature"
+_SETTINGS_HEADER = b"x-twilio-webhooks-signature-settings"
+
+
+def _single_headers(scope: Scope) -> tuple[bytes | None, bytes | None]:
+    """The signature and signature-settings headers, refusing any header that must be single.
+
+    Twilio sends each of ``X-Twilio-Signature``, ``X-Twilio-Webhooks-Signature-Settings`` and
+    ``Host`` once. A second copy can only have been added on the way, and components disagree
+    on which copy counts (this guard reads the first, a proxy or framework may read the last):
+    a request whose genuine signature sits next to a forged one, or that names two hosts, is
+    refused rather than judged on one reading of it.
+
+    Raises:
+        WebhookVerificationError: one of these headers appears more than once.
+    """
+    signature = settings = None
+    hosts = 0
+    for key, value in scope["headers"]:
+        if key == _SIGNATURE_HEADER:
+            if signature is not None:
+                raise WebhookVerificationError("more than one X-Twilio-Signature")
+            signature = bytes(value)
+        elif key == _SETTINGS_HEADER:
+            if settings is not None:
+                raise WebhookVerificationError("more than one X-Twilio-Webhooks-Signature-Settings")
+            settings = bytes(value)
+        elif key == b"host":
+            hosts += 1
+            if hosts > 1:
+                raise WebhookVerificationError("more than one Host header")
+    return signature, settings
 
 
 def _signed_params(pairs: list[tuple[str, str]]) -> str:
