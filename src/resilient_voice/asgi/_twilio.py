@@ -19,6 +19,7 @@ from importlib import import_module
 from typing import Any, cast
 from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
+from resilient_voice import _validate
 from resilient_voice._urls import redact_url
 from resilient_voice.asgi._common import get_header
 from resilient_voice.asgi._guard import WebhookGuard
@@ -189,6 +190,9 @@ class _TwilioVerifier:
                 "auth_token is None: pass the account's Auth Token "
                 "(is the environment variable that holds it set?)"
             )
+        if not isinstance(cast("object", auth_token), str | Iterable):
+            kind = type(auth_token).__name__
+            raise TypeError(f"auth_token must be a str (or several), got {kind}")
         tokens: tuple[object, ...] = (
             (auth_token,) if isinstance(auth_token, str) else tuple(auth_token)
         )
@@ -196,16 +200,25 @@ class _TwilioVerifier:
             if not isinstance(token, str):
                 kind = type(token).__name__
                 raise TypeError(f"auth_token must be a str (or several), got {kind}")
-        if not tokens or not all(tokens):
+        if not tokens or not all(token.strip() for token in tokens):  # type: ignore[attr-defined]
             raise ValueError("auth_token must be a non-empty string (or several)")
         if isinstance(max_fields, bool) or not isinstance(max_fields, int) or max_fields < 1:
             raise ValueError(f"max_fields must be a positive int, got {max_fields!r}")
         self._max_fields = max_fields
-        self._strict = bool(strict)
+        self._strict = _validate.flag("strict", strict)
         self._validators = tuple(rv.RequestValidator(t) for t in tokens)
         self._shared = {}
+        if shared_keys is not None and not isinstance(shared_keys, Mapping):
+            raise TypeError(
+                f"shared_keys must be a mapping of key id to secret, got {shared_keys!r}"
+            )
         for key_id, secret in (shared_keys or {}).items():
-            if not isinstance(key_id, str) or not isinstance(secret, str) or not secret:
+            if (
+                not isinstance(key_id, str)
+                or not key_id.strip()
+                or not isinstance(secret, str)
+                or not secret.strip()
+            ):
                 raise ValueError("shared_keys must map key ids to non-empty secret strings")
             self._shared[key_id] = rv.RequestValidator(secret)
         self._algorithms = frozenset((rv.HMAC_SHA1, rv.HMAC_SHA256))
@@ -215,6 +228,11 @@ class _TwilioVerifier:
         self._base: str | None = None
         self._base_path = ""
         if public_base_url is not None:
+            if not isinstance(cast("object", public_base_url), str):
+                kind = type(public_base_url).__name__
+                raise TypeError(f"public_base_url must be a str, got {kind}")
+            if not public_base_url.isprintable():
+                raise ValueError("public_base_url must not hold control characters")
             parts = urlsplit(public_base_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(
