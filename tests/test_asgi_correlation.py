@@ -431,7 +431,11 @@ async def test_header_check_agrees_with_the_default_validator(value: bytes) -> N
 
 
 def test_configuration_errors() -> None:
-    app: Any = object()
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match="app must be callable"):
+        CorrelationIdMiddleware(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="header"):
         CorrelationIdMiddleware(app, "bad header")
     with pytest.raises(TypeError, match="validator"):

@@ -330,6 +330,24 @@ async def test_untrusted_peer_forwarded_headers_are_ignored() -> None:
     assert (await _run(middleware, {"headers": headers}))[0] == 403
 
 
+async def test_headers_twilio_sends_once_are_refused_when_repeated() -> None:
+    # Found by the forgery suite (tests/soak): the first copy was read, so a genuine signature
+    # followed by a forged one, or a second Host, passed.
+    genuine = sign("http://example.com/hook/form", []).encode()
+    forged = sign("http://other.example.com/hook/form", []).encode()
+    host = (b"host", b"example.com")
+    settings = (b"x-twilio-webhooks-signature-settings", b"key=k,algorithm=HMAC_SHA256")
+    middleware = _middleware(shared_keys={"k": "secret"})
+    assert (await _run(middleware, {"headers": [host, (b"x-twilio-signature", genuine)]}))[0] == 200
+    for headers in (
+        [host, (b"x-twilio-signature", genuine), (b"x-twilio-signature", forged)],
+        [host, (b"x-twilio-signature", genuine), (b"host", b"other.example.com")],
+        [(b"host", b"other.example.com"), host, (b"x-twilio-signature", genuine)],
+        [host, (b"x-twilio-signature", genuine), settings, settings],
+    ):
+        assert await _run(middleware, {"headers": headers}) == (403, [])
+
+
 async def test_no_host_header_falls_back_to_server_address() -> None:
     headers = [(b"x-twilio-signature", sign("http://127.0.0.1:8000/hook/form", []).encode())]
     assert (await _run(_middleware(), {"headers": headers}))[0] == 200

@@ -999,8 +999,10 @@ def test_keyword_arguments_are_the_one_configuration_surface() -> None:
         config.failure_threshold = 2  # type: ignore[misc]
     with pytest.raises(TypeError, match="config"):
         CircuitBreaker("x", config=config)  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match="name"):
+    with pytest.raises(ValueError, match="name"):
         CircuitBreaker("")
+    with pytest.raises(TypeError, match="name"):
+        CircuitBreaker(1)  # type: ignore[arg-type]
 
 
 # The store seam

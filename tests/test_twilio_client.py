@@ -368,7 +368,7 @@ def test_configuration_is_checked_at_construction() -> None:
         TwilioClient(SID, TOKEN, base_url="https://api.twilio.com/2010-04-01")
     with pytest.raises(ValueError, match="calls_per_second"):
         TwilioClient(SID, TOKEN, calls_per_second=0)
-    with pytest.raises(ValueError, match="query parameter"):
+    with pytest.raises(ValueError, match="correlation_param must be a plain URL-safe word"):
         TwilioClient(SID, TOKEN, correlation_param="a b")
     with pytest.raises(ValueError, match="credentials"):
         TwilioClient(SID, TOKEN, base_url="https://user:s3cret@api.twilio.com")

@@ -6,7 +6,19 @@ import math
 
 import pytest
 
-from resilient_voice._validate import fraction, number, optional_number, optional_whole, whole
+from resilient_voice._validate import (
+    buckets,
+    flag,
+    fraction,
+    function,
+    header,
+    label,
+    non_negative,
+    number,
+    optional_number,
+    optional_whole,
+    whole,
+)
 
 
 @pytest.mark.parametrize(
@@ -99,3 +111,55 @@ def test_fraction_accepts_the_half_open_unit_interval(value: float) -> None:
 def test_fraction_refuses_everything_else(value: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="share"):
         fraction("share", value)
+
+
+# Found by tests/test_bad_configuration.py; each was accepted, or failed with an error that did
+# not name the option.
+
+
+def test_an_int_too_large_for_a_float_is_a_value_error_naming_the_option() -> None:
+    # float(10**400) raises OverflowError, which is neither TypeError nor ValueError.
+    with pytest.raises(ValueError, match="rate must be a finite number"):
+        number("rate", 10**400)
+    with pytest.raises(ValueError, match="pause"):
+        non_negative("pause", 10**400)
+
+
+@pytest.mark.parametrize("value", ["false", "no", "0", None, 0, 1, 1.5])
+def test_flag_refuses_anything_but_a_bool(value: object) -> None:
+    # bool("false") is True: allow_insecure_http="false" from a config file switched it on.
+    with pytest.raises(TypeError, match="strict must be True or False"):
+        flag("strict", value)
+    assert flag("strict", False) is False
+
+
+@pytest.mark.parametrize("value", ["", " ", "\t", "a\nb", "a\r\nX-Injected: 1", "\x00"])
+def test_label_refuses_blank_names_and_control_characters(value: str) -> None:
+    with pytest.raises(ValueError, match="name must be a non-blank str"):
+        label("name", value)
+    with pytest.raises(TypeError, match="name must be a str"):
+        label("name", 1)
+    assert label("name", "twilio:AC1") == "twilio:AC1"
+
+
+@pytest.mark.parametrize("value", ["", "a b", "a:b", "a\nb", "\u00e9"])
+def test_header_refuses_what_is_not_a_header_name(value: str) -> None:
+    with pytest.raises(ValueError, match="correlation_header must be an HTTP header name"):
+        header("correlation_header", value)
+    assert header("correlation_header", "X-Correlation-ID") == "X-Correlation-ID"
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [([], ValueError), ([0.5, 0.1], ValueError), ([math.nan], ValueError), ("1", TypeError)],
+)
+def test_buckets_are_non_empty_increasing_numbers(value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="buckets"):
+        buckets("buckets", value)
+    assert buckets("buckets", [0, 0.5, math.inf]) == (0.0, 0.5, math.inf)
+
+
+def test_function_refuses_what_cannot_be_called() -> None:
+    with pytest.raises(TypeError, match="app must be callable"):
+        function("app", None)
+    assert function("key", None, optional=True) is None

@@ -20,7 +20,6 @@ models, their error bodies and their verifiers; everything else lives here once:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -29,6 +28,7 @@ from urllib.parse import SplitResult
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from resilient_voice import _validate
 from resilient_voice._urls import check_transport_security, redact_url
 from resilient_voice._urls import split as split_url
 from resilient_voice.breaker import CircuitBreaker
@@ -58,11 +58,7 @@ def check_timeout(value: object, name: str = "timeout") -> float:
         TypeError: Not a number (a bool is not one).
         ValueError: Not finite, or not > 0.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return _validate.number(name, value)
 
 
 def check_base_url(

@@ -7,17 +7,28 @@ number is expected: ``True`` is an ``int`` to Python, never a rate or a count to
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
+from collections.abc import Iterable
+from typing import Any
 
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 
 __all__ = [
+    "buckets",
     "choice",
     "clock",
+    "flag",
     "fraction",
+    "function",
+    "header",
     "integer",
+    "label",
     "non_negative",
     "number",
+    "optional_header",
+    "optional_label",
     "optional_number",
     "optional_whole",
     "whole",
@@ -31,13 +42,22 @@ def number(name: str, value: object, *, minimum: float = 0.0, inclusive: bool = 
         TypeError: ``value`` is not an int or a float (a bool is refused).
         ValueError: ``value`` is not finite, or is below the bound.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    result = float(value)
+    result = _float(name, value)
     if not math.isfinite(result) or result < minimum or (result == minimum and not inclusive):
         relation = ">=" if inclusive else ">"
         raise ValueError(f"{name} must be a finite number {relation} {minimum:g}, got {value!r}")
     return result
+
+
+def _float(name: str, value: object) -> float:
+    """``value`` as a float; an int too large for one is refused, not an ``OverflowError``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        bits = value.bit_length() if isinstance(value, int) else 0
+        raise ValueError(f"{name} must be a finite number, got an int of {bits} bits") from None
 
 
 def optional_number(
@@ -87,9 +107,7 @@ def non_negative(name: str, value: object) -> float:
         TypeError: ``value`` is not an int or a float (a bool is refused).
         ValueError: ``value`` is negative or NaN.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    result = float(value)
+    result = _float(name, value)
     if not result >= 0.0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return result
@@ -132,3 +150,94 @@ def clock(value: object) -> Clock:
     if not isinstance(value, Clock):
         raise TypeError(f"clock must implement resilient_voice Clock, got {value!r}")
     return value
+
+
+def flag(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool.
+
+    A switch is not coerced with ``bool()``: ``"false"`` (from a config file or an environment
+    variable) is truthy, and ``allow_insecure_http="false"`` must not turn the check off.
+
+    Raises:
+        TypeError: ``value`` is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def label(name: str, value: object) -> str:
+    """Return ``value`` if it is a non-blank str of printable characters (a name, an id).
+
+    Names end up in log lines, metric labels and headers: a newline there forges a log line or a
+    header, and an empty name makes two instances indistinguishable.
+
+    Raises:
+        TypeError: ``value`` is not a str.
+        ValueError: ``value`` is blank or holds a control character.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if not value.strip() or not value.isprintable():
+        raise ValueError(f"{name} must be a non-blank str of printable characters, got {value!r}")
+    return value
+
+
+def optional_label(name: str, value: object) -> str | None:
+    """:func:`label`, with ``None`` passed through."""
+    return None if value is None else label(name, value)
+
+
+def function(name: str, value: object, *, optional: bool = False) -> Any:
+    """Return ``value`` if it is callable (or ``None`` when ``optional``).
+
+    Raises:
+        TypeError: ``value`` is not callable.
+    """
+    if value is None and optional:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {value!r}")
+    return value
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+
+def header(name: str, value: object) -> str:
+    """Return ``value`` if it is an HTTP header name (an RFC 9110 token).
+
+    Raises:
+        TypeError: ``value`` is not a str.
+        ValueError: ``value`` is not a token (empty, spaces, ``:``, control characters).
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a header name (str), got {type(value).__name__}")
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"{name} must be an HTTP header name, got {value!r}")
+    return value
+
+
+def optional_header(name: str, value: object) -> str | None:
+    """:func:`header`, with ``None`` passed through (the header is off)."""
+    return None if value is None else header(name, value)
+
+
+def buckets(name: str, value: object) -> tuple[float, ...]:
+    """Return histogram bucket bounds: a non-empty, strictly increasing sequence of numbers >= 0.
+
+    prometheus-client would refuse an unsorted list only when the histogram is first created,
+    and accept a NaN bound that no observation can ever fall under.
+
+    Raises:
+        TypeError: ``value`` is not a collection of numbers.
+        ValueError: empty, a negative or NaN bound, or not strictly increasing.
+    """
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of numbers, got {value!r}")
+    bounds = tuple(non_negative(name, bound) for bound in value)
+    if not bounds:
+        raise ValueError(f"{name} must not be empty")
+    if any(low >= high for low, high in itertools.pairwise(bounds)):
+        raise ValueError(f"{name} must be strictly increasing, got {bounds!r}")
+    return bounds

@@ -102,7 +102,10 @@ class CorrelationIdValidator:
         if pattern is None:
             compiled = None
         elif isinstance(pattern, str):
-            compiled = re.compile(pattern)
+            try:
+                compiled = re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a regular expression: {exc}") from None
         elif isinstance(pattern, re.Pattern):
             compiled = pattern
         else:
@@ -201,6 +204,8 @@ class correlation_scope:  # noqa: N801  (used like a function: ``with correlatio
         *,
         validator: CorrelationIdValidator | None = None,
     ) -> None:
+        if validator is not None and not isinstance(validator, CorrelationIdValidator):
+            raise TypeError(f"validator must be a CorrelationIdValidator, got {validator!r}")
         if correlation_id is None or not (
             is_valid_default(correlation_id)
             if validator is None
@@ -247,9 +252,12 @@ class CorrelationIdFilter(logging.Filter):
     def __init__(
         self, name: str = "", *, default: str = "-", attribute: str = "correlation_id"
     ) -> None:
+        for option, value in (("name", name), ("default", default)):
+            if not isinstance(value, str):
+                raise TypeError(f"{option} must be a str, got {value!r}")
+            if not value.isprintable():
+                raise ValueError(f"{option} must hold printable characters only, got {value!r}")
         super().__init__(name)
-        if not isinstance(default, str):
-            raise TypeError(f"default must be a str, got {default!r}")
         if not isinstance(attribute, str) or not attribute.isidentifier():
             raise ValueError(f"attribute must be an identifier, got {attribute!r}")
         self.default = default

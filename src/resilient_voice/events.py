@@ -82,8 +82,11 @@ def check_listeners(listeners: Iterable[object]) -> tuple[Listener, ...]:
     """Return ``listeners`` as the tuple a producer keeps, each checked by :func:`check_listener`.
 
     Raises:
-        TypeError: One of them is not callable.
+        TypeError: ``listeners`` is not a collection (a single callable included), or one of
+            them is not callable.
     """
+    if callable(listeners) or not isinstance(listeners, Iterable):
+        raise TypeError(f"listeners must be a collection of callables, got {listeners!r}")
     return tuple(check_listener(listener) for listener in listeners)
 
 

@@ -37,6 +37,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from resilient_voice import _validate
 from resilient_voice._prometheus import get_or_create, resolve_registry
 from resilient_voice.events import (
     BreakerState,
@@ -259,7 +260,7 @@ class PrometheusMetrics:
             "Time a rate limiter grant waited for tokens.",
             ("limiter",),
             reg,
-            buckets=tuple(limiter_wait_buckets),
+            buckets=_validate.buckets("limiter_wait_buckets", limiter_wait_buckets),
         )
         self.limiter_store_available = get_or_create(
             Gauge,
@@ -333,7 +334,7 @@ class PrometheusMetrics:
             "Duration of outbound HTTP requests, retries included.",
             http,
             reg,
-            buckets=tuple(http_client_buckets),
+            buckets=_validate.buckets("http_client_buckets", http_client_buckets),
         )
         self.http_client_attempts = get_or_create(
             Counter,

@@ -30,6 +30,7 @@ import anyio
 
 from resilient_voice._callables import is_async_callable, require_async_callable
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._validate import clock as check_clock
 from resilient_voice._validate import optional_number
 from resilient_voice.breaker import BreakerPermit, CircuitBreaker
 from resilient_voice.correlation import new_attempt_id
@@ -143,6 +144,8 @@ class Policy:
             raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
         if not isinstance(idempotent, bool):
             raise TypeError("idempotent must be a bool")
+        if clock is not None:
+            check_clock(clock)
         self._breaker = breaker
         self._limiter = limiter
         self._keyed = isinstance(limiter, KeyedLimiter)

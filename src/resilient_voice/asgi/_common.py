@@ -103,8 +103,8 @@ class PathMatcher:
         exact: set[str] = set()
         prefixes: list[str] = []
         if paths is not None:
-            if isinstance(paths, str):
-                raise TypeError("paths must be a collection of paths, not a single string")
+            if isinstance(paths, str) or not isinstance(paths, Iterable):
+                raise TypeError(f"paths must be a collection of paths, got {paths!r}")
             for path in paths:
                 if not isinstance(path, str) or not path.startswith("/"):
                     raise ValueError(f"paths entries must start with '/': {path!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
+from resilient_voice import _validate
 from resilient_voice._correlation_id import CORRELATION_ID, is_valid_default
 from resilient_voice.asgi._common import (
     header_name,
@@ -139,7 +140,7 @@ class CorrelationIdMiddleware:
             raise TypeError(f"validator must be a CorrelationIdValidator, got {validator!r}")
         if not callable(generate):
             raise TypeError("generate must be a callable returning a new id")
-        self.app = app
+        self.app = _validate.function("app", app)
         self._header = header_name("header", header)
         self._is_valid: Callable[[object], bool] = (
             is_valid_default if validator is None else validator.is_valid
@@ -150,7 +151,7 @@ class CorrelationIdMiddleware:
         if not isinstance(sample, str) or not sample.isascii() or not self._is_valid(sample):
             raise ValueError(f"generate() returned an id the validator refuses: {sample!r}")
         self._generate = generate
-        self._traceparent = bool(trust_traceparent)
+        self._traceparent = _validate.flag("trust_traceparent", trust_traceparent)
         if query_param is None:
             self._query_key: bytes | None = None
         else:
@@ -162,7 +163,7 @@ class CorrelationIdMiddleware:
             ):
                 raise ValueError(f"query_param must be a URL-safe name, got {query_param!r}")
             self._query_key = query_param.encode("ascii") + b"="
-        self._echo = bool(echo)
+        self._echo = _validate.flag("echo", echo)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in _HANDLED:

@@ -28,6 +28,7 @@ import logging
 from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar
 
+from resilient_voice import _validate
 from resilient_voice.asgi._common import (
     FORBIDDEN,
     BodyTooLargeError,
@@ -105,7 +106,7 @@ class WebhookGuard(Generic[State]):
     ) -> None:
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
             raise ValueError(f"max_body must be a positive int, got {max_body!r}")
-        self.app = app
+        self.app = _validate.function("app", app)
         self._verifier = verifier
         self._match = PathMatcher(paths)
         self._max_body = max_body

@@ -17,6 +17,7 @@ import anyio.to_thread
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from resilient_voice import _validate
 from resilient_voice._prometheus import get_or_create, resolve_registry
 from resilient_voice.asgi._common import (
     get_header,
@@ -107,8 +108,9 @@ class MetricsMiddleware:
             raise TypeError("route_template must be a callable(scope) -> str | None")
         if isinstance(max_routes, bool) or not isinstance(max_routes, int) or max_routes < 1:
             raise ValueError(f"max_routes must be a positive int, got {max_routes!r}")
+        bounds = _validate.buckets("buckets", buckets)
         reg = resolve_registry(registry)
-        self.app = app
+        self.app = _validate.function("app", app)
         self._route_template = route_template
         self._router = _find_router(app)
         self._max_routes = max_routes
@@ -127,7 +129,7 @@ class MetricsMiddleware:
             "Time to serve an HTTP request (including a streamed body), by route template.",
             labels,
             reg,
-            buckets=tuple(buckets),
+            buckets=bounds,
         )
         in_progress = get_or_create(
             Gauge,

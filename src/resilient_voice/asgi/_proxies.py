@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from resilient_voice import _validate
 from resilient_voice.asgi._types import Scope
 
 __all__ = ["Forwarded", "TrustedProxies", "as_trusted_proxies", "parse_address"]
@@ -78,8 +79,8 @@ class TrustedProxies:
     __slots__ = ("_exact", "_exact_text", "_networks", "_server_applied", "_text")
 
     def __init__(self, networks: Iterable[str] = (), *, server_applied: bool = False) -> None:
-        if isinstance(networks, str | bytes):
-            raise TypeError("networks must be a collection of addresses, not a single string")
+        if isinstance(networks, str | bytes) or not isinstance(networks, Iterable):
+            raise TypeError(f"networks must be a collection of addresses, got {networks!r}")
         exact: set[Address] = set()
         nets: list[Network] = []
         text: list[str] = []
@@ -101,7 +102,7 @@ class TrustedProxies:
         self._exact_text = frozenset(str(address) for address in exact)
         self._networks = tuple(nets)
         self._text = tuple(text)
-        self._server_applied = bool(server_applied)
+        self._server_applied = _validate.flag("server_applied", server_applied)
 
     @property
     def networks(self) -> tuple[str, ...]:

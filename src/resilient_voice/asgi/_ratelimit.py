@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+from resilient_voice import _validate
 from resilient_voice._clock import Clock
 from resilient_voice.asgi._client_keys import ClientKeys, check_ipv6_prefix
 from resilient_voice.asgi._common import (
@@ -18,7 +20,7 @@ from resilient_voice.asgi._proxies import TrustedProxies, as_trusted_proxies, pa
 from resilient_voice.asgi._routes import RouteMatcher
 from resilient_voice.asgi._types import ASGIApp, Message, Receive, Scope, Send
 from resilient_voice.correlation import get_correlation_id, new_correlation_id
-from resilient_voice.events import Listener
+from resilient_voice.events import Listener, check_listeners
 from resilient_voice.limiter import BucketStore, KeyedLimiter
 from resilient_voice.limiter._fallback import OnBackendError
 
@@ -89,10 +91,37 @@ class _Policy:
 
 def _rule(pattern: str, limit: Any) -> tuple[str, float, float]:
     if isinstance(limit, int | float) and not isinstance(limit, bool):
-        return pattern, float(limit), 1.0
+        return pattern, _validate.number("rate", limit), 1.0
     if isinstance(limit, tuple | list) and len(limit) == 2:
         return pattern, limit[0], limit[1]
     raise TypeError(f"route {pattern!r}: the limit must be rate or (rate, burst), got {limit!r}")
+
+
+def _rules(routes: object) -> list[tuple[str, float, float]]:
+    """The ``routes=`` option as (pattern, rate, burst) rules."""
+    if routes is None:
+        return []
+    if isinstance(routes, Mapping):
+        return [_rule(pattern, limit) for pattern, limit in routes.items()]
+    if isinstance(routes, str) or not isinstance(routes, Iterable):
+        raise TypeError(f"a mapping or a list of (pattern, rate, burst), got {routes!r}")
+    rules: list[tuple[str, float, float]] = []
+    for rule in routes:
+        if not isinstance(rule, tuple | list) or len(rule) != 3:
+            raise TypeError(f"route rules are (pattern, rate, burst), got {rule!r}")
+        rules.append((rule[0], rule[1], rule[2]))
+    return rules
+
+
+@contextmanager
+def _naming(option: str) -> Iterator[None]:
+    """Put the option's name in front of a configuration error raised inside."""
+    try:
+        yield
+    except TypeError as exc:
+        raise TypeError(f"{option}: {exc}") from None
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"{option}: {exc}") from None
 
 
 class RateLimitMiddleware:
@@ -183,7 +212,8 @@ class RateLimitMiddleware:
         store: BucketStore | None = None,
         on_backend_error: OnBackendError = "local",
     ) -> None:
-        self.app = app
+        self.app = _validate.function("app", app)
+        _validate.label("name", name)
         if key is not None and not callable(key):
             raise TypeError("key must be a callable(scope) -> str | None")
         if not isinstance(policy_name, str) or not _POLICY_NAME.fullmatch(policy_name):
@@ -200,7 +230,7 @@ class RateLimitMiddleware:
         self._key = key
         self._hops = forwarded_hops
         label = b'"' + policy_name.encode("ascii") + b'"'
-        listener_tuple = tuple(listeners)
+        listener_tuple = check_listeners(listeners)
 
         def policy(rate: float, burst: float, limiter_name: str) -> _Policy:
             return _Policy(
@@ -216,18 +246,11 @@ class RateLimitMiddleware:
             )
 
         self._default = None if rate is None else policy(rate, burst, name)
-        rules: list[tuple[str, float, float]] = []
-        if routes is not None:
-            if isinstance(routes, Mapping):
-                rules = [_rule(pattern, limit) for pattern, limit in routes.items()]
-            else:
-                for rule in routes:
-                    if not isinstance(rule, tuple | list) or len(rule) != 3:
-                        raise TypeError(f"route rules are (pattern, rate, burst), got {rule!r}")
-                    rules.append((rule[0], rule[1], rule[2]))
-        self._routes: tuple[tuple[RouteMatcher, _Policy], ...] = tuple(
-            (RouteMatcher(pattern), policy(r, b, f"{name}:{pattern}")) for pattern, r, b in rules
-        )
+        with _naming("routes"):
+            self._routes: tuple[tuple[RouteMatcher, _Policy], ...] = tuple(
+                (RouteMatcher(pattern), policy(r, b, f"{name}:{pattern}"))
+                for pattern, r, b in _rules(routes)
+            )
         # The common configuration takes a shorter path per request (IPv4 keys need no parsing).
         self._plain_key = key is None and not self._use_forwarded
         self._plain = not self._routes and exempt is None and self._default is not None
@@ -238,9 +261,10 @@ class RateLimitMiddleware:
         if callable(exempt):
             self._exempt_call = exempt
         elif exempt is not None:
-            if isinstance(exempt, str):
-                raise TypeError("exempt must be a list of patterns, not a single string")
-            self._exempt_routes = tuple(RouteMatcher(pattern) for pattern in exempt)
+            if isinstance(exempt, str) or not isinstance(exempt, Iterable):
+                raise TypeError(f"exempt must be a list of patterns or a callable, got {exempt!r}")
+            with _naming("exempt"):
+                self._exempt_routes = tuple(RouteMatcher(pattern) for pattern in exempt)
 
     @property
     def limiters(self) -> dict[str, KeyedLimiter]:

@@ -19,6 +19,7 @@ from importlib import import_module
 from typing import Any, cast
 from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
+from resilient_voice import _validate
 from resilient_voice._urls import redact_url
 from resilient_voice.asgi._common import get_header
 from resilient_voice.asgi._guard import WebhookGuard
@@ -189,6 +190,9 @@ class _TwilioVerifier:
                 "auth_token is None: pass the account's Auth Token "
                 "(is the environment variable that holds it set?)"
             )
+        if not isinstance(cast("object", auth_token), str | Iterable):
+            kind = type(auth_token).__name__
+            raise TypeError(f"auth_token must be a str (or several), got {kind}")
         tokens: tuple[object, ...] = (
             (auth_token,) if isinstance(auth_token, str) else tuple(auth_token)
         )
@@ -196,16 +200,25 @@ class _TwilioVerifier:
             if not isinstance(token, str):
                 kind = type(token).__name__
                 raise TypeError(f"auth_token must be a str (or several), got {kind}")
-        if not tokens or not all(tokens):
+        if not tokens or not all(token.strip() for token in tokens):  # type: ignore[attr-defined]
             raise ValueError("auth_token must be a non-empty string (or several)")
         if isinstance(max_fields, bool) or not isinstance(max_fields, int) or max_fields < 1:
             raise ValueError(f"max_fields must be a positive int, got {max_fields!r}")
         self._max_fields = max_fields
-        self._strict = bool(strict)
+        self._strict = _validate.flag("strict", strict)
         self._validators = tuple(rv.RequestValidator(t) for t in tokens)
         self._shared = {}
+        if shared_keys is not None and not isinstance(shared_keys, Mapping):
+            raise TypeError(
+                f"shared_keys must be a mapping of key id to secret, got {shared_keys!r}"
+            )
         for key_id, secret in (shared_keys or {}).items():
-            if not isinstance(key_id, str) or not isinstance(secret, str) or not secret:
+            if (
+                not isinstance(key_id, str)
+                or not key_id.strip()
+                or not isinstance(secret, str)
+                or not secret.strip()
+            ):
                 raise ValueError("shared_keys must map key ids to non-empty secret strings")
             self._shared[key_id] = rv.RequestValidator(secret)
         self._algorithms = frozenset((rv.HMAC_SHA1, rv.HMAC_SHA256))
@@ -215,6 +228,11 @@ class _TwilioVerifier:
         self._base: str | None = None
         self._base_path = ""
         if public_base_url is not None:
+            if not isinstance(cast("object", public_base_url), str):
+                kind = type(public_base_url).__name__
+                raise TypeError(f"public_base_url must be a str, got {kind}")
+            if not public_base_url.isprintable():
+                raise ValueError("public_base_url must not hold control characters")
             parts = urlsplit(public_base_url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(
@@ -228,11 +246,10 @@ class _TwilioVerifier:
 
     def check_headers(self, scope: Scope, proxies: TrustedProxies) -> _Pending:
         """Everything that needs no body: a request that cannot verify costs no read."""
-        signature = get_header(scope, b"x-twilio-signature")
+        signature, settings = _single_headers(scope)
         if signature is None or not _SIGNATURE.fullmatch(signature):
             raise WebhookVerificationError("missing or malformed X-Twilio-Signature")
         validators, algorithm = self._validators, self._sha1
-        settings = get_header(scope, b"x-twilio-webhooks-signature-settings")
         if settings is not None:
             selected = self._shared_key(settings)
             if selected is None:
@@ -429,6 +446,40 @@ class _TwilioVerifier:
                 if hmac.compare_digest(expected.encode("ascii"), signature):
                     return True
         return False
+
+
+_SIGNATURE_HEADER = b"x-twilio-signature"
+_SETTINGS_HEADER = b"x-twilio-webhooks-signature-settings"
+
+
+def _single_headers(scope: Scope) -> tuple[bytes | None, bytes | None]:
+    """The signature and signature-settings headers, refusing any header that must be single.
+
+    Twilio sends each of ``X-Twilio-Signature``, ``X-Twilio-Webhooks-Signature-Settings`` and
+    ``Host`` once. A second copy can only have been added on the way, and components disagree
+    on which copy counts (this guard reads the first, a proxy or framework may read the last):
+    a request whose genuine signature sits next to a forged one, or that names two hosts, is
+    refused rather than judged on one reading of it.
+
+    Raises:
+        WebhookVerificationError: one of these headers appears more than once.
+    """
+    signature = settings = None
+    hosts = 0
+    for key, value in scope["headers"]:
+        if key == _SIGNATURE_HEADER:
+            if signature is not None:
+                raise WebhookVerificationError("more than one X-Twilio-Signature")
+            signature = bytes(value)
+        elif key == _SETTINGS_HEADER:
+            if settings is not None:
+                raise WebhookVerificationError("more than one X-Twilio-Webhooks-Signature-Settings")
+            settings = bytes(value)
+        elif key == b"host":
+            hosts += 1
+            if hosts > 1:
+                raise WebhookVerificationError("more than one Host header")
+    return signature, settings
 
 
 def _signed_params(pairs: list[tuple[str, str]]) -> str:

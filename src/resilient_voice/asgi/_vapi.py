@@ -6,12 +6,12 @@ import base64
 import hashlib
 import hmac
 import json
-import math
 import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from resilient_voice import _validate
 from resilient_voice.asgi._common import get_header, header_name
 from resilient_voice.asgi._guard import WebhookGuard
 from resilient_voice.asgi._proxies import TrustedProxies
@@ -61,7 +61,7 @@ def _secret_bytes(name: str, value: str | bytes | None) -> bytes | None:
         return None
     if isinstance(value, str):
         value = value.encode("utf-8")
-    if not isinstance(value, bytes) or not value:
+    if not isinstance(value, bytes) or not value.strip():
         raise ValueError(f"{name} must be a non-empty str or bytes")
     return value
 
@@ -211,7 +211,7 @@ class _VapiVerifier:
             )
         self._secret_header = header_name("secret_header", secret_header)
         self._bearer_header = header_name("bearer_header", bearer_header)
-        self._bearer_prefix = bool(bearer_prefix)
+        self._bearer_prefix = _validate.flag("bearer_prefix", bearer_prefix)
         self._signature_header = header_name("signature_header", signature_header)
         self._timestamp_header = header_name("timestamp_header", timestamp_header)
         if algorithm not in _ALGORITHMS:
@@ -224,11 +224,7 @@ class _VapiVerifier:
         self._algorithm_prefix = algorithm.encode("ascii") + b"="
         # A keyed HMAC prepared once; each request copies it.
         self._mac: Any = None if key is None else hmac.new(key, digestmod=_ALGORITHMS[algorithm])
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
-            raise TypeError(f"tolerance must be a number of seconds, got {tolerance!r}")
-        if not math.isfinite(tolerance) or tolerance <= 0:
-            raise ValueError(f"tolerance must be a positive finite number, got {tolerance!r}")
-        self._tolerance = float(tolerance)
+        self._tolerance = _validate.number("tolerance", tolerance)
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning UNIX seconds")
         self._clock = clock or time.time

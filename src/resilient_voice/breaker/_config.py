@@ -16,7 +16,10 @@ from resilient_voice._validate import fraction, number, optional_number, optiona
 from resilient_voice.errors import ProviderError, RejectedError
 from resilient_voice.failure import FailureKind, failure_kind_of
 
-__all__ = ["BreakerConfig", "Classification", "ExceptionMatcher", "classifier"]
+__all__ = ["MAX_WINDOW_SIZE", "BreakerConfig", "Classification", "ExceptionMatcher", "classifier"]
+
+MAX_WINDOW_SIZE = 1_000_000
+"""The largest count window: a ring of that many slots is allocated when the breaker is built."""
 
 ExceptionMatcher = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
@@ -91,6 +94,12 @@ class BreakerConfig:
         whole("failure_threshold", self.failure_threshold)
         number("recovery_timeout", self.recovery_timeout)
         optional_whole("window_size", self.window_size)
+        if self.window_size is not None and self.window_size > MAX_WINDOW_SIZE:
+            # The count window is a ring of this many slots, allocated up front.
+            raise ValueError(
+                f"window_size must be <= {MAX_WINDOW_SIZE}, got {self.window_size!r}: "
+                "use window_duration for a window over time"
+            )
         optional_number("window_duration", self.window_duration)
         if self.window_size is not None and self.window_duration is not None:
             raise ValueError("set window_size (count window) or window_duration, not both")

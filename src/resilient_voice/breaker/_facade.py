@@ -25,8 +25,9 @@ from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
 
 from resilient_voice._callables import is_async_callable, require_async_callable
-from resilient_voice._clock import SYSTEM_CLOCK, Clock
-from resilient_voice._validate import number
+from resilient_voice._clock import Clock
+from resilient_voice._validate import clock as check_clock
+from resilient_voice._validate import label, number
 from resilient_voice.breaker._config import (
     BreakerConfig,
     Classification,
@@ -238,8 +239,7 @@ class CircuitBreaker:
         store: BreakerStore | None = None,
         fleet_quorum: float | None = 0.5,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise TypeError("name must be a non-empty str")
+        label("name", name)
         config = BreakerConfig(
             failure_threshold=failure_threshold,
             recovery_timeout=recovery_timeout,
@@ -269,8 +269,10 @@ class CircuitBreaker:
         self._fleet_rule: str | None = None
         self._name = name
         self._config = config
-        self._clock: Clock = SYSTEM_CLOCK if clock is None else clock
+        self._clock: Clock = check_clock(clock)
         self._listeners: tuple[Listener, ...] = listeners
+        if store is not None and not isinstance(store, BreakerStore):
+            raise TypeError(f"store must implement BreakerStore, got {store!r}")
         self._store: BreakerStore = InMemoryBreakerStore() if store is None else store
         self._local = type(self._store) is InMemoryBreakerStore
         self._classify = classifier(config)

@@ -82,6 +82,7 @@ from typing import Any
 
 import httpx
 
+from resilient_voice import _validate
 from resilient_voice._loops import current_loop, loop_closed
 from resilient_voice._pickling import reduce_exception
 from resilient_voice.correlation import (
@@ -101,6 +102,8 @@ from resilient_voice.failure import FailureKind, NotSentError, failure_kind_of
 from resilient_voice.http._body import SUCCESS_OVERFLOW, ResponseTooLargeError, bounded, buffered
 from resilient_voice.http._retry_after import retry_after_from_headers
 from resilient_voice.policy import Policy
+
+_METHOD = re.compile(r"[A-Za-z]{1,20}")
 
 __all__ = [
     "ATTEMPT_ID_EXTENSION",
@@ -252,13 +255,31 @@ class Route:
     _pattern: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.name or not isinstance(self.name, str):
-            raise ValueError("a route needs a non-empty name")
+        _validate.label("name", self.name)
+        _validate.optional_label("path", self.path)
+        _validate.optional_label("host", self.host)
+        methods: object = self.methods
+        if isinstance(methods, str) or not isinstance(methods, Iterable):
+            raise TypeError(f"methods must be a collection of method names, got {methods!r}")
+        for method in methods:
+            if not isinstance(method, str) or not _METHOD.fullmatch(method):
+                raise ValueError(f"methods must be HTTP method names, got {method!r}")
         object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
+        if not isinstance(self.unprocessed_statuses, Iterable):
+            raise TypeError(
+                f"unprocessed_statuses must be a collection, got {self.unprocessed_statuses!r}"
+            )
         object.__setattr__(self, "unprocessed_statuses", frozenset(self.unprocessed_statuses))
         for status in self.unprocessed_statuses:
-            if not 400 <= status <= 599:
-                raise ValueError(f"unprocessed status must be an HTTP error status, got {status}")
+            if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+                raise ValueError(
+                    f"unprocessed_statuses must hold HTTP error statuses, got {status!r}"
+                )
+        if self.policy is not None and not isinstance(self.policy, Policy):
+            raise TypeError(f"policy must be a Policy or None, got {self.policy!r}")
+        _validate.flag("honours_idempotency_key", self.honours_idempotency_key)
+        if self.idempotent is not None:
+            _validate.flag("idempotent", self.idempotent)
         if self.path is not None:
             try:
                 object.__setattr__(self, "_pattern", re.compile(self.path))
@@ -307,6 +328,13 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a Policy, got {type(policy).__name__}")
         self._policy = policy
+        if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
+            raise TypeError(f"transport must be an httpx.AsyncBaseTransport, got {transport!r}")
+        _validate.label("name", name)
+        _validate.header("idempotency_key_header", idempotency_key_header)
+        _validate.optional_header("correlation_header", correlation_header)
+        if isinstance(routes, Route | str) or not isinstance(routes, Iterable):
+            raise TypeError(f"routes must be a collection of Route, got {routes!r}")
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
         self._routes: tuple[Route, ...] = tuple(routes)
         for route in self._routes:

@@ -26,7 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 import anyio
 
 from resilient_voice import _validate
-from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._clock import Clock
 from resilient_voice.errors import RateLimitedError
 from resilient_voice.events import (
     Listener,
@@ -152,8 +152,7 @@ class TokenBucket(SharedPath):
     ) -> None:
         rate = _validate.number("rate", rate)
         burst = _validate.number("burst", burst, minimum=1.0, inclusive=True)
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a string, got {type(name).__name__}")
+        _validate.optional_label("name", name)
         if store is not None and not isinstance(store, BucketStore):
             raise TypeError("store must implement BucketStore (reserve, give_back and pause)")
         if store is not None and name is None:
@@ -163,7 +162,11 @@ class TokenBucket(SharedPath):
             )
         _validate.choice("on_backend_error", on_backend_error, FALLBACKS)
         self._setup(
-            rate, burst, clock or SYSTEM_CLOCK, name or "token_bucket", check_listeners(listeners)
+            rate,
+            burst,
+            _validate.clock(clock),
+            name or "token_bucket",
+            check_listeners(listeners),
         )
         if store is not None and not isinstance(store, InMemoryBucketStore):
             # A remote store may be slow or gone: answer locally behind a breaker meanwhile.

@@ -117,6 +117,7 @@ class KeyedLimiter:
     ) -> None:
         max_keys = _validate.whole("max_keys", max_keys)
         _validate.choice("on_full", on_full, ("reject", "evict"))
+        _validate.optional_label("name", name)
         if store is not None and name is None:
             raise ValueError(
                 "a keyed limiter with a shared store needs a name: the name is its key prefix "

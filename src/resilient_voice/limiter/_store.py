@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice import _validate
+from resilient_voice._clock import Clock
 from resilient_voice.errors import ResilientVoiceError
 from resilient_voice.limiter import _gcra
 
@@ -100,7 +101,7 @@ class InMemoryBucketStore:
     __slots__ = ("_clock", "_full_at")
 
     def __init__(self, *, clock: Clock | None = None) -> None:
-        self._clock = clock or SYSTEM_CLOCK
+        self._clock = _validate.clock(clock)
         self._full_at: dict[str, float] = {}
 
     async def reserve(

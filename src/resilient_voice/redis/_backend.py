@@ -22,7 +22,6 @@ light, and a missing extra says which one to install.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from typing import Any, Self
 
 import anyio
 
+from resilient_voice import _validate
 from resilient_voice.limiter._store import Reservation, StoreUnavailableError
 from resilient_voice.redis._breaker import BreakerFleet, _FleetState
 from resilient_voice.redis._scripts import BEAT_S, LIMITER
@@ -121,12 +121,10 @@ class RedisBackend(BreakerFleet):
             self._redispy = False
             self._noscript = coredis.exceptions.NoScriptError
             self._errors = (coredis.exceptions.RedisError, OSError)
-        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+        _validate.label("prefix", prefix)
+        if "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must be a non-empty str without braces, got {prefix!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise TypeError(f"timeout must be a number, got {type(timeout).__name__}")
-        if not math.isfinite(timeout) or timeout <= 0:
-            raise ValueError(f"timeout must be a finite number > 0, got {timeout!r}")
+        _validate.number("timeout", timeout)
         self._client: Any = client
         self._prefix = prefix
         self._timeout = float(timeout)

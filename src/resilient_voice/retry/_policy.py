@@ -38,7 +38,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 from resilient_voice._callables import is_async_callable, require_async_callable
 from resilient_voice._clock import Clock
 from resilient_voice._validate import clock as check_clock
-from resilient_voice._validate import optional_number
+from resilient_voice._validate import label, optional_number
 from resilient_voice.correlation import DEFAULT_CORRELATION_ID_VALIDATOR, new_attempt_id
 from resilient_voice.errors import OutcomeUnknownError, RejectedError
 from resilient_voice.events import (
@@ -200,8 +200,7 @@ class RetryPolicy:
             raise TypeError(f"retry_on must be callable, got {retry_on!r}")
         if budget is not None and not isinstance(budget, RetryBudget):
             raise TypeError(f"budget must be a RetryBudget, got {budget!r}")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        label("name", name)
         if random is None:
             draw: Callable[[], float] = _random_module.random
         elif callable(getattr(random, "random", None)):

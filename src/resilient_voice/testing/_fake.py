@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 
+from resilient_voice import _validate
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice._validate import number
 from resilient_voice.asgi._types import Receive, Scope, Send
@@ -165,29 +166,28 @@ class FakeTelephony:
         faults: Sequence[Fault] = (),
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        accounts = dict(twilio_accounts or {})
+        _validate.integer("seed", seed)
+        accounts = dict(_mapping("twilio_accounts", twilio_accounts))
         for sid, token in accounts.items():
             if not (isinstance(sid, str) and sid.startswith("AC")):
-                raise ValueError(f"Twilio Account SIDs start with 'AC', got {sid!r}")
+                raise ValueError(f"twilio_accounts: Account SIDs start with 'AC', got {sid!r}")
             if not (isinstance(token, str) and token):
-                raise ValueError(f"the auth token of {sid} must be a non-empty string")
-        api_keys = dict(twilio_api_keys or {})
+                raise ValueError(
+                    f"twilio_accounts: the auth token of {sid} must be a non-empty str"
+                )
+        api_keys = dict(_mapping("twilio_api_keys", twilio_api_keys))
         for key_sid, pair in api_keys.items():
             if not (isinstance(key_sid, str) and key_sid.startswith("SK")):
-                raise ValueError(f"Twilio API key SIDs start with 'SK', got {key_sid!r}")
+                raise ValueError(f"twilio_api_keys: key SIDs start with 'SK', got {key_sid!r}")
             if not (isinstance(pair, tuple) and len(pair) == 2):
-                raise TypeError(f"API key {key_sid} must map to (account_sid, secret)")
+                raise TypeError(f"twilio_api_keys: {key_sid} must map to (account_sid, secret)")
             if pair[0] not in accounts:
-                raise ValueError(f"API key {key_sid} names an unknown account {pair[0]!r}")
+                raise ValueError(f"twilio_api_keys: {key_sid} names an unknown account {pair[0]!r}")
             if not (isinstance(pair[1], str) and pair[1]):
-                raise ValueError(f"the secret of API key {key_sid} must be a non-empty string")
-        if isinstance(vapi_api_keys, str):
-            raise TypeError("vapi_api_keys must be an iterable of keys, not one string")
-        vapi_keys = tuple(vapi_api_keys)
-        if not all(isinstance(key, str) and key for key in vapi_keys):
-            raise ValueError("Vapi API keys must be non-empty strings")
+                raise ValueError(
+                    f"twilio_api_keys: the secret of {key_sid} must be a non-empty str"
+                )
+        vapi_keys = _strings("vapi_api_keys", vapi_api_keys)
         if isinstance(calls_per_second, Mapping):
             cps = {sid: number("calls_per_second", v) for sid, v in calls_per_second.items()}
             default_cps = 1.0
@@ -197,14 +197,28 @@ class FakeTelephony:
         duration = number("call_duration", call_duration, inclusive=True)
         ring = number("ring_duration", ring_duration, inclusive=True)
         timeout = number("callback_timeout", callback_timeout)
-        if twilio_concurrency_limit is not None and twilio_concurrency_limit < 1:
-            raise ValueError("twilio_concurrency_limit must be None or >= 1")
-        if vapi_concurrency_limit < 1:
-            raise ValueError("vapi_concurrency_limit must be >= 1")
-        if vapi_server_url is not None and not vapi_server_url.startswith(("http://", "https://")):
+        _validate.flag("status_callbacks", status_callbacks)
+        _validate.optional_whole("twilio_concurrency_limit", twilio_concurrency_limit)
+        _validate.whole("vapi_concurrency_limit", vapi_concurrency_limit)
+        if vapi_server_url is not None and not (
+            isinstance(vapi_server_url, str)
+            and vapi_server_url.isprintable()
+            and vapi_server_url.startswith(("http://", "https://"))
+            and len(vapi_server_url) > len("https://")
+        ):
             raise ValueError(f"vapi_server_url must be an http(s) URL, got {vapi_server_url!r}")
-        if not vapi_credential_header:
-            raise ValueError("vapi_credential_header must be a header name")
+        if vapi_credential is not None and not (
+            isinstance(vapi_credential, str) and vapi_credential.strip()
+        ):
+            raise ValueError("vapi_credential must be None or a non-empty str")
+        _validate.header("vapi_credential_header", vapi_credential_header)
+        assistants = _collection("vapi_assistants", vapi_assistants)
+        if not all(isinstance(assistant, Mapping) for assistant in assistants):
+            raise TypeError("vapi_assistants must be mappings (assistant JSON)")
+        numbers = _strings("vapi_phone_numbers", vapi_phone_numbers)
+        rules = _collection("faults", faults)
+        if not all(isinstance(rule, Fault) for rule in rules):
+            raise TypeError(f"faults must be Fault rules, got {rules!r}")
         if not isinstance(clock, Clock):
             raise TypeError(f"clock must provide the Clock protocol, got {clock!r}")
         callback_faults = callback_faults if callback_faults is not None else CallbackFaults()
@@ -212,7 +226,7 @@ class FakeTelephony:
             raise TypeError("callback_faults must be a CallbackFaults")
 
         self._core = Core(seed, clock)
-        self._script = FaultScript(faults, self._core.faults)
+        self._script = FaultScript(rules, self._core.faults)
         self._sender = WebhookSender(self._core, callback_faults, timeout)
         self._twilio = TwilioApi(
             self._core,
@@ -237,8 +251,8 @@ class FakeTelephony:
             call_duration=duration,
             ring_duration=ring,
             status_callbacks=status_callbacks,
-            assistants=vapi_assistants,
-            phone_numbers=vapi_phone_numbers,
+            assistants=assistants,
+            phone_numbers=numbers,
             concurrency_limit=vapi_concurrency_limit,
         )
         self._requests: list[RecordedRequest] = []
@@ -518,6 +532,27 @@ class FakeTelephony:
         )
         with self._core.lock:
             self._requests.append(record)
+
+
+def _mapping(name: str, value: object) -> Mapping[Any, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping, got {value!r}")
+    return value
+
+
+def _collection(name: str, value: object) -> tuple[Any, ...]:
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list, got {value!r}")
+    return tuple(value)
+
+
+def _strings(name: str, value: object) -> tuple[str, ...]:
+    items = _collection(name, value)
+    if not all(isinstance(item, str) and item and item.isprintable() for item in items):
+        raise ValueError(f"{name} must hold non-empty strings, got {items!r}")
+    return items
 
 
 def _too_large() -> Response:

@@ -15,9 +15,11 @@ import math
 import random
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from resilient_voice import _validate
 
 __all__ = ["CallbackFaults", "Fault", "FaultKind"]
 
@@ -26,8 +28,12 @@ _KINDS = frozenset(("error", "rate_limit", "latency", "drop_before", "drop_after
 
 
 def _patterns(endpoints: str | Sequence[str]) -> tuple[str, ...]:
+    if not isinstance(endpoints, str | Iterable):
+        raise TypeError(f"endpoints must be glob patterns, got {endpoints!r}")
     items = (endpoints,) if isinstance(endpoints, str) else tuple(endpoints)
-    if not items or not all(isinstance(item, str) and item for item in items):
+    if not items or not all(
+        isinstance(item, str) and item and item.isprintable() for item in items
+    ):
         raise ValueError(f"endpoints must be non-empty glob patterns, got {endpoints!r}")
     return items
 
@@ -93,24 +99,33 @@ class Fault:
         object.__setattr__(self, "endpoints", _patterns(self.endpoints))
         regex = "|".join(f"(?:{fnmatch.translate(p)})" for p in self.endpoints)
         object.__setattr__(self, "_regex", re.compile(regex))
-        if not (math.isfinite(self.start) and self.start >= 0):
+        start = _validate.number("start", self.start, inclusive=True)
+        if start == math.inf:
             raise ValueError(f"start must be a finite number >= 0, got {self.start!r}")
-        if math.isnan(self.end) or self.end <= self.start:
+        end = _validate.non_negative("end", self.end)
+        if end <= start:
             raise ValueError(f"end must be greater than start, got {self.end!r}")
-        if not 0.0 <= self.probability <= 1.0:
+        probability = _validate.number("probability", self.probability, inclusive=True)
+        if probability > 1.0:
             raise ValueError(f"probability must be within [0, 1], got {self.probability!r}")
-        if self.count is not None and self.count < 1:
-            raise ValueError(f"count must be None or >= 1, got {self.count!r}")
+        _validate.optional_whole("count", self.count)
+        if isinstance(self.status, bool) or not isinstance(self.status, int):
+            raise TypeError(f"status must be an int, got {self.status!r}")
+        if not 100 <= self.status <= 599:
+            raise ValueError(f"status must be an HTTP status, got {self.status!r}")
         if self.kind == "error" and not 500 <= self.status <= 599:
             raise ValueError(f"an error fault needs a 5xx status, got {self.status!r}")
-        if self.retry_after is not None and not (
-            math.isfinite(self.retry_after) and self.retry_after >= 0
-        ):
-            raise ValueError(f"retry_after must be None or >= 0, got {self.retry_after!r}")
-        if not (math.isfinite(self.delay) and self.delay >= 0):
+        if self.retry_after is not None:
+            retry_after = _validate.non_negative("retry_after", self.retry_after)
+            if retry_after == math.inf:
+                raise ValueError(f"retry_after must be None or >= 0, got {self.retry_after!r}")
+        delay = _validate.non_negative("delay", self.delay)
+        if delay == math.inf:
             raise ValueError(f"delay must be a finite number >= 0, got {self.delay!r}")
-        if self.kind == "latency" and self.delay == 0:
+        if self.kind == "latency" and delay == 0:
             raise ValueError("a latency fault needs delay > 0")
+        _validate.flag("reset", self.reset)
+        _validate.flag("stall", self.stall)
         if self.stall and self.kind != "drop_mid_body":
             raise ValueError("stall applies to drop_mid_body faults only")
         if self.reset and self.kind == "drop_mid_body":
@@ -146,6 +161,7 @@ class Fault:
         end: float = math.inf,
     ) -> Fault:
         """Answer the next ``count`` matching requests after ``start`` with a 5xx."""
+        _validate.whole("count", count)
         return cls("error", _patterns(endpoints), start, end, count=count, status=status)
 
     @classmethod
@@ -291,11 +307,12 @@ class CallbackFaults:
 
     def __post_init__(self) -> None:
         for name in ("loss", "duplicate", "reorder"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
+            value = _validate.number(name, getattr(self, name), inclusive=True)
+            if value > 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {value!r}")
-        if not (math.isfinite(self.reorder_delay) and self.reorder_delay >= 0):
-            raise ValueError(f"reorder_delay must be >= 0, got {self.reorder_delay!r}")
+        delay = _validate.non_negative("reorder_delay", self.reorder_delay)
+        if delay == math.inf:
+            raise ValueError(f"reorder_delay must be finite, got {self.reorder_delay!r}")
 
 
 @dataclass(frozen=True, slots=True)

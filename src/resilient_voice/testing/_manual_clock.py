@@ -12,6 +12,8 @@ from contextlib import contextmanager
 import anyio
 import anyio.lowlevel
 
+from resilient_voice import _validate
+
 __all__ = ["ManualClock"]
 
 
@@ -46,10 +48,8 @@ class ManualClock:
     """
 
     def __init__(self, start: float = 0.0, *, autojump: bool = False) -> None:
-        if not math.isfinite(start):
-            raise ValueError(f"start must be finite, got {start!r}")
-        self._now = float(start)
-        self._autojump = autojump
+        self._now = _validate.number("start", start, minimum=-math.inf)
+        self._autojump = _validate.flag("autojump", autojump)
         # Heap entries are [deadline, seq, callback, sleeper]; a removed entry gets callback None.
         self._heap: list[list[object]] = []
         self._seq = 0

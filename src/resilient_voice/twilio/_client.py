@@ -88,11 +88,11 @@ _MESSAGE_NOTE = (
 )
 
 
-def _query_param(name: str | None) -> str | None:
+def _query_param(option: str, name: str | None) -> str | None:
     if name is None:
         return None
     if not isinstance(name, str) or not name or quote(name, safe="_-.") != name:
-        raise ValueError(f"query parameter names must be plain URL-safe words, got {name!r}")
+        raise ValueError(f"{option} must be a plain URL-safe word, got {name!r}")
     return name
 
 
@@ -181,7 +181,7 @@ class TwilioClient(ProviderClient):
         if auth_token is not None:
             if api_key is not None or api_secret is not None:
                 raise ValueError("authenticate with auth_token or with api_key + api_secret")
-            if not isinstance(auth_token, str) or not auth_token:
+            if not isinstance(auth_token, str) or not auth_token.strip():
                 raise ValueError("auth_token must be a non-empty str")
             user, secret = account, auth_token
         else:
@@ -191,7 +191,7 @@ class TwilioClient(ProviderClient):
                 user = check.sid("api_key", api_key, "SK")
             except InvalidRequestError as exc:
                 raise ValueError(str(exc)) from None
-            if not isinstance(api_secret, str) or not api_secret:
+            if not isinstance(api_secret, str) or not api_secret.strip():
                 raise ValueError("api_secret must be a non-empty str")
             secret = api_secret
         parts = check_base_url(
@@ -220,8 +220,8 @@ class TwilioClient(ProviderClient):
             clock=clock,
             store=store,
         )
-        self._correlation_param = _query_param(correlation_param)
-        self._attempt_param = _query_param(attempt_param)
+        self._correlation_param = _query_param("correlation_param", correlation_param)
+        self._attempt_param = _query_param("attempt_param", attempt_param)
         self._account = account
         self._auth_kind = "auth_token" if auth_token is not None else "api_key"
         self._base_url = urlunsplit((parts.scheme, parts.netloc, "", "", ""))

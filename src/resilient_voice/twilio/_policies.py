@@ -11,6 +11,7 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 from resilient_voice import _provider as provider
+from resilient_voice import _validate
 from resilient_voice._clock import Clock
 from resilient_voice.breaker import BreakerStore, CircuitBreaker
 from resilient_voice.http import Route
@@ -71,6 +72,9 @@ def default_policies(
     Returns:
         A dict with the keys of :data:`OPERATIONS`.
     """
+    _validate.label("account", account)
+    _validate.number("calls_per_second", calls_per_second)
+    _validate.number("messages_per_second", messages_per_second)
     name = f"twilio:{account}"
     shared_breaker = breaker if breaker is not None else _default_breaker(name, clock, store)
     shared_retry = (

@@ -28,8 +28,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from resilient_voice import _validate
 from resilient_voice._clock import Clock
-from resilient_voice._provider import build_transport, check_base_url
+from resilient_voice._provider import build_transport, check_base_url, check_timeout
 from resilient_voice._urls import check_request_security
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.events import Listener
@@ -106,6 +107,13 @@ class ResilientTwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twili
         listeners: Iterable[Listener] = (),
         logger: logging.Logger = _logger,
     ) -> None:
+        # Checked here: the SDK's own check raises ValueError(timeout), naming nothing.
+        timeout = check_timeout(timeout)
+        _validate.label("account_label", account_label)
+        _validate.number("calls_per_second", calls_per_second)
+        _validate.number("messages_per_second", messages_per_second)
+        if not isinstance(logger, logging.Logger):
+            raise TypeError(f"logger must be a logging.Logger, got {logger!r}")
         super().__init__(logger, True, timeout)
         if base_url is not None:
             parts = check_base_url(

@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, TypeVar, cast
 import httpx
 from pydantic import BaseModel
 
+from resilient_voice import _validate
 from resilient_voice._clock import Clock
 from resilient_voice._provider import (
     UNREADABLE,
@@ -180,9 +181,7 @@ class VapiClient(ProviderClient):
         seconds = check_timeout(timeout)
         if not isinstance(unprocessed_429, bool):
             raise TypeError("unprocessed_429 must be a bool")
-        if not isinstance(name, str) or not name:
-            raise ValueError("name must be a non-empty string")
-        self._name = name
+        self._name = _validate.label("name", name)
         self._listeners: tuple[Listener, ...] = check_listeners(listeners)
         self._create_unprocessed = frozenset({429}) if unprocessed_429 else _NO_STATUSES
         self._transport: ResilientTransport | None

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Final, cast
 
 from resilient_voice import _provider as provider
+from resilient_voice import _validate
 from resilient_voice._clock import Clock
 from resilient_voice.breaker import BreakerStore, CircuitBreaker
 from resilient_voice.http import Route
@@ -63,6 +64,8 @@ def default_policies(
     Returns:
         A new dict ``{"create_call": ..., "read": ..., "update_assistant": ...}``.
     """
+    _validate.label("name", name)
+    _validate.optional_number("calls_per_second", calls_per_second)
     shares_breaker = isinstance(store, BreakerStore)
     if breaker is None:
         if shares_breaker:

@@ -30,6 +30,7 @@ from typing import Any, TypedDict
 
 import httpx
 
+from resilient_voice import _validate
 from resilient_voice._clock import Clock
 from resilient_voice._provider import build_transport, check_timeout
 from resilient_voice._urls import check_request_security
@@ -70,8 +71,14 @@ def no_sdk_retries(
     """
     options: SdkRequestOptions = {"max_retries": 0}
     if timeout_in_seconds is not None:
-        options["timeout_in_seconds"] = timeout_in_seconds
+        options["timeout_in_seconds"] = _validate.whole("timeout_in_seconds", timeout_in_seconds)
     if additional_headers is not None:
+        if not isinstance(additional_headers, Mapping):
+            raise TypeError(f"additional_headers must be a mapping, got {additional_headers!r}")
+        for header, value in additional_headers.items():
+            _validate.header("additional_headers", header)
+            if not isinstance(value, str) or not value.isprintable():
+                raise ValueError(f"additional_headers[{header!r}] must be a printable str")
         options["additional_headers"] = dict(additional_headers)
     return options
 
@@ -108,6 +115,7 @@ def sdk_http_client(
     """
     _, host, prefix = _check_base_url(base_url, allow_insecure_http)
     seconds = check_timeout(timeout)
+    _validate.flag("unprocessed_429", unprocessed_429)
     resolved = resolve_policies(policy, policies, clock)
     resilient = build_transport(
         resolved,
