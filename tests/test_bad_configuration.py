@@ -59,6 +59,7 @@ from resilient_voice.correlation import (
 from resilient_voice.http import Route
 from resilient_voice.limiter import InMemoryBucketStore
 from resilient_voice.metrics import PrometheusMetrics
+from resilient_voice.otel import OpenTelemetryListener
 from resilient_voice.redis import RedisBackend
 from resilient_voice.testing import CallbackFaults, FakeTelephony, Fault, ManualClock
 from resilient_voice.twilio import ResilientTwilioHttpClient, TwilioClient
@@ -626,6 +627,11 @@ CONSTRUCTORS: dict[str, Constructor] = {
             "limiter_wait_buckets": Arg(("bad buckets", "not iterable")),
             "http_client_buckets": Arg(("bad buckets", "not iterable")),
         },
+    ),
+    "OpenTelemetryListener": Constructor(
+        OpenTelemetryListener,
+        dict,
+        {"meter_provider": instance(), "tracer_provider": instance()},
     ),
     "RedisBackend": Constructor(
         RedisBackend,
