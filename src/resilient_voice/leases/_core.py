@@ -76,6 +76,16 @@ class LeaseTable:
         """Leases held (as of the last :meth:`expire`)."""
         return len(self._held)
 
+    def bound(self, call_id: str) -> bool:
+        """Whether a held lease is bound to ``call_id``."""
+        return call_id in self._by_call
+
+    def resize(self, capacity: int) -> None:
+        """Make ``capacity`` the configured and effective capacity (a fallback's share)."""
+        self.capacity = capacity
+        self._base = capacity
+        self._since = -math.inf
+
     def held(self) -> list[LeaseRecord]:
         """The held leases, oldest first."""
         return list(self._held.values())
@@ -132,9 +142,14 @@ class LeaseTable:
             return None
         return next(iter(self._held.values())).acquired_at + self.ttl
 
-    def try_acquire(self, now: float, lease_id: str | None = None) -> LeaseRecord | None:
-        """A new lease if fewer than the effective capacity are held (call :meth:`expire` first)."""
-        if len(self._held) >= self.effective(now):
+    def try_acquire(
+        self, now: float, lease_id: str | None = None, *, extra: int = 0
+    ) -> LeaseRecord | None:
+        """A new lease if fewer than the effective capacity are held (call :meth:`expire` first).
+
+        ``extra`` leases held elsewhere count as held too.
+        """
+        if len(self._held) + extra >= self.effective(now):
             return None
         self._generation += 1
         record = LeaseRecord(lease_id or uuid.uuid4().hex, self._generation, now)

@@ -21,10 +21,11 @@ facade whose operations all report through the same counters and events.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 
 from resilient_voice import _validate
@@ -41,6 +42,7 @@ from resilient_voice.events import (
     check_listeners,
     dispatch,
 )
+from resilient_voice.leases._fallback import FallbackLeaseStore
 from resilient_voice.leases._records import Lease, LeaseStatistics, check_call_id, check_lease
 from resilient_voice.leases._store import Grant, InMemoryLeaseStore, LeaseStore, LeaseView
 from resilient_voice.limiter._queue import GONE, GRANTED, WAITING, Waiter, WaitQueue
@@ -156,6 +158,14 @@ class CallLeases:
             self._remote = False
         elif isinstance(store, LeaseStore):
             self._remote = True
+            # A remote store may be slow or gone: answer locally behind a breaker meanwhile.
+            store = FallbackLeaseStore(
+                store,
+                self._mode,
+                clock=self._clock,
+                name=name,
+                listeners=lambda: self._listeners,
+            )
         else:
             raise TypeError(
                 f"store must be a lease store (a RedisBackend), got {type(store).__name__}"
@@ -472,8 +482,27 @@ class CallLeases:
         return lease
 
     async def _serve(self, waiter: Waiter, arrived: float) -> Lease | None:
-        """Ask the store whenever at the front; sleep until woken or something may free."""
+        """Ask the store whenever at the front; sleep until woken or something may free.
+
+        With a remote store, a front waiter refused once subscribes to the store's wake-ups
+        (other replicas' releases) for as long as it waits, and asks again right after
+        subscribing, so that a release made meanwhile is not missed.
+        """
+        if not self._remote:
+            return await self._serve_loop(waiter, arrived, None)
+        lease = None
+        async with anyio.create_task_group() as tasks:
+            try:
+                lease = await self._serve_loop(waiter, arrived, tasks)
+            finally:
+                tasks.cancel_scope.cancel()
+        return lease
+
+    async def _serve_loop(
+        self, waiter: Waiter, arrived: float, tasks: anyio.abc.TaskGroup | None
+    ) -> Lease | None:
         queue = self._queue
+        watching = tasks is None
         while True:
             # A fresh event before asking: a wake-up during the round trip is not lost.
             waiter.event = anyio.Event()
@@ -489,6 +518,10 @@ class CallLeases:
                 self._waiting_changed()
                 queue.wake_front()
                 return self._grant(grant, arrived, view)
+            if not watching and tasks is not None:
+                watching = True
+                await tasks.start(self._store.lease_watch, self._name, _waker(waiter))
+                continue
             pause = self._poll if view.next_change is None else min(view.next_change, self._poll)
             if math.isinf(pause):
                 await waiter.event.wait()
@@ -556,3 +589,12 @@ class CallLeases:
                     self._listeners, CapacityChanged(self._name, old, view.effective, cause, "")
                 )
             self._queue.wake_front()
+
+
+def _waker(waiter: Waiter) -> Callable[[], None]:
+    """Wake ``waiter`` (whichever event it waits on now): what a store's watch calls."""
+
+    def wake() -> None:
+        waiter.event.set()
+
+    return wake

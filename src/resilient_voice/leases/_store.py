@@ -15,9 +15,13 @@ in Lua (see :mod:`resilient_voice.redis`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+import anyio
+from anyio.abc import TaskStatus
 
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
 from resilient_voice.leases._core import LeaseRecord, LeaseTable
@@ -81,8 +85,9 @@ class LeaseStore(Protocol):
         """The last known state of set ``name`` (a remote store answers from its last reply)."""
         ...
 
-    async def lease_acquire(self, name: str) -> tuple[Grant | None, LeaseView]:
-        """A new lease if fewer than the effective capacity are held."""
+    async def lease_acquire(self, name: str, extra: int = 0) -> tuple[Grant | None, LeaseView]:
+        """A new lease if fewer than the effective capacity are held (``extra`` more count as
+        held: leases this process granted locally while the store was unavailable)."""
         ...
 
     async def lease_bind(self, name: str, lease_id: str, call_id: str) -> tuple[bool, LeaseView]:
@@ -124,18 +129,35 @@ class LeaseStore(Protocol):
         """Halve the effective capacity (``signal``) or set it from provider limits: (old, new)."""
         ...
 
+    async def lease_watch(
+        self,
+        name: str,
+        wake: Callable[[], None],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``wake`` whenever another process may have freed a lease of ``name``.
+
+        Runs until cancelled, in a task of the front waiter; reports started once it listens
+        (or gave up listening: the waiter then polls). Never raises but cancellation.
+        """
+        ...
+
 
 class InMemoryLeaseStore:
     """A :class:`LeaseStore` in this process's memory, on the caller's clock (the default).
 
     Args:
         clock: The clock of the :class:`~resilient_voice.CallLeases` using it.
+        id_prefix: Put before every lease id it makes (the fallback of a shared set tells
+            its local leases apart by it).
     """
 
-    __slots__ = ("_clock", "_tables")
+    __slots__ = ("_clock", "_id_prefix", "_tables")
 
-    def __init__(self, *, clock: Clock | None = None) -> None:
+    def __init__(self, *, clock: Clock | None = None, id_prefix: str = "") -> None:
         self._clock = clock or SYSTEM_CLOCK
+        self._id_prefix = id_prefix
         self._tables: dict[str, LeaseTable] = {}
 
     def declare_leases(self, name: str, capacity: int, ttl: float, recovery: float) -> None:
@@ -165,9 +187,10 @@ class InMemoryLeaseStore:
         table, now, reclaimed = self._at(name)
         return self._view(table, now, reclaimed)
 
-    async def lease_acquire(self, name: str) -> tuple[Grant | None, LeaseView]:
+    async def lease_acquire(self, name: str, extra: int = 0) -> tuple[Grant | None, LeaseView]:
         table, now, reclaimed = self._at(name)
-        record = table.try_acquire(now)
+        lease_id = f"{self._id_prefix}{uuid.uuid4().hex}" if self._id_prefix else None
+        record = table.try_acquire(now, lease_id, extra=extra)
         grant = None if record is None else Grant(record.id, record.generation)
         return grant, self._view(table, now, reclaimed)
 
@@ -217,6 +240,18 @@ class InMemoryLeaseStore:
         else:
             old, new = table.observe(now, concurrency_limit, remaining)
         return old, new, self._view(table, now, reclaimed)
+
+    async def lease_watch(
+        self,
+        name: str,
+        wake: Callable[[], None],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # Every release of an in-memory set happens in this process, which wakes its waiters.
+        del name, wake
+        task_status.started()
+        await anyio.sleep_forever()
 
     def __repr__(self) -> str:
         return f"InMemoryLeaseStore(sets={len(self._tables)})"
