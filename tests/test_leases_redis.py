@@ -324,3 +324,34 @@ async def test_allow_and_deny_when_redis_is_unreachable(mode: Any) -> None:
             else:
                 with pytest.raises(CapacityExhaustedError):
                     await leases.acquire(timeout=0)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's client is asyncio only
+async def test_a_redis_py_asyncio_client_serves_leases_and_wake_ups() -> None:
+    import redis.asyncio as redis_asyncio
+
+    client = redis_asyncio.Redis.from_url(REDIS_URL)
+    try:
+        prefix = fresh_prefix()
+        async with (
+            RedisBackend(client, prefix=prefix, timeout=1.0) as one,
+            RedisBackend(client, prefix=prefix, timeout=1.0) as two,
+        ):
+            here = CallLeases("acct", 1, ttl=60.0, store=one)
+            there = CallLeases("acct", 1, ttl=60.0, store=two)
+            held = await there.bind(await there.acquire(), "CA1")
+            woken: list[float] = []
+
+            async def wait() -> None:
+                lease = await here.acquire(timeout=10.0)
+                woken.append(time.monotonic())
+                await lease.release()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(wait)
+                await anyio.sleep(0.5)
+                released = time.monotonic()
+                assert await there.release("CA1", generation=held.generation) is True
+            assert woken[0] - released < 1.0  # a wake-up, not the 2 s poll
+    finally:
+        await client.aclose()
