@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 import resilient_voice
 from resilient_voice import (
+    CallLeases,
     CircuitBreaker,
     KeyedLimiter,
     Policy,
@@ -254,6 +255,11 @@ async def _breaker(breaker: Any) -> None:
     await breaker.call(ok)
 
 
+async def _lease(leases: Any) -> None:
+    lease = await leases.acquire(timeout=0)
+    await lease.release()
+
+
 async def _retry(policy: Any) -> None:
     async def ok() -> int:
         return 1
@@ -301,6 +307,21 @@ CONSTRUCTORS: dict[str, Constructor] = {
             "fleet_quorum": fraction(optional=True, zero=True),
         },
         _breaker,
+    ),
+    "CallLeases": Constructor(
+        CallLeases,
+        lambda: {"name": "l", "capacity": 2, "ttl": 600.0},
+        {
+            "name": text(),
+            "capacity": count(),
+            "ttl": positive(),
+            "clock": CLOCK,
+            "store": instance(),
+            "on_backend_error": Arg(("unknown choice", "none")),
+            "capacity_recovery": positive(),
+            "listeners": LISTENERS,
+        },
+        _lease,
     ),
     "TokenBucket": Constructor(
         TokenBucket,
@@ -814,6 +835,7 @@ NOT_CONFIGURATION = {
 RECORDS = {
     "VapiCustomer": "a pydantic model of a request field: pydantic validates it",
     "Reservation": "a record a BucketStore returns, not built by users",
+    "Lease": "a record CallLeases returns, not built by users",
 }
 
 
@@ -916,6 +938,6 @@ def test_the_root_surface_constructors_are_all_listed() -> None:
         for name in resilient_voice.__all__
         if inspect.isclass(getattr(resilient_voice, name))
         and not issubclass(getattr(resilient_voice, name), BaseException)
-        and name not in ("BreakerState", "FailureKind")
+        and name not in ("BreakerState", "FailureKind", *RECORDS)
     ]
     assert sorted(roots) == sorted(n for n in roots if n in CONSTRUCTORS)

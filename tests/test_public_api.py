@@ -19,11 +19,14 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 SURFACE: dict[str, list[str]] = {
     "resilient_voice": [
         "BreakerState",
+        "CallLeases",
+        "CapacityExhaustedError",
         "CircuitBreaker",
         "CircuitOpenError",
         "FailureKind",
         "InvalidRequestError",
         "KeyedLimiter",
+        "Lease",
         "OutcomeUnknownError",
         "Policy",
         "ProviderError",
@@ -57,6 +60,7 @@ SURFACE: dict[str, list[str]] = {
         "get_correlation_id",
     ],
     "resilient_voice.errors": [
+        "CapacityExhaustedError",
         "CircuitOpenError",
         "InvalidRequestError",
         "OutcomeUnknownError",
@@ -73,10 +77,15 @@ SURFACE: dict[str, list[str]] = {
         "CallIgnored",
         "CallRejected",
         "CallSucceeded",
+        "CapacityChanged",
         "ConcurrencyBlocked",
         "Event",
         "FleetStateChanged",
         "FleetViewUpdated",
+        "LeaseAcquired",
+        "LeaseRefused",
+        "LeaseReleased",
+        "LeaseWaiting",
         "Listener",
         "RequestFinished",
         "RetryAttemptStarted",
@@ -98,6 +107,7 @@ SURFACE: dict[str, list[str]] = {
         "Route",
         "UpstreamStatusError",
     ],
+    "resilient_voice.leases": ["CallLeases", "Lease", "LeaseStore"],
     "resilient_voice.limiter": [
         "BucketStore",
         "InMemoryBucketStore",
@@ -132,9 +142,9 @@ SURFACE: dict[str, list[str]] = {
     ],
 }
 
-# Entries across every ``__all__`` (the root re-exports 19 of them), and distinct names.
-TOTAL = 105
-DISTINCT = 86
+# Entries across every ``__all__`` (the root re-exports 22 of them), and distinct names.
+TOTAL = 117
+DISTINCT = 95
 
 # Records handed back to be read: importable from their module (for annotations), shown with it
 # as their ``__module__``, never in ``__all__``; docs/api.md lists them under "Return types".
@@ -145,6 +155,7 @@ RETURN_TYPES: dict[str, list[str]] = {
         "CircuitBreakerStatistics",
         "FleetStatistics",
     ],
+    "resilient_voice.leases": ["LeaseStatistics"],
     "resilient_voice.limiter": ["KeyedLimiterStatistics", "TokenBucketStatistics"],
     "resilient_voice.retry": ["AttemptInfo", "RetryBudgetStatistics"],
     "resilient_voice.testing": [
