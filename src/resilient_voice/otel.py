@@ -260,15 +260,19 @@ class _Recorder:
             "{change}",
             "Shared circuit breaker transitions made by a fleet rule (quorum, rate, fleet).",
         )
-        fleet = (
-            ("replicas", self.fleet_replicas, "{replica}", "Live replicas (this one included)"),
-            ("open_replicas", self.fleet_open, "{replica}", "Live replicas that are open"),
-            ("calls", self.fleet_calls, "{call}", "Calls in the live replicas' windows"),
-            ("failure_rate", self.fleet_failure_rate, "1", "Combined failure rate (0 to 1)"),
-        )
+        fleet = (  # the names spelled out: tests/test_public_api.py reads them from here
+            ("resilient_voice.breaker.fleet.replicas", self.fleet_replicas, "{replica}",
+             "Live replicas (this one included)"),
+            ("resilient_voice.breaker.fleet.open_replicas", self.fleet_open, "{replica}",
+             "Live replicas that are open or half-open"),
+            ("resilient_voice.breaker.fleet.calls", self.fleet_calls, "{call}",
+             "Calls in the live replicas' windows"),
+            ("resilient_voice.breaker.fleet.failure_rate", self.fleet_failure_rate, "1",
+             "Combined failure rate (0 to 1)"),
+        )  # fmt: skip
         for name, tally, unit, text in fleet:
             gauge(
-                "resilient_voice.breaker.fleet." + name,
+                name,
                 [tally.observe],
                 unit,
                 f"{text} of a shared circuit breaker's fleet, as this replica last read it.",
