@@ -37,6 +37,7 @@ from resilient_voice.events import (
     CallRejected,
     CallSucceeded,
     Event,
+    FleetViewUpdated,
     RequestFinished,
     RetryAttemptStarted,
     RetryScheduled,
@@ -65,6 +66,13 @@ EVENTS: list[tuple[str, Event]] = [
         "RequestFinished",
         RequestFinished("twilio", "api.twilio.com", "POST", "twilio.calls.create", "2xx", 0.1, 1),
     ),
+    (
+        "RequestFinished 429",  # one 429 retried, then created: the backpressure counter too
+        RequestFinished(
+            "twilio", "api.twilio.com", "POST", "twilio.calls.create", "2xx", 0.2, 2, backpressure=1
+        ),
+    ),
+    ("FleetViewUpdated", FleetViewUpdated("twilio", 3, 1, 40, 0.25)),
 ]
 
 

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from opentelemetry import trace
@@ -32,6 +33,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, free_port, fresh_prefix
 from resilient_voice import CircuitOpenError, OutcomeUnknownError, RateLimitedError
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.correlation import correlation_scope
@@ -43,6 +45,7 @@ from resilient_voice.events import (
     ConcurrencyBlocked,
     Event,
     FleetStateChanged,
+    FleetViewUpdated,
     RequestFinished,
     RetryAttemptStarted,
     RetryGaveUp,
@@ -58,6 +61,7 @@ from resilient_voice.http import ResilientTransport, Route
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.otel import OpenTelemetryListener
 from resilient_voice.policy import Policy
+from resilient_voice.redis import RedisBackend
 from resilient_voice.retry import RetryPolicy
 from resilient_voice.testing import FakeTelephony, Fault, ManualClock, serve
 
@@ -79,6 +83,10 @@ LIST_ROUTE = Route(
 FORBIDDEN = re.compile(r"\+\d{6,}|://|127\.0\.0\.1|localhost|AC1{8}|attempt-|corr-|secret")
 
 Points = dict[frozenset[tuple[str, Any]], Any]
+
+# The Redis test's client leaves streams that the event loop's end releases, a test or two later.
+pytestmark = COREDIS_CANCEL_LEAK
+__all__ = ["collect_coredis_garbage"]  # an autouse fixture, used by being here
 
 
 class Failure(Exception):
@@ -252,8 +260,9 @@ async def test_retry_adds_a_span_event_with_the_resend_count() -> None:
     with tracer.start_as_current_span("create call"), pytest.raises(Failure):
         await retry.run(fail, idempotent=True)
     (span,) = exporter.get_finished_spans()
-    assert [event.name for event in span.events] == ["resilient_voice.retry"] * 2
-    first, second = (dict(event.attributes or {}) for event in span.events)
+    names = [event.name for event in span.events]
+    assert names == ["resilient_voice.retry"] * 2 + ["resilient_voice.retry.give_up"]
+    first, second, gave_up = (dict(event.attributes or {}) for event in span.events)
     assert first == {
         "http.request.resend_count": 1,
         "resilient_voice.retry.name": "retry",
@@ -263,9 +272,53 @@ async def test_retry_adds_a_span_event_with_the_resend_count() -> None:
     }
     assert second["http.request.resend_count"] == 2
     assert second["resilient_voice.retry.delay"] == 1.0
+    assert gave_up == {
+        "resilient_voice.retry.name": "retry",
+        "resilient_voice.retry.attempt": 3,
+        "resilient_voice.failure.kind": "maybe_processed",
+        "error.type": f"{__name__}.Failure",
+    }
     for event in span.events:
         for value in (event.attributes or {}).values():
             assert not FORBIDDEN.search(str(value))
+
+
+async def test_an_outcome_unknown_and_a_permanent_failure_add_span_events() -> None:
+    """The span says the call must be reconciled; the attempt id (unbounded) stays out of it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = OpenTelemetryListener(MeterProvider(), provider)
+    clock = ManualClock(autojump=True)
+    retry = RetryPolicy(max_attempts=3, clock=clock, name="calls", listeners=[telemetry])
+
+    async def refused() -> None:
+        raise Failure(FailureKind.PERMANENT)
+
+    tracer = provider.get_tracer("app")
+    with tracer.start_as_current_span("create call"), pytest.raises(OutcomeUnknownError):
+        await retry.call(fail)  # not idempotent: never re-sent
+    with tracer.start_as_current_span("read call"), pytest.raises(Failure):
+        await retry.run(refused, idempotent=True)  # permanent: never retried
+    created, read = exporter.get_finished_spans()
+    (unknown,) = created.events
+    assert unknown.name == "resilient_voice.retry.outcome_unknown"
+    assert dict(unknown.attributes or {}) == {
+        "resilient_voice.retry.name": "calls",
+        "error.type": f"{__name__}.Failure",
+    }
+    (gave_up,) = read.events
+    assert gave_up.name == "resilient_voice.retry.give_up"
+    assert dict(gave_up.attributes or {}) == {
+        "resilient_voice.retry.name": "calls",
+        "resilient_voice.retry.attempt": 1,
+        "resilient_voice.failure.kind": "permanent",
+        "error.type": f"{__name__}.Failure",
+    }
+    for span in (created, read):
+        for event in span.events:
+            for value in (event.attributes or {}).values():
+                assert not FORBIDDEN.search(str(value))
 
 
 async def test_no_span_no_event_and_a_no_op_tracer_provider_turns_events_off() -> None:
@@ -344,6 +397,114 @@ async def test_transport_requests_against_a_fake_upstream(
     assert attempts == {listed: 2, created: 1, other: 1}
 
 
+async def test_provider_backpressure_is_counted_apart_by_outcome(
+    reader: InMemoryMetricReader, telemetry: OpenTelemetryListener
+) -> None:
+    """A 429 that a later attempt got past is ``retried``; the one the caller got, ``final``."""
+    answers = {"/busy": [429, 201], "/full": [429, 429], "/fine": [201]}
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(answers[request.url.path].pop(0), json={})
+
+    retry = RetryPolicy(max_attempts=2, base_delay=0.001, name="create", listeners=[telemetry])
+    route = Route("create_call", host="api.example.com", unprocessed_statuses=frozenset({429}))
+    transport = ResilientTransport(
+        Policy(retry=retry), transport=httpx.MockTransport(upstream), routes=[route],
+        name="twilio", listeners=[telemetry],
+    )  # fmt: skip
+    async with httpx.AsyncClient(transport=transport, base_url="https://api.example.com") as c:
+        assert (await c.post("/busy", data={"To": PHONE})).status_code == 201
+        assert (await c.post("/full", data={"To": PHONE})).status_code == 429
+        assert (await c.post("/fine", data={"To": PHONE})).status_code == 201
+
+    def pushed(outcome: str) -> frozenset[tuple[str, Any]]:
+        return attrs(
+            transport__name="twilio",
+            **{"server.address": "api.example.com", "http.request.method": "POST"},
+            operation="create_call",
+            backpressure__outcome=outcome,
+        )
+
+    found = collect(reader)
+    assert found["resilient_voice.http.client.backpressure"] == (
+        "{answer}",
+        {pushed("retried"): 2, pushed("final"): 1},  # /busy's first, /full's first and last
+    )
+    attempts = found["resilient_voice.http.client.attempts"][1]
+    assert sum(attempts.values()) == 5  # the status classes are unchanged: 2 + 2 + 1
+
+
+async def test_a_shared_breakers_fleet_view_and_store_outages_by_primitive(
+    reader: InMemoryMetricReader, telemetry: OpenTelemetryListener
+) -> None:
+    """Real Redis, real time: two replicas see each other within a fleet tick (1 s; 5 s allowed),
+    the follower reads the other's failure within two ticks (5 s allowed), and a dead store is
+    noticed within its 0.05 s timeout (5 s allowed)."""
+    seen: list[Event] = []
+    prefix = fresh_prefix()
+    async with (
+        RedisBackend.from_url(REDIS_URL, prefix=prefix, timeout=1.0) as one,
+        RedisBackend.from_url(REDIS_URL, prefix=prefix, timeout=1.0) as other,
+    ):
+        tripping = CircuitBreaker("fleet", failure_threshold=1, store=one)
+        follower = CircuitBreaker(
+            "fleet", fleet_quorum=0.4, store=other, listeners=[telemetry, seen.append]
+        )
+        with anyio.fail_after(5):
+            while (fleet := follower.statistics().fleet) is None or fleet.live < 2:
+                await anyio.sleep(0.05)
+        with pytest.raises(Failure):
+            await tripping.call(fail)
+        with anyio.fail_after(5):
+            while not any(isinstance(e, FleetStateChanged) for e in seen):
+                await anyio.sleep(0.05)
+        found = collect(reader)  # no await in between: no reading can land between the two
+        last = [e for e in seen if isinstance(e, FleetViewUpdated)][-1]
+    name = attrs(breaker__name="fleet")
+    assert found["resilient_voice.breaker.fleet.replicas"] == ("{replica}", {name: 2})
+    opened = found["resilient_voice.breaker.fleet.open_replicas"]
+    assert opened[0] == "{replica}"
+    assert opened[1][name] in (1, 2)  # the tripped one; the follower too once it published
+    calls = found["resilient_voice.breaker.fleet.calls"]
+    assert calls[0] == "{call}"
+    assert calls[1][name] >= 1
+    unit, rates = found["resilient_voice.breaker.fleet.failure_rate"]
+    assert unit == "1"
+    assert 0 < rates[name] <= 1
+    # The gauges show the last reading, whichever it was.
+    assert (opened[1][name], calls[1][name], rates[name]) == (
+        last.open,
+        last.calls,
+        last.failure_rate,
+    )
+
+    seen.clear()
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    async with RedisBackend.from_url(dead, prefix=fresh_prefix(), timeout=0.05) as backend:
+        lonely = CircuitBreaker("lonely", store=backend, listeners=[telemetry, seen.append])
+        paced = TokenBucket(10, name="shared-cps", store=backend, listeners=[telemetry])
+        await paced.acquire()  # Redis is gone: the local fallback grants
+        with anyio.fail_after(5):
+            while not any(isinstance(e, StoreAvailabilityChanged) for e in seen):
+                await anyio.sleep(0.05)
+        del lonely
+    found = collect(reader)
+    breaker = attrs(primitive__kind="breaker", primitive__name="lonely")
+    limiter = attrs(primitive__kind="limiter", primitive__name="shared-cps")
+    assert found["resilient_voice.store.available"] == ("1", {breaker: 0, limiter: 0})
+    assert found["resilient_voice.store.outages"] == (
+        "{outage}",
+        {breaker | attrs(store__fallback="local"): 1, limiter | attrs(store__fallback="local"): 1},
+    )
+    # A breaker is not a limiter: the limiter's own instruments show the limiter only.
+    assert found["resilient_voice.limiter.store.available"][1] == {
+        attrs(limiter__name="shared-cps"): 0
+    }
+    assert found["resilient_voice.limiter.store.outages"][1] == {
+        attrs(limiter__name="shared-cps", limiter__fallback="local"): 1
+    }
+
+
 def test_fleet_store_and_provider_records(
     reader: InMemoryMetricReader, telemetry: OpenTelemetryListener
 ) -> None:
@@ -354,7 +515,19 @@ def test_fleet_store_and_provider_records(
     dispatch(listeners, BucketEvicted("per-caller", PHONE, False))
     dispatch(listeners, BucketEvicted("per-caller", PHONE, True))
     dispatch(listeners, ConcurrencyBlocked("vapi", "blocked"))
+    dispatch(listeners, StoreAvailabilityChanged("twilio", False, "local", "breaker"))
+    dispatch(listeners, FleetViewUpdated("twilio", 3, 1, 40, 0.25))
+    dispatch(listeners, FleetViewUpdated("twilio", 2, 0, 0, 0.0))  # the last reading is shown
     found = collect(reader)
+    fleet = attrs(breaker__name="twilio")
+    assert found["resilient_voice.breaker.fleet.replicas"][1] == {fleet: 2}
+    assert found["resilient_voice.breaker.fleet.open_replicas"][1] == {fleet: 0}
+    assert found["resilient_voice.breaker.fleet.calls"][1] == {fleet: 0}
+    assert found["resilient_voice.breaker.fleet.failure_rate"][1] == {fleet: 0.0}
+    assert found["resilient_voice.store.available"][1] == {
+        attrs(primitive__kind="limiter", primitive__name="cps"): 0,
+        attrs(primitive__kind="breaker", primitive__name="twilio"): 0,
+    }
     assert found["resilient_voice.breaker.fleet_state_changes"] == (
         "{change}",
         {attrs(breaker__name="twilio", breaker__fleet_rule="quorum", breaker__state="open"): 1},
@@ -453,8 +626,9 @@ def test_the_docs_table_lists_every_instrument_with_its_kind_and_unit(
         RetryScheduled("r", 1, 0.1, FailureKind.NOT_SENT, RuntimeError()),
         RetryGaveUp("r", 2, None, RuntimeError()),
         RetryOutcomeUnknown("r", "attempt-2", RuntimeError()),
-        RequestFinished("t", "other", "GET", "default", "2xx", 0.1, 1),
+        RequestFinished("t", "other", "GET", "default", "2xx", 0.1, 3, 2, False),
         ConcurrencyBlocked("c", "refused"),
+        FleetViewUpdated("b", 2, 1, 10, 0.5),
     ):
         telemetry(event)
     data = reader.get_metrics_data()
@@ -471,7 +645,7 @@ def test_the_docs_table_lists_every_instrument_with_its_kind_and_unit(
         re.findall(r"^\| `(resilient_voice\.[\w.]+)` \| ([\w ]+) \| `(.+?)` \|", page, re.M)
     )
     assert created == documented
-    assert len(created) == 16
+    assert len(created) == 23
 
 
 def test_a_subclass_of_a_handled_record_is_recorded_as_it(

@@ -58,6 +58,7 @@ from resilient_voice.events import (
     ConcurrencyBlocked,
     Event,
     FleetStateChanged,
+    FleetViewUpdated,
     RequestFinished,
     RetryAttemptStarted,
     RetryGaveUp,
@@ -77,6 +78,12 @@ METER_NAME: Final = "resilient_voice"
 
 RETRY_EVENT: Final = "resilient_voice.retry"
 """The span event added to the current span when a retry is scheduled."""
+
+GIVE_UP_EVENT: Final = "resilient_voice.retry.give_up"
+"""The span event added to the current span when a retry policy gives up."""
+
+OUTCOME_UNKNOWN_EVENT: Final = "resilient_voice.retry.outcome_unknown"
+"""The span event added when a non-idempotent operation's outcome is unknown (not retried)."""
 
 _LATENCY_LADDER = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # The SDK's default boundaries are milliseconds-shaped (0, 5, 10, ... 10000); these durations
@@ -99,12 +106,17 @@ LIMITER_OUTCOME = "resilient_voice.limiter.outcome"
 LOSSY = "resilient_voice.limiter.lossy"
 FALLBACK = "resilient_voice.limiter.fallback"
 RETRY = "resilient_voice.retry.name"
+RETRY_ATTEMPT = "resilient_voice.retry.attempt"
 FAILURE_KIND = "resilient_voice.failure.kind"
 TRANSPORT = "resilient_voice.transport.name"
 OPERATION = "resilient_voice.operation"
 STATUS_CLASS = "resilient_voice.http.status_class"
 CLIENT = "resilient_voice.client.name"
 CONCURRENCY_OUTCOME = "resilient_voice.provider.outcome"
+BACKPRESSURE_OUTCOME = "resilient_voice.backpressure.outcome"
+PRIMITIVE_KIND = "resilient_voice.primitive.kind"
+PRIMITIVE_NAME = "resilient_voice.primitive.name"
+STORE_FALLBACK = "resilient_voice.store.fallback"
 
 _K = TypeVar("_K", bound=Hashable)
 Attributes = Mapping[str, str | bool | int | float]
@@ -197,10 +209,20 @@ class _Recorder:
         self.evictions: _Tally[tuple[str, bool]] = _Tally(
             lock, lambda k: {LIMITER: k[0], LOSSY: k[1]}
         )
-        self.store_available: _Tally[str] = _Tally(lock, lambda k: {LIMITER: k})
-        self.store_outages: _Tally[tuple[str, str]] = _Tally(
+        self.limiter_store_available: _Tally[str] = _Tally(lock, lambda k: {LIMITER: k})
+        self.limiter_store_outages: _Tally[tuple[str, str]] = _Tally(
             lock, lambda k: {LIMITER: k[0], FALLBACK: k[1]}
         )
+        self.store_available: _Tally[tuple[str, str]] = _Tally(
+            lock, lambda k: {PRIMITIVE_KIND: k[0], PRIMITIVE_NAME: k[1]}
+        )
+        self.store_outages: _Tally[tuple[str, str, str]] = _Tally(
+            lock, lambda k: {PRIMITIVE_KIND: k[0], PRIMITIVE_NAME: k[1], STORE_FALLBACK: k[2]}
+        )
+        self.fleet_replicas: _Tally[str] = _Tally(lock, lambda k: {BREAKER: k})
+        self.fleet_open: _Tally[str] = _Tally(lock, lambda k: {BREAKER: k})
+        self.fleet_calls: _Tally[str] = _Tally(lock, lambda k: {BREAKER: k})
+        self.fleet_failure_rate: _Tally[str] = _Tally(lock, lambda k: {BREAKER: k})
         self.attempts: _Tally[str] = _Tally(lock, lambda k: {RETRY: k})
         self.retries: _Tally[tuple[str, FailureKind]] = _Tally(
             lock, lambda k: {RETRY: k[0], FAILURE_KIND: k[1].value}
@@ -210,6 +232,9 @@ class _Recorder:
         )
         self.outcome_unknown: _Tally[str] = _Tally(lock, lambda k: {RETRY: k})
         self.http_attempts: _Tally[tuple[str, str, str, str, str]] = _Tally(lock, _http_attributes)
+        self.backpressure: _Tally[tuple[str, str, str, str, str]] = _Tally(
+            lock, _backpressure_attributes
+        )
         self.concurrency: _Tally[tuple[str, str]] = _Tally(
             lock, lambda k: {CLIENT: k[0], CONCURRENCY_OUTCOME: k[1]}
         )
@@ -235,6 +260,23 @@ class _Recorder:
             "{change}",
             "Shared circuit breaker transitions made by a fleet rule (quorum, rate, fleet).",
         )
+        fleet = (  # the names spelled out: tests/test_public_api.py reads them from here
+            ("resilient_voice.breaker.fleet.replicas", self.fleet_replicas, "{replica}",
+             "Live replicas (this one included)"),
+            ("resilient_voice.breaker.fleet.open_replicas", self.fleet_open, "{replica}",
+             "Live replicas that are open or half-open"),
+            ("resilient_voice.breaker.fleet.calls", self.fleet_calls, "{call}",
+             "Calls in the live replicas' windows"),
+            ("resilient_voice.breaker.fleet.failure_rate", self.fleet_failure_rate, "1",
+             "Combined failure rate (0 to 1)"),
+        )  # fmt: skip
+        for name, tally, unit, text in fleet:
+            gauge(
+                name,
+                [tally.observe],
+                unit,
+                f"{text} of a shared circuit breaker's fleet, as this replica last read it.",
+            )
         counter(
             "resilient_voice.breaker.calls",
             [self.breaker_calls.observe],
@@ -261,15 +303,27 @@ class _Recorder:
         )
         gauge(
             "resilient_voice.limiter.store.available",
-            [self.store_available.observe],
+            [self.limiter_store_available.observe],
             "1",
             "Whether a rate limiter's shared store answers (1) or it runs on its fallback (0).",
         )
         counter(
             "resilient_voice.limiter.store.outages",
-            [self.store_outages.observe],
+            [self.limiter_store_outages.observe],
             "{outage}",
             "Times a rate limiter's shared store became unavailable, by the fallback it used.",
+        )
+        gauge(
+            "resilient_voice.store.available",
+            [self.store_available.observe],
+            "1",
+            "Whether the shared store of a limiter or breaker answers (1) or not (0).",
+        )
+        counter(
+            "resilient_voice.store.outages",
+            [self.store_outages.observe],
+            "{outage}",
+            "Times the shared store of a limiter or breaker became unavailable, by fallback.",
         )
         counter(
             "resilient_voice.retry.attempts",
@@ -306,6 +360,13 @@ class _Recorder:
             [self.http_attempts.observe],
             "{attempt}",
             "Attempts made for outbound HTTP requests.",
+        )
+        counter(
+            "resilient_voice.http.client.backpressure",
+            [self.backpressure.observe],
+            "{answer}",
+            "Provider backpressure (HTTP 429 answers) to outbound requests, by outcome "
+            "(retried: a later attempt followed; final: the caller got it).",
         )
         counter(
             "resilient_voice.provider.concurrency",
@@ -347,6 +408,23 @@ def _kind(kind: FailureKind | None) -> str:
     return "unclassified" if kind is None else kind.value
 
 
+def _error_type(error: BaseException) -> str:
+    """The exception's class, fully qualified; never its message, which may hold a number or URL."""
+    kind = type(error)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _backpressure_attributes(key: tuple[str, str, str, str, str]) -> Attributes:
+    transport, host, method, operation, outcome = key
+    return {
+        TRANSPORT: transport,
+        "server.address": host,
+        "http.request.method": method,
+        OPERATION: operation,
+        BACKPRESSURE_OUTCOME: outcome,
+    }
+
+
 def _http_attributes(key: tuple[str, str, str, str, str]) -> Attributes:
     transport, host, method, operation, status_class = key
     return {
@@ -385,17 +463,22 @@ class OpenTelemetryListener:
 
     Instruments (meter ``resilient_voice``; see docs/opentelemetry.md for units and
     attributes): ``resilient_voice.breaker.state``, ``.breaker.state_changes``,
-    ``.breaker.fleet_state_changes``, ``.breaker.calls`` (outcome ``rejected`` counts the
-    rejections), ``.limiter.acquisitions``, ``.limiter.wait.duration``, ``.limiter.evictions``,
-    ``.limiter.store.available``, ``.limiter.store.outages``, ``.retry.attempts``,
+    ``.breaker.fleet_state_changes``, ``.breaker.fleet.replicas``,
+    ``.breaker.fleet.open_replicas``, ``.breaker.fleet.calls``, ``.breaker.fleet.failure_rate``,
+    ``.breaker.calls`` (outcome ``rejected`` counts the rejections), ``.limiter.acquisitions``,
+    ``.limiter.wait.duration``, ``.limiter.evictions``, ``.limiter.store.available``,
+    ``.limiter.store.outages``, ``.store.available``, ``.store.outages``, ``.retry.attempts``,
     ``.retry.retries``, ``.retry.give_ups``, ``.retry.outcome_unknown``,
-    ``.http.client.request.duration``, ``.http.client.attempts`` and
-    ``.provider.concurrency``.
+    ``.http.client.request.duration``, ``.http.client.attempts``,
+    ``.http.client.backpressure`` and ``.provider.concurrency``.
 
     When a retry is scheduled, the listener adds the span event ``resilient_voice.retry`` to the
     current span if it is recording, with ``http.request.resend_count`` (the number of the
     attempt that failed, so the first retry is resend 1), the policy's name, the failure kind,
-    the delay in seconds and ``error.type`` (the exception's class).
+    the delay in seconds and ``error.type`` (the exception's class). A policy giving up adds
+    ``resilient_voice.retry.give_up`` (name, last attempt's number, failure kind,
+    ``error.type``), an outcome left unknown ``resilient_voice.retry.outcome_unknown`` (name,
+    ``error.type``): the span then says why the call failed, or that it must be reconciled.
 
     Args:
         meter_provider: Where the instruments are created; default the global one
@@ -443,14 +526,15 @@ class OpenTelemetryListener:
             CallRejected: lambda e: r.breaker_calls.add((e.source, "rejected")),
             StateChanged: self._state_changed,
             FleetStateChanged: lambda e: r.fleet_changes.add((e.source, e.rule, e.new)),
+            FleetViewUpdated: self._fleet_view,
             TokensGranted: self._granted,
             TokensRejected: lambda e: r.acquisitions.add((e.source, "rejected")),
             BucketEvicted: lambda e: r.evictions.add((e.source, e.lossy)),
             StoreAvailabilityChanged: self._store,
             RetryAttemptStarted: lambda e: r.attempts.add(e.source),
             RetryScheduled: self._retry_scheduled,
-            RetryGaveUp: lambda e: r.give_ups.add((e.source, e.kind)),
-            RetryOutcomeUnknown: lambda e: r.outcome_unknown.add(e.source),
+            RetryGaveUp: self._gave_up,
+            RetryOutcomeUnknown: self._outcome_unknown,
             RequestFinished: self._request_finished,
             ConcurrencyBlocked: lambda e: r.concurrency.add((e.source, e.outcome)),
         }
@@ -482,18 +566,30 @@ class OpenTelemetryListener:
         r.acquisitions.add((event.source, "granted"))
         r.limiter_wait.record(event.waited, r.limiter_attributes_of(event.source))
 
+    def _fleet_view(self, event: FleetViewUpdated) -> None:
+        r, breaker = self._recorder, event.source
+        with r.lock:  # one reading: the four gauges never mix two of them
+            r.fleet_replicas.counts[breaker] = event.live
+            r.fleet_open.counts[breaker] = event.open
+            r.fleet_calls.counts[breaker] = event.calls
+            r.fleet_failure_rate.counts[breaker] = event.failure_rate
+
     def _store(self, event: StoreAvailabilityChanged) -> None:
-        r = self._recorder
-        r.store_available.set(event.source, int(event.available))
+        r, up = self._recorder, int(event.available)
+        key = (event.primitive, event.source)
+        r.store_available.set(key, up)
         if not event.available:
-            r.store_outages.add((event.source, event.fallback))
+            r.store_outages.add((*key, event.fallback))
+        if event.primitive == "limiter":  # the limiter's own instruments predate the others
+            r.limiter_store_available.set(event.source, up)
+            if not event.available:
+                r.limiter_store_outages.add((event.source, event.fallback))
 
     def _retry_scheduled(self, event: RetryScheduled) -> None:
         self._recorder.retries.add((event.source, event.kind))
         if self._spans:
             span = otel_trace.get_current_span()
             if span.is_recording():
-                error = type(event.error)
                 span.add_event(
                     RETRY_EVENT,
                     {
@@ -501,8 +597,33 @@ class OpenTelemetryListener:
                         RETRY: event.source,
                         FAILURE_KIND: event.kind.value,
                         "resilient_voice.retry.delay": event.delay,
-                        "error.type": f"{error.__module__}.{error.__qualname__}",
+                        "error.type": _error_type(event.error),
                     },
+                )
+
+    def _gave_up(self, event: RetryGaveUp) -> None:
+        self._recorder.give_ups.add((event.source, event.kind))
+        if self._spans:
+            span = otel_trace.get_current_span()
+            if span.is_recording():
+                span.add_event(
+                    GIVE_UP_EVENT,
+                    {
+                        RETRY: event.source,
+                        RETRY_ATTEMPT: event.attempt,
+                        FAILURE_KIND: _kind(event.kind),
+                        "error.type": _error_type(event.error),
+                    },
+                )
+
+    def _outcome_unknown(self, event: RetryOutcomeUnknown) -> None:
+        self._recorder.outcome_unknown.add(event.source)
+        if self._spans:
+            span = otel_trace.get_current_span()
+            if span.is_recording():  # the attempt id stays out: it is unbounded
+                span.add_event(
+                    OUTCOME_UNKNOWN_EVENT,
+                    {RETRY: event.source, "error.type": _error_type(event.error)},
                 )
 
     def _request_finished(self, event: RequestFinished) -> None:
@@ -511,6 +632,14 @@ class OpenTelemetryListener:
         r = self._recorder
         r.http_duration.record(event.duration, r.http_attributes_of(key))
         r.http_attempts.add(key, event.attempts)
+        pushed = event.backpressure
+        if pushed:
+            route = (event.source, event.host, method, event.route)
+            if event.ended_in_backpressure:
+                r.backpressure.add((*route, "final"))
+                pushed -= 1
+            if pushed:
+                r.backpressure.add((*route, "retried"), pushed)
 
     def __repr__(self) -> str:
         return (
