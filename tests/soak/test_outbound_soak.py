@@ -16,6 +16,7 @@ counting a CPS violation; a breaker's open period is checked against ``recovery_
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -119,6 +120,18 @@ def check(figures: dict[str, Any]) -> None:
     assert figures["cps_violations"] == 0, figures["cps_violations"]
 
 
+# httpcore sends a request body with ``async for chunk in request.stream``; when the connection
+# fails mid-send (a reset, a timeout under load) the loop is left by the exception and httpx's
+# ``ByteStream.__aiter__`` async generator is abandoned unfinished. asyncio finalizes it quietly;
+# trio's finalizer warns (ResourceWarning) when it is collected. Nothing is leaked (it holds the
+# body's bytes) and nothing is resent; it appears on trio in a few of the soak's thousands of
+# faulted requests, so the soak tolerates exactly that warning.
+HTTPCORE_ABANDONED_BODY = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in.*ByteStream.__aiter__:pytest.PytestUnraisableExceptionWarning"
+)
+
+
+@HTTPCORE_ABANDONED_BODY
 async def test_outbound_chaos_soak(soak_size: str, figures_dir: Path, anyio_backend: str) -> None:
     size = Size(soak_size)
     if anyio_backend == "trio" and size.name == "short":
@@ -165,9 +178,9 @@ async def test_outbound_chaos_soak(soak_size: str, figures_dir: Path, anyio_back
                         must_close.append(where)
             known = {job.number for lane in built.values() for job in lane.jobs}
             jobs = [job for lane in built.values() for job in lane.jobs]
-    known |= {
-        call.to for call in fake.calls() if call.account == SID["latency"]
-    }  # the latency lane's calls
+    gc.collect()  # what the faults left unfinished is finalized here, under this test's filter
+    # The latency lane's calls are expected too.
+    known |= {call.to for call in fake.calls() if call.account == SID["latency"]}
     creates = [r for r in fake.requests("twilio.calls.create") if r.auth_user in SID.values()]
     per_account = {
         name: [r.time for r in creates if r.auth_user == SID[name]]
