@@ -59,6 +59,13 @@ def _is_coroutine_test(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The reliability campaign: everything in tests/soak is marked `soak` (sized by
+    # --soak-size). Done here rather than in a tests/soak/conftest.py: a second conftest module
+    # would take the name ``conftest`` in sys.modules, and ``from conftest import ...`` (as
+    # tests/test_backends.py does) would then import the wrong one.
+    for item in items:
+        if "tests/soak/" in item.nodeid.replace("\\", "/"):
+            item.add_marker(pytest.mark.soak)
     # Recorded before deselection so that ``-k trio`` does not look like a test missing asyncio.
     records = config.stash.setdefault(_COROUTINE_TESTS, [])
     for item in items:
