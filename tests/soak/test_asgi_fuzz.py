@@ -430,6 +430,7 @@ class Outcome:
     app_called: bool = False
     app_answered: bool = False  # the app completed a response (or lifespan) on its own
     app_read: Any = None  # the sha256 of what the app read, when it read to the end
+    app_cid: str | None = None  # the correlation id current when the app started a response
     disconnect_seen: bool = False
     raised: BaseException | None = None
     marker: Marker | None = None
@@ -495,6 +496,7 @@ def _app(case: Case, outcome: Outcome) -> Callable[[Any, Any, Any], Awaitable[No
                 raise marker()
             if behaviour == "read_twice":
                 await receive()  # waits for the disconnect, as a streaming app may
+        outcome.app_cid = get_correlation_id()
         start: dict[str, Any] = {"type": "http.response.start", "status": case.status}
         if case.app_headers is not None:
             start["headers"] = case.app_headers
@@ -628,7 +630,31 @@ async def run_case(name: str, middleware_for: Callable[[Any], Any], case: Case) 
     return outcome
 
 
-def judge(case: Case, outcome: Outcome) -> None:
+def _values(message: dict[str, Any], name: bytes) -> list[bytes]:
+    return [v for k, v in message.get("headers", ()) if k.lower() == name]
+
+
+def check_headers(name: str, case: Case, outcome: Outcome) -> None:
+    """What each middleware promises about the headers of the responses it passes or sends."""
+    start = next((m for m in outcome.sent if m["type"] == "http.response.start"), None)
+    if start is None:
+        return
+    cids = _values(start, b"x-correlation-id")
+    if name.startswith("correlation"):
+        # Echoed exactly once, the id the app ran under (replacing any the app set).
+        assert len(cids) == 1, cids
+        if outcome.app_cid is not None:
+            assert cids == [outcome.app_cid.encode("latin-1")], (cids, outcome.app_cid)
+    elif not outcome.app_called:
+        # A refusal (429, 403, 413) names the id it is logged under, once.
+        assert len(cids) == 1, cids
+        assert start["status"] in (403, 413, 429), start["status"]
+    if name.startswith("ratelimit") and outcome.app_called:
+        for field_name in (b"ratelimit", b"ratelimit-policy"):
+            assert len(_values(start, field_name)) <= 1, start["headers"]
+
+
+def judge(name: str, case: Case, outcome: Outcome) -> None:
     if outcome.raised is not None:
         if outcome.raised is not outcome.marker:
             raise AssertionError(f"an exception escaped: {outcome.raised!r}") from outcome.raised
@@ -641,6 +667,7 @@ def judge(case: Case, outcome: Outcome) -> None:
             assert complete, "no complete response although nobody raised or left"
         if outcome.app_read is not None:
             assert outcome.app_read == _client_digest(case), "the app read another body"
+        check_headers(name, case, outcome)
     elif kind == "websocket":
         problem = check_websocket(outcome.sent, case.scope)
         assert problem is None, problem
@@ -689,7 +716,7 @@ def test_fuzzed_scopes_and_bodies(name: str, backend: str, soak_size: str) -> No
                 tracemalloc.stop()
 
         outcome = anyio.run(traced, backend=backend)
-        judge(case, outcome)
+        judge(name, case, outcome)
         seen[_summary(case, outcome)] += 1
         assert peaks[-1] < PEAK_BOUND[name], f"peak {peaks[-1]} bytes"
 
