@@ -353,6 +353,15 @@ async def test_no_host_header_falls_back_to_server_address() -> None:
     assert (await _run(_middleware(), {"headers": headers}))[0] == 200
 
 
+async def test_a_server_address_outside_latin_1_is_refused_not_raised() -> None:
+    # Found by tests/soak/test_asgi_fuzz.py: without a Host header the URL is rebuilt from
+    # scope["server"], and encoding a name outside Latin-1 raised out of the middleware.
+    headers = [(b"x-twilio-signature", b"A" * 27 + b"=")]
+    for server in (("\u0100", 0), ("h\u00e9te", 80), ("\u2603", 443)):
+        status, events = await _run(_middleware(), {"headers": headers, "server": server})
+        assert (status, events) == (403, [])
+
+
 async def test_unguarded_path_is_not_read() -> None:
     status, events = await _run(_middleware(), {"path": "/open", "raw_path": b"/open"})
     assert (status, events) == (200, ["app"])

@@ -367,7 +367,8 @@ class _TwilioVerifier:
                 _log.debug("Twilio webhook: no Host header and no server address (%s)", _DOCS)
                 return None
             name = f"[{server[0]}]" if ":" in str(server[0]) else str(server[0])
-            host = f"{name}:{server[1]}".encode("latin-1")
+            # Replaced, not raised on: a name outside Latin-1 then fails the host check below.
+            host = f"{name}:{server[1]}".encode("latin-1", "replace")
         if not _HOST.fullmatch(host):
             _log.debug("Twilio webhook: the Host is not a valid host[:port] (%s)", _DOCS)
             return None
