@@ -69,10 +69,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Recorded before deselection so that ``-k trio`` does not look like a test missing asyncio.
     records = config.stash.setdefault(_COROUTINE_TESTS, [])
     for item in items:
-        # The reliability campaign (tests/soak) is marked here, not in a conftest.py of its
-        # own: a second module named conftest would shadow this one for `from conftest import`.
-        if "tests/soak/" in item.nodeid.replace("\\", "/"):
-            item.add_marker(pytest.mark.soak)
         if not isinstance(item, pytest.Function) or not _is_coroutine_test(item):
             continue
         callspec = getattr(item, "callspec", None)
