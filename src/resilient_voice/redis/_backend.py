@@ -1,8 +1,9 @@
 """RedisBackend: a :class:`~resilient_voice.limiter.BucketStore` on Redis, through coredis.
 
 Every operation is one ``EVALSHA`` of :data:`~._scripts.LIMITER` (one round trip, atomic on the
-server, timed by the server's ``TIME``), bounded by ``timeout``. After a Redis restart the script
-cache is empty: ``NOSCRIPT`` reloads the script once and repeats the call.
+server, timed by the server's ``TIME``), bounded by ``timeout``. A node that has not cached the
+script (first use, after a restart) answers ``NOSCRIPT``, and the call is repeated once as
+``EVAL``, on that node only (see ``BreakerFleet._script``).
 
 Key layout: every key of one limiter shares the hash tag ``{<prefix>:<name>}`` (Redis Cluster
 puts them in one slot; the script declares each key it touches in ``KEYS``)::
@@ -99,7 +100,6 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         "_prefix",
         "_redispy",
         "_replica",
-        "_sha",
         "_timeout",
     )
 
@@ -133,7 +133,6 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         self._client: Any = client
         self._prefix = prefix
         self._timeout = float(timeout)
-        self._sha: str | None = None
         self._configs: dict[str, str] = {}
         self._conflicts: set[str] = set()
         self._live: dict[str, int] = {}
@@ -241,15 +240,7 @@ class RedisBackend(BreakerFleet, LeaseFleet):
             self._beats[name] = now
         argv = [args[0], config, self._replica if beat else "", *args[1:]]
         try:
-            with anyio.fail_after(self._timeout):
-                if self._sha is None:
-                    self._sha = await self._load()
-                try:
-                    reply = await self._evalsha(keys, argv)
-                except self._noscript:
-                    # Redis restarted (or failed over) and lost its script cache.
-                    self._sha = await self._load()
-                    reply = await self._evalsha(keys, argv)
+            reply = await self._script(LIMITER, keys, argv)
         except TimeoutError as exc:
             raise StoreUnavailableError(f"Redis did not answer within {self._timeout} s") from exc
         except self._errors as exc:
@@ -272,15 +263,6 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         if answer[4]:
             self._live[name] = int(answer[4])
         return answer
-
-    async def _load(self) -> str:
-        sha = await self._client.script_load(LIMITER)
-        return sha if isinstance(sha, str) else str(sha, "ascii")
-
-    async def _evalsha(self, keys: list[str], argv: list[str]) -> Any:
-        if self._redispy:
-            return await self._client.evalsha(self._sha, len(keys), *keys, *argv)
-        return await self._client.evalsha(self._sha, keys=keys, args=argv)
 
     async def reserve(
         self, key: str, costs: Sequence[float], limits: Sequence[float], tau: float

@@ -20,6 +20,7 @@ fleet view resumes with the next answer.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -121,26 +122,26 @@ class BreakerFleet:
         return f"{{{self._prefix}:breaker:{name}}}"
 
     async def _script(self, script: str, keys: list[str], argv: list[str]) -> Any:
-        """One bounded EVAL of ``script`` (EVALSHA, loading it after a restart)."""
-        fleet = self._fleet_state
+        """One bounded ``EVALSHA`` of ``script``; ``EVAL`` when the node has not cached it.
+
+        The digest is computed here, never asked of Redis: ``SCRIPT LOAD`` goes to every node
+        of a cluster and fails while any one is down, which would cut off the healthy shards
+        too. ``EVAL`` goes where ``keys`` live and caches the script there (first use, after a
+        restart, on a node that took over the slot).
+        """
+        shas = self._fleet_state.shas
+        sha = shas.get(script)
+        if sha is None:
+            sha = shas[script] = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324
         with anyio.fail_after(self._timeout):
-            sha = fleet.shas.get(script)
-            if sha is None:
-                sha = fleet.shas[script] = await self._load_script(script)
             try:
-                return await self._call_sha(sha, keys, argv)
+                if self._redispy:
+                    return await self._client.evalsha(sha, len(keys), *keys, *argv)
+                return await self._client.evalsha(sha, keys=keys, args=argv)
             except self._noscript:
-                sha = fleet.shas[script] = await self._load_script(script)
-                return await self._call_sha(sha, keys, argv)
-
-    async def _load_script(self, script: str) -> str:
-        sha = await self._client.script_load(script)
-        return sha if isinstance(sha, str) else str(sha, "ascii")
-
-    async def _call_sha(self, sha: str, keys: list[str], argv: list[str]) -> Any:
-        if self._redispy:
-            return await self._client.evalsha(sha, len(keys), *keys, *argv)
-        return await self._client.evalsha(sha, keys=keys, args=argv)
+                if self._redispy:
+                    return await self._client.eval(script, len(keys), *keys, *argv)
+                return await self._client.eval(script, keys=keys, args=argv)
 
     def _fleet_down(self, exc: BaseException) -> None:
         fleet = self._fleet_state

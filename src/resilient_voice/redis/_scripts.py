@@ -1,7 +1,7 @@
 """The Lua script behind :class:`~resilient_voice.redis.RedisBackend`'s limiter.
 
-One script for the three operations of the store seam, so that one ``SCRIPT LOAD`` covers them
-and a Redis restart (``NOSCRIPT``) costs one reload. It computes exactly what
+One script for the three operations of the store seam, so that one cached script covers them
+and a node that lost its cache (``NOSCRIPT``) costs one ``EVAL``. It computes exactly what
 :mod:`resilient_voice.limiter._gcra` computes (the same IEEE double operations in the same
 order), on the server's clock (``TIME``), so clock skew between replicas changes nothing.
 
