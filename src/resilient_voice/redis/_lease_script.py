@@ -1,7 +1,8 @@
 """The Lua script behind :class:`~resilient_voice.redis.RedisBackend`'s call leases.
 
-One script for every operation on a lease set, so that one ``SCRIPT LOAD`` covers them and each
-operation is atomic on the server (no check-then-act: an acquire counts and adds in one step).
+One script for every operation on a lease set, so that one cached script (one ``EVAL`` per node)
+covers them and each operation is atomic on the server (no check-then-act: an acquire counts and
+adds in one step).
 It applies exactly the rules of :class:`resilient_voice.leases._core.LeaseTable`, on the
 server's clock (``TIME``), so clock skew between replicas changes nothing.
 
