@@ -106,3 +106,50 @@ def test_docs_block_runs(block: Block, tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, f"{block.page}:{block.line}\n{result.stderr}"
+
+
+# What a block needs beyond the core install, by what it imports: an extra of the package, or a
+# package the library leaves to the application. A reader who runs only the install command the
+# page shows gets a ModuleNotFoundError at the first line of the example otherwise.
+NEEDS = {
+    "testing": re.compile(r"from resilient_voice\.testing import [^\n]*\bserve\b"),
+    "twilio": re.compile(r"^\s*(from twilio\b|import twilio\b)", re.M),
+    "otel": re.compile(r"resilient_voice\.otel\b"),
+    "opentelemetry-sdk": re.compile(r"\bopentelemetry\.sdk\b"),
+}
+INSTALL = re.compile(r"pip install [^\n`]*")
+
+
+def _installs_named(text: str) -> set[str]:
+    """The extras and packages named by the ``pip install`` commands in ``text``."""
+    named = set()
+    for command in INSTALL.findall(text):
+        for extras in re.findall(r"resilient-voice\[([\w,]+)\]", command):
+            named.update(extras.split(","))
+        named.update(re.findall(r"\b(opentelemetry-sdk)\b", command))
+    if "all" in named:
+        named.update({"testing", "twilio", "otel", "redis", "demo"})
+    return named
+
+
+def _pages_for_new_users() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+@pytest.mark.parametrize(
+    "page", _pages_for_new_users(), ids=lambda page: page.relative_to(ROOT).as_posix()
+)
+def test_a_runnable_example_says_what_to_install_before_it(page: Path) -> None:
+    text = "\n" + page.read_text()
+    missing = []
+    for match in FENCE.finditer(text):
+        if match["lang"] != "python" or match["before"].strip() == FRAGMENT:
+            continue
+        if EXCERPT.fullmatch(match["before"].strip()):
+            continue
+        named = _installs_named(text[: match.start()])
+        for need, pattern in NEEDS.items():
+            if pattern.search(match["code"]) and need not in named:
+                line = text[: match.start("lang")].count("\n")
+                missing.append(f"{page.relative_to(ROOT)}:{line} needs {need}")
+    assert missing == []
