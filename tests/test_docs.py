@@ -11,6 +11,7 @@ here runs it. Mermaid diagrams are pictures, not code, and mkdocs renders them.
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
@@ -152,4 +153,39 @@ def test_a_runnable_example_says_what_to_install_before_it(page: Path) -> None:
             if pattern.search(match["code"]) and need not in named:
                 line = text[: match.start("lang")].count("\n")
                 missing.append(f"{page.relative_to(ROOT)}:{line} needs {need}")
+    assert missing == []
+
+
+IMPORT_FROM = re.compile(r"^\s*from (resilient_voice[\w.]*) import (\([^)]*\)|[^\n]*)", re.M)
+
+
+def _imported_names() -> list[tuple[str, str, str]]:
+    """(where, module, name) of every ``from resilient_voice... import`` in a Python block."""
+    found = []
+    for page in _pages_for_new_users():
+        text = "\n" + page.read_text()
+        for match in FENCE.finditer(text):
+            if match["lang"] != "python":
+                continue
+            line = text[: match.start("lang")].count("\n")
+            for imported in IMPORT_FROM.finditer(match["code"]):
+                names = re.sub(r"#[^\n]*", "", imported[2]).strip("()").split(",")
+                found.extend(
+                    (f"{page.relative_to(ROOT)}:{line}", imported[1], name)
+                    for name in (name.split(" as ")[0].strip() for name in names)
+                    if name
+                )
+    return found
+
+
+def test_every_name_a_block_imports_exists() -> None:
+    """Fragments do not run, but a reader copies their imports: each name must be there."""
+    imported = _imported_names()
+    assert len(imported) > 100
+    missing = []
+    for where, module, name in imported:
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"{where}: from {module} import {name}: {exc}")
     assert missing == []
