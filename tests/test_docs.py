@@ -7,6 +7,10 @@ installed, a shell command), or ``<!-- excerpt: examples/NAME.py -->``: then it 
 for word (at any indentation) in that file, which tests/test_examples.py runs, so the tutorial's
 steps cannot drift from the tested app. A block in another language must be marked too: nothing
 here runs it. Mermaid diagrams are pictures, not code, and mkdocs renders them.
+
+Two checks read as a new user does, since the suite itself runs with every extra installed: a
+runnable block that needs an extra (or the OpenTelemetry SDK) comes after a ``pip install`` that
+brings it, and every name any block (fragments included) imports from ``resilient_voice`` exists.
 """
 
 from __future__ import annotations
