@@ -7,10 +7,15 @@ installed, a shell command), or ``<!-- excerpt: examples/NAME.py -->``: then it 
 for word (at any indentation) in that file, which tests/test_examples.py runs, so the tutorial's
 steps cannot drift from the tested app. A block in another language must be marked too: nothing
 here runs it. Mermaid diagrams are pictures, not code, and mkdocs renders them.
+
+Two checks read as a new user does, since the suite itself runs with every extra installed: a
+runnable block that needs an extra (or the OpenTelemetry SDK) comes after a ``pip install`` that
+brings it, and every name any block (fragments included) imports from ``resilient_voice`` exists.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
@@ -106,3 +111,85 @@ def test_docs_block_runs(block: Block, tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, f"{block.page}:{block.line}\n{result.stderr}"
+
+
+# What a block needs beyond the core install, by what it imports: an extra of the package, or a
+# package the library leaves to the application. A reader who runs only the install command the
+# page shows gets a ModuleNotFoundError at the first line of the example otherwise.
+NEEDS = {
+    "testing": re.compile(r"from resilient_voice\.testing import [^\n]*\bserve\b"),
+    "twilio": re.compile(r"^\s*(from twilio\b|import twilio\b)", re.M),
+    "otel": re.compile(r"resilient_voice\.otel\b"),
+    "opentelemetry-sdk": re.compile(r"\bopentelemetry\.sdk\b"),
+}
+INSTALL = re.compile(r"pip install [^\n`]*")
+
+
+def _installs_named(text: str) -> set[str]:
+    """The extras and packages named by the ``pip install`` commands in ``text``."""
+    named = set()
+    for command in INSTALL.findall(text):
+        for extras in re.findall(r"resilient-voice\[([\w,]+)\]", command):
+            named.update(extras.split(","))
+        named.update(re.findall(r"\b(opentelemetry-sdk)\b", command))
+    if "all" in named:
+        named.update({"testing", "twilio", "otel", "redis", "demo"})
+    return named
+
+
+def _pages_for_new_users() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+@pytest.mark.parametrize(
+    "page", _pages_for_new_users(), ids=lambda page: page.relative_to(ROOT).as_posix()
+)
+def test_a_runnable_example_says_what_to_install_before_it(page: Path) -> None:
+    text = "\n" + page.read_text()
+    missing = []
+    for match in FENCE.finditer(text):
+        if match["lang"] != "python" or match["before"].strip() == FRAGMENT:
+            continue
+        if EXCERPT.fullmatch(match["before"].strip()):
+            continue
+        named = _installs_named(text[: match.start()])
+        for need, pattern in NEEDS.items():
+            if pattern.search(match["code"]) and need not in named:
+                line = text[: match.start("lang")].count("\n")
+                missing.append(f"{page.relative_to(ROOT)}:{line} needs {need}")
+    assert missing == []
+
+
+IMPORT_FROM = re.compile(r"^\s*from (resilient_voice[\w.]*) import (\([^)]*\)|[^\n]*)", re.M)
+
+
+def _imported_names() -> list[tuple[str, str, str]]:
+    """(where, module, name) of every ``from resilient_voice... import`` in a Python block."""
+    found = []
+    for page in _pages_for_new_users():
+        text = "\n" + page.read_text()
+        for match in FENCE.finditer(text):
+            if match["lang"] != "python":
+                continue
+            line = text[: match.start("lang")].count("\n")
+            for imported in IMPORT_FROM.finditer(match["code"]):
+                names = re.sub(r"#[^\n]*", "", imported[2]).strip("()").split(",")
+                found.extend(
+                    (f"{page.relative_to(ROOT)}:{line}", imported[1], name)
+                    for name in (name.split(" as ")[0].strip() for name in names)
+                    if name
+                )
+    return found
+
+
+def test_every_name_a_block_imports_exists() -> None:
+    """Fragments do not run, but a reader copies their imports: each name must be there."""
+    imported = _imported_names()
+    assert len(imported) > 100
+    missing = []
+    for where, module, name in imported:
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"{where}: from {module} import {name}: {exc}")
+    assert missing == []
