@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "resilient_voice.events": FOUNDATION,
     "resilient_voice.failure": FOUNDATION,
     "resilient_voice.breaker": PRIMITIVE,
+    "resilient_voice.leases": PRIMITIVE,
     "resilient_voice.limiter": PRIMITIVE,
     "resilient_voice.retry": PRIMITIVE,
     "resilient_voice.policy": COMPOSITION,

@@ -19,11 +19,14 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 SURFACE: dict[str, list[str]] = {
     "resilient_voice": [
         "BreakerState",
+        "CallLeases",
+        "CapacityExhaustedError",
         "CircuitBreaker",
         "CircuitOpenError",
         "FailureKind",
         "InvalidRequestError",
         "KeyedLimiter",
+        "Lease",
         "OutcomeUnknownError",
         "Policy",
         "ProviderError",
@@ -57,6 +60,7 @@ SURFACE: dict[str, list[str]] = {
         "get_correlation_id",
     ],
     "resilient_voice.errors": [
+        "CapacityExhaustedError",
         "CircuitOpenError",
         "InvalidRequestError",
         "OutcomeUnknownError",
@@ -73,9 +77,14 @@ SURFACE: dict[str, list[str]] = {
         "CallIgnored",
         "CallRejected",
         "CallSucceeded",
+        "CapacityChanged",
         "ConcurrencyBlocked",
         "Event",
         "FleetStateChanged",
+        "LeaseAcquired",
+        "LeaseRefused",
+        "LeaseReleased",
+        "LeaseWaiting",
         "Listener",
         "RequestFinished",
         "RetryAttemptStarted",
@@ -97,6 +106,7 @@ SURFACE: dict[str, list[str]] = {
         "Route",
         "UpstreamStatusError",
     ],
+    "resilient_voice.leases": ["CallLeases", "Lease", "LeaseStore"],
     "resilient_voice.limiter": [
         "BucketStore",
         "InMemoryBucketStore",
@@ -130,9 +140,9 @@ SURFACE: dict[str, list[str]] = {
     ],
 }
 
-# Entries across every ``__all__`` (the root re-exports 19 of them), and distinct names.
-TOTAL = 103
-DISTINCT = 84
+# Entries across every ``__all__`` (the root re-exports 22 of them), and distinct names.
+TOTAL = 115
+DISTINCT = 93
 
 # Records handed back to be read: importable from their module (for annotations), shown with it
 # as their ``__module__``, never in ``__all__``; docs/api.md lists them under "Return types".
@@ -143,6 +153,7 @@ RETURN_TYPES: dict[str, list[str]] = {
         "CircuitBreakerStatistics",
         "FleetStatistics",
     ],
+    "resilient_voice.leases": ["LeaseStatistics"],
     "resilient_voice.limiter": ["KeyedLimiterStatistics", "TokenBucketStatistics"],
     "resilient_voice.retry": ["AttemptInfo", "RetryBudgetStatistics"],
     "resilient_voice.testing": [

@@ -13,6 +13,7 @@ from resilient_voice._exports import lazy_exports
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.correlation import correlation_scope, get_correlation_id
 from resilient_voice.errors import (
+    CapacityExhaustedError,
     CircuitOpenError,
     InvalidRequestError,
     OutcomeUnknownError,
@@ -24,6 +25,7 @@ from resilient_voice.errors import (
 )
 from resilient_voice.events import BreakerState
 from resilient_voice.failure import FailureKind
+from resilient_voice.leases import CallLeases, Lease
 from resilient_voice.limiter import KeyedLimiter, TokenBucket
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryBudget, RetryPolicy
@@ -33,11 +35,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BreakerState",
+    "CallLeases",
+    "CapacityExhaustedError",
     "CircuitBreaker",
     "CircuitOpenError",
     "FailureKind",
     "InvalidRequestError",
     "KeyedLimiter",
+    "Lease",
     "OutcomeUnknownError",
     "Policy",
     "ProviderError",

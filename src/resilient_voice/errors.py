@@ -6,6 +6,7 @@ Every error this library raises derives from :class:`ResilientVoiceError`::
       RejectedError(retry_after)            not attempted: nothing was sent
         CircuitOpenError                    .breaker, .retry_after
         RateLimitedError                    .limiter, .retry_after
+        CapacityExhaustedError              .leases, .retry_after: no call slot freed in time
       OutcomeUnknownError(attempt_id)       sent, may have been processed, not retried
       ProviderError(status, code, message, kind)   the upstream answered with an error
         TwilioAPIError, VapiAPIError        in resilient_voice.twilio and resilient_voice.vapi
@@ -24,9 +25,9 @@ later; those are not part of this tree.
 
 Every public exception pickles with its fields (errors cross process boundaries in task
 queues): unpickling rebuilds the instance without calling ``__init__`` again and restores its
-attributes and notes. What names a local object is a name, not the object (``.breaker`` and
-``.limiter`` are the primitives' names), so it survives the trip. As for any Python exception,
-``__cause__``, ``__context__`` and the traceback are not pickled.
+attributes and notes. What names a local object is a name, not the object (``.breaker``,
+``.limiter`` and ``.leases`` are the primitives' names), so it survives the trip. As for any
+Python exception, ``__cause__``, ``__context__`` and the traceback are not pickled.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from resilient_voice._pickling import reduce_exception
 from resilient_voice.failure import FailureKind
 
 __all__ = [
+    "CapacityExhaustedError",
     "CircuitOpenError",
     "InvalidRequestError",
     "OutcomeUnknownError",
@@ -107,6 +109,27 @@ class RateLimitedError(RejectedError):
             retry_after=retry_after,
         )
         self.limiter = limiter
+        self.reason = reason
+
+
+class CapacityExhaustedError(RejectedError):
+    """No call slot of a :class:`~resilient_voice.CallLeases` freed in time; nothing was sent.
+
+    Attributes:
+        leases: The lease set's name.
+        retry_after: Seconds until the oldest held lease's TTL runs out (a slot is then
+            certain to free), or ``None`` when no TTL bounds the wait (a slot frees when a call
+            ends, which only the provider knows).
+    """
+
+    def __init__(self, leases: str, retry_after: float | None, *, reason: str = "") -> None:
+        wait = "unknown" if retry_after is None else f"{retry_after:.3f}s"
+        detail = f": {reason}" if reason else ""
+        super().__init__(
+            f"call leases {leases!r} have no free slot{detail}; retry after {wait}",
+            retry_after=retry_after,
+        )
+        self.leases = leases
         self.reason = reason
 
 

@@ -30,9 +30,14 @@ __all__ = [
     "CallIgnored",
     "CallRejected",
     "CallSucceeded",
+    "CapacityChanged",
     "ConcurrencyBlocked",
     "Event",
     "FleetStateChanged",
+    "LeaseAcquired",
+    "LeaseRefused",
+    "LeaseReleased",
+    "LeaseWaiting",
     "Listener",
     "RequestFinished",
     "RetryAttemptStarted",
@@ -268,6 +273,72 @@ class StoreAvailabilityChanged(Event):
 
     available: bool
     fallback: str
+
+
+# Call lease records (CallLeases). ``source`` is the lease set's name. Lease and call ids are
+# unbounded: a metrics listener must never turn one into a label.
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseAcquired(Event):
+    """Lease ``lease_id`` (``generation``) was granted after waiting ``waited`` seconds.
+
+    ``in_use`` is the number of leases held after the grant (across the fleet with a shared
+    store, as of its answer).
+    """
+
+    lease_id: str
+    generation: int
+    waited: float
+    in_use: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseReleased(Event):
+    """A lease was freed. ``reason`` says by what:
+
+    ``"webhook"`` (a release by call id, as the provider's status callback makes it, or a bind
+    meeting an earlier such release), ``"lease"`` (``lease.release()``: the create failed),
+    ``"ttl"`` (its TTL ran out: a lost webhook or a crashed replica), ``"reconcile"`` (the
+    provider no longer lists its call). ``call_id`` is ``None`` for a lease never bound.
+    """
+
+    lease_id: str
+    call_id: str | None
+    reason: Literal["webhook", "lease", "ttl", "reconcile"]
+    in_use: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRefused(Event):
+    """An acquire got no slot by its deadline; ``retry_after`` as on the error raised."""
+
+    retry_after: float | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseWaiting(Event):
+    """The number of callers queued for a lease changed to ``waiting``."""
+
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityChanged(Event):
+    """The effective capacity of a lease set went from ``old`` to ``new`` (maybe equal).
+
+    ``cause`` is ``"signal"`` (the provider refused a call for concurrency: halved; sent for
+    every signal, even one that changes nothing, with the signal's ``reason``),
+    ``"provider"`` (the provider's reported limits set it), ``"recovery"`` (it grew back
+    after ``capacity_recovery`` seconds without a signal) or ``"shared"`` (another replica
+    sharing the store changed it). ``reason`` is a short, bounded code (``"twilio:10004"``).
+    """
+
+    old: int
+    new: int
+    cause: Literal["signal", "provider", "recovery", "shared"]
+    reason: str
 
 
 # Provider client records (VapiClient). ``source`` is the client's name.

@@ -45,9 +45,14 @@ from resilient_voice.events import (
     CallIgnored,
     CallRejected,
     CallSucceeded,
+    CapacityChanged,
     ConcurrencyBlocked,
     Event,
     FleetStateChanged,
+    LeaseAcquired,
+    LeaseRefused,
+    LeaseReleased,
+    LeaseWaiting,
     RequestFinished,
     RetryAttemptStarted,
     RetryGaveUp,
@@ -107,6 +112,15 @@ class _LimiterChildren(NamedTuple):
     lossy: Any
 
 
+class _LeaseChildren(NamedTuple):
+    acquired: Any
+    refused: Any
+    in_use: Any
+    waiting: Any
+    effective: Any
+    signals: Any
+
+
 _OUTCOMES = ("success", "failure", "ignored", "rejected")
 
 
@@ -148,6 +162,12 @@ class PrometheusMetrics:
       ``status_class`` (see :class:`~resilient_voice.events.RequestFinished`).
     - ``provider_concurrency_total{client,outcome}``: a provider said the account's concurrent
       call slots were all taken (``blocked``: the call was created and waits; ``refused``).
+    - ``leases_in_use{leases}``, ``leases_effective_capacity{leases}`` gauges (with a shared
+      store: the fleet's, as this process last saw it; ``livemax`` in multiprocess mode) and
+      ``leases_waiting{leases}`` (callers queued in this process; ``livesum``);
+      ``leases_acquired_total{leases}``, ``leases_refused_total{leases}``,
+      ``leases_released_total{leases,reason}`` (``webhook``, ``lease``, ``ttl``,
+      ``reconcile``), ``leases_capacity_signals_total{leases}``.
 
     Attributes:
         registry: The registry recorded into.
@@ -157,7 +177,9 @@ class PrometheusMetrics:
     ``limiter_rejected``, ``limiter_evicted``, ``limiter_wait``, ``limiter_store_available``,
     ``limiter_store_unavailable``, ``retry_attempts``, ``retry_retries``, ``retry_give_ups``,
     ``retry_outcome_unknown``, ``http_client_requests``, ``http_client_duration``,
-    ``http_client_attempts`` and ``provider_concurrency``.
+    ``http_client_attempts``, ``provider_concurrency``, ``leases_in_use``,
+    ``leases_waiting``, ``leases_effective_capacity``, ``leases_acquired``, ``leases_refused``,
+    ``leases_released`` and ``leases_capacity_signals``.
 
     Args:
         registry: Where to register; default ``prometheus_client.REGISTRY``.
@@ -302,7 +324,58 @@ class PrometheusMetrics:
             ("client", "outcome"),
             reg,
         )
+        self._create_lease_metrics(reg)
         self._prepare()
+
+    def _create_lease_metrics(self, reg: CollectorRegistry) -> None:
+        self.leases_in_use = get_or_create(
+            Gauge,
+            PREFIX + "leases_in_use",
+            "Call leases held (with a shared store: the fleet's, as last seen).",
+            ("leases",),
+            reg,
+            multiprocess_mode="livemax",
+        )
+        self.leases_waiting = get_or_create(
+            Gauge,
+            PREFIX + "leases_waiting",
+            "Callers queued for a call lease in this process.",
+            ("leases",),
+            reg,
+            multiprocess_mode="livesum",
+        )
+        self.leases_effective_capacity = get_or_create(
+            Gauge,
+            PREFIX + "leases_effective_capacity",
+            "Effective capacity of a call lease set, as learned from the provider.",
+            ("leases",),
+            reg,
+            multiprocess_mode="livemax",
+        )
+        self.leases_acquired = get_or_create(
+            Counter, PREFIX + "leases_acquired", "Call leases granted.", ("leases",), reg
+        )
+        self.leases_refused = get_or_create(
+            Counter,
+            PREFIX + "leases_refused",
+            "Call lease acquires that got no slot by their deadline.",
+            ("leases",),
+            reg,
+        )
+        self.leases_released = get_or_create(
+            Counter,
+            PREFIX + "leases_released",
+            "Call leases freed, by reason (webhook, lease, ttl, reconcile).",
+            ("leases", "reason"),
+            reg,
+        )
+        self.leases_capacity_signals = get_or_create(
+            Counter,
+            PREFIX + "leases_capacity_signals",
+            "Capacity signals from the provider (each halves the effective capacity).",
+            ("leases",),
+            reg,
+        )
 
     def _prepare(self) -> None:
         """The children caches: every label child is built once, on first sight of its key."""
@@ -348,6 +421,19 @@ class PrometheusMetrics:
         )
         self._concurrency: _Children[tuple[str, str], Any] = _Children(
             lambda key: self.provider_concurrency.labels(*key)
+        )
+        self._leases: _Children[str, _LeaseChildren] = _Children(
+            lambda leases: _LeaseChildren(
+                self.leases_acquired.labels(leases),
+                self.leases_refused.labels(leases),
+                self.leases_in_use.labels(leases),
+                self.leases_waiting.labels(leases),
+                self.leases_effective_capacity.labels(leases),
+                self.leases_capacity_signals.labels(leases),
+            )
+        )
+        self._lease_releases: _Children[tuple[str, str], Any] = _Children(
+            lambda key: self.leases_released.labels(*key)
         )
 
     def _show_state(self, breaker: str, current: BreakerState) -> None:
@@ -407,6 +493,22 @@ class PrometheusMetrics:
                 tries.inc(attempts)
             case ConcurrencyBlocked(source=client, outcome=outcome):
                 self._concurrency[client, outcome].inc()
+            case LeaseAcquired(source=leases, in_use=in_use):
+                lease_set = self._leases[leases]
+                lease_set.acquired.inc()
+                lease_set.in_use.set(in_use)
+            case LeaseReleased(source=leases, reason=reason, in_use=in_use):
+                self._lease_releases[leases, reason].inc()
+                self._leases[leases].in_use.set(in_use)
+            case LeaseRefused(source=leases):
+                self._leases[leases].refused.inc()
+            case LeaseWaiting(source=leases, waiting=waiting):
+                self._leases[leases].waiting.set(waiting)
+            case CapacityChanged(source=leases, new=new, cause=cause):
+                lease_set = self._leases[leases]
+                lease_set.effective.set(new)
+                if cause == "signal":
+                    lease_set.signals.inc()
             case _:
                 pass
 

@@ -33,6 +33,7 @@ import anyio
 
 from resilient_voice.limiter._store import Reservation, StoreUnavailableError
 from resilient_voice.redis._breaker import BreakerFleet, _FleetState
+from resilient_voice.redis._leases import LeaseFleet, LeaseListener, LeaseSet
 from resilient_voice.redis._scripts import BEAT_S, LIMITER
 
 __all__ = ["RedisBackend"]
@@ -50,7 +51,7 @@ def _coredis() -> Any:
     return coredis
 
 
-class RedisBackend(BreakerFleet):
+class RedisBackend(BreakerFleet, LeaseFleet):
     """The shared store of a fleet: limiter schedules in Redis, decided on Redis' clock.
 
     Build one per process and event loop, after the worker has forked (a connection pool does
@@ -77,7 +78,9 @@ class RedisBackend(BreakerFleet):
 
     It is also a :class:`~resilient_voice.breaker.BreakerStore`: ``CircuitBreaker(name,
     store=backend)`` joins the fleet view of that breaker (see :mod:`._breaker`); its
-    background task runs while the backend is entered (``async with backend``).
+    background task runs while the backend is entered (``async with backend``). And it is a
+    :class:`~resilient_voice.leases.LeaseStore`: ``CallLeases(name, capacity, ttl=...,
+    store=backend)`` shares one capacity of call slots across replicas (see :mod:`._leases`).
     """
 
     __slots__ = (
@@ -88,6 +91,8 @@ class RedisBackend(BreakerFleet):
         "_errors",
         "_fleet_state",
         "_fleet_tasks",
+        "_lease_sets",
+        "_lease_state",
         "_live",
         "_noscript",
         "_owns",
@@ -139,6 +144,8 @@ class RedisBackend(BreakerFleet):
         self._owns = False
         self._fleet_state = _FleetState()
         self._fleet_tasks: Any = None
+        self._lease_sets: dict[str, LeaseSet] = {}
+        self._lease_state = LeaseListener()
 
     @classmethod
     def from_url(
@@ -171,6 +178,8 @@ class RedisBackend(BreakerFleet):
         tasks = anyio.create_task_group()
         await tasks.__aenter__()
         tasks.start_soon(self._fleet_loop)
+        # Call leases' wake-ups: one subscription for every lease set of this backend.
+        tasks.start_soon(self._lease_listener)
         self._fleet_tasks = tasks
         return self
 

@@ -1,0 +1,288 @@
+"""What a lease set does while its shared store is slow or gone: ``on_backend_error``.
+
+:class:`FallbackLeaseStore` wraps a remote :class:`~._store.LeaseStore` (Redis) for one lease
+set. While the store answers, every call passes through. A call that raises
+:class:`~resilient_voice.limiter.StoreUnavailableError` opens a small breaker around the store:
+calls are answered locally until a re-probe time that backs off (0.5 s doubling to 8 s, with
+jitter); the next acquire after it probes the store, and a success closes the breaker. Each
+transition is one log line and one :class:`~resilient_voice.events.StoreAvailabilityChanged`.
+
+While the store is unavailable, acquires follow the mode:
+
+- ``"local"``: this replica grants up to its share of the capacity, ``capacity // live
+  replicas`` (at least 1), from an in-memory table; the live replicas are the store's count of
+  heartbeats, as last answered (1 if it never answered).
+- ``"allow"``: every acquire is granted (nothing is counted); ``"deny"``: every acquire waits or
+  is refused until the store answers again.
+
+Leases granted locally carry ids starting ``local-`` (``allow-`` for ``"allow"``) and live in
+the local table until released, reconciled or past their TTL, also after the store is back;
+until then they count against the shared capacity of this replica's acquires (``extra``). A
+bind, release or unknown mark of a shared lease that cannot reach the store is kept (at most
+:data:`PENDING_MAX`, oldest dropped) and replayed in order when the store answers again, so a
+webhook received during the outage still frees its slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypeVar
+
+import anyio
+from anyio.abc import TaskStatus
+
+from resilient_voice._clock import Clock
+from resilient_voice.events import Listener, StoreAvailabilityChanged, dispatch
+from resilient_voice.leases._store import Grant, InMemoryLeaseStore, LeaseStore, LeaseView, Stored
+from resilient_voice.limiter import StoreUnavailableError
+from resilient_voice.limiter._fallback import PROBE_FIRST, PROBE_MAX
+
+__all__ = ["PENDING_MAX", "FallbackLeaseStore"]
+
+_log = logging.getLogger("resilient_voice.leases")
+
+PENDING_MAX = 10_000
+"""Most binds, releases and marks kept for replay while the store is unavailable."""
+
+LOCAL = "local-"
+ALLOW = "allow-"
+
+T = TypeVar("T")
+_Pending = tuple[Literal["b", "r", "c", "u"], str, str, int | None]
+
+
+class FallbackLeaseStore:
+    """A remote :class:`~._store.LeaseStore` behind a breaker, answered locally while down."""
+
+    __slots__ = (
+        "_allowed",
+        "_backoff",
+        "_capacity",
+        "_down",
+        "_listeners",
+        "_local",
+        "_mode",
+        "_name",
+        "_next_probe",
+        "_now",
+        "_pending",
+        "_store",
+        "transitions",
+    )
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        mode: Literal["local", "allow", "deny"],
+        *,
+        clock: Clock,
+        name: str,
+        listeners: Callable[[], tuple[Listener, ...]],
+    ) -> None:
+        self._store = store
+        self._mode = mode
+        self._now = clock.now
+        # Its lease ids are named so that their binds and releases stay local.
+        self._local = InMemoryLeaseStore(clock=clock, id_prefix=LOCAL)
+        self._name = name
+        self._listeners = listeners
+        self._down = False
+        self._next_probe = 0.0
+        self._backoff = PROBE_FIRST
+        self._pending: deque[_Pending] = deque(maxlen=PENDING_MAX)
+        self._allowed = 0
+        self._capacity = 1
+        self.transitions = 0
+
+    @property
+    def inner(self) -> LeaseStore:
+        """The wrapped store."""
+        return self._store
+
+    @property
+    def available(self) -> bool:
+        """Whether the store answered the last call made to it."""
+        return not self._down
+
+    def declare_leases(self, name: str, capacity: int, ttl: float, recovery: float) -> None:
+        self._store.declare_leases(name, capacity, ttl, recovery)
+        self._local.declare_leases(name, capacity, ttl, recovery)
+        self._capacity = capacity
+
+    def _probing(self) -> bool:
+        if not self._down:
+            return True
+        now = self._now()
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + self._backoff * random.uniform(0.8, 1.2)
+        self._backoff = min(self._backoff * 2, PROBE_MAX)
+        return True
+
+    def _failed(self, error: StoreUnavailableError) -> None:
+        if self._down:
+            return
+        self._down = True
+        self.transitions += 1
+        self._next_probe = self._now() + self._backoff * random.uniform(0.8, 1.2)
+        self._backoff = min(self._backoff * 2, PROBE_MAX)
+        live = getattr(self._store, "live_lease_replicas", None)
+        replicas = max(1, live(self._name)) if live is not None else 1
+        self._local.table(self._name).resize(max(1, self._capacity // replicas))
+        _log.warning(
+            "call leases %r: shared store unavailable (%s); on_backend_error=%r until it answers",
+            self._name,
+            str(error),
+            self._mode,
+        )
+        listeners = self._listeners()
+        if listeners:
+            dispatch(listeners, StoreAvailabilityChanged(self._name, False, self._mode))
+
+    async def _recovered(self, name: str) -> None:
+        self._down = False
+        self._backoff = PROBE_FIRST
+        self.transitions += 1
+        _log.warning("call leases %r: shared store available again", self._name)
+        listeners = self._listeners()
+        if listeners:
+            dispatch(listeners, StoreAvailabilityChanged(self._name, True, self._mode))
+        while self._pending:
+            op, first, second, generation = self._pending[0]
+            try:
+                if op == "b":
+                    await self._store.lease_bind(name, first, second)
+                elif op == "r":
+                    await self._store.lease_release(name, first)
+                elif op == "c":
+                    await self._store.lease_release_call(name, first, generation)
+                else:
+                    await self._store.lease_mark_unknown(name, first, second)
+            except StoreUnavailableError as error:
+                self._failed(error)
+                return
+            self._pending.popleft()
+
+    async def _remote(self, name: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``call()`` on the store when it is up or a probe is due; ``None`` when it is down."""
+        if not self._probing():
+            return None
+        try:
+            answer = await call()
+        except StoreUnavailableError as error:
+            self._failed(error)
+            return None
+        if self._down:
+            await self._recovered(name)
+        return answer
+
+    def _local_view(self, name: str) -> LeaseView:
+        return self._local.lease_view(name)
+
+    def lease_view(self, name: str) -> LeaseView:
+        return self._local_view(name) if self._down else self._store.lease_view(name)
+
+    async def lease_acquire(self, name: str, extra: int = 0) -> tuple[Grant | None, LeaseView]:
+        held_here = self._local.table(name).in_use + extra
+        answer = await self._remote(name, lambda: self._store.lease_acquire(name, held_here))
+        if answer is not None:
+            return answer
+        if self._mode == "allow":
+            self._allowed += 1
+            return Grant(f"{ALLOW}{uuid.uuid4().hex}", self._allowed), self._local_view(name)
+        if self._mode == "deny":
+            view = self._local_view(name)
+            wait = max(0.0, self._next_probe - self._now())
+            return None, LeaseView(view.in_use, view.effective, wait, None)
+        return await self._local.lease_acquire(name)
+
+    async def lease_bind(self, name: str, lease_id: str, call_id: str) -> tuple[bool, LeaseView]:
+        if lease_id.startswith(LOCAL):
+            return await self._local.lease_bind(name, lease_id, call_id)
+        if lease_id.startswith(ALLOW):
+            return False, self._local_view(name)
+        answer = await self._remote(name, lambda: self._store.lease_bind(name, lease_id, call_id))
+        if answer is None:
+            self._pending.append(("b", lease_id, call_id, None))
+            return False, self._local_view(name)
+        return answer
+
+    async def lease_release(self, name: str, lease_id: str) -> tuple[str | None, bool, LeaseView]:
+        if lease_id.startswith(LOCAL):
+            return await self._local.lease_release(name, lease_id)
+        if lease_id.startswith(ALLOW):
+            return None, False, self._local_view(name)
+        answer = await self._remote(name, lambda: self._store.lease_release(name, lease_id))
+        if answer is None:
+            self._pending.append(("r", lease_id, "", None))
+            return None, False, self._local_view(name)
+        return answer
+
+    async def lease_release_call(
+        self, name: str, call_id: str, generation: int | None
+    ) -> tuple[str | None, LeaseView]:
+        if self._local.table(name).bound(call_id):
+            return await self._local.lease_release_call(name, call_id, generation)
+        answer = await self._remote(
+            name, lambda: self._store.lease_release_call(name, call_id, generation)
+        )
+        if answer is None:
+            self._pending.append(("c", call_id, "", generation))
+            return None, self._local_view(name)
+        return answer
+
+    async def lease_mark_unknown(self, name: str, lease_id: str, attempt_id: str) -> bool:
+        if lease_id.startswith(LOCAL):
+            return await self._local.lease_mark_unknown(name, lease_id, attempt_id)
+        if lease_id.startswith(ALLOW):
+            return False
+        answer = await self._remote(
+            name, lambda: self._store.lease_mark_unknown(name, lease_id, attempt_id)
+        )
+        if answer is None:
+            self._pending.append(("u", lease_id, attempt_id, None))
+            return True
+        return answer
+
+    async def lease_unknown(self, name: str) -> list[Stored]:
+        local = await self._local.lease_unknown(name)
+        remote = await self._remote(name, lambda: self._store.lease_unknown(name))
+        return [*(remote or []), *local]
+
+    async def lease_reconcile(
+        self, name: str, live: frozenset[str], as_of: float, age: float
+    ) -> tuple[list[tuple[str, str | None]], LeaseView]:
+        gone, view = await self._local.lease_reconcile(name, live, as_of, age)
+        answer = await self._remote(
+            name, lambda: self._store.lease_reconcile(name, live, as_of, age)
+        )
+        if answer is None:
+            return gone, view
+        return [*gone, *answer[0]], answer[1]
+
+    async def lease_capacity(
+        self, name: str, signal: bool, concurrency_limit: int | None, remaining: int | None
+    ) -> tuple[int, int, LeaseView]:
+        local = await self._local.lease_capacity(name, signal, concurrency_limit, remaining)
+        answer = await self._remote(
+            name, lambda: self._store.lease_capacity(name, signal, concurrency_limit, remaining)
+        )
+        return local if answer is None else answer
+
+    async def lease_watch(
+        self,
+        name: str,
+        wake: Callable[[], None],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await self._store.lease_watch(name, wake, task_status=task_status)
+
+    def __repr__(self) -> str:
+        return (
+            f"FallbackLeaseStore({self._store!r}, mode={self._mode!r}, available={not self._down})"
+        )

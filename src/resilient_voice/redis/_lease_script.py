@@ -1,0 +1,234 @@
+"""The Lua script behind :class:`~resilient_voice.redis.RedisBackend`'s call leases.
+
+One script for every operation on a lease set, so that one ``SCRIPT LOAD`` covers them and each
+operation is atomic on the server (no check-then-act: an acquire counts and adds in one step).
+It applies exactly the rules of :class:`resilient_voice.leases._core.LeaseTable`, on the
+server's clock (``TIME``), so clock skew between replicas changes nothing.
+
+Keys of set ``name``, all under the hash tag ``{<prefix>:leases:<name>}`` and all declared in
+``KEYS`` (Redis Cluster puts them in one slot)::
+
+    ...:z    ZSET lease id -> expiry (server seconds): what is held; ZCARD is in use
+    ...:l    HASH lease id -> "generation|acquired|bound|call id|attempt id"
+    ...:c    HASH call id -> lease id (the bindings a webhook releases by)
+    ...:ez   ZSET call id -> expiry of a release that came before its bind
+    ...:eg   HASH call id -> that release's generation ("" for any)
+    ...:s    HASH g (the generation counter), b and t (the learned capacity and when it was
+             set), cfg (capacity/ttl/recovery, to refuse replicas configured differently)
+    ...:hb   ZSET replica -> heartbeat (what ``on_backend_error="local"`` divides by)
+
+A release publishes on the channel ``...:w`` so that waiting replicas ask again at once (a lost
+message costs at most the waiter's bounded poll). The lease keys expire ``ttl`` plus a minute
+after their last write; ``...:s`` does not expire, so generations keep growing.
+
+Every answer starts with the same header: ``ok``, in use, effective capacity, seconds to the next
+change (a TTL running out or a step of recovery; "" for none), seconds to the first expiry, live
+replicas ("" when no heartbeat was written), then the count of leases this call reclaimed by TTL
+and their (id, call id) pairs; the operation's own results follow.
+"""
+
+from __future__ import annotations
+
+from resilient_voice.redis._scripts import HEARTBEAT_S
+
+__all__ = ["LEASES", "LEASE_IDLE_MS"]
+
+LEASE_IDLE_MS = 60_000
+"""How long the keys of a lease set outlive their ``ttl`` after the last write."""
+
+LEASES = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local Z, L, C, EZ, EG, S, HB = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local op, cfg, replica, chan = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local stored = redis.call('HGET', S, 'cfg')
+if stored and stored ~= cfg then return {'conflict', stored} end
+if not stored then redis.call('HSET', S, 'cfg', cfg) end
+local capacity, ttl, recovery = string.match(cfg, '^([^/]+)/([^/]+)/([^/]+)$')
+capacity, ttl, recovery = tonumber(capacity), tonumber(ttl), tonumber(recovery)
+local function fmt(x) return string.format('%.17g', x) end
+local live = ''
+if replica ~= '' then
+  redis.call('ZADD', HB, now, replica)
+  redis.call('ZREMRANGEBYSCORE', HB, '-inf', now - HEARTBEAT_S)
+  redis.call('PEXPIRE', HB, HEARTBEAT_S * 1000)
+  live = tostring(redis.call('ZCARD', HB))
+end
+local function split(rec)
+  local f = {}
+  for part in string.gmatch(rec .. '|', '([^|]*)|') do f[#f + 1] = part end
+  return f
+end
+local function join(f) return table.concat(f, '|', 1, 5) end
+local function unbind(id, call)
+  if call ~= '' and redis.call('HGET', C, call) == id then redis.call('HDEL', C, call) end
+end
+local function drop(id, f)
+  redis.call('ZREM', Z, id)
+  redis.call('HDEL', L, id)
+  unbind(id, f[4])
+end
+local reclaimed = {}
+local dead = redis.call('ZRANGEBYSCORE', Z, '-inf', now)
+for _, id in ipairs(dead) do
+  local rec = redis.call('HGET', L, id)
+  local call = ''
+  if rec then call = split(rec)[4] end
+  unbind(id, call)
+  redis.call('HDEL', L, id)
+  reclaimed[#reclaimed + 1] = id
+  reclaimed[#reclaimed + 1] = call
+end
+if #dead > 0 then redis.call('ZREMRANGEBYSCORE', Z, '-inf', now) end
+local gone = redis.call('ZRANGEBYSCORE', EZ, '-inf', now)
+for _, call in ipairs(gone) do redis.call('HDEL', EG, call) end
+if #gone > 0 then redis.call('ZREMRANGEBYSCORE', EZ, '-inf', now) end
+local state = redis.call('HMGET', S, 'b', 't')
+local base = tonumber(state[1]) or capacity
+local since = tonumber(state[2]) or 0
+local function effective()
+  if base >= capacity then return capacity end
+  return math.min(capacity, base + math.floor((now - since) / recovery))
+end
+local function touch()
+  local ms = math.ceil(ttl * 1000) + IDLE_MS
+  for _, k in ipairs({Z, L, C, EZ, EG}) do redis.call('PEXPIRE', k, ms) end
+end
+local freed = false
+local result = {}
+if op == 'a' then
+  local extra = tonumber(ARGV[6])
+  if redis.call('ZCARD', Z) + extra < effective() then
+    local g = redis.call('HINCRBY', S, 'g', 1)
+    redis.call('ZADD', Z, now + ttl, ARGV[5])
+    redis.call('HSET', L, ARGV[5], g .. '|' .. fmt(now) .. '|||')
+    touch()
+    result = {tostring(g)}
+  end
+elseif op == 'b' then
+  local id, call = ARGV[5], ARGV[6]
+  local rec = redis.call('HGET', L, id)
+  if rec then
+    local f = split(rec)
+    local early = redis.call('HGET', EG, call)
+    if early and (early == '' or tonumber(early) == tonumber(f[1])) then
+      redis.call('HDEL', EG, call)
+      redis.call('ZREM', EZ, call)
+      drop(id, f)
+      freed = true
+      result = {'1'}
+    else
+      unbind(id, f[4])
+      local prev = redis.call('HGET', C, call)
+      if prev and prev ~= id then
+        local p = redis.call('HGET', L, prev)
+        if p then
+          local pf = split(p)
+          pf[4] = ''
+          redis.call('HSET', L, prev, join(pf))
+        end
+      end
+      f[3], f[4], f[5] = fmt(now), call, ''
+      redis.call('HSET', L, id, join(f))
+      redis.call('HSET', C, call, id)
+      touch()
+    end
+  end
+elseif op == 'r' then
+  local rec = redis.call('HGET', L, ARGV[5])
+  if rec then
+    local f = split(rec)
+    drop(ARGV[5], f)
+    freed = true
+    result = {'1', f[4]}
+  end
+elseif op == 'c' then
+  local call, gen = ARGV[5], ARGV[6]
+  local id = redis.call('HGET', C, call)
+  if not id then
+    redis.call('ZADD', EZ, now + ttl, call)
+    redis.call('HSET', EG, call, gen)
+    touch()
+  else
+    local f = split(redis.call('HGET', L, id))
+    if gen == '' or tonumber(gen) == tonumber(f[1]) then
+      drop(id, f)
+      freed = true
+      result = {id}
+    end
+  end
+elseif op == 'u' then
+  local rec = redis.call('HGET', L, ARGV[5])
+  if rec then
+    local f = split(rec)
+    f[5] = ARGV[6]
+    redis.call('HSET', L, ARGV[5], join(f))
+    result = {'1'}
+  end
+elseif op == 'U' then
+  local all = redis.call('HGETALL', L)
+  for i = 1, #all, 2 do
+    local f = split(all[i + 1])
+    if f[5] ~= '' and f[4] == '' then
+      result[#result + 1] = all[i]
+      result[#result + 1] = f[1]
+      result[#result + 1] = fmt(now - tonumber(f[2]))
+      result[#result + 1] = f[5]
+    end
+  end
+elseif op == 'R' then
+  local cutoff = now - tonumber(ARGV[5])
+  local alive = {}
+  for i = 6, #ARGV do alive[ARGV[i]] = true end
+  local all = redis.call('HGETALL', L)
+  for i = 1, #all, 2 do
+    local f = split(all[i + 1])
+    if f[4] ~= '' and f[3] ~= '' and tonumber(f[3]) < cutoff and tonumber(f[2]) < cutoff
+        and not alive[f[4]] then
+      drop(all[i], f)
+      freed = true
+      result[#result + 1] = all[i]
+      result[#result + 1] = f[4]
+    end
+  end
+elseif op == 's' or op == 'o' then
+  local old = effective()
+  local new = old
+  if op == 's' then
+    new = math.max(1, math.floor(old / 2))
+  else
+    local cands = {}
+    if ARGV[5] ~= '' then cands[#cands + 1] = tonumber(ARGV[5]) end
+    if ARGV[6] ~= '' then cands[#cands + 1] = redis.call('ZCARD', Z) + tonumber(ARGV[6]) end
+    if #cands > 0 then
+      new = capacity
+      for _, c in ipairs(cands) do if c < new then new = c end end
+      if new < 1 then new = 1 end
+    end
+  end
+  if op == 's' or ARGV[5] ~= '' or ARGV[6] ~= '' then
+    base, since = new, now
+    redis.call('HSET', S, 'b', tostring(base), 't', fmt(since))
+    if new > old then freed = true end
+  end
+  result = {tostring(old), tostring(new)}
+end
+if freed or #dead > 0 then redis.call('PUBLISH', chan, '1') end
+local eff = effective()
+local first = redis.call('ZRANGE', Z, 0, 0, 'WITHSCORES')
+local first_expiry = ''
+local next_change = nil
+if #first > 0 then
+  first_expiry = fmt(tonumber(first[2]) - now)
+  next_change = tonumber(first[2]) - now
+end
+if eff < capacity then
+  local step = since + (math.floor((now - since) / recovery) + 1) * recovery - now
+  if next_change == nil or step < next_change then next_change = step end
+end
+local header = {'ok', tostring(redis.call('ZCARD', Z)), tostring(eff),
+  next_change and fmt(next_change) or '', first_expiry, live, tostring(#reclaimed / 2)}
+for _, x in ipairs(reclaimed) do header[#header + 1] = x end
+for _, x in ipairs(result) do header[#header + 1] = x end
+return header
+""".replace("HEARTBEAT_S", str(HEARTBEAT_S)).replace("IDLE_MS", str(LEASE_IDLE_MS))

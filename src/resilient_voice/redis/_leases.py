@@ -1,0 +1,312 @@
+"""The call-lease side of :class:`~resilient_voice.redis.RedisBackend`: a shared lease store.
+
+Each operation of :class:`~resilient_voice.leases.LeaseStore` is one ``EVALSHA`` of
+:data:`~._lease_script.LEASES`, bounded by the backend's ``timeout``; Redis' errors and timeouts
+become :class:`~resilient_voice.limiter.StoreUnavailableError`, which the lease set's
+``on_backend_error`` fallback handles. Waiters are woken by Pub/Sub: :meth:`LeaseFleet.lease_watch`
+registers a refused front waiter with the backend's listener, a background task (run while the
+backend is entered) holding one subscription to the channels of every lease set declared; every
+release publishes on its set's channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from resilient_voice.leases._store import Grant, LeaseView, Stored
+from resilient_voice.limiter import StoreUnavailableError
+from resilient_voice.redis._lease_script import LEASES
+from resilient_voice.redis._scripts import BEAT_S
+
+__all__ = ["LeaseFleet", "LeaseListener", "LeaseSet"]
+
+_log = logging.getLogger("resilient_voice.redis")
+
+_HEADER = 7
+
+
+class LeaseSet:
+    """What the backend keeps per lease set: its keys, configuration and last answer."""
+
+    __slots__ = ("answered_at", "beat", "channel", "config", "keys", "live", "tag", "view")
+
+    def __init__(self, tag: str, config: str, capacity: int) -> None:
+        self.tag = tag
+        self.channel = f"{tag}:w"
+        self.config = config
+        self.keys = [f"{tag}:{suffix}" for suffix in ("z", "l", "c", "ez", "eg", "s", "hb")]
+        self.view = LeaseView(0, capacity, None, None)
+        self.answered_at = time.monotonic()
+        self.live = 1
+        self.beat = -math.inf
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _seconds(value: str) -> float | None:
+    return float(value) if value else None
+
+
+class LeaseFleet:
+    """The :class:`~resilient_voice.leases.LeaseStore` half of the Redis backend."""
+
+    __slots__ = ()
+
+    # Provided by RedisBackend.
+    _client: Any
+    _prefix: str
+    _timeout: float
+    _replica: str
+    _errors: tuple[type[Exception], ...]
+    _redispy: bool
+    _lease_sets: dict[str, LeaseSet]
+    _lease_state: LeaseListener
+
+    if TYPE_CHECKING:
+
+        async def _script(self, script: str, keys: list[str], argv: list[str]) -> Any: ...
+
+    def declare_leases(self, name: str, capacity: int, ttl: float, recovery: float) -> None:
+        """Record the configuration of set ``name``; the script refuses a conflicting one."""
+        config = f"{capacity}/{ttl!r}/{recovery!r}"
+        known = self._lease_sets.get(name)
+        if known is not None and known.config != config:
+            raise ValueError(
+                f"lease set {name!r} is used with capacity/ttl/recovery {known.config} and "
+                f"{config} on one shared store: give each configuration its own name"
+            )
+        if known is None:
+            self._lease_sets[name] = LeaseSet(f"{{{self._prefix}:leases:{name}}}", config, capacity)
+
+    def lease_keys(self, name: str) -> list[str]:
+        """The Redis keys of set ``name`` (all under one hash tag)."""
+        return list(self._lease_sets[name].keys)
+
+    def live_lease_replicas(self, name: str) -> int:
+        """Replicas that used set ``name`` within 3 s, as last answered (1 before any answer)."""
+        return self._lease_sets[name].live
+
+    def lease_view(self, name: str) -> LeaseView:
+        lease_set = self._lease_sets[name]
+        view = lease_set.view
+        elapsed = time.monotonic() - lease_set.answered_at
+        return LeaseView(
+            view.in_use,
+            view.effective,
+            None if view.next_change is None else max(0.0, view.next_change - elapsed),
+            None if view.first_expiry is None else max(0.0, view.first_expiry - elapsed),
+        )
+
+    async def _lease(self, name: str, op: str, args: list[str]) -> tuple[LeaseView, list[str]]:
+        """One script call on set ``name``: the view of the answer and the operation's results."""
+        lease_set = self._lease_sets[name]
+        now = time.monotonic()
+        beat = now - lease_set.beat >= BEAT_S
+        if beat:
+            lease_set.beat = now
+        argv = [op, lease_set.config, self._replica if beat else "", lease_set.channel, *args]
+        try:
+            reply = await self._script(LEASES, lease_set.keys, argv)
+        except TimeoutError as exc:
+            raise StoreUnavailableError(f"Redis did not answer within {self._timeout} s") from exc
+        except self._errors as exc:
+            raise StoreUnavailableError(f"Redis failed: {type(exc).__name__}: {exc}") from exc
+        items = [_text(x) for x in reply]
+        if items[0] == "conflict":
+            raise ValueError(
+                f"lease set {name!r} runs with capacity/ttl/recovery {lease_set.config} here but "
+                f"{items[1]} in another replica sharing this Redis: give each its own name"
+            )
+        count = int(items[6])
+        pairs = items[_HEADER : _HEADER + 2 * count]
+        reclaimed = tuple((pairs[i], pairs[i + 1] or None) for i in range(0, len(pairs), 2))
+        in_use, effective = int(items[1]), int(items[2])
+        next_change, first_expiry = _seconds(items[3]), _seconds(items[4])
+        if items[5]:
+            lease_set.live = int(items[5])
+        lease_set.view = LeaseView(in_use, effective, next_change, first_expiry)
+        lease_set.answered_at = time.monotonic()
+        view = LeaseView(in_use, effective, next_change, first_expiry, reclaimed)
+        return view, items[_HEADER + 2 * count :]
+
+    async def lease_acquire(self, name: str, extra: int = 0) -> tuple[Grant | None, LeaseView]:
+        lease_id = uuid.uuid4().hex
+        view, result = await self._lease(name, "a", [lease_id, str(extra)])
+        return (Grant(lease_id, int(result[0])) if result else None), view
+
+    async def lease_bind(self, name: str, lease_id: str, call_id: str) -> tuple[bool, LeaseView]:
+        view, result = await self._lease(name, "b", [lease_id, call_id])
+        return bool(result), view
+
+    async def lease_release(self, name: str, lease_id: str) -> tuple[str | None, bool, LeaseView]:
+        view, result = await self._lease(name, "r", [lease_id])
+        if not result:
+            return None, False, view
+        return result[1] or None, True, view
+
+    async def lease_release_call(
+        self, name: str, call_id: str, generation: int | None
+    ) -> tuple[str | None, LeaseView]:
+        gen = "" if generation is None else str(generation)
+        view, result = await self._lease(name, "c", [call_id, gen])
+        return (result[0] if result else None), view
+
+    async def lease_mark_unknown(self, name: str, lease_id: str, attempt_id: str) -> bool:
+        _, result = await self._lease(name, "u", [lease_id, attempt_id])
+        return bool(result)
+
+    async def lease_unknown(self, name: str) -> list[Stored]:
+        _, result = await self._lease(name, "U", [])
+        stored = [
+            Stored(result[i], int(result[i + 1]), float(result[i + 2]), None, result[i + 3])
+            for i in range(0, len(result), 4)
+        ]
+        stored.sort(key=lambda s: (-s.age, s.generation))
+        return stored
+
+    async def lease_reconcile(
+        self, name: str, live: frozenset[str], as_of: float, age: float
+    ) -> tuple[list[tuple[str, str | None]], LeaseView]:
+        del as_of  # on another clock: the server compares with its own now less ``age``
+        view, result = await self._lease(name, "R", [repr(age), *sorted(live)])
+        return [(result[i], result[i + 1] or None) for i in range(0, len(result), 2)], view
+
+    async def lease_capacity(
+        self, name: str, signal: bool, concurrency_limit: int | None, remaining: int | None
+    ) -> tuple[int, int, LeaseView]:
+        args = [
+            "" if concurrency_limit is None else str(concurrency_limit),
+            "" if remaining is None else str(remaining),
+        ]
+        view, result = await self._lease(name, "s" if signal else "o", args)
+        return int(result[0]), int(result[1]), view
+
+    async def lease_watch(
+        self,
+        name: str,
+        wake: Callable[[], None],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``wake`` on every release published for set ``name``, until cancelled.
+
+        Only registers ``wake`` with the backend's listener (no round trip on the waiter's
+        path); the listener runs while the backend is entered (``async with backend``).
+        """
+        state = self._lease_state
+        channel = self._lease_sets[name].channel
+        wakers = state.wakers.setdefault(channel, set())
+        wakers.add(wake)
+        state.poke()
+        try:
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            wakers.discard(wake)
+
+    async def _lease_listener(self) -> None:
+        """The backend's task: one subscription to the channels of every declared lease set.
+
+        Reconnects with backoff when Redis goes away, and wakes every registered waiter after
+        each (re)subscription, since a release published meanwhile was not heard.
+        """
+        state = self._lease_state
+        backoff = 0.5
+        while True:
+            if not state.channels():
+                state.changed = anyio.Event()
+                await state.changed.wait()
+                continue
+            try:
+                if self._redispy:
+                    await self._listen_redispy(state)
+                else:
+                    await self._listen_coredis(state)
+                backoff = 0.5
+            except self._errors as exc:
+                _log.debug("lease wake-ups: %s: %s; polling meanwhile", type(exc).__name__, exc)
+            except TimeoutError:
+                pass
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, 8.0)
+
+    async def _listen_coredis(self, state: LeaseListener) -> None:
+        with anyio.fail_after(max(1.0, 20 * self._timeout)) as scope:
+            pubsub_cm = self._client.pubsub(
+                channels=sorted(state.channels()), ignore_subscribe_messages=True, retry_policy=None
+            )
+            async with pubsub_cm as pubsub, anyio.create_task_group() as tasks:
+                scope.deadline = math.inf
+                subscribed = set(state.channels())
+                state.wake_all()
+
+                async def follow() -> None:
+                    while True:
+                        state.changed = anyio.Event()
+                        new = state.channels() - subscribed
+                        if new:
+                            await pubsub.subscribe(*sorted(new))
+                            subscribed.update(new)
+                            state.wake_all()
+                            continue
+                        await state.changed.wait()
+
+                tasks.start_soon(follow)
+                async for message in pubsub:
+                    state.wake(_text(message["channel"]))
+
+    async def _listen_redispy(self, state: LeaseListener) -> None:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        try:
+            subscribed: set[str] = set()
+            while True:
+                new = state.channels() - subscribed
+                if new:
+                    with anyio.fail_after(max(1.0, 20 * self._timeout)):
+                        await pubsub.subscribe(*sorted(new))
+                    subscribed.update(new)
+                    state.wake_all()
+                message = await pubsub.get_message(timeout=0.5)
+                if message is not None:
+                    state.wake(_text(message["channel"]))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pubsub.aclose()
+
+
+class LeaseListener:
+    """The waiters to wake per channel, and the event that tells the listener of new sets."""
+
+    __slots__ = ("changed", "declared", "wakers")
+
+    def __init__(self) -> None:
+        self.declared: set[str] = set()
+        self.wakers: dict[str, set[Callable[[], None]]] = {}
+        # Built by the listener task (an anyio.Event needs a running loop); None before.
+        self.changed: anyio.Event | None = None
+
+    def channels(self) -> set[str]:
+        return self.declared
+
+    def poke(self) -> None:
+        if self.changed is not None:
+            self.changed.set()
+
+    def wake(self, channel: str) -> None:
+        for wake in list(self.wakers.get(channel, ())):
+            wake()
+
+    def wake_all(self) -> None:
+        for wakers in list(self.wakers.values()):
+            for wake in list(wakers):
+                wake()
