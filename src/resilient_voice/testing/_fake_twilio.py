@@ -460,19 +460,18 @@ class TwilioApi:
         if not 1 <= page_size <= 1000 or page < 0:
             return twilio_error(400, 20001, "PageSize must be 1-1000 and Page >= 0")
         to, from_, status = (request.query_first(n) for n in ("To", "From", "Status"))
+        start = page * page_size
         with self._core.lock:
             now = self._core.elapsed()
             rows = [
-                self.call_json(call, now)
+                call
                 for call in reversed(self.calls.values())
                 if call.account_sid == account
                 and (to is None or call.to == to)
                 and (from_ is None or call.from_ == from_)
+                and (status is None or call.status(now) == status)
             ]
-        if status is not None:
-            rows = [row for row in rows if row["status"] == status]
-        start = page * page_size
-        chunk = rows[start : start + page_size]
+            chunk = [self.call_json(call, now) for call in rows[start : start + page_size]]
         filters = [(n, v) for n, v in (("To", to), ("From", from_), ("Status", status)) if v]
         base = f"{PREFIX}{account}/Calls.json"
 
