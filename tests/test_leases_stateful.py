@@ -10,7 +10,12 @@ table's leases are the model's.
 
 from __future__ import annotations
 
-from hypothesis import settings
+import contextlib
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -21,7 +26,11 @@ from hypothesis.stateful import (
     rule,
 )
 
+from resilient_voice import CallLeases, CapacityExhaustedError, Lease
+from resilient_voice.events import CapacityChanged, Event, LeaseAcquired, LeaseReleased
 from resilient_voice.leases._core import LeaseRecord, LeaseTable
+from resilient_voice.testing import ManualClock
+from resilient_voice.testing._manual_clock import _wait_all_tasks_blocked as settle
 
 
 class LeaseMachine(RuleBasedStateMachine):
@@ -151,3 +160,95 @@ class LeaseMachine(RuleBasedStateMachine):
 
 LeaseMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
 test_lease_table = LeaseMachine.TestCase
+
+
+# The facade under concurrency: random schedules of acquires (with priorities, timeouts and
+# cancellations), binds, releases by lease and by call id (stale ones too), reconciliations,
+# capacity signals, provider observations and clock advances, on a ManualClock. Checked from the
+# events: every grant leaves at most the effective capacity in use (as last reported), a lease is
+# freed at most once, and the counts add up.
+
+_STEP = st.one_of(
+    st.tuples(st.just("acquire"), st.integers(0, 2), st.sampled_from([None, 0.0, 5.0])),
+    st.tuples(st.just("release"), st.integers(0, 50)),
+    st.tuples(st.just("bind"), st.integers(0, 50)),
+    st.tuples(st.just("webhook"), st.integers(0, 50), st.booleans()),
+    st.tuples(st.just("cancel"), st.integers(0, 50)),
+    st.tuples(st.just("reconcile"), st.integers(0, 50)),
+    st.tuples(st.just("signal"), st.just(0)),
+    st.tuples(st.just("observe"), st.integers(0, 6)),
+    st.tuples(st.just("advance"), st.sampled_from([0.5, 3.0, 20.0, 200.0])),
+)
+
+
+async def _run_facade(schedule: list[tuple[Any, ...]], capacity: int) -> None:
+    clock = ManualClock()
+    events: list[Event] = []
+    leases = CallLeases(
+        "p", capacity, ttl=100.0, clock=clock, capacity_recovery=10.0, listeners=[events.append]
+    )
+    effective = capacity
+    held: list[Lease] = []
+    scopes: list[anyio.CancelScope] = []
+
+    def check(event: Event) -> None:
+        nonlocal effective
+        match event:
+            case CapacityChanged(new=new):
+                effective = new
+            case LeaseAcquired(in_use=in_use):
+                assert in_use <= effective
+            case _:
+                pass
+
+    leases.add_listener(check)
+
+    async def acquire(priority: int, timeout: float | None, scope: anyio.CancelScope) -> None:
+        with scope, contextlib.suppress(CapacityExhaustedError):
+            held.append(await leases.acquire(timeout=timeout, priority=priority))
+
+    async with anyio.create_task_group() as tasks:
+        for step in schedule:
+            kind = step[0]
+            if kind == "acquire":
+                scope = anyio.CancelScope()
+                scopes.append(scope)
+                tasks.start_soon(acquire, step[1], step[2], scope)
+            elif kind == "cancel" and scopes:
+                scopes[step[1] % len(scopes)].cancel()
+            elif kind == "release" and held:
+                await held[step[1] % len(held)].release()
+            elif kind == "bind" and held:
+                index = step[1] % len(held)
+                held[index] = await leases.bind(held[index], f"CA{index}")
+            elif kind == "webhook" and held:
+                lease = held[step[1] % len(held)]
+                if lease.call_id is not None:
+                    generation = lease.generation if step[2] else lease.generation + 1
+                    await leases.release(lease.call_id, generation=generation)
+            elif kind == "reconcile":
+                bound = [x.call_id for x in held if x.call_id is not None]
+                await leases.reconcile(bound[: step[1] % (len(bound) + 1)])
+            elif kind == "signal":
+                await leases.signal_capacity("test")
+            elif kind == "observe":
+                await leases.observe_provider_limits(remaining=step[1])
+            elif kind == "advance":
+                clock.advance(step[1])
+            await settle()
+        tasks.cancel_scope.cancel()
+    freed = [e.lease_id for e in events if isinstance(e, LeaseReleased)]
+    assert len(freed) == len(set(freed)), "a lease was freed twice"
+    stats = leases.statistics()
+    released = stats.released + stats.reclaimed_by_ttl + stats.reclaimed_by_reconcile
+    assert stats.in_use == stats.acquired - released
+    assert stats.waiting == 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=40, deadline=None)
+@given(schedule=st.lists(_STEP, max_size=40), capacity=st.integers(1, 4))
+def test_the_facade_never_grants_over_the_effective_capacity(
+    backend: str, schedule: list[tuple[Any, ...]], capacity: int
+) -> None:
+    anyio.run(_run_facade, schedule, capacity, backend=backend)

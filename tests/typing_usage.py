@@ -183,3 +183,39 @@ async def use_redis() -> None:
 
         inbound = RateLimitMiddleware(app, rate=2.0, burst=5, store=backend, name="api")
         del twilio, inbound
+
+
+async def use_leases() -> None:
+    from resilient_voice.events import CapacityChanged, Event, LeaseReleased
+    from resilient_voice.leases import LeaseStatistics
+    from resilient_voice.redis import RedisBackend
+
+    def on_event(event: Event) -> None:
+        match event:
+            case LeaseReleased(source=name, reason=reason, in_use=in_use):
+                del name, reason, in_use
+            case CapacityChanged(old=old, new=new, cause=cause):
+                del old, new, cause
+            case _:
+                pass
+
+    leases = resilient_voice.CallLeases("twilio:AC1", 10, ttl=3600.0, listeners=[on_event])
+    lease: resilient_voice.Lease = await leases.acquire(timeout=30.0, priority=1)
+    bound = await leases.bind(lease, "CA1")
+    freed: bool = await leases.release("CA1", generation=bound.generation)
+    unknown = await leases.mark_unknown(await leases.acquire(), "att-1")
+    pending: tuple[resilient_voice.Lease, ...] = await leases.unknown()
+    reconciled: int = await leases.reconcile(["CA2"], as_of=leases.clock.now())
+    await leases.signal_capacity("twilio:10004")
+    await leases.observe_provider_limits(concurrency_limit=5, remaining=2)
+    stats: LeaseStatistics = leases.statistics()
+    await unknown.release()
+    try:
+        await leases.acquire(timeout=0)
+    except resilient_voice.CapacityExhaustedError as exc:
+        wait: float | None = exc.retry_after
+        del wait
+    async with RedisBackend.from_url("redis://127.0.0.1:6379/0", prefix="app") as backend:
+        shared = resilient_voice.CallLeases("vapi:org", 5, ttl=1800.0, store=backend)
+        await (await shared.acquire()).release()
+    del freed, pending, reconciled, stats

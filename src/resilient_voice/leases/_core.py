@@ -54,6 +54,7 @@ class LeaseTable:
         "_generation",
         "_held",
         "_since",
+        "_token",
         "capacity",
         "recovery",
         "ttl",
@@ -68,6 +69,8 @@ class LeaseTable:
         # call id -> (generation or None for any, expiry); insertion order is expiry order.
         self._early: dict[str, tuple[int | None, float]] = {}
         self._generation = 0
+        # Ids are this token and the generation: unique in the set, and cheaper than a uuid4.
+        self._token = uuid.uuid4().hex[:12] + "-"
         self._base = capacity
         self._since = -math.inf
 
@@ -152,7 +155,8 @@ class LeaseTable:
         if len(self._held) + extra >= self.effective(now):
             return None
         self._generation += 1
-        record = LeaseRecord(lease_id or uuid.uuid4().hex, self._generation, now)
+        generation = self._generation
+        record = LeaseRecord(lease_id or f"{self._token}{generation:x}", generation, now)
         self._held[record.id] = record
         return record
 

@@ -263,8 +263,12 @@ class CallLeases:
         """
         check_lease(lease)
         check_call_id(call_id)
-        with anyio.CancelScope(shield=self._remote):
-            freed, view = await self._store.lease_bind(self._name, lease.id, call_id)
+        if self._remote:
+            with anyio.CancelScope(shield=True):
+                answer = await self._store.lease_bind(self._name, lease.id, call_id)
+        else:
+            answer = await self._store.lease_bind(self._name, lease.id, call_id)
+        freed, view = answer
         self._absorb(view)
         if freed:
             self._freed(lease.id, call_id, "webhook", view)
@@ -292,19 +296,28 @@ class CallLeases:
         if isinstance(lease_or_call_id, Lease):
             if generation is not None and generation != lease_or_call_id.generation:
                 return False
-            with anyio.CancelScope(shield=self._remote):
-                call_id, freed, view = await self._store.lease_release(
-                    self._name, lease_or_call_id.id
-                )
+            if self._remote:
+                # Shielded: a release lost to a cancellation would hold the slot until the TTL.
+                with anyio.CancelScope(shield=True):
+                    answer = await self._store.lease_release(self._name, lease_or_call_id.id)
+            else:
+                answer = await self._store.lease_release(self._name, lease_or_call_id.id)
+            call_id, freed, view = answer
             self._absorb(view)
             if freed:
                 self._freed(lease_or_call_id.id, call_id, "lease", view)
             return freed
         check_call_id(lease_or_call_id)
-        with anyio.CancelScope(shield=self._remote):
-            lease_id, view = await self._store.lease_release_call(
+        if self._remote:
+            with anyio.CancelScope(shield=True):
+                answer_call = await self._store.lease_release_call(
+                    self._name, lease_or_call_id, generation
+                )
+        else:
+            answer_call = await self._store.lease_release_call(
                 self._name, lease_or_call_id, generation
             )
+        lease_id, view = answer_call
         self._absorb(view)
         if lease_id is None:
             return False

@@ -16,7 +16,7 @@ in Lua (see :mod:`resilient_voice.redis`).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -167,15 +167,21 @@ class InMemoryLeaseStore:
         """The table of set ``name`` (tests and the local fallback read it)."""
         return self._tables[name]
 
-    def _view(self, table: LeaseTable, now: float, reclaimed: Iterable[LeaseRecord]) -> LeaseView:
+    def _view(self, table: LeaseTable, now: float, reclaimed: list[LeaseRecord]) -> LeaseView:
+        in_use = table.in_use
+        effective = table.effective(now)
+        gone = tuple((r.id, r.call_id) for r in reclaimed) if reclaimed else ()
+        if in_use < effective:
+            # A free slot: nobody is refused, so nobody reads when the next one frees.
+            return LeaseView(in_use, effective, None, None, gone)
         change = table.next_change(now)
         expiry = table.first_expiry()
         return LeaseView(
-            table.in_use,
-            table.effective(now),
+            in_use,
+            effective,
             None if change is None else change - now,
             None if expiry is None else expiry - now,
-            tuple((r.id, r.call_id) for r in reclaimed),
+            gone,
         )
 
     def _at(self, name: str) -> tuple[LeaseTable, float, list[LeaseRecord]]:

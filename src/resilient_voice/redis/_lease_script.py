@@ -23,8 +23,9 @@ after their last write; ``...:s`` does not expire, so generations keep growing.
 
 Every answer starts with the same header: ``ok``, in use, effective capacity, seconds to the next
 change (a TTL running out or a step of recovery; "" for none), seconds to the first expiry, live
-replicas ("" when no heartbeat was written), then the count of leases this call reclaimed by TTL
-and their (id, call id) pairs; the operation's own results follow.
+replicas (heartbeats under 3 s old; a replica beats at most once a second), then the count of
+leases this call reclaimed by TTL and their (id, call id) pairs; the operation's own results
+follow.
 """
 
 from __future__ import annotations
@@ -47,13 +48,12 @@ if not stored then redis.call('HSET', S, 'cfg', cfg) end
 local capacity, ttl, recovery = string.match(cfg, '^([^/]+)/([^/]+)/([^/]+)$')
 capacity, ttl, recovery = tonumber(capacity), tonumber(ttl), tonumber(recovery)
 local function fmt(x) return string.format('%.17g', x) end
-local live = ''
 if replica ~= '' then
   redis.call('ZADD', HB, now, replica)
-  redis.call('ZREMRANGEBYSCORE', HB, '-inf', now - HEARTBEAT_S)
   redis.call('PEXPIRE', HB, HEARTBEAT_S * 1000)
-  live = tostring(redis.call('ZCARD', HB))
 end
+redis.call('ZREMRANGEBYSCORE', HB, '-inf', now - HEARTBEAT_S)
+local live = tostring(redis.call('ZCARD', HB))
 local function split(rec)
   local f = {}
   for part in string.gmatch(rec .. '|', '([^|]*)|') do f[#f + 1] = part end

@@ -86,7 +86,10 @@ class LeaseFleet:
                 f"{config} on one shared store: give each configuration its own name"
             )
         if known is None:
-            self._lease_sets[name] = LeaseSet(f"{{{self._prefix}:leases:{name}}}", config, capacity)
+            lease_set = LeaseSet(f"{{{self._prefix}:leases:{name}}}", config, capacity)
+            self._lease_sets[name] = lease_set
+            self._lease_state.declared.add(lease_set.channel)
+            self._lease_state.poke()
 
     def lease_keys(self, name: str) -> list[str]:
         """The Redis keys of set ``name`` (all under one hash tag)."""
@@ -132,8 +135,7 @@ class LeaseFleet:
         reclaimed = tuple((pairs[i], pairs[i + 1] or None) for i in range(0, len(pairs), 2))
         in_use, effective = int(items[1]), int(items[2])
         next_change, first_expiry = _seconds(items[3]), _seconds(items[4])
-        if items[5]:
-            lease_set.live = int(items[5])
+        lease_set.live = max(1, int(items[5]))
         lease_set.view = LeaseView(in_use, effective, next_change, first_expiry)
         lease_set.answered_at = time.monotonic()
         view = LeaseView(in_use, effective, next_change, first_expiry, reclaimed)
@@ -233,10 +235,9 @@ class LeaseFleet:
                 else:
                     await self._listen_coredis(state)
                 backoff = 0.5
-            except self._errors as exc:
+            except Exception as exc:  # noqa: BLE001  (coredis wraps its errors in groups)
+                # Redis slow or gone: waiters poll (bounded) until the subscription is back.
                 _log.debug("lease wake-ups: %s: %s; polling meanwhile", type(exc).__name__, exc)
-            except TimeoutError:
-                pass
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, 8.0)
 
