@@ -669,3 +669,14 @@ async def test_vapi_concurrency_end_of_a_call_without_lease_is_a_signal() -> Non
         "end-of-call-report",
         "status-update",
     ]
+
+
+async def test_the_lease_parameters_are_reserved_in_callback_urls() -> None:
+    async with setup(capacity=1, status_callbacks=False) as s:
+        with pytest.raises(InvalidRequestError, match="reserved") as info:
+            await s.twilio.create_call(
+                to=number(1), from_=FROM, url=TWIML, status_callback=f"{STATUS}?rv_lease_gen=9"
+            )
+        assert s.leases.statistics().in_use == 0
+    assert info.value.field == "status_callback"
+    assert s.fake.requests() == []

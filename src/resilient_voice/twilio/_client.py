@@ -628,6 +628,11 @@ class TwilioClient(ProviderClient):
                 else:
                     await lease.release()
             del self._pending[lease.attempt_id or ""]
+        # Attempts older than the TTL: their leases were reclaimed, nothing left to settle.
+        cutoff = datetime.now(UTC) - timedelta(seconds=leases.ttl) - _SKEW
+        for attempt_id, (_, _, since) in list(self._pending.items()):
+            if since < cutoff:
+                del self._pending[attempt_id]
         return await leases.reconcile([c.sid for c in live], as_of=as_of)
 
     def _require_leases(self) -> CallLeases:
@@ -712,6 +717,15 @@ def _lease_needs_callback(form: Mapping[str, str | list[str]]) -> None:
             "a create with leases= needs status_callback=: the lease is released by the call's "
             "final status callback (without it the slot would only come back by TTL)",
         )
+    for name in ("Url", "StatusCallback"):
+        url = form.get(name)
+        if isinstance(url, str):
+            present = {pair.partition("=")[0] for pair in urlsplit(url).query.split("&")}
+            if present & {LEASE_KEY, GENERATION_KEY}:
+                raise InvalidRequestError(
+                    "status_callback" if name == "StatusCallback" else "url",
+                    f"the query parameters {LEASE_KEY!r} and {GENERATION_KEY!r} are reserved",
+                )
     events = form.get("StatusCallbackEvent")
     if isinstance(events, list) and "completed" not in events:
         raise InvalidRequestError(
