@@ -224,9 +224,11 @@ class InMemoryLeaseStore:
     async def lease_unknown(self, name: str) -> list[Stored]:
         table = self._tables[name]
         now = self._clock.now()
+        # Leases past their TTL are not listed (the next operation reclaims and reports them).
         return [
             Stored(r.id, r.generation, now - r.acquired_at, r.call_id, r.attempt_id)
             for r in table.unknown()
+            if now - r.acquired_at < table.ttl
         ]
 
     async def lease_reconcile(

@@ -145,6 +145,10 @@ elseif op == 'r' then
 elseif op == 'c' then
   local call, gen = ARGV[5], ARGV[6]
   local id = redis.call('HGET', C, call)
+  if id and not redis.call('HGET', L, id) then
+    redis.call('HDEL', C, call)
+    id = false
+  end
   if not id then
     redis.call('ZADD', EZ, now + ttl, call)
     redis.call('HSET', EG, call, gen)
