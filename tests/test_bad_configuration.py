@@ -44,6 +44,7 @@ from resilient_voice import (
 )
 from resilient_voice.asgi import (
     CorrelationIdMiddleware,
+    LeaseReleaseMiddleware,
     MetricsMiddleware,
     RateLimitMiddleware,
     TrustedProxies,
@@ -75,6 +76,7 @@ OBJECT = object()
 # Bad values by kind. Each argument lists the kinds that are wrong for it.
 STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "none": st.none(),
+    "false flag": st.just(False),
     "bool": st.booleans(),
     "nan": st.just(NAN),
     "inf": st.sampled_from([INF, -INF]),
@@ -450,6 +452,8 @@ CONSTRUCTORS: dict[str, Constructor] = {
             "name": text(),
             "listeners": LISTENERS,
             "store": instance(),
+            "leases": instance(),
+            "lease_timeout": non_negative(optional=True),
         },
         _close,
     ),
@@ -471,6 +475,9 @@ CONSTRUCTORS: dict[str, Constructor] = {
             "listeners": LISTENERS,
             "calls_per_second": positive(optional=True),
             "store": instance(),
+            "leases": instance(),
+            "lease_timeout": non_negative(optional=True),
+            "server_url_configured": flag(),
         },
         _close,
     ),
@@ -571,6 +578,22 @@ CONSTRUCTORS: dict[str, Constructor] = {
             "max_routes": count(),
         },
         _request,
+    ),
+    "LeaseReleaseMiddleware": Constructor(
+        LeaseReleaseMiddleware,
+        lambda: {
+            "app": _app,
+            "leases": CallLeases("l", 2, ttl=600.0),
+            "paths": ["/twilio/status"],
+            "verified": True,
+        },
+        {
+            "app": APP,
+            "leases": instance(optional=False),
+            "paths": Arg(("single string", "bad paths", "not iterable", "none")),
+            "verified": Arg(("not a bool", "false flag")),
+            "max_body": count(),
+        },
     ),
     "RateLimitMiddleware": Constructor(
         RateLimitMiddleware,
@@ -771,6 +794,8 @@ CONSTRUCTORS: dict[str, Constructor] = {
             "callback_faults": instance(),
             "callback_timeout": positive(),
             "twilio_concurrency_limit": count(optional=True),
+            "twilio_call_concurrency_limit": count(optional=True),
+            "callback_delay": non_negative(),
             "vapi_server_url": text("not a url", optional=True),
             "vapi_credential": secret(optional=True),
             "vapi_credential_header": text("not a token"),

@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "resilient_voice._clock": FOUNDATION,
     "resilient_voice._correlation_id": FOUNDATION,
     "resilient_voice._exports": FOUNDATION,
+    "resilient_voice._lease_params": FOUNDATION,
     "resilient_voice._loops": FOUNDATION,
     "resilient_voice._pickling": FOUNDATION,
     "resilient_voice._request_checks": FOUNDATION,

@@ -5,6 +5,8 @@ Not collected by pytest (no ``test_`` prefix); it is a type-checking fixture.
 
 from __future__ import annotations
 
+from typing import Any
+
 import resilient_voice
 from resilient_voice import FailureKind, RateLimitedError, RejectedError
 from resilient_voice.testing import ManualClock
@@ -221,3 +223,20 @@ async def use_leases() -> None:
         shared = resilient_voice.CallLeases("vapi:org", 5, ttl=1800.0, store=backend)
         await (await shared.acquire()).release()
     del freed, pending, reconciled, stats
+
+
+async def use_leased_clients(app: Any) -> Any:
+    from resilient_voice.asgi import LeaseReleaseMiddleware, TwilioSignatureMiddleware
+    from resilient_voice.twilio import TwilioClient
+    from resilient_voice.vapi import VapiClient
+
+    leases = resilient_voice.CallLeases("twilio:AC1", 5, ttl=3600.0)
+    twilio = TwilioClient("AC" + "0" * 32, "token", leases=leases, lease_timeout=60.0)
+    vapi = VapiClient("key", leases=leases, lease_timeout=None, server_url_configured=True)
+    freed: int = await twilio.reconcile_leases() + await vapi.reconcile_leases()
+    del freed
+    return TwilioSignatureMiddleware(
+        LeaseReleaseMiddleware(app, leases=leases, paths=["/twilio/status"], verified=True),
+        "token",
+        paths=["/twilio/*"],
+    )

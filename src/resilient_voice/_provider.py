@@ -15,16 +15,24 @@ models, their error bodies and their verifiers; everything else lives here once:
   into the provider's API error and a 2xx it cannot read into that error too, with the
   ``unreadable_answer`` code and kind ``PERMANENT``. The lost-body rule for creates is the
   transport's and the clients' ``OutcomeUnknownError``: :meth:`~ProviderClient._created` only
-  wraps an unreadable create answer in it, since the call or message was most likely made.
+  wraps an unreadable create answer in it, since the call or message was most likely made;
+- :func:`check_leases` and :func:`create_leased`, the one way a create holds a call lease
+  (:class:`~resilient_voice.CallLeases`): taken before anything is paid, bound to the call id,
+  released on a definite failure, kept for reconciliation on an unknown outcome.
+
+Over 400 lines: it is the one kit every provider client is built from (configuration checks,
+policies, the transport's lifecycle, reading answers, holding a call lease); splitting it would
+make each client import from several places what it always needs together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import SplitResult
 
+import anyio
 import httpx
 from pydantic import BaseModel, ValidationError
 
@@ -36,6 +44,7 @@ from resilient_voice.errors import OutcomeUnknownError, ProviderError
 from resilient_voice.events import Listener
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import ResilientTransport, Route, UpstreamStatusError
+from resilient_voice.leases import CallLeases, Lease
 from resilient_voice.policy import Policy
 
 __all__ = [
@@ -43,7 +52,9 @@ __all__ = [
     "ProviderClient",
     "build_transport",
     "check_base_url",
+    "check_leases",
     "check_timeout",
+    "create_leased",
     "resolve_policies",
 ]
 
@@ -149,6 +160,71 @@ def build_transport(
     return ResilientTransport(
         policies["read"], transport=transport, routes=routes, name=name, listeners=listeners
     )
+
+
+def check_leases(leases: object, lease_timeout: object) -> tuple[CallLeases | None, float | None]:
+    """``leases=`` and ``lease_timeout=`` of a client, checked.
+
+    Raises:
+        TypeError: ``leases`` not a CallLeases; ``lease_timeout`` not a number.
+        ValueError: ``lease_timeout`` negative or not finite.
+    """
+    if leases is not None and not isinstance(leases, CallLeases):
+        raise TypeError(f"leases must be a CallLeases, got {type(leases).__name__}")
+    if lease_timeout is None:
+        return leases, None
+    return leases, _validate.number("lease_timeout", lease_timeout, inclusive=True)
+
+
+_Created = TypeVar("_Created")
+
+
+async def create_leased(
+    leases: CallLeases,
+    lease_timeout: float | None,
+    attempt_id: str,
+    create: Callable[[Lease], Awaitable[_Created]],
+    call_id: Callable[[_Created], str],
+) -> tuple[_Created, Lease]:
+    """Run one create while holding a call lease; return what it created and the bound lease.
+
+    The lease is taken first, outside the policy (so outside its retries and before a breaker
+    permit or a token is paid): it spans the whole phone call, not one attempt. ``create``
+    gets it to plant its id and generation in the request. Then:
+
+    - created: the lease is bound to ``call_id(result)``;
+    - :class:`~resilient_voice.OutcomeUnknownError`: the call may exist, so the lease stays
+      held, marked with the attempt id, until reconciliation settles it;
+    - any other error (refused locally, nothing sent, the provider refused): nothing was
+      created, so the lease is released;
+    - cancelled while the create was under way: the call may exist, so as for an unknown
+      outcome, under ``attempt_id``.
+
+    The lease bookkeeping after the create is shielded from cancellation: a slot must not
+    leak because the caller went away just as the answer arrived.
+
+    Raises:
+        CapacityExhaustedError: No slot freed within ``lease_timeout``; nothing was sent.
+        Whatever ``create`` raises.
+    """
+    lease = await leases.acquire(timeout=lease_timeout)
+    try:
+        result = await create(lease)
+    except OutcomeUnknownError as exc:
+        with anyio.CancelScope(shield=True):
+            await leases.mark_unknown(lease, exc.attempt_id)
+        raise
+    except Exception:
+        with anyio.CancelScope(shield=True):
+            await lease.release()
+        raise
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await leases.mark_unknown(lease, attempt_id)
+        raise
+    with anyio.CancelScope(shield=True):
+        bound = await leases.bind(lease, call_id(result))
+    return result, bound
 
 
 _PERMANENT = FailureKind.PERMANENT

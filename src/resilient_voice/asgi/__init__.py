@@ -14,6 +14,7 @@ from resilient_voice._exports import lazy_exports
 
 if TYPE_CHECKING:
     from resilient_voice.asgi._correlation import CorrelationIdMiddleware
+    from resilient_voice.asgi._leases import LeaseReleaseMiddleware
     from resilient_voice.asgi._metrics import MetricsMiddleware, make_metrics_app
     from resilient_voice.asgi._proxies import TrustedProxies
     from resilient_voice.asgi._ratelimit import RateLimitMiddleware
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CorrelationIdMiddleware",
+    "LeaseReleaseMiddleware",
     "MetricsMiddleware",
     "RateLimitMiddleware",
     "TrustedProxies",
@@ -34,6 +36,7 @@ __getattr__, __dir__ = lazy_exports(
     globals(),
     {
         "CorrelationIdMiddleware": "resilient_voice.asgi._correlation",
+        "LeaseReleaseMiddleware": "resilient_voice.asgi._leases",
         "MetricsMiddleware": "resilient_voice.asgi._metrics",
         "make_metrics_app": "resilient_voice.asgi._metrics",
         "RateLimitMiddleware": "resilient_voice.asgi._ratelimit",

@@ -30,13 +30,14 @@ import anyio
 
 from resilient_voice import _validate
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
-from resilient_voice._validate import number
+from resilient_voice._validate import number, optional_whole
 from resilient_voice.asgi._types import Receive, Scope, Send
 from resilient_voice.testing._fake_common import (
     Core,
     Request,
     Response,
     frozen_multi,
+    span,
 )
 from resilient_voice.testing._fake_http import (
     DISCONNECTED,
@@ -97,14 +98,26 @@ class FakeTelephony:
     always caught.
 
     Calls move through queued, ringing (``ring_duration``), in-progress (``call_duration``) and
-    completed (Vapi: ended). With ``status_callbacks`` the fake POSTs Twilio status callbacks
-    (events from ``StatusCallbackEvent``, ``completed`` by default) to the call's
-    ``StatusCallback`` URL, query string kept, signed with the account's auth token through
+    completed (Vapi: ended); either duration may be a ``(min, max)`` range, drawn per call from
+    the seed. With ``twilio_call_concurrency_limit`` an account holds at most that many calls
+    in progress (dialled, not yet ended): a call that would be dialled over it is still created
+    (``201``, ``queued``), then fails when it is dialled, with ``CallStatus=failed`` and
+    ``ErrorCode=10004`` in its status callback, as Twilio does. Vapi reports
+    ``subscriptionLimits`` on every created call; a call created while ``vapi_concurrency_limit``
+    calls are active comes back ``concurrencyBlocked`` and ends at once with
+    ``endedReason`` ``call.start.error-subscription-concurrency-limit-reached`` (Vapi documents
+    that fate and waiting for a slot; the fake takes the first). :meth:`peak_calls_in_progress`
+    tells how many calls held a slot at once.
+
+    With ``status_callbacks`` the fake POSTs Twilio status callbacks (events from
+    ``StatusCallbackEvent``, ``completed`` by default) to the call's ``StatusCallback`` URL,
+    query string kept, signed with the account's auth token through
     ``twilio.request_validator.RequestValidator``; and Vapi ``status-update`` and
     ``end-of-call-report`` messages to the server URL (``assistantOverrides.server.url``, the
     assistant's ``server.url``, else ``vapi_server_url``) with the credential in
     ``vapi_credential_header``. Webhooks need a task group to run in: the ASGI lifespan's
-    (``serve`` runs it) or the one :meth:`running` opens.
+    (``serve`` runs it) or the one :meth:`running` opens. ``callback_delay`` sends each
+    webhook that long after its event (a range draws per webhook), from its own task.
 
     State is shared between the server's thread and the test's; every helper returns a
     snapshot taken under a lock. Time is read from ``clock``: seconds since the fake started
@@ -120,13 +133,18 @@ class FakeTelephony:
         vapi_api_keys: Accepted Vapi private keys.
         calls_per_second: Twilio CPS for every account, or per Account SID (others get 1).
         cps_tolerance: Seconds of earliness forgiven before a call counts as a CPS violation.
-        call_duration: Seconds a call stays in progress.
-        ring_duration: Seconds a call rings before it is answered.
+        call_duration: Seconds a call stays in progress, or a ``(min, max)`` range drawn per
+            call from the seed.
+        ring_duration: Seconds a call rings before it is answered, or a ``(min, max)`` range.
         status_callbacks: Send webhooks at all.
         callback_faults: Loss, duplication and reordering of webhooks.
         callback_timeout: Timeout of each webhook request, in seconds.
-        twilio_concurrency_limit: Concurrent requests per account above which Twilio answers
-            429 (20429); None for no limit.
+        callback_delay: Seconds between an event and its webhook, or a ``(min, max)`` range
+            drawn per webhook from the seed (on top of any ``callback_faults`` reordering).
+        twilio_concurrency_limit: Concurrent REST requests per account above which Twilio
+            answers 429 (20429); None for no limit. Not calls: see the next option.
+        twilio_call_concurrency_limit: Calls in progress per account; a call dialled over it
+            fails (``ErrorCode`` 10004 in its status callback). None for no limit.
         vapi_server_url: The org-level Vapi server URL.
         vapi_credential: The secret sent with Vapi server messages.
         vapi_credential_header: The header that carries it (``Authorization`` gets ``Bearer``).
@@ -151,12 +169,14 @@ class FakeTelephony:
         vapi_api_keys: Iterable[str] = (),
         calls_per_second: float | Mapping[str, float] = 1.0,
         cps_tolerance: float = 0.05,
-        call_duration: float = 0.1,
-        ring_duration: float = 0.0,
+        call_duration: float | tuple[float, float] = 0.1,
+        ring_duration: float | tuple[float, float] = 0.0,
         status_callbacks: bool = True,
         callback_faults: CallbackFaults | None = None,
         callback_timeout: float = 2.0,
+        callback_delay: float | tuple[float, float] = 0.0,
         twilio_concurrency_limit: int | None = None,
+        twilio_call_concurrency_limit: int | None = None,
         vapi_server_url: str | None = None,
         vapi_credential: str | None = None,
         vapi_credential_header: str = "X-Vapi-Secret",
@@ -194,11 +214,13 @@ class FakeTelephony:
         else:
             cps, default_cps = {}, number("calls_per_second", calls_per_second)
         tolerance = number("cps_tolerance", cps_tolerance, inclusive=True)
-        duration = number("call_duration", call_duration, inclusive=True)
-        ring = number("ring_duration", ring_duration, inclusive=True)
+        duration = span("call_duration", call_duration)
+        ring = span("ring_duration", ring_duration)
         timeout = number("callback_timeout", callback_timeout)
+        delay = span("callback_delay", callback_delay)
         _validate.flag("status_callbacks", status_callbacks)
         _validate.optional_whole("twilio_concurrency_limit", twilio_concurrency_limit)
+        call_limit = optional_whole("twilio_call_concurrency_limit", twilio_call_concurrency_limit)
         _validate.whole("vapi_concurrency_limit", vapi_concurrency_limit)
         if vapi_server_url is not None and not (
             isinstance(vapi_server_url, str)
@@ -227,7 +249,7 @@ class FakeTelephony:
 
         self._core = Core(seed, clock)
         self._script = FaultScript(rules, self._core.faults)
-        self._sender = WebhookSender(self._core, callback_faults, timeout)
+        self._sender = WebhookSender(self._core, callback_faults, timeout, delay)
         self._twilio = TwilioApi(
             self._core,
             self._sender,
@@ -240,6 +262,7 @@ class FakeTelephony:
             ring_duration=ring,
             status_callbacks=status_callbacks,
             concurrency_limit=twilio_concurrency_limit,
+            call_concurrency_limit=call_limit,
         )
         self._vapi = VapiApi(
             self._core,
@@ -321,6 +344,18 @@ class FakeTelephony:
             if account_sid is not None:
                 return self._twilio.violations.get(account_sid, 0)
             return sum(self._twilio.violations.values())
+
+    def peak_calls_in_progress(self, provider: Provider, *, account: str | None = None) -> int:
+        """The most calls that held a concurrent-call slot at the same moment.
+
+        Twilio: from dialled to ended (a queued call holds none, nor does one failed over the
+        concurrency limit), per account when ``account`` is given, else over all accounts.
+        Vapi: from created to ended (a blocked call holds none). Ends come from the calls'
+        timelines, so calls not ended yet count as scheduled.
+        """
+        if provider == "twilio":
+            return self._twilio.peak_in_progress(account)
+        return self._vapi.peak_in_progress()
 
     def callbacks(self, kind: str | None = None) -> list[CallbackRecord]:
         """Webhook delivery attempts, in the order they finished."""

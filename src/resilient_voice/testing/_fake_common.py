@@ -14,8 +14,12 @@ from typing import Any
 import anyio.abc
 
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._validate import number
 
 JSON_TYPE = (b"content-type", b"application/json; charset=utf-8")
+
+Span = tuple[float, float]
+"""Seconds as ``(low, high)``; a fixed value is ``(value, value)``."""
 
 
 @dataclass(slots=True)
@@ -85,6 +89,10 @@ class Core:
         self.ids = random.Random(f"{seed}:ids")
         self.faults = random.Random(f"{seed}:faults")
         self.callbacks = random.Random(f"{seed}:callbacks")
+        # Their own streams, so that adding random durations or delays to a test leaves the
+        # ids, faults and webhook misbehaviour of the same seed as they were.
+        self.durations = random.Random(f"{seed}:durations")
+        self.delays = random.Random(f"{seed}:delays")
         self.task_group: anyio.abc.TaskGroup | None = None
 
     def restart(self) -> None:
@@ -112,6 +120,11 @@ class Core:
             bits = self.ids.getrandbits(128)
         return str(uuid.UUID(int=bits, version=4))
 
+    def draw(self, span: Span, rng: random.Random) -> float:
+        """A value of ``span``: itself when fixed, else uniform in it; call under ``lock``."""
+        low, high = span
+        return low if low == high else rng.uniform(low, high)
+
     def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
         """Start background work in the lifespan task group; False when there is none."""
         group = self.task_group
@@ -119,6 +132,25 @@ class Core:
             return False
         group.start_soon(fn, *args)
         return True
+
+
+def span(name: str, value: object) -> Span:
+    """A duration option: seconds, or a ``(min, max)`` range drawn per call from the seed.
+
+    Raises:
+        TypeError: Neither a number nor a pair of numbers.
+        ValueError: Negative, not finite, or ``min > max``.
+    """
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise TypeError(f"{name} must be seconds or a (min, max) pair, got {value!r}")
+        low = number(f"{name}[0]", value[0], inclusive=True)
+        high = number(f"{name}[1]", value[1], inclusive=True)
+        if low > high:
+            raise ValueError(f"{name} must be (min, max) with min <= max, got {value!r}")
+        return low, high
+    fixed = number(name, value, inclusive=True)
+    return fixed, fixed
 
 
 def frozen_multi(values: Mapping[str, list[str]]) -> dict[str, tuple[str, ...]]:
@@ -132,3 +164,16 @@ def iso_ms(moment: datetime) -> str:
 
 def truncate_ms(moment: datetime) -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def peak(spans: list[tuple[float, float]]) -> int:
+    """The largest number of ``[start, end)`` spans that overlap at one moment."""
+    edges = sorted(
+        [(start, 1) for start, end in spans if end > start]
+        + [(end, -1) for start, end in spans if end > start]
+    )
+    busy = best = 0
+    for _, step in edges:  # an end sorts before a start at the same moment: [start, end)
+        busy += step
+        best = max(best, busy)
+    return best

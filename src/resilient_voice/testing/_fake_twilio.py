@@ -31,8 +31,10 @@ from resilient_voice.testing._fake_common import (
     Core,
     Request,
     Response,
+    Span,
     html_response,
     json_response,
+    peak,
 )
 from resilient_voice.testing._records import CreatedCall, CreatedMessage
 from resilient_voice.testing._webhooks import WebhookSender
@@ -43,6 +45,8 @@ _DOCS = "https://www.twilio.com/docs/errors/"
 _WWW_AUTHENTICATE = (b"www-authenticate", b'Basic realm="Twilio API"')
 _CALL_EVENTS = ("initiated", "ringing", "answered", "completed")
 _ENDED = frozenset(("completed", "canceled", "busy", "failed", "no-answer"))
+CALL_CONCURRENCY_ERROR = 10004
+_CALL_CONCURRENCY_MESSAGE = "Call concurrency limit exceeded"
 _CALL_ADDRESS_SCHEMES = ("client:", "sip:", "sim:")
 _MESSAGE_ADDRESS_SCHEMES = ("whatsapp:", "messenger:", "rcs:")
 _GSM7 = frozenset(
@@ -100,6 +104,7 @@ class TwilioCall:
     changed: anyio.Event | None = None
     ended_status: str | None = None
     ended_at: float | None = None
+    error_code: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def status(self, now: float) -> str:
@@ -116,6 +121,14 @@ class TwilioCall:
     def finished_at(self) -> float:
         return self.ended_at if self.ended_at is not None else self.end_at
 
+    def occupies(self) -> tuple[float, float]:
+        """When the call holds one of the account's concurrent-call slots: dialled to ended.
+
+        Empty for a call that ended before it was dialled (canceled in the queue, failed over
+        the concurrency limit).
+        """
+        return self.dial_at, max(self.dial_at, self.finished_at())
+
 
 class TwilioApi:
     """Handlers and state for the Twilio endpoints; called under the server loop."""
@@ -130,10 +143,11 @@ class TwilioApi:
         calls_per_second: Mapping[str, float],
         default_cps: float,
         cps_tolerance: float,
-        call_duration: float,
-        ring_duration: float,
+        call_duration: Span,
+        ring_duration: Span,
         status_callbacks: bool,
         concurrency_limit: int | None,
+        call_concurrency_limit: int | None,
     ) -> None:
         self._core = core
         self._sender = sender
@@ -146,6 +160,7 @@ class TwilioApi:
         self._ring_duration = ring_duration
         self._status_callbacks = status_callbacks
         self._concurrency_limit = concurrency_limit
+        self._call_concurrency_limit = call_concurrency_limit
         self.calls: dict[str, TwilioCall] = {}
         self.messages: dict[str, dict[str, Any]] = {}
         self.created_calls: list[CreatedCall] = []
@@ -269,7 +284,9 @@ class TwilioApi:
                 self._tat[account] = max(now, tat) + interval
             dial_at = max(now, self._next_dial.get(account, now))
             self._next_dial[account] = dial_at + interval
-            answer_at = dial_at + self._ring_duration
+            answer_at = dial_at + self._core.draw(self._ring_duration, self._core.durations)
+            end_at = answer_at + self._core.draw(self._call_duration, self._core.durations)
+            over = self._over_call_concurrency(account, dial_at)
             call = TwilioCall(
                 sid=sid,
                 account_sid=account,
@@ -278,12 +295,16 @@ class TwilioApi:
                 created=now,
                 dial_at=dial_at,
                 answer_at=answer_at,
-                end_at=answer_at + self._call_duration,
+                end_at=end_at,
                 status_callback=request.first("StatusCallback") or None,
                 callback_method=method,
                 events=events,
                 phone_number_sid=phone_number_sid,
             )
+            if over:
+                # Twilio accepts the create and fails the call when it would be dialled.
+                call.ended_status, call.ended_at = "failed", dial_at
+                call.error_code = CALL_CONCURRENCY_ERROR
             self.calls[sid] = call
             # Twilio answers a create with the call still queued, whatever happens next.
             resource = self.call_json(call, now) | {
@@ -312,6 +333,34 @@ class TwilioApi:
             call.changed = anyio.Event()
             self._core.spawn(self._run_call, call)
         return json_response(201, resource, created=sid)
+
+    def _over_call_concurrency(self, account: str, dial_at: float) -> bool:
+        """Whether the account's calls in progress at ``dial_at`` already fill its limit.
+
+        Calls are dialled in creation order, so every call that could hold a slot then is
+        already known; one ended early later (an update) counts as it was known now.
+        """
+        limit = self._call_concurrency_limit
+        if limit is None:
+            return False
+        busy = 0
+        for other in self.calls.values():
+            if other.account_sid != account:
+                continue
+            start, end = other.occupies()
+            if start <= dial_at < end:
+                busy += 1
+        return busy >= limit
+
+    def peak_in_progress(self, account: str | None) -> int:
+        """The most calls that held a concurrent-call slot at once (see :meth:`occupies`)."""
+        with self._core.lock:
+            spans = [
+                call.occupies()
+                for call in self.calls.values()
+                if account is None or call.account_sid == account
+            ]
+        return peak(spans)
 
     def call_json(self, call: TwilioCall, now: float) -> dict[str, Any]:
         """The call resource as Twilio would return it at ``now``."""
@@ -411,19 +460,18 @@ class TwilioApi:
         if not 1 <= page_size <= 1000 or page < 0:
             return twilio_error(400, 20001, "PageSize must be 1-1000 and Page >= 0")
         to, from_, status = (request.query_first(n) for n in ("To", "From", "Status"))
+        start = page * page_size
         with self._core.lock:
             now = self._core.elapsed()
             rows = [
-                self.call_json(call, now)
+                call
                 for call in reversed(self.calls.values())
                 if call.account_sid == account
                 and (to is None or call.to == to)
                 and (from_ is None or call.from_ == from_)
+                and (status is None or call.status(now) == status)
             ]
-        if status is not None:
-            rows = [row for row in rows if row["status"] == status]
-        start = page * page_size
-        chunk = rows[start : start + page_size]
+            chunk = [self.call_json(call, now) for call in rows[start : start + page_size]]
         filters = [(n, v) for n, v in (("To", to), ("From", from_), ("Status", status)) if v]
         base = f"{PREFIX}{account}/Calls.json"
 
@@ -564,6 +612,9 @@ class TwilioApi:
             )
             params |= {"CallDuration": str(seconds), "Duration": str(math.ceil(seconds / 60))}
             params["SipResponseCode"] = "200" if status == "completed" else "487"
+            if call.error_code is not None:
+                params["ErrorCode"] = str(call.error_code)
+                params["ErrorMessage"] = _CALL_CONCURRENCY_MESSAGE
         validator = RequestValidator(self._accounts[call.account_sid])
         headers = {
             "User-Agent": "TwilioProxy/1.1",

@@ -27,8 +27,10 @@ from resilient_voice.testing._fake_common import (
     Core,
     Request,
     Response,
+    Span,
     iso_ms,
     json_response,
+    peak,
     truncate_ms,
 )
 from resilient_voice.testing._records import CreatedCall
@@ -38,6 +40,7 @@ _REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too
 _READ_ONLY = ("id", "orgId", "createdAt", "updatedAt")
 _DATE_FILTERS = ("Gt", "Lt", "Ge", "Le")
 _ENDED_REASON = "customer-ended-call"
+CONCURRENCY_ENDED_REASON = "call.start.error-subscription-concurrency-limit-reached"
 _LOOSE_NUMBER = re.compile(r"\+?[A-Za-z0-9]+")
 
 
@@ -72,6 +75,11 @@ class VapiCall:
     end_at: float
     fields: dict[str, Any]
     server_url: str | None
+    ended_reason: str = _ENDED_REASON
+
+    @property
+    def blocked(self) -> bool:
+        return self.ended_reason == CONCURRENCY_ENDED_REASON
 
     def status(self, now: float) -> str:
         if now < self.answer_at:
@@ -93,8 +101,8 @@ class VapiApi:
         server_url: str | None,
         credential: str | None,
         credential_header: str,
-        call_duration: float,
-        ring_duration: float,
+        call_duration: Span,
+        ring_duration: Span,
         status_callbacks: bool,
         assistants: Sequence[Mapping[str, Any]],
         phone_numbers: Sequence[str],
@@ -206,13 +214,13 @@ class VapiApi:
             "messages": [],
             **call.fields,
         }
-        if status in ("in-progress", "ended"):
+        if status in ("in-progress", "ended") and not call.blocked:
             body["startedAt"] = iso_ms(self._core.wall(call.answer_at))
             body["updatedAt"] = body["startedAt"]
         if status == "ended":
             body["endedAt"] = iso_ms(self._core.wall(call.end_at))
             body["updatedAt"] = body["endedAt"]
-            body["endedReason"] = _ENDED_REASON
+            body["endedReason"] = call.ended_reason
         return body
 
     def _create_call(self, request: Request, request_index: int) -> Response:
@@ -267,22 +275,31 @@ class VapiApi:
             fields["customerId"] = customer_id
         else:
             fields["customer"] = copy.deepcopy(customer)
-        answer_at = now + self._ring_duration
+        blocked = active >= self._concurrency_limit
+        if blocked:
+            # Vapi documents two fates for a blocked call (wait for a slot, or end); the fake
+            # ends it at once, so it never holds a slot.
+            answer_at = end_at = now
+        else:
+            with self._core.lock:
+                answer_at = now + self._core.draw(self._ring_duration, self._core.durations)
+                end_at = answer_at + self._core.draw(self._call_duration, self._core.durations)
         call = VapiCall(
             id=call_id,
             created=now,
             created_at=truncate_ms(self._core.wall(now)),
             answer_at=answer_at,
-            end_at=answer_at + self._call_duration,
+            end_at=end_at,
             fields=fields,
             server_url=_server_url(overrides, assistant, data.get("assistant")) or self._server_url,
+            ended_reason=CONCURRENCY_ENDED_REASON if blocked else _ENDED_REASON,
         )
         resource = self.call_json(call, now)
         resource |= {"status": "queued", "updatedAt": resource["createdAt"]}
         for key in ("startedAt", "endedAt", "endedReason"):
             resource.pop(key, None)
         resource["subscriptionLimits"] = {
-            "concurrencyBlocked": active >= self._concurrency_limit,
+            "concurrencyBlocked": blocked,
             "concurrencyLimit": self._concurrency_limit,
             "remainingConcurrentCalls": max(self._concurrency_limit - active - 1, 0),
         }
@@ -306,6 +323,12 @@ class VapiApi:
         if call.server_url and self._status_callbacks:
             self._core.spawn(self._run_call, call)
         return json_response(201, resource, created=call_id)
+
+    def peak_in_progress(self) -> int:
+        """The most calls that held one of the org's slots at once (created to ended)."""
+        with self._core.lock:
+            spans = [(call.created, call.end_at) for call in self.calls.values()]
+        return peak(spans)
 
     def _filters(self, request: Request) -> tuple[int, list[tuple[str, str, datetime]]] | str:
         try:
@@ -372,8 +395,9 @@ class VapiApi:
 
     async def _run_call(self, call: VapiCall) -> None:
         """Send ``status-update`` (in-progress, ended) and ``end-of-call-report`` on time."""
-        await self._core.clock.sleep(call.answer_at - self._core.elapsed())
-        await self._message(call, "status-update", "in-progress")
+        if not call.blocked:
+            await self._core.clock.sleep(call.answer_at - self._core.elapsed())
+            await self._message(call, "status-update", "in-progress")
         await self._core.clock.sleep(call.end_at - self._core.elapsed())
         await self._message(call, "status-update", "ended")
         await self._message(call, "end-of-call-report", "ended")
@@ -397,11 +421,11 @@ class VapiApi:
         if kind == "status-update":
             message["status"] = status
             if status == "ended":
-                message["endedReason"] = _ENDED_REASON
+                message["endedReason"] = call.ended_reason
         else:
             seconds = call.end_at - call.answer_at
             message |= {
-                "endedReason": _ENDED_REASON,
+                "endedReason": call.ended_reason,
                 "startedAt": call_body.get("startedAt"),
                 "endedAt": call_body.get("endedAt"),
                 "durationMs": round(seconds * 1000),

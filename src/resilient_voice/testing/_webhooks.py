@@ -13,7 +13,7 @@ import functools
 import ssl
 from typing import TYPE_CHECKING
 
-from resilient_voice.testing._fake_common import Core
+from resilient_voice.testing._fake_common import Core, Span
 from resilient_voice.testing._faults import CallbackFaults
 from resilient_voice.testing._records import CallbackRecord, Provider
 
@@ -30,10 +30,13 @@ def _ssl_context() -> ssl.SSLContext:
 class WebhookSender:
     """Sends webhooks with injected misbehaviour and records every attempt."""
 
-    def __init__(self, core: Core, faults: CallbackFaults, timeout: float) -> None:
+    def __init__(
+        self, core: Core, faults: CallbackFaults, timeout: float, delay: Span = (0.0, 0.0)
+    ) -> None:
         self._core = core
         self._faults = faults
         self._timeout = timeout
+        self._delay = delay
         self._client: httpx.AsyncClient | None = None
         self.transport: httpx.AsyncBaseTransport | None = None
         self.records: list[CallbackRecord] = []
@@ -50,7 +53,11 @@ class WebhookSender:
         headers: dict[str, str],
         content: bytes,
     ) -> None:
-        """Send one webhook now, or lose, duplicate or delay it as the faults say."""
+        """Send one webhook now (or ``callback_delay`` later), or misbehave as the faults say.
+
+        A delayed webhook is sent from its own task, so the events of a call after it are not
+        held up: with a range of delays they may overtake it, as on the internet.
+        """
         faults = self._faults
         with self._core.lock:
             rng = self._core.callbacks
@@ -58,11 +65,12 @@ class WebhookSender:
             duplicate = faults.duplicate > 0 and rng.random() < faults.duplicate
             reorder = faults.reorder > 0 and rng.random() < faults.reorder
             hold = rng.uniform(0.0, faults.reorder_delay) if reorder else 0.0
+            hold += self._core.draw(self._delay, self._core.delays)
         args = (provider, kind, call_id, status, url, method, headers, content)
         if lost:
             self._record(*args[:5], duplicate=False, lost=True, response_status=None, error=None)
             return
-        if reorder and self._core.spawn(self._send_later, hold, duplicate, *args):
+        if (reorder or hold > 0) and self._core.spawn(self._send_later, hold, duplicate, *args):
             return
         await self._send(*args, duplicate=False)
         if duplicate:

@@ -9,21 +9,25 @@ to do after an unknown outcome), and one class is easier to read whole than spre
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import anyio
 import httpx
 from pydantic import BaseModel
 
 from resilient_voice._clock import Clock
+from resilient_voice._lease_params import GENERATION_KEY, LEASE_KEY
 from resilient_voice._provider import (
     UNREADABLE,
     ProviderClient,
     build_transport,
     check_base_url,
+    check_leases,
     check_timeout,
+    create_leased,
 )
 from resilient_voice._request_checks import check_count
 from resilient_voice.breaker import CircuitBreaker
@@ -41,6 +45,7 @@ from resilient_voice.http import (
     IDEMPOTENT_EXTENSION,
     LIMITER_KEY_EXTENSION,
 )
+from resilient_voice.leases import CallLeases, Lease
 from resilient_voice.limiter import BucketStore
 from resilient_voice.policy import Policy
 from resilient_voice.retry import RetryPolicy
@@ -82,6 +87,9 @@ _RECONCILE_NOTE = (
     "number."
 )
 _CALLBACK_NOTE = " Status callbacks carrying {param}={attempt_id} belong to this attempt."
+_LIVE_STATUSES = ("queued", "ringing", "in-progress")
+_SKEW = timedelta(seconds=5)
+_PENDING_MAX = 10_000
 _MESSAGE_NOTE = (
     "resilient_voice: the message may have been accepted by Twilio. Before sending again, "
     "check recent messages to that number (Messages list, or your status callbacks)."
@@ -145,6 +153,13 @@ class TwilioClient(ProviderClient):
             (``calls_per_second``, ``messages_per_second``) then holds across every replica
             using this account; with a ``RedisBackend`` the default breaker also joins the
             fleet view (a 30 s window, ``minimum_calls=10``).
+        leases: The account's :class:`~resilient_voice.CallLeases`: every ``create_call``
+            then holds a call slot from before the request until the call's final status
+            callback (``LeaseReleaseMiddleware`` releases it), and needs ``status_callback=``.
+            See ``docs/leases.md``.
+        lease_timeout: Seconds ``create_call`` waits for a slot before it raises
+            :class:`~resilient_voice.CapacityExhaustedError`; ``None`` (default) waits until
+            one frees, ``0`` takes one only if free now.
 
     Raises:
         TypeError, ValueError: Invalid configuration, at construction.
@@ -173,7 +188,12 @@ class TwilioClient(ProviderClient):
         name: str = "twilio",
         listeners: Iterable[Listener] = (),
         store: BucketStore | None = None,
+        leases: CallLeases | None = None,
+        lease_timeout: float | None = None,
     ) -> None:
+        self._leases, self._lease_timeout = check_leases(leases, lease_timeout)
+        # Unknown-outcome creates of this client: attempt id -> (to, from, created since).
+        self._pending: dict[str, tuple[str, str, datetime]] = {}
         try:
             account = check.sid("account_sid", account_sid, "AC")
         except InvalidRequestError as exc:
@@ -282,12 +302,21 @@ class TwilioClient(ProviderClient):
             **more: Further Twilio parameters under their own names (``Timeout=20``,
                 ``MachineDetection="Enable"``), forwarded untouched.
 
+        With ``leases=`` the call holds a lease: taken before anything is sent (waiting up to
+        ``lease_timeout``), its id and generation planted next to ``rv_attempt`` on the
+        ``Url`` and ``StatusCallback`` (``rv_lease``, ``rv_lease_gen``), bound to the new
+        call's sid. A definite failure releases it; an unknown outcome keeps it for
+        :meth:`reconcile_leases`.
+
         Returns:
             The call as Twilio created it (usually ``queued``), with ``correlation_id`` and
             ``attempt_id`` set.
 
         Raises:
-            InvalidRequestError: Bad input; nothing was sent.
+            InvalidRequestError: Bad input (with ``leases=``: no ``status_callback``, or
+                events without ``completed``); nothing was sent.
+            CapacityExhaustedError: With ``leases=``, no call slot freed in time; nothing was
+                sent.
             OutcomeUnknownError: The request may have reached Twilio and was not re-sent;
                 reconcile (see :meth:`reconcile_call`) before trying again.
             TwilioAPIError: Twilio refused the call (for example 21211, invalid number).
@@ -321,13 +350,31 @@ class TwilioClient(ProviderClient):
                 "status_callback_method", status_callback_method
             )
         form.update(extra)
+        if self._leases is not None:
+            _lease_needs_callback(form)
+            since = datetime.now(UTC) - _SKEW
+            try:
+                call, _ = await create_leased(
+                    self._leases,
+                    self._lease_timeout,
+                    attempt_id,
+                    lambda lease: self._create(_with_lease(form, lease), cid, attempt_id),
+                    lambda created: created.sid,
+                )
+            except OutcomeUnknownError as exc:
+                self._remember_unknown(exc.attempt_id, form, since)
+                raise
+            return call
+        return await self._create(form, cid, attempt_id)
+
+    async def _create(self, form: Mapping[str, str | list[str]], cid: str, attempt_id: str) -> Call:
         try:
             response = await self._send(
                 "POST", f"{self._calls_path}.json", form, cid=cid, attempt_id=attempt_id
             )
         except OutcomeUnknownError as exc:
             note = _RECONCILE_NOTE
-            if self._attempt_param is not None and (source == "url" or status_callback):
+            if self._attempt_param is not None and ("Url" in form or "StatusCallback" in form):
                 note += _CALLBACK_NOTE.format(param=self._attempt_param, attempt_id=exc.attempt_id)
             exc.add_note(note)
             raise
@@ -335,6 +382,14 @@ class TwilioClient(ProviderClient):
         call._correlation_id = cid
         call._attempt_id = attempt_id
         return call
+
+    def _remember_unknown(
+        self, attempt_id: str, form: Mapping[str, str | list[str]], since: datetime
+    ) -> None:
+        """Keep what :meth:`reconcile_leases` needs to find this attempt's call, if any."""
+        if len(self._pending) >= _PENDING_MAX:
+            del self._pending[next(iter(self._pending))]  # the oldest: its lease's TTL is near
+        self._pending[attempt_id] = (str(form["To"]), str(form["From"]), since)
 
     async def get_call(self, sid: str) -> Call:
         """Fetch a call (``GET .../Calls/{sid}.json``)."""
@@ -532,10 +587,58 @@ class TwilioClient(ProviderClient):
         if since is not None and since.tzinfo is None:
             raise InvalidRequestError("since", "must be timezone-aware (UTC)")
         calls = await self.list_calls(to=to, from_=from_, limit=limit)
-        if since is None:
-            return calls
-        floor = since.replace(microsecond=0)
-        return [c for c in calls if c.date_created is None or c.date_created >= floor]
+        return _created_since(calls, since)
+
+    async def reconcile_leases(self) -> int:
+        """Settle this account's leases against the calls Twilio lists as live.
+
+        Run it periodically (every minute or so) on one replica or all: it is what reclaims a
+        slot whose final status callback was lost before its TTL would. It notes the time on
+        the leases' clock, then lists the calls ``queued``, ``ringing`` and ``in-progress``
+        (every page). Leases of this client whose create had an unknown outcome are settled
+        first, as :meth:`reconcile_call` would match them (the destination and caller, created
+        since the attempt): bound to the call when one is live, released when none is. Then
+        :meth:`CallLeases.reconcile <resilient_voice.CallLeases.reconcile>` frees every lease
+        bound before that time whose call is no longer listed. Unknown-outcome leases of other
+        replicas are left to them (or to the TTL): only the replica that sent the create knows
+        the number it called.
+
+        Returns:
+            How many bound leases were freed because their call is no longer live.
+
+        Raises:
+            RuntimeError: The client has no ``leases=``.
+            TwilioAPIError, CircuitOpenError, ...: Listing the calls failed; nothing changed.
+        """
+        leases = self._require_leases()
+        unknown = await leases.unknown()
+        as_of = leases.clock.now()
+        live: list[Call] = []
+        for status in _LIVE_STATUSES:
+            live += await self.list_calls(status=status, page_size=1000, limit=None)
+        for lease in unknown:
+            context = self._pending.get(lease.attempt_id or "")
+            if context is None:
+                continue
+            to, from_, since = context
+            found = [c for c in _created_since(live, since) if c.to == to and c.from_ == from_]
+            with anyio.CancelScope(shield=True):
+                if found:
+                    await leases.bind(lease, found[-1].sid)  # newest first: the oldest match
+                else:
+                    await lease.release()
+            del self._pending[lease.attempt_id or ""]
+        # Attempts older than the TTL: their leases were reclaimed, nothing left to settle.
+        cutoff = datetime.now(UTC) - timedelta(seconds=leases.ttl) - _SKEW
+        for attempt_id, (_, _, since) in list(self._pending.items()):
+            if since < cutoff:
+                del self._pending[attempt_id]
+        return await leases.reconcile([c.sid for c in live], as_of=as_of)
+
+    def _require_leases(self) -> CallLeases:
+        if self._leases is None:
+            raise RuntimeError(f"this {type(self).__name__} has no leases=")
+        return self._leases
 
     def _tag(self, url: str, cid: str, attempt_id: str) -> str:
         """Add the correlation and attempt ids to a URL's query, keeping everything else.
@@ -596,6 +699,54 @@ class TwilioClient(ProviderClient):
         self, response: httpx.Response, message: str, kind: FailureKind
     ) -> TwilioAPIError:
         return TwilioAPIError(response.status_code, UNREADABLE, message, kind)
+
+
+def _created_since(calls: Sequence[Call], since: datetime | None) -> list[Call]:
+    """The calls created at or after ``since`` (Twilio's dates have whole seconds)."""
+    if since is None:
+        return list(calls)
+    floor = since.replace(microsecond=0)
+    return [c for c in calls if c.date_created is None or c.date_created >= floor]
+
+
+def _lease_needs_callback(form: Mapping[str, str | list[str]]) -> None:
+    """Refuse a leased create whose final status would never be reported."""
+    if "StatusCallback" not in form:
+        raise InvalidRequestError(
+            "status_callback",
+            "a create with leases= needs status_callback=: the lease is released by the call's "
+            "final status callback (without it the slot would only come back by TTL)",
+        )
+    for name in ("Url", "StatusCallback"):
+        url = form.get(name)
+        if isinstance(url, str):
+            present = {pair.partition("=")[0] for pair in urlsplit(url).query.split("&")}
+            if present & {LEASE_KEY, GENERATION_KEY}:
+                raise InvalidRequestError(
+                    "status_callback" if name == "StatusCallback" else "url",
+                    f"the query parameters {LEASE_KEY!r} and {GENERATION_KEY!r} are reserved",
+                )
+    events = form.get("StatusCallbackEvent")
+    if isinstance(events, list) and "completed" not in events:
+        raise InvalidRequestError(
+            "status_callback_event",
+            "with leases=, include 'completed': the final status callback releases the lease",
+        )
+
+
+def _with_lease(form: Mapping[str, str | list[str]], lease: Lease) -> dict[str, str | list[str]]:
+    """``form`` with the lease's id and generation added to the query of its callback URLs."""
+    planted = dict(form)
+    extra = f"{LEASE_KEY}={quote(lease.id, safe='')}&{GENERATION_KEY}={lease.generation}"
+    for name in ("Url", "StatusCallback"):
+        url = planted.get(name)
+        if isinstance(url, str):
+            parts = urlsplit(url)
+            query = f"{parts.query}&{extra}" if parts.query else extra
+            planted[name] = urlunsplit(
+                (parts.scheme, parts.netloc, parts.path, query, parts.fragment)
+            )
+    return planted
 
 
 def _http_method(field: str, value: object) -> str:

@@ -11,24 +11,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Generator, Iterable, Mapping
-from datetime import datetime
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, TypeVar, cast
 
+import anyio
 import httpx
 from pydantic import BaseModel
 
 from resilient_voice import _validate
 from resilient_voice._clock import Clock
+from resilient_voice._lease_params import GENERATION_KEY, LEASE_KEY
 from resilient_voice._provider import (
     UNREADABLE,
     ProviderClient,
     build_transport,
     check_base_url,
+    check_leases,
     check_timeout,
+    create_leased,
 )
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
-from resilient_voice.errors import OutcomeUnknownError
+from resilient_voice.errors import InvalidRequestError, OutcomeUnknownError
 from resilient_voice.events import (
     ConcurrencyBlocked,
     Listener,
@@ -39,6 +43,7 @@ from resilient_voice.events import (
 from resilient_voice.failure import FailureKind
 from resilient_voice.http import ATTEMPT_ID_EXTENSION, ResilientTransport
 from resilient_voice.http._transport import classify_status
+from resilient_voice.leases import CallLeases, Lease
 from resilient_voice.limiter import BucketStore
 from resilient_voice.policy import Policy
 from resilient_voice.vapi._errors import (
@@ -67,6 +72,9 @@ M = TypeVar("M", bound=BaseModel)
 
 _MAYBE = FailureKind.MAYBE_PROCESSED
 _NO_STATUSES: frozenset[int] = frozenset()
+_LIST_MAX = 1000
+# Calls older than the leases' TTL hold no lease (it was reclaimed): not worth listing.
+_LIST_MARGIN = timedelta(minutes=5)
 
 
 class _BearerAuth(httpx.Auth):
@@ -153,6 +161,17 @@ class VapiClient(ProviderClient):
             paces the org together. The bucket is named ``vapi:<digest of the API key>:calls``:
             unique per org, without the key. With a ``RedisBackend`` the default breaker also
             joins the fleet view (a 30 s window, ``minimum_calls=10``).
+        leases: The org's :class:`~resilient_voice.CallLeases`: every ``create_call`` then
+            holds a call slot from before the request until the call's end-of-call report
+            (``LeaseReleaseMiddleware`` releases it). See ``docs/leases.md``.
+        lease_timeout: Seconds ``create_call`` waits for a slot before it raises
+            :class:`~resilient_voice.CapacityExhaustedError`; ``None`` (default) waits until
+            one frees, ``0`` takes one only if free now.
+        server_url_configured: With ``leases=``, say that the saved assistant, the phone
+            number or the org sends end-of-call reports to a URL behind
+            ``LeaseReleaseMiddleware``. Without it a create must carry the server URL itself
+            (``assistant={"server": {"url": ...}}`` or ``assistant_overrides=``), else it is
+            refused: its lease would only come back by TTL.
 
     Raises:
         TypeError, ValueError: Invalid configuration.
@@ -175,7 +194,12 @@ class VapiClient(ProviderClient):
         listeners: Iterable[Listener] = (),
         calls_per_second: float | None = None,
         store: BucketStore | None = None,
+        leases: CallLeases | None = None,
+        lease_timeout: float | None = None,
+        server_url_configured: bool = False,
     ) -> None:
+        self._leases, self._lease_timeout = check_leases(leases, lease_timeout)
+        self._server_url_configured = _validate.flag("server_url_configured", server_url_configured)
         self._auth = _BearerAuth(_check_api_key(api_key))
         self._base_url, host, prefix = _check_base_url(base_url, allow_insecure_http)
         seconds = check_timeout(timeout)
@@ -259,6 +283,14 @@ class VapiClient(ProviderClient):
         returned (check :attr:`VapiCall.concurrency_blocked`), logged and reported to
         listeners, never raised.
 
+        With ``leases=`` the call holds a lease: taken before anything is sent (waiting up to
+        ``lease_timeout``), its id and generation planted next to ``rv_attempt_id`` in the
+        metadata (``rv_lease``, ``rv_lease_gen``), bound to the new call's id. A definite
+        failure releases it; an unknown outcome keeps it for :meth:`reconcile_leases`. A
+        ``concurrencyBlocked`` call keeps its lease until its end-of-call report and is a
+        capacity signal (the effective capacity halves); otherwise the
+        ``subscriptionLimits`` of the created call set the leases' effective capacity.
+
         Args:
             assistant_id: A saved assistant; or give ``assistant``.
             assistant: A transient assistant (mapping or pydantic model).
@@ -282,7 +314,10 @@ class VapiClient(ProviderClient):
             The created call.
 
         Raises:
-            InvalidRequestError: Bad arguments; nothing was sent.
+            InvalidRequestError: Bad arguments (with ``leases=``: no server URL known for the
+                end-of-call report); nothing was sent.
+            CapacityExhaustedError: With ``leases=``, no call slot freed in time; nothing was
+                sent.
             OutcomeUnknownError: The request may have created the call (dropped connection,
                 timeout, 5xx, 429); its ``attempt_id`` is the ``rv_attempt_id`` planted in the
                 call, for :meth:`reconcile_call`.
@@ -306,6 +341,37 @@ class VapiClient(ProviderClient):
         body["assistantOverrides"] = plant_metadata(
             body.get("assistantOverrides"), attempt_id, get_correlation_id()
         )
+        leases = self._leases
+        if leases is None:
+            return await self._create(body, attempt_id)
+        if not self._server_url_configured and not _carries_server_url(body):
+            raise InvalidRequestError(
+                "assistant_overrides",
+                "a create with leases= needs a server URL for its end-of-call report: give "
+                "assistant_overrides={'server': {'url': ...}} (or the transient assistant's "
+                "server.url), or VapiClient(server_url_configured=True) when the assistant, "
+                "phone number or org already has one; otherwise the slot would only come back "
+                "by TTL",
+            )
+        call, _ = await create_leased(
+            leases,
+            self._lease_timeout,
+            attempt_id,
+            lambda lease: self._create(_with_lease(body, lease), attempt_id),
+            lambda created: created.id,
+        )
+        with anyio.CancelScope(shield=True):
+            limits = call.subscription_limits
+            if call.concurrency_blocked:
+                # The lease stays bound: the call exists until its end-of-call report says not.
+                await leases.signal_capacity("vapi:concurrency-blocked")
+            elif limits is not None:
+                await leases.observe_provider_limits(
+                    limits.concurrency_limit, limits.remaining_concurrent_calls
+                )
+        return call
+
+    async def _create(self, body: dict[str, Any], attempt_id: str) -> VapiCall:
         request = self._http.build_request(
             "POST", self._url("/call"), json=body, extensions={ATTEMPT_ID_EXTENSION: attempt_id}
         )
@@ -345,10 +411,56 @@ class VapiClient(ProviderClient):
         calls = await self.list_calls(
             assistant_id=assistant_id, created_at_gt=created_after, limit=limit
         )
-        for call in calls:
-            if call.attempt_id == attempt_id:
-                return call
-        return None
+        return _find_attempt(calls, attempt_id)
+
+    async def reconcile_leases(self) -> int:
+        """Settle the org's leases against the calls Vapi lists as not ended.
+
+        Run it periodically (every minute or so): it is what reclaims a slot whose end-of-call
+        report was lost before its TTL would. It takes the leases whose create had an unknown
+        outcome, notes the time on the leases' clock, then lists the calls created within the
+        leases' TTL (every page, newest first). An unknown-outcome lease whose attempt id a
+        listed call carries (as :meth:`reconcile_call` matches it) is bound to that call if it
+        has not ended, released otherwise; one whose attempt created no call is released.
+        Then :meth:`CallLeases.reconcile <resilient_voice.CallLeases.reconcile>` frees every
+        lease bound before that time whose call has ended or is not listed.
+
+        Returns:
+            How many bound leases were freed because their call is no longer live.
+
+        Raises:
+            RuntimeError: The client has no ``leases=``.
+            VapiAPIError, CircuitOpenError, ...: Listing the calls failed; nothing changed.
+        """
+        leases = self._leases
+        if leases is None:
+            raise RuntimeError(f"this {type(self).__name__} has no leases=")
+        unknown = await leases.unknown()
+        as_of = leases.clock.now()
+        calls = await self._recent_calls(datetime.now(UTC) - timedelta(seconds=leases.ttl))
+        live = [call for call in calls if call.status != "ended"]
+        for lease in unknown:
+            found = _find_attempt(calls, lease.attempt_id or "")
+            with anyio.CancelScope(shield=True):
+                if found is not None and found.status != "ended":
+                    await leases.bind(lease, found.id)
+                else:
+                    await lease.release()
+        return await leases.reconcile([call.id for call in live], as_of=as_of)
+
+    async def _recent_calls(self, since: datetime) -> list[VapiCall]:
+        """Every call created after ``since``, paging back through ``createdAt``."""
+        floor = since - _LIST_MARGIN
+        seen: dict[str, VapiCall] = {}
+        before: datetime | None = None
+        while True:
+            page = await self.list_calls(created_at_gt=floor, created_at_le=before, limit=_LIST_MAX)
+            fresh = [call for call in page if call.id not in seen]
+            seen.update((call.id, call) for call in fresh)
+            dated = [call.created_at for call in page if call.created_at is not None]
+            if len(page) < _LIST_MAX or not fresh or not dated:
+                return list(seen.values())
+            before = min(dated)  # inclusive: calls sharing that millisecond are not skipped
 
     async def get_call(self, call_id: str) -> VapiCall:
         """Fetch one call (``GET /call/{id}``)."""
@@ -502,3 +614,35 @@ class VapiClient(ProviderClient):
             )
         if self._listeners:
             dispatch(self._listeners, ConcurrencyBlocked(self._name, outcome))
+
+
+def _find_attempt(calls: Sequence[VapiCall], attempt_id: str) -> VapiCall | None:
+    """The call whose planted attempt id is ``attempt_id``, if listed."""
+    for call in calls:
+        if call.attempt_id == attempt_id:
+            return call
+    return None
+
+
+def _carries_server_url(body: Mapping[str, Any]) -> bool:
+    """Whether the create names where Vapi sends this call's server messages."""
+    for source in (body.get("assistantOverrides"), body.get("assistant")):
+        if not isinstance(source, Mapping):
+            continue
+        server = source.get("server")
+        if isinstance(server, Mapping) and isinstance(server.get("url"), str):
+            return True
+        if isinstance(source.get("serverUrl"), str):  # the older spelling
+            return True
+    return False
+
+
+def _with_lease(body: Mapping[str, Any], lease: Lease) -> dict[str, Any]:
+    """A copy of ``body`` with the lease's id and generation in the planted metadata."""
+    overrides = dict(body["assistantOverrides"])
+    overrides["metadata"] = {
+        **overrides["metadata"],
+        LEASE_KEY: lease.id,
+        GENERATION_KEY: lease.generation,
+    }
+    return {**body, "assistantOverrides": overrides}
