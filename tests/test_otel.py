@@ -4,7 +4,7 @@ Every primitive is driven for real (a breaker trips, probes and closes; a bucket
 wait and refuses another; a retry policy retries, gives up and reports an outcome unknown; the
 transport talks to FakeTelephony on loopback), and the test reads what a collector would receive:
 instrument names, units, values and attribute sets. No attribute value may carry a phone number,
-a URL, a limiter key or an attempt or correlation id.
+a URL, a limiter key, an attempt or correlation id, a lease id or a call id.
 """
 
 from __future__ import annotations
@@ -34,7 +34,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, free_port, fresh_prefix
-from resilient_voice import CircuitOpenError, OutcomeUnknownError, RateLimitedError
+from resilient_voice import (
+    CallLeases,
+    CapacityExhaustedError,
+    CircuitOpenError,
+    Lease,
+    OutcomeUnknownError,
+    RateLimitedError,
+)
 from resilient_voice.breaker import CircuitBreaker
 from resilient_voice.correlation import correlation_scope
 from resilient_voice.events import (
@@ -42,10 +49,15 @@ from resilient_voice.events import (
     BucketEvicted,
     CallRejected,
     CallSucceeded,
+    CapacityChanged,
     ConcurrencyBlocked,
     Event,
     FleetStateChanged,
     FleetViewUpdated,
+    LeaseAcquired,
+    LeaseRefused,
+    LeaseReleased,
+    LeaseWaiting,
     RequestFinished,
     RetryAttemptStarted,
     RetryGaveUp,
@@ -79,8 +91,13 @@ LIST_ROUTE = Route(
     methods=frozenset({"GET"}),
     path=r"/2010-04-01/Accounts/[^/]+/Calls\.json",
 )
-# What must never appear in an attribute value: phone numbers, URLs, account ids, keys.
-FORBIDDEN = re.compile(r"\+\d{6,}|://|127\.0\.0\.1|localhost|AC1{8}|attempt-|corr-|secret")
+CALL_ID = "CA" + "2" * 32
+# What must never appear in an attribute value: phone numbers, URLs, account ids, keys, call
+# ids, lease ids (twelve hex digits, a dash, the generation in hex).
+FORBIDDEN = re.compile(
+    r"\+\d{6,}|://|127\.0\.0\.1|localhost|AC1{8}|CA2{8}|attempt-|corr-|secret"
+    r"|[0-9a-f]{12}-[0-9a-f]+"
+)
 
 Points = dict[frozenset[tuple[str, Any]], Any]
 
@@ -552,6 +569,64 @@ def test_fleet_store_and_provider_records(
     }
 
 
+async def test_call_leases_acquire_wait_refuse_release_reclaim_and_signal(
+    reader: InMemoryMetricReader, telemetry: OpenTelemetryListener
+) -> None:
+    """A real lease set on a ManualClock: every lease record, read back with bounded attributes."""
+    clock = ManualClock()
+    leases = CallLeases(
+        "twilio-calls", 2, ttl=600.0, clock=clock, capacity_recovery=30.0, listeners=[telemetry]
+    )
+    seen: list[Event] = []
+    leases.add_listener(seen.append)
+    first = await leases.bind(await leases.acquire(), CALL_ID)
+    await leases.acquire()  # full now
+    got: list[Lease] = []
+
+    async def wait() -> None:
+        got.append(await leases.acquire())
+
+    name = attrs(leases__name="twilio-calls")
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(wait)
+        with anyio.fail_after(5):
+            while leases.statistics().waiting == 0:
+                await anyio.sleep(0)
+        found = collect(reader)
+        assert found["resilient_voice.leases.waiting"] == ("{caller}", {name: 1})
+        assert found["resilient_voice.leases.in_use"] == ("{lease}", {name: 2})
+        with pytest.raises(CapacityExhaustedError):
+            await leases.acquire(timeout=0)  # full, and a caller is queued ahead
+        assert await leases.release(CALL_ID, generation=first.generation)  # the webhook
+    assert len(got) == 1  # the waiter took the freed slot
+    assert points(reader, "resilient_voice.leases.waiting") == {name: 0}
+    clock.advance(600.0)  # both leases outlive their TTL: the next look reclaims them
+    assert leases.statistics().in_use == 0
+    await leases.signal_capacity("twilio:10004")  # halved: 2 -> 1
+    await leases.signal_capacity("twilio:10004")  # at 1 already: a signal that changes nothing
+    clock.advance(30.0)
+    assert leases.statistics().effective_capacity == 2  # grown back by one
+    found = collect(reader)
+    assert found["resilient_voice.leases.in_use"] == ("{lease}", {name: 0})
+    assert found["resilient_voice.leases.effective_capacity"] == ("{lease}", {name: 2})
+    assert found["resilient_voice.leases.acquired"] == ("{lease}", {name: 3})
+    assert found["resilient_voice.leases.refused"] == ("{acquisition}", {name: 1})
+    assert found["resilient_voice.leases.released"] == (
+        "{lease}",
+        {name | attrs(leases__reason="webhook"): 1, name | attrs(leases__reason="ttl"): 2},
+    )
+    assert found["resilient_voice.leases.capacity_signals"] == ("{signal}", {name: 2})
+    assert found["resilient_voice.leases.capacity_changes"] == (
+        "{change}",
+        {name | attrs(leases__cause="signal"): 1, name | attrs(leases__cause="recovery"): 1},
+    )
+    # The records did carry the ids that the attributes leave out.
+    acquired = [e for e in seen if isinstance(e, LeaseAcquired)]
+    released = [e for e in seen if isinstance(e, LeaseReleased)]
+    assert all(FORBIDDEN.search(e.lease_id) for e in acquired + released)
+    assert [e.call_id for e in released if e.reason == "webhook"] == [CALL_ID]
+
+
 def test_a_rejection_first_does_not_guess_a_state(
     reader: InMemoryMetricReader, telemetry: OpenTelemetryListener
 ) -> None:
@@ -629,6 +704,11 @@ def test_the_docs_table_lists_every_instrument_with_its_kind_and_unit(
         RequestFinished("t", "other", "GET", "default", "2xx", 0.1, 3, 2, False),
         ConcurrencyBlocked("c", "refused"),
         FleetViewUpdated("b", 2, 1, 10, 0.5),
+        LeaseAcquired("s", "0123456789ab-1", 1, 0.0, 1),
+        LeaseReleased("s", "0123456789ab-1", CALL_ID, "webhook", 0),
+        LeaseRefused("s", None, "no slot is free"),
+        LeaseWaiting("s", 0),
+        CapacityChanged("s", 2, 1, "signal", "twilio:10004"),
     ):
         telemetry(event)
     data = reader.get_metrics_data()
@@ -645,7 +725,7 @@ def test_the_docs_table_lists_every_instrument_with_its_kind_and_unit(
         re.findall(r"^\| `(resilient_voice\.[\w.]+)` \| ([\w ]+) \| `(.+?)` \|", page, re.M)
     )
     assert created == documented
-    assert len(created) == 23
+    assert len(created) == 31
 
 
 def test_a_subclass_of_a_handled_record_is_recorded_as_it(

@@ -163,7 +163,7 @@ class PrometheusMetrics:
       only.
     - ``store_available{primitive,name}`` gauge and
       ``store_unavailable_total{primitive,name,fallback}``: the same for every object with a
-      shared store, ``primitive`` telling them apart (``limiter``, ``breaker``).
+      shared store, ``primitive`` telling them apart (``limiter``, ``breaker``, ``leases``).
     - ``retry_attempts_total{policy}``, ``retry_retries_total{policy,reason}``,
       ``retry_give_ups_total{policy,reason}`` (``reason``: a
       :class:`~resilient_voice.FailureKind` value, or ``unclassified``),

@@ -23,9 +23,9 @@ Names follow the shape of Polly v8's telemetry (``resilience.polly.strategy.even
 counted, with the primitive's name and a small outcome as attributes. Attribute values are
 bounded: names chosen by the user, enum values, configured route names and hosts, the HTTP method
 (``_OTHER`` when not a standard one) and status class. Limiter keys, phone numbers, URLs,
-attempt ids and correlation ids are never attributes. Records the listener has no instrument for
-are ignored; a new family of records adds rows to ``OpenTelemetryListener._table`` and
-tallies and instruments to ``_Recorder``.
+attempt ids, correlation ids, lease ids and call ids are never attributes. Records the listener
+has no instrument for are ignored; a new family of records adds rows to
+``OpenTelemetryListener._table`` and tallies and instruments to ``_Recorder``.
 
 Over 400 lines: it is one listener, like :mod:`resilient_voice.metrics`, and each instrument's
 name, unit, description, tally and update stay side by side, so what an instrument means is read
@@ -55,10 +55,15 @@ from resilient_voice.events import (
     CallIgnored,
     CallRejected,
     CallSucceeded,
+    CapacityChanged,
     ConcurrencyBlocked,
     Event,
     FleetStateChanged,
     FleetViewUpdated,
+    LeaseAcquired,
+    LeaseRefused,
+    LeaseReleased,
+    LeaseWaiting,
     RequestFinished,
     RetryAttemptStarted,
     RetryGaveUp,
@@ -117,6 +122,9 @@ BACKPRESSURE_OUTCOME = "resilient_voice.backpressure.outcome"
 PRIMITIVE_KIND = "resilient_voice.primitive.kind"
 PRIMITIVE_NAME = "resilient_voice.primitive.name"
 STORE_FALLBACK = "resilient_voice.store.fallback"
+LEASES = "resilient_voice.leases.name"
+RELEASE_REASON = "resilient_voice.leases.reason"
+CAPACITY_CAUSE = "resilient_voice.leases.cause"
 
 _K = TypeVar("_K", bound=Hashable)
 Attributes = Mapping[str, str | bool | int | float]
@@ -238,6 +246,18 @@ class _Recorder:
         self.concurrency: _Tally[tuple[str, str]] = _Tally(
             lock, lambda k: {CLIENT: k[0], CONCURRENCY_OUTCOME: k[1]}
         )
+        self.leases_in_use: _Tally[str] = _Tally(lock, lambda k: {LEASES: k})
+        self.leases_waiting: _Tally[str] = _Tally(lock, lambda k: {LEASES: k})
+        self.leases_capacity: _Tally[str] = _Tally(lock, lambda k: {LEASES: k})
+        self.leases_acquired: _Tally[str] = _Tally(lock, lambda k: {LEASES: k})
+        self.leases_refused: _Tally[str] = _Tally(lock, lambda k: {LEASES: k})
+        self.leases_released: _Tally[tuple[str, str]] = _Tally(
+            lock, lambda k: {LEASES: k[0], RELEASE_REASON: k[1]}
+        )
+        self.leases_signals: _Tally[str] = _Tally(lock, lambda k: {LEASES: k})
+        self.leases_capacity_changes: _Tally[tuple[str, str]] = _Tally(
+            lock, lambda k: {LEASES: k[0], CAPACITY_CAUSE: k[1]}
+        )
         self.http_attributes: dict[tuple[str, str, str, str, str], Attributes] = {}
         self.limiter_attributes: dict[str, Attributes] = {}
 
@@ -317,13 +337,13 @@ class _Recorder:
             "resilient_voice.store.available",
             [self.store_available.observe],
             "1",
-            "Whether the shared store of a limiter or breaker answers (1) or not (0).",
+            "Whether the shared store of a limiter, breaker or lease set answers (1) or not (0).",
         )
         counter(
             "resilient_voice.store.outages",
             [self.store_outages.observe],
             "{outage}",
-            "Times the shared store of a limiter or breaker became unavailable, by fallback.",
+            "Times the shared store of a limiter, breaker or lease set became unavailable.",
         )
         counter(
             "resilient_voice.retry.attempts",
@@ -374,6 +394,59 @@ class _Recorder:
             "{answer}",
             "Answers saying the account's concurrent call slots were all taken, by outcome "
             "(blocked: the call was created and waits for a slot; refused).",
+        )
+        self._create_lease_instruments(meter)
+
+    def _create_lease_instruments(self, meter: otel_metrics.Meter) -> None:
+        gauge, counter = meter.create_observable_gauge, meter.create_observable_counter
+        gauge(
+            "resilient_voice.leases.in_use",
+            [self.leases_in_use.observe],
+            "{lease}",
+            "Call leases held (with a shared store: the fleet's, as this replica last saw it).",
+        )
+        gauge(
+            "resilient_voice.leases.waiting",
+            [self.leases_waiting.observe],
+            "{caller}",
+            "Callers queued for a call lease in this process.",
+        )
+        gauge(
+            "resilient_voice.leases.effective_capacity",
+            [self.leases_capacity.observe],
+            "{lease}",
+            "Effective capacity of a call lease set, as learned from the provider.",
+        )
+        counter(
+            "resilient_voice.leases.acquired",
+            [self.leases_acquired.observe],
+            "{lease}",
+            "Call leases granted.",
+        )
+        counter(
+            "resilient_voice.leases.refused",
+            [self.leases_refused.observe],
+            "{acquisition}",
+            "Call lease acquires that got no slot by their deadline.",
+        )
+        counter(
+            "resilient_voice.leases.released",
+            [self.leases_released.observe],
+            "{lease}",
+            "Call leases freed, by reason (webhook, lease, ttl, reconcile).",
+        )
+        counter(
+            "resilient_voice.leases.capacity_signals",
+            [self.leases_signals.observe],
+            "{signal}",
+            "Capacity signals from the provider (each halves the effective capacity).",
+        )
+        counter(
+            "resilient_voice.leases.capacity_changes",
+            [self.leases_capacity_changes.observe],
+            "{change}",
+            "Changes of a call lease set's effective capacity, by cause "
+            "(signal, provider, recovery, shared).",
         )
 
     def show_state(self, breaker: str, state: BreakerState) -> None:
@@ -470,7 +543,10 @@ class OpenTelemetryListener:
     ``.limiter.store.outages``, ``.store.available``, ``.store.outages``, ``.retry.attempts``,
     ``.retry.retries``, ``.retry.give_ups``, ``.retry.outcome_unknown``,
     ``.http.client.request.duration``, ``.http.client.attempts``,
-    ``.http.client.backpressure`` and ``.provider.concurrency``.
+    ``.http.client.backpressure``, ``.provider.concurrency``, ``.leases.in_use``,
+    ``.leases.waiting``, ``.leases.effective_capacity``, ``.leases.acquired``,
+    ``.leases.refused``, ``.leases.released``, ``.leases.capacity_signals`` and
+    ``.leases.capacity_changes``.
 
     When a retry is scheduled, the listener adds the span event ``resilient_voice.retry`` to the
     current span if it is recording, with ``http.request.resend_count`` (the number of the
@@ -537,6 +613,11 @@ class OpenTelemetryListener:
             RetryOutcomeUnknown: self._outcome_unknown,
             RequestFinished: self._request_finished,
             ConcurrencyBlocked: lambda e: r.concurrency.add((e.source, e.outcome)),
+            LeaseAcquired: self._lease_acquired,
+            LeaseReleased: self._lease_released,
+            LeaseRefused: lambda e: r.leases_refused.add(e.source),
+            LeaseWaiting: lambda e: r.leases_waiting.set(e.source, e.waiting),
+            CapacityChanged: self._capacity_changed,
         }
 
     def __call__(self, event: Event) -> None:
@@ -584,6 +665,24 @@ class OpenTelemetryListener:
             r.limiter_store_available.set(event.source, up)
             if not event.available:
                 r.limiter_store_outages.add((event.source, event.fallback))
+
+    def _lease_acquired(self, event: LeaseAcquired) -> None:
+        r = self._recorder  # the lease id and generation stay out: they are unbounded
+        r.leases_acquired.add(event.source)
+        r.leases_in_use.set(event.source, event.in_use)
+
+    def _lease_released(self, event: LeaseReleased) -> None:
+        r = self._recorder  # so do the lease id and the call id
+        r.leases_released.add((event.source, event.reason))
+        r.leases_in_use.set(event.source, event.in_use)
+
+    def _capacity_changed(self, event: CapacityChanged) -> None:
+        r = self._recorder  # the signal's reason is a code the caller chose: left out
+        r.leases_capacity.set(event.source, event.new)
+        if event.cause == "signal":
+            r.leases_signals.add(event.source)
+        if event.new != event.old:
+            r.leases_capacity_changes.add((event.source, event.cause))
 
     def _retry_scheduled(self, event: RetryScheduled) -> None:
         self._recorder.retries.add((event.source, event.kind))
