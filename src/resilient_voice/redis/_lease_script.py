@@ -24,9 +24,10 @@ after their last write; ``...:s`` does not expire, so generations keep growing.
 
 Every answer starts with the same header: ``ok``, in use, effective capacity, seconds to the next
 change (a TTL running out or a step of recovery; "" for none), seconds to the first expiry, live
-replicas (heartbeats under 3 s old; a replica beats at most once a second), then the count of
-leases this call reclaimed by TTL and their (id, call id) pairs; the operation's own results
-follow.
+replicas (heartbeats under 3 s old; a replica beats at most once a second), the count of leases
+this call reclaimed by TTL, the server time of the answer (replies of concurrent calls may arrive
+out of order: the newest view wins), then the reclaimed leases' (id, call id) pairs; the
+operation's own results follow.
 """
 
 from __future__ import annotations
@@ -232,7 +233,7 @@ if eff < capacity then
   if next_change == nil or step < next_change then next_change = step end
 end
 local header = {'ok', tostring(redis.call('ZCARD', Z)), tostring(eff),
-  next_change and fmt(next_change) or '', first_expiry, live, tostring(#reclaimed / 2)}
+  next_change and fmt(next_change) or '', first_expiry, live, tostring(#reclaimed / 2), fmt(now)}
 for _, x in ipairs(reclaimed) do header[#header + 1] = x end
 for _, x in ipairs(result) do header[#header + 1] = x end
 return header

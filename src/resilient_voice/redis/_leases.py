@@ -30,13 +30,23 @@ __all__ = ["LeaseFleet", "LeaseListener", "LeaseSet"]
 
 _log = logging.getLogger("resilient_voice.redis")
 
-_HEADER = 7
+_HEADER = 8
 
 
 class LeaseSet:
     """What the backend keeps per lease set: its keys, configuration and last answer."""
 
-    __slots__ = ("answered_at", "beat", "channel", "config", "keys", "live", "tag", "view")
+    __slots__ = (
+        "answered_at",
+        "beat",
+        "channel",
+        "config",
+        "keys",
+        "live",
+        "stamp",
+        "tag",
+        "view",
+    )
 
     def __init__(self, tag: str, config: str, capacity: int) -> None:
         self.tag = tag
@@ -45,6 +55,7 @@ class LeaseSet:
         self.keys = [f"{tag}:{suffix}" for suffix in ("z", "l", "c", "ez", "eg", "s", "hb")]
         self.view = LeaseView(0, capacity, None, None)
         self.answered_at = time.monotonic()
+        self.stamp = 0.0  # Redis' time of the answer ``view`` comes from
         self.live = 1
         self.beat = -math.inf
 
@@ -136,8 +147,12 @@ class LeaseFleet:
         in_use, effective = int(items[1]), int(items[2])
         next_change, first_expiry = _seconds(items[3]), _seconds(items[4])
         lease_set.live = max(1, int(items[5]))
-        lease_set.view = LeaseView(in_use, effective, next_change, first_expiry)
-        lease_set.answered_at = time.monotonic()
+        stamp = float(items[7])
+        if stamp >= lease_set.stamp:
+            # Replies of concurrent calls may be read in any order: keep the server's latest.
+            lease_set.stamp = stamp
+            lease_set.view = LeaseView(in_use, effective, next_change, first_expiry)
+            lease_set.answered_at = time.monotonic()
         view = LeaseView(in_use, effective, next_change, first_expiry, reclaimed)
         return view, items[_HEADER + 2 * count :]
 
