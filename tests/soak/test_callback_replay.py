@@ -5,10 +5,11 @@ passes the signature check by design (docs/reliability.md, "Webhook forgery"). W
 replay harmless is the lease release: by call id and lease generation, once. Each test runs the
 same seeded campaign twice against FakeTelephony (its webhooks lost, duplicated and reordered),
 in-process on a ManualClock with autojump: once as it is, once with every webhook the fake sends
-recorded and POSTed again through the whole receiver (signature guard, LeaseReleaseMiddleware,
-app), right after the original and, all of them once more, after the campaign and a last
-``reconcile_leases()``. The two runs must agree on every lease release (which call, why, when),
-the lease statistics, the calls created upstream; every replay must get a 2xx.
+recorded and POSTed three more times through the whole receiver (signature guard,
+LeaseReleaseMiddleware, app): right after the original, up to a minute late while newer calls
+hold leases, and after the campaign and a last ``reconcile_leases()``. The two runs must agree
+on every lease release (which call, why, when), the lease statistics and the calls created
+upstream; every replay must get a 2xx.
 
 The size: ``--soak-size short`` (CI) places ``SHORT`` calls per run, ``full`` places ``FULL``.
 The figures go to the terminal reporter at the end of the module.
