@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "resilient_voice._loops": FOUNDATION,
     "resilient_voice._pickling": FOUNDATION,
     "resilient_voice._request_checks": FOUNDATION,
+    "resilient_voice._store_watch": FOUNDATION,
     "resilient_voice._urls": FOUNDATION,
     "resilient_voice._validate": FOUNDATION,
     "resilient_voice._version": FOUNDATION,

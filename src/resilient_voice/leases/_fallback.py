@@ -2,7 +2,8 @@
 
 :class:`FallbackLeaseStore` wraps a remote :class:`~._store.LeaseStore` (Redis) for one lease
 set. While the store answers, every call passes through. A call that raises
-:class:`~resilient_voice.limiter.StoreUnavailableError` opens a small breaker around the store:
+:class:`~resilient_voice.limiter.StoreUnavailableError` opens a small breaker around the store
+(:class:`~resilient_voice._store_watch.StoreWatch`, shared with the limiter):
 calls are answered locally until a re-probe time that backs off (0.5 s doubling to 8 s, with
 jitter); the next acquire after it probes the store, and a success closes the breaker. Each
 transition is one log line and one :class:`~resilient_voice.events.StoreAvailabilityChanged`.
@@ -26,7 +27,6 @@ webhook received during the outage still frees its slot.
 from __future__ import annotations
 
 import logging
-import random
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -36,10 +36,10 @@ import anyio
 from anyio.abc import TaskStatus
 
 from resilient_voice._clock import Clock
-from resilient_voice.events import Listener, StoreAvailabilityChanged, dispatch
+from resilient_voice._store_watch import StoreWatch
+from resilient_voice.events import Listener
 from resilient_voice.leases._store import Grant, InMemoryLeaseStore, LeaseStore, LeaseView, Stored
 from resilient_voice.limiter import StoreUnavailableError
-from resilient_voice.limiter._fallback import PROBE_FIRST, PROBE_MAX
 
 __all__ = ["PENDING_MAX", "FallbackLeaseStore"]
 
@@ -60,18 +60,15 @@ class FallbackLeaseStore:
 
     __slots__ = (
         "_allowed",
-        "_backoff",
         "_capacity",
-        "_down",
         "_listeners",
         "_local",
         "_mode",
         "_name",
-        "_next_probe",
         "_now",
         "_pending",
         "_store",
-        "transitions",
+        "_watch",
     )
 
     def __init__(
@@ -90,13 +87,18 @@ class FallbackLeaseStore:
         self._local = InMemoryLeaseStore(clock=clock, id_prefix=LOCAL)
         self._name = name
         self._listeners = listeners
-        self._down = False
-        self._next_probe = 0.0
-        self._backoff = PROBE_FIRST
+        self._watch = StoreWatch(
+            subject="call leases",
+            primitive="leases",
+            name=name,
+            mode=mode,
+            now=self._now,
+            listeners=listeners,
+            log=_log,
+        )
         self._pending: deque[_Pending] = deque(maxlen=PENDING_MAX)
         self._allowed = 0
         self._capacity = 1
-        self.transitions = 0
 
     @property
     def inner(self) -> LeaseStore:
@@ -106,51 +108,26 @@ class FallbackLeaseStore:
     @property
     def available(self) -> bool:
         """Whether the store answered the last call made to it."""
-        return not self._down
+        return not self._watch.down
+
+    @property
+    def transitions(self) -> int:
+        """How many times the store went down or came back."""
+        return self._watch.transitions
 
     def declare_leases(self, name: str, capacity: int, ttl: float, recovery: float) -> None:
         self._store.declare_leases(name, capacity, ttl, recovery)
         self._local.declare_leases(name, capacity, ttl, recovery)
         self._capacity = capacity
 
-    def _probing(self) -> bool:
-        if not self._down:
-            return True
-        now = self._now()
-        if now < self._next_probe:
-            return False
-        self._next_probe = now + self._backoff * random.uniform(0.8, 1.2)
-        self._backoff = min(self._backoff * 2, PROBE_MAX)
-        return True
-
     def _failed(self, error: StoreUnavailableError) -> None:
-        if self._down:
-            return
-        self._down = True
-        self.transitions += 1
-        self._next_probe = self._now() + self._backoff * random.uniform(0.8, 1.2)
-        self._backoff = min(self._backoff * 2, PROBE_MAX)
-        live = getattr(self._store, "live_lease_replicas", None)
-        replicas = max(1, live(self._name)) if live is not None else 1
-        self._local.table(self._name).resize(max(1, self._capacity // replicas))
-        _log.warning(
-            "call leases %r: shared store unavailable (%s); on_backend_error=%r until it answers",
-            self._name,
-            str(error),
-            self._mode,
-        )
-        listeners = self._listeners()
-        if listeners:
-            dispatch(listeners, StoreAvailabilityChanged(self._name, False, self._mode, "leases"))
+        if self._watch.failed(error):
+            live = getattr(self._store, "live_lease_replicas", None)
+            replicas = max(1, live(self._name)) if live is not None else 1
+            self._local.table(self._name).resize(max(1, self._capacity // replicas))
 
     async def _recovered(self, name: str) -> None:
-        self._down = False
-        self._backoff = PROBE_FIRST
-        self.transitions += 1
-        _log.warning("call leases %r: shared store available again", self._name)
-        listeners = self._listeners()
-        if listeners:
-            dispatch(listeners, StoreAvailabilityChanged(self._name, True, self._mode, "leases"))
+        self._watch.recovered()
         while self._pending:
             op, first, second, generation = self._pending[0]
             try:
@@ -169,14 +146,14 @@ class FallbackLeaseStore:
 
     async def _remote(self, name: str, call: Callable[[], Awaitable[T]]) -> T | None:
         """``call()`` on the store when it is up or a probe is due; ``None`` when it is down."""
-        if not self._probing():
+        if not self._watch.probing():
             return None
         try:
             answer = await call()
         except StoreUnavailableError as error:
             self._failed(error)
             return None
-        if self._down:
+        if self._watch.down:
             await self._recovered(name)
         return answer
 
@@ -184,7 +161,7 @@ class FallbackLeaseStore:
         return self._local.lease_view(name)
 
     def lease_view(self, name: str) -> LeaseView:
-        return self._local_view(name) if self._down else self._store.lease_view(name)
+        return self._local_view(name) if self._watch.down else self._store.lease_view(name)
 
     async def lease_acquire(self, name: str, extra: int = 0) -> tuple[Grant | None, LeaseView]:
         held_here = self._local.table(name).in_use + extra
@@ -196,7 +173,7 @@ class FallbackLeaseStore:
             return Grant(f"{ALLOW}{uuid.uuid4().hex}", self._allowed), self._local_view(name)
         if self._mode == "deny":
             view = self._local_view(name)
-            wait = max(0.0, self._next_probe - self._now())
+            wait = max(0.0, self._watch.next_probe - self._now())
             return None, LeaseView(view.in_use, view.effective, wait, None)
         return await self._local.lease_acquire(name)
 
@@ -283,6 +260,5 @@ class FallbackLeaseStore:
         await self._store.lease_watch(name, wake, task_status=task_status)
 
     def __repr__(self) -> str:
-        return (
-            f"FallbackLeaseStore({self._store!r}, mode={self._mode!r}, available={not self._down})"
-        )
+        available = not self._watch.down
+        return f"FallbackLeaseStore({self._store!r}, mode={self._mode!r}, available={available})"

@@ -3,7 +3,7 @@
 :class:`FallbackStore` wraps a remote store (Redis) for one limiter. While the store answers,
 it passes every call through. A call that raises
 :class:`~._store.StoreUnavailableError` (a timeout, a lost connection) opens a small breaker
-around the store: calls are answered locally, without touching the network, until a re-probe
+around the store (:class:`~resilient_voice._store_watch.StoreWatch`, shared with call leases): calls are answered locally, without touching the network, until a re-probe
 time that backs off (0.5 s doubling to 8 s, with jitter); the first call after it probes the
 store with its real request, and a success closes the breaker. Each transition is one log line
 and one :class:`~resilient_voice.events.StoreAvailabilityChanged` event, never one per call.
@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 from resilient_voice._clock import Clock
-from resilient_voice.events import Listener, StoreAvailabilityChanged, dispatch
+from resilient_voice._store_watch import StoreWatch
+from resilient_voice.events import Listener
 from resilient_voice.limiter._store import (
     BucketStore,
     InMemoryBucketStore,
@@ -45,8 +45,6 @@ OnBackendError = Literal["local", "allow", "deny"]
 FALLBACKS: tuple[OnBackendError, ...] = ("local", "allow", "deny")
 
 _log = logging.getLogger("resilient_voice.limiter")
-PROBE_FIRST = 0.5
-PROBE_MAX = 8.0
 _SEEN_MAX = 4096  # schedules remembered before the ones already full are swept
 
 
@@ -54,18 +52,15 @@ class FallbackStore:
     """A remote :class:`BucketStore` behind a breaker, with a local answer while it is down."""
 
     __slots__ = (
-        "_backoff",
-        "_down",
         "_listeners",
         "_local",
         "_mode",
         "_name",
-        "_next_probe",
         "_now",
         "_outage_keys",
         "_seen",
         "_store",
-        "transitions",
+        "_watch",
     )
 
     def __init__(
@@ -83,12 +78,17 @@ class FallbackStore:
         self._local = InMemoryBucketStore(clock=clock)
         self._name = name
         self._listeners = listeners
-        self._down = False
-        self._next_probe = 0.0
-        self._backoff = PROBE_FIRST
+        self._watch = StoreWatch(
+            subject="limiter",
+            primitive="limiter",
+            name=name,
+            mode=mode,
+            now=self._now,
+            listeners=listeners,
+            log=_log,
+        )
         self._outage_keys: set[str] = set()
         self._seen: dict[str, float] = {}
-        self.transitions = 0
 
     @property
     def inner(self) -> BucketStore:
@@ -98,50 +98,17 @@ class FallbackStore:
     @property
     def available(self) -> bool:
         """Whether the store answered the last call made to it."""
-        return not self._down
+        return not self._watch.down
 
-    def _probing(self) -> bool:
-        """Whether to call the store: it is up, or a re-probe is due (then schedule the next)."""
-        if not self._down:
-            return True
-        now = self._now()
-        if now < self._next_probe:
-            return False
-        # Calls arriving while this probe is in flight answer locally.
-        self._next_probe = now + self._backoff * random.uniform(0.8, 1.2)
-        self._backoff = min(self._backoff * 2, PROBE_MAX)
-        return True
-
-    def _failed(self, error: StoreUnavailableError) -> None:
-        if self._down:
-            return
-        self._down = True
-        self.transitions += 1
-        self._next_probe = self._now() + self._backoff * random.uniform(0.8, 1.2)
-        self._backoff = min(self._backoff * 2, PROBE_MAX)
-        _log.warning(
-            "limiter %r: shared store unavailable (%s); on_backend_error=%r until it answers",
-            self._name,
-            str(error),  # not the exception: a kept log record would keep its frames alive
-            self._mode,
-        )
-        listeners = self._listeners()
-        if listeners:
-            dispatch(listeners, StoreAvailabilityChanged(self._name, False, self._mode))
-
-    def _recovered(self) -> None:
-        self._down = False
-        self._backoff = PROBE_FIRST
-        self.transitions += 1
-        _log.warning("limiter %r: shared store available again", self._name)
-        listeners = self._listeners()
-        if listeners:
-            dispatch(listeners, StoreAvailabilityChanged(self._name, True, self._mode))
+    @property
+    def transitions(self) -> int:
+        """How many times the store went down or came back."""
+        return self._watch.transitions
 
     async def reserve(
         self, key: str, costs: Sequence[float], limits: Sequence[float], tau: float
     ) -> Reservation:
-        if self._probing():
+        if self._watch.probing():
             try:
                 if key in self._outage_keys:
                     # No burst on return: the shared schedule first moves past the local grants.
@@ -150,10 +117,10 @@ class FallbackStore:
                         await self._store.pause(key, backlog)
                 answer = await self._store.reserve(key, costs, limits, tau)
             except StoreUnavailableError as error:
-                self._failed(error)
+                self._watch.failed(error)
             else:
-                if self._down:
-                    self._recovered()
+                if self._watch.down:
+                    self._watch.recovered()
                 self._outage_keys.discard(key)
                 self._remember(key, answer)
                 return answer
@@ -178,7 +145,7 @@ class FallbackStore:
         if self._mode == "allow":
             return Reservation(tuple(0.0 for _ in costs), None, 0.0, 0.0)
         if self._mode == "deny":
-            return Reservation((), max(0.0, self._next_probe - self._now()), 0.0, 0.0)
+            return Reservation((), max(0.0, self._watch.next_probe - self._now()), 0.0, 0.0)
         live = getattr(self._store, "live_replicas", None)
         share = max(1, live(key)) if live is not None else 1
         scaled = [cost * share for cost in costs]
@@ -189,27 +156,29 @@ class FallbackStore:
         return await self._local.reserve(key, scaled, limits, max(tau, *scaled))
 
     async def give_back(self, key: str, cost: float, end: float) -> bool:
-        if self._down:
+        if self._watch.down:
             return await self._local.give_back(key, cost, end)
         try:
             return await self._store.give_back(key, cost, end)
         except StoreUnavailableError as error:
-            self._failed(error)
+            self._watch.failed(error)
             return False
 
     async def pause(self, key: str, seconds: float) -> Reservation:
-        if self._probing():
+        if self._watch.probing():
             try:
                 answer = await self._store.pause(key, seconds)
             except StoreUnavailableError as error:
-                self._failed(error)
+                self._watch.failed(error)
             else:
-                if self._down:
-                    self._recovered()
+                if self._watch.down:
+                    self._watch.recovered()
                 self._remember(key, answer)
                 return answer
         self._outage_keys.add(key)
         return await self._local.pause(key, seconds)
 
     def __repr__(self) -> str:
-        return f"FallbackStore({self._store!r}, mode={self._mode!r}, available={not self._down})"
+        return (
+            f"FallbackStore({self._store!r}, mode={self._mode!r}, available={not self._watch.down})"
+        )
