@@ -1,12 +1,13 @@
 """What a bucket does while its shared store is slow or gone: ``on_backend_error``.
 
 :class:`FallbackStore` wraps a remote store (Redis) for one limiter. While the store answers,
-it passes every call through. A call that raises
-:class:`~._store.StoreUnavailableError` (a timeout, a lost connection) opens a small breaker
-around the store (:class:`~resilient_voice._store_watch.StoreWatch`, shared with call leases): calls are answered locally, without touching the network, until a re-probe
-time that backs off (0.5 s doubling to 8 s, with jitter); the first call after it probes the
-store with its real request, and a success closes the breaker. Each transition is one log line
-and one :class:`~resilient_voice.events.StoreAvailabilityChanged` event, never one per call.
+it passes every call through. A call that raises :class:`~._store.StoreUnavailableError` (a
+timeout, a lost connection) opens a small breaker around the store
+(:class:`~resilient_voice._store_watch.StoreWatch`, shared with call leases): calls are answered
+locally, without touching the network, until a re-probe time that backs off (0.5 s doubling to
+8 s, with jitter); the first call after it probes the store with its real request, and a
+success closes the breaker. Each transition is one log line and one
+:class:`~resilient_voice.events.StoreAvailabilityChanged` event, never one per call.
 
 While the store is unavailable:
 
