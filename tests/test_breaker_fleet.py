@@ -379,3 +379,33 @@ async def test_consecutive_breakers_publish_their_outcomes_for_the_combined_rate
     assert stats.fleet_opened
     assert stats.calls >= 20
     assert c.breaker.state is BreakerState.CLOSED
+
+
+async def test_a_transition_reaches_the_others_by_pub_sub_not_the_next_tick(
+    fleet: tuple[str, AsyncExitStack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the tick pushed out to 30 s, only the announcement can bring A's trip to B."""
+    import resilient_voice.redis._breaker as fleet_module
+
+    prefix, stack = fleet
+    monkeypatch.setattr(fleet_module, "FLEET_TICK_S", 30.0)
+    a, b = await _replicas(prefix, stack, n=2)
+    deadline = time.monotonic() + 5.0  # tolerance: both first summaries and the subscription
+    while time.monotonic() < deadline:
+        stats = b.breaker.statistics().fleet
+        if stats is not None and stats.live == 2:
+            break
+        await anyio.sleep(0.05)
+    await anyio.sleep(0.3)  # the listener subscribes to the channel
+    a.breaker.force_open()
+    tripped = time.monotonic()
+    seen = None
+    while time.monotonic() - tripped < 3.0:
+        stats = b.breaker.statistics().fleet
+        if stats is not None and stats.open == 1:
+            seen = time.monotonic() - tripped
+            break
+        await anyio.sleep(0.02)
+    # Tolerance: 3 s on a loaded machine; the tick alone would take 30 s.
+    assert seen is not None
+    assert b.breaker.state is BreakerState.CLOSED  # one open of two is no quorum

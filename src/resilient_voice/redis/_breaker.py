@@ -12,6 +12,11 @@ Keys of breaker ``name``, all under the hash tag ``{<prefix>:breaker:<name>}``::
     ...:r       ZSET replica -> heartbeat (server time); members older than HEARTBEAT_S dropped
     ...:s       HASH replica -> "open|fleet_opened|calls|failures"
     ...:p:<i>   probe permit i of half_open_max_calls (SET NX PX, value "<replica>:<epoch>")
+    ...:c       channel: a summary whose state changed (or a new replica) is announced here, so
+                every replica reads the view at once instead of at its next tick
+
+The announcements travel on the backend's one Pub/Sub connection (the one that wakes lease
+waiters); when it is down, the once-a-second tick still brings every change.
 
 When Redis is slow or gone, every call is bounded by the backend's ``timeout``; the breaker keeps
 deciding on its own window, one log line is written per transition of availability, and the
@@ -29,6 +34,7 @@ import anyio
 
 from resilient_voice.breaker._fleet import ReplicaSummary
 from resilient_voice.events import BreakerState, StoreAvailabilityChanged, dispatch
+from resilient_voice.redis._leases import LeaseListener
 
 if TYPE_CHECKING:
     from resilient_voice.breaker._facade import CircuitBreaker
@@ -51,6 +57,10 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
 for _, r in ipairs(dead) do redis.call('HDEL', KEYS[2], r) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if not old or string.sub(old, 1, 3) ~= string.sub(ARGV[2], 1, 3) then
+  redis.call('PUBLISH', ARGV[4], ARGV[1])
+end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000))
 redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 1000))
@@ -87,11 +97,19 @@ class BreakerFleet:
     _noscript: type[Exception]
     _redispy: bool
     _fleet_state: _FleetState
+    _lease_state: LeaseListener
 
     def attach(self, breaker: CircuitBreaker) -> None:
         """Serve ``breaker`` from this backend's background task (it is kept weakly)."""
-        self._fleet_state.breakers[breaker.name] = breaker
-        self._fleet_state.poke()
+        fleet = self._fleet_state
+        fleet.breakers[breaker.name] = breaker
+        # Another replica's transition wakes the background task (one more tick, no more).
+        listener = self._lease_state
+        channel = self._channel(breaker.name)
+        listener.wakers.setdefault(channel, set()).add(fleet.poke)
+        listener.declared.add(channel)
+        listener.poke()
+        fleet.poke()
 
     def state_changed(self, name: str, epoch: int, old: BreakerState, new: BreakerState) -> None:
         """Publish at once: wake the background task (never blocks or raises)."""
@@ -120,6 +138,9 @@ class BreakerFleet:
 
     def _tag(self, name: str) -> str:
         return f"{{{self._prefix}:breaker:{name}}}"
+
+    def _channel(self, name: str) -> str:
+        return f"{self._tag(name)}:c"
 
     async def _script(self, script: str, keys: list[str], argv: list[str]) -> Any:
         """One bounded ``EVALSHA`` of ``script``; ``EVAL`` when the node has not cached it.
@@ -192,7 +213,9 @@ class BreakerFleet:
             opened, fleet_opened, calls, failures = breaker._fleet_summary()
             summary = f"{int(opened)}|{int(fleet_opened)}|{calls}|{failures}"
             reply = await self._script(
-                FLEET, [f"{tag}:r", f"{tag}:s"], [self._replica, summary, repr(FLEET_HEARTBEAT_S)]
+                FLEET,
+                [f"{tag}:r", f"{tag}:s"],
+                [self._replica, summary, repr(FLEET_HEARTBEAT_S), self._channel(name)],
             )
         except Exception as exc:  # noqa: BLE001 - Redis slow or gone: the breaker stays local
             self._fleet_down(exc)

@@ -301,7 +301,11 @@ class LeaseFleet:
 
 
 class LeaseListener:
-    """The waiters to wake per channel, and the event that tells the listener of new sets."""
+    """The waiters to wake per channel, and the event that tells the listener of new channels.
+
+    Lease sets register their release channels; shared breakers register their announcement
+    channels too (:mod:`._breaker`), so one Pub/Sub connection serves the whole backend.
+    """
 
     __slots__ = ("changed", "declared", "wakers")
 
