@@ -321,3 +321,30 @@ def answering(status: int, body: bytes) -> Callable[..., Awaitable[None]]:
         await send({"type": "http.response.body", "body": body})
 
     return app
+
+
+def leased_clients(
+    transport: Any, clock: Any, leases: Any, *, sid: str, token: str, vapi_key: str
+) -> tuple[Any, Any]:
+    """A TwilioClient and a VapiClient on one in-process upstream, sharing one lease set."""
+    from resilient_voice.twilio import TwilioClient
+    from resilient_voice.vapi import VapiClient
+
+    twilio = TwilioClient(
+        sid,
+        token,
+        base_url="http://127.0.0.1",
+        transport=transport,
+        clock=clock,
+        calls_per_second=1000.0,
+        leases=leases,
+    )
+    vapi = VapiClient(
+        vapi_key,
+        base_url="http://127.0.0.1",
+        transport=transport,
+        clock=clock,
+        leases=leases,
+        server_url_configured=True,
+    )
+    return twilio, vapi

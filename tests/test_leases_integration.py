@@ -20,6 +20,7 @@ import httpx
 import pytest
 from twilio.request_validator import RequestValidator
 
+from _apps import leased_clients
 from resilient_voice import (
     CallLeases,
     CapacityExhaustedError,
@@ -160,22 +161,8 @@ async def setup(
         # Autojump moves time only while some task sleeps on the clock: this one always does,
         # so waits on deadline scopes alone (an acquire's timeout) are driven too.
         ticking.start_soon(every, clock, 3600.0, _nothing)
-        twilio = TwilioClient(
-            SID,
-            TOKEN,
-            base_url="http://127.0.0.1",
-            transport=upstream,
-            clock=clock,
-            calls_per_second=1000.0,
-            leases=leases,
-        )
-        vapi = VapiClient(
-            VAPI_KEY,
-            base_url="http://127.0.0.1",
-            transport=upstream,
-            clock=clock,
-            leases=leases,
-            server_url_configured=True,
+        twilio, vapi = leased_clients(
+            upstream, clock, leases, sid=SID, token=TOKEN, vapi_key=VAPI_KEY
         )
         async with twilio, vapi:
             yield Setup(fake, clock, leases, released, sink, twilio, vapi)

@@ -27,6 +27,7 @@ import anyio
 import httpx
 import pytest
 
+from _apps import leased_clients
 from resilient_voice import CallLeases
 from resilient_voice.asgi import (
     LeaseReleaseMiddleware,
@@ -36,8 +37,6 @@ from resilient_voice.asgi import (
 from resilient_voice.events import Event, LeaseReleased
 from resilient_voice.leases import LeaseStatistics
 from resilient_voice.testing import CallbackFaults, FakeTelephony, ManualClock
-from resilient_voice.twilio import TwilioClient
-from resilient_voice.vapi import VapiClient
 
 SHORT = 150
 FULL = 2000
@@ -200,23 +199,7 @@ async def campaign(provider: Provider, count: int, *, replay: bool) -> Run:
     )
     recorder = Recorder(httpx.ASGITransport(app=receiver(leases)), echo=replay)
     upstream = httpx.ASGITransport(app=fake)
-    twilio = TwilioClient(
-        SID,
-        TOKEN,
-        base_url="http://127.0.0.1",
-        transport=upstream,
-        clock=clock,
-        calls_per_second=1000.0,
-        leases=leases,
-    )
-    vapi = VapiClient(
-        VAPI_KEY,
-        base_url="http://127.0.0.1",
-        transport=upstream,
-        clock=clock,
-        leases=leases,
-        server_url_configured=True,
-    )
+    twilio, vapi = leased_clients(upstream, clock, leases, sid=SID, token=TOKEN, vapi_key=VAPI_KEY)
     reconcile = twilio.reconcile_leases if provider == "twilio" else vapi.reconcile_leases
 
     async def one(i: int) -> None:
