@@ -966,3 +966,20 @@ def test_the_root_surface_constructors_are_all_listed() -> None:
         and name not in ("BreakerState", "FailureKind", *RECORDS)
     ]
     assert sorted(roots) == sorted(n for n in roots if n in CONSTRUCTORS)
+
+
+def test_the_published_counts_match_the_table() -> None:
+    """docs/reliability.md states how many constructors, arguments, kinds and cases this file
+    checks; a new constructor or argument must update the published row, not leave it stale."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
+    kinds = {
+        k
+        for c in CONSTRUCTORS.values()
+        for a in c.arguments.values()
+        for k in a.kinds + a.tolerated
+    }
+    arguments = sum(len(c.arguments) for c in CONSTRUCTORS.values())
+    row = f"| {len(CONSTRUCTORS)} | {arguments} | {len(kinds)} | {len(CASES):,} | up to 8,"
+    assert row in text, f"update the Bad configuration table in docs/reliability.md: {row}"
