@@ -8,11 +8,18 @@ recorded, then answered with a status line and full headers, ``Content-Length`` 
 - ``"drip"``: the body one byte every ``drip_interval`` seconds, for at most ``drip_for``
   seconds, then the rest at once (so a client that does not give up still finishes);
 - ``"whole"``: the whole body (for bodies that are hostile in themselves).
+
+And one that fails the request instead of the answer:
+
+- ``"reset"``: the request's head and the first 64 KiB of its body are read (and recorded),
+  then the connection is reset, so a client sending a larger body fails mid-send.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,9 +29,10 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-Mode = Literal["drop", "stall", "drip", "whole"]
+Mode = Literal["drop", "stall", "drip", "whole", "reset"]
 
 _STALL_LIMIT = 10.0
+_RESET_AFTER = 65536
 _REASONS = {200: "OK", 201: "Created", 500: "Internal Server Error"}
 
 
@@ -83,6 +91,13 @@ async def raw_upstream(
                     name, _, value = line.partition(":")
                     fields[name.strip().lower()] = value.strip()
                 length = int(fields.get("content-length", "0"))
+                if mode == "reset":
+                    content = await reader.receive_exactly(min(length, _RESET_AFTER))
+                    upstream.requests.append(RawRequest(method, path, fields, content))
+                    raw = client.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610  # not Django
+                    # Linger 0: closing sends a reset instead of a FIN.
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
                 content = await reader.receive_exactly(length) if length else b""
                 upstream.requests.append(RawRequest(method, path, fields, content))
                 if mode == "whole":

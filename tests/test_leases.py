@@ -18,6 +18,8 @@ from resilient_voice.events import (
     LeaseWaiting,
 )
 from resilient_voice.leases import LeaseStatistics
+from resilient_voice.leases._core import LeaseTable
+from resilient_voice.leases._store import InMemoryLeaseStore
 from resilient_voice.testing import ManualClock
 from resilient_voice.testing._manual_clock import _wait_all_tasks_blocked as settle
 
@@ -152,14 +154,88 @@ async def test_an_early_release_of_another_generation_does_not_free_the_bind() -
     assert leases.statistics().in_use == 1
 
 
-async def test_an_early_release_is_forgotten_after_the_ttl() -> None:
-    leases, clock = make(ttl=100.0)
+def in_memory(capacity: int = 3, **kwargs: Any) -> tuple[CallLeases, LeaseTable, ManualClock]:
+    """A set whose table the test reads (its early releases are not in the statistics)."""
+    clock = ManualClock()
+    store = InMemoryLeaseStore(clock=clock)
+    kwargs.setdefault("ttl", 600.0)
+    leases = CallLeases("acct", capacity, clock=clock, store=store, **kwargs)
+    return leases, store.table("acct"), clock
+
+
+def early(table: LeaseTable) -> list[str]:
+    return [call_id for call_id, _, _ in table.early()]
+
+
+async def test_an_early_release_is_forgotten_with_the_last_lease_it_could_be_for() -> None:
+    """``ttl`` stays the upper bound: every lease acquired before the release is reclaimed by
+    then, and the release goes with the last of them."""
+    leases, table, clock = in_memory(ttl=100.0)
+    pending = await leases.acquire()
+    clock.advance(50)
     await leases.release("CA1")
-    clock.advance(99)
-    lease = await leases.acquire()
-    clock.advance(1)  # the early release is 100 s old now: forgotten
-    await leases.bind(lease, "CA1")
+    assert early(table) == ["CA1"]
+    clock.advance(49)
+    later = await leases.acquire()  # acquired after the release: it cannot be CA1's
+    assert early(table) == ["CA1"]
+    clock.advance(1)  # ``pending`` reclaimed at 100 s; the release is 50 s old
+    await leases.bind(later, "CA1")
+    assert early(table) == []
     assert leases.statistics().in_use == 1
+    assert leases.statistics().reclaimed_by_ttl == 1
+    assert pending.id not in {r.id for r in table.held()}
+
+
+async def test_replays_of_finished_calls_record_nothing_while_no_lease_is_unbound() -> None:
+    leases, table, clock = in_memory()
+    done = await leases.bind(await leases.acquire(), "CA-done")
+    assert await leases.release("CA-done", generation=done.generation) is True
+    await leases.bind(await leases.acquire(), "CA-live")  # held, but bound
+    for _ in range(1000):
+        clock.advance(0.1)
+        assert await leases.release("CA-done", generation=done.generation) is False
+        assert await leases.release("CA-done") is False
+        assert await leases.release(f"CA-never-{clock.now()}") is False
+    assert early(table) == []
+    assert leases.statistics().in_use == 1
+
+
+async def test_an_early_release_naming_a_generation_needs_that_lease_unbound() -> None:
+    leases, table, _ = in_memory()
+    bound = await leases.bind(await leases.acquire(), "CA-bound")
+    pending = await leases.acquire()
+    await leases.release("CA-x", generation=bound.generation)  # bound to another call
+    await leases.release("CA-x", generation=pending.generation + 1)  # no such lease yet
+    assert early(table) == []
+    await leases.release("CA-x", generation=pending.generation)
+    assert early(table) == ["CA-x"]
+    assert (await leases.bind(pending, "CA-x")).call_id == "CA-x"
+    assert early(table) == []
+    assert leases.statistics().in_use == 1  # the early release freed ``pending`` at its bind
+
+
+async def test_an_early_release_goes_once_every_older_lease_is_bound_or_released() -> None:
+    leases, table, clock = in_memory(4)
+    first = await leases.acquire()
+    clock.advance(1)
+    second = await leases.acquire()
+    clock.advance(1)
+    await leases.release("CA-early")  # webhooks raced two pending creates
+    await leases.release("CA-other")
+    assert early(table) == ["CA-early", "CA-other"]
+    clock.advance(1)
+    third = await leases.acquire()  # after the releases: never theirs
+    await leases.bind(first, "CA-first")
+    assert early(table) == ["CA-early", "CA-other"]  # ``second`` may still be theirs
+    await second.release()  # its create failed for certain
+    assert early(table) == []  # ``third`` is still unbound, but younger than both
+    # A flood of replays while ``third`` is pending is kept until ``third`` is bound.
+    for index in range(500):
+        await leases.release(f"CA-replay-{index}")
+    assert len(table.early()) == 500
+    await leases.bind(third, "CA-third")
+    assert early(table) == []
+    assert leases.statistics().in_use == 2
 
 
 async def test_full_set_with_timeout_zero_or_past_deadline_refuses_at_once() -> None:

@@ -275,3 +275,33 @@ async def test_unknown_reconcile_and_capacity_survive_an_outage() -> None:
     clock.advance(3.0)  # past the second re-probe (1 s +-20 % after the first)
     assert {x.attempt_id for x in await leases.unknown()} == {"att-remote", "att-local"}
     assert (remote.attempt_id, local.attempt_id) == ("att-remote", "att-local")
+
+
+async def test_a_webhook_that_beats_a_local_leases_bind_frees_it_at_the_bind() -> None:
+    """During an outage the release goes to the store (kept for replay) and to the local table,
+    which keeps it as an early release while a local lease is unbound."""
+    leases, store, clock, _ = make(4)
+    done = await leases.bind(await leases.acquire(), "CA-done")
+    store.down = True
+    local = await leases.acquire(timeout=0)
+    assert local.id.startswith("local-")
+    assert await leases.release("CA-local", generation=local.generation) is False
+    table = store_of(leases).table("acct")
+    assert [call_id for call_id, _, _ in table.early()] == ["CA-local"]
+    await leases.bind(local, "CA-local")
+    assert table.in_use == 0
+    assert table.early() == []
+    store.down = False
+    clock.advance(1.0)  # past the first re-probe (0.5 s +-20 %)
+    # The replayed release finds no unbound lease in the store: nothing is kept there.
+    assert await leases.release("CA-done", generation=done.generation) is True
+    assert store.inner.table("acct").early() == []
+    assert leases.statistics().in_use == 0
+
+
+def store_of(leases: CallLeases) -> InMemoryLeaseStore:
+    """The local table's store of a set on a remote store (its fallback's)."""
+    fallback = leases._store  # the fallback the facade built around it
+    local = fallback._local  # type: ignore[attr-defined]
+    assert isinstance(local, InMemoryLeaseStore)
+    return local

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fres
 from resilient_voice import CallLeases, CapacityExhaustedError, Lease
 from resilient_voice.events import Event, LeaseReleased, StoreAvailabilityChanged
 from resilient_voice.leases import LeaseStore
+from resilient_voice.leases._store import InMemoryLeaseStore
 from resilient_voice.redis import RedisBackend
+from resilient_voice.testing import ManualClock
 
 pytestmark = [COREDIS_CANCEL_LEAK]
 __all__ = ["collect_coredis_garbage"]
@@ -82,6 +84,109 @@ async def test_a_release_before_the_bind_frees_the_lease_at_the_bind(
     await leases.release("CA2", generation=other.generation + 1)  # another generation
     await leases.bind(other, "CA2")
     assert leases.statistics().in_use == 1
+
+
+Early = Callable[[], Awaitable[list[str]]]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def early_set(
+    request: pytest.FixtureRequest, backend: RedisBackend
+) -> tuple[CallLeases, Early, Callable[[], None]]:
+    """A set, its early releases (call ids, oldest first), and a step of its clock.
+
+    In memory on a ManualClock that the step advances; on Redis its server clock, on which
+    one round trip after another is a later time already.
+    """
+    if request.param == "memory":
+        clock = ManualClock()
+        store = InMemoryLeaseStore(clock=clock)
+        leases = CallLeases("acct", 4, ttl=60.0, clock=clock, store=store)
+
+        async def in_memory() -> list[str]:
+            return [call_id for call_id, _, _ in store.table("acct").early()]
+
+        return leases, in_memory, lambda: clock.advance(0.001)
+    leases = CallLeases("acct", 4, ttl=60.0, store=backend)
+    keys = backend.lease_keys("acct")
+
+    async def on_redis() -> list[str]:
+        ordered = await backend.client.zrange(keys[3], 0, -1)
+        generations = await backend.client.hkeys(keys[4])
+        assert sorted(generations) == sorted(ordered)  # the two keys of an early release
+        return [call_id.decode() for call_id in ordered]
+
+    return leases, on_redis, lambda: None
+
+
+async def test_replays_with_no_unbound_lease_record_no_early_release(
+    early_set: tuple[CallLeases, Early, Callable[[], None]],
+) -> None:
+    leases, early, step = early_set
+    done = await leases.bind(await leases.acquire(), "CA-done")
+    assert await leases.release("CA-done", generation=done.generation) is True
+    await leases.bind(await leases.acquire(), "CA-live")  # held, but bound
+    for index in range(20):
+        step()
+        assert await leases.release("CA-done", generation=done.generation) is False
+        assert await leases.release("CA-done") is False
+        assert await leases.release(f"CA-never-{index}") is False
+    assert await early() == []
+    assert leases.statistics().in_use == 1
+
+
+async def test_an_early_release_frees_a_pending_lease_and_goes_with_the_older_unbound_ones(
+    early_set: tuple[CallLeases, Early, Callable[[], None]],
+) -> None:
+    leases, early, step = early_set
+    bound = await leases.bind(await leases.acquire(), "CA-bound")
+    pending = await leases.acquire()
+    step()
+    assert await leases.release("CA-x", generation=bound.generation) is False  # bound lease
+    assert await leases.release("CA-x", generation=pending.generation + 1) is False  # none yet
+    assert await early() == []
+    assert await leases.release("CA-pending", generation=pending.generation) is False
+    assert await early() == ["CA-pending"]
+    await leases.bind(pending, "CA-pending")  # freed at once: the webhook came first
+    assert await early() == []
+    assert leases.statistics().in_use == 1
+    first = await leases.acquire()
+    step()
+    second = await leases.acquire()
+    step()
+    await leases.release("CA-early")
+    assert await leases.release("CA-other") is False
+    step()
+    third = await leases.acquire()  # acquired after those releases: never theirs
+    await leases.bind(first, "CA-first")
+    assert await early() == ["CA-early", "CA-other"]  # ``second`` may still be theirs
+    await second.release()
+    assert await early() == []  # ``third`` is unbound, but younger than both
+    for index in range(50):
+        await leases.release(f"CA-replay-{index}")  # a flood while ``third`` is pending
+    assert len(await early()) == 50
+    await leases.bind(third, "CA-third")
+    assert await early() == []
+    assert leases.statistics().in_use == 3
+
+
+async def test_an_early_release_goes_when_its_only_older_lease_is_reclaimed(
+    backend: RedisBackend,
+) -> None:
+    """On Redis' clock: a lease acquired at 0, a release at 1 s, the lease reclaimed by its
+    2 s TTL; the release is dropped with it, before its own TTL (3 s) runs out. Tolerance: the
+    check runs between 2.2 s and 3 s, 0.8 s for two round trips on a loaded machine."""
+    leases = CallLeases("acct", 2, ttl=2.0, store=backend)
+    keys = backend.lease_keys("acct")
+    await leases.acquire()
+    await anyio.sleep(1.0)
+    await leases.release("CA-early")
+    assert await backend.client.zcard(keys[3]) == 1
+    await anyio.sleep(1.2)
+    await leases.acquire()  # reclaims the first lease; the new one came after the release
+    assert leases.statistics().reclaimed_by_ttl == 1
+    assert await backend.client.zcard(keys[3]) == 0
+    assert await backend.client.exists([keys[4]]) == 0
 
 
 async def test_reconcile_and_unknown_outcomes(backend: RedisBackend) -> None:
@@ -183,6 +288,7 @@ async def _acquire_in(scope: anyio.CancelScope, leases: CallLeases) -> None:
 async def test_keys_share_one_hash_tag_and_the_lease_keys_expire(backend: RedisBackend) -> None:
     leases = CallLeases("twilio:AC1", 2, ttl=60.0, store=backend)
     await leases.bind(await leases.acquire(), "CA1")
+    await leases.acquire()  # a create still pending: the release below may be its call's
     await leases.release("CA9")  # an early release
     keys = backend.lease_keys("twilio:AC1")
     tag = f"{{{backend.prefix}:leases:twilio:AC1}}"

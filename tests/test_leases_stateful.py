@@ -4,8 +4,9 @@ Hypothesis interleaves acquires, binds, releases by lease and by call id (with r
 missing generations, before and after the bind), unknown marks, reconciliations, capacity
 signals, provider observations and clock advances. Invariants: a lease is only granted while
 fewer than the effective capacity are held, never more than ``capacity`` are held, and every
-lease is freed at most once (by whatever path: release, webhook, reconcile or TTL), and the
-table's leases are the model's.
+lease is freed at most once (by whatever path: release, webhook, reconcile or TTL), the
+table's leases are the model's, and an early release is kept only while a lease acquired before
+it is unbound.
 """
 
 from __future__ import annotations
@@ -96,14 +97,25 @@ class LeaseMachine(RuleBasedStateMachine):
 
     @rule(
         lease=leases,
-        which=st.sampled_from(["right", "stale", "any", "future"]),
+        which=st.sampled_from(["right", "stale", "any", "future", "future-generation"]),
     )
     def webhook(self, lease: str, which: str) -> None:
         self._expire()
         record = self.held.get(lease)
-        if which == "future":
-            # A webhook for a call not bound yet: kept, and the next bind of that id frees.
-            self.table.release_call(f"CA{self.calls + 1}", None, self.now)
+        if which.startswith("future"):
+            # A webhook for a call not bound yet: kept while a lease (of the generation, if
+            # named) is unbound, and the next bind of that id frees.
+            generation = None
+            if which == "future-generation":
+                generation = record.generation if record is not None else 10**6
+            call_id = f"CA{self.calls + 1}"
+            before = {c for c, _, _ in self.table.early()}
+            unbound = any(
+                r.call_id is None and generation in (None, r.generation) for r in self.held.values()
+            )
+            self.table.release_call(call_id, generation, self.now)
+            kept = {c for c, _, _ in self.table.early()}
+            assert (call_id in kept) == (unbound or call_id in before)
             return
         if record is None or record.call_id is None:
             return
@@ -156,6 +168,15 @@ class LeaseMachine(RuleBasedStateMachine):
         assert len(self.held) <= self.table.capacity
         assert {r.id for r in self.table.held()} == set(self.held)
         assert 1 <= self.table.effective(self.now) <= self.table.capacity
+
+    @invariant()
+    def early_releases_wait_only_for_older_unbound_leases(self) -> None:
+        # Each kept early release could still match a bind: a held lease acquired at or
+        # before it was received (its expiry less ttl) is unbound.
+        ttl = self.table.ttl
+        unbound = [r for r in self.table.held() if r.call_id is None]
+        for _, _, until in self.table.early():
+            assert any(r.acquired_at + ttl <= until for r in unbound)
 
 
 LeaseMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)

@@ -120,18 +120,6 @@ def check(figures: dict[str, Any]) -> None:
     assert figures["cps_violations"] == 0, figures["cps_violations"]
 
 
-# httpcore sends a request body with ``async for chunk in request.stream``; when the connection
-# fails mid-send (a reset, a timeout under load) the loop is left by the exception and httpx's
-# ``ByteStream.__aiter__`` async generator is abandoned unfinished. asyncio finalizes it quietly;
-# trio's finalizer warns (ResourceWarning) when it is collected. Nothing is leaked (it holds the
-# body's bytes) and nothing is resent; it appears on trio in a few of the soak's thousands of
-# faulted requests, so the soak tolerates exactly that warning.
-HTTPCORE_ABANDONED_BODY = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*ByteStream.__aiter__:pytest.PytestUnraisableExceptionWarning"
-)
-
-
-@HTTPCORE_ABANDONED_BODY
 async def test_outbound_chaos_soak(soak_size: str, figures_dir: Path, anyio_backend: str) -> None:
     size = Size(soak_size)
     if anyio_backend == "trio" and size.name == "short":

@@ -3,6 +3,7 @@
 
 - ``_transport``: the transport, its routes and the exception/status -> FailureKind table;
 - ``_body``: reading a response body within the attempt's time and size bounds;
+- ``_request_body``: the request body handed to the inner transport (replayable, no generator);
 - ``_retry_after``: ``Retry-After`` / ``retry-after-ms`` parsing, pure functions.
 
 Importing this package imports httpx; ``import resilient_voice`` does not.

@@ -62,7 +62,7 @@ not sickness, and never trips it; other 4xx are the caller's errors and are igno
 
 Over 400 lines: the tables above are the transport's contract and stay next to the one method
 that applies them; the body reading and ``Retry-After`` parsing live in ``_body`` and
-``_retry_after``.
+``_retry_after``, the request body handed to the inner transport in ``_request_body``.
 
 Listeners get bounded labels: ``host`` is the matched route's ``host``, or ``other`` (a route for
 any host, or no route); ``status_class`` is ``1xx`` ... ``5xx``, a :class:`FailureKind` value
@@ -100,6 +100,7 @@ from resilient_voice.events import (
 )
 from resilient_voice.failure import FailureKind, NotSentError, failure_kind_of
 from resilient_voice.http._body import SUCCESS_OVERFLOW, ResponseTooLargeError, bounded, buffered
+from resilient_voice.http._request_body import RequestBody
 from resilient_voice.http._retry_after import retry_after_from_headers
 from resilient_voice.policy import Policy
 
@@ -428,9 +429,15 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             cid = get_correlation_id()
             if cid is not None and header not in request.headers:
                 request.headers[header] = cid
-        if not isinstance(request.stream, httpx.ByteStream):
-            # A retry must be able to send the body again.
-            await request.aread()
+        stream = request.stream
+        if not isinstance(stream, RequestBody):
+            # In memory, so a retry can send it again; and iterated without an async
+            # generator, so a send cut off mid-way leaves nothing to finalize (_request_body).
+            if isinstance(stream, httpx.ByteStream):
+                body = b"".join(stream)
+            else:
+                body = await request.aread()
+            request.stream = RequestBody(body)
         unprocessed = route.unprocessed_statuses
         inner = self._transport
         limit = self._max_bytes

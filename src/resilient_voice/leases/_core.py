@@ -9,11 +9,22 @@ ones. The table holds:
   bound, and the attempt id of a create whose outcome is unknown;
 - the call id -> lease binding, so that a webhook releases by call id;
 - early releases: a release by call id that arrived before the bind (a webhook racing the
-  create's response), kept ``ttl`` so that the bind frees the slot at once;
+  create's response), kept so that the bind frees the slot at once, but only while it can still
+  match (below);
 - the effective capacity: ``base`` set at ``since`` by a capacity signal or a provider
   observation, growing back by 1 every ``recovery`` seconds up to ``capacity``.
 
 A generation increases over the whole set: the lease acquired later always has the larger one.
+
+An early release received at ``r`` can only be for a lease acquired before ``r`` and still
+unbound: a lease is acquired before its create is sent, and the provider sends webhooks for a
+call only after creating it. So one is recorded only if a held lease is unbound (of its
+generation, when it names one), and dropped as soon as every lease acquired at or before ``r``
+is bound, released or reclaimed; that happens within ``ttl`` anyway (they are reclaimed by
+``r + ttl``). A flood of replays of finished calls records nothing unless a create is pending,
+and what it records goes when that create's lease is bound. Receive times are kept as expiries
+(``r + ttl``) and compared as such, ``until < acquired_at + ttl`` meaning "acquired after
+``r``", exactly as the Redis script compares them.
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ class LeaseTable:
 
     Args:
         capacity: The most leases held at once (the configured account limit).
-        ttl: Seconds a lease lives from its acquire; also how long an early release is kept.
+        ttl: Seconds a lease lives from its acquire; also the longest an early release is kept.
         recovery: Seconds without a signal after which the effective capacity grows by 1.
     """
 
@@ -66,7 +77,8 @@ class LeaseTable:
         self.recovery = recovery
         self._held: dict[str, LeaseRecord] = {}
         self._by_call: dict[str, LeaseRecord] = {}
-        # call id -> (generation or None for any, expiry); insertion order is expiry order.
+        # call id -> (generation or None for any, expiry: its receive time + ttl); insertion
+        # order is expiry order.
         self._early: dict[str, tuple[int | None, float]] = {}
         self._generation = 0
         # Ids are this token and the generation: unique in the set, and cheaper than a uuid4.
@@ -82,6 +94,10 @@ class LeaseTable:
     def bound(self, call_id: str) -> bool:
         """Whether a held lease is bound to ``call_id``."""
         return call_id in self._by_call
+
+    def early(self) -> list[tuple[str, int | None, float]]:
+        """The early releases kept: ``(call id, generation, expiry)``, oldest first."""
+        return [(call_id, gen, until) for call_id, (gen, until) in self._early.items()]
 
     def resize(self, capacity: int) -> None:
         """Make ``capacity`` the configured and effective capacity (a fallback's share)."""
@@ -114,6 +130,8 @@ class LeaseTable:
             if until > now:
                 break
             del early[call_id]
+        if reclaimed:
+            self._forget_early()
         return reclaimed
 
     def effective(self, now: float) -> int:
@@ -176,6 +194,7 @@ class LeaseTable:
             record.call_id = call_id
             record.bound_at = now
             self._drop(record)
+            self._forget_early()
             return True, record
         if record.call_id is not None and self._by_call.get(record.call_id) is record:
             del self._by_call[record.call_id]
@@ -188,6 +207,7 @@ class LeaseTable:
         record.bound_at = now
         record.attempt_id = None
         self._by_call[call_id] = record
+        self._forget_early()
         return True, None
 
     def release(self, lease_id: str) -> LeaseRecord | None:
@@ -195,19 +215,23 @@ class LeaseTable:
         record = self._held.get(lease_id)
         if record is not None:
             self._drop(record)
+            self._forget_early()
         return record
 
     def release_call(self, call_id: str, generation: int | None, now: float) -> LeaseRecord | None:
         """Free the lease bound to ``call_id`` (only of ``generation`` when given).
 
-        A call id bound to nothing is remembered for ``ttl`` (its generation too), so that a
-        bind arriving later frees its lease at once; a binding of another generation is stale
-        and frees nothing.
+        A call id bound to nothing is remembered (its generation too) when a held lease is
+        unbound (the lease of ``generation``, when given), so that a bind arriving later frees
+        its lease at once; it is forgotten once every lease acquired before it is bound or
+        gone, and after ``ttl`` at the latest. A binding of another generation is stale and
+        frees nothing.
         """
         record = self._by_call.get(call_id)
         if record is None:
-            self._early.pop(call_id, None)
-            self._early[call_id] = (generation, now + self.ttl)
+            if self._could_bind(generation):
+                self._early.pop(call_id, None)
+                self._early[call_id] = (generation, now + self.ttl)
             return None
         if generation is not None and record.generation != generation:
             return None
@@ -272,6 +296,29 @@ class LeaseTable:
         self._base = new
         self._since = now
         return old, new
+
+    def _could_bind(self, generation: int | None) -> bool:
+        """Whether a held lease is unbound (of ``generation``, when given)."""
+        return any(
+            r.call_id is None and generation in (None, r.generation) for r in self._held.values()
+        )
+
+    def _forget_early(self) -> None:
+        """Drop the early releases received before every held unbound lease was acquired.
+
+        Called after a lease is bound or dropped. Expiry order is receive order, so the ones
+        to drop are a prefix; nothing is scanned while no early release is kept.
+        """
+        early = self._early
+        if not early:
+            return
+        ttl = self.ttl
+        oldest = next((r for r in self._held.values() if r.call_id is None), None)
+        while early:
+            call_id, (_, until) = next(iter(early.items()))
+            if oldest is not None and until >= oldest.acquired_at + ttl:
+                break
+            del early[call_id]
 
     def _drop(self, record: LeaseRecord) -> None:
         del self._held[record.id]

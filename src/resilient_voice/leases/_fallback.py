@@ -21,7 +21,9 @@ the local table until released, reconciled or past their TTL, also after the sto
 until then they count against the shared capacity of this replica's acquires (``extra``). A
 bind, release or unknown mark of a shared lease that cannot reach the store is kept (at most
 :data:`PENDING_MAX`, oldest dropped) and replayed in order when the store answers again, so a
-webhook received during the outage still frees its slot.
+webhook received during the outage still frees its slot. A release by call id bound to no
+local lease goes to the store, and is also kept by the local table as an early release while
+one of its leases is unbound, so that a local lease whose webhook beats its bind is freed too.
 """
 
 from __future__ import annotations
@@ -202,8 +204,13 @@ class FallbackLeaseStore:
     async def lease_release_call(
         self, name: str, call_id: str, generation: int | None
     ) -> tuple[str | None, LeaseView]:
-        if self._local.table(name).bound(call_id):
+        table = self._local.table(name)
+        if table.bound(call_id):
             return await self._local.lease_release_call(name, call_id, generation)
+        # Also an early release for a local lease whose create is pending: the local table
+        # keeps it only while one of its leases is unbound, and its bind frees the slot. The
+        # table directly: its next operation reports the leases its TTL reclaims.
+        table.release_call(call_id, generation, self._now())
         answer = await self._remote(
             name, lambda: self._store.lease_release_call(name, call_id, generation)
         )

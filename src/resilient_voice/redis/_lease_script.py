@@ -12,7 +12,7 @@ Keys of set ``name``, all under the hash tag ``{<prefix>:leases:<name>}`` and al
     ...:z    ZSET lease id -> expiry (server seconds): what is held; ZCARD is in use
     ...:l    HASH lease id -> "generation|acquired|bound|call id|attempt id"
     ...:c    HASH call id -> lease id (the bindings a webhook releases by)
-    ...:ez   ZSET call id -> expiry of a release that came before its bind
+    ...:ez   ZSET call id -> expiry of a release that came before its bind (receive time + ttl)
     ...:eg   HASH call id -> that release's generation ("" for any)
     ...:s    HASH g (the generation counter), b and t (the learned capacity and when it was
              set), cfg (capacity/ttl/recovery, to refuse replicas configured differently)
@@ -28,6 +28,11 @@ replicas (heartbeats under 3 s old; a replica beats at most once a second), the 
 this call reclaimed by TTL, the server time of the answer (replies of concurrent calls may arrive
 out of order: the newest view wins), then the reclaimed leases' (id, call id) pairs; the
 operation's own results follow.
+
+Early releases follow the table's rule: one is recorded only while a held lease is unbound (of
+its generation, when it names one), and dropped once every lease acquired at or before it was
+received is bound, released or reclaimed (``forget_early``, after each bind, release and
+reclaim, a scan of the lease records only while an early release is kept).
 """
 
 from __future__ import annotations
@@ -70,6 +75,26 @@ local function drop(id, f)
   redis.call('HDEL', L, id)
   unbind(id, f[4])
 end
+local function forget_early()
+  if redis.call('ZCARD', EZ) == 0 then return end
+  local oldest = nil
+  for _, rec in ipairs(redis.call('HVALS', L)) do
+    local f = split(rec)
+    if f[4] == '' and (oldest == nil or tonumber(f[2]) < oldest) then oldest = tonumber(f[2]) end
+  end
+  local max = '+inf'
+  if oldest then max = '(' .. fmt(oldest + ttl) end
+  local old = redis.call('ZRANGEBYSCORE', EZ, '-inf', max)
+  for _, call in ipairs(old) do redis.call('HDEL', EG, call) end
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', EZ, '-inf', max) end
+end
+local function could_bind(gen)
+  for _, rec in ipairs(redis.call('HVALS', L)) do
+    local f = split(rec)
+    if f[4] == '' and (gen == '' or tonumber(gen) == tonumber(f[1])) then return true end
+  end
+  return false
+end
 local reclaimed = {}
 local dead = redis.call('ZRANGEBYSCORE', Z, '-inf', now)
 for _, id in ipairs(dead) do
@@ -85,6 +110,7 @@ if #dead > 0 then redis.call('ZREMRANGEBYSCORE', Z, '-inf', now) end
 local gone = redis.call('ZRANGEBYSCORE', EZ, '-inf', now)
 for _, call in ipairs(gone) do redis.call('HDEL', EG, call) end
 if #gone > 0 then redis.call('ZREMRANGEBYSCORE', EZ, '-inf', now) end
+if #dead > 0 then forget_early() end
 local state = redis.call('HMGET', S, 'b', 't')
 local base = tonumber(state[1]) or capacity
 local since = tonumber(state[2]) or 0
@@ -117,6 +143,7 @@ elseif op == 'b' then
       redis.call('HDEL', EG, call)
       redis.call('ZREM', EZ, call)
       drop(id, f)
+      forget_early()
       freed = true
       result = {'1'}
     else
@@ -133,6 +160,7 @@ elseif op == 'b' then
       f[3], f[4], f[5] = fmt(now), call, ''
       redis.call('HSET', L, id, join(f))
       redis.call('HSET', C, call, id)
+      forget_early()
       touch()
     end
   end
@@ -141,6 +169,7 @@ elseif op == 'r' then
   if rec then
     local f = split(rec)
     drop(ARGV[5], f)
+    forget_early()
     freed = true
     result = {'1', f[4]}
   end
@@ -152,9 +181,11 @@ elseif op == 'c' then
     id = false
   end
   if not id then
-    redis.call('ZADD', EZ, now + ttl, call)
-    redis.call('HSET', EG, call, gen)
-    touch()
+    if could_bind(gen) then
+      redis.call('ZADD', EZ, fmt(now + ttl), call)
+      redis.call('HSET', EG, call, gen)
+      touch()
+    end
   else
     local f = split(redis.call('HGET', L, id))
     if gen == '' or tonumber(gen) == tonumber(f[1]) then
