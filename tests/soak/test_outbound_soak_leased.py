@@ -262,3 +262,16 @@ async def test_the_ledger_counts_what_the_leased_soak_checks() -> None:
     assert lease_figures(leased, {**judged, "unknown": 1})["leases_released_twice"] == 1
     ledger(LeaseAcquired(source="ledger", lease_id="z", generation=9, waited=0.5, in_use=1))
     assert ledger.most_waited == 0.5
+
+
+def test_the_report_renders_the_lease_rows() -> None:
+    """tests/soak/_report.py adds the lease rows for the leased lanes only."""
+    from _report import lanes_table
+
+    plain = {"x": {"creates": 3}}
+    leased = {"x": {"creates": 3, "peak_calls_in_progress": 2, "leases": {"acquired": 3}}}
+    assert "leases acquired" not in lanes_table(plain)
+    table = lanes_table(leased)
+    assert "| leases acquired (one per try of a create) | 3 |" in table
+    assert "| **most calls in progress upstream at once** | 2 |" in table
+    assert "| ... reclaimed by TTL | - |" in table
