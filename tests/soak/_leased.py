@@ -95,13 +95,17 @@ class Received:
     errors: list[str] = field(default_factory=list)
 
 
-def receiver(twilio: CallLeases, vapi: CallLeases, received: Received) -> Any:
-    """The webhook app of a deployment: each signature guard outside its lease release."""
+def receiver(
+    twilio: CallLeases, vapi: CallLeases | None = None, received: Received | None = None
+) -> Any:
+    """The webhook app of a deployment: each signature guard outside its lease release
+    (Twilio's status callbacks; Vapi's server messages when ``vapi`` is given)."""
+    seen = received if received is not None else Received()
 
     async def ok(scope: Any, receive: Any, send: Any) -> None:
         while (await receive()).get("more_body", False):
             pass
-        received.paths[scope["path"]] += 1
+        seen.paths[scope["path"]] += 1
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -110,15 +114,21 @@ def receiver(twilio: CallLeases, vapi: CallLeases, received: Received) -> Any:
         TOKEN,
         paths=["/twilio/*"],
     )
-    vapi_app = VapiWebhookMiddleware(
-        LeaseReleaseMiddleware(ok, leases=vapi, paths=["/vapi/events"], verified=True),
-        secret=VAPI_SECRET,
-        paths=["/vapi/*"],
+    vapi_app = (
+        None
+        if vapi is None
+        else VapiWebhookMiddleware(
+            LeaseReleaseMiddleware(ok, leases=vapi, paths=["/vapi/events"], verified=True),
+            secret=VAPI_SECRET,
+            paths=["/vapi/*"],
+        )
     )
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        chosen = twilio_app if scope.get("path", "").startswith("/twilio") else vapi_app
-        await chosen(scope, receive, send)
+        if vapi_app is None or scope.get("path", "").startswith("/twilio"):
+            await twilio_app(scope, receive, send)
+        else:
+            await vapi_app(scope, receive, send)
 
     return app
 
