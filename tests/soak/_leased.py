@@ -34,6 +34,7 @@ from _soak import (
     BreakerLog,
     Job,
     Lane,
+    Phase,
     breaker,
     retry,
     since,
@@ -251,12 +252,12 @@ async def reconcile_every(lanes: Sequence[LeasedLane], period: float) -> None:
 
 def settler(
     lanes: Sequence[LeasedLane], bound: float, after: list[dict[str, Any]]
-) -> Callable[[Any], Awaitable[None]]:
+) -> Callable[[Phase], Awaitable[None]]:
     """The soak's ``after_phase``: let the phase's calls end, then reconcile until every
     lease is free and no unknown outcome is left (at most ``bound`` seconds); note what was
     left after each phase in ``after``."""
 
-    async def settle(phase: Any) -> None:
+    async def settle(phase: Phase) -> None:
         started = time.monotonic()
         await anyio.sleep(SETTLE)
         while True:
