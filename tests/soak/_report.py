@@ -2,7 +2,7 @@
 
 Run as ``python tests/soak/_report.py <directory>`` after
 ``RV_SOAK_DIR=<directory> pytest -m soak --soak-size full tests/soak -s``; prints one table per
-JSON file found (the outbound soak, its 3-process run, the Redis loss run).
+JSON file found (the outbound soak, its 3-process run, its leased run, the Redis loss run).
 """
 
 from __future__ import annotations
@@ -30,12 +30,40 @@ ROWS = (
     ("breaker_open_s_min", "shortest open period, s"),
 )
 
+# The leased soak's lanes also carry a "leases" object (tests/soak/_leased.py).
+LEASE_ROWS = (
+    ("peak_calls_in_progress", "**most calls in progress upstream at once**"),
+    ("leases.capacity", "capacity (leases)"),
+    ("leases.most_held_at_once", "most leases held at once"),
+    ("leases.longest_wait_for_a_lease_s", "longest wait for a lease, s"),
+    ("leases.acquired", "leases acquired (one per try of a create)"),
+    ("leases.released_by_webhook", "... released by a webhook"),
+    ("leases.released_by_lease_release", "... released by `lease.release()`"),
+    ("leases.reclaimed_by_reconcile", "... reclaimed by reconciliation"),
+    ("leases.reclaimed_by_ttl", "... reclaimed by TTL"),
+    ("leases.leases_released_twice", "leases released twice"),
+    ("leases.leases_never_released", "leases never released"),
+    ("leases.in_use_at_end", "leases held at the end"),
+    ("leases.unknown_released_by_reconcile_leases", "unknown outcomes released (no live call)"),
+    ("leases.unknown_bound_by_reconcile_leases", "unknown outcomes bound to the live call"),
+    ("leases.capacity_signals", "capacity signals"),
+    ("leases.reconcile_leases_runs", "`reconcile_leases()` runs"),
+)
+
+
+def _cell(lane: dict[str, Any], key: str) -> str:
+    value: Any = lane
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return "-" if value is None else str(value)
+
 
 def lanes_table(lanes: dict[str, dict[str, Any]]) -> str:
     names = list(lanes)
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for key, label in ROWS:
-        cells = ["-" if lanes[n].get(key) is None else str(lanes[n][key]) for n in names]
+    rows = ROWS + (LEASE_ROWS if any("leases" in lanes[n] for n in names) else ())
+    for key, label in rows:
+        cells = [_cell(lanes[n], key) for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

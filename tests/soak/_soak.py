@@ -59,7 +59,15 @@ SID = {
     "latency": "AC" + "c" * 32,
     "fleet": "AC" + "d" * 32,
 }
-LANE_DIGIT = {"twilio-typed": 1, "twilio-sdk": 2, "vapi-typed": 3, "vapi-sdk": 4, "latency": 9}
+LANE_DIGIT = {
+    "twilio-typed": 1,
+    "twilio-sdk": 2,
+    "vapi-typed": 3,
+    "vapi-sdk": 4,
+    "twilio-leased": 5,
+    "vapi-leased": 6,
+    "latency": 9,
+}
 
 # The breaker every lane uses: 5 consecutive failures open it for RECOVERY seconds.
 RECOVERY = 0.5
@@ -337,9 +345,16 @@ class PhaseTiming:
 
 
 async def run_phases(
-    fake: FakeTelephony, lanes: Sequence[Lane], plan: Sequence[Phase]
+    fake: FakeTelephony,
+    lanes: Sequence[Lane],
+    plan: Sequence[Phase],
+    after_phase: Callable[[Phase], Awaitable[None]] | None = None,
 ) -> list[PhaseTiming]:
-    """Run every lane's jobs through the phases; reconcile after each phase."""
+    """Run every lane's jobs through the phases; reconcile after each phase.
+
+    ``after_phase`` runs last, once the phase's unknown outcomes are resolved and the fault
+    script is cleared: the leased soak settles its call leases there.
+    """
     timings: list[PhaseTiming] = []
     for number, phase in enumerate(plan):
         slices = []
@@ -379,6 +394,8 @@ async def run_phases(
         )
         for lane, part in slices:
             await reconcile(lane, part)
+        if after_phase is not None:
+            await after_phase(phase)
     return timings
 
 
