@@ -3,9 +3,10 @@
 
 Options (JSON, argv[1]): ``url``, ``prefix``, ``rate`` (calls a second), ``fail`` (the upstream
 raises), ``recover_in`` (seconds after the start from which it succeeds), ``recovery_timeout``,
-``seconds`` (how long it calls), ``backend`` (anyio backend). It starts when the parent releases
-it (:mod:`_together`), once its breaker is in the fleet view; times are wall-clock
-``time.time()``, the one clock every process on the host shares.
+``seconds`` (how long it calls), ``delay`` (seconds after the start before its first call),
+``backend`` (anyio backend). It starts when the parent releases it (:mod:`_together`), once its
+breaker is in the fleet view; times are wall-clock ``time.time()``, the one clock every process
+on the host shares.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ async def main(options: dict[str, Any]) -> dict[str, Any]:
         stop = start + options["seconds"]
         recover = start + options.get("recover_in", float("inf"))
         period = 1.0 / options["rate"]
-        due = time.monotonic()
+        due = time.monotonic() + options.get("delay", 0.0)
+        await anyio.sleep(max(0.0, due - time.monotonic()))
         while time.time() < stop:
             probe = breaker.state is not BreakerState.CLOSED  # admitted now: a probe
             try:

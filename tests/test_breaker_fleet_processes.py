@@ -105,9 +105,12 @@ def test_figures() -> None:
 
 def test_the_fleet_recovers_on_exactly_its_probes() -> None:
     recover = {"recover_in": 1.5, "recovery_timeout": 2.0, "fail": True}
-    results = _run_replicas(
-        [{"rate": 50, **recover}, {"rate": 2, **recover}, {"rate": 2, **recover}], 6.5
-    )
+    # B and C call first 0.5 s in, when A (10 calls at 50/s: 0.2 s in) has opened on its own
+    # window: had their failures reached A before that, A could open by the combined-rate rule
+    # instead, and a fleet that only followed would close when its windows empty, unprobed.
+    quiet = {"rate": 2, "delay": 0.5, **recover}
+    results = _run_replicas([{"rate": 50, **recover}, quiet, quiet], 6.5)
+    assert _first_open(results[0])[1] == "own"
     probes = [o for r in results for _, o in r["outcomes"] if o.endswith("probe")]
     # The upstream is back before any open period (2 s +-15 %) runs out: one successful probe,
     # by A (the replica that opened on its own window); B and C follow it closed.
