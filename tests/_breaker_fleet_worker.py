@@ -2,9 +2,11 @@
 ``CircuitBreaker(store=RedisBackend)`` and prints what happened as JSON.
 
 Options (JSON, argv[1]): ``url``, ``prefix``, ``rate`` (calls a second), ``fail`` (the upstream
-raises), ``recover`` (wall-clock time from which it succeeds), ``recovery_timeout``, ``start`` and
-``stop`` (wall-clock ``time.time()`` bounds, the one clock every process
-on the host shares), ``backend`` (anyio backend).
+raises), ``recover_in`` (seconds after the start from which it succeeds), ``recovery_timeout``,
+``seconds`` (how long it calls), ``delay`` (seconds after the start before its first call),
+``backend`` (anyio backend). It starts when the parent releases it (:mod:`_together`), once its
+breaker is in the fleet view; times are wall-clock ``time.time()``, the one clock every process
+on the host shares.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import anyio
 
+from _together import released
 from resilient_voice import CircuitBreaker, CircuitOpenError
 from resilient_voice.events import BreakerState, Event, FleetStateChanged, StateChanged
 from resilient_voice.redis import RedisBackend
@@ -30,8 +33,10 @@ async def main(options: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(event, StateChanged):
             transitions.append((time.time(), "state", event.new.value))
 
+    recover = float("inf")
+
     async def upstream() -> None:
-        if options["fail"] and time.time() < options.get("recover", float("inf")):
+        if options["fail"] and time.time() < recover:
             raise ConnectionError("upstream down")
 
     outcomes: list[tuple[float, str]] = []
@@ -45,10 +50,17 @@ async def main(options: dict[str, Any]) -> dict[str, Any]:
             store=b,
             listeners=[listen],
         )
-        await anyio.sleep(max(0.0, options["start"] - time.time()))
+        # Fully set up: connected, and this replica's summary is in the fleet view.
+        with anyio.fail_after(30):
+            while breaker.statistics().fleet is None:
+                await anyio.sleep(0.01)
+        start = await released()
+        stop = start + options["seconds"]
+        recover = start + options.get("recover_in", float("inf"))
         period = 1.0 / options["rate"]
-        due = time.monotonic()
-        while time.time() < options["stop"]:
+        due = time.monotonic() + options.get("delay", 0.0)
+        await anyio.sleep(max(0.0, due - time.monotonic()))
+        while time.time() < stop:
             probe = breaker.state is not BreakerState.CLOSED  # admitted now: a probe
             try:
                 await breaker.call(upstream)

@@ -5,19 +5,19 @@ fake at ``fake_url`` from ``tasks`` concurrent callers, every call holding a lea
 set (released by the webhook receiver at ``hook_url``, a third process's job), and prints one
 JSON object: how many calls were created and how many creates failed. Options: ``url``
 (Redis), ``prefix``, ``name``, ``capacity``, ``ttl``, ``sid``, ``token``, ``fake_url``,
-``hook_url``, ``calls``, ``first`` (the first destination number), ``tasks``, ``start_at``,
-``backend`` (``asyncio`` or ``trio``).
+``hook_url``, ``calls``, ``first`` (the first destination number), ``tasks``, ``backend``
+(``asyncio`` or ``trio``). It starts when the parent releases it (:mod:`_together`).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 import anyio
 
+from _together import released
 from resilient_voice import CallLeases
 from resilient_voice.redis import RedisBackend
 from resilient_voice.twilio import TwilioClient
@@ -36,7 +36,6 @@ async def run(options: dict[str, Any]) -> dict[str, Any]:
             leases=leases,
         )
         numbers = iter(range(options["first"], options["first"] + options["calls"]))
-        await anyio.sleep(max(0.0, options["start_at"] - time.time()))
 
         async def worker() -> None:
             for i in numbers:
@@ -52,9 +51,12 @@ async def run(options: dict[str, Any]) -> dict[str, Any]:
                 else:
                     created.append(call.sid)
 
-        async with client, anyio.create_task_group() as group:
-            for _ in range(options["tasks"]):
-                group.start_soon(worker)
+        async with client:
+            await b.client.ping()  # connected
+            await released()
+            async with anyio.create_task_group() as group:
+                for _ in range(options["tasks"]):
+                    group.start_soon(worker)
     return {"created": created, "failed": failed}
 
 

@@ -4,8 +4,8 @@ Run as ``python tests/_lease_worker.py <json options>``; prints one JSON object:
 this process held, the wall-clock time (``time.time()``, one clock for every process on the host)
 just after ``acquire`` returned and just before ``release`` was sent, so the recorded interval
 lies inside the interval the lease was really held. Options: ``url``, ``prefix``, ``name``,
-``capacity``, ``ttl``, ``start_at``, ``seconds``, ``tasks``, ``hold`` (seconds each lease is
-held), ``backend`` (``asyncio`` or ``trio``).
+``capacity``, ``ttl``, ``seconds``, ``tasks``, ``hold`` (seconds each lease is held),
+``backend`` (``asyncio`` or ``trio``). It starts when the parent releases it (:mod:`_together`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 
+from _together import released
 from resilient_voice import CallLeases, CapacityExhaustedError
 from resilient_voice.redis import RedisBackend
 
@@ -26,8 +27,8 @@ async def run(options: dict[str, Any]) -> dict[str, Any]:
     refused = 0
     async with RedisBackend.from_url(options["url"], prefix=options["prefix"], timeout=1.0) as b:
         leases = CallLeases(options["name"], options["capacity"], ttl=options["ttl"], store=b)
-        await anyio.sleep(max(0.0, options["start_at"] - time.time()))
-        stop = time.time() + options["seconds"]
+        await b.client.ping()  # connected
+        stop = await released() + options["seconds"]
 
         async def worker(index: int) -> None:
             nonlocal refused

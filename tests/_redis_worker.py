@@ -3,10 +3,10 @@
 Run as ``python tests/_redis_worker.py <json options>``; prints one JSON object: the wall-clock
 time (``time.time()``, one clock for every process on the host) of each grant, and of a
 ``pause()`` if it made one. Options: ``url``, ``prefix``, ``name``, ``rate``, ``burst``,
-``start_at`` (wall time to start, so that the processes start together), ``seconds``, ``tasks``,
-``skew`` (seconds added to the limiter's clock: a replica whose clock runs ahead), ``pause_at``
-and ``pause`` (pause the fleet ``pause`` seconds, ``pause_at`` seconds after the start),
-``backend`` (``asyncio`` or ``trio``).
+``seconds``, ``tasks``, ``skew`` (seconds added to the limiter's clock: a replica whose clock
+runs ahead), ``pause_at`` and ``pause`` (pause the fleet ``pause`` seconds, ``pause_at`` seconds
+after the start), ``backend`` (``asyncio`` or ``trio``). It starts when the parent releases it
+(:mod:`_together`), so that the processes start together.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 
+from _together import released
 from resilient_voice import TokenBucket
 from resilient_voice.redis import RedisBackend
 from resilient_voice.twilio import TwilioClient
@@ -58,8 +59,8 @@ async def run(options: dict[str, Any]) -> dict[str, Any]:
             store=b,
             clock=SkewedClock(options.get("skew", 0.0)),
         )
-        await anyio.sleep(max(0.0, options["start_at"] - time.time()))
-        end = time.time() + options["seconds"]
+        await b.client.ping()  # connected
+        end = await released() + options["seconds"]
 
         async def task() -> None:
             while time.time() < end:
@@ -94,8 +95,8 @@ async def run_twilio(options: dict[str, Any]) -> dict[str, Any]:
             store=b,
         ) as twilio,
     ):
-        await anyio.sleep(max(0.0, options["start_at"] - time.time()))
-        end = time.time() + options["seconds"]
+        await b.client.ping()  # connected
+        end = await released() + options["seconds"]
 
         async def task() -> None:
             while time.time() < end:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import coredis  # noqa: F401  # the redis extra, installed by [dev]: fail, never
 import pytest
 
 from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix
+from _together import run_together
 from resilient_voice import CallLeases
 from resilient_voice.asgi import LeaseReleaseMiddleware, TwilioSignatureMiddleware
 from resilient_voice.events import Event, LeaseReleased
@@ -77,29 +76,17 @@ async def _ok(scope: Any, receive: Any, send: Any) -> None:
 
 
 def _callers(common: dict[str, Any]) -> list[dict[str, Any]]:
-    start = time.time() + 2.0  # every interpreter is up and connected by then
+    """Run both callers together: released at once when both are connected."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}"}
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(TESTS / "_lease_campaign_worker.py"),
-                json.dumps(
-                    {**common, "backend": backend, "first": index * 1000, "start_at": start}
-                ),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+    commands = [
+        [
+            sys.executable,
+            str(TESTS / "_lease_campaign_worker.py"),
+            json.dumps({**common, "backend": backend, "first": index * 1000}),
+        ]
         for index, backend in enumerate(("asyncio", "trio"))
     ]
-    results = []
-    for process in processes:
-        out, _ = process.communicate(timeout=120)
-        assert process.returncode == 0
-        results.append(json.loads(out))
-    return results
+    return run_together(commands, env=env, timeout=120)
 
 
 async def test_two_processes_sharing_redis_never_exceed_one_capacity() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +20,7 @@ import coredis  # noqa: F401  # the redis extra, installed by [dev]: fail, never
 import pytest
 
 from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix, own_redis
+from _together import run_together
 from resilient_voice import CallLeases, CapacityExhaustedError, Lease
 from resilient_voice.events import Event, LeaseReleased, StoreAvailabilityChanged
 from resilient_voice.leases import LeaseStore
@@ -312,31 +312,18 @@ async def test_replicas_configured_differently_under_one_name_are_refused(
 
 
 def _run_replicas(replicas: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
+    """Run the replicas together: released at once when every one is connected."""
     prefix = fresh_prefix()
-    start = time.time() + 2.0  # every interpreter is up and connected by then
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}"}
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(TESTS / "_lease_worker.py"),
-                json.dumps(
-                    {**given, "url": REDIS_URL, "prefix": prefix, "start_at": start}
-                    | {"seconds": seconds}
-                ),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+    commands = [
+        [
+            sys.executable,
+            str(TESTS / "_lease_worker.py"),
+            json.dumps({**given, "url": REDIS_URL, "prefix": prefix, "seconds": seconds}),
+        ]
         for given in replicas
     ]
-    results = []
-    for process in processes:
-        out, _ = process.communicate(timeout=seconds + 60)
-        assert process.returncode == 0
-        results.append(json.loads(out))
-    return results
+    return run_together(commands, env=env, timeout=seconds + 60)
 
 
 @pytest.mark.slow

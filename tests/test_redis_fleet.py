@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix
+from _together import run_together
 from resilient_voice.asgi import RateLimitMiddleware
 from resilient_voice.redis import RedisBackend
 from resilient_voice.testing import FakeTelephony, serve
@@ -111,23 +112,14 @@ def test_twilio_client_shares_its_default_breaker() -> None:
     assert plain.config.window_duration is None
 
 
-def _spawn(options: dict[str, Any]) -> subprocess.Popen[str]:
+def _run_together(replicas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run the replicas together: released at once when every one is connected."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}"}
-    return subprocess.Popen(
-        [sys.executable, str(TESTS / "_redis_worker.py"), json.dumps(options)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def _collect(processes: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
-    results = []
-    for process in processes:
-        out, _ = process.communicate(timeout=60)
-        assert process.returncode == 0
-        results.append(json.loads(out))
-    return results
+    commands = [
+        [sys.executable, str(TESTS / "_redis_worker.py"), json.dumps(options)]
+        for options in replicas
+    ]
+    return run_together(commands, env=env, timeout=60)
 
 
 def _most_in_one_second(times: list[float]) -> int:
@@ -147,25 +139,22 @@ def _most_in_one_second(times: list[float]) -> int:
 def test_three_processes_share_one_bucket(skews: tuple[float, float, float]) -> None:
     rate, burst, seconds = 20, 1, 3.0
     prefix = fresh_prefix()
-    start_at = time.time() + 2.0  # time for three interpreters to start
-    processes = [
-        _spawn(
+    results = _run_together(
+        [
             {
                 "url": REDIS_URL,
                 "prefix": prefix,
                 "name": "fleet",
                 "rate": rate,
                 "burst": burst,
-                "start_at": start_at,
                 "seconds": seconds,
                 "tasks": 10,
                 "skew": skew,
                 "backend": "trio" if i == 2 else "asyncio",
             }
-        )
-        for i, skew in enumerate(skews)
-    ]
-    results = _collect(processes)
+            for i, skew in enumerate(skews)
+        ]
+    )
     grants = [t for result in results for t in result["grants"]]
     allowed = burst + rate * seconds
     # At most rate + burst per 1 s window, plus 1 for the timing of a wake-up at a window edge.
@@ -178,20 +167,16 @@ def test_three_processes_share_one_bucket(skews: tuple[float, float, float]) -> 
 @pytest.mark.slow
 def test_pause_in_one_process_delays_the_others() -> None:
     prefix = fresh_prefix()
-    start_at = time.time() + 2.0
     common = {
         "url": REDIS_URL,
         "prefix": prefix,
         "name": "fleet",
         "rate": 20,
         "burst": 1,
-        "start_at": start_at,
         "seconds": 3.0,
         "tasks": 1,
     }
-    pausing = _spawn({**common, "pause_at": 1.0, "pause": 1.0})
-    others = [_spawn(common) for _ in range(2)]
-    first, *rest = _collect([pausing, *others])
+    first, *rest = _run_together([{**common, "pause_at": 1.0, "pause": 1.0}, common, common])
     (paused,) = first["paused"]
     for result in rest:
         # Slots reserved before the pause stand: with one task per process, at most three
@@ -271,12 +256,11 @@ async def test_twilio_clients_in_two_processes_hold_the_account_cps() -> None:
             "account": ACCOUNT,
             "base_url": base_url,
             "rate": 5,
-            "start_at": time.time() + 2.0,
             "seconds": 2.0,
             "tasks": 3,
         }
-        processes = [_spawn(options), _spawn({**options, "backend": "trio"})]
-        results = await anyio.to_thread.run_sync(_collect, processes)
+        replicas = [options, {**options, "backend": "trio"}]
+        results = await anyio.to_thread.run_sync(_run_together, replicas)
     created = [t for result in results for t in result["grants"]]
     # The account's 5 CPS across both processes: no violation at the fake (its 50 ms
     # tolerance absorbs loopback jitter); without the shared store there would be twice as many.

@@ -1,16 +1,16 @@
 """One process of the 3-process outbound soak: creates on a shared account, paced through Redis.
 
 Run as ``python tests/soak/_fleet_worker.py <json options>`` (options: ``url``, ``redis``,
-``prefix``, ``sid``, ``token``, ``worker``, ``count``, ``cps``, ``tasks``, ``start_at``,
-``backend``); prints ``{"jobs": [...], "unexpected": [...]}``. The limiter and the breaker share
-the Redis store, so the three processes pace the account together and share the fleet view.
+``prefix``, ``sid``, ``token``, ``worker``, ``count``, ``cps``, ``tasks``, ``backend``); prints
+``{"jobs": [...], "unexpected": [...]}``. It starts when the parent releases it (:mod:`_together`,
+in tests/). The limiter and the breaker share the Redis store, so the three processes pace the
+account together and share the fleet view.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 import anyio
@@ -27,6 +27,7 @@ from _soak import (
     run_lane_jobs,
 )
 
+from _together import released
 from resilient_voice.redis import RedisBackend
 from resilient_voice.twilio import TwilioClient
 
@@ -55,7 +56,8 @@ async def run(options: dict[str, Any]) -> dict[str, Any]:
             lane.jobs = [
                 Job("fleet", i, number_of("fleet", i, worker)) for i in range(options["count"])
             ]
-            await anyio.sleep(max(0.0, options["start_at"] - time.time()))
+            await b.client.ping()  # connected
+            await released()
             await run_lane_jobs(lane, lane.jobs)
     return {"jobs": dump_jobs(lane.jobs), "unexpected": lane.unexpected}
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -233,6 +232,7 @@ async def test_outbound_soak_from_three_processes_sharing_redis(
     """Three OS processes (two on asyncio, one on trio) create on one account, paced together
     through the Redis store; the fake served here counts duplicates and CPS violations."""
     from _redis import REDIS_URL, fresh_prefix
+    from _together import run_together
 
     size = Size(soak_size)
     fake = fake_telephony(size.fleet_cps)
@@ -246,7 +246,6 @@ async def test_outbound_soak_from_three_processes_sharing_redis(
             Fault.drop_before(0.02, endpoints="*.calls.create"),
             Fault.drop_mid_body(0.02, endpoints="*.calls.create"),
         ]
-        start_at = time.time() + 4.0  # the processes import, connect, then start together
         commands = [
             _fleet_worker_command(
                 {
@@ -259,22 +258,17 @@ async def test_outbound_soak_from_three_processes_sharing_redis(
                     "count": size.fleet_per_process,
                     "cps": size.fleet_cps,
                     "tasks": 4,
-                    "start_at": start_at,
                     "backend": "trio" if index == 2 else "asyncio",
                 }
             )
             for index in range(3)
         ]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-        processes = [
-            subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-            for c in commands
-        ]
-        outputs = []
-        for process in processes:
-            out, err = await anyio.to_thread.run_sync(lambda p=process: p.communicate(timeout=600))
-            assert process.returncode == 0, err.decode()[-3000:]
-            outputs.append(json.loads(out))
+        path = [str(HERE), str(HERE.parent), *sys.path]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        # The processes import and connect, then are released together (_together).
+        outputs = await anyio.to_thread.run_sync(
+            lambda: run_together(commands, env=env, timeout=600)
+        )
         fake.faults = []
         jobs = [Job(**row) for output in outputs for row in output["jobs"]]
         async with TwilioClient(SID["fleet"], TOKEN, base_url=url) as reader:
