@@ -4,9 +4,11 @@ The decorator's CLOSED path in the default (consecutive-failures) mode is tuned 
 nanoseconds: it reads one flag, captures the epoch and awaits the call; it reads no clock, takes
 no lock and allocates nothing. It is written once, in :meth:`CircuitBreaker._guard`: the decorator
 guards the decorated function with it, and :meth:`CircuitBreaker.call` uses one guarded function
-built at construction around :func:`_call_first`, so no call builds a wrapper. The other modes
-and forms pay only for what they use: a permit, a clock read when something times calls, an event
-record when someone listens.
+built at construction around :func:`_call_first`, so no call builds a wrapper. The window modes
+have their own closed path (:meth:`CircuitBreaker._guard_window`): it also counts the call for
+the owning loop, as a permit would, and adds each success to the window, with one clock read in
+a time window and none in a count window. The other modes and forms pay only for what they use:
+a permit, a clock read when something times calls, an event record when someone listens.
 
 Over 400 lines: the public class carries the reference documentation of its sixteen options and
 every entry point (over a third of the file is docstring), and splitting the entry points across
@@ -592,8 +594,9 @@ class CircuitBreaker:
         machine = self._machine
         machine.on_transition = self._transitioned if self._listeners or not self._local else None
         # A shared store keeps the fast path: it is taken only while CLOSED, where the store is
-        # never consulted, and every trip still reaches it through on_transition.
-        # The window modes have one too, except with a slow-call rule (it times every call).
+        # never consulted, every trip still reaches it through on_transition, and a window's
+        # summary is read from the window the fast path writes. The window modes have one
+        # too, except with a slow-call rule (it times every call).
         machine.set_fast_eligible(
             not self._listeners
             and config.failure_result is None
