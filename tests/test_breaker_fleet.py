@@ -409,3 +409,39 @@ async def test_a_transition_reaches_the_others_by_pub_sub_not_the_next_tick(
     # Tolerance: 3 s on a loaded machine; the tick alone would take 30 s.
     assert seen is not None
     assert b.breaker.state is BreakerState.CLOSED  # one open of two is no quorum
+
+
+@pytest.mark.parametrize(
+    "window", [{"window_size": 50}, {"window_duration": 30.0}], ids=["count", "time"]
+)
+async def test_window_calls_on_the_closed_fast_path_are_published(
+    fleet: tuple[str, AsyncExitStack], window: dict[str, float]
+) -> None:
+    """With nothing listening, a window breaker's closed calls take the fast path; they still
+    land in the window that the summary is read from, so the other replicas count them."""
+    prefix, stack = fleet
+    replicas = []
+    for _ in range(2):
+        backend = await stack.enter_async_context(
+            RedisBackend.from_url(REDIS_URL, prefix=prefix, timeout=0.5)
+        )
+        breaker = CircuitBreaker("upstream", minimum_calls=50, store=backend, **window)  # type: ignore[arg-type]
+        replicas.append(Replica(backend, breaker, []))
+    a, b = replicas
+    assert a.breaker._machine.fast
+    for _ in range(12):
+        assert await a.hit(_fine) == "ok"
+    for _ in range(4):
+        assert await a.hit(_boom) == "failed"
+    assert a.breaker._fleet_summary() == (False, False, 16, 4)
+    start = time.monotonic()
+    seen = None
+    # Tolerance: two publication ticks (1 s each) plus scheduling on a loaded machine.
+    while time.monotonic() - start < 4.0:
+        seen = b.breaker.statistics().fleet
+        if seen is not None and seen.calls == 16:
+            break
+        await anyio.sleep(0.1)
+    assert seen is not None
+    assert (seen.calls, seen.failure_rate) == (16, 0.25)
+    assert a.breaker.state is b.breaker.state is BreakerState.CLOSED

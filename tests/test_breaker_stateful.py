@@ -3,14 +3,18 @@
 Hypothesis picks a configuration, then interleaves permit grants (held permits are concurrent
 calls and concurrent probes; some are granted not started, as ``Policy`` does while a call waits
 for a token, and started later), outcomes reported on held permits (success, failure, ignored,
-released), whole calls through each use form (including cancelled ones), and clock advances.
-After every step the breaker's state and statistics must equal the model's. The async code runs
-in a blocking portal, once on asyncio and once on trio.
+released), whole calls through each use form (including cancelled ones), clock advances, and a
+listener attached midway. The trip mode is consecutive failures, a count window or a time window;
+with no listener, closed calls through the decorator and ``call()`` take the fast path of their
+mode, and after the listener is attached they take permits. After every step the breaker's state
+and statistics must equal the model's. The async code runs in a blocking portal, once on asyncio
+and once on trio.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +56,8 @@ class Model:
     failure_threshold: int
     recovery_timeout: float
     window_size: int | None
+    window_duration: float | None
+    minimum_calls: int
     failure_rate_threshold: float
     half_open_max_calls: int
     success_threshold: int
@@ -62,7 +68,8 @@ class Model:
     state: BreakerState = CLOSED
     epoch: int = 0
     consecutive: int = 0
-    window: list[bool] = field(default_factory=list)
+    window: list[bool] = field(default_factory=list)  # count window: the last outcomes
+    timed: list[tuple[int, bool]] = field(default_factory=list)  # time window: (bucket, failed)
     open_until: float = 0.0
     open_duration: float = 0.0
     repeated_trips: int = 0
@@ -119,7 +126,7 @@ class Model:
                 self.close()
             return
         self.consecutive = 0
-        if self.window_size is not None:
+        if self.windowed:
             self.add(failed=False)
 
     def failure(self, permit: ModelPermit) -> None:
@@ -130,7 +137,7 @@ class Model:
             self.trip()
             return
         self.consecutive += 1
-        if self.window_size is not None:
+        if self.windowed:
             self.add(failed=True)
         elif self.consecutive >= self.failure_threshold:
             self.trip()
@@ -139,12 +146,30 @@ class Model:
         if permit.epoch == self.epoch and permit.probe:
             self.free(permit)
 
+    @property
+    def windowed(self) -> bool:
+        return self.window_size is not None or self.window_duration is not None
+
+    def bucket(self) -> int:
+        assert self.window_duration is not None
+        return math.floor(self.now / (self.window_duration / 10))
+
+    def outcomes(self) -> list[bool]:
+        """The outcomes in the window now (a time window keeps its last ten buckets)."""
+        if self.window_duration is None:
+            return self.window
+        return [failed for number, failed in self.timed if number > self.bucket() - 10]
+
     def add(self, *, failed: bool) -> None:
-        assert self.window_size is not None
-        self.window = [*self.window, failed][-self.window_size :]
+        if self.window_size is not None:
+            self.window = [*self.window, failed][-self.window_size :]
+        else:
+            self.timed = [(n, f) for n, f in self.timed if n > self.bucket() - 10]
+            self.timed.append((self.bucket(), failed))
+        outcomes = self.outcomes()
         if (
-            len(self.window) >= self.window_size
-            and sum(self.window) / len(self.window) >= self.failure_rate_threshold
+            len(outcomes) >= self.minimum_calls
+            and sum(outcomes) / len(outcomes) >= self.failure_rate_threshold
         ):
             self.trip()
 
@@ -168,6 +193,7 @@ class Model:
         self.consecutive = 0
         self.repeated_trips = 0
         self.window = []
+        self.timed = []
         self.probes = []
         self.waiting = 0
         self.probe_successes = 0
@@ -181,7 +207,10 @@ configs = st.fixed_dictionaries(
     {
         "failure_threshold": st.integers(1, 4),
         "recovery_timeout": st.sampled_from([1.0, 5.0, 30.0]),
-        "window_size": st.none() | st.integers(1, 5),
+        "window": st.none()
+        | st.tuples(st.just("count"), st.integers(1, 5))
+        | st.tuples(st.just("time"), st.sampled_from([2.0, 10.0])),
+        "minimum_calls": st.integers(1, 4),
         "failure_rate_threshold": st.sampled_from([0.25, 0.5, 1.0]),
         "half_open_max_calls": st.integers(1, 3),
         "success_threshold": st.integers(1, 3),
@@ -206,6 +235,7 @@ class BreakerMachine(RuleBasedStateMachine):
         self.breaker: CircuitBreaker
         self.model: Model
         self.held: list[tuple[BreakerPermit, ModelPermit]] = []
+        self.events: list[object] = []
 
     def teardown(self) -> None:
         self._portal_cm.__exit__(None, None, None)
@@ -213,15 +243,25 @@ class BreakerMachine(RuleBasedStateMachine):
     @initialize(config=configs)
     def build(self, config: dict[str, Any]) -> None:
         cap = config["recovery_timeout"] * 4
-        self.model = Model(cap=cap, **config)
+        config = dict(config)
+        kind, value = config.pop("window") or (None, None)
+        size = value if kind == "count" else None
+        duration = value if kind == "time" else None
+        # A count window judges once full, as by default; a time window from minimum_calls.
+        minimum = config.pop("minimum_calls")
+        if kind != "time":
+            minimum = size or 1
+        self.model = Model(
+            cap=cap, window_size=size, window_duration=duration, minimum_calls=minimum, **config
+        )
         self.breaker = CircuitBreaker(
             "model",
             failure_threshold=config["failure_threshold"],
             recovery_timeout=config["recovery_timeout"],
-            window_size=config["window_size"],
-            failure_rate_threshold=(
-                config["failure_rate_threshold"] if config["window_size"] is not None else None
-            ),
+            window_size=size,
+            window_duration=duration,
+            minimum_calls=minimum if kind == "time" else None,
+            failure_rate_threshold=(config["failure_rate_threshold"] if kind is not None else None),
             half_open_max_calls=config["half_open_max_calls"],
             success_threshold=config["success_threshold"],
             max_wait_in_half_open=config["max_wait"],
@@ -230,6 +270,13 @@ class BreakerMachine(RuleBasedStateMachine):
             ignore_on=IgnoredError,
             clock=self.clock,
         )
+
+    @precondition(lambda self: not self.events)
+    @rule()
+    def listen(self) -> None:
+        # From here on closed calls take permits (the fast path is for breakers nobody hears).
+        self.breaker.add_listener(self.events.append)
+        self.events.append(None)
 
     @precondition(lambda self: len(self.held) < 6)
     @rule(started=st.booleans())
@@ -351,11 +398,14 @@ class BreakerMachine(RuleBasedStateMachine):
         assert stats.half_open_calls == len(model.probes) + model.waiting
         assert stats.trips == model.trips
         assert stats.retry_after == pytest.approx(model.retry_after)
-        if model.window_size is not None:
-            assert stats.calls == len(model.window)
-            assert stats.failures == sum(model.window)
+        if model.windowed:
+            outcomes = model.outcomes()
+            assert stats.calls == len(outcomes)
+            assert stats.failures == sum(outcomes)
         else:
             assert stats.calls is None
+        listening = bool(self.events)
+        assert self.breaker._machine.fast == (model.state is CLOSED and not listening)
 
 
 class TrioBreakerMachine(BreakerMachine):

@@ -4,9 +4,11 @@ The decorator's CLOSED path in the default (consecutive-failures) mode is tuned 
 nanoseconds: it reads one flag, captures the epoch and awaits the call; it reads no clock, takes
 no lock and allocates nothing. It is written once, in :meth:`CircuitBreaker._guard`: the decorator
 guards the decorated function with it, and :meth:`CircuitBreaker.call` uses one guarded function
-built at construction around :func:`_call_first`, so no call builds a wrapper. The other modes
-and forms pay only for what they use: a permit, a clock read when something times calls, an event
-record when someone listens.
+built at construction around :func:`_call_first`, so no call builds a wrapper. The window modes
+have their own closed path (:meth:`CircuitBreaker._guard_window`): it also counts the call for
+the owning loop, as a permit would, and adds each success to the window, with one clock read in
+a time window and none in a count window. The other modes and forms pay only for what they use:
+a permit, a clock read when something times calls, an event record when someone listens.
 
 Over 400 lines: the public class carries the reference documentation of its sixteen options and
 every entry point (over a third of the file is docstring), and splitting the entry points across
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import random
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -41,8 +44,9 @@ from resilient_voice.breaker._fleet import (
     fleet_verdict,
     held_open,
 )
-from resilient_voice.breaker._machine import StateMachine
-from resilient_voice.breaker._owner import Ownership
+from resilient_voice.breaker._health import TimeWindow
+from resilient_voice.breaker._machine import FailureRate, StateMachine
+from resilient_voice.breaker._owner import Owner, Ownership
 from resilient_voice.breaker._permit import BreakerPermit
 from resilient_voice.breaker._store import BreakerStore, InMemoryBreakerStore
 from resilient_voice.errors import CircuitOpenError
@@ -68,6 +72,7 @@ T = TypeVar("T")
 
 _CLOSED: Final = BreakerState.CLOSED
 _OPEN: Final = BreakerState.OPEN
+_get_ident: Final = threading.get_ident
 
 # The permit held by the innermost ``async with breaker:`` block of the current task. One
 # module-level variable serves every breaker: a permit knows its breaker, and nested blocks
@@ -395,6 +400,8 @@ class CircuitBreaker:
         tally = self._tally
         if tally is not None:
             return self._guard_counting(fn, tally)
+        if machine.window is not None:
+            return self._guard_window(fn)
 
         async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
             if machine.fast:
@@ -435,6 +442,74 @@ class CircuitBreaker:
                     machine.consecutive_failures = 0
                 return result
             return await run(await acquire(), fn, args, kwargs)
+
+        return guarded
+
+    def _guard_window(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+        """:meth:`_guard` for the window modes: a closed fast path that records each outcome in
+        the window, as a permit would, without building one.
+
+        Unlike consecutive mode this path writes the window, whose totals two threads could
+        corrupt, so it keeps the permit's ownership rule: it runs only in the thread of the
+        breaker's owner, counted as one of the owner's permits while the call runs (another
+        loop is refused meanwhile, as by a permit), and a call from another thread takes the
+        permit path, which takes the breaker over or refuses it. A success is added to the
+        window here (one clock read in a time window, none in a count window unless it trips);
+        a failure, an ignored or cancelled call, and a breaker taken over meanwhile go through
+        :meth:`_ended_fast`.
+        """
+        machine = self._machine
+        ownership = self._ownership
+        window = machine.window
+        trip_mode = machine.trip_mode
+        if window is None or not isinstance(trip_mode, FailureRate):  # pragma: no cover
+            raise AssertionError("a window-mode guard without a window")
+        add = window.add
+        tripped = trip_mode.tripped
+        ended = self._ended_fast
+        now = self._clock.now
+        timed = type(window) is TimeWindow
+        admit = self._admit
+        acquire = self.acquire
+        run = self._run
+        local = self._local
+
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+            if machine.fast:
+                owner = ownership.owner
+                if owner.thread == _get_ident():
+                    # Counted first, then looked at again, as Ownership.claim does.
+                    owner.permits += 1
+                    if ownership.owner is owner:
+                        epoch = machine.epoch
+                        try:
+                            result = await fn(*args, **kwargs)
+                        except BaseException as exc:
+                            ended(exc, epoch, owner)
+                            raise
+                        if ownership.owner is not owner:
+                            ended(None, epoch, owner)
+                            return result
+                        try:
+                            # StateMachine.judged_fast for a success, inlined; with no
+                            # slow-call rule only a failure in the window can trip it.
+                            if machine.epoch == epoch:
+                                machine.consecutive_failures = 0
+                                if timed:
+                                    at = now()
+                                    add(at, False, False)
+                                    if window.failures and tripped():
+                                        machine.trip(at)
+                                else:
+                                    add(0.0, False, False)
+                                    if window.failures and tripped():
+                                        machine.trip(now())
+                        finally:
+                            owner.permits -= 1
+                        return result
+                    owner.permits -= 1
+            permit = admit() if local else await acquire()
+            return await run(permit, fn, args, kwargs)
 
         return guarded
 
@@ -519,9 +594,13 @@ class CircuitBreaker:
         machine = self._machine
         machine.on_transition = self._transitioned if self._listeners or not self._local else None
         # A shared store keeps the fast path: it is taken only while CLOSED, where the store is
-        # never consulted, and every trip still reaches it through on_transition.
+        # never consulted, every trip still reaches it through on_transition, and a window's
+        # summary is read from the window the fast path writes. The window modes have one
+        # too, except with a slow-call rule (it times every call).
         machine.set_fast_eligible(
-            not self._listeners and not config.windowed and config.failure_result is None
+            not self._listeners
+            and config.failure_result is None
+            and config.slow_call_duration is None
         )
 
     def _admit(self, started: bool = True) -> BreakerPermit:
@@ -582,6 +661,24 @@ class CircuitBreaker:
                 self._machine.trip(self._clock.now())
             finally:
                 owner.permits -= 1
+
+    def _ended_fast(self, error: BaseException | None, epoch: int, owner: Owner) -> None:
+        """A call on a window mode's closed fast path ended: record it as settling its permit
+        would (:meth:`BreakerPermit.settle` and :meth:`_succeeded` or :meth:`_failed`, with
+        nothing listening and no slow-call rule), then give the owner's count back."""
+        verdict = "success" if error is None else self._classify(error)
+        # Raises, or says no, for a call whose breaker another loop took over meanwhile.
+        if not self._ownership.may_settle(owner):
+            return
+        try:
+            machine = self._machine
+            if verdict in {"cancelled", "ignored"} or epoch != machine.epoch:
+                return
+            now = self._clock.now()
+            if machine.judged_fast(epoch, now, verdict == "failure"):
+                machine.trip(now)
+        finally:
+            owner.permits -= 1
 
     def _timing(self, permit: BreakerPermit, now: float | None) -> tuple[float | None, bool]:
         if now is None or permit.started is None:

@@ -17,6 +17,8 @@ __all__ = ["TIME_BUCKETS", "CountWindow", "TimeWindow"]
 TIME_BUCKETS: Final = 10
 """A time-based window is kept as this many buckets."""
 
+_floor: Final = math.floor
+
 
 class CountWindow:
     """The outcomes of the last ``size`` calls, with running totals."""
@@ -32,17 +34,28 @@ class CountWindow:
         self.slow = 0
 
     def add(self, now: float, failed: bool, slow: bool) -> None:
+        # On every closed call of a count-window breaker: a total moves only when it changes
+        # (a full ring replaces a call by a call), so a success costs a few integer operations.
         del now
-        old = self.ring[self.index]
+        ring = self.ring
+        index = self.index
+        old = ring[index]
         if old:
-            self.calls -= 1
-            self.failures -= (old >> 1) & 1
-            self.slow -= (old >> 2) & 1
-        self.ring[self.index] = 1 | (2 if failed else 0) | (4 if slow else 0)
-        self.index = (self.index + 1) % self.size
-        self.calls += 1
-        self.failures += failed
-        self.slow += slow
+            if old & 2:
+                self.failures -= 1
+            if old & 4:
+                self.slow -= 1
+        else:
+            self.calls += 1
+        if failed:
+            self.failures += 1
+            ring[index] = 7 if slow else 3
+        else:
+            ring[index] = 5 if slow else 1
+        if slow:
+            self.slow += 1
+        index += 1
+        self.index = 0 if index == self.size else index
 
     def expire(self, now: float) -> None:
         del now
@@ -53,9 +66,18 @@ class CountWindow:
 
 
 class TimeWindow:
-    """The outcomes of the last ``duration`` seconds, in ``TIME_BUCKETS`` buckets."""
+    """The outcomes of the last ``duration`` seconds, in ``TIME_BUCKETS`` buckets.
 
-    __slots__ = ("buckets", "calls", "failures", "slow", "width")
+    A call falls in bucket ``floor(now / width)``. The newest bucket also keeps the times it
+    covers, ``[low, high)``: ``low`` a time known to fall in it and ``high`` the first float
+    that falls in the next one (division and ``floor`` never decrease as ``now`` grows, so every
+    time in between falls in it too). A call inside that span is counted with two comparisons
+    and no division, and nothing can expire then: expiry depends only on the bucket number, it
+    was done when the bucket was opened, and any later expiry forgets the span. So the window
+    holds exactly what expiring and adding at every call would hold.
+    """
+
+    __slots__ = ("buckets", "calls", "failures", "high", "low", "newest", "slow", "width")
 
     def __init__(self, duration: float) -> None:
         self.width = duration / TIME_BUCKETS
@@ -63,30 +85,62 @@ class TimeWindow:
         self.calls = 0
         self.failures = 0
         self.slow = 0
+        self.newest: list[int] = []
+        self.low = math.inf  # an empty span until a bucket is opened
+        self.high = -math.inf
 
     def expire(self, now: float) -> None:
-        oldest = math.floor(now / self.width) - TIME_BUCKETS + 1
+        oldest = _floor(now / self.width) - TIME_BUCKETS + 1
         buckets = self.buckets
-        while buckets and buckets[0][0] < oldest:
-            _, calls, failures, slow = buckets.pop(0)
-            self.calls -= calls
-            self.failures -= failures
-            self.slow -= slow
+        if buckets and buckets[0][0] < oldest:
+            # The span is forgotten whenever a bucket goes, so that it only ever stands for
+            # a window that nothing changed since the bucket was opened.
+            self.low, self.high = math.inf, -math.inf
+            while buckets and buckets[0][0] < oldest:
+                _, calls, failures, slow = buckets.pop(0)
+                self.calls -= calls
+                self.failures -= failures
+                self.slow -= slow
 
     def add(self, now: float, failed: bool, slow: bool) -> None:
+        # On every closed call of a time-window breaker.
+        bucket = self.newest if self.low <= now < self.high else self._open(now)
+        bucket[1] += 1
+        self.calls += 1
+        if failed:
+            bucket[2] += 1
+            self.failures += 1
+        if slow:
+            bucket[3] += 1
+            self.slow += 1
+
+    def _open(self, now: float) -> list[int]:
+        """Expire what ``now`` leaves out, find or append the bucket of ``now`` (always the
+        last one), and keep its span."""
+        width = self.width
+        number = _floor(now / width)
         self.expire(now)
-        number = math.floor(now / self.width)
         buckets = self.buckets
         if not buckets or buckets[-1][0] != number:
             buckets.append([number, 0, 0, 0])
         bucket = buckets[-1]
-        bucket[1] += 1
-        bucket[2] += failed
-        bucket[3] += slow
-        self.calls += 1
-        self.failures += failed
-        self.slow += slow
+        self.newest = bucket
+        self.low = now
+        self.high = _first_time_of(number + 1, width)
+        return bucket
 
     def clear(self) -> None:
         self.buckets.clear()
         self.calls = self.failures = self.slow = 0
+        self.newest = []
+        self.low, self.high = math.inf, -math.inf
+
+
+def _first_time_of(number: int, width: float) -> float:
+    """The smallest float ``t`` with ``floor(t / width) >= number``."""
+    t = number * width
+    while _floor(t / width) < number:
+        t = math.nextafter(t, math.inf)
+    while _floor((earlier := math.nextafter(t, -math.inf)) / width) >= number:
+        t = earlier
+    return t

@@ -10,7 +10,9 @@ shared store can replace nothing but the publishing around it.
 Outcomes carry the *epoch* their call was admitted in, a number bumped on every state change:
 an outcome from an older epoch (a straggler that started before the breaker opened) changes
 nothing. The facade's closed fast path reads and writes ``fast``, ``epoch`` and
-``consecutive_failures`` directly, which is why they are plain slotted attributes.
+``consecutive_failures`` directly, which is why they are plain slotted attributes; in a window
+mode it also adds a success to ``window`` and asks ``trip_mode.tripped`` itself, as
+:meth:`StateMachine.succeeded` would, two calls fewer on the path every successful call takes.
 """
 
 from __future__ import annotations
@@ -63,14 +65,26 @@ class FailureRate:
     def judge(self, consecutive_failures: int, now: float, failed: bool, slow: bool) -> bool:
         """Add the outcome to the window; whether the breaker opens after it."""
         del consecutive_failures
+        self.window.add(now, failed, slow)  # expires what ``now`` leaves out, too
+        return self.tripped()
+
+    def tripped(self) -> bool:
+        """Whether the window, as it stands, opens the breaker."""
         window = self.window
-        window.add(now, failed, slow)
-        window.expire(now)
+        # Thresholds are in (0, 1]: a window with no failure and no slow call never trips,
+        # which settles most successes without a division.
+        failures = window.failures
+        slow = window.slow
+        if not (failures or slow):
+            return False
         calls = window.calls
-        return calls >= self.minimum and (
-            (self.failure_rate is not None and window.failures / calls >= self.failure_rate)
-            or (self.slow_rate is not None and window.slow / calls >= self.slow_rate)
-        )
+        if calls < self.minimum:
+            return False
+        failure_rate = self.failure_rate
+        if failure_rate is not None and failures / calls >= failure_rate:
+            return True
+        slow_rate = self.slow_rate
+        return slow_rate is not None and slow / calls >= slow_rate
 
 
 class StateMachine:
@@ -82,7 +96,6 @@ class StateMachine:
 
     __slots__ = (
         "_config",
-        "_trip_mode",
         "consecutive_failures",
         "consecutive_trips",
         "epoch",
@@ -96,6 +109,7 @@ class StateMachine:
         "probes",
         "probes_waiting",
         "state",
+        "trip_mode",
         "trips",
         "window",
     )
@@ -108,7 +122,7 @@ class StateMachine:
         elif config.window_duration is not None:
             window = TimeWindow(config.window_duration)
         self.window = window
-        self._trip_mode: ConsecutiveFailures | FailureRate = (
+        self.trip_mode: ConsecutiveFailures | FailureRate = (
             ConsecutiveFailures(config.failure_threshold)
             if window is None
             else FailureRate(window, config)
@@ -230,13 +244,27 @@ class StateMachine:
         self.consecutive_failures += 1
         return self.consecutive_failures >= self._config.failure_threshold
 
+    def judged_fast(self, epoch: int, now: float, failed: bool) -> bool:
+        """A call admitted on a window mode's closed fast path succeeded or failed: count it as
+        :meth:`succeeded` and :meth:`failed` count a closed call (no slow-call rule: the fast
+        path never runs with one); whether the breaker must now trip (the facade then calls
+        :meth:`trip`, so that a count window reads the clock only in that case: ``now`` is
+        only the time window's)."""
+        if epoch != self.epoch:
+            return False
+        if failed:
+            self.consecutive_failures += 1
+        else:
+            self.consecutive_failures = 0
+        return self.trip_mode.judge(self.consecutive_failures, now, failed, False)
+
     def released(self, epoch: int, probe: bool, probe_start: float | None) -> None:
         """A call admitted in ``epoch`` counted nothing (cancelled, ignored, never made)."""
         if probe and epoch == self.epoch:
             self._remove_probe(probe_start)
 
     def _judge(self, now: float, failed: bool, slow: bool) -> None:
-        if self._trip_mode.judge(self.consecutive_failures, now, failed, slow):
+        if self.trip_mode.judge(self.consecutive_failures, now, failed, slow):
             self.trip(now)
 
     def _remove_probe(self, start: float | None) -> None:
