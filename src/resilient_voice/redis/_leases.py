@@ -7,6 +7,13 @@ become :class:`~resilient_voice.limiter.StoreUnavailableError`, which the lease 
 registers a refused front waiter with the backend's listener, a background task (run while the
 backend is entered) holding one subscription to the channels of every lease set declared; every
 release publishes on its set's channel.
+
+Waiters are served in the fleet's order (:meth:`LeaseFleet.lease_queue`): a refused acquire that
+will wait gets a ticket in the set's queue of waiters. The backend remembers the tickets it
+handed out and not yet saw granted or left, and another background task refreshes their
+liveness every :data:`~._lease_script.TICKET_REFRESH_S` seconds, one call per set that has any;
+a process that stops refreshing (crashed, or its backend closed) loses its places after
+:data:`~._lease_script.TICKET_EXPIRY_S` seconds.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
+from resilient_voice.leases._core import rank_key
 from resilient_voice.leases._store import Grant, LeaseView, Stored
 from resilient_voice.limiter import StoreUnavailableError
-from resilient_voice.redis._lease_script import LEASES
+from resilient_voice.redis._lease_script import LEASES, TICKET_REFRESH_S
 from resilient_voice.redis._scripts import BEAT_S
 
 __all__ = ["LeaseFleet", "LeaseListener", "LeaseSet"]
@@ -45,6 +53,7 @@ class LeaseSet:
         "live",
         "stamp",
         "tag",
+        "tickets",
         "view",
     )
 
@@ -52,12 +61,15 @@ class LeaseSet:
         self.tag = tag
         self.channel = f"{tag}:w"
         self.config = config
-        self.keys = [f"{tag}:{suffix}" for suffix in ("z", "l", "c", "ez", "eg", "s", "hb")]
+        suffixes = ("z", "l", "c", "ez", "eg", "s", "hb", "q", "qd")
+        self.keys = [f"{tag}:{suffix}" for suffix in suffixes]
         self.view = LeaseView(0, capacity, None, None)
         self.answered_at = time.monotonic()
         self.stamp = 0.0  # Redis' time of the answer ``view`` comes from
         self.live = 1
         self.beat = -math.inf
+        # The tickets of this process's waiters, refreshed until granted or left.
+        self.tickets: set[str] = set()
 
 
 def _text(value: Any) -> str:
@@ -160,6 +172,43 @@ class LeaseFleet:
         lease_id = uuid.uuid4().hex
         view, result = await self._lease(name, "a", [lease_id, str(extra)])
         return (Grant(lease_id, int(result[0])) if result else None), view
+
+    async def lease_queue(
+        self, name: str, priority: int, ticket: str | None, wait: bool, extra: int = 0
+    ) -> tuple[Grant | None, str | None, LeaseView]:
+        lease_id = uuid.uuid4().hex
+        args = [lease_id, str(extra), rank_key(priority), ticket or "", "1" if wait else ""]
+        # A ticket stays remembered (and refreshed) until an answer says it was granted, or
+        # the waiter leaves; one handed out in an answer that never arrived lapses unrefreshed.
+        tickets = self._lease_sets[name].tickets
+        view, result = await self._lease(name, "q", args)
+        if result[0]:
+            if ticket is not None:
+                tickets.discard(ticket)
+            return Grant(lease_id, int(result[0])), None, view
+        held = result[1] or None
+        if held is not None:
+            tickets.add(held)
+        return None, held, view
+
+    async def lease_leave(self, name: str, ticket: str) -> None:
+        # Forgotten first: a ticket left while Redis is unreachable is no longer refreshed, so
+        # it lapses on its own.
+        self._lease_sets[name].tickets.discard(ticket)
+        await self._lease(name, "x", [ticket])
+
+    async def _lease_keeper(self) -> None:
+        """The backend's task: refresh the liveness of this process's tickets, set by set."""
+        while True:
+            await anyio.sleep(TICKET_REFRESH_S)
+            for name, lease_set in list(self._lease_sets.items()):
+                if not lease_set.tickets:
+                    continue
+                try:
+                    await self._lease(name, "k", sorted(lease_set.tickets))
+                except (StoreUnavailableError, ValueError) as exc:
+                    # The waiters' own asks put their tickets back at their places.
+                    _log.debug("lease tickets of %r not refreshed: %s", name, exc)
 
     async def lease_bind(self, name: str, lease_id: str, call_id: str) -> tuple[bool, LeaseView]:
         view, result = await self._lease(name, "b", [lease_id, call_id])
