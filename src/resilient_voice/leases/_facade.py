@@ -250,8 +250,9 @@ class CallLeases:
             if deadline < now:
                 raise self._refuse("its deadline had already passed", self._store_view())
         ticket = None
-        if self._remote:
-            # The fleet's queue is the store's: ask it (one round trip), whoever waits here.
+        if self._remote and not self._queue.unticketed:
+            # The fleet's queue is the store's: ask it (one round trip), whoever waits here
+            # (unless some waiter here has no place in it yet: the store was unreachable).
             wait = deadline is None or deadline > now
             grant, ticket, view = await self._ask(priority, None, wait)
             if grant is not None:
@@ -496,15 +497,12 @@ class CallLeases:
         self._absorb(answer[2])
         return answer
 
-    async def _ask_front(self, waiter: Waiter) -> tuple[Grant | None, LeaseView]:
+    async def _ask_front(self, waiter: Waiter) -> tuple[Grant | None, str | None, LeaseView]:
+        """The front's ask: its ticket after the answer (None once spent, or if it has none)."""
         if not self._remote:
-            return await self._ask_here()
-        grant, ticket, view = await self._ask(waiter.priority, waiter.ticket, True)
-        if grant is None:
-            self._queue.ticketed(waiter, ticket)
-        else:
-            waiter.ticket = ticket  # None: spent (a fallback's local grant leaves it held)
-        return grant, view
+            grant, view = await self._ask_here()
+            return grant, None, view
+        return await self._ask(waiter.priority, waiter.ticket, True)
 
     async def _wait(
         self, deadline: float | None, priority: int, arrived: float, ticket: str | None
@@ -578,9 +576,13 @@ class CallLeases:
                 # Listening before asking: a release published meanwhile is not missed.
                 watching = True
                 await tasks.start(self._store.lease_watch, self._name, _waker(waiter))
-            grant, view = await self._ask_front(waiter)
-            if grant is not None:
+            grant, ticket, view = await self._ask_front(waiter)
+            if grant is None:
+                queue.ticketed(waiter, ticket)
+            else:
                 queue.drop(waiter, GRANTED)
+                # None: spent; a fallback's local grant leaves it held, to be left.
+                waiter.ticket = ticket
                 self._waiting_changed()
                 queue.wake_front()
                 return self._grant(grant, arrived, view)

@@ -42,14 +42,15 @@ class Waiter:
 
 
 class WaiterQueue:
-    """The live waiters by key; ``waiting`` counts them."""
+    """The live waiters by key; ``waiting`` counts them, ``unticketed`` those without a ticket."""
 
-    __slots__ = ("_arrivals", "_heap", "waiting")
+    __slots__ = ("_arrivals", "_heap", "unticketed", "waiting")
 
     def __init__(self) -> None:
         self._heap: list[tuple[_Key, Waiter]] = []
         self._arrivals = 0
         self.waiting = 0
+        self.unticketed = 0
 
     def _key(self, waiter: Waiter) -> _Key:
         self._arrivals += 1
@@ -63,10 +64,13 @@ class WaiterQueue:
         waiter.key = self._key(waiter)
         heapq.heappush(self._heap, (waiter.key, waiter))
         self.waiting += 1
+        if waiter.ticket is None:
+            self.unticketed += 1
 
     def ticketed(self, waiter: Waiter, ticket: str | None) -> None:
         """``waiter`` now holds ``ticket``: move it to the ticket's place."""
         if ticket != waiter.ticket:
+            self.unticketed += (ticket is None) - (waiter.ticket is None)
             waiter.ticket = ticket
             waiter.key = self._key(waiter)
             heapq.heappush(self._heap, (waiter.key, waiter))
@@ -75,6 +79,8 @@ class WaiterQueue:
         """Take a live ``waiter`` out of the queue, leaving it in ``state``."""
         waiter.state = state
         self.waiting -= 1
+        if waiter.ticket is None:
+            self.unticketed -= 1
         if not self.waiting:
             self._heap.clear()
 
