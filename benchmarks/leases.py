@@ -175,9 +175,9 @@ async def contended_on_redis(url: str, capacity: int, tasks: int, rounds: int) -
     calls: dict[str, int] = {}
 
     class Counting(RedisBackend):
-        async def _lease(self, name: str, op: str, args: list[str]) -> Any:
+        async def _lease_at(self, name: str, op: str, args: list[str]) -> Any:
             calls[op] = calls.get(op, 0) + 1
-            return await super()._lease(name, op, args)
+            return await super()._lease_at(name, op, args)
 
     prefix = f"rvbench-{uuid.uuid4().hex[:8]}"
     grants = 0

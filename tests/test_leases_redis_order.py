@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -224,3 +225,38 @@ async def test_replicas_never_hold_more_than_the_capacity_and_all_are_served(
     assert most == 2
     assert served == 40
     assert await _queued(one) == 0
+
+
+class Counting(RedisBackend):
+    """A backend that counts its lease scripts by operation."""
+
+    calls: dict[str, int]
+
+    async def _lease_at(self, name: str, op: str, args: list[str]) -> Any:
+        self.calls[op] = self.calls.get(op, 0) + 1
+        return await super()._lease_at(name, op, args)
+
+
+async def test_a_waiter_asks_once_before_it_sleeps_and_once_when_woken() -> None:
+    prefix = fresh_prefix()
+    async with (
+        Counting.from_url(REDIS_URL, prefix=prefix, timeout=1.0) as one,
+        RedisBackend.from_url(REDIS_URL, prefix=prefix, timeout=1.0) as two,
+    ):
+        one.calls = {}
+        here = CallLeases("acct", 1, ttl=60.0, store=one)
+        there = CallLeases("acct", 1, ttl=60.0, store=two)
+        held = await there.acquire()
+        await anyio.sleep(0.3)  # both listeners subscribed: no resubscription mid-test
+
+        async def wait() -> None:
+            await here.acquire(timeout=10.0)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(wait)
+            await anyio.sleep(0.3)
+            # Refused as a newcomer (with its ticket); listening since, nothing was released:
+            # no second ask.
+            assert one.calls["q"] == 1  # (a "k" may come too: the tickets' keep-alive)
+            await held.release()
+        assert one.calls["q"] == 2

@@ -30,8 +30,10 @@ are dropped by the next ``q``, ``k`` or ``x``; a dropped or left ticket publishe
 when a slot is free, so that the waiters behind it ask again.
 
 A release publishes on the channel ``...:w`` so that waiting replicas ask again at once (a lost
-message costs at most the waiter's bounded poll). The lease keys expire ``ttl`` plus a minute
-after their last write; ``...:s`` does not expire, so generations keep growing.
+message costs at most the waiter's bounded poll); the message is ``t`` and the server time, so
+that a waiter refused at a later time knows the message is not news to it. The lease keys expire
+``ttl`` plus a minute after their last write; ``...:s`` does not expire, so generations keep
+growing.
 
 Every answer starts with the same header: ``ok``, in use, effective capacity, seconds to the next
 change (a TTL running out or a step of recovery; "" for none), seconds to the first expiry, live
@@ -163,6 +165,9 @@ if op == 'q' then
   end
 elseif op == 'k' then
   for i = 5, #ARGV do redis.call('ZADD', QD, 'XX', now + TICKET_EXPIRY_S, ARGV[i]) end
+  local ms = math.ceil(TICKET_EXPIRY_S * 1000) + IDLE_MS
+  redis.call('PEXPIRE', Q, ms)
+  redis.call('PEXPIRE', QD, ms)
 elseif op == 'x' then
   if unqueue(ARGV[5]) == 1 and redis.call('ZCARD', Q) > 0 and free_slots(0) > 0 then
     freed = true
@@ -288,7 +293,7 @@ elseif op == 's' or op == 'o' then
   end
   result = {tostring(old), tostring(new)}
 end
-if freed or #dead > 0 then redis.call('PUBLISH', chan, '1') end
+if freed or #dead > 0 then redis.call('PUBLISH', chan, 't' .. fmt(now)) end
 local eff = effective()
 local first = redis.call('ZRANGE', Z, 0, 0, 'WITHSCORES')
 local first_expiry = ''

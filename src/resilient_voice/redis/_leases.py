@@ -8,12 +8,7 @@ registers a refused front waiter with the backend's listener, a background task 
 backend is entered) holding one subscription to the channels of every lease set declared; every
 release publishes on its set's channel.
 
-Waiters are served in the fleet's order (:meth:`LeaseFleet.lease_queue`): a refused acquire that
-will wait gets a ticket in the set's queue of waiters. The backend remembers the tickets it
-handed out and not yet saw granted or left, and another background task refreshes their
-liveness every :data:`~._lease_script.TICKET_REFRESH_S` seconds, one call per set that has any;
-a process that stops refreshing (crashed, or its backend closed) loses its places after
-:data:`~._lease_script.TICKET_EXPIRY_S` seconds.
+Waiters are served in the fleet's order: see :mod:`._lease_queue`.
 """
 
 from __future__ import annotations
@@ -28,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
-from resilient_voice.leases._core import rank_key
 from resilient_voice.leases._store import Grant, LeaseView, Stored
 from resilient_voice.limiter import StoreUnavailableError
-from resilient_voice.redis._lease_script import LEASES, TICKET_REFRESH_S
+from resilient_voice.redis._lease_queue import TicketFleet
+from resilient_voice.redis._lease_script import LEASES
 from resilient_voice.redis._scripts import BEAT_S
 
 __all__ = ["LeaseFleet", "LeaseListener", "LeaseSet"]
@@ -49,6 +44,7 @@ class LeaseSet:
         "beat",
         "channel",
         "config",
+        "fresh",
         "keys",
         "live",
         "stamp",
@@ -70,6 +66,9 @@ class LeaseSet:
         self.beat = -math.inf
         # The tickets of this process's waiters, refreshed until granted or left.
         self.tickets: set[str] = set()
+        # Ticket -> (the listener's resubscriptions, the server time) of the refusal that
+        # handed it out: a waiter listening since needs no second ask unless a message since.
+        self.fresh: dict[str, tuple[int, float]] = {}
 
 
 def _text(value: Any) -> str:
@@ -80,7 +79,7 @@ def _seconds(value: str) -> float | None:
     return float(value) if value else None
 
 
-class LeaseFleet:
+class LeaseFleet(TicketFleet):
     """The :class:`~resilient_voice.leases.LeaseStore` half of the Redis backend."""
 
     __slots__ = ()
@@ -135,6 +134,13 @@ class LeaseFleet:
 
     async def _lease(self, name: str, op: str, args: list[str]) -> tuple[LeaseView, list[str]]:
         """One script call on set ``name``: the view of the answer and the operation's results."""
+        view, result, _ = await self._lease_at(name, op, args)
+        return view, result
+
+    async def _lease_at(
+        self, name: str, op: str, args: list[str]
+    ) -> tuple[LeaseView, list[str], float]:
+        """:meth:`_lease`, and the server time of the answer."""
         lease_set = self._lease_sets[name]
         now = time.monotonic()
         beat = now - lease_set.beat >= BEAT_S
@@ -166,49 +172,12 @@ class LeaseFleet:
             lease_set.view = LeaseView(in_use, effective, next_change, first_expiry)
             lease_set.answered_at = time.monotonic()
         view = LeaseView(in_use, effective, next_change, first_expiry, reclaimed)
-        return view, items[_HEADER + 2 * count :]
+        return view, items[_HEADER + 2 * count :], stamp
 
     async def lease_acquire(self, name: str, extra: int = 0) -> tuple[Grant | None, LeaseView]:
         lease_id = uuid.uuid4().hex
         view, result = await self._lease(name, "a", [lease_id, str(extra)])
         return (Grant(lease_id, int(result[0])) if result else None), view
-
-    async def lease_queue(
-        self, name: str, priority: int, ticket: str | None, wait: bool, extra: int = 0
-    ) -> tuple[Grant | None, str | None, LeaseView]:
-        lease_id = uuid.uuid4().hex
-        args = [lease_id, str(extra), rank_key(priority), ticket or "", "1" if wait else ""]
-        # A ticket stays remembered (and refreshed) until an answer says it was granted, or
-        # the waiter leaves; one handed out in an answer that never arrived lapses unrefreshed.
-        tickets = self._lease_sets[name].tickets
-        view, result = await self._lease(name, "q", args)
-        if result[0]:
-            if ticket is not None:
-                tickets.discard(ticket)
-            return Grant(lease_id, int(result[0])), None, view
-        held = result[1] or None
-        if held is not None:
-            tickets.add(held)
-        return None, held, view
-
-    async def lease_leave(self, name: str, ticket: str) -> None:
-        # Forgotten first: a ticket left while Redis is unreachable is no longer refreshed, so
-        # it lapses on its own.
-        self._lease_sets[name].tickets.discard(ticket)
-        await self._lease(name, "x", [ticket])
-
-    async def _lease_keeper(self) -> None:
-        """The backend's task: refresh the liveness of this process's tickets, set by set."""
-        while True:
-            await anyio.sleep(TICKET_REFRESH_S)
-            for name, lease_set in list(self._lease_sets.items()):
-                if not lease_set.tickets:
-                    continue
-                try:
-                    await self._lease(name, "k", sorted(lease_set.tickets))
-                except (StoreUnavailableError, ValueError) as exc:
-                    # The waiters' own asks put their tickets back at their places.
-                    _log.debug("lease tickets of %r not refreshed: %s", name, exc)
 
     async def lease_bind(self, name: str, lease_id: str, call_id: str) -> tuple[bool, LeaseView]:
         view, result = await self._lease(name, "b", [lease_id, call_id])
@@ -328,7 +297,7 @@ class LeaseFleet:
 
                 tasks.start_soon(follow)
                 async for message in pubsub:
-                    state.wake(_text(message["channel"]))
+                    state.wake(_text(message["channel"]), message.get("data"))
 
     async def _listen_redispy(self, state: LeaseListener) -> None:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -343,7 +312,7 @@ class LeaseFleet:
                     state.wake_all()
                 message = await pubsub.get_message(timeout=0.5)
                 if message is not None:
-                    state.wake(_text(message["channel"]))
+                    state.wake(_text(message["channel"]), message.get("data"))
         finally:
             with anyio.CancelScope(shield=True):
                 await pubsub.aclose()
@@ -356,10 +325,14 @@ class LeaseListener:
     channels too (:mod:`._breaker`), so one Pub/Sub connection serves the whole backend.
     """
 
-    __slots__ = ("changed", "declared", "wakers")
+    __slots__ = ("changed", "declared", "heard", "resets", "wakers")
 
     def __init__(self) -> None:
         self.declared: set[str] = set()
+        # Per channel, the latest server time a lease message carried (inf: one without);
+        # and how many times the listener (re)subscribed, when messages may have been lost.
+        self.heard: dict[str, float] = {}
+        self.resets = 0
         self.wakers: dict[str, set[Callable[[], None]]] = {}
         # Built by the listener task (an anyio.Event needs a running loop); None before.
         self.changed: anyio.Event | None = None
@@ -371,11 +344,19 @@ class LeaseListener:
         if self.changed is not None:
             self.changed.set()
 
-    def wake(self, channel: str) -> None:
+    def wake(self, channel: str, data: object = None) -> None:
+        text = _text(data) if data is not None else ""
+        try:
+            stamp = float(text[1:]) if text.startswith("t") else math.inf
+        except ValueError:
+            stamp = math.inf
+        if stamp > self.heard.get(channel, -math.inf):
+            self.heard[channel] = stamp
         for wake in list(self.wakers.get(channel, ())):
             wake()
 
     def wake_all(self) -> None:
+        self.resets += 1
         for wakers in list(self.wakers.values()):
             for wake in list(wakers):
                 wake()
