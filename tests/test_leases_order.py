@@ -8,8 +8,12 @@ waiter that gives up leaves its place) is checked without real time.
 
 from __future__ import annotations
 
+import random
+
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from resilient_voice import CallLeases, CapacityExhaustedError
 from resilient_voice.leases._core import LeaseTable, rank_key
@@ -191,3 +195,39 @@ async def test_a_waiter_queued_while_the_store_was_down_is_not_jumped_by_a_newco
         clock.advance(2.0)
     assert served == ["during the outage", "after it"]
     assert store.inner.table("acct").queued == 0
+
+
+@given(
+    priorities=st.lists(st.integers(-3, 3), min_size=1, max_size=12),
+    capacity=st.integers(1, 3),
+    order=st.randoms(use_true_random=False),
+)
+def test_the_reference_queue_serves_the_best_ticket_whoever_asks_first(
+    priorities: list[int], capacity: int, order: random.Random
+) -> None:
+    table = LeaseTable(capacity, 60.0, 30.0)
+    held = [table.queue(0.0, 0, None, False) for _ in range(capacity)]
+    tickets = []
+    for priority in priorities:
+        record, ticket = table.queue(0.0, priority, None, True)
+        assert record is None
+        assert ticket is not None
+        tickets.append((-priority, len(tickets), ticket))
+    expected = [t for _, _, t in sorted(tickets)]
+    served = []
+    holding = [r for r, _ in held if r is not None]
+    while len(served) < len(expected):
+        table.release(holding.pop(0).id)
+        # Every waiter asks, in any order: only the first in line is granted.
+        waiting = [t for t in expected if t not in served]
+        order.shuffle(waiting)
+        for ticket in waiting:
+            record, left = table.queue(0.0, 0, ticket, True)
+            if record is not None:
+                served.append(ticket)
+                holding.append(record)
+            else:
+                assert left == ticket
+            assert table.in_use <= capacity
+    assert served == expected
+    assert table.queued == 0
