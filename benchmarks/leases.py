@@ -14,6 +14,9 @@ tables:
 4. On Redis (``--redis``, default ``redis://127.0.0.1:6379/0``): one uncontended acquire +
    release (two script round trips) against a bare ``PING`` round trip, and the wake-up latency
    of a waiter in another replica (release to grant, via Pub/Sub), median and worst of 20.
+5. Contended on Redis: two replicas (two backends) with busy tasks cycling through a few
+   slots, served in the fleet's order; script calls on the acquire side (asks and waiters
+   leaving) per grant, and the tickets' keep-alive calls.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -164,6 +168,40 @@ async def on_redis(url: str, calls: int) -> dict[str, float]:
     }
 
 
+async def contended_on_redis(url: str, capacity: int, tasks: int, rounds: int) -> dict[str, float]:
+    """Two replicas, ``tasks`` busy tasks each, ``capacity`` slots: script calls per grant."""
+    from resilient_voice.redis import RedisBackend
+
+    calls: dict[str, int] = {}
+
+    class Counting(RedisBackend):
+        async def _lease_at(self, name: str, op: str, args: list[str]) -> Any:
+            calls[op] = calls.get(op, 0) + 1
+            return await super()._lease_at(name, op, args)
+
+    prefix = f"rvbench-{uuid.uuid4().hex[:8]}"
+    grants = 0
+    async with (
+        Counting.from_url(url, prefix=prefix, timeout=1.0) as one,
+        Counting.from_url(url, prefix=prefix, timeout=1.0) as two,
+    ):
+        sets = [CallLeases("order", capacity, ttl=3600.0, store=b) for b in (one, two)]
+
+        async def task(leases: CallLeases) -> None:
+            nonlocal grants
+            for _ in range(rounds):
+                lease = await leases.acquire(timeout=60.0)
+                grants += 1
+                await anyio.sleep(0.005)
+                await lease.release()
+
+        async with anyio.create_task_group() as group:
+            for i in range(2 * tasks):
+                group.start_soon(task, sets[i % 2])
+    acquire_side = calls.get("q", 0) + calls.get("a", 0) + calls.get("x", 0)
+    return {"per_grant": acquire_side / grants, "keep_alive": calls.get("k", 0)}
+
+
 async def _cycle(leases: CallLeases) -> None:
     lease = await leases.acquire()
     await leases.release(lease)
@@ -202,6 +240,12 @@ def main() -> None:
         print(f"| ratio to 2 PINGs | {figures['cycle'] / (2 * figures['ping']):.2f} |")
         print(f"| wake-up across replicas, median | {figures['wake_median'] * 1000:.1f} ms |")
         print(f"| wake-up across replicas, worst of 20 | {figures['wake_worst'] * 1000:.1f} ms |")
+        print("\n## Contended on Redis (2 replicas, 5 ms holds; acquire-side calls per grant)\n")
+        print("| slots | tasks per replica | calls per grant | keep-alive calls |")
+        print("|---:|---:|---:|---:|")
+        for capacity, tasks in ((1, 1), (1, 5), (4, 10)):
+            got = anyio.run(contended_on_redis, args.redis, capacity, tasks, 10)
+            print(f"| {capacity} | {tasks} | {got['per_grant']:.2f} | {got['keep_alive']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,18 @@ class FlakyStore:
         self._check()
         return await self.inner.lease_acquire(name, extra)
 
+    async def lease_queue(
+        self, name: str, priority: int, ticket: str | None, wait: bool, extra: int = 0
+    ) -> tuple[Grant | None, str | None, LeaseView]:
+        self._check()
+        return await self.inner.lease_queue(name, priority, ticket, wait, extra)
+
+    async def lease_leave(self, name: str, ticket: str) -> None:
+        self._check()
+        await self.inner.lease_leave(name, ticket)
+        for wake in list(self.wakers):
+            wake()
+
     async def lease_bind(self, name: str, lease_id: str, call_id: str) -> tuple[bool, LeaseView]:
         self._check()
         return await self.inner.lease_bind(name, lease_id, call_id)

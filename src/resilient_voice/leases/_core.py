@@ -25,14 +25,30 @@ is bound, released or reclaimed; that happens within ``ttl`` anyway (they are re
 and what it records goes when that create's lease is bound. Receive times are kept as expiries
 (``r + ttl``) and compared as such, ``until < acquired_at + ttl`` meaning "acquired after
 ``r``", exactly as the Redis script compares them.
+
+The table also keeps the reference form of a shared store's queue of waiters (:meth:`queue`,
+:meth:`leave`): tickets named so that sorting the names is the order of service, higher priority
+first, then a sequence. In memory they never lapse: they live and die with the process.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import uuid
 
-__all__ = ["LeaseRecord", "LeaseTable"]
+__all__ = ["LeaseRecord", "LeaseTable", "rank_key"]
+
+_RANK_TOP = 2**63 - 1
+
+
+def rank_key(priority: int) -> str:
+    """The priority as 16 hex digits that sort higher priorities first (clamped to 64 bits).
+
+    A ticket is this key followed by 16 decimal digits of a sequence; a remote store compares
+    names only (Redis' Lua has no 64-bit integers).
+    """
+    return format(_RANK_TOP - max(-_RANK_TOP - 1, min(_RANK_TOP, priority)), "016x")
 
 
 class LeaseRecord:
@@ -64,6 +80,8 @@ class LeaseTable:
         "_early",
         "_generation",
         "_held",
+        "_queue",
+        "_sequence",
         "_since",
         "_token",
         "capacity",
@@ -85,6 +103,8 @@ class LeaseTable:
         self._token = uuid.uuid4().hex[:12] + "-"
         self._base = capacity
         self._since = -math.inf
+        self._queue: list[str] = []  # tickets, sorted: the order of service
+        self._sequence = 0
 
     @property
     def in_use(self) -> int:
@@ -319,6 +339,57 @@ class LeaseTable:
             if oldest is not None and until >= oldest.acquired_at + ttl:
                 break
             del early[call_id]
+
+    def queue(
+        self,
+        now: float,
+        priority: int,
+        ticket: str | None,
+        wait: bool,
+        lease_id: str | None = None,
+        *,
+        extra: int = 0,
+    ) -> tuple[LeaseRecord | None, str | None]:
+        """An acquire in the order of waiters (call :meth:`expire` first).
+
+        With ``ticket``, granted while fewer tickets rank ahead of it than slots are free (a
+        ticket unknown here is put back at its place); without, while more slots are free
+        than tickets outrank ``priority``. A refused acquire that will ``wait`` gets a ticket.
+
+        Returns:
+            ``(lease, ticket)``: the lease granted (the ticket is then spent), or ``None`` and
+            the ticket the waiter holds.
+        """
+        tickets = self._queue
+        if ticket is not None:
+            ahead = bisect.bisect_left(tickets, ticket)
+            if ahead == len(tickets) or tickets[ahead] != ticket:
+                tickets.insert(ahead, ticket)
+        else:
+            ahead = bisect.bisect_left(tickets, rank_key(priority) + "~")
+        if ahead < self.effective(now) - len(self._held) - extra:
+            if ticket is not None:
+                self.leave(ticket)
+            return self.try_acquire(now, lease_id, extra=extra), None
+        if ticket is None and wait:
+            self._sequence += 1
+            ticket = f"{rank_key(priority)}{self._sequence:016d}"
+            bisect.insort(tickets, ticket)
+        return None, ticket
+
+    def leave(self, ticket: str) -> bool:
+        """Give up ``ticket``'s place; whether it held one."""
+        tickets = self._queue
+        at = bisect.bisect_left(tickets, ticket)
+        if at < len(tickets) and tickets[at] == ticket:
+            del tickets[at]
+            return True
+        return False
+
+    @property
+    def queued(self) -> int:
+        """Tickets in the queue of waiters."""
+        return len(self._queue)
 
     def _drop(self, record: LeaseRecord) -> None:
         del self._held[record.id]

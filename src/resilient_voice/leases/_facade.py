@@ -2,16 +2,26 @@
 
 The facade only awaits, times and reports. The rules (capacity, generations, bindings, early
 releases, TTL, reconciliation, capacity learning) are :class:`~._core.LeaseTable`'s, applied by a
-:class:`~._store.LeaseStore`; the order of waiters is the limiter's wait queue
-(:mod:`resilient_voice.limiter._queue`), reused as it is.
+:class:`~._store.LeaseStore`; the order of this process's waiters is :mod:`._queue`'s.
 
-How waiting works: a caller who finds nobody queued asks the store at once. Otherwise it queues,
-and only the front of the queue asks the store; a refused front sleeps until something may have
-freed a slot: a release or reconciliation in this process (it is woken), a message from a shared
-store (another replica released), or the time the store named (the oldest lease's TTL, a step of
-capacity recovery), bounded by a poll interval for a remote store. A front that gets a lease
-wakes the next one. Nothing is ever handed to a waiter, so a waiter cancelled at any point
-(even right after a release woke it) holds nothing: it leaves and wakes the next.
+How waiting works in memory: a caller who finds nobody queued asks the store at once. Otherwise
+it queues, and only the front of the queue asks the store; a refused front sleeps until
+something may have freed a slot: a release or reconciliation in this process (it is woken), or
+the time the store named (the oldest lease's TTL, a step of capacity recovery). A front that
+gets a lease wakes the next one.
+
+On a shared store the order is fleet-wide. Every caller asks the store at once (one round trip,
+as without waiters), as a newcomer: the store grants only if more slots are free than waiters of
+the whole fleet outrank it, and otherwise hands a caller that will wait a ticket, its place in
+the fleet's queue, in the same step. Every waiter holds a ticket, and this process queues its
+waiters in the order of their tickets, so again only the front asks (with its ticket: granted
+when fewer tickets rank ahead of it than slots are free); it also sleeps until woken by a
+message from the store (a release, a waiter ahead that left), bounded by a poll interval. A
+waiter that gives up (cancelled, past its deadline) leaves its place, shielded; the store lets a
+ticket lapse whose process stopped refreshing it (a crash).
+
+Nothing is ever handed to a waiter, so a waiter cancelled at any point (even right after a
+release woke it) holds nothing: it leaves and wakes the next.
 
 Over 400 lines: close to half of it is the public API's documentation (what each operation
 promises about idempotence, generations, early releases and ``as_of``); the rest is one
@@ -43,9 +53,9 @@ from resilient_voice.events import (
     dispatch,
 )
 from resilient_voice.leases._fallback import FallbackLeaseStore
+from resilient_voice.leases._queue import GONE, GRANTED, WAITING, Waiter, WaiterQueue
 from resilient_voice.leases._records import Lease, LeaseStatistics, check_call_id, check_lease
 from resilient_voice.leases._store import Grant, InMemoryLeaseStore, LeaseStore, LeaseView
-from resilient_voice.limiter._queue import GONE, GRANTED, WAITING, Waiter, WaitQueue
 
 __all__ = ["CallLeases", "OnBackendError"]
 
@@ -77,9 +87,8 @@ class CallLeases:
         await leases.bind(lease, call.sid)
 
     Waiting callers are served by priority (higher first), first come first served within a
-    priority, in this process; with a shared store, processes compete for freed slots with no
-    order between them (each process's front waiter asks when woken), so FIFO holds within a
-    process only.
+    priority; with a shared store, across every process sharing the set (the order of arrival
+    at the store). A cancelled waiter never holds a slot, and leaves its place to the next.
 
     Args:
         name: The set's name, bounded (it labels metrics and keys a shared store).
@@ -172,7 +181,7 @@ class CallLeases:
         store.declare_leases(name, self._capacity, self._ttl, self._recovery)
         self._store: LeaseStore = store
         self._poll = REMOTE_POLL if self._remote else math.inf
-        self._queue = WaitQueue()
+        self._queue = WaiterQueue()
         self._effective = self._capacity
         self._acquired = 0
         self._refused = 0
@@ -240,15 +249,25 @@ class CallLeases:
             deadline = self._deadline(timeout, deadline, now)
             if deadline < now:
                 raise self._refuse("its deadline had already passed", self._store_view())
-        if not self._queue.waiting:
-            grant, view = await self._ask()
+        ticket = None
+        if self._remote and not self._queue.unticketed:
+            # The fleet's queue is the store's: ask it (one round trip), whoever waits here
+            # (unless some waiter here has no place in it yet: the store was unreachable).
+            wait = deadline is None or deadline > now
+            grant, ticket, view = await self._ask(priority, None, wait)
+            if grant is not None:
+                return self._grant(grant, now, view)
+            if not wait:
+                raise self._refuse("no slot is free for it", view)
+        elif not self._queue.waiting:
+            grant, view = await self._ask_here()
             if grant is not None:
                 return self._grant(grant, now, view)
             if deadline is not None and deadline <= now:
                 raise self._refuse("no slot is free", view)
         elif deadline is not None and deadline <= now:
             raise self._refuse("callers are queued ahead", self._store_view())
-        return await self._wait(deadline, priority, now)
+        return await self._wait(deadline, priority, now, ticket)
 
     async def bind(self, lease: Lease, call_id: str) -> Lease:
         """Bind ``lease`` to the provider's ``call_id``; return the bound lease.
@@ -463,19 +482,33 @@ class CallLeases:
         self._absorb(view)
         return view
 
-    async def _ask(self) -> tuple[Grant | None, LeaseView]:
-        if self._remote:
-            # Shielded: a lease the store granted must reach the caller it was made for.
-            with anyio.CancelScope(shield=True):
-                answer = await self._store.lease_acquire(self._name)
-        else:
-            answer = await self._store.lease_acquire(self._name)
+    async def _ask_here(self) -> tuple[Grant | None, LeaseView]:
+        answer = await self._store.lease_acquire(self._name)
         self._absorb(answer[1])
         return answer
 
-    async def _wait(self, deadline: float | None, priority: int, arrived: float) -> Lease:
+    async def _ask(
+        self, priority: int, ticket: str | None, wait: bool
+    ) -> tuple[Grant | None, str | None, LeaseView]:
+        # Shielded: a lease the store granted, or a ticket it handed out, must reach the
+        # caller it was made for.
+        with anyio.CancelScope(shield=True):
+            answer = await self._store.lease_queue(self._name, priority, ticket, wait)
+        self._absorb(answer[2])
+        return answer
+
+    async def _ask_front(self, waiter: Waiter) -> tuple[Grant | None, str | None, LeaseView]:
+        """The front's ask: its ticket after the answer (None once spent, or if it has none)."""
+        if not self._remote:
+            grant, view = await self._ask_here()
+            return grant, None, view
+        return await self._ask(waiter.priority, waiter.ticket, True)
+
+    async def _wait(
+        self, deadline: float | None, priority: int, arrived: float, ticket: str | None
+    ) -> Lease:
         queue = self._queue
-        waiter = Waiter(1.0, 0.0, priority, deadline)
+        waiter = Waiter(priority, ticket)
         queue.insert(waiter)
         self._waiting_changed()
         lease: Lease | None = None
@@ -486,19 +519,34 @@ class CallLeases:
                 with self._clock.deadline_scope(deadline):
                     lease = await self._serve(waiter, arrived)
         except BaseException:
-            self._leave(waiter)
+            # Its place in the store first, so the next waiter here is not refused for it.
+            try:
+                await self._leave_place(waiter)
+            finally:
+                self._leave(waiter)
             raise
+        try:
+            await self._leave_place(waiter)
+        finally:
+            if lease is None:
+                self._leave(waiter)
         if lease is None:
-            self._leave(waiter)
             raise self._refuse("no slot freed by its deadline", self._store_view())
         return lease
+
+    async def _leave_place(self, waiter: Waiter) -> None:
+        """Give the waiter's ticket back, if it still holds one (shielded: expiry is slower)."""
+        ticket, waiter.ticket = waiter.ticket, None
+        if ticket is not None:
+            with anyio.CancelScope(shield=True):
+                await self._store.lease_leave(self._name, ticket)
 
     async def _serve(self, waiter: Waiter, arrived: float) -> Lease | None:
         """Ask the store whenever at the front; sleep until woken or something may free.
 
-        With a remote store, a front waiter refused once subscribes to the store's wake-ups
-        (other replicas' releases) for as long as it waits, and asks again right after
-        subscribing, so that a release made meanwhile is not missed.
+        With a remote store, the front waiter subscribes to the store's wake-ups (other
+        replicas' releases, waiters ahead leaving) before it first asks, and for as long as it
+        waits, so that a release made meanwhile is not missed.
         """
         if not self._remote:
             return await self._serve_loop(waiter, arrived, None)
@@ -524,16 +572,20 @@ class CallLeases:
                 # next waiter) rather than take a lease the caller no longer wants.
                 await anyio.lowlevel.checkpoint_if_cancelled()
                 continue
-            grant, view = await self._ask()
-            if grant is not None:
+            if not watching and tasks is not None:
+                # Listening before asking: a release published meanwhile is not missed.
+                watching = True
+                await tasks.start(self._store.lease_watch, self._name, _waker(waiter))
+            grant, ticket, view = await self._ask_front(waiter)
+            if grant is None:
+                queue.ticketed(waiter, ticket)
+            else:
                 queue.drop(waiter, GRANTED)
+                # None: spent; a fallback's local grant leaves it held, to be left.
+                waiter.ticket = ticket
                 self._waiting_changed()
                 queue.wake_front()
                 return self._grant(grant, arrived, view)
-            if not watching and tasks is not None:
-                watching = True
-                await tasks.start(self._store.lease_watch, self._name, _waker(waiter))
-                continue
             pause = self._poll if view.next_change is None else min(view.next_change, self._poll)
             if math.isinf(pause):
                 await waiter.event.wait()

@@ -28,6 +28,7 @@ one of its leases is unbound, so that a local lease whose webhook beats its bind
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections import deque
@@ -170,6 +171,10 @@ class FallbackLeaseStore:
         answer = await self._remote(name, lambda: self._store.lease_acquire(name, held_here))
         if answer is not None:
             return answer
+        return await self._acquire_here(name)
+
+    async def _acquire_here(self, name: str) -> tuple[Grant | None, LeaseView]:
+        """An acquire answered by the mode while the store is unavailable."""
         if self._mode == "allow":
             self._allowed += 1
             return Grant(f"{ALLOW}{uuid.uuid4().hex}", self._allowed), self._local_view(name)
@@ -178,6 +183,25 @@ class FallbackLeaseStore:
             wait = max(0.0, self._watch.next_probe - self._now())
             return None, LeaseView(view.in_use, view.effective, wait, None)
         return await self._local.lease_acquire(name)
+
+    async def lease_queue(
+        self, name: str, priority: int, ticket: str | None, wait: bool, extra: int = 0
+    ) -> tuple[Grant | None, str | None, LeaseView]:
+        held_here = self._local.table(name).in_use + extra
+        answer = await self._remote(
+            name, lambda: self._store.lease_queue(name, priority, ticket, wait, held_here)
+        )
+        if answer is not None:
+            return answer
+        # Answered here: the local queue keeps this process's order; a ticket stays held
+        # (the caller leaves it), and the store's queue takes the waiter back when it answers.
+        grant, view = await self._acquire_here(name)
+        return grant, ticket, view
+
+    async def lease_leave(self, name: str, ticket: str) -> None:
+        # Tried even while the store is down: the store then forgets the ticket, which lapses.
+        with contextlib.suppress(StoreUnavailableError):
+            await self._store.lease_leave(name, ticket)
 
     async def lease_bind(self, name: str, lease_id: str, call_id: str) -> tuple[bool, LeaseView]:
         if lease_id.startswith(LOCAL):

@@ -1,12 +1,19 @@
 """The store seam of :class:`~resilient_voice.CallLeases`: where the leases of a set live.
 
-A store arbitrates the slots of lease sets by name; each :class:`~resilient_voice.CallLeases`
-keeps its own FIFO / priority / deadline queue of local waiters and asks the store only from
-the front of it. Every method is atomic per name (a remote store runs each as one script), and
-answers with a :class:`LeaseView`: the counts as of that answer and, relative to the store's
-now, when a refused acquire could succeed by itself (a lease's TTL running out, a step of
-capacity recovery). Times cross the seam as ages and delays in seconds, never as absolute
-readings of the store's clock, so a remote store's clock never has to agree with the caller's.
+A store arbitrates the slots of lease sets by name. A :class:`~resilient_voice.CallLeases` on
+its own in-memory store orders its waiters itself and asks with
+:meth:`LeaseStore.lease_acquire`. On a shared store the order is the fleet's: every caller asks
+with :meth:`LeaseStore.lease_queue`, which grants only in the order of the store's queue of
+waiters (higher priority first, then first come first served) and gives a refused caller that
+will wait a ticket, its place in that queue; each process keeps its waiters in the order of
+their tickets and asks only from the front of them, and a waiter that gives up leaves its place
+(:meth:`LeaseStore.lease_leave`).
+
+Every method is atomic per name (a remote store runs each as one script), and answers with a
+:class:`LeaseView`: the counts as of that answer and, relative to the store's now, when a refused
+acquire could succeed by itself (a lease's TTL running out, a step of capacity recovery). Times
+cross the seam as ages and delays in seconds, never as absolute readings of the store's clock,
+so a remote store's clock never has to agree with the caller's.
 
 :class:`InMemoryLeaseStore` is the default and the reference: it runs
 :class:`~._core.LeaseTable` on the caller's clock. ``RedisBackend`` implements the same methods
@@ -88,6 +95,32 @@ class LeaseStore(Protocol):
     async def lease_acquire(self, name: str, extra: int = 0) -> tuple[Grant | None, LeaseView]:
         """A new lease if fewer than the effective capacity are held (``extra`` more count as
         held: leases this process granted locally while the store was unavailable)."""
+        ...
+
+    async def lease_queue(
+        self, name: str, priority: int, ticket: str | None, wait: bool, extra: int = 0
+    ) -> tuple[Grant | None, str | None, LeaseView]:
+        """An acquire in the order of the set's waiters, fleet-wide.
+
+        With ``ticket`` (a place in the queue this store handed out), granted while fewer live
+        tickets rank ahead of it than slots are free; the ticket is then spent. Without one, as
+        a newcomer at ``priority``: granted while more slots are free than live tickets outrank
+        it, so that nobody jumps the queue; refused, it gets a ticket in the same atomic step
+        when it will ``wait``. ``extra`` is as for :meth:`lease_acquire`.
+
+        Returns:
+            ``(grant, ticket, view)``: the ticket the caller holds after this answer (``None``
+            once granted, or when it has none).
+        """
+        ...
+
+    async def lease_leave(self, name: str, ticket: str) -> None:
+        """Give up the place ``ticket`` holds (a waiter cancelled or past its deadline).
+
+        The waiters behind move up; a store wakes them (:meth:`lease_watch`) when a slot is
+        free. Idempotent; a remote store also lets a ticket lapse that its process stopped
+        refreshing.
+        """
         ...
 
     async def lease_bind(self, name: str, lease_id: str, call_id: str) -> tuple[bool, LeaseView]:
@@ -199,6 +232,18 @@ class InMemoryLeaseStore:
         record = table.try_acquire(now, lease_id, extra=extra)
         grant = None if record is None else Grant(record.id, record.generation)
         return grant, self._view(table, now, reclaimed)
+
+    async def lease_queue(
+        self, name: str, priority: int, ticket: str | None, wait: bool, extra: int = 0
+    ) -> tuple[Grant | None, str | None, LeaseView]:
+        table, now, reclaimed = self._at(name)
+        lease_id = f"{self._id_prefix}{uuid.uuid4().hex}" if self._id_prefix else None
+        record, held = table.queue(now, priority, ticket, wait, lease_id, extra=extra)
+        grant = None if record is None else Grant(record.id, record.generation)
+        return grant, held, self._view(table, now, reclaimed)
+
+    async def lease_leave(self, name: str, ticket: str) -> None:
+        self._tables[name].leave(ticket)
 
     async def lease_bind(self, name: str, lease_id: str, call_id: str) -> tuple[bool, LeaseView]:
         table, now, reclaimed = self._at(name)

@@ -177,6 +177,8 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         tasks.start_soon(self._fleet_loop)
         # Call leases' wake-ups: one subscription for every lease set of this backend.
         tasks.start_soon(self._lease_listener)
+        # Call leases' tickets: their liveness, refreshed while this process waits.
+        tasks.start_soon(self._lease_keeper)
         self._fleet_tasks = tasks
         return self
 

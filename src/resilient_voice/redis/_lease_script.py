@@ -17,10 +17,23 @@ Keys of set ``name``, all under the hash tag ``{<prefix>:leases:<name>}`` and al
     ...:s    HASH g (the generation counter), b and t (the learned capacity and when it was
              set), cfg (capacity/ttl/recovery, to refuse replicas configured differently)
     ...:hb   ZSET replica -> heartbeat (what ``on_backend_error="local"`` divides by)
+    ...:q    ZSET of waiters' tickets, all scored 0 so that they sort by name: a ticket is
+             16 hex digits of the priority (higher first) then 16 decimal digits of a sequence
+             (``HINCRBY ...:s q``): the fleet's order of waiters
+    ...:qd   ZSET ticket -> liveness deadline (server seconds, refreshed by its process)
+
+An acquire (op ``q``) is granted in the fleet's order of waiters: with a ticket, only while
+fewer live tickets rank ahead of it than slots are free; without one, only while more slots are
+free than live tickets outrank it (a newcomer never jumps the queue). A refused acquire that will
+wait gets its ticket in the same step. Tickets past their liveness deadline (a crashed process)
+are dropped by the next ``q``, ``k`` or ``x``; a dropped or left ticket publishes on the channel
+when a slot is free, so that the waiters behind it ask again.
 
 A release publishes on the channel ``...:w`` so that waiting replicas ask again at once (a lost
-message costs at most the waiter's bounded poll). The lease keys expire ``ttl`` plus a minute
-after their last write; ``...:s`` does not expire, so generations keep growing.
+message costs at most the waiter's bounded poll); the message is ``t`` and the server time, so
+that a waiter refused at a later time knows the message is not news to it. The lease keys expire
+``ttl`` plus a minute after their last write; ``...:s`` does not expire, so generations keep
+growing.
 
 Every answer starts with the same header: ``ok``, in use, effective capacity, seconds to the next
 change (a TTL running out or a step of recovery; "" for none), seconds to the first expiry, live
@@ -39,15 +52,25 @@ from __future__ import annotations
 
 from resilient_voice.redis._scripts import HEARTBEAT_S
 
-__all__ = ["LEASES", "LEASE_IDLE_MS"]
+__all__ = ["LEASES", "LEASE_IDLE_MS", "TICKET_EXPIRY_S", "TICKET_REFRESH_S"]
+
+TICKET_REFRESH_S = 1.0
+"""How often a backend refreshes the liveness of its waiters' tickets (one call per set)."""
+
+TICKET_EXPIRY_S = 3.0
+"""How long a ticket stays live without a refresh: three refresh periods, so a slow answer or
+two does not drop a live waiter, while a crashed process blocks the queue for at most this
+long (its waiters' places are then given to those behind them)."""
 
 LEASE_IDLE_MS = 60_000
 """How long the keys of a lease set outlive their ``ttl`` after the last write."""
 
-LEASES = """
+LEASES = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local Z, L, C, EZ, EG, S, HB = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local Q, QD = KEYS[8], KEYS[9]
 local op, cfg, replica, chan = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local stored = redis.call('HGET', S, 'cfg')
 if stored and stored ~= cfg then return {'conflict', stored} end
@@ -124,7 +147,58 @@ local function touch()
 end
 local freed = false
 local result = {}
-if op == 'a' then
+local function free_slots(extra)
+  return effective() - redis.call('ZCARD', Z) - extra
+end
+local function unqueue(ticket)
+  redis.call('ZREM', QD, ticket)
+  return redis.call('ZREM', Q, ticket)
+end
+if op == 'q' or op == 'k' or op == 'x' then
+  local lapsed = redis.call('ZRANGEBYSCORE', QD, '-inf', now)
+  for _, ticket in ipairs(lapsed) do unqueue(ticket) end
+  if #lapsed > 0 and redis.call('ZCARD', Q) > 0 and free_slots(0) > 0 then freed = true end
+end
+if op == 'q' then
+  local id, extra, rank, ticket, wait = ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
+  local ahead
+  if ticket ~= '' then
+    -- A ticket dropped meanwhile (a stalled process) comes back at its place.
+    redis.call('ZADD', Q, 'NX', 0, ticket)
+    ahead = redis.call('ZRANK', Q, ticket)
+  else
+    ahead = redis.call('ZLEXCOUNT', Q, '-', '(' .. rank .. '~')
+  end
+  if ahead < free_slots(extra) then
+    if ticket ~= '' then unqueue(ticket) end
+    local g = redis.call('HINCRBY', S, 'g', 1)
+    redis.call('ZADD', Z, now + ttl, id)
+    redis.call('HSET', L, id, g .. '|' .. fmt(now) .. '|||')
+    touch()
+    result = {tostring(g)}
+  else
+    if ticket == '' and wait == '1' then
+      ticket = rank .. string.format('%016d', redis.call('HINCRBY', S, 'q', 1))
+      redis.call('ZADD', Q, 0, ticket)
+    end
+    if ticket ~= '' then
+      redis.call('ZADD', QD, now + TICKET_EXPIRY_S, ticket)
+      local ms = math.ceil(TICKET_EXPIRY_S * 1000) + IDLE_MS
+      redis.call('PEXPIRE', Q, ms)
+      redis.call('PEXPIRE', QD, ms)
+    end
+    result = {'', ticket}
+  end
+elseif op == 'k' then
+  for i = 5, #ARGV do redis.call('ZADD', QD, 'XX', now + TICKET_EXPIRY_S, ARGV[i]) end
+  local ms = math.ceil(TICKET_EXPIRY_S * 1000) + IDLE_MS
+  redis.call('PEXPIRE', Q, ms)
+  redis.call('PEXPIRE', QD, ms)
+elseif op == 'x' then
+  if unqueue(ARGV[5]) == 1 and redis.call('ZCARD', Q) > 0 and free_slots(0) > 0 then
+    freed = true
+  end
+elseif op == 'a' then
   local extra = tonumber(ARGV[6])
   if redis.call('ZCARD', Z) + extra < effective() then
     local g = redis.call('HINCRBY', S, 'g', 1)
@@ -250,7 +324,7 @@ elseif op == 's' or op == 'o' then
   end
   result = {tostring(old), tostring(new)}
 end
-if freed or #dead > 0 then redis.call('PUBLISH', chan, '1') end
+if freed or #dead > 0 then redis.call('PUBLISH', chan, 't' .. fmt(now)) end
 local eff = effective()
 local first = redis.call('ZRANGE', Z, 0, 0, 'WITHSCORES')
 local first_expiry = ''
@@ -268,4 +342,7 @@ local header = {'ok', tostring(redis.call('ZCARD', Z)), tostring(eff),
 for _, x in ipairs(reclaimed) do header[#header + 1] = x end
 for _, x in ipairs(result) do header[#header + 1] = x end
 return header
-""".replace("HEARTBEAT_S", str(HEARTBEAT_S)).replace("IDLE_MS", str(LEASE_IDLE_MS))
+""".replace("HEARTBEAT_S", str(HEARTBEAT_S))
+    .replace("IDLE_MS", str(LEASE_IDLE_MS))
+    .replace("TICKET_EXPIRY_S", repr(TICKET_EXPIRY_S))
+)

@@ -7,6 +7,8 @@ become :class:`~resilient_voice.limiter.StoreUnavailableError`, which the lease 
 registers a refused front waiter with the backend's listener, a background task (run while the
 backend is entered) holding one subscription to the channels of every lease set declared; every
 release publishes on its set's channel.
+
+Waiters are served in the fleet's order: see :mod:`._lease_queue`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from anyio.abc import TaskStatus
 
 from resilient_voice.leases._store import Grant, LeaseView, Stored
 from resilient_voice.limiter import StoreUnavailableError
+from resilient_voice.redis._lease_queue import TicketFleet
 from resilient_voice.redis._lease_script import LEASES
 from resilient_voice.redis._scripts import BEAT_S
 
@@ -41,10 +44,12 @@ class LeaseSet:
         "beat",
         "channel",
         "config",
+        "fresh",
         "keys",
         "live",
         "stamp",
         "tag",
+        "tickets",
         "view",
     )
 
@@ -52,12 +57,18 @@ class LeaseSet:
         self.tag = tag
         self.channel = f"{tag}:w"
         self.config = config
-        self.keys = [f"{tag}:{suffix}" for suffix in ("z", "l", "c", "ez", "eg", "s", "hb")]
+        suffixes = ("z", "l", "c", "ez", "eg", "s", "hb", "q", "qd")
+        self.keys = [f"{tag}:{suffix}" for suffix in suffixes]
         self.view = LeaseView(0, capacity, None, None)
         self.answered_at = time.monotonic()
         self.stamp = 0.0  # Redis' time of the answer ``view`` comes from
         self.live = 1
         self.beat = -math.inf
+        # The tickets of this process's waiters, refreshed until granted or left.
+        self.tickets: set[str] = set()
+        # Ticket -> (the listener's resubscriptions, the server time) of the refusal that
+        # handed it out: a waiter listening since needs no second ask unless a message since.
+        self.fresh: dict[str, tuple[int, float]] = {}
 
 
 def _text(value: Any) -> str:
@@ -68,7 +79,7 @@ def _seconds(value: str) -> float | None:
     return float(value) if value else None
 
 
-class LeaseFleet:
+class LeaseFleet(TicketFleet):
     """The :class:`~resilient_voice.leases.LeaseStore` half of the Redis backend."""
 
     __slots__ = ()
@@ -123,6 +134,13 @@ class LeaseFleet:
 
     async def _lease(self, name: str, op: str, args: list[str]) -> tuple[LeaseView, list[str]]:
         """One script call on set ``name``: the view of the answer and the operation's results."""
+        view, result, _ = await self._lease_at(name, op, args)
+        return view, result
+
+    async def _lease_at(
+        self, name: str, op: str, args: list[str]
+    ) -> tuple[LeaseView, list[str], float]:
+        """:meth:`_lease`, and the server time of the answer."""
         lease_set = self._lease_sets[name]
         now = time.monotonic()
         beat = now - lease_set.beat >= BEAT_S
@@ -154,7 +172,7 @@ class LeaseFleet:
             lease_set.view = LeaseView(in_use, effective, next_change, first_expiry)
             lease_set.answered_at = time.monotonic()
         view = LeaseView(in_use, effective, next_change, first_expiry, reclaimed)
-        return view, items[_HEADER + 2 * count :]
+        return view, items[_HEADER + 2 * count :], stamp
 
     async def lease_acquire(self, name: str, extra: int = 0) -> tuple[Grant | None, LeaseView]:
         lease_id = uuid.uuid4().hex
@@ -279,7 +297,7 @@ class LeaseFleet:
 
                 tasks.start_soon(follow)
                 async for message in pubsub:
-                    state.wake(_text(message["channel"]))
+                    state.wake(_text(message["channel"]), message.get("data"))
 
     async def _listen_redispy(self, state: LeaseListener) -> None:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
@@ -294,7 +312,7 @@ class LeaseFleet:
                     state.wake_all()
                 message = await pubsub.get_message(timeout=0.5)
                 if message is not None:
-                    state.wake(_text(message["channel"]))
+                    state.wake(_text(message["channel"]), message.get("data"))
         finally:
             with anyio.CancelScope(shield=True):
                 await pubsub.aclose()
@@ -307,10 +325,14 @@ class LeaseListener:
     channels too (:mod:`._breaker`), so one Pub/Sub connection serves the whole backend.
     """
 
-    __slots__ = ("changed", "declared", "wakers")
+    __slots__ = ("changed", "declared", "heard", "resets", "wakers")
 
     def __init__(self) -> None:
         self.declared: set[str] = set()
+        # Per channel, the latest server time a lease message carried (inf: one without);
+        # and how many times the listener (re)subscribed, when messages may have been lost.
+        self.heard: dict[str, float] = {}
+        self.resets = 0
         self.wakers: dict[str, set[Callable[[], None]]] = {}
         # Built by the listener task (an anyio.Event needs a running loop); None before.
         self.changed: anyio.Event | None = None
@@ -322,11 +344,19 @@ class LeaseListener:
         if self.changed is not None:
             self.changed.set()
 
-    def wake(self, channel: str) -> None:
+    def wake(self, channel: str, data: object = None) -> None:
+        text = _text(data) if data is not None else ""
+        try:
+            stamp = float(text[1:]) if text.startswith("t") else math.inf
+        except ValueError:
+            stamp = math.inf
+        if stamp > self.heard.get(channel, -math.inf):
+            self.heard[channel] = stamp
         for wake in list(self.wakers.get(channel, ())):
             wake()
 
     def wake_all(self) -> None:
+        self.resets += 1
         for wakers in list(self.wakers.values()):
             for wake in list(wakers):
                 wake()
