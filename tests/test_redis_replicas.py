@@ -159,7 +159,9 @@ async def test_call_leases_divide_by_the_most_replicas_seen_recently(
         ):
             mine = CallLeases("acct", capacity, ttl=60.0, store=this)
             for store in (two, three):
-                await (await CallLeases("acct", capacity, ttl=60.0, store=store).acquire()).release()
+                await (
+                    await CallLeases("acct", capacity, ttl=60.0, store=store).acquire()
+                ).release()
             await (await mine.acquire()).release()
             assert this.live_lease_replicas("acct") == 3
             # What 3 s without the others' heartbeats does, without the wait. Every lease

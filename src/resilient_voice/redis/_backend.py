@@ -11,7 +11,9 @@ puts them in one slot; the script declares each key it touches in ``KEYS``)::
     {rv:twilio:AC...:calls}:b            the schedule of a TokenBucket
     {rv:http_server}:b:<digest>          one client's schedule of a KeyedLimiter
     {rv:http_server}:hb                  heartbeats of the live replicas (a ZSET, 3 s; one
-                                         beat per replica and second rides on a call)
+                                         beat per replica and second rides on a call; the
+                                         fallback divides by the most counted in a minute,
+                                         see :mod:`._replicas`)
 
 A :class:`~resilient_voice.limiter.KeyedLimiter` hands over a digest of each key, never the key
 itself, so no client address or phone number reaches the keyspace.
