@@ -11,8 +11,10 @@ transition is one log line and one :class:`~resilient_voice.events.StoreAvailabi
 While the store is unavailable, acquires follow the mode:
 
 - ``"local"``: this replica grants up to its share of the capacity, ``capacity // live
-  replicas`` (at least 1), from an in-memory table; the live replicas are the store's count of
-  heartbeats, as last answered (1 if it never answered).
+  replicas`` (at least 1), from an in-memory table, sized when the store goes away; the live
+  replicas are the store's count of heartbeats (``live_lease_replicas(name)``; the Redis
+  backend answers the most it reported in the 60 s up to its last answer, as for the limiter;
+  1 if it never answered).
 - ``"allow"``: every acquire is granted (nothing is counted); ``"deny"``: every acquire waits or
   is refused until the store answers again.
 

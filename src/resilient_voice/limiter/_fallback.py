@@ -11,9 +11,11 @@ success closes the breaker. Each transition is one log line and one
 
 While the store is unavailable:
 
-- ``"local"``: this replica keeps its share of the limit, ``rate / live replicas``, in memory.
-  The number of live replicas is the store's (``live_replicas(key)``: heartbeats written with
-  each reservation, expiring after about 3 s), as last seen; 1 if it never answered.
+- ``"local"``: this replica keeps its share of the limit, ``rate / replicas``, in memory.
+  The number of replicas is the store's (``live_replicas(key)``: heartbeats written with each
+  reservation, expiring after about 3 s). :class:`~resilient_voice.redis.RedisBackend` answers
+  the most it reported in the 60 s up to its last answer, not the last count, since a replica
+  missing from one count still serves its share; 1 if it never answered.
 - ``"allow"``: everything is granted; ``"deny"``: everything is refused.
 
 **No burst on the way out**: the local schedule of a key starts where the shared one was last

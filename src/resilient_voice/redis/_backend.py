@@ -11,7 +11,9 @@ puts them in one slot; the script declares each key it touches in ``KEYS``)::
     {rv:twilio:AC...:calls}:b            the schedule of a TokenBucket
     {rv:http_server}:b:<digest>          one client's schedule of a KeyedLimiter
     {rv:http_server}:hb                  heartbeats of the live replicas (a ZSET, 3 s; one
-                                         beat per replica and second rides on a call)
+                                         beat per replica and second rides on a call; the
+                                         fallback divides by the most counted in a minute,
+                                         see :mod:`._replicas`)
 
 A :class:`~resilient_voice.limiter.KeyedLimiter` hands over a digest of each key, never the key
 itself, so no client address or phone number reaches the keyspace.
@@ -35,6 +37,7 @@ from resilient_voice import _validate
 from resilient_voice.limiter._store import Reservation, StoreUnavailableError
 from resilient_voice.redis._breaker import BreakerFleet, _FleetState
 from resilient_voice.redis._leases import LeaseFleet, LeaseListener, LeaseSet
+from resilient_voice.redis._replicas import ReplicaPeak
 from resilient_voice.redis._scripts import BEAT_S, LIMITER
 
 __all__ = ["RedisBackend"]
@@ -135,7 +138,7 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         self._timeout = float(timeout)
         self._configs: dict[str, str] = {}
         self._conflicts: set[str] = set()
-        self._live: dict[str, int] = {}
+        self._live: dict[str, ReplicaPeak] = {}
         self._beats: dict[str, float] = {}
         self._replica = uuid.uuid4().hex
         self._owns = False
@@ -226,11 +229,15 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         return key, f"{{{self._prefix}:{key}}}:b", ""
 
     def live_replicas(self, key: str) -> int:
-        """Replicas whose heartbeat for ``key``'s limiter is under 3 s old, as last answered.
+        """What ``on_backend_error="local"`` divides ``key``'s limiter's rate by.
 
-        1 before any answer. What ``on_backend_error="local"`` divides the rate by.
+        The most replicas with a heartbeat under 3 s old that Redis reported for the limiter
+        in the 60 s up to its last answer (:class:`~._replicas.ReplicaPeak`), not only the last
+        count: a replica missing from one answer (a stalled loop, a pause in its traffic) still
+        serves its share. 1 before any answer.
         """
-        return self._live.get(self._locate(key)[0], 1)
+        peak = self._live.get(self._locate(key)[0])
+        return 1 if peak is None else peak.most
 
     async def _run(self, key: str, args: list[str]) -> list[bytes]:
         """One script call for ``key``, bounded by ``timeout``; Redis' errors mapped."""
@@ -263,7 +270,10 @@ class RedisBackend(BreakerFleet, LeaseFleet):
                 "replica sharing this Redis: give each configuration its own name"
             )
         if answer[4]:
-            self._live[name] = int(answer[4])
+            peak = self._live.get(name)
+            if peak is None:
+                peak = self._live[name] = ReplicaPeak()
+            peak.seen(int(answer[4]))
         return answer
 
     async def reserve(

@@ -27,6 +27,7 @@ from resilient_voice.leases._store import Grant, LeaseView, Stored
 from resilient_voice.limiter import StoreUnavailableError
 from resilient_voice.redis._lease_queue import TicketFleet
 from resilient_voice.redis._lease_script import LEASES
+from resilient_voice.redis._replicas import ReplicaPeak
 from resilient_voice.redis._scripts import BEAT_S
 
 __all__ = ["LeaseFleet", "LeaseListener", "LeaseSet"]
@@ -62,7 +63,7 @@ class LeaseSet:
         self.view = LeaseView(0, capacity, None, None)
         self.answered_at = time.monotonic()
         self.stamp = 0.0  # Redis' time of the answer ``view`` comes from
-        self.live = 1
+        self.live = ReplicaPeak()
         self.beat = -math.inf
         # The tickets of this process's waiters, refreshed until granted or left.
         self.tickets: set[str] = set()
@@ -118,8 +119,12 @@ class LeaseFleet(TicketFleet):
         return list(self._lease_sets[name].keys)
 
     def live_lease_replicas(self, name: str) -> int:
-        """Replicas that used set ``name`` within 3 s, as last answered (1 before any answer)."""
-        return self._lease_sets[name].live
+        """What ``on_backend_error="local"`` divides set ``name``'s capacity by.
+
+        The most replicas that used the set within 3 s, as Redis reported them in the 60 s up
+        to its last answer (:class:`~._replicas.ReplicaPeak`); 1 before any answer.
+        """
+        return self._lease_sets[name].live.most
 
     def lease_view(self, name: str) -> LeaseView:
         lease_set = self._lease_sets[name]
@@ -164,7 +169,7 @@ class LeaseFleet(TicketFleet):
         reclaimed = tuple((pairs[i], pairs[i + 1] or None) for i in range(0, len(pairs), 2))
         in_use, effective = int(items[1]), int(items[2])
         next_change, first_expiry = _seconds(items[3]), _seconds(items[4])
-        lease_set.live = max(1, int(items[5]))
+        lease_set.live.seen(int(items[5]))
         stamp = float(items[7])
         if stamp >= lease_set.stamp:
             # Replies of concurrent calls may be read in any order: keep the server's latest.

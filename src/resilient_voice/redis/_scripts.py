@@ -13,7 +13,8 @@ mix silently. The hash expires ``IDLE_TTL_MS`` after the bucket is full again.
 A call that carries a replica id (at most one per limiter and second, see ``BEAT_S``) also writes
 this replica's heartbeat into the limiter's ZSET of live replicas (scored by server time,
 members older than ``HEARTBEAT_S`` dropped) and answers how many are live: what a replica
-divides the rate by when Redis becomes unavailable (``on_backend_error="local"``).
+divides the rate by when Redis becomes unavailable (``on_backend_error="local"``), the most of
+these answers within a minute (:mod:`._replicas`).
 
 Numbers travel as strings: Redis turns a Lua number in a reply into an integer, and
 ``%.17g`` round-trips a double exactly, so the ``end`` a replica hands back to ``give_back``
