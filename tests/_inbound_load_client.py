@@ -2,12 +2,12 @@
 
 ``python _inbound_load_client.py '<json options>' <result path>`` opens ``connections``
 keep-alive HTTP/1.1 connections to 127.0.0.1:``port`` (raw asyncio streams: an HTTP client
-library would cost more CPU than the server it measures on a small machine), then each sends
-requests back to back for ``duration`` seconds and checks every response as it arrives. It
-writes one JSON object to the result path (a file, not stdout: a pipe nobody reads while the
-client runs would block it): counts by status and kind, latency percentiles, the rate-limited
-keys' admissions, the worker pids that answered, and every violation found (up to a cap, with
-the total).
+library would cost more CPU than the server it measures on a small machine), each reopened
+every ``RECONNECT_S``; each sends requests back to back for ``duration`` seconds and checks
+every response as it arrives. It writes one JSON object to the result path (a file, not
+stdout: a pipe nobody reads while the client runs would block it): counts by status and kind,
+latency percentiles, the rate-limited keys' admissions, the worker pids that answered, and
+every violation found (up to a cap, with the total).
 
 Connection ``i`` sends one kind of request, by ``i % 10``:
 
@@ -36,6 +36,11 @@ from twilio.request_validator import RequestValidator
 
 KINDS = ("cid",) * 5 + ("fresh", "keyed", "keyed", "signed", "forged")
 MAX_EXAMPLES = 20
+RECONNECT_S = 1.0
+"""Seconds a connection is used before it is closed and opened again. uvicorn's workers share one
+listening socket and the kernel hands each new connection to whichever worker accepts first;
+connections opened in one burst and kept for the whole run can all land on two busy workers
+and leave the third without load (seen in CI). Reconnecting spreads them over the run."""
 
 
 class Run:
@@ -177,11 +182,16 @@ async def connection(run: Run, index: int, ready: asyncio.Event, go: asyncio.Eve
     await go.wait()
     deadline = run.start + run.duration
     seq = 0
+    opened = time.monotonic()
     try:
         while True:
             sent_at = time.monotonic()
             if sent_at >= deadline:
                 break
+            if sent_at - opened >= RECONNECT_S:
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", run.port)
+                opened = sent_at = time.monotonic()
             kind, cid, data, key = run.request(index, seq)
             seq += 1
             writer.write(data)
