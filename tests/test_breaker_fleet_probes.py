@@ -377,6 +377,84 @@ async def test_a_vanished_replicas_permit_holds_the_others_off_until_it_expires(
     _expired_in_time(asked, granted, admitted)
 
 
+async def test_a_late_release_leaves_the_next_half_open_periods_permit(
+    fleet: tuple[str, AsyncExitStack],
+) -> None:
+    """A closes (its permits' release is queued for the background task) and, before that task
+    has run, opens again and takes the fleet's one permit for its next probe. The release that
+    follows must not delete that permit: B stays refused while A's probe runs."""
+    prefix, stack = fleet
+    a, b = await _replicas(prefix, stack, n=2, recovery_timeout=5.0, fleet_quorum=None)
+    for r in (a, b):
+        r.breaker.force_open(0.1)
+    await anyio.sleep(0.3)
+    probes = Probes([a, b])
+    assert await a.hit(probes.make(0, 0.0)) == "ok"
+    assert a.breaker.state is BreakerState.CLOSED
+    a.breaker.force_open(1e-6)  # no await since it closed: its release has not run yet
+    gate = anyio.Event()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(a.hit, probes.make(0, gate))
+        with anyio.fail_after(2.0):
+            while probes.running < 1:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.3)  # the background task has run the release
+        (held,) = await _held(a.backend, prefix, 1)
+        assert held is not None
+        assert held.startswith(f"{a.backend._replica}:")
+        assert await b.hit(probes.make(1, 0.0)) == "rejected"
+        gate.set()
+    assert probes.most == 1  # before the fix: 2, A's new permit deleted and taken by B
+
+
+async def test_a_release_redis_missed_is_retried_before_the_permit_expires() -> None:
+    """A leaves half-open while its Redis does not answer: the release of its permit fails,
+    and runs at a later tick once Redis answers again, long before the 10 s hold."""
+    with own_redis() as server:
+        process = server._process
+        assert process is not None
+        async with AsyncExitStack() as stack:
+            prefix = fresh_prefix()
+            replicas = []
+            for _ in range(2):
+                backend = await stack.enter_async_context(
+                    RedisBackend.from_url(server.url, prefix=prefix, timeout=0.2)
+                )
+                breaker = CircuitBreaker("upstream", recovery_timeout=10.0, store=backend)
+                replicas.append(Replica(backend, breaker, []))
+            a, b = replicas
+            for r in replicas:
+                r.breaker.force_open(0.1)
+            await anyio.sleep(0.2)
+            probes = Probes(replicas)
+            gate = anyio.Event()
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(a.hit, probes.make(0, gate))
+                with anyio.fail_after(2.0):
+                    while probes.running < 1:
+                        await anyio.sleep(0.01)
+                os.kill(process.pid, signal.SIGSTOP)
+                gate.set()  # A's probe succeeds and A closes; its release times out
+            await anyio.sleep(0.5)
+            os.kill(process.pid, signal.SIGCONT)
+            assert a.breaker.state is BreakerState.CLOSED
+            # Tolerance: the next tick (1 s) retries the release, plus a loaded machine: 3 s,
+            # against the permit's 10 s hold that bounded B's wait before the fix.
+            with anyio.fail_after(3.0):
+                while await _held(b.backend, prefix, 1) != [None]:
+                    await anyio.sleep(0.05)
+            gate = anyio.Event()
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(b.hit, probes.make(1, gate))
+                with anyio.fail_after(2.0):
+                    while probes.running < 1:
+                        await anyio.sleep(0.01)
+                (held,) = await _held(b.backend, prefix, 1)
+                assert held is not None  # B probes on the fleet's permit, not a local one
+                assert held.startswith(f"{b.backend._replica}:")
+                gate.set()
+
+
 @contextmanager
 def _redis_away(how: str) -> Iterator[tuple[str, object]]:
     """A Redis URL that fails the way ``how`` says, and a callable that makes it fail."""

@@ -91,10 +91,15 @@ end
 return 0
 """
 
+# ARGV: this replica's stamp prefix, and the epoch it left half-open in: only its permits
+# stamped before that epoch are deleted, never one taken since for its next half-open period.
 RELEASE = """
 for i = 1, #KEYS do
   local v = redis.call('GET', KEYS[i])
-  if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+  if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+    local epoch = tonumber(string.sub(v, #ARGV[1] + 1))
+    if epoch and epoch < tonumber(ARGV[2]) then redis.call('DEL', KEYS[i]) end
+  end
 end
 return 0
 """
@@ -129,11 +134,15 @@ class BreakerFleet:
         fleet.poke()
 
     def state_changed(self, name: str, epoch: int, old: BreakerState, new: BreakerState) -> None:
-        """Publish at once: wake the background task (never blocks or raises)."""
-        del epoch
+        """Publish at once: wake the background task (never blocks or raises).
+
+        Leaving half-open queues the release of this replica's probe permits, up to ``epoch``
+        (the new state's): the release may run after the replica has taken permits for its
+        next half-open period, which it must leave in place.
+        """
         fleet = self._fleet_state
         if old is BreakerState.HALF_OPEN and new is not BreakerState.HALF_OPEN:
-            fleet.release.add(name)
+            fleet.release[name] = max(epoch, fleet.release.get(name, epoch))
         fleet.poke()
 
     async def probe_permit(self, name: str, epoch: int) -> bool | None:
@@ -239,10 +248,15 @@ class BreakerFleet:
         fleet = self._fleet_state
         tag = self._tag(name)
         try:
-            if name in fleet.release:
-                fleet.release.discard(name)
+            until = fleet.release.pop(name, None)
+            if until is not None:
                 keys = [f"{tag}:p:{i}" for i in range(breaker.config.half_open_max_calls)]
-                await self._script(RELEASE, keys, [f"{self._replica}:"])
+                try:
+                    await self._script(RELEASE, keys, [f"{self._replica}:", str(until)])
+                except Exception:
+                    # Tried again at the next tick: an epoch-bounded release stays safe late.
+                    fleet.release[name] = max(until, fleet.release.get(name, until))
+                    raise
             opened, fleet_opened, calls, failures = breaker._fleet_summary()
             summary = f"{int(opened)}|{int(fleet_opened)}|{calls}|{failures}"
             reply = await self._script(
@@ -278,7 +292,8 @@ class _FleetState:
         )
         # Built by the background task (an anyio.Event needs a running loop); None before.
         self.wake: anyio.Event | None = None
-        self.release: set[str] = set()
+        # Breakers whose probe permits to release, with the epoch they left half-open in.
+        self.release: dict[str, int] = {}
         # Probe permits being asked for, per breaker: each counts as busy for the next asker.
         self.asking: dict[str, int] = {}
         self.shas: dict[str, str] = {}
