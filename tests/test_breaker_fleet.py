@@ -138,7 +138,10 @@ async def fleet() -> AsyncIterator[tuple[str, AsyncExitStack]]:
 async def _replicas(
     prefix: str, stack: AsyncExitStack, n: int = 3, **options: object
 ) -> list[Replica]:
+    """``n`` replicas of breaker ``"upstream"``, each on its own backend (its own replica id);
+    every one gets the same ``options`` (``recovery_timeout`` included)."""
     out = []
+    recovery_timeout = float(options.pop("recovery_timeout", 30.0))  # type: ignore[arg-type]
     for _ in range(n):
         backend = await stack.enter_async_context(
             RedisBackend.from_url(REDIS_URL, prefix=prefix, timeout=0.5)
@@ -149,9 +152,7 @@ async def _replicas(
             window_duration=5.0,
             minimum_calls=10,
             failure_rate_threshold=0.5,
-            recovery_timeout=options.pop("recovery_timeout", 30.0)  # type: ignore[arg-type]
-            if not out
-            else options.get("recovery_timeout", 30.0),  # type: ignore[arg-type]
+            recovery_timeout=recovery_timeout,
             store=backend,
             listeners=[events.append],
             **options,  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ Keys of breaker ``name``, all under the hash tag ``{<prefix>:breaker:<name>}``::
 
     ...:r       ZSET replica -> heartbeat (server time); members older than HEARTBEAT_S dropped
     ...:s       HASH replica -> "open|fleet_opened|calls|failures"
-    ...:p:<i>   probe permit i of half_open_max_calls (SET NX PX, value "<replica>:<epoch>")
+    ...:p:<i>   probe permit i of half_open_max_calls (SET PX, value "<replica>:<epoch>")
     ...:c       channel: a summary whose state changed (or a new replica) is announced here, so
                 every replica reads the view at once instead of at its next tick
 
@@ -67,17 +67,39 @@ redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 1000))
 return redis.call('HGETALL', KEYS[2])
 """
 
+# ARGV: this replica's stamp prefix, the new stamp, the hold (ms), and how many of this replica's
+# permits are busy (probes running or being asked for). One of its own beyond those is taken
+# again before a free one, so a replica's finished probe never waits for its permit's expiry.
 PERMIT = """
+local mine, free = 0, nil
 for i = 1, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+  local v = redis.call('GET', KEYS[i])
+  if not v then
+    free = free or KEYS[i]
+  elseif string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+    mine = mine + 1
+    if mine > tonumber(ARGV[4]) then
+      redis.call('SET', KEYS[i], ARGV[2], 'PX', ARGV[3])
+      return 1
+    end
+  end
+end
+if free then
+  redis.call('SET', free, ARGV[2], 'PX', ARGV[3])
+  return 1
 end
 return 0
 """
 
+# ARGV: this replica's stamp prefix, and the epoch it left half-open in: only its permits
+# stamped before that epoch are deleted, never one taken since for its next half-open period.
 RELEASE = """
 for i = 1, #KEYS do
   local v = redis.call('GET', KEYS[i])
-  if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+  if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+    local epoch = tonumber(string.sub(v, #ARGV[1] + 1))
+    if epoch and epoch < tonumber(ARGV[2]) then redis.call('DEL', KEYS[i]) end
+  end
 end
 return 0
 """
@@ -112,28 +134,48 @@ class BreakerFleet:
         fleet.poke()
 
     def state_changed(self, name: str, epoch: int, old: BreakerState, new: BreakerState) -> None:
-        """Publish at once: wake the background task (never blocks or raises)."""
-        del epoch
+        """Publish at once: wake the background task (never blocks or raises).
+
+        Leaving half-open queues the release of this replica's probe permits, up to ``epoch``
+        (the new state's): the release may run after the replica has taken permits for its
+        next half-open period, which it must leave in place.
+        """
         fleet = self._fleet_state
         if old is BreakerState.HALF_OPEN and new is not BreakerState.HALF_OPEN:
-            fleet.release.add(name)
+            fleet.release[name] = max(epoch, fleet.release.get(name, epoch))
         fleet.poke()
 
     async def probe_permit(self, name: str, epoch: int) -> bool | None:
-        """One of the fleet's ``half_open_max_calls`` probe permits, in one bounded call."""
-        breaker = self._fleet_state.breakers.get(name)
+        """One of the fleet's ``half_open_max_calls`` probe permits, in one bounded call.
+
+        A permit stays this replica's until it leaves half-open (or the permit expires), also
+        once its probe has finished: the probe's outcome is not sent to Redis. The replica takes
+        one of its own permits again when it holds more than it has probes running or asking
+        (a probe that succeeded short of ``success_threshold``, or was cancelled, left one
+        behind); otherwise a free one. Without that reuse, a replica needing more successful
+        probes than it holds permits waited for their expiry (``recovery_timeout``) each time.
+        """
+        fleet = self._fleet_state
+        breaker = fleet.breakers.get(name)
         if breaker is None:
             return None
         config = breaker.config
         hold = config.max_wait_in_half_open or config.recovery_timeout
         keys = [f"{self._tag(name)}:p:{i}" for i in range(config.half_open_max_calls)]
+        asking = fleet.asking.get(name, 0)
+        busy = breaker.statistics().half_open_calls + asking
+        fleet.asking[name] = asking + 1
         try:
             reply = await self._script(
-                PERMIT, keys, [f"{self._replica}:{epoch}", str(int(hold * 1000))]
+                PERMIT,
+                keys,
+                [f"{self._replica}:", f"{self._replica}:{epoch}", str(int(hold * 1000)), str(busy)],
             )
         except Exception as exc:  # noqa: BLE001 - any failure means "probe on the local permit"
             self._fleet_down(exc)
             return None
+        finally:
+            fleet.asking[name] -= 1
         return bool(int(reply))
 
     def _tag(self, name: str) -> str:
@@ -206,10 +248,15 @@ class BreakerFleet:
         fleet = self._fleet_state
         tag = self._tag(name)
         try:
-            if name in fleet.release:
-                fleet.release.discard(name)
+            until = fleet.release.pop(name, None)
+            if until is not None:
                 keys = [f"{tag}:p:{i}" for i in range(breaker.config.half_open_max_calls)]
-                await self._script(RELEASE, keys, [f"{self._replica}:"])
+                try:
+                    await self._script(RELEASE, keys, [f"{self._replica}:", str(until)])
+                except Exception:
+                    # Tried again at the next tick: an epoch-bounded release stays safe late.
+                    fleet.release[name] = max(until, fleet.release.get(name, until))
+                    raise
             opened, fleet_opened, calls, failures = breaker._fleet_summary()
             summary = f"{int(opened)}|{int(fleet_opened)}|{calls}|{failures}"
             reply = await self._script(
@@ -237,7 +284,7 @@ class BreakerFleet:
 class _FleetState:
     """The fleet half's mutable state (one per backend)."""
 
-    __slots__ = ("available", "breakers", "release", "shas", "wake")
+    __slots__ = ("asking", "available", "breakers", "release", "shas", "wake")
 
     def __init__(self) -> None:
         self.breakers: weakref.WeakValueDictionary[str, CircuitBreaker] = (
@@ -245,7 +292,10 @@ class _FleetState:
         )
         # Built by the background task (an anyio.Event needs a running loop); None before.
         self.wake: anyio.Event | None = None
-        self.release: set[str] = set()
+        # Breakers whose probe permits to release, with the epoch they left half-open in.
+        self.release: dict[str, int] = {}
+        # Probe permits being asked for, per breaker: each counts as busy for the next asker.
+        self.asking: dict[str, int] = {}
         self.shas: dict[str, str] = {}
         self.available = True
 
