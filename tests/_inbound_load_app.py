@@ -9,7 +9,8 @@ correlation id they saw in the ContextVar, so the load generator can tell whethe
 ran under another request's id.
 
 Environment: ``RV_REDIS_URL``, ``RV_PREFIX`` (the Redis key prefix), ``RV_TOKEN`` (the Auth
-Token), ``RV_BASE_URL`` (the public URL Twilio signs), ``RV_RATE`` and ``RV_BURST`` (per key).
+Token), ``RV_BASE_URL`` (the public URL Twilio signs), ``RV_RATE`` and ``RV_BURST`` (per key);
+optional: ``RV_REDIS_TIMEOUT`` (2 s) and ``RV_MIN_REPLICAS`` (the backend's ``min_replicas``, 1).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ backend = RedisBackend.from_url(
     os.environ["RV_REDIS_URL"],
     prefix=os.environ["RV_PREFIX"],
     timeout=float(os.environ.get("RV_REDIS_TIMEOUT", "2.0")),
+    min_replicas=int(os.environ.get("RV_MIN_REPLICAS", "1")),
 )
 _PID = str(os.getpid())
 

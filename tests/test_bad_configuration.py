@@ -684,6 +684,7 @@ CONSTRUCTORS: dict[str, Constructor] = {
             "client": instance(optional=False),
             "prefix": text(),
             "timeout": positive(),
+            "min_replicas": count(),
         },
     ),
     "InMemoryBreakerStore": Constructor(InMemoryBreakerStore, dict, {}),

@@ -181,6 +181,20 @@ def test_the_constructor_checks_its_arguments() -> None:
         RedisBackend(client, timeout=0)
 
 
+def test_min_replicas_is_checked_and_taken_by_from_url_too() -> None:
+    assert RedisBackend(coredis.Redis.from_url(REDIS_URL)).min_replicas == 1
+    backend = RedisBackend.from_url(REDIS_URL, min_replicas=3)
+    assert backend.min_replicas == 3
+    assert "min_replicas=3" in repr(backend)
+    assert backend.live_replicas("never-used") == 3  # before any answer
+    with pytest.raises(ValueError, match="min_replicas"):
+        RedisBackend.from_url(REDIS_URL, min_replicas=0)
+    with pytest.raises(TypeError, match="min_replicas"):
+        RedisBackend.from_url(REDIS_URL, min_replicas=True)
+    with pytest.raises(TypeError, match="min_replicas"):
+        RedisBackend.from_url(REDIS_URL, min_replicas=3.0)  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
 def test_without_coredis_the_error_names_the_extra() -> None:
     code = (

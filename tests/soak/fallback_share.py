@@ -7,8 +7,9 @@ that the workers' round trips go over it and they fall back to ``rate / replicas
 JSON line: fallbacks and returns, per key what was admitted against the soak's bound
 ``burst + rate * (run + slowest answer)``, and per worker the counts it divided by.
 
-Run: ``python tests/soak/fallback_share.py [--old-rule] [--timeout 0.02] [--warm-up 0]``. Not a
-test: the figures depend on the machine (docs/reliability.md has one set of them).
+Run: ``python tests/soak/fallback_share.py [--old-rule] [--timeout 0.02] [--warm-up 0]
+[--min-replicas 3]``. Not a test: the figures depend on the machine (docs/reliability.md has one
+set of them).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--burst", type=float, default=5.0)
     parser.add_argument("--timeout", default="0.02", help="the store's timeout, s")
     parser.add_argument("--warm-up", type=float, default=0.0, help="s of light traffic first")
+    parser.add_argument("--min-replicas", type=int, default=1, help="RedisBackend(min_replicas=)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rv-fallback-share-"))
     port = free_port()
@@ -54,6 +56,7 @@ def main() -> None:
         "RV_BURST": str(args.burst),
         "RV_REDIS_TIMEOUT": args.timeout,
         "RV_OLD_RULE": "1" if args.old_rule else "0",
+        "RV_MIN_REPLICAS": str(args.min_replicas),
         "RV_DUMP": str(work),
     }
     with (work / "server.log").open("wb") as log:
@@ -106,6 +109,7 @@ def main() -> None:
     workers = {path.stem: json.loads(path.read_text()) for path in work.glob("[0-9]*.json")}
     report = {
         "rule": "last count" if args.old_rule else "peak",
+        "min_replicas": args.min_replicas,
         "elapsed_s": round(elapsed, 1),
         "requests": result["requests"],
         "fallbacks": log_text.count("shared store unavailable"),

@@ -100,8 +100,9 @@ class CallLeases:
         store: A shared :class:`~resilient_voice.leases.LeaseStore` (a ``RedisBackend`` makes
             the capacity fleet-wide); ``None`` keeps the leases in this process.
         on_backend_error: While a shared store is unavailable: ``"local"`` (default) holds this
-            replica's share (``capacity // live replicas``, at least 1) in memory, ``"allow"``
-            grants every acquire, ``"deny"`` refuses every acquire.
+            replica's share (``capacity // live replicas``, at least 1; see ``RedisBackend``'s
+            ``min_replicas``) in memory, ``"allow"`` grants every acquire, ``"deny"`` refuses
+            every acquire.
         capacity_recovery: Seconds without a capacity signal after which the effective
             capacity grows back by 1 (> 0).
         listeners: Callables taking an :class:`~resilient_voice.events.Event`.

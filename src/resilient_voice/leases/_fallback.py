@@ -13,8 +13,9 @@ While the store is unavailable, acquires follow the mode:
 - ``"local"``: this replica grants up to its share of the capacity, ``capacity // live
   replicas`` (at least 1), from an in-memory table, sized when the store goes away; the live
   replicas are the store's count of heartbeats (``live_lease_replicas(name)``; the Redis
-  backend answers the most it reported in the 60 s up to its last answer, as for the limiter;
-  1 if it never answered).
+  backend answers the most it reported in the 60 s up to its last answer, as for the limiter,
+  and never fewer than its ``min_replicas``, which is 1 unless the operator states the fleet's
+  size).
 - ``"allow"``: every acquire is granted (nothing is counted); ``"deny"``: every acquire waits or
   is refused until the store answers again.
 

@@ -15,7 +15,9 @@ While the store is unavailable:
   The number of replicas is the store's (``live_replicas(key)``: heartbeats written with each
   reservation, expiring after about 3 s). :class:`~resilient_voice.redis.RedisBackend` answers
   the most it reported in the 60 s up to its last answer, not the last count, since a replica
-  missing from one count still serves its share; 1 if it never answered.
+  missing from one count still serves its share; never fewer than its ``min_replicas`` (1
+  unless the operator states the fleet's size), which covers a replica that never heard from
+  Redis or saw itself alone at start-up.
 - ``"allow"``: everything is granted; ``"deny"``: everything is refused.
 
 **No burst on the way out**: the local schedule of a key starts where the shared one was last

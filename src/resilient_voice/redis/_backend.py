@@ -75,9 +75,21 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         timeout: Seconds allowed for each call to Redis (> 0). A call that takes longer raises
             :class:`~resilient_voice.limiter.StoreUnavailableError`: slots it may have reserved
             are lost, never granted twice.
+        min_replicas: The fewest replicas ``on_backend_error="local"`` assumes while Redis is
+            unavailable (an int >= 1): this replica's share is ``rate / replicas`` (``capacity
+            // replicas``, at least 1, for call leases), ``replicas`` being the larger of
+            ``min_replicas`` and the most replicas Redis reported in the 60 s up to its last
+            answer. A replica counts only what Redis told it: one that never got an answer, or
+            the first to send a heartbeat at start-up, sees itself alone and would take the
+            whole limit. Set it to the number of processes sharing the limits (``uvicorn
+            --workers N`` times the Kubernetes ``replicas``) to close that gap. It applies to
+            every limiter and lease set of the backend: one used by fewer processes, or a fleet
+            scaled below it, gets less than its share while Redis is gone, never more.
 
     Raises:
-        ValueError: ``prefix`` empty or holding ``{``/``}``, ``timeout`` not > 0.
+        TypeError: ``min_replicas`` not an int (a bool is refused).
+        ValueError: ``prefix`` empty or holding ``{``/``}``, ``timeout`` not > 0,
+            ``min_replicas`` < 1.
         ImportError: coredis is not installed.
 
     It is also a :class:`~resilient_voice.breaker.BreakerStore`: ``CircuitBreaker(name,
@@ -98,6 +110,7 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         "_lease_sets",
         "_lease_state",
         "_live",
+        "_min_replicas",
         "_noscript",
         "_owns",
         "_prefix",
@@ -106,7 +119,9 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         "_timeout",
     )
 
-    def __init__(self, client: Any, *, prefix: str = "rv", timeout: float = 0.05) -> None:
+    def __init__(
+        self, client: Any, *, prefix: str = "rv", timeout: float = 0.05, min_replicas: int = 1
+    ) -> None:
         if type(client).__module__.split(".")[0] == "redis":
             # redis-py's asyncio client: asyncio only, but about twice as fast per call.
             import redis.asyncio
@@ -133,9 +148,11 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must be a non-empty str without braces, got {prefix!r}")
         _validate.number("timeout", timeout)
+        _validate.whole("min_replicas", min_replicas)
         self._client: Any = client
         self._prefix = prefix
         self._timeout = float(timeout)
+        self._min_replicas = min_replicas
         self._configs: dict[str, str] = {}
         self._conflicts: set[str] = set()
         self._live: dict[str, ReplicaPeak] = {}
@@ -149,7 +166,13 @@ class RedisBackend(BreakerFleet, LeaseFleet):
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = "rv", timeout: float = 0.05, **options: Any
+        cls,
+        url: str,
+        *,
+        prefix: str = "rv",
+        timeout: float = 0.05,
+        min_replicas: int = 1,
+        **options: Any,
     ) -> RedisBackend:
         """A backend with its own ``coredis.Redis`` for ``url`` (``options`` go to coredis).
 
@@ -157,7 +180,8 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         """
         coredis = _coredis()
         options.setdefault("decode_responses", False)
-        backend = cls(coredis.Redis.from_url(url, **options), prefix=prefix, timeout=timeout)
+        client = coredis.Redis.from_url(url, **options)
+        backend = cls(client, prefix=prefix, timeout=timeout, min_replicas=min_replicas)
         backend._owns = True
         return backend
 
@@ -170,6 +194,11 @@ class RedisBackend(BreakerFleet, LeaseFleet):
     def prefix(self) -> str:
         """The first part of every key's hash tag."""
         return self._prefix
+
+    @property
+    def min_replicas(self) -> int:
+        """The fewest replicas the local fallback divides by."""
+        return self._min_replicas
 
     async def __aenter__(self) -> Self:
         if self._owns:
@@ -234,10 +263,11 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         The most replicas with a heartbeat under 3 s old that Redis reported for the limiter
         in the 60 s up to its last answer (:class:`~._replicas.ReplicaPeak`), not only the last
         count: a replica missing from one answer (a stalled loop, a pause in its traffic) still
-        serves its share. 1 before any answer.
+        serves its share. Never fewer than ``min_replicas`` (1 by default), also before any
+        answer.
         """
         peak = self._live.get(self._locate(key)[0])
-        return 1 if peak is None else peak.most
+        return self._min_replicas if peak is None else max(self._min_replicas, peak.most)
 
     async def _run(self, key: str, args: list[str]) -> list[bytes]:
         """One script call for ``key``, bounded by ``timeout``; Redis' errors mapped."""
@@ -299,4 +329,7 @@ class RedisBackend(BreakerFleet, LeaseFleet):
         return Reservation((), None, max(0.0, full - now), full)
 
     def __repr__(self) -> str:
-        return f"RedisBackend(prefix={self._prefix!r}, timeout={self._timeout!r})"
+        return (
+            f"RedisBackend(prefix={self._prefix!r}, timeout={self._timeout!r}, "
+            f"min_replicas={self._min_replicas!r})"
+        )

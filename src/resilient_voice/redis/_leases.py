@@ -90,6 +90,7 @@ class LeaseFleet(TicketFleet):
     _prefix: str
     _timeout: float
     _replica: str
+    _min_replicas: int
     _errors: tuple[type[Exception], ...]
     _redispy: bool
     _lease_sets: dict[str, LeaseSet]
@@ -122,9 +123,10 @@ class LeaseFleet(TicketFleet):
         """What ``on_backend_error="local"`` divides set ``name``'s capacity by.
 
         The most replicas that used the set within 3 s, as Redis reported them in the 60 s up
-        to its last answer (:class:`~._replicas.ReplicaPeak`); 1 before any answer.
+        to its last answer (:class:`~._replicas.ReplicaPeak`); never fewer than the backend's
+        ``min_replicas`` (1 by default), also before any answer.
         """
-        return self._lease_sets[name].live.most
+        return max(self._min_replicas, self._lease_sets[name].live.most)
 
     def lease_view(self, name: str) -> LeaseView:
         lease_set = self._lease_sets[name]

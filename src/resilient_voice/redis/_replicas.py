@@ -16,12 +16,13 @@ was (a replica that stopped beating during an outage is still serving its own sh
 answers come again, a fleet that scaled down is counted at its new size after ``PEAK_S``.
 Nothing is asked of Redis for it: the counts ride on the answers the backend already reads.
 
-Before any answer the divisor stays 1, and a replica that heard only an early count (the first
-to beat at start-up sees itself alone) keeps it: without an answer nothing more is known. The
+Before any answer the peak is 1, and a replica that heard only an early count (the first to
+beat at start-up sees itself alone) keeps it: without an answer nothing more is known. The
 alternatives were not clearly safer: the peak of the backend's other limiters and lease sets
 would starve one that only some replicas use, and refusing until Redis answers is
-``on_backend_error="deny"``, a choice the caller already has. Only a fleet size the operator
-states would close the gap; docs/reliability.md measures it.
+``on_backend_error="deny"``, a choice the caller already has. What closes the gap is a fleet
+size the operator states: ``RedisBackend(min_replicas=...)``, the fewest replicas the backend
+divides by whatever the peak (docs/reliability.md measures both).
 """
 
 from __future__ import annotations
