@@ -21,7 +21,7 @@ import httpx
 import pytest
 from twilio.request_validator import RequestValidator
 
-from _apps import leased_clients
+from _apps import LateCreate, leased_clients
 from resilient_voice import (
     CallLeases,
     CapacityExhaustedError,
@@ -493,31 +493,6 @@ async def test_vapi_unknown_outcome_is_settled_by_reconcile_leases() -> None:
         await s.clock.sleep(301.0)  # the call ends; its report is not sent (status_callbacks off)
         assert await s.vapi.reconcile_leases() == 1
     assert [e.call_id for e in s.released.events] == [created.id]
-
-
-class LateCreate(httpx.AsyncBaseTransport):
-    """Holds back the first call create and tells the client it timed out; the test hands it to
-    the fake later (:meth:`deliver`): a request the provider processes after the client gave up
-    on it, and after a reconciliation that listed no call for it."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self._inner = inner
-        self._held: list[httpx.Request] = []
-        self._done = False
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        create = request.method == "POST" and request.url.path.endswith(("/Calls.json", "/call"))
-        if create and not self._done:
-            self._done = True
-            await request.aread()
-            self._held.append(request)
-            raise httpx.ReadTimeout("timed out", request=request)
-        return await self._inner.handle_async_request(request)
-
-    async def deliver(self) -> None:
-        response = await self._inner.handle_async_request(self._held.pop())
-        await response.aread()
-        assert response.status_code == 201, response.status_code
 
 
 def create_for(s: Setup, provider: str) -> Any:
