@@ -348,3 +348,28 @@ def leased_clients(
         server_url_configured=True,
     )
     return twilio, vapi
+
+
+class LateCreate(httpx.AsyncBaseTransport):
+    """Holds back the first call create and tells the client it timed out; the test hands it to
+    the fake later (:meth:`deliver`): a request the provider processes after the client gave up
+    on it, and after a reconciliation that listed no call for it."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+        self._held: list[httpx.Request] = []
+        self._done = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        create = request.method == "POST" and request.url.path.endswith(("/Calls.json", "/call"))
+        if create and not self._done:
+            self._done = True
+            await request.aread()
+            self._held.append(request)
+            raise httpx.ReadTimeout("timed out", request=request)
+        return await self._inner.handle_async_request(request)
+
+    async def deliver(self) -> None:
+        response = await self._inner.handle_async_request(self._held.pop())
+        await response.aread()
+        assert response.status_code == 201, response.status_code

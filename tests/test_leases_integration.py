@@ -7,6 +7,7 @@ receiver) on a ManualClock with autojump, so minutes of calls run in a second; b
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -20,13 +21,14 @@ import httpx
 import pytest
 from twilio.request_validator import RequestValidator
 
-from _apps import leased_clients
+from _apps import LateCreate, leased_clients
 from resilient_voice import (
     CallLeases,
     CapacityExhaustedError,
     InvalidRequestError,
     OutcomeUnknownError,
 )
+from resilient_voice._provider import SETTLE_AFTER
 from resilient_voice.asgi import (
     LeaseReleaseMiddleware,
     TwilioSignatureMiddleware,
@@ -444,7 +446,7 @@ async def test_twilio_unknown_outcome_is_settled_by_reconcile_leases() -> None:
         (unknown,) = await s.leases.unknown()
         assert unknown.attempt_id == info.value.attempt_id
         (created,) = s.fake.calls("twilio")
-        await s.twilio.reconcile_leases()
+        await s.twilio.reconcile_leases()  # found: bound at once, however young the lease
         assert await s.leases.unknown() == ()
         assert s.leases.statistics().in_use == 1  # bound to the call that was created
         await s.twilio.update_call(created.id, status="completed")
@@ -453,7 +455,7 @@ async def test_twilio_unknown_outcome_is_settled_by_reconcile_leases() -> None:
     assert [e.call_id for e in s.released.events] == [created.id]
 
 
-async def test_an_unknown_outcome_that_created_nothing_is_released_by_reconcile() -> None:
+async def test_an_unknown_outcome_that_created_nothing_is_released_after_settle_after() -> None:
     from resilient_voice.testing import Fault
 
     async with setup(
@@ -465,6 +467,9 @@ async def test_an_unknown_outcome_that_created_nothing_is_released_by_reconcile(
             await s.twilio.create_call(to=number(1), from_=FROM, url=TWIML, status_callback=STATUS)
         assert len(await s.leases.unknown()) == 1
         assert s.fake.calls() == []
+        await s.twilio.reconcile_leases()  # too young to tell "not created" from "not yet"
+        assert len(await s.leases.unknown()) == 1
+        await s.clock.sleep(SETTLE_AFTER)
         await s.twilio.reconcile_leases()
         assert await s.leases.unknown() == ()
         assert s.leases.statistics().in_use == 0
@@ -482,12 +487,129 @@ async def test_vapi_unknown_outcome_is_settled_by_reconcile_leases() -> None:
             await vapi_create(s, 1)
         (created,) = s.fake.calls("vapi")
         assert len(await s.leases.unknown()) == 1
-        assert await s.vapi.reconcile_leases() == 0
+        assert await s.vapi.reconcile_leases() == 0  # found: bound at once, however young
         assert await s.leases.unknown() == ()
         assert s.leases.statistics().in_use == 1
         await s.clock.sleep(301.0)  # the call ends; its report is not sent (status_callbacks off)
         assert await s.vapi.reconcile_leases() == 1
     assert [e.call_id for e in s.released.events] == [created.id]
+
+
+def create_for(s: Setup, provider: str) -> Any:
+    if provider == "twilio":
+        return s.twilio.create_call(to=number(1), from_=FROM, url=TWIML, status_callback=STATUS)
+    return vapi_create(s, 1)
+
+
+def reconcile_for(s: Setup, provider: str) -> Callable[..., Any]:
+    return s.twilio.reconcile_leases if provider == "twilio" else s.vapi.reconcile_leases
+
+
+PROVIDERS = pytest.mark.parametrize("provider", ["twilio", "vapi"])
+
+
+@PROVIDERS
+async def test_a_create_processed_after_the_client_gave_up_keeps_its_lease(provider: str) -> None:
+    late: list[LateCreate] = []
+
+    def wrap(inner: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
+        late.append(LateCreate(inner))
+        return late[0]
+
+    async with setup(capacity=1, call_duration=300.0, status_callbacks=False, transport=wrap) as s:
+        reconcile = reconcile_for(s, provider)
+        with pytest.raises(OutcomeUnknownError):
+            await create_for(s, provider)
+        assert s.fake.calls() == []
+        # No call listed yet, but the create is young: the slot stays held, so a second
+        # create cannot take it while the first may still become a call.
+        assert await reconcile(settle_after=60.0) == 0
+        await s.clock.sleep(30.0)
+        assert await reconcile(settle_after=60.0) == 0
+        assert len(await s.leases.unknown()) == 1
+        with pytest.raises(CapacityExhaustedError):
+            await s.leases.acquire(timeout=0)
+        await late[0].deliver()  # the provider gets round to it: the call exists now
+        (created,) = s.fake.calls(provider)
+        await s.clock.sleep(30.0)  # the lease is 60 s old: found, so bound, not released
+        assert await reconcile(settle_after=60.0) == 0
+        assert await s.leases.unknown() == ()
+        assert s.leases.statistics().in_use == 1
+        await s.clock.sleep(300.0)  # the call ends; nobody reports it (status_callbacks off)
+        if provider == "twilio":
+            await s.twilio.update_call(created.id, status="completed")
+        assert await reconcile(settle_after=60.0) == 1
+    assert [e.call_id for e in s.released.events] == [created.id]
+    assert s.fake.peak_calls_in_progress(provider) == 1
+
+
+@PROVIDERS
+async def test_an_unknown_outcome_without_a_call_is_held_until_settle_after(provider: str) -> None:
+    late: list[LateCreate] = []
+
+    def wrap(inner: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
+        late.append(LateCreate(inner))
+        return late[0]
+
+    async with setup(capacity=1, status_callbacks=False, transport=wrap) as s:
+        reconcile = reconcile_for(s, provider)
+        with pytest.raises(OutcomeUnknownError):
+            await create_for(s, provider)
+        (lease,) = await s.leases.unknown()
+        start = lease.acquired_at
+        await reconcile(settle_after=10.0)
+        await s.clock.sleep_until(start + 9.5)
+        await reconcile(settle_after=10.0)
+        assert len(await s.leases.unknown()) == 1
+        await s.clock.sleep_until(start + 10.0)
+        await reconcile(settle_after=10.0)
+        assert await s.leases.unknown() == ()
+        assert s.leases.statistics().in_use == 0
+        (event,) = s.released.events
+    assert (event.lease_id, event.reason) == (lease.id, "lease")
+    assert s.fake.calls() == []
+
+
+@PROVIDERS
+async def test_reconcile_leases_waits_settle_after_by_default(provider: str) -> None:
+    async with setup(capacity=1, status_callbacks=False, transport=LateCreate) as s:
+        reconcile = reconcile_for(s, provider)
+        with pytest.raises(OutcomeUnknownError):
+            await create_for(s, provider)
+        (lease,) = await s.leases.unknown()
+        await s.clock.sleep_until(lease.acquired_at + SETTLE_AFTER - 1.0)
+        await reconcile()
+        assert len(await s.leases.unknown()) == 1
+        await s.clock.sleep(1.0)
+        await reconcile()
+        assert await s.leases.unknown() == ()
+    assert SETTLE_AFTER == 120.0
+    for method in (TwilioClient.reconcile_leases, VapiClient.reconcile_leases):
+        parameter = inspect.signature(method).parameters["settle_after"]
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        assert parameter.default == SETTLE_AFTER
+
+
+@PROVIDERS
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (10**400, ValueError),
+        ("60", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
+async def test_a_bad_settle_after_is_refused_before_anything_is_read(
+    provider: str, value: Any, error: type[Exception]
+) -> None:
+    async with setup(capacity=1, status_callbacks=False) as s:
+        with pytest.raises(error, match="settle_after"):
+            await reconcile_for(s, provider)(settle_after=value)
+        assert s.fake.requests() == []
 
 
 async def test_a_definite_failure_releases_the_lease_and_nothing_waits() -> None:

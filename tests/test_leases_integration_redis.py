@@ -13,20 +13,24 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import coredis  # noqa: F401  # the redis extra, installed by [dev]: fail, never skip
+import httpx
 import pytest
 
+from _apps import LateCreate
 from _redis import COREDIS_CANCEL_LEAK, REDIS_URL, collect_coredis_garbage, fresh_prefix
 from _together import run_together
-from resilient_voice import CallLeases
+from resilient_voice import CallLeases, OutcomeUnknownError
 from resilient_voice.asgi import LeaseReleaseMiddleware, TwilioSignatureMiddleware
 from resilient_voice.events import Event, LeaseReleased
 from resilient_voice.redis import RedisBackend
 from resilient_voice.testing import FakeTelephony, serve
+from resilient_voice.vapi import VapiClient
 
 pytestmark = [COREDIS_CANCEL_LEAK, pytest.mark.slow]
 __all__ = ["collect_coredis_garbage"]
@@ -124,3 +128,51 @@ async def test_two_processes_sharing_redis_never_exceed_one_capacity() -> None:
     assert [c for c in fake.callbacks() if c.status == "failed"] == []  # no 10004
     assert sorted(e.call_id or "" for e in receiver.released) == sorted(created)
     assert {e.reason for e in receiver.released} == {"webhook"}
+
+
+SETTLE_AFTER = 1.0
+
+
+@pytest.mark.parametrize("late_call", [False, True], ids=["no-call", "late-call"])
+async def test_settle_after_holds_an_unknown_outcome_by_its_age_in_redis(late_call: bool) -> None:
+    """With the leases in Redis, a lease's age comes from the server's clock: an unknown outcome
+    with no call listed stays held until it is ``settle_after`` old, and a call the provider
+    creates late is bound, not missed. Real time: every check sits at least 0.4 s from the
+    1 s bound, ample on a shared machine (each step is a few local round trips)."""
+    fake = FakeTelephony(
+        vapi_api_keys=["redis-settle-key"],
+        vapi_server_url="http://hooks.test/vapi",
+        call_duration=60.0,  # live through the test: bound, not released as ended
+        seed=5,
+    )
+    late = LateCreate(httpx.ASGITransport(app=fake))
+    async with (
+        fake.running(webhook_transport=httpx.MockTransport(lambda _: httpx.Response(204))),
+        RedisBackend.from_url(REDIS_URL, prefix=fresh_prefix(), timeout=1.0) as backend,
+    ):
+        leases = CallLeases("settle", 1, ttl=60.0, store=backend)
+        vapi = VapiClient(
+            "redis-settle-key",
+            base_url="http://127.0.0.1",
+            transport=late,
+            leases=leases,
+            server_url_configured=True,
+        )
+        async with vapi:
+            started = time.monotonic()
+            with pytest.raises(OutcomeUnknownError):
+                await vapi.create_call(
+                    assistant_id=fake.vapi_assistants()[0]["id"],
+                    phone_number_id=fake.vapi_phone_numbers()[0]["id"],
+                    customer_number="+15550000001",
+                )
+            await vapi.reconcile_leases(settle_after=SETTLE_AFTER)
+            assert len(await leases.unknown()) == 1  # young: held though no call is listed
+            if late_call:
+                await late.deliver()
+            await anyio.sleep(max(0.0, started + SETTLE_AFTER + 0.4 - time.monotonic()))
+            await vapi.reconcile_leases(settle_after=SETTLE_AFTER)
+            assert await leases.unknown() == ()
+            assert leases.statistics().in_use == (1 if late_call else 0)
+            assert time.monotonic() - started < SETTLE_AFTER + 5.0, "the machine stalled"
+    assert len(fake.calls("vapi")) == (1 if late_call else 0)

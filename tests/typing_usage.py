@@ -233,7 +233,7 @@ async def use_leased_clients(app: Any) -> Any:
     leases = resilient_voice.CallLeases("twilio:AC1", 5, ttl=3600.0)
     twilio = TwilioClient("AC" + "0" * 32, "token", leases=leases, lease_timeout=60.0)
     vapi = VapiClient("key", leases=leases, lease_timeout=None, server_url_configured=True)
-    freed: int = await twilio.reconcile_leases() + await vapi.reconcile_leases()
+    freed: int = await twilio.reconcile_leases() + await vapi.reconcile_leases(settle_after=90)
     del freed
     return TwilioSignatureMiddleware(
         LeaseReleaseMiddleware(app, leases=leases, paths=["/twilio/status"], verified=True),

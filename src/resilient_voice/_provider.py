@@ -48,14 +48,17 @@ from resilient_voice.leases import CallLeases, Lease
 from resilient_voice.policy import Policy
 
 __all__ = [
+    "SETTLE_AFTER",
     "UNREADABLE",
     "ProviderClient",
     "build_transport",
     "check_base_url",
     "check_leases",
+    "check_settle_after",
     "check_timeout",
     "create_leased",
     "resolve_policies",
+    "settled",
 ]
 
 UNREADABLE = "unreadable_answer"
@@ -174,6 +177,34 @@ def check_leases(leases: object, lease_timeout: object) -> tuple[CallLeases | No
     if lease_timeout is None:
         return leases, None
     return leases, _validate.number("lease_timeout", lease_timeout, inclusive=True)
+
+
+SETTLE_AFTER = 120.0
+"""``reconcile_leases(settle_after=)``'s default: how old (from its acquire) an unknown-outcome
+lease must be before "no call listed" is taken to mean "no call was created".
+
+The create the lease was taken for may still be in flight when the client gives up on it; the
+provider can process it after a listing that did not show it, and a slot released then would
+let a call run without a lease. With a client's defaults (3 attempts of 10 s, waits between
+them capped at ``max_delay=10`` s, ``Retry-After`` included) the last attempt is sent at most
+about 50 s after the lease and given up 10 s later; the other minute covers a request the
+provider accepted and still holds. Raise it with longer timeouts or more attempts."""
+
+
+def check_settle_after(value: object) -> float:
+    """``reconcile_leases(settle_after=)``, checked: a finite number of seconds, >= 0.
+
+    Raises:
+        TypeError: Not an int or a float (a bool is refused).
+        ValueError: Negative, NaN or infinite.
+    """
+    return _validate.number("settle_after", value, inclusive=True)
+
+
+def settled(lease: Lease, as_of: float, settle_after: float) -> bool:
+    """Whether ``lease``'s create is old enough at ``as_of`` (before the listing) that a call
+    the provider did not list was never created, rather than not created yet."""
+    return as_of - lease.acquired_at >= settle_after
 
 
 _Created = TypeVar("_Created")

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 import anyio
-from _leased import EVENTS, SETTLE, LeaseLedger
+from _leased import EVENTS, SETTLE, SETTLE_AFTER, LeaseLedger
 from _soak import (
     FROM,
     TWIML,
@@ -80,7 +80,7 @@ async def run(options: dict[str, Any]) -> dict[str, Any]:
             async def reconcile_leases() -> None:
                 nonlocal failures
                 try:
-                    await client.reconcile_leases()
+                    await client.reconcile_leases(settle_after=SETTLE_AFTER)
                 except ResilientVoiceError:
                     failures += 1
 
@@ -101,7 +101,8 @@ async def run(options: dict[str, Any]) -> dict[str, Any]:
                 group.cancel_scope.cancel()
             mine = {job.attempt_id for job in lane.jobs if job.outcome == "unknown"}
             await anyio.sleep(SETTLE)  # the last calls end, their webhooks arrive
-            deadline = time.monotonic() + 10.0
+            # An unknown outcome with no call is released SETTLE_AFTER after its lease.
+            deadline = time.monotonic() + SETTLE_AFTER + 10.0
             while True:
                 await reconcile_leases()
                 left = [u for u in await leases.unknown() if u.attempt_id in mine]

@@ -7,7 +7,8 @@ end-of-call reports, lost (5 %), duplicated (10 %) and reordered (20 %), go to a
 on loopback too: the signature guard outside ``LeaseReleaseMiddleware`` (see tests/soak/_leased.py
 for how it reaches the lease sets in the test's loop). ``reconcile_leases()`` runs every
 ``RECONCILE_PERIOD`` seconds, as an operator's job would, and after each phase until every lease
-is free.
+is free; an unknown outcome with no call is released only once its lease is ``SETTLE_AFTER`` old
+(tests/soak/_leased.py says why that bounds how late the fake can still create its call).
 
 What fails the test, besides the soak's own guarantees (no duplicate, no silent loss, every
 unknown outcome resolved, no CPS violation): more calls in progress upstream than a lane's
@@ -31,6 +32,7 @@ from typing import Any
 import anyio
 import pytest
 from _leased import (
+    SETTLE_AFTER,
     SID,
     Bridge,
     LeasedLane,
@@ -65,7 +67,8 @@ from resilient_voice.testing import serve
 CAPACITY = 4
 TTL = 60.0  # far longer than any call here: a TTL reclaim would mean reconciliation missed one
 RECONCILE_PERIOD = 0.5
-SETTLE_BOUND = 10.0
+# An unknown outcome with no call is released SETTLE_AFTER after its lease, then 10 s of slack.
+SETTLE_BOUND = SETTLE_AFTER + 10.0
 
 
 class Size:
@@ -246,7 +249,7 @@ async def test_the_ledger_counts_what_the_leased_soak_checks() -> None:
     assert await leases.release("CA1") is True
     assert await leases.release("CA1") is False  # a duplicate webhook frees nothing
     await leases.mark_unknown(third, "attempt-3")
-    await third.release()  # as reconcile_leases() does when no call is live
+    await third.release()  # as reconcile_leases() does when no call is live, settle_after on
     lane = Lane("x", "twilio", None, None, BreakerLog("x"), 1)  # type: ignore[arg-type]
     judged = {"creates": 3, "failed": 0, "local_rejections": 0, "resubmitted_unprocessed": 0}
     leased = LeasedLane(lane, None, leases, ledger)  # type: ignore[arg-type]

@@ -347,7 +347,8 @@ class CallLeases:
         """Keep ``lease`` held for a create whose outcome is unknown; return the marked lease.
 
         The client's reconciliation settles it: bind it when the provider lists a call for
-        ``attempt_id``, release it when not. Until then only the TTL frees it.
+        ``attempt_id``, release it when not, once the create is too old to still be processed
+        (``reconcile_leases(settle_after=)``). Until then only the TTL frees it.
 
         Raises:
             TypeError: ``lease`` not a Lease, ``attempt_id`` not a string.

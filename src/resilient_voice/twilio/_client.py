@@ -21,13 +21,16 @@ from pydantic import BaseModel
 from resilient_voice._clock import Clock
 from resilient_voice._lease_params import GENERATION_KEY, LEASE_KEY
 from resilient_voice._provider import (
+    SETTLE_AFTER,
     UNREADABLE,
     ProviderClient,
     build_transport,
     check_base_url,
     check_leases,
+    check_settle_after,
     check_timeout,
     create_leased,
+    settled,
 )
 from resilient_voice._request_checks import check_count
 from resilient_voice.breaker import CircuitBreaker
@@ -589,7 +592,7 @@ class TwilioClient(ProviderClient):
         calls = await self.list_calls(to=to, from_=from_, limit=limit)
         return _created_since(calls, since)
 
-    async def reconcile_leases(self) -> int:
+    async def reconcile_leases(self, *, settle_after: float = SETTLE_AFTER) -> int:
         """Settle this account's leases against the calls Twilio lists as live.
 
         Run it periodically (every minute or so) on one replica or all: it is what reclaims a
@@ -597,19 +600,39 @@ class TwilioClient(ProviderClient):
         the leases' clock, then lists the calls ``queued``, ``ringing`` and ``in-progress``
         (every page). Leases of this client whose create had an unknown outcome are settled
         first, as :meth:`reconcile_call` would match them (the destination and caller, created
-        since the attempt): bound to the call when one is live, released when none is. Then
-        :meth:`CallLeases.reconcile <resilient_voice.CallLeases.reconcile>` frees every lease
-        bound before that time whose call is no longer listed. Unknown-outcome leases of other
-        replicas are left to them (or to the TTL): only the replica that sent the create knows
-        the number it called.
+        since the attempt): bound to the call at once when one is live; released when none is
+        and the lease is at least ``settle_after`` seconds old; otherwise left held for the
+        next run. Then :meth:`CallLeases.reconcile <resilient_voice.CallLeases.reconcile>`
+        frees every lease bound before that time whose call is no longer listed. Unknown-outcome
+        leases of other replicas are left to them (or to the TTL): only the replica that sent
+        the create knows the number it called.
+
+        Why wait: a create the client gave up on (a timeout, a dropped connection) may still
+        be in flight and be processed by Twilio after this listing; releasing its lease then
+        would let that call run without a slot, over the account's concurrent-call limit.
+        Holding it a while costs a slot during an incident; the TTL frees it in any case.
+
+        Args:
+            settle_after: Seconds from the lease's acquire (on the leases' clock, before the
+                create was sent, compared with the time noted before the listing) after which
+                a create Twilio does not list is taken to have created nothing. It must cover
+                the client's whole create (every attempt, backoff and rate-limit wait) plus how
+                long Twilio may still hold a request the client gave up on. The default, 120 s,
+                covers the default timeout and retry policy (the last attempt is sent at most
+                about 50 s after the lease) with a minute to spare; raise it with longer
+                timeouts or more attempts. ``0`` releases at once (only safe when nothing can
+                still be in flight).
 
         Returns:
             How many bound leases were freed because their call is no longer live.
 
         Raises:
+            TypeError: ``settle_after`` not a number.
+            ValueError: ``settle_after`` negative or not finite.
             RuntimeError: The client has no ``leases=``.
             TwilioAPIError, CircuitOpenError, ...: Listing the calls failed; nothing changed.
         """
+        settle = check_settle_after(settle_after)
         leases = self._require_leases()
         unknown = await leases.unknown()
         as_of = leases.clock.now()
@@ -622,6 +645,8 @@ class TwilioClient(ProviderClient):
                 continue
             to, from_, since = context
             found = [c for c in _created_since(live, since) if c.to == to and c.from_ == from_]
+            if not found and not settled(lease, as_of, settle):
+                continue  # its create may still be processed: held, looked at again next run
             with anyio.CancelScope(shield=True):
                 if found:
                     await leases.bind(lease, found[-1].sid)  # newest first: the oldest match

@@ -23,13 +23,16 @@ from resilient_voice import _validate
 from resilient_voice._clock import Clock
 from resilient_voice._lease_params import GENERATION_KEY, LEASE_KEY
 from resilient_voice._provider import (
+    SETTLE_AFTER,
     UNREADABLE,
     ProviderClient,
     build_transport,
     check_base_url,
     check_leases,
+    check_settle_after,
     check_timeout,
     create_leased,
+    settled,
 )
 from resilient_voice.correlation import get_correlation_id, new_attempt_id
 from resilient_voice.errors import InvalidRequestError, OutcomeUnknownError
@@ -413,25 +416,46 @@ class VapiClient(ProviderClient):
         )
         return _find_attempt(calls, attempt_id)
 
-    async def reconcile_leases(self) -> int:
+    async def reconcile_leases(self, *, settle_after: float = SETTLE_AFTER) -> int:
         """Settle the org's leases against the calls Vapi lists as not ended.
 
         Run it periodically (every minute or so): it is what reclaims a slot whose end-of-call
         report was lost before its TTL would. It takes the leases whose create had an unknown
         outcome, notes the time on the leases' clock, then lists the calls created within the
         leases' TTL (every page, newest first). An unknown-outcome lease whose attempt id a
-        listed call carries (as :meth:`reconcile_call` matches it) is bound to that call if it
-        has not ended, released otherwise; one whose attempt created no call is released.
-        Then :meth:`CallLeases.reconcile <resilient_voice.CallLeases.reconcile>` frees every
-        lease bound before that time whose call has ended or is not listed.
+        listed call carries (as :meth:`reconcile_call` matches it) is bound to that call at
+        once if it has not ended, released if it has; one whose attempt no listed call carries
+        is released when the lease is at least ``settle_after`` seconds old, and otherwise left
+        held for the next run. Then :meth:`CallLeases.reconcile
+        <resilient_voice.CallLeases.reconcile>` frees every lease bound before that time whose
+        call has ended or is not listed.
+
+        Why wait: a create the client gave up on (a timeout, a dropped connection) may still
+        be in flight and be processed by Vapi after this listing; releasing its lease then
+        would let that call run without a slot, over the org's concurrency limit. Holding it a
+        while costs a slot during an incident; the TTL frees it in any case.
+
+        Args:
+            settle_after: Seconds from the lease's acquire (on the leases' clock, before the
+                create was sent, compared with the time noted before the listing) after which
+                an attempt no listed call carries is taken to have created nothing. It must
+                cover the client's whole create (every attempt, backoff and rate-limit wait)
+                plus how long Vapi may still hold a request the client gave up on. The default,
+                120 s, covers the default timeout and retry policy (the last attempt is sent at
+                most about 50 s after the lease) with a minute to spare; raise it with longer
+                timeouts or more attempts. ``0`` releases at once (only safe when nothing can
+                still be in flight).
 
         Returns:
             How many bound leases were freed because their call is no longer live.
 
         Raises:
+            TypeError: ``settle_after`` not a number.
+            ValueError: ``settle_after`` negative or not finite.
             RuntimeError: The client has no ``leases=``.
             VapiAPIError, CircuitOpenError, ...: Listing the calls failed; nothing changed.
         """
+        settle = check_settle_after(settle_after)
         leases = self._leases
         if leases is None:
             raise RuntimeError(f"this {type(self).__name__} has no leases=")
@@ -441,6 +465,8 @@ class VapiClient(ProviderClient):
         live = [call for call in calls if call.status != "ended"]
         for lease in unknown:
             found = _find_attempt(calls, lease.attempt_id or "")
+            if found is None and not settled(lease, as_of, settle):
+                continue  # its create may still be processed: held, looked at again next run
             with anyio.CancelScope(shield=True):
                 if found is not None and found.status != "ended":
                     await leases.bind(lease, found.id)
