@@ -84,9 +84,11 @@ class FlakyStore:
                 wake()
         return answer
 
-    async def lease_mark_unknown(self, name: str, lease_id: str, attempt_id: str) -> bool:
+    async def lease_mark_unknown(
+        self, name: str, lease_id: str, attempt_id: str, context: str | None = None
+    ) -> bool:
         self._check()
-        return await self.inner.lease_mark_unknown(name, lease_id, attempt_id)
+        return await self.inner.lease_mark_unknown(name, lease_id, attempt_id, context)
 
     async def lease_unknown(self, name: str) -> list[Stored]:
         self._check()
