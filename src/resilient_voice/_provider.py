@@ -180,15 +180,15 @@ def check_leases(leases: object, lease_timeout: object) -> tuple[CallLeases | No
 
 
 SETTLE_AFTER = 120.0
-"""``reconcile_leases(settle_after=)``'s default: how old (from its acquire) an unknown-outcome
-lease must be before "no call listed" is taken to mean "no call was created".
+"""``reconcile_leases(settle_after=)``'s default: how long after its unknown mark (when the
+client gave up on the create) a lease must be before "no call listed" is taken to mean "no call
+was created".
 
 The create the lease was taken for may still be in flight when the client gives up on it; the
 provider can process it after a listing that did not show it, and a slot released then would
-let a call run without a lease. With a client's defaults (3 attempts of 10 s, waits between
-them capped at ``max_delay=10`` s, ``Retry-After`` included) the last attempt is sent at most
-about 50 s after the lease and given up 10 s later; the other minute covers a request the
-provider accepted and still holds. Raise it with longer timeouts or more attempts."""
+let a call run without a lease. Counted from the mark, the client's own attempts, backoff and
+rate-limit waits are behind it: two minutes is for a request the provider accepted and still
+holds, or lists late."""
 
 
 def check_settle_after(value: object) -> float:
