@@ -692,3 +692,40 @@ async def test_prometheus_metrics_follow_the_lease_set() -> None:
     assert value("leases_released_total", reason="ttl") == 1
     assert value("leases_in_use") == 0
     assert a.call_id == "CA1"
+
+
+async def test_an_unknown_mark_keeps_its_context_and_time_until_the_bind() -> None:
+    leases, _, clock = in_memory()
+    lease = await leases.acquire()
+    clock.advance(40)
+    context = "|".join(["x" * 100] * 10)[:1024]  # at the bound, with the Redis separator
+    marked = await leases.mark_unknown(lease, "att-1", context=context)
+    assert (marked.marked_at, marked.context) == (40.0, context)
+    clock.advance(5)
+    (listed,) = await leases.unknown()
+    assert (listed.acquired_at, listed.marked_at, listed.context) == (0.0, 40.0, context)
+    assert listed == marked  # equality as before: the mark's details are not compared
+    plain = await leases.mark_unknown(await leases.acquire(), "att-2")  # the old call
+    assert (plain.marked_at, plain.context) == (45.0, None)
+    await leases.bind(marked, "CA1")
+    assert [x.attempt_id for x in await leases.unknown()] == ["att-2"]
+
+
+@pytest.mark.parametrize(
+    ("context", "error", "match"),
+    [
+        (b"{}", TypeError, "context must be a str or None, got bytes"),
+        (7, TypeError, "context must be a str or None, got int"),
+        ("", ValueError, "context must not be empty"),
+        ("x" * 1025, ValueError, "context is 1025 characters; at most 1024"),
+        ('{"to":"a\nb"}', ValueError, "context must hold printable characters only"),
+    ],
+)
+async def test_mark_unknown_refuses_a_bad_context(
+    context: Any, error: type[Exception], match: str
+) -> None:
+    leases, _, _ = in_memory()
+    lease = await leases.acquire()
+    with pytest.raises(error, match=match):
+        await leases.mark_unknown(lease, "att-1", context=context)
+    assert await leases.unknown() == ()  # nothing was marked

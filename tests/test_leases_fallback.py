@@ -84,9 +84,11 @@ class FlakyStore:
                 wake()
         return answer
 
-    async def lease_mark_unknown(self, name: str, lease_id: str, attempt_id: str) -> bool:
+    async def lease_mark_unknown(
+        self, name: str, lease_id: str, attempt_id: str, context: str | None = None
+    ) -> bool:
         self._check()
-        return await self.inner.lease_mark_unknown(name, lease_id, attempt_id)
+        return await self.inner.lease_mark_unknown(name, lease_id, attempt_id, context)
 
     async def lease_unknown(self, name: str) -> list[Stored]:
         self._check()
@@ -287,6 +289,26 @@ async def test_unknown_reconcile_and_capacity_survive_an_outage() -> None:
     clock.advance(3.0)  # past the second re-probe (1 s +-20 % after the first)
     assert {x.attempt_id for x in await leases.unknown()} == {"att-remote", "att-local"}
     assert (remote.attempt_id, local.attempt_id) == ("att-remote", "att-local")
+
+
+async def test_an_unknown_mark_made_during_an_outage_keeps_its_context() -> None:
+    """A mark of a shared lease that could not reach the store is replayed with its context;
+    its time is the replay's (later: settle_after then holds the slot longer, never shorter).
+    A local lease keeps its mark in the local table."""
+    leases, store, clock, _ = make(4)
+    shared = await leases.acquire()
+    store.down = True
+    await leases.mark_unknown(shared, "att-shared", context='{"to":"+1"}')
+    local = await leases.mark_unknown(await leases.acquire(timeout=0), "att-local", context="x")
+    assert [(x.attempt_id, x.context) for x in await leases.unknown()] == [("att-local", "x")]
+    assert local.marked_at == clock.now()
+    store.down = False
+    clock.advance(3.0)  # past the second re-probe (1 s +-20 % after the first)
+    await leases.unknown()  # the probe: answered, then the kept mark is replayed
+    listed = {x.attempt_id: x for x in await leases.unknown()}
+    assert listed["att-shared"].context == '{"to":"+1"}'
+    assert listed["att-shared"].marked_at == clock.now()  # marked in the store at the replay
+    assert (listed["att-local"].context, listed["att-local"].marked_at) == ("x", 0.0)
 
 
 async def test_a_webhook_that_beats_a_local_leases_bind_frees_it_at_the_bind() -> None:

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -789,3 +790,100 @@ async def test_the_lease_parameters_are_reserved_in_callback_urls() -> None:
         assert s.leases.statistics().in_use == 0
     assert info.value.field == "status_callback"
     assert s.fake.requests() == []
+
+
+@asynccontextmanager
+async def other_replica(s: Setup) -> AsyncIterator[TwilioClient]:
+    """Another replica's TwilioClient on the same lease set: it sent none of the creates (the
+    replica that did may have crashed), so all it knows is what the leases store."""
+    async with TwilioClient(
+        SID,
+        TOKEN,
+        base_url="http://127.0.0.1",
+        transport=httpx.ASGITransport(app=s.fake),
+        clock=s.clock,
+        calls_per_second=1000.0,
+        leases=s.leases,
+    ) as client:
+        yield client
+
+
+async def test_a_twilio_unknown_outcome_is_bound_by_another_replica() -> None:
+    async with setup(
+        capacity=2,
+        call_duration=300.0,
+        status_callbacks=False,
+        transport=lambda inner: DropAfter(inner, 1),
+    ) as s:
+        with pytest.raises(OutcomeUnknownError):
+            await s.twilio.create_call(to=number(1), from_=FROM, url=TWIML, status_callback=STATUS)
+        (created,) = s.fake.calls("twilio")
+        (marked,) = await s.leases.unknown()
+        context = json.loads(marked.context or "null")
+        assert (context["to"], context["from"]) == (number(1), FROM)
+        async with other_replica(s) as replica:
+            assert await replica.reconcile_leases() == 0  # found: bound at once
+            assert await s.leases.unknown() == ()
+            assert s.leases.statistics().in_use == 1
+            await s.twilio.update_call(created.id, status="completed")
+            await s.clock.sleep(1.0)
+            assert await replica.reconcile_leases() == 1
+    assert [e.call_id for e in s.released.events] == [created.id]
+
+
+async def test_a_twilio_unknown_outcome_without_a_call_is_released_by_another_replica() -> None:
+    from resilient_voice.testing import Fault
+
+    async with setup(
+        capacity=2,
+        status_callbacks=False,
+        faults=[Fault.burst(1, status=500, endpoints=["twilio.calls.create"])],
+    ) as s:
+        with pytest.raises(OutcomeUnknownError):
+            await s.twilio.create_call(to=number(1), from_=FROM, url=TWIML, status_callback=STATUS)
+        (lease,) = await s.leases.unknown()
+        assert lease.marked_at is not None
+        async with other_replica(s) as replica:
+            await replica.reconcile_leases(settle_after=10.0)
+            await s.clock.sleep_until(lease.marked_at + 9.5)
+            await replica.reconcile_leases(settle_after=10.0)
+            assert len(await s.leases.unknown()) == 1  # too young to tell "not yet" from "not"
+            await s.clock.sleep_until(lease.marked_at + 10.0)
+            await replica.reconcile_leases(settle_after=10.0)
+        assert await s.leases.unknown() == ()
+        assert s.leases.statistics().in_use == 0
+    assert s.released.reasons() == Counter(lease=1)
+    assert s.fake.calls() == []
+
+
+async def test_settle_after_counts_from_the_unknown_mark_not_the_acquire() -> None:
+    """A create that waited long (rate limits, retries) before its outcome became unknown: the
+    provider may still process it up to ``settle_after`` after the client gave up."""
+    from resilient_voice.twilio._client import _match_context
+
+    async with setup(capacity=1, ttl=3600.0, status_callbacks=False) as s:
+        lease = await s.leases.acquire()
+        await s.clock.sleep(600.0)
+        context = _match_context(number(1), FROM, datetime.now(UTC) - timedelta(seconds=5))
+        marked = await s.leases.mark_unknown(lease, "att-late", context=context)
+        assert marked.marked_at == s.clock.now()
+        await s.twilio.reconcile_leases(settle_after=120.0)  # 600 s after the acquire: held
+        assert len(await s.leases.unknown()) == 1
+        await s.clock.sleep_until(marked.marked_at + 119.0)
+        await s.twilio.reconcile_leases(settle_after=120.0)
+        assert len(await s.leases.unknown()) == 1
+        await s.clock.sleep_until(marked.marked_at + 120.0)
+        await s.twilio.reconcile_leases(settle_after=120.0)
+        assert await s.leases.unknown() == ()
+    assert s.released.reasons() == Counter(lease=1)
+
+
+@pytest.mark.parametrize("context", [None, "not json", "[1,2]", '{"to":"+1","from":2,"since":1}'])
+async def test_twilio_leaves_a_lease_whose_context_it_cannot_read_to_the_ttl(
+    context: str | None,
+) -> None:
+    async with setup(capacity=1, status_callbacks=False) as s:
+        await s.leases.mark_unknown(await s.leases.acquire(), "att-x", context=context)
+        await s.clock.sleep(SETTLE_AFTER + 1.0)
+        await s.twilio.reconcile_leases()
+        assert len(await s.leases.unknown()) == 1

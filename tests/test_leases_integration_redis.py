@@ -30,6 +30,7 @@ from resilient_voice.asgi import LeaseReleaseMiddleware, TwilioSignatureMiddlewa
 from resilient_voice.events import Event, LeaseReleased
 from resilient_voice.redis import RedisBackend
 from resilient_voice.testing import FakeTelephony, serve
+from resilient_voice.twilio import TwilioClient
 from resilient_voice.vapi import VapiClient
 
 pytestmark = [COREDIS_CANCEL_LEAK, pytest.mark.slow]
@@ -176,3 +177,83 @@ async def test_settle_after_holds_an_unknown_outcome_by_its_age_in_redis(late_ca
             assert leases.statistics().in_use == (1 if late_call else 0)
             assert time.monotonic() - started < SETTLE_AFTER + 5.0, "the machine stalled"
     assert len(fake.calls("vapi")) == (1 if late_call else 0)
+
+
+@pytest.mark.parametrize("provider", ["twilio", "vapi"])
+@pytest.mark.parametrize("late_call", [False, True], ids=["no-call", "late-call"])
+async def test_another_replica_settles_an_unknown_outcome_in_redis(
+    provider: str, late_call: bool
+) -> None:
+    """Replica A's create has an unknown outcome and A goes away; replica B (its own backend,
+    the same Redis prefix) settles A's lease from what the lease stores: bound to the call A's
+    create made, or released ``settle_after`` after A's mark when there is none. Real time, as
+    above: every check sits at least 0.4 s from the 1 s bound."""
+    fake = FakeTelephony(
+        twilio_accounts={SID: TOKEN},
+        vapi_api_keys=["redis-replica-key"],
+        vapi_server_url="http://hooks.test/vapi",
+        call_duration=60.0,  # live through the test: bound, not released as ended
+        seed=7,
+    )
+    late = LateCreate(httpx.ASGITransport(app=fake))
+    prefix = fresh_prefix()
+    async with (
+        fake.running(webhook_transport=httpx.MockTransport(lambda _: httpx.Response(204))),
+        RedisBackend.from_url(REDIS_URL, prefix=prefix, timeout=1.0) as backend_a,
+        RedisBackend.from_url(REDIS_URL, prefix=prefix, timeout=1.0) as backend_b,
+    ):
+        leases_a = CallLeases("replicas", 1, ttl=60.0, store=backend_a)
+        leases_b = CallLeases("replicas", 1, ttl=60.0, store=backend_b)
+        started = time.monotonic()
+        async with _client(provider, late, leases_a) as replica_a:
+            with pytest.raises(OutcomeUnknownError):
+                await _create(provider, replica_a, fake)
+        # Replica A is gone: only B reconciles from here on.
+        async with _client(provider, httpx.ASGITransport(app=fake), leases_b) as replica_b:
+            (lease,) = await leases_b.unknown()
+            if provider == "twilio":
+                assert lease.context is not None  # what B matches A's call by
+            await replica_b.reconcile_leases(settle_after=SETTLE_AFTER)
+            assert len(await leases_b.unknown()) == 1  # young: held though no call is listed
+            if late_call:
+                await late.deliver()
+            await anyio.sleep(max(0.0, started + SETTLE_AFTER + 0.4 - time.monotonic()))
+            await replica_b.reconcile_leases(settle_after=SETTLE_AFTER)
+            assert await leases_b.unknown() == ()
+            assert leases_b.statistics().in_use == (1 if late_call else 0)
+            assert time.monotonic() - started < SETTLE_AFTER + 5.0, "the machine stalled"
+    assert len(fake.calls(provider)) == (1 if late_call else 0)
+
+
+def _client(provider: str, transport: httpx.AsyncBaseTransport, leases: CallLeases) -> Any:
+    if provider == "twilio":
+        return TwilioClient(
+            SID,
+            TOKEN,
+            base_url="http://127.0.0.1",
+            transport=transport,
+            calls_per_second=1000.0,
+            leases=leases,
+        )
+    return VapiClient(
+        "redis-replica-key",
+        base_url="http://127.0.0.1",
+        transport=transport,
+        leases=leases,
+        server_url_configured=True,
+    )
+
+
+async def _create(provider: str, client: Any, fake: FakeTelephony) -> Any:
+    if provider == "twilio":
+        return await client.create_call(
+            to="+15550000002",
+            from_="+14155550199",
+            url="https://example.com/twiml",
+            status_callback="http://hooks.test/twilio/status",
+        )
+    return await client.create_call(
+        assistant_id=fake.vapi_assistants()[0]["id"],
+        phone_number_id=fake.vapi_phone_numbers()[0]["id"],
+        customer_number="+15550000002",
+    )

@@ -133,7 +133,9 @@ class LeaseMachine(RuleBasedStateMachine):
 
     @rule(lease=leases)
     def mark_unknown(self, lease: str) -> None:
-        self.table.mark_unknown(lease, "att")
+        record = self.table.mark_unknown(lease, "att", "ctx", self.now)
+        if record is not None:
+            assert (record.attempt_id, record.context, record.marked_at) == ("att", "ctx", self.now)
 
     @rule(data=st.data())
     def reconcile(self, data: st.DataObject) -> None:

@@ -209,6 +209,9 @@ async def use_leases() -> None:
     freed: bool = await leases.release("CA1", generation=bound.generation)
     unknown = await leases.mark_unknown(await leases.acquire(), "att-1")
     pending: tuple[resilient_voice.Lease, ...] = await leases.unknown()
+    marked = await leases.mark_unknown(await leases.acquire(), "att-2", context='{"to":"+1"}')
+    marked_at: float | None = marked.marked_at
+    context: str | None = marked.context
     reconciled: int = await leases.reconcile(["CA2"], as_of=leases.clock.now())
     await leases.signal_capacity("twilio:10004")
     await leases.observe_provider_limits(concurrency_limit=5, remaining=2)
@@ -222,7 +225,7 @@ async def use_leases() -> None:
     async with RedisBackend.from_url("redis://127.0.0.1:6379/0", prefix="app") as backend:
         shared = resilient_voice.CallLeases("vapi:org", 5, ttl=1800.0, store=backend)
         await (await shared.acquire()).release()
-    del freed, pending, reconciled, stats
+    del freed, pending, reconciled, stats, marked_at, context
 
 
 async def use_leased_clients(app: Any) -> Any:

@@ -180,15 +180,15 @@ def check_leases(leases: object, lease_timeout: object) -> tuple[CallLeases | No
 
 
 SETTLE_AFTER = 120.0
-"""``reconcile_leases(settle_after=)``'s default: how old (from its acquire) an unknown-outcome
-lease must be before "no call listed" is taken to mean "no call was created".
+"""``reconcile_leases(settle_after=)``'s default: how long after its unknown mark (when the
+client gave up on the create) a lease must be before "no call listed" is taken to mean "no call
+was created".
 
 The create the lease was taken for may still be in flight when the client gives up on it; the
 provider can process it after a listing that did not show it, and a slot released then would
-let a call run without a lease. With a client's defaults (3 attempts of 10 s, waits between
-them capped at ``max_delay=10`` s, ``Retry-After`` included) the last attempt is sent at most
-about 50 s after the lease and given up 10 s later; the other minute covers a request the
-provider accepted and still holds. Raise it with longer timeouts or more attempts."""
+let a call run without a lease. Counted from the mark, the client's own attempts, backoff and
+rate-limit waits are behind it: two minutes is for a request the provider accepted and still
+holds, or lists late."""
 
 
 def check_settle_after(value: object) -> float:
@@ -203,8 +203,14 @@ def check_settle_after(value: object) -> float:
 
 def settled(lease: Lease, as_of: float, settle_after: float) -> bool:
     """Whether ``lease``'s create is old enough at ``as_of`` (before the listing) that a call
-    the provider did not list was never created, rather than not created yet."""
-    return as_of - lease.acquired_at >= settle_after
+    the provider did not list was never created, rather than not created yet.
+
+    Counted from the unknown mark (when the client gave up on the create), not the acquire:
+    rate-limit waits and retries before it do not eat into the margin. A lease marked without
+    a time (never, from this library's stores) counts from its acquire.
+    """
+    since = lease.acquired_at if lease.marked_at is None else lease.marked_at
+    return as_of - since >= settle_after
 
 
 _Created = TypeVar("_Created")
@@ -216,6 +222,7 @@ async def create_leased(
     attempt_id: str,
     create: Callable[[Lease], Awaitable[_Created]],
     call_id: Callable[[_Created], str],
+    context: str | None = None,
 ) -> tuple[_Created, Lease]:
     """Run one create while holding a call lease; return what it created and the bound lease.
 
@@ -225,7 +232,8 @@ async def create_leased(
 
     - created: the lease is bound to ``call_id(result)``;
     - :class:`~resilient_voice.OutcomeUnknownError`: the call may exist, so the lease stays
-      held, marked with the attempt id, until reconciliation settles it;
+      held, marked with the attempt id and ``context`` (what any replica's reconciliation
+      needs to find the call), until reconciliation settles it;
     - any other error (refused locally, nothing sent, the provider refused): nothing was
       created, so the lease is released;
     - cancelled while the create was under way: the call may exist, so as for an unknown
@@ -243,7 +251,7 @@ async def create_leased(
         result = await create(lease)
     except OutcomeUnknownError as exc:
         with anyio.CancelScope(shield=True):
-            await leases.mark_unknown(lease, exc.attempt_id)
+            await leases.mark_unknown(lease, exc.attempt_id, context=context)
         raise
     except Exception:
         with anyio.CancelScope(shield=True):
@@ -251,7 +259,7 @@ async def create_leased(
         raise
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await leases.mark_unknown(lease, attempt_id)
+            await leases.mark_unknown(lease, attempt_id, context=context)
         raise
     with anyio.CancelScope(shield=True):
         bound = await leases.bind(lease, call_id(result))

@@ -65,14 +65,15 @@ EVENTS = ("initiated", "ringing", "answered", "completed")
 # After a phase, a call placed at its end has ended and its webhooks have arrived this much
 # later (the bounds above add up to 0.32 s; the rest is slack for a loaded machine).
 SETTLE = 0.5
-# ``reconcile_leases(settle_after=)``: how old an unknown-outcome lease must be before "no call
-# listed" releases it (the library's default, 120 s, is for real providers). Here a create is
-# given up at most 4.6 s after its lease: 3 attempts of TIMEOUT (1 s), each after a pacing wait
-# under 0.2 s (4 leased creates at 20 per second or more), and 2 backoffs of at most
-# ``max_delay`` (0.5 s). The fake handles a request within 0.07 s of reading it (the latency
-# faults, 0.05 and 0.02 s, added up). 6 s leaves 1.3 s more for a request a loaded machine has
-# not read yet: a create the client gave up on has been processed, or never will be, by then,
-# so a call cannot run after its lease was released and the peak assertion cannot count it.
+# ``reconcile_leases(settle_after=)``: how long after its unknown mark (when the client gave up
+# on the create) a lease with no call listed is released (the library's default, 120 s, is for
+# real providers). The fake handles a request within 0.07 s of reading it (the latency faults,
+# 0.05 and 0.02 s, added up); the rest is for a request a loaded machine has not read yet. 6 s
+# was chosen when the count started at the acquire (a create is given up at most 4.6 s after
+# its lease: 3 attempts of TIMEOUT, 1 s, pacing waits under 0.2 s, 2 backoffs of at most 0.5 s)
+# and is kept: from the mark it leaves those 4.6 s as further slack. A create the client gave up
+# on has been processed, or never will be, by then, so a call cannot run after its lease was
+# released and the peak assertion cannot count it.
 SETTLE_AFTER = 6.0
 
 

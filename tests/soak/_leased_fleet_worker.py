@@ -5,8 +5,9 @@ Run as ``python tests/soak/_leased_fleet_worker.py <json options>`` (options: ``
 ``ttl``, ``tasks``, ``period``, ``start_at``, ``backend``). The account's pacing and its
 ``CallLeases`` live in the shared Redis; the webhook receiver (the parent) releases the leases.
 This process runs ``reconcile_leases()`` every ``period`` seconds, as each replica's periodic
-job would, and at the end until none of its own unknown outcomes is left (only the replica
-that sent a create can settle its unknown outcome). Prints ``{"jobs", "unexpected",
+job would, and at the end until none of its own unknown outcomes is left (any replica settles
+any replica's, from the context stored with the mark; waiting for its own is what it can
+count on). Prints ``{"jobs", "unexpected",
 "acquired", "releases", "reconcile_failures", "unsettled"}``: ``releases`` lists
 ``[lease_id, reason]`` for every release this process made.
 """
@@ -101,7 +102,7 @@ async def run(options: dict[str, Any]) -> dict[str, Any]:
                 group.cancel_scope.cancel()
             mine = {job.attempt_id for job in lane.jobs if job.outcome == "unknown"}
             await anyio.sleep(SETTLE)  # the last calls end, their webhooks arrive
-            # An unknown outcome with no call is released SETTLE_AFTER after its lease.
+            # An unknown outcome with no call is released SETTLE_AFTER after its mark.
             deadline = time.monotonic() + SETTLE_AFTER + 10.0
             while True:
                 await reconcile_leases()

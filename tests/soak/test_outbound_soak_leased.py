@@ -67,7 +67,7 @@ from resilient_voice.testing import serve
 CAPACITY = 4
 TTL = 60.0  # far longer than any call here: a TTL reclaim would mean reconciliation missed one
 RECONCILE_PERIOD = 0.5
-# An unknown outcome with no call is released SETTLE_AFTER after its lease, then 10 s of slack.
+# An unknown outcome with no call is released SETTLE_AFTER after its mark, then 10 s of slack.
 SETTLE_BOUND = SETTLE_AFTER + 10.0
 
 

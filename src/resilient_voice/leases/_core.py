@@ -54,7 +54,16 @@ def rank_key(priority: int) -> str:
 class LeaseRecord:
     """One held lease (mutable: bound and marked in place; the facade hands out frozen copies)."""
 
-    __slots__ = ("acquired_at", "attempt_id", "bound_at", "call_id", "generation", "id")
+    __slots__ = (
+        "acquired_at",
+        "attempt_id",
+        "bound_at",
+        "call_id",
+        "context",
+        "generation",
+        "id",
+        "marked_at",
+    )
 
     def __init__(self, lease_id: str, generation: int, acquired_at: float) -> None:
         self.id = lease_id
@@ -63,6 +72,8 @@ class LeaseRecord:
         self.call_id: str | None = None
         self.bound_at: float | None = None
         self.attempt_id: str | None = None
+        self.marked_at: float | None = None
+        self.context: str | None = None
 
 
 class LeaseTable:
@@ -226,6 +237,8 @@ class LeaseTable:
         record.call_id = call_id
         record.bound_at = now
         record.attempt_id = None
+        record.marked_at = None
+        record.context = None
         self._by_call[call_id] = record
         self._forget_early()
         return True, None
@@ -258,11 +271,20 @@ class LeaseTable:
         self._drop(record)
         return record
 
-    def mark_unknown(self, lease_id: str, attempt_id: str) -> LeaseRecord | None:
-        """Mark held lease ``lease_id`` as the lease of a create whose outcome is unknown."""
+    def mark_unknown(
+        self, lease_id: str, attempt_id: str, context: str | None, now: float
+    ) -> LeaseRecord | None:
+        """Mark held lease ``lease_id`` as the lease of a create whose outcome is unknown.
+
+        Kept with the attempt id: the client's ``context`` (what any replica needs to find the
+        call) and ``now``, the time the outcome became unknown, from which ``settle_after``
+        counts. Marking again replaces all three.
+        """
         record = self._held.get(lease_id)
         if record is not None:
             record.attempt_id = attempt_id
+            record.context = context
+            record.marked_at = now
         return record
 
     def unknown(self) -> list[LeaseRecord]:

@@ -54,7 +54,13 @@ from resilient_voice.events import (
 )
 from resilient_voice.leases._fallback import FallbackLeaseStore
 from resilient_voice.leases._queue import GONE, GRANTED, WAITING, Waiter, WaiterQueue
-from resilient_voice.leases._records import Lease, LeaseStatistics, check_call_id, check_lease
+from resilient_voice.leases._records import (
+    Lease,
+    LeaseStatistics,
+    check_call_id,
+    check_context,
+    check_lease,
+)
 from resilient_voice.leases._store import Grant, InMemoryLeaseStore, LeaseStore, LeaseView
 
 __all__ = ["CallLeases", "OnBackendError"]
@@ -343,29 +349,66 @@ class CallLeases:
         self._freed(lease_id, lease_or_call_id, "webhook", view)
         return True
 
-    async def mark_unknown(self, lease: Lease, attempt_id: str) -> Lease:
+    async def mark_unknown(
+        self, lease: Lease, attempt_id: str, *, context: str | None = None
+    ) -> Lease:
         """Keep ``lease`` held for a create whose outcome is unknown; return the marked lease.
 
         The client's reconciliation settles it: bind it when the provider lists a call for
         ``attempt_id``, release it when not, once the create is too old to still be processed
-        (``reconcile_leases(settle_after=)``). Until then only the TTL frees it.
+        (``reconcile_leases(settle_after=)``, counted from this mark). Until then only the TTL
+        frees it. The store keeps, with the attempt id, the time of the mark and ``context``,
+        so that any replica sharing the set can settle it (:meth:`unknown` lists them).
+
+        Args:
+            lease: The lease of the create.
+            attempt_id: The create's attempt id.
+            context: What the client needs to find the call, in a form it defines (TwilioClient
+                stores the destination, the caller and the attempt's start as JSON): a
+                printable string of at most 1024 characters, or ``None``.
 
         Raises:
-            TypeError: ``lease`` not a Lease, ``attempt_id`` not a string.
+            TypeError: ``lease`` not a Lease, ``attempt_id`` not a string, ``context`` neither
+                a string nor ``None``.
+            ValueError: ``context`` empty, too long, or holding a control character.
         """
         check_lease(lease)
         if not isinstance(attempt_id, str) or not attempt_id:
             raise TypeError(f"attempt_id must be a non-empty string, got {attempt_id!r}")
+        context = check_context(context)
         with anyio.CancelScope(shield=self._remote):
-            await self._store.lease_mark_unknown(self._name, lease.id, attempt_id)
-        return Lease(lease.id, lease.generation, lease.acquired_at, None, attempt_id, self)
+            await self._store.lease_mark_unknown(self._name, lease.id, attempt_id, context)
+        return Lease(
+            lease.id,
+            lease.generation,
+            lease.acquired_at,
+            None,
+            attempt_id,
+            self,
+            marked_at=self._now(),
+            context=context,
+        )
 
     async def unknown(self) -> tuple[Lease, ...]:
-        """The held leases of creates whose outcome is unknown, oldest first."""
+        """The held leases of creates whose outcome is unknown, oldest first.
+
+        Every replica's marks, each with its ``marked_at`` (on this set's clock) and
+        ``context``.
+        """
         now = self._now()
         stored = await self._store.lease_unknown(self._name)
         return tuple(
-            Lease(s.id, s.generation, now - s.age, s.call_id, s.attempt_id, self) for s in stored
+            Lease(
+                s.id,
+                s.generation,
+                now - s.age,
+                s.call_id,
+                s.attempt_id,
+                self,
+                marked_at=None if s.marked_age is None else now - s.marked_age,
+                context=s.context,
+            )
+            for s in stored
         )
 
     async def reconcile(self, live_call_ids: Iterable[str], *, as_of: float | None = None) -> int:

@@ -58,7 +58,8 @@ LOCAL = "local-"
 ALLOW = "allow-"
 
 T = TypeVar("T")
-_Pending = tuple[Literal["b", "r", "c", "u"], str, str, int | None]
+# (op, lease or call id, call or attempt id, generation, an unknown mark's context)
+_Pending = tuple[Literal["b", "r", "c", "u"], str, str, int | None, str | None]
 
 
 class FallbackLeaseStore:
@@ -135,7 +136,7 @@ class FallbackLeaseStore:
     async def _recovered(self, name: str) -> None:
         self._watch.recovered()
         while self._pending:
-            op, first, second, generation = self._pending[0]
+            op, first, second, generation, context = self._pending[0]
             try:
                 if op == "b":
                     await self._store.lease_bind(name, first, second)
@@ -144,7 +145,9 @@ class FallbackLeaseStore:
                 elif op == "c":
                     await self._store.lease_release_call(name, first, generation)
                 else:
-                    await self._store.lease_mark_unknown(name, first, second)
+                    # Marked on the store's clock when replayed: later than the mark, so a
+                    # settle_after counted from it only holds the slot longer.
+                    await self._mark(name, first, second, context)
             except StoreUnavailableError as error:
                 self._failed(error)
                 return
@@ -213,7 +216,7 @@ class FallbackLeaseStore:
             return False, self._local_view(name)
         answer = await self._remote(name, lambda: self._store.lease_bind(name, lease_id, call_id))
         if answer is None:
-            self._pending.append(("b", lease_id, call_id, None))
+            self._pending.append(("b", lease_id, call_id, None, None))
             return False, self._local_view(name)
         return answer
 
@@ -224,7 +227,7 @@ class FallbackLeaseStore:
             return None, False, self._local_view(name)
         answer = await self._remote(name, lambda: self._store.lease_release(name, lease_id))
         if answer is None:
-            self._pending.append(("r", lease_id, "", None))
+            self._pending.append(("r", lease_id, "", None, None))
             return None, False, self._local_view(name)
         return answer
 
@@ -242,22 +245,29 @@ class FallbackLeaseStore:
             name, lambda: self._store.lease_release_call(name, call_id, generation)
         )
         if answer is None:
-            self._pending.append(("c", call_id, "", generation))
+            self._pending.append(("c", call_id, "", generation, None))
             return None, self._local_view(name)
         return answer
 
-    async def lease_mark_unknown(self, name: str, lease_id: str, attempt_id: str) -> bool:
+    async def lease_mark_unknown(
+        self, name: str, lease_id: str, attempt_id: str, context: str | None = None
+    ) -> bool:
         if lease_id.startswith(LOCAL):
-            return await self._local.lease_mark_unknown(name, lease_id, attempt_id)
+            return await self._local.lease_mark_unknown(name, lease_id, attempt_id, context)
         if lease_id.startswith(ALLOW):
             return False
-        answer = await self._remote(
-            name, lambda: self._store.lease_mark_unknown(name, lease_id, attempt_id)
-        )
+        answer = await self._remote(name, lambda: self._mark(name, lease_id, attempt_id, context))
         if answer is None:
-            self._pending.append(("u", lease_id, attempt_id, None))
+            self._pending.append(("u", lease_id, attempt_id, None, context))
             return True
         return answer
+
+    async def _mark(self, name: str, lease_id: str, attempt_id: str, context: str | None) -> bool:
+        """The store's mark; without a context in the older form, so a store written before
+        marks carried one still takes them."""
+        if context is None:
+            return await self._store.lease_mark_unknown(name, lease_id, attempt_id)
+        return await self._store.lease_mark_unknown(name, lease_id, attempt_id, context)
 
     async def lease_unknown(self, name: str) -> list[Stored]:
         local = await self._local.lease_unknown(name)

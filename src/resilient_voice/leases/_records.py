@@ -8,7 +8,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from resilient_voice.leases._facade import CallLeases
 
-__all__ = ["Lease", "LeaseStatistics", "check_call_id", "check_lease"]
+__all__ = [
+    "CONTEXT_MAX",
+    "Lease",
+    "LeaseStatistics",
+    "check_call_id",
+    "check_context",
+    "check_lease",
+]
+
+CONTEXT_MAX = 1024
+"""Most characters of an unknown mark's ``context``: it is kept with the lease in the store and
+read back by every reconciliation, so it stays small (a few addresses and a time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +35,15 @@ class Lease:
         call_id: The provider's call id once bound (``leases.bind``), else ``None``.
         attempt_id: The create's attempt id when its outcome is unknown
             (``leases.mark_unknown``), else ``None``.
+        marked_at: When it was marked unknown, on the leases' clock (a shared store's age of
+            the mark, subtracted from this process's now), else ``None``: a client's
+            ``settle_after`` counts from it.
+        context: What the client that marked it stored to find its call
+            (``mark_unknown(..., context=)``), else ``None``: any replica can read it.
+
+    Equality compares ``id``, ``generation``, ``acquired_at``, ``call_id`` and
+    ``attempt_id``, as before the mark carried more: ``marked_at`` and ``context`` are
+    details of the mark, and ``marked_at`` read from a shared store moves with each read.
     """
 
     id: str
@@ -32,6 +52,8 @@ class Lease:
     call_id: str | None = None
     attempt_id: str | None = None
     owner: CallLeases | None = field(default=None, compare=False, repr=False)
+    marked_at: float | None = field(default=None, compare=False)
+    context: str | None = field(default=None, compare=False)
 
     async def release(self) -> bool:
         """Free this lease (a create that failed for certain: nothing was sent, or rejected).
@@ -90,3 +112,26 @@ def check_call_id(call_id: object) -> None:
         raise TypeError(f"call_id must be a string, got {type(call_id).__name__}")
     if not call_id:
         raise ValueError("call_id must not be empty")
+
+
+def check_context(context: object) -> str | None:
+    """``mark_unknown(context=)``, checked: ``None``, or a non-empty str of printable
+    characters, at most :data:`CONTEXT_MAX` long.
+
+    Raises:
+        TypeError: Not a str (nor ``None``).
+        ValueError: Empty, too long, or holding a control character.
+    """
+    if context is None:
+        return None
+    if not isinstance(context, str):
+        raise TypeError(f"context must be a str or None, got {type(context).__name__}")
+    if not context:
+        raise ValueError("context must not be empty (pass None for no context)")
+    if len(context) > CONTEXT_MAX:
+        raise ValueError(
+            f"context is {len(context)} characters; at most {CONTEXT_MAX} are kept with a lease"
+        )
+    if not context.isprintable():
+        raise ValueError(f"context must hold printable characters only, got {context[:80]!r}")
+    return context

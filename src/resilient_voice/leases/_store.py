@@ -67,13 +67,19 @@ class Grant:
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """A held lease as the store lists it; ``age`` is seconds since its acquire."""
+    """A held lease as the store lists it; ``age`` is seconds since its acquire.
+
+    A lease marked unknown also has ``marked_age``, seconds since the mark (an age, like
+    ``age``: the store's clock never crosses the seam), and the client's ``context``.
+    """
 
     id: str
     generation: int
     age: float
     call_id: str | None
     attempt_id: str | None
+    marked_age: float | None = None
+    context: str | None = None
 
 
 @runtime_checkable
@@ -137,8 +143,14 @@ class LeaseStore(Protocol):
         """Free the lease bound to ``call_id`` (of ``generation`` if given): its id, if freed."""
         ...
 
-    async def lease_mark_unknown(self, name: str, lease_id: str, attempt_id: str) -> bool:
-        """Mark a held lease as a create of unknown outcome; False when it is not held."""
+    async def lease_mark_unknown(
+        self, name: str, lease_id: str, attempt_id: str, context: str | None = None
+    ) -> bool:
+        """Mark a held lease as a create of unknown outcome; False when it is not held.
+
+        The store keeps ``attempt_id``, ``context`` and the time of the mark on its own clock
+        (listed as an age by :meth:`lease_unknown`); the lease's binding clears them.
+        """
         ...
 
     async def lease_unknown(self, name: str) -> list[Stored]:
@@ -263,15 +275,26 @@ class InMemoryLeaseStore:
         record = table.release_call(call_id, generation, now)
         return None if record is None else record.id, self._view(table, now, reclaimed)
 
-    async def lease_mark_unknown(self, name: str, lease_id: str, attempt_id: str) -> bool:
-        return self._tables[name].mark_unknown(lease_id, attempt_id) is not None
+    async def lease_mark_unknown(
+        self, name: str, lease_id: str, attempt_id: str, context: str | None = None
+    ) -> bool:
+        table = self._tables[name]
+        return table.mark_unknown(lease_id, attempt_id, context, self._clock.now()) is not None
 
     async def lease_unknown(self, name: str) -> list[Stored]:
         table = self._tables[name]
         now = self._clock.now()
         # Leases past their TTL are not listed (the next operation reclaims and reports them).
         return [
-            Stored(r.id, r.generation, now - r.acquired_at, r.call_id, r.attempt_id)
+            Stored(
+                r.id,
+                r.generation,
+                now - r.acquired_at,
+                r.call_id,
+                r.attempt_id,
+                None if r.marked_at is None else now - r.marked_at,
+                r.context,
+            )
             for r in table.unknown()
             if now - r.acquired_at < table.ttl
         ]

@@ -10,7 +10,10 @@ Keys of set ``name``, all under the hash tag ``{<prefix>:leases:<name>}`` and al
 ``KEYS`` (Redis Cluster puts them in one slot)::
 
     ...:z    ZSET lease id -> expiry (server seconds): what is held; ZCARD is in use
-    ...:l    HASH lease id -> "generation|acquired|bound|call id|attempt id"
+    ...:l    HASH lease id -> "generation|acquired|bound|call id|attempt id|marked|context":
+             the last two set with the attempt id by an unknown mark (when, on the server's
+             clock, and the client's context, which may hold ``|``: it is the rest of the
+             record); a record of five fields (an older release) reads with both empty
     ...:c    HASH call id -> lease id (the bindings a webhook releases by)
     ...:ez   ZSET call id -> expiry of a release that came before its bind (receive time + ttl)
     ...:eg   HASH call id -> that release's generation ("" for any)
@@ -85,11 +88,21 @@ end
 redis.call('ZREMRANGEBYSCORE', HB, '-inf', now - HEARTBEAT_S)
 local live = tostring(redis.call('ZCARD', HB))
 local function split(rec)
-  local f = {}
-  for part in string.gmatch(rec .. '|', '([^|]*)|') do f[#f + 1] = part end
+  local f = {'', '', '', '', '', '', ''}
+  local pos = 1
+  for i = 1, 6 do
+    local at = string.find(rec, '|', pos, true)
+    if not at then
+      f[i] = string.sub(rec, pos)
+      return f
+    end
+    f[i] = string.sub(rec, pos, at - 1)
+    pos = at + 1
+  end
+  f[7] = string.sub(rec, pos)
   return f
 end
-local function join(f) return table.concat(f, '|', 1, 5) end
+local function join(f) return table.concat(f, '|', 1, 7) end
 local function unbind(id, call)
   if call ~= '' and redis.call('HGET', C, call) == id then redis.call('HDEL', C, call) end
 end
@@ -231,7 +244,7 @@ elseif op == 'b' then
           redis.call('HSET', L, prev, join(pf))
         end
       end
-      f[3], f[4], f[5] = fmt(now), call, ''
+      f[3], f[4], f[5], f[6], f[7] = fmt(now), call, '', '', ''
       redis.call('HSET', L, id, join(f))
       redis.call('HSET', C, call, id)
       forget_early()
@@ -272,7 +285,7 @@ elseif op == 'u' then
   local rec = redis.call('HGET', L, ARGV[5])
   if rec then
     local f = split(rec)
-    f[5] = ARGV[6]
+    f[5], f[6], f[7] = ARGV[6], fmt(now), ARGV[7] or ''
     redis.call('HSET', L, ARGV[5], join(f))
     result = {'1'}
   end
@@ -285,6 +298,8 @@ elseif op == 'U' then
       result[#result + 1] = f[1]
       result[#result + 1] = fmt(now - tonumber(f[2]))
       result[#result + 1] = f[5]
+      result[#result + 1] = f[6] ~= '' and fmt(now - tonumber(f[6])) or ''
+      result[#result + 1] = f[7]
     end
   end
 elseif op == 'R' then

@@ -203,15 +203,26 @@ class LeaseFleet(TicketFleet):
         view, result = await self._lease(name, "c", [call_id, gen])
         return (result[0] if result else None), view
 
-    async def lease_mark_unknown(self, name: str, lease_id: str, attempt_id: str) -> bool:
-        _, result = await self._lease(name, "u", [lease_id, attempt_id])
+    async def lease_mark_unknown(
+        self, name: str, lease_id: str, attempt_id: str, context: str | None = None
+    ) -> bool:
+        args = [lease_id, attempt_id, context or ""]
+        _, result = await self._lease(name, "u", args)
         return bool(result)
 
     async def lease_unknown(self, name: str) -> list[Stored]:
         _, result = await self._lease(name, "U", [])
         stored = [
-            Stored(result[i], int(result[i + 1]), float(result[i + 2]), None, result[i + 3])
-            for i in range(0, len(result), 4)
+            Stored(
+                result[i],
+                int(result[i + 1]),
+                float(result[i + 2]),
+                None,
+                result[i + 3],
+                _seconds(result[i + 4]),
+                result[i + 5] or None,
+            )
+            for i in range(0, len(result), 6)
         ]
         stored.sort(key=lambda s: (-s.age, s.generation))
         return stored

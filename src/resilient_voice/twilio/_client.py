@@ -9,6 +9,8 @@ to do after an unknown outcome), and one class is easier to read whole than spre
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -92,7 +94,7 @@ _RECONCILE_NOTE = (
 _CALLBACK_NOTE = " Status callbacks carrying {param}={attempt_id} belong to this attempt."
 _LIVE_STATUSES = ("queued", "ringing", "in-progress")
 _SKEW = timedelta(seconds=5)
-_PENDING_MAX = 10_000
+_CONTEXT_MAX = 1024  # CallLeases.mark_unknown(context=)'s bound
 _MESSAGE_NOTE = (
     "resilient_voice: the message may have been accepted by Twilio. Before sending again, "
     "check recent messages to that number (Messages list, or your status callbacks)."
@@ -195,8 +197,6 @@ class TwilioClient(ProviderClient):
         lease_timeout: float | None = None,
     ) -> None:
         self._leases, self._lease_timeout = check_leases(leases, lease_timeout)
-        # Unknown-outcome creates of this client: attempt id -> (to, from, created since).
-        self._pending: dict[str, tuple[str, str, datetime]] = {}
         try:
             account = check.sid("account_sid", account_sid, "AC")
         except InvalidRequestError as exc:
@@ -356,17 +356,14 @@ class TwilioClient(ProviderClient):
         if self._leases is not None:
             _lease_needs_callback(form)
             since = datetime.now(UTC) - _SKEW
-            try:
-                call, _ = await create_leased(
-                    self._leases,
-                    self._lease_timeout,
-                    attempt_id,
-                    lambda lease: self._create(_with_lease(form, lease), cid, attempt_id),
-                    lambda created: created.sid,
-                )
-            except OutcomeUnknownError as exc:
-                self._remember_unknown(exc.attempt_id, form, since)
-                raise
+            call, _ = await create_leased(
+                self._leases,
+                self._lease_timeout,
+                attempt_id,
+                lambda lease: self._create(_with_lease(form, lease), cid, attempt_id),
+                lambda created: created.sid,
+                _match_context(str(form["To"]), str(form["From"]), since),
+            )
             return call
         return await self._create(form, cid, attempt_id)
 
@@ -385,14 +382,6 @@ class TwilioClient(ProviderClient):
         call._correlation_id = cid
         call._attempt_id = attempt_id
         return call
-
-    def _remember_unknown(
-        self, attempt_id: str, form: Mapping[str, str | list[str]], since: datetime
-    ) -> None:
-        """Keep what :meth:`reconcile_leases` needs to find this attempt's call, if any."""
-        if len(self._pending) >= _PENDING_MAX:
-            del self._pending[next(iter(self._pending))]  # the oldest: its lease's TTL is near
-        self._pending[attempt_id] = (str(form["To"]), str(form["From"]), since)
 
     async def get_call(self, sid: str) -> Call:
         """Fetch a call (``GET .../Calls/{sid}.json``)."""
@@ -598,14 +587,17 @@ class TwilioClient(ProviderClient):
         Run it periodically (every minute or so) on one replica or all: it is what reclaims a
         slot whose final status callback was lost before its TTL would. It notes the time on
         the leases' clock, then lists the calls ``queued``, ``ringing`` and ``in-progress``
-        (every page). Leases of this client whose create had an unknown outcome are settled
-        first, as :meth:`reconcile_call` would match them (the destination and caller, created
-        since the attempt): bound to the call at once when one is live; released when none is
-        and the lease is at least ``settle_after`` seconds old; otherwise left held for the
-        next run. Then :meth:`CallLeases.reconcile <resilient_voice.CallLeases.reconcile>`
-        frees every lease bound before that time whose call is no longer listed. Unknown-outcome
-        leases of other replicas are left to them (or to the TTL): only the replica that sent
-        the create knows the number it called.
+        (every page). Every lease of the set whose create had an unknown outcome, whichever
+        replica sent it, is settled first, as :meth:`reconcile_call` would match it (the
+        destination and caller, created since the attempt, as the sending client stored them
+        with the lease's unknown mark): bound to the call at once when one is live; released
+        when none is and the lease was marked at least ``settle_after`` seconds ago; otherwise
+        left held for the next run. Then :meth:`CallLeases.reconcile
+        <resilient_voice.CallLeases.reconcile>` frees every lease bound before that time whose
+        call is no longer listed. A replica that crashed after an unknown outcome leaves its
+        lease to any other's reconciliation, not to the TTL. (A lease marked without a
+        context this client can read, such as one whose addresses were too long to store, is
+        left to the TTL.)
 
         Why wait: a create the client gave up on (a timeout, a dropped connection) may still
         be in flight and be processed by Twilio after this listing; releasing its lease then
@@ -613,15 +605,14 @@ class TwilioClient(ProviderClient):
         Holding it a while costs a slot during an incident; the TTL frees it in any case.
 
         Args:
-            settle_after: Seconds from the lease's acquire (on the leases' clock, before the
-                create was sent, compared with the time noted before the listing) after which
-                a create Twilio does not list is taken to have created nothing. It must cover
-                the client's whole create (every attempt, backoff and rate-limit wait) plus how
-                long Twilio may still hold a request the client gave up on. The default, 120 s,
-                covers the default timeout and retry policy (the last attempt is sent at most
-                about 50 s after the lease) with a minute to spare; raise it with longer
-                timeouts or more attempts. ``0`` releases at once (only safe when nothing can
-                still be in flight).
+            settle_after: Seconds from the lease's unknown mark (when the client gave up on the
+                create; on the leases' clock, compared with the time noted before the listing)
+                after which a create Twilio does not list is taken to have created nothing. It
+                must cover how long Twilio may still hold, or show late, a request the client
+                gave up on; the create's own attempts, backoff and rate-limit waits came before
+                the mark and need no margin. The default, 120 s, is ample for Twilio's request
+                handling. ``0`` releases at once (only safe when nothing can still be in
+                flight).
 
         Returns:
             How many bound leases were freed because their call is no longer live.
@@ -640,9 +631,9 @@ class TwilioClient(ProviderClient):
         for status in _LIVE_STATUSES:
             live += await self.list_calls(status=status, page_size=1000, limit=None)
         for lease in unknown:
-            context = self._pending.get(lease.attempt_id or "")
+            context = _read_context(lease.context)
             if context is None:
-                continue
+                continue  # not a context this client wrote: left to the TTL
             to, from_, since = context
             found = [c for c in _created_since(live, since) if c.to == to and c.from_ == from_]
             if not found and not settled(lease, as_of, settle):
@@ -652,12 +643,6 @@ class TwilioClient(ProviderClient):
                     await leases.bind(lease, found[-1].sid)  # newest first: the oldest match
                 else:
                     await lease.release()
-            del self._pending[lease.attempt_id or ""]
-        # Attempts older than the TTL: their leases were reclaimed, nothing left to settle.
-        cutoff = datetime.now(UTC) - timedelta(seconds=leases.ttl) - _SKEW
-        for attempt_id, (_, _, since) in list(self._pending.items()):
-            if since < cutoff:
-                del self._pending[attempt_id]
         return await leases.reconcile([c.sid for c in live], as_of=as_of)
 
     def _require_leases(self) -> CallLeases:
@@ -724,6 +709,41 @@ class TwilioClient(ProviderClient):
         self, response: httpx.Response, message: str, kind: FailureKind
     ) -> TwilioAPIError:
         return TwilioAPIError(response.status_code, UNREADABLE, message, kind)
+
+
+def _match_context(to: str, from_: str, since: datetime) -> str | None:
+    """What any replica's :meth:`TwilioClient.reconcile_leases` needs to find an unknown
+    create's call, stored with its lease's mark: the destination, the caller and the attempt's
+    start (whole seconds, rounded down, like Twilio's dates), as compact JSON.
+
+    ``None`` when it would not fit the lease's bound (addresses of hundreds of characters):
+    that lease is then left to the TTL.
+    """
+    text = json.dumps(
+        {"to": to, "from": from_, "since": math.floor(since.timestamp())}, separators=(",", ":")
+    )
+    return text if len(text) <= _CONTEXT_MAX else None
+
+
+def _read_context(text: str | None) -> tuple[str, str, datetime] | None:
+    """``(to, from, since)`` from a context :func:`_match_context` wrote, else ``None``."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    to, from_, since = data.get("to"), data.get("from"), data.get("since")
+    if not isinstance(to, str) or not isinstance(from_, str):
+        return None
+    if not isinstance(since, int) or isinstance(since, bool):
+        return None
+    try:
+        return to, from_, datetime.fromtimestamp(since, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _created_since(calls: Sequence[Call], since: datetime | None) -> list[Call]:

@@ -425,10 +425,11 @@ class VapiClient(ProviderClient):
         leases' TTL (every page, newest first). An unknown-outcome lease whose attempt id a
         listed call carries (as :meth:`reconcile_call` matches it) is bound to that call at
         once if it has not ended, released if it has; one whose attempt no listed call carries
-        is released when the lease is at least ``settle_after`` seconds old, and otherwise left
-        held for the next run. Then :meth:`CallLeases.reconcile
-        <resilient_voice.CallLeases.reconcile>` frees every lease bound before that time whose
-        call has ended or is not listed.
+        is released when the lease was marked unknown at least ``settle_after`` seconds ago, and
+        otherwise left held for the next run. Every lease of the set is settled, whichever
+        replica marked it: the attempt id it carries is all the match needs. Then
+        :meth:`CallLeases.reconcile <resilient_voice.CallLeases.reconcile>` frees every lease
+        bound before that time whose call has ended or is not listed.
 
         Why wait: a create the client gave up on (a timeout, a dropped connection) may still
         be in flight and be processed by Vapi after this listing; releasing its lease then
@@ -436,15 +437,13 @@ class VapiClient(ProviderClient):
         while costs a slot during an incident; the TTL frees it in any case.
 
         Args:
-            settle_after: Seconds from the lease's acquire (on the leases' clock, before the
-                create was sent, compared with the time noted before the listing) after which
-                an attempt no listed call carries is taken to have created nothing. It must
-                cover the client's whole create (every attempt, backoff and rate-limit wait)
-                plus how long Vapi may still hold a request the client gave up on. The default,
-                120 s, covers the default timeout and retry policy (the last attempt is sent at
-                most about 50 s after the lease) with a minute to spare; raise it with longer
-                timeouts or more attempts. ``0`` releases at once (only safe when nothing can
-                still be in flight).
+            settle_after: Seconds from the lease's unknown mark (when the client gave up on the
+                create; on the leases' clock, compared with the time noted before the listing)
+                after which an attempt no listed call carries is taken to have created nothing.
+                It must cover how long Vapi may still hold, or not yet list, a request the
+                client gave up on; the create's own attempts, backoff and rate-limit waits came
+                before the mark and need no margin. The default, 120 s, is ample for that.
+                ``0`` releases at once (only safe when nothing can still be in flight).
 
         Returns:
             How many bound leases were freed because their call is no longer live.
