@@ -29,6 +29,11 @@ and what it records goes when that create's lease is bound. Receive times are ke
 The table also keeps the reference form of a shared store's queue of waiters (:meth:`queue`,
 :meth:`leave`): tickets named so that sorting the names is the order of service, higher priority
 first, then a sequence. In memory they never lapse: they live and die with the process.
+
+Over 400 lines: it is one table whose rules (acquire, bind, release, early releases, reconcile,
+capacity learning, the order of waiters) read and write the same records, and the Redis script
+(:mod:`resilient_voice.redis._lease_script`) mirrors it rule by rule; kept in one module, the
+two can be read side by side.
 """
 
 from __future__ import annotations
