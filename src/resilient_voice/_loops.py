@@ -21,7 +21,7 @@ import asyncio
 import sys
 import threading
 
-__all__ = ["current_loop", "loop_closed", "loop_finished"]
+__all__ = ["current_loop", "current_task_id", "loop_closed", "loop_finished"]
 
 
 def current_loop() -> object | None:
@@ -38,6 +38,23 @@ def current_loop() -> object | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def current_task_id() -> int:
+    """The running task's id, the value ``anyio.get_current_task().id`` gives (``id()`` of the
+    asyncio or trio task), without building anyio's ``TaskInfo``: about a tenth of its cost,
+    which matters on a per-call path.
+
+    Raises:
+        RuntimeError: No task is running in this thread.
+    """
+    sniffio = sys.modules.get("sniffio")
+    if sniffio is not None and sniffio.thread_local.name == "trio":
+        return id(sys.modules["trio"].lowlevel.current_task())
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("no task is running in this thread")
+    return id(task)
 
 
 def loop_finished(loop: object | None, thread: int) -> bool:

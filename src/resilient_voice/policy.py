@@ -30,6 +30,7 @@ import anyio
 
 from resilient_voice._callables import is_async_callable, require_async_callable
 from resilient_voice._clock import SYSTEM_CLOCK, Clock
+from resilient_voice._loops import current_task_id
 from resilient_voice._validate import clock as check_clock
 from resilient_voice._validate import optional_number
 from resilient_voice.breaker import BreakerPermit, CircuitBreaker
@@ -404,7 +405,7 @@ class Policy:
         bulkhead = self._bulkhead
         holder = 0
         if bulkhead is not None:
-            holder = anyio.get_current_task().id
+            holder = current_task_id()
             if holder in self._slot_holders:
                 raise _WaitsOnItselfError(
                     "re-entrant call: this task already holds one of this policy's "
