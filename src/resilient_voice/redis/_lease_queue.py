@@ -57,6 +57,8 @@ class TicketFleet:
             self, name: str, op: str, args: list[str]
         ) -> tuple[LeaseView, list[str], float]: ...
 
+        def _track(self, name: str, grant: Grant) -> None: ...
+
     async def lease_queue(
         self, name: str, priority: int, ticket: str | None, wait: bool, extra: int = 0
     ) -> tuple[Grant | None, str | None, LeaseView]:
@@ -81,7 +83,9 @@ class TicketFleet:
         if result[0]:
             if ticket is not None:
                 lease_set.tickets.discard(ticket)
-            return Grant(lease_id, int(result[0])), None, view
+            grant = Grant(lease_id, int(result[0]))
+            self._track(name, grant)
+            return grant, None, view
         held = result[1] or None
         if held is not None:
             lease_set.tickets.add(held)
@@ -102,6 +106,16 @@ class TicketFleet:
         while True:
             await anyio.sleep(TICKET_REFRESH_S)
             for name, lease_set in list(self._lease_sets.items()):
+                if lease_set.probed != self._lease_state.resets:
+                    # The listener subscribed again (Redis was away): see at once whether it
+                    # came back empty, so that this process restores the leases it holds
+                    # without waiting for its next call on the set.
+                    lease_set.probed = self._lease_state.resets
+                    if lease_set.held and lease_set.incarnation:
+                        try:
+                            await self._lease(name, "n", [])
+                        except (StoreUnavailableError, ValueError) as exc:
+                            _log.debug("lease set %r not checked: %s", name, exc)
                 if not lease_set.tickets:
                     continue
                 try:
