@@ -16,7 +16,7 @@ import pytest
 
 from _redis import COREDIS_CANCEL_LEAK, collect_coredis_garbage, fresh_prefix, own_redis
 from resilient_voice import CallLeases, CapacityExhaustedError
-from resilient_voice.redis import RedisBackend, _lease_script
+from resilient_voice.redis import RedisBackend, _lease_queue, _lease_script
 
 pytestmark = [COREDIS_CANCEL_LEAK]
 __all__ = ["collect_coredis_garbage"]
@@ -138,3 +138,37 @@ async def test_a_fresh_replica_does_not_take_an_empty_set_for_a_lost_one() -> No
             assert await _in_use(one, "acct") == 0
             again = await leases.acquire()
             assert again.generation == lease.generation + 1
+
+
+async def test_a_replica_forgets_leases_released_elsewhere_before_a_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its periodic check (every 30 s by default, 0.3 s here) drops what others released."""
+    monkeypatch.setattr(_lease_queue, "HELD_SWEEP_S", 0.3)
+    monkeypatch.setattr(_lease_script, "RESTORE_HOLD_S", 0.5)
+    prefix = fresh_prefix()
+    with own_redis() as server:
+        async with (
+            RedisBackend.from_url(server.url, prefix=prefix, timeout=1.0) as one,
+            RedisBackend.from_url(server.url, prefix=prefix, timeout=1.0) as two,
+        ):
+            a = CallLeases("acct", 2, ttl=TTL, store=one)
+            b = CallLeases("acct", 2, ttl=TTL, store=two)
+            await a.bind(await a.acquire(), "CA-1")
+            kept = await a.bind(await a.acquire(), "CA-2")
+            assert await b.release("CA-1") is True
+            # The keeper runs every second; 2.5 s covers two of its runs (loaded machine).
+            await anyio.sleep(2.5)
+            server.stop()
+            server.start()
+            with anyio.fail_after(10):  # the hold (0.5 s) ends, then the freed slot is granted
+                while True:
+                    try:
+                        new = await a.acquire(timeout=0)
+                        break
+                    except CapacityExhaustedError:
+                        await anyio.sleep(0.1)
+            assert new.generation > kept.generation
+            assert await _in_use(one, "acct") == 2  # CA-2's lease (restored) and the new one
+            with pytest.raises(CapacityExhaustedError):
+                await b.acquire(timeout=0)

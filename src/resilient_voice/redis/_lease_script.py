@@ -49,7 +49,8 @@ hold; a lease is inserted only while absent and younger than ``ttl`` (expiring `
 acquire, on this server's clock), with its binding unless the call id is bound to another
 lease meanwhile; the generation counter is raised above every restored generation; the first
 restore of an incarnation starts the hold (``RESTORE_HOLD_S``) during which nothing is granted,
-time for the other replicas to restore theirs.
+time for the other replicas to restore theirs. Op ``H`` answers which of the given lease ids the
+set no longer holds (released elsewhere, reclaimed).
 
 Every answer starts with the same header: ``ok``, in use, effective capacity, seconds to the next
 change (a TTL running out, a step of recovery, the end of the restore hold; "" for none), seconds
@@ -68,7 +69,19 @@ from __future__ import annotations
 
 from resilient_voice.redis._scripts import HEARTBEAT_S
 
-__all__ = ["LEASES", "LEASE_IDLE_MS", "RESTORE_HOLD_S", "TICKET_EXPIRY_S", "TICKET_REFRESH_S"]
+__all__ = [
+    "HELD_SWEEP_S",
+    "LEASES",
+    "LEASE_IDLE_MS",
+    "RESTORE_HOLD_S",
+    "TICKET_EXPIRY_S",
+    "TICKET_REFRESH_S",
+]
+
+HELD_SWEEP_S = 30.0
+"""How often a backend holding leases asks which of them the set still holds (op ``H``, one call
+per set), to forget those released by other replicas (a webhook received elsewhere) before a
+loss would make it restore them; sooner when it remembers more leases than the capacity."""
 
 RESTORE_HOLD_S = 6.0
 """How long a lease set forgotten by Redis grants nothing once a replica noticed: the time the
@@ -364,6 +377,10 @@ elseif op == 's' or op == 'o' then
     if new > old then freed = true end
   end
   result = {tostring(old), tostring(new)}
+elseif op == 'H' then
+  for i = 5, #ARGV do
+    if not redis.call('ZSCORE', Z, ARGV[i]) then result[#result + 1] = ARGV[i] end
+  end
 elseif op == 'P' then
   local top = tonumber(redis.call('HGET', S, 'g') or '0')
   local n = 0

@@ -64,6 +64,7 @@ class LeaseSet:
     __slots__ = (
         "answered_at",
         "beat",
+        "capacity",
         "channel",
         "config",
         "fresh",
@@ -73,6 +74,7 @@ class LeaseSet:
         "live",
         "probed",
         "stamp",
+        "swept",
         "tag",
         "tickets",
         "ttl",
@@ -81,6 +83,7 @@ class LeaseSet:
 
     def __init__(self, tag: str, config: str, capacity: int, ttl: float) -> None:
         self.tag = tag
+        self.capacity = capacity
         self.ttl = ttl
         # The incarnation of the set on Redis that the last answer came from ("" before any):
         # another one means Redis forgot the set (a restart without persistence, a failover).
@@ -88,8 +91,10 @@ class LeaseSet:
         # Lease id -> what this process restores when the set is forgotten; in acquire order,
         # so that the expired ones are at the front.
         self.held: dict[str, Held] = {}
-        # The listener's resubscriptions when this process last checked the incarnation.
+        # The listener's resubscriptions, and the monotonic time, when this process last asked
+        # which of ``held`` the set still holds.
         self.probed = 0
+        self.swept = time.monotonic()
         self.channel = f"{tag}:w"
         self.config = config
         suffixes = ("z", "l", "c", "ez", "eg", "s", "hb", "q", "qd")
@@ -278,6 +283,14 @@ class LeaseFleet(TicketFleet):
             lease_set.answered_at = time.monotonic()
         view = LeaseView(in_use, effective, next_change, first_expiry, reclaimed)
         return view, items[_HEADER + 2 * count :], stamp
+
+    async def _lease_sweep(self, name: str) -> None:
+        """Forget the held leases the set no longer holds (released by other replicas)."""
+        lease_set = self._lease_sets[name]
+        self._prune(lease_set)
+        _, result = await self._lease(name, "H", list(lease_set.held))
+        for lease_id in result:
+            lease_set.held.pop(lease_id, None)
 
     @staticmethod
     def _prune(lease_set: LeaseSet) -> None:
