@@ -172,3 +172,34 @@ async def test_a_replica_forgets_leases_released_elsewhere_before_a_loss(
             assert await _in_use(one, "acct") == 2  # CA-2's lease (restored) and the new one
             with pytest.raises(CapacityExhaustedError):
                 await b.acquire(timeout=0)
+
+
+async def test_round_trips_one_per_call_and_two_more_on_a_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The incarnation rides on every call; only a call that finds the set lost costs more."""
+    monkeypatch.setattr(_lease_script, "RESTORE_HOLD_S", 0.0)
+    prefix = fresh_prefix()
+    with own_redis() as server:
+        async with RedisBackend.from_url(server.url, prefix=prefix, timeout=1.0) as one:
+            leases = CallLeases("acct", 3, ttl=TTL, store=one)
+            ops: list[str] = []
+            script = RedisBackend._script
+
+            async def counted(
+                self: RedisBackend, text: str, keys: list[str], argv: list[str]
+            ) -> object:
+                if text == _lease_script.LEASES:
+                    ops.append(argv[0].split(":")[0])
+                return await script(self, text, keys, argv)
+
+            monkeypatch.setattr(RedisBackend, "_script", counted)
+            await leases.bind(await leases.acquire(), "CA-1")
+            assert ops == ["q", "b"]  # q: an acquire in the fleet order of waiters
+            server.stop()
+            server.start()
+            ops.clear()
+            await leases.acquire(timeout=0)
+            # Refused as lost, the restore, the acquire again (the keeper may check too).
+            assert [op for op in ops if op != "H"] == ["q", "P", "q"]
+            assert await _in_use(one, "acct") == 2
