@@ -25,7 +25,7 @@ from resilient_voice import CallLeases, CapacityExhaustedError, Lease
 from resilient_voice.events import Event, LeaseReleased, StoreAvailabilityChanged
 from resilient_voice.leases import LeaseStore
 from resilient_voice.leases._store import InMemoryLeaseStore
-from resilient_voice.redis import RedisBackend
+from resilient_voice.redis import RedisBackend, _lease_script
 from resilient_voice.testing import ManualClock
 
 pytestmark = [COREDIS_CANCEL_LEAK]
@@ -346,8 +346,17 @@ def test_two_processes_never_hold_more_than_the_capacity_together() -> None:
     assert most == 3  # and the capacity was used
 
 
+async def _in_use_of(backend: RedisBackend, name: str) -> int:
+    return int(await backend.client.zcard(backend.lease_keys(name)[0]))
+
+
 @pytest.mark.slow
-async def test_an_outage_falls_back_to_the_local_share_and_resumes() -> None:
+async def test_an_outage_falls_back_to_the_local_share_and_resumes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Redis comes back empty: the replay restores this replica's shared lease first, and the
+    # set then grants nothing for RESTORE_HOLD_S (1 s here, 6 s by default).
+    monkeypatch.setattr(_lease_script, "RESTORE_HOLD_S", 1.0)
     events: list[Event] = []
     with own_redis() as server:
         async with (
@@ -385,6 +394,9 @@ async def test_an_outage_falls_back_to_the_local_share_and_resumes() -> None:
                 False,
                 True,
             ]
+            # The shared lease came back and was released by the replayed webhook.
+            assert await _in_use_of(one, "acct") == len([x for x in back if x.id[:6] != "local-"])
+            await anyio.sleep(1.2)  # the restore hold (1 s) is over
             # The local lease still held counts against this replica's shared acquires.
             while True:
                 try:

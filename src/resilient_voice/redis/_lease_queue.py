@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ import anyio
 from resilient_voice.leases._core import rank_key
 from resilient_voice.leases._store import Grant, LeaseView
 from resilient_voice.limiter import StoreUnavailableError
-from resilient_voice.redis._lease_script import TICKET_REFRESH_S
+from resilient_voice.redis._lease_script import HELD_SWEEP_S, TICKET_REFRESH_S
 
 if TYPE_CHECKING:
     from resilient_voice.redis._leases import LeaseListener, LeaseSet
@@ -57,6 +58,10 @@ class TicketFleet:
             self, name: str, op: str, args: list[str]
         ) -> tuple[LeaseView, list[str], float]: ...
 
+        def _track(self, name: str, grant: Grant) -> None: ...
+
+        async def _lease_sweep(self, name: str) -> None: ...
+
     async def lease_queue(
         self, name: str, priority: int, ticket: str | None, wait: bool, extra: int = 0
     ) -> tuple[Grant | None, str | None, LeaseView]:
@@ -81,7 +86,9 @@ class TicketFleet:
         if result[0]:
             if ticket is not None:
                 lease_set.tickets.discard(ticket)
-            return Grant(lease_id, int(result[0])), None, view
+            grant = Grant(lease_id, int(result[0]))
+            self._track(name, grant)
+            return grant, None, view
         held = result[1] or None
         if held is not None:
             lease_set.tickets.add(held)
@@ -102,6 +109,24 @@ class TicketFleet:
         while True:
             await anyio.sleep(TICKET_REFRESH_S)
             for name, lease_set in list(self._lease_sets.items()):
+                resets = self._lease_state.resets
+                if not (lease_set.held and lease_set.incarnation):
+                    lease_set.probed = resets
+                elif (
+                    lease_set.probed != resets
+                    or len(lease_set.held) > lease_set.capacity
+                    or time.monotonic() - lease_set.swept >= HELD_SWEEP_S
+                ):
+                    # The listener subscribed again (Redis was away: see at once whether it
+                    # came back empty, so that this process restores the leases it holds
+                    # without waiting for its next call), or the leases this process would
+                    # restore include some released by other replicas (more than it can hold,
+                    # or not checked for a while): forget those.
+                    lease_set.probed, lease_set.swept = resets, time.monotonic()
+                    try:
+                        await self._lease_sweep(name)
+                    except (StoreUnavailableError, ValueError) as exc:
+                        _log.debug("lease set %r not checked: %s", name, exc)
                 if not lease_set.tickets:
                     continue
                 try:

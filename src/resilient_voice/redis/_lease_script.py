@@ -18,7 +18,9 @@ Keys of set ``name``, all under the hash tag ``{<prefix>:leases:<name>}`` and al
     ...:ez   ZSET call id -> expiry of a release that came before its bind (receive time + ttl)
     ...:eg   HASH call id -> that release's generation ("" for any)
     ...:s    HASH g (the generation counter), b and t (the learned capacity and when it was
-             set), cfg (capacity/ttl/recovery, to refuse replicas configured differently)
+             set), cfg (capacity/ttl/recovery, to refuse replicas configured differently),
+             i (the incarnation: Redis' time when the script created the hash), h (until when
+             a set forgotten by Redis grants nothing, set by the first restore)
     ...:hb   ZSET replica -> heartbeat (what ``on_backend_error="local"`` divides by)
     ...:q    ZSET of waiters' tickets, all scored 0 so that they sort by name: a ticket is
              16 hex digits of the priority (higher first) then 16 decimal digits of a sequence
@@ -38,12 +40,24 @@ that a waiter refused at a later time knows the message is not news to it. The l
 ``ttl`` plus a minute after their last write; ``...:s`` does not expire, so generations keep
 growing.
 
+Every call names, after its op (``a:<incarnation>``), the incarnation its process last saw
+("" for none yet); when the set has another one (Redis forgot the set, its state hash included,
+and a call recreated it), the script does nothing and answers ``lost`` and the incarnation, so
+no operation runs on a set that lacks the leases its process holds. Op ``P`` restores them:
+groups of (id, generation, age, bound age, call id, attempt id, marked age, context) after the
+hold; a lease is inserted only while absent and younger than ``ttl`` (expiring ``ttl`` after its
+acquire, on this server's clock), with its binding unless the call id is bound to another
+lease meanwhile; the generation counter is raised above every restored generation; the first
+restore of an incarnation starts the hold (``RESTORE_HOLD_S``) during which nothing is granted,
+time for the other replicas to restore theirs. Op ``H`` answers which of the given lease ids the
+set no longer holds (released elsewhere, reclaimed).
+
 Every answer starts with the same header: ``ok``, in use, effective capacity, seconds to the next
-change (a TTL running out or a step of recovery; "" for none), seconds to the first expiry, live
-replicas (heartbeats under 3 s old; a replica beats at most once a second), the count of leases
-this call reclaimed by TTL, the server time of the answer (replies of concurrent calls may arrive
-out of order: the newest view wins), then the reclaimed leases' (id, call id) pairs; the
-operation's own results follow.
+change (a TTL running out, a step of recovery, the end of the restore hold; "" for none), seconds
+to the first expiry, live replicas (heartbeats under 3 s old; a replica beats at most once a
+second), the count of leases this call reclaimed by TTL, the server time of the answer (replies of
+concurrent calls may arrive out of order: the newest view wins), the incarnation, then the
+reclaimed leases' (id, call id) pairs; the operation's own results follow.
 
 Early releases follow the table's rule: one is recorded only while a held lease is unbound (of
 its generation, when it names one), and dropped once every lease acquired at or before it was
@@ -55,7 +69,24 @@ from __future__ import annotations
 
 from resilient_voice.redis._scripts import HEARTBEAT_S
 
-__all__ = ["LEASES", "LEASE_IDLE_MS", "TICKET_EXPIRY_S", "TICKET_REFRESH_S"]
+__all__ = [
+    "HELD_SWEEP_S",
+    "LEASES",
+    "LEASE_IDLE_MS",
+    "RESTORE_HOLD_S",
+    "TICKET_EXPIRY_S",
+    "TICKET_REFRESH_S",
+]
+
+HELD_SWEEP_S = 30.0
+"""How often a backend holding leases asks which of them the set still holds (op ``H``, one call
+per set), to forget those released by other replicas (a webhook received elsewhere) before a
+loss would make it restore them; sooner when it remembers more leases than the capacity."""
+
+RESTORE_HOLD_S = 6.0
+"""How long a lease set forgotten by Redis grants nothing once a replica noticed: the time the
+other replicas need to restore the leases they hold (their listener reconnects within its
+backoff, at most 4 s, and their keeper then checks within a second)."""
 
 TICKET_REFRESH_S = 1.0
 """How often a backend refreshes the liveness of its waiters' tickets (one call per set)."""
@@ -74,10 +105,17 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local Z, L, C, EZ, EG, S, HB = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local Q, QD = KEYS[8], KEYS[9]
-local op, cfg, replica, chan = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local op, expect = string.match(ARGV[1], '^([^:]*):?(.*)$')
+local cfg, replica, chan = ARGV[2], ARGV[3], ARGV[4]
 local stored = redis.call('HGET', S, 'cfg')
 if stored and stored ~= cfg then return {'conflict', stored} end
 if not stored then redis.call('HSET', S, 'cfg', cfg) end
+local inc = redis.call('HGET', S, 'i')
+if not inc then
+  inc = t[1] .. '.' .. t[2]
+  redis.call('HSET', S, 'i', inc)
+end
+if expect ~= '' and expect ~= inc then return {'lost', inc} end
 local capacity, ttl, recovery = string.match(cfg, '^([^/]+)/([^/]+)/([^/]+)$')
 capacity, ttl, recovery = tonumber(capacity), tonumber(ttl), tonumber(recovery)
 local function fmt(x) return string.format('%.17g', x) end
@@ -150,6 +188,7 @@ if #dead > 0 then forget_early() end
 local state = redis.call('HMGET', S, 'b', 't')
 local base = tonumber(state[1]) or capacity
 local since = tonumber(state[2]) or 0
+local hold = tonumber(redis.call('HGET', S, 'h') or '0')
 local function effective()
   if base >= capacity then return capacity end
   return math.min(capacity, base + math.floor((now - since) / recovery))
@@ -182,7 +221,7 @@ if op == 'q' then
   else
     ahead = redis.call('ZLEXCOUNT', Q, '-', '(' .. rank .. '~')
   end
-  if ahead < free_slots(extra) then
+  if now >= hold and ahead < free_slots(extra) then
     if ticket ~= '' then unqueue(ticket) end
     local g = redis.call('HINCRBY', S, 'g', 1)
     redis.call('ZADD', Z, now + ttl, id)
@@ -213,7 +252,7 @@ elseif op == 'x' then
   end
 elseif op == 'a' then
   local extra = tonumber(ARGV[6])
-  if redis.call('ZCARD', Z) + extra < effective() then
+  if now >= hold and redis.call('ZCARD', Z) + extra < effective() then
     local g = redis.call('HINCRBY', S, 'g', 1)
     redis.call('ZADD', Z, now + ttl, ARGV[5])
     redis.call('HSET', L, ARGV[5], g .. '|' .. fmt(now) .. '|||')
@@ -338,6 +377,33 @@ elseif op == 's' or op == 'o' then
     if new > old then freed = true end
   end
   result = {tostring(old), tostring(new)}
+elseif op == 'H' then
+  for i = 5, #ARGV do
+    if not redis.call('ZSCORE', Z, ARGV[i]) then result[#result + 1] = ARGV[i] end
+  end
+elseif op == 'P' then
+  local top = tonumber(redis.call('HGET', S, 'g') or '0')
+  local n = 0
+  local function ago(x) if x == '' then return '' end return fmt(now - tonumber(x)) end
+  for i = 6, #ARGV, 8 do
+    local id, gen, age = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    if gen > top then top = gen end
+    if age < ttl and not redis.call('ZSCORE', Z, id) then
+      local call = ARGV[i + 4]
+      if call ~= '' and redis.call('HGET', C, call) then call = '' end
+      redis.call('ZADD', Z, fmt(now - age + ttl), id)
+      redis.call('HSET', L, id, join({ARGV[i + 1], fmt(now - age), ago(ARGV[i + 3]), call,
+        ARGV[i + 5], ago(ARGV[i + 6]), ARGV[i + 7]}))
+      if call ~= '' then redis.call('HSET', C, call, id) end
+      n = n + 1
+    end
+  end
+  if top > tonumber(redis.call('HGET', S, 'g') or '0') then redis.call('HSET', S, 'g', top) end
+  if n > 0 then touch() end
+  if redis.call('HSETNX', S, 'h', fmt(now + tonumber(ARGV[5]))) == 1 then
+    hold = now + tonumber(ARGV[5])
+  end
+  result = {tostring(n)}
 end
 if freed or #dead > 0 then redis.call('PUBLISH', chan, 't' .. fmt(now)) end
 local eff = effective()
@@ -348,12 +414,16 @@ if #first > 0 then
   first_expiry = fmt(tonumber(first[2]) - now)
   next_change = tonumber(first[2]) - now
 end
+if now < hold and (next_change == nil or hold - now < next_change) then
+  next_change = hold - now
+end
 if eff < capacity then
   local step = since + (math.floor((now - since) / recovery) + 1) * recovery - now
   if next_change == nil or step < next_change then next_change = step end
 end
 local header = {'ok', tostring(redis.call('ZCARD', Z)), tostring(eff),
-  next_change and fmt(next_change) or '', first_expiry, live, tostring(#reclaimed / 2), fmt(now)}
+  next_change and fmt(next_change) or '', first_expiry, live, tostring(#reclaimed / 2), fmt(now),
+  inc}
 for _, x in ipairs(reclaimed) do header[#header + 1] = x end
 for _, x in ipairs(result) do header[#header + 1] = x end
 return header
