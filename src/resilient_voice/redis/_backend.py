@@ -36,7 +36,8 @@ import anyio
 from resilient_voice import _validate
 from resilient_voice.limiter._store import Reservation, StoreUnavailableError
 from resilient_voice.redis._breaker import BreakerFleet, _FleetState
-from resilient_voice.redis._leases import LeaseFleet, LeaseListener, LeaseSet
+from resilient_voice.redis._lease_listen import LeaseListener
+from resilient_voice.redis._leases import LeaseFleet, LeaseSet
 from resilient_voice.redis._replicas import ReplicaPeak
 from resilient_voice.redis._scripts import BEAT_S, LIMITER
 

@@ -34,7 +34,7 @@ import anyio
 
 from resilient_voice.breaker._fleet import ReplicaSummary
 from resilient_voice.events import BreakerState, StoreAvailabilityChanged, dispatch
-from resilient_voice.redis._leases import LeaseListener
+from resilient_voice.redis._lease_listen import LeaseListener
 
 if TYPE_CHECKING:
     from resilient_voice.breaker._facade import CircuitBreaker

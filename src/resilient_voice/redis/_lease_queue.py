@@ -30,7 +30,8 @@ from resilient_voice.limiter import StoreUnavailableError
 from resilient_voice.redis._lease_script import HELD_SWEEP_S, TICKET_REFRESH_S
 
 if TYPE_CHECKING:
-    from resilient_voice.redis._leases import LeaseListener, LeaseSet
+    from resilient_voice.redis._lease_listen import LeaseListener
+    from resilient_voice.redis._leases import LeaseSet
 
 __all__ = ["TicketFleet"]
 

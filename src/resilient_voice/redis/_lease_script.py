@@ -63,6 +63,10 @@ Early releases follow the table's rule: one is recorded only while a held lease 
 its generation, when it names one), and dropped once every lease acquired at or before it was
 received is bound, released or reclaimed (``forget_early``, after each bind, release and
 reclaim, a scan of the lease records only while an early release is kept).
+
+Over 400 lines: it is one Lua script, and one script on purpose (one cached ``EVALSHA`` per node,
+each operation atomic on the server); its operations share the locals and helpers defined at its
+top, so splitting it would mean concatenating fragments that only work together.
 """
 
 from __future__ import annotations
