@@ -66,6 +66,7 @@ LANE_DIGIT = {
     "vapi-sdk": 4,
     "twilio-leased": 5,
     "vapi-leased": 6,
+    "fleet-vapi": 7,
     "latency": 9,
 }
 

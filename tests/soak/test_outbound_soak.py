@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -29,12 +30,14 @@ import httpx
 import pytest
 from _lanes import fake_telephony, lanes
 from _soak import (
+    CPS_TOLERANCE,
     FROM,
     RECOVERY,
     SID,
     TIMEOUT,
     TOKEN,
     TWIML,
+    VAPI_KEY,
     Job,
     dump_jobs,
     judge,
@@ -49,6 +52,7 @@ from _soak import (
 
 from resilient_voice.testing import FakeTelephony, Fault, serve
 from resilient_voice.twilio import TwilioClient
+from resilient_voice.vapi import VapiClient
 
 HERE = Path(__file__).parent
 # After an outage ends, a breaker under traffic closes within its recovery timeout (the next
@@ -67,6 +71,13 @@ class Size:
         self.workers = 8
         self.fleet_per_process = 1_000 if full else 60
         self.fleet_cps = 60.0 if full else 40.0
+        # The Vapi lane of the same run: one org, paced apart from the Twilio account, side by
+        # side with it, so it adds about nothing to the wall time.
+        # The parent reconciles the Vapi unknowns after the run with one listing page
+        # (reconcile_call: newest first, at most 1000), so the lane creates fewer than 1000
+        # calls in all; a bigger lane would have to reconcile as it goes, as the phases do.
+        self.fleet_vapi_per_process = 300 if full else 30
+        self.fleet_vapi_cps = 30.0 if full else 20.0
 
 
 @pytest.fixture
@@ -229,8 +240,9 @@ def _fleet_worker_command(options: dict[str, Any]) -> list[str]:
 async def test_outbound_soak_from_three_processes_sharing_redis(
     soak_size: str, figures_dir: Path, anyio_backend: str
 ) -> None:
-    """Three OS processes (two on asyncio, one on trio) create on one account, paced together
-    through the Redis store; the fake served here counts duplicates and CPS violations."""
+    """Three OS processes (two on asyncio, one on trio) create on one Twilio account and one Vapi
+    org, each paced together through the Redis store; the fake served here counts duplicates and
+    Twilio CPS violations, and the Vapi creations are checked against the org's pace here."""
     from _redis import REDIS_URL, fresh_prefix
     from _together import run_together
 
@@ -259,6 +271,11 @@ async def test_outbound_soak_from_three_processes_sharing_redis(
                     "cps": size.fleet_cps,
                     "tasks": 4,
                     "backend": "trio" if index == 2 else "asyncio",
+                    "vapi_key": VAPI_KEY,
+                    "vapi_count": size.fleet_vapi_per_process,
+                    "vapi_cps": size.fleet_vapi_cps,
+                    "assistant": fake.vapi_assistants()[0]["id"],
+                    "phone": fake.vapi_phone_numbers()[0]["id"],
                 }
             )
             for index in range(3)
@@ -271,24 +288,41 @@ async def test_outbound_soak_from_three_processes_sharing_redis(
         )
         fake.faults = []
         jobs = [Job(**row) for output in outputs for row in output["jobs"]]
-        async with TwilioClient(SID["fleet"], TOKEN, base_url=url) as reader:
-            from _soak import Lane, reconcile, since
+        vapi_jobs = [Job(**row) for output in outputs for row in output["vapi_jobs"]]
+        async with (
+            TwilioClient(SID["fleet"], TOKEN, base_url=url) as reader,
+            VapiClient(VAPI_KEY, base_url=url) as vapi_reader,
+        ):
+            from _soak import BreakerLog, Lane, reconcile, since
 
             async def find(job: Job) -> str | None:
                 found = await reader.reconcile_call(to=job.number, since=since(job))
                 return found[0].sid if found else None
 
-            from _soak import BreakerLog
+            async def vapi_find(job: Job) -> str | None:
+                # As the single-process soak: the attempt id planted in the call's metadata.
+                assert job.attempt_id is not None
+                found = await vapi_reader.reconcile_call(
+                    job.attempt_id, created_after=since(job), limit=1000
+                )
+                return None if found is None else found.id
 
             lane = Lane("fleet", "twilio", None, find, BreakerLog("fleet"), 1)  # type: ignore[arg-type]
             lane.jobs = jobs
+            vapi_lane = Lane("fleet-vapi", "vapi", None, vapi_find, BreakerLog("fleet-vapi"), 1)  # type: ignore[arg-type]
+            vapi_lane.jobs = vapi_jobs
             for output in outputs:
                 lane.unexpected.extend(output["unexpected"])
+                vapi_lane.unexpected.extend(output["vapi_unexpected"])
             await reconcile(lane, jobs)
+            await reconcile(vapi_lane, vapi_jobs)
         await anyio.sleep(0.2)
     ids = upstream_ids(fake)
     result = judge(fake, lane, ids)
+    vapi_result = judge(fake, vapi_lane, ids)
     times = [r.time for r in fake.requests("twilio.calls.create") if r.auth_user == SID["fleet"]]
+    vapi_requests = fake.requests("vapi.calls.create")
+    vapi_times = [r.time for r in vapi_requests]
     figures = {
         "command": f"pytest -m soak --soak-size {size.name} tests/soak/test_outbound_soak.py -s",
         "size": size.name,
@@ -299,6 +333,14 @@ async def test_outbound_soak_from_three_processes_sharing_redis(
         "cps_violations": fake.cps_violations(SID["fleet"]),
         "most_create_attempts_in_1s": most_in_window(times),
         "per_process_creates": [len(o["jobs"]) for o in outputs],
+        "vapi_shared_cps": size.fleet_vapi_cps,
+        "fleet_vapi": vapi_result,
+        # The fake counts CPS violations for Twilio only: the same GCRA, on the Vapi creations.
+        "vapi_cps_violations": gcra_violations(
+            [r.time for r in vapi_requests if r.created is not None], size.fleet_vapi_cps
+        ),
+        "vapi_most_create_attempts_in_1s": most_in_window(vapi_times),
+        "vapi_per_process_creates": [len(o["vapi_jobs"]) for o in outputs],
     }
     write_figures(figures_dir, f"outbound-soak-3-processes-{size.name}", figures)
     assert len(jobs) == 3 * size.fleet_per_process
@@ -310,6 +352,33 @@ async def test_outbound_soak_from_three_processes_sharing_redis(
     assert figures["cps_violations"] == 0, figures
     assert figures["most_create_attempts_in_1s"] <= size.fleet_cps * 1.25 + 1, figures
     assert sum(1 for c in fake.calls() if c.account == SID["fleet"]) == result["created_upstream"]
+    assert len(vapi_jobs) == 3 * size.fleet_vapi_per_process
+    assert vapi_result["duplicates"] == 0, vapi_result
+    assert vapi_result["silent_losses"] == 0, vapi_result
+    assert vapi_result["wrong_reconciliations"] == 0, vapi_result
+    assert vapi_result["unexpected_exceptions"] == 0, vapi_result
+    assert vapi_result["reconciled"] == vapi_result["unknown"], vapi_result
+    assert figures["vapi_cps_violations"] == 0, figures
+    assert figures["vapi_most_create_attempts_in_1s"] <= size.fleet_vapi_cps * 1.25 + 1, figures
+    assert len(fake.calls("vapi")) == vapi_result["created_upstream"]
+
+
+def gcra_violations(times: list[float], cps: float, tolerance: float = CPS_TOLERANCE) -> int:
+    """Creations earlier than a burst-1 bucket at ``cps`` allows, less ``tolerance`` seconds:
+    the definition FakeTelephony applies to Twilio accounts (its class docstring)."""
+    tat = -math.inf
+    violations = 0
+    for t in sorted(times):
+        if t < tat - tolerance:
+            violations += 1  # an early creation does not move the schedule
+        else:
+            tat = max(tat, t) + 1 / cps
+    return violations
+
+
+def test_gcra_violations_counts_an_unpaced_burst() -> None:
+    assert gcra_violations([0.0, 0.1, 0.2, 0.3], cps=10.0) == 0
+    assert gcra_violations([0.0] * 5, cps=10.0, tolerance=0.25) == 2
 
 
 def test_fake_counts_what_the_soak_counts() -> None:
