@@ -403,6 +403,27 @@ async def test_response_lost_after_processing_is_not_resent_and_reconciles(
     assert KEY not in caplog.text
 
 
+async def test_reconcile_reads_past_a_full_page_before_it_says_not_created(
+    served: Upstream,
+) -> None:
+    # Twelve calls created after the unknown one: with five per page, the first page does not
+    # hold it. A None here would make the caller create, and ring the customer, twice.
+    upstream = served
+    upstream.app.faults = [Fault.drop_after(1.0, count=1, endpoints="vapi.calls.create")]
+    before = datetime.now(UTC) - timedelta(seconds=30)
+    async with upstream.client(policy=fast_policy(attempts=5)) as vapi:
+        with pytest.raises(OutcomeUnknownError) as info:
+            await create(upstream, vapi)
+        for _ in range(12):
+            await create(upstream, vapi)
+        found = await vapi.reconcile_call(info.value.attempt_id, created_after=before, limit=5)
+        absent = await vapi.reconcile_call("0" * 32, created_after=before, limit=5)
+    assert found is not None
+    assert found.attempt_id == info.value.attempt_id
+    assert absent is None
+    assert len(upstream.app.calls("vapi")) == 13
+
+
 async def test_5xx_on_create_is_outcome_unknown_with_the_parsed_error(upstream: Upstream) -> None:
     upstream.app.faults = [Fault.burst(1, status=500, endpoints="vapi.calls.create")]
     async with upstream.client() as vapi:

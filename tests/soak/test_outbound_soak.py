@@ -73,9 +73,8 @@ class Size:
         self.fleet_cps = 60.0 if full else 40.0
         # The Vapi lane of the same run: one org, paced apart from the Twilio account, side by
         # side with it, so it adds about nothing to the wall time.
-        # The parent reconciles the Vapi unknowns after the run with one listing page
-        # (reconcile_call: newest first, at most 1000), so the lane creates fewer than 1000
-        # calls in all; a bigger lane would have to reconcile as it goes, as the phases do.
+        # The parent reconciles the Vapi unknowns after the run (reconcile_call reads back
+        # through the listing pages until it finds the attempt; docs/reliability.md).
         self.fleet_vapi_per_process = 300 if full else 30
         self.fleet_vapi_cps = 30.0 if full else 20.0
 

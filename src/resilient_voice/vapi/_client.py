@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, TypeVar, cast
 
@@ -398,23 +398,30 @@ class VapiClient(ProviderClient):
     ) -> VapiCall | None:
         """Find the call that a ``create_call`` with this attempt id created, if any.
 
-        Lists recent calls (newest first, at most ``limit``) and matches the ``rv_attempt_id``
-        planted in ``assistantOverrides.metadata``. Use it after an
-        :class:`~resilient_voice.OutcomeUnknownError`: ``None`` means no call with that id
-        among the calls listed (widen ``created_after``/``limit`` if you created many since).
+        Lists calls newest first, ``limit`` per page, and matches the ``rv_attempt_id`` planted
+        in ``assistantOverrides.metadata``. Use it after an
+        :class:`~resilient_voice.OutcomeUnknownError`: ``None`` means no call created after
+        ``created_after`` carries that id. A full page without the id is never taken for "not
+        created": older pages are read (back through ``createdAt``) until the id is found or
+        the calls run out, because a wrong ``None`` is what makes a caller create, and ring the
+        customer, twice. Pass ``created_after`` to bound how far back that goes.
 
         Args:
             attempt_id: ``OutcomeUnknownError.attempt_id``.
             created_after: Only calls created after this (timezone-aware) time; note the time
                 just before ``create_call`` (minus some clock skew) and pass it.
-            limit: How many calls to list, 1..1000.
+            limit: How many calls to list per page, 1..1000.
             assistant_id: Narrow the listing to calls of this assistant.
         """
         check_id("attempt_id", attempt_id)
-        calls = await self.list_calls(
-            assistant_id=assistant_id, created_at_gt=created_after, limit=limit
-        )
-        return _find_attempt(calls, attempt_id)
+        found: list[VapiCall | None] = [None]
+
+        def match(page: list[VapiCall]) -> bool:
+            found[0] = _find_attempt(page, attempt_id)
+            return found[0] is not None
+
+        await self._calls_after(created_after, assistant_id=assistant_id, size=limit, until=match)
+        return found[0]
 
     async def reconcile_leases(self, *, settle_after: float = SETTLE_AFTER) -> int:
         """Settle the org's leases against the calls Vapi lists as not ended.
@@ -474,16 +481,31 @@ class VapiClient(ProviderClient):
         return await leases.reconcile([call.id for call in live], as_of=as_of)
 
     async def _recent_calls(self, since: datetime) -> list[VapiCall]:
-        """Every call created after ``since``, paging back through ``createdAt``."""
-        floor = since - _LIST_MARGIN
+        """Every call created after ``since`` (less a margin for clock skew)."""
+        return await self._calls_after(since - _LIST_MARGIN)
+
+    async def _calls_after(
+        self,
+        floor: datetime | None,
+        *,
+        assistant_id: str | None = None,
+        size: int = _LIST_MAX,
+        until: Callable[[list[VapiCall]], bool] | None = None,
+    ) -> list[VapiCall]:
+        """Every call created after ``floor``, paging back through ``createdAt`` (``size`` per
+        page), or up to the first page for which ``until`` is true."""
         seen: dict[str, VapiCall] = {}
         before: datetime | None = None
         while True:
-            page = await self.list_calls(created_at_gt=floor, created_at_le=before, limit=_LIST_MAX)
+            page = await self.list_calls(
+                assistant_id=assistant_id, created_at_gt=floor, created_at_le=before, limit=size
+            )
             fresh = [call for call in page if call.id not in seen]
             seen.update((call.id, call) for call in fresh)
+            if until is not None and until(fresh):
+                return list(seen.values())
             dated = [call.created_at for call in page if call.created_at is not None]
-            if len(page) < _LIST_MAX or not fresh or not dated:
+            if len(page) < size or not fresh or not dated:
                 return list(seen.values())
             before = min(dated)  # inclusive: calls sharing that millisecond are not skipped
 
