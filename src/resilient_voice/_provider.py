@@ -284,6 +284,13 @@ class ProviderClient:
     _transport: ResilientTransport | None
     _http: httpx.AsyncClient
     _owns_http: bool
+    _leases: CallLeases | None
+
+    def _require_leases(self) -> CallLeases:
+        """The client's ``leases=``, for the operations that only make sense with them."""
+        if self._leases is None:
+            raise RuntimeError(f"this {type(self).__name__} has no leases=")
+        return self._leases
 
     def _own(
         self,

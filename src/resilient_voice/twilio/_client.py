@@ -645,11 +645,6 @@ class TwilioClient(ProviderClient):
                     await lease.release()
         return await leases.reconcile([c.sid for c in live], as_of=as_of)
 
-    def _require_leases(self) -> CallLeases:
-        if self._leases is None:
-            raise RuntimeError(f"this {type(self).__name__} has no leases=")
-        return self._leases
-
     def _tag(self, url: str, cid: str, attempt_id: str) -> str:
         """Add the correlation and attempt ids to a URL's query, keeping everything else.
 

@@ -462,9 +462,7 @@ class VapiClient(ProviderClient):
             VapiAPIError, CircuitOpenError, ...: Listing the calls failed; nothing changed.
         """
         settle = check_settle_after(settle_after)
-        leases = self._leases
-        if leases is None:
-            raise RuntimeError(f"this {type(self).__name__} has no leases=")
+        leases = self._require_leases()
         unknown = await leases.unknown()
         as_of = leases.clock.now()
         calls = await self._recent_calls(datetime.now(UTC) - timedelta(seconds=leases.ttl))
